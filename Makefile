@@ -1,0 +1,83 @@
+# mixshow — build, test, bench. `make help` lists the targets.
+#
+# Variants build into their own folder so they never mix objects:
+#   make            ./mixshow (OpenMP when the compiler has it)
+#   make test       all test programs; ends with "N passed, N failed"
+#   make noomp      same without OpenMP          (build/noomp)
+#   make nosimd     scalar kernels only (-DMS_NO_SIMD) (build/nosimd)
+#   make asan/ubsan tests under AddressSanitizer / UndefinedBehaviorSanitizer
+#   make fast       -O3 -march=native (tests must pass here too)
+#   make bench      ./mixshow bench (median of several runs, ratio to the machine's FMA peak)
+#   make test-full  slow checks (SD 1.5-sized shapes), not run in CI
+
+CC      ?= cc
+BUILD   ?= build
+OPT     ?= -O2
+CSTD    = -std=c11 -pedantic -Wall -Wextra
+CFLAGS  = $(CSTD) $(OPT) -g $(EXTRA_CFLAGS)
+LDLIBS  = -lm $(EXTRA_LDLIBS)
+
+# OpenMP when the compiler can link it (gcc; clang with libomp). NOOMP=1 turns it off.
+ifneq ($(NOOMP),1)
+OMPFLAG := $(shell printf 'int main(void){return 0;}\n' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
+endif
+CFLAGS  += $(OMPFLAG)
+
+LIB_SRC   = tensor.c mixshow.c $(wildcard models/*.c) $(filter-out tools/main.c tools/fuzz_%.c,$(wildcard tools/*.c))
+LIB_OBJ   = $(LIB_SRC:%.c=$(BUILD)/%.o)
+TEST_SRC  = $(wildcard tests/test_*.c)
+TEST_BIN  = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+
+.PHONY: all test test-full bench noomp nosimd asan ubsan fast clean help
+
+all: mixshow
+
+mixshow: $(BUILD)/mixshow
+	cp $< $@
+
+$(BUILD)/mixshow: $(BUILD)/tools/main.o $(BUILD)/libmixshow.a
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/libmixshow.a: $(LIB_OBJ)
+	rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -I. -c $< -o $@
+
+$(BUILD)/tests/%: tests/%.c tests/test.h $(BUILD)/libmixshow.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -I. -o $@ $< $(BUILD)/libmixshow.a $(LDLIBS)
+
+test: $(TEST_BIN) $(BUILD)/mixshow
+	@sh tests/run.sh $(TEST_BIN)
+
+test-full: $(TEST_BIN) $(BUILD)/mixshow
+	@MS_TEST_FULL=1 sh tests/run.sh $(TEST_BIN)
+
+bench: $(BUILD)/mixshow
+	$(BUILD)/mixshow bench
+
+noomp:
+	$(MAKE) NOOMP=1 BUILD=build/noomp test
+
+nosimd:
+	$(MAKE) BUILD=build/nosimd EXTRA_CFLAGS="-DMS_NO_SIMD" test
+
+asan:
+	$(MAKE) BUILD=build/asan OPT=-O1 EXTRA_CFLAGS="-fsanitize=address -fno-omit-frame-pointer" test
+
+ubsan:
+	$(MAKE) BUILD=build/ubsan OPT=-O1 EXTRA_CFLAGS="-fsanitize=undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" test
+
+fast:
+	$(MAKE) BUILD=build/fast OPT="-O3 -march=native" test
+
+clean:
+	rm -rf build mixshow
+
+help:
+	@sed -n '1,14p' Makefile
+
+-include $(LIB_OBJ:.o=.d) $(BUILD)/tools/main.d

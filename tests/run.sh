@@ -1,0 +1,28 @@
+#!/bin/sh
+# Runs every test program given on the command line, shows its output, and sums the
+# "name: N passed, N failed" line each one ends with. Ends with the total on a line of its own;
+# exit status 1 if anything failed (a program that crashes or prints no summary counts as one
+# failure).
+total_p=0; total_f=0
+for t in "$@"; do
+    name=$(basename "$t")
+    out=$(mktemp)
+    start=$(date +%s)
+    "$t" > "$out" 2>&1
+    rc=$?
+    end=$(date +%s)
+    cat "$out"
+    line=$(grep -E "^$name: [0-9]+ passed, [0-9]+ failed$" "$out" | tail -n 1)
+    rm -f "$out"
+    if [ -z "$line" ]; then
+        echo "$name: CRASHED or printed no summary (exit status $rc)"
+        total_f=$((total_f + 1)); continue
+    fi
+    p=$(echo "$line" | sed -E 's/.*: ([0-9]+) passed.*/\1/')
+    f=$(echo "$line" | sed -E 's/.* ([0-9]+) failed$/\1/')
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; echo "$name: exit status $rc"; fi
+    total_p=$((total_p + p)); total_f=$((total_f + f))
+    echo "   ($name took $((end - start)) s)"
+done
+echo "$total_p passed, $total_f failed"
+[ "$total_f" -eq 0 ]

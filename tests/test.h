@@ -1,0 +1,127 @@
+/* tests/test.h — the tiny test harness every test program includes (header-only).
+ *
+ * A test program calls check()/check_close() for each claim, and ends with
+ *   return test_summary("test_name");
+ * which prints "test_name: N passed, N failed" and returns non-zero on any failure.
+ * tests/run.sh sums those lines into the final "N passed, N failed".
+ *
+ * Comparisons print, on failure, the relative L2 error, the max abs error and the first five
+ * values of both sides, so a failure says how far off it is, not only that it is.
+ */
+#ifndef MS_TEST_H
+#define MS_TEST_H
+
+#include "mixshow.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int test_passed, test_failed;
+static int test_verbose = -1;
+
+static inline int test_is_verbose(void) {
+    if (test_verbose < 0) { const char *v = getenv("MS_TEST_VERBOSE"); test_verbose = v && *v && *v != '0'; }
+    return test_verbose;
+}
+
+/* Full (slow) checks only under `make test-full`. */
+static inline int test_full(void) { const char *v = getenv("MS_TEST_FULL"); return v && *v && *v != '0'; }
+
+/* Where ../shared is (tests may read it when it is there). */
+static inline const char *test_shared_dir(void) { const char *v = getenv("MS_SHARED"); return v && *v ? v : "../shared"; }
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 2, 3)))
+#endif
+static inline int check(int ok, const char *fmt, ...) {
+    va_list ap;
+    if (ok) test_passed++; else test_failed++;
+    if (!ok || test_is_verbose()) {
+        printf("  %s ", ok ? "ok  " : "FAIL");
+        va_start(ap, fmt); vprintf(fmt, ap); va_end(ap);
+        printf("\n");
+    }
+    return ok;
+}
+
+typedef struct { double rel_l2, max_abs; size_t worst; } TestErr;
+
+static inline TestErr test_err_f(const float *got, const float *want, size_t n) {
+    double num = 0.0, den = 0.0; TestErr e = { 0.0, 0.0, 0 };
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)got[i] - (double)want[i];
+        num += d * d; den += (double)want[i] * want[i];
+        if (!(fabs(d) <= e.max_abs)) { e.max_abs = fabs(d); e.worst = i; }   /* NaN counts */
+    }
+    e.rel_l2 = sqrt(num) / (sqrt(den) > 1e-30 ? sqrt(den) : 1e-30);
+    if (num != num) e.rel_l2 = INFINITY;
+    return e;
+}
+
+static inline void test_print_head(const char *label, const float *x, size_t n) {
+    printf("      %-5s", label);
+    for (size_t i = 0; i < n && i < 5; i++) printf(" % .8e", (double)x[i]);
+    printf("\n");
+}
+
+/* Pass when relative L2 error <= rel_tol (and, if abs_tol > 0, max abs error <= abs_tol). */
+static inline int check_close(const char *what, const float *got, const float *want, size_t n,
+                       double rel_tol, double abs_tol) {
+    TestErr e = test_err_f(got, want, n);
+    int ok = e.rel_l2 <= rel_tol && (abs_tol <= 0 || e.max_abs <= abs_tol);
+    check(ok, "%-40s rel_l2 %.3e (tol %.1e)  max_abs %.3e at %zu (tol %.1e)", what, e.rel_l2,
+          rel_tol, e.max_abs, e.worst, abs_tol);
+    if (!ok) { test_print_head("got", got, n); test_print_head("want", want, n); }
+    return ok;
+}
+
+/* Bitwise equality (1 vs N threads). */
+static inline int check_bitwise(const char *what, const float *a, const float *b, size_t n) {
+    size_t bad = n;
+    for (size_t i = 0; i < n; i++) if (memcmp(&a[i], &b[i], sizeof(float))) { bad = i; break; }
+    check(bad == n, "%-40s bit-identical%s", what, bad == n ? "" : " -- NO");
+    if (bad != n) printf("      first difference at %zu: %.9e vs %.9e\n", bad, (double)a[bad], (double)b[bad]);
+    return bad == n;
+}
+
+static inline int test_summary(const char *name) {
+    printf("%s: %d passed, %d failed\n", name, test_passed, test_failed);
+    return test_failed ? 1 : 0;
+}
+
+/* Central-difference gradient check (STYLE.md §8). loss() must sum in double. Returns the
+ * worst relative error over ~200 coordinates, relative to the largest |analytic| so that
+ * zero gradients are fine. */
+static inline double gradcheck(double (*loss)(void *), void *ctx, float *x, const float *dx, size_t n, float eps) {
+    double gmax = 1e-12, worst = 0.0;
+    for (size_t k = 0; k < n; k++) gmax = fmax(gmax, fabs(dx[k]));
+    for (size_t k = 0; k < n; k += 1 + n / 200) {
+        float x0 = x[k];
+        x[k] = x0 + eps; double lp = loss(ctx);
+        x[k] = x0 - eps; double lm = loss(ctx);
+        x[k] = x0;
+        double num = (lp - lm) / (2.0 * (double)eps);
+        worst = fmax(worst, fabs(num - dx[k]) / fmax(fabs(num) + fabs(dx[k]), 1e-3 * gmax));
+    }
+    return worst;
+}
+
+/* Random buffers that tests free at exit (no bookkeeping: tests are short). */
+static inline float *test_randn(MsRng *r, size_t n, float std) {
+    float *x = (float *)ms_alloc_aligned(n ? n : 1, sizeof(float));
+    if (!x) { printf("out of memory\n"); exit(2); }
+    ms_rng_fill_normal(r, x, n, 0.0f, std);
+    return x;
+}
+
+static inline float *test_zeros(size_t n) {
+    float *x = (float *)ms_alloc_aligned(n ? n : 1, sizeof(float));
+    if (!x) { printf("out of memory\n"); exit(2); }
+    memset(x, 0, (n ? n : 1) * sizeof(float));
+    return x;
+}
+
+#endif /* MS_TEST_H */

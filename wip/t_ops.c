@@ -1,0 +1,1 @@
+/* ops section: normalisation, activations, attention, resampling, losses (in progress) */
