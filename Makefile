@@ -81,3 +81,19 @@ help:
 	@sed -n '1,14p' Makefile
 
 -include $(LIB_OBJ:.o=.d) $(BUILD)/tools/main.d
+
+# Fuzz targets: each tools/fuzz_*.c defines LLVMFuzzerTestOneInput. `make fuzz` builds them
+# with clang's libFuzzer into build/fuzz/; `make fuzz FUZZ_CC=afl-clang-fast` for AFL++.
+FUZZ_CC  ?= clang
+FUZZ_SRC  = $(wildcard tools/fuzz_*.c)
+FUZZ_BIN  = $(FUZZ_SRC:tools/%.c=build/fuzz/%)
+.PHONY: fuzz cross-test
+fuzz:
+	$(MAKE) BUILD=build/fuzzlib CC=$(FUZZ_CC) NOOMP=1 OPT=-O1 EXTRA_CFLAGS="-fsanitize=fuzzer-no-link,address,undefined" build/fuzzlib/libmixshow.a
+	@mkdir -p build/fuzz
+	@for f in $(FUZZ_SRC); do b=build/fuzz/$$(basename $$f .c); echo "$(FUZZ_CC) $$f -> $$b"; \
+	  $(FUZZ_CC) -std=c11 -g -O1 -I. -fsanitize=fuzzer,address,undefined -o $$b $$f build/fuzzlib/libmixshow.a -lm || exit 1; done
+
+# Cross-architecture tests under qemu-user: make cross-test ARCH=aarch64|s390x|i386
+cross-test:
+	sh tests/cross.sh $(ARCH)

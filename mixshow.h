@@ -118,11 +118,24 @@ void ms_rng_fill_uniform(MsRng *r, float *x, size_t n, float lo, float hi);
  * Ops: GEMM, linear, convolution (tensor.c)
  * ======================================================================================== */
 /* @@SECTION gemm@@ (declarations added by the kernel work) */
+/* C (M,N) = alpha * op(A) op(B) + beta * C, row-major with leading dimensions.
+ * op(A) is (M,K): A stored (M,K) with lda >= K, or if transA stored (K,M) with lda >= M.
+ * op(B) is (K,N): B stored (K,N) with ldb >= N, or if transB stored (N,K) with ldb >= K.
+ * beta == 0 overwrites C without reading it (NaNs in C do not propagate). */
+void ms_gemm(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+             const float *B, int ldb, float beta, float *C, int ldc);
+void ms_gemm_ref(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc);   /* double accumulation */
 
 /* ==========================================================================================
  * Ops: normalisation, activations, attention, resampling, losses (tensor.c)
  * ======================================================================================== */
 /* @@SECTION ops@@ (declarations added by the ops work) */
+
+/* ==========================================================================================
+ * Models: weight tables, key mapping (models/weights.c)
+ * ======================================================================================== */
+/* @@SECTION weights@@ */
 
 /* ==========================================================================================
  * Benchmarks (tensor.c): kernels measured by `mixshow bench`
