@@ -1,14 +1,15 @@
 #!/bin/sh
 # Runs every test program given on the command line, shows its output, and sums the
 # "name: N passed, N failed" line each one ends with. Ends with the total on a line of its own;
-# exit status 1 if anything failed (a program that crashes or prints no summary counts as one
+# MS_TEST_RUNNER (e.g. "qemu-s390x -L /usr/s390x-linux-gnu") is put before each program.
+# Exit status 1 if anything failed (a program that crashes or prints no summary counts as one
 # failure).
 total_p=0; total_f=0
 for t in "$@"; do
     name=$(basename "$t")
     out=$(mktemp)
     start=$(date +%s)
-    "$t" > "$out" 2>&1
+    $MS_TEST_RUNNER "$t" > "$out" 2>&1
     rc=$?
     end=$(date +%s)
     cat "$out"
