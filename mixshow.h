@@ -126,20 +126,490 @@ void ms_gemm(int transA, int transB, int M, int N, int K, float alpha, const flo
              const float *B, int ldb, float beta, float *C, int ldc);
 void ms_gemm_ref(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc);   /* double accumulation */
+/* ms_gemm and the convolutions pack into a per-thread workspace that is allocated on first use
+ * and grown only when a larger size is first needed; this frees the calling thread's copy. */
+void ms_gemm_scratch_free(void);
+
+/* out (N,O) = x (N,I) @ w^T + b ; w (O,I) PyTorch layout ; b (O) or NULL */
+void linear_forward(float *out, const float *x, const float *w, const float *b, int N, int I, int O);
+/* dx (N,I) += dout @ w ; dw (O,I) += dout^T @ x ; db (O) += sum_n dout ; NULL grads skipped */
+void linear_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
+                     int N, int I, int O);
+void linear_forward_ref(float *out, const float *x, const float *w, const float *b, int N, int I, int O);
+void linear_backward_ref(float *dx, float *dw, float *db, const float *dout, const float *x,
+                         const float *w, int N, int I, int O);
+
+/* x (N,C,H,W), w (Co,C,k,k), b (Co) or NULL -> out (N,Co,Ho,Wo), stride s, symmetric pad p.
+ * Ho = (H + pt + pb - k)/s + 1, Wo = (W + pl + pr - k)/s + 1. */
+void conv2d_forward(float *out, const float *x, const float *w, const float *b, int N, int C, int Co,
+                    int H, int W, int k, int s, int p);
+/* asymmetric padding (top, left, bottom, right). The VAE encoder's F.pad(x, (0,1,0,1)) before
+ * its stride-2 conv pads right and bottom by one: pt=0, pl=0, pb=1, pr=1. */
+void conv2d_forward_pad(float *out, const float *x, const float *w, const float *b, int N, int C, int Co,
+                        int H, int W, int k, int s, int pt, int pl, int pb, int pr);
+/* dx (N,C,H,W) += ..., dw (Co,C,k,k) += ..., db (Co) += ... ; NULL grads skipped */
+void conv2d_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
+                     int N, int C, int Co, int H, int W, int k, int s, int pt, int pl, int pb, int pr);
+/* Naive definitions (double accumulation), same arguments as the _pad forward and backward. */
+void conv2d_forward_ref(float *out, const float *x, const float *w, const float *b, int N, int C, int Co,
+                        int H, int W, int k, int s, int pt, int pl, int pb, int pr);
+void conv2d_backward_ref(float *dx, float *dw, float *db, const float *dout, const float *x,
+                         const float *w, int N, int C, int Co, int H, int W, int k, int s,
+                         int pt, int pl, int pb, int pr);
 
 /* ==========================================================================================
  * Ops: normalisation, activations, attention, resampling, losses (tensor.c)
  * ======================================================================================== */
-/* @@SECTION ops@@ (declarations added by the ops work) */
+/* @@SECTION ops@@ (declarations added by the ops work; definitions in wip/t_ops.c)
+ * All ops: row-major PyTorch shapes (comment on each), backward ACCUMULATES (+=), NULL grads
+ * are skipped. Dims are int, flat element counts size_t. Every op with a nontrivial kernel has
+ * a scalar _ref twin with the same signature (double arithmetic) that tests compare against.
+ * Where "out may alias x" is not said, outputs must not overlap inputs. */
+
+/* GroupNorm (torch.nn.GroupNorm, biased variance): x (N,C,HW) -> out (N,C,HW); G divides C.
+ * w, b (C) (NULL: 1, 0). mean, rstd (N,G) are written for backward (NULL: not saved).
+ * Group statistics are accumulated in double. */
+void groupnorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
+                       const float *b, int N, int C, int HW, int G, float eps);
+void groupnorm_backward(float *dx, float *dw, float *db, const float *dout, const float *x,
+                        const float *mean, const float *rstd, const float *w, int N, int C, int HW, int G);
+void groupnorm_forward_ref(float *out, float *mean, float *rstd, const float *x, const float *w,
+                           const float *b, int N, int C, int HW, int G, float eps);
+void groupnorm_backward_ref(float *dx, float *dw, float *db, const float *dout, const float *x,
+                            const float *mean, const float *rstd, const float *w, int N, int C, int HW, int G);
+
+/* LayerNorm over the last dim (torch.nn.LayerNorm(D), biased variance): x (N,D) -> out (N,D);
+ * w, b (D) (NULL: 1, 0); mean, rstd (N) saved (NULL: not saved). */
+void layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
+                       const float *b, int N, int D, float eps);
+void layernorm_backward(float *dx, float *dw, float *db, const float *dout, const float *x,
+                        const float *mean, const float *rstd, const float *w, int N, int D);
+void layernorm_forward_ref(float *out, float *mean, float *rstd, const float *x, const float *w,
+                           const float *b, int N, int D, float eps);
+void layernorm_backward_ref(float *dx, float *dw, float *db, const float *dout, const float *x,
+                            const float *mean, const float *rstd, const float *w, int N, int D);
+
+/* Elementwise activations, x (n) -> out (n); out may alias x. Backward takes the forward INPUT.
+ *   silu(x) = x * sigmoid(x);  gelu(x) = 0.5 x (1 + erf(x / sqrt 2)) (exact, not tanh);
+ *   quick_gelu(x) = x * sigmoid(1.702 x) (CLIP);  relu(x) = max(x, 0) (relu'(0) = 0). */
+void silu_forward(float *out, const float *x, size_t n);
+void silu_backward(float *dx, const float *dout, const float *x, size_t n);
+void gelu_forward(float *out, const float *x, size_t n);
+void gelu_backward(float *dx, const float *dout, const float *x, size_t n);
+void quick_gelu_forward(float *out, const float *x, size_t n);
+void quick_gelu_backward(float *dx, const float *dout, const float *x, size_t n);
+void relu_forward(float *out, const float *x, size_t n);
+void relu_backward(float *dx, const float *dout, const float *x, size_t n);
+void silu_forward_ref(float *out, const float *x, size_t n);
+void silu_backward_ref(float *dx, const float *dout, const float *x, size_t n);
+void gelu_forward_ref(float *out, const float *x, size_t n);
+void gelu_backward_ref(float *dx, const float *dout, const float *x, size_t n);
+void quick_gelu_forward_ref(float *out, const float *x, size_t n);
+void quick_gelu_backward_ref(float *dx, const float *dout, const float *x, size_t n);
+
+/* GEGLU (diffusers attention.py GEGLU after its proj): x (N,2D) -> out (N,D),
+ * out[:, j] = x[:, j] * gelu(x[:, D + j])   (hidden, gate = x.chunk(2, -1); hidden * gelu(gate)) */
+void geglu_forward(float *out, const float *x, int N, int D);
+void geglu_backward(float *dx, const float *dout, const float *x, int N, int D);   /* dx (N,2D) */
+void geglu_forward_ref(float *out, const float *x, int N, int D);
+void geglu_backward_ref(float *dx, const float *dout, const float *x, int N, int D);
+
+/* Softmax over the last dim: x (N,D) -> out (N,D); out may alias x. Backward takes the OUTPUT. */
+void softmax_forward(float *out, const float *x, int N, int D);
+void softmax_backward(float *dx, const float *dout, const float *out, int N, int D);
+void softmax_forward_ref(float *out, const float *x, int N, int D);
+void softmax_backward_ref(float *dx, const float *dout, const float *out, int N, int D);
+
+/* Multi-head scaled dot-product attention, memory-efficient (never holds the (Tq,Tk) matrix):
+ *   q (B,Tq,H*Dh), k, v (B,Tk,H*Dh), heads interleaved in the channel dim (head h = channels
+ *   h*Dh .. h*Dh+Dh-1, the layout of diffusers' to_q/to_k/to_v outputs) -> out (B,Tq,H*Dh).
+ *   out_h = softmax(scale * q_h k_h^T) v_h per (b, h); scale is usually 1/sqrt(Dh).
+ *   causal: query i sees keys j <= i (top-left aligned, torch tril; CLIP's mask).
+ *   lse (B,H,Tq): per-row log-sum-exp of the scaled logits, saved for backward (NULL: not saved).
+ * Uses a grow-once per-thread scratch (see ops_scratch_free). */
+void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                       int B, int Tq, int Tk, int H, int Dh, int causal, float scale);
+/* dq (B,Tq,H*Dh), dk, dv (B,Tk,H*Dh); recomputes the probabilities from q, k and lse. */
+void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                        const float *k, const float *v, const float *out, const float *lse,
+                        int B, int Tq, int Tk, int H, int Dh, int causal, float scale);
+/* Naive definitions in double that materialise the full (Tq,Tk) matrix (tests only). */
+void attention_ref(float *out, float *lse, const float *q, const float *k, const float *v,
+                   int B, int Tq, int Tk, int H, int Dh, int causal, float scale);
+void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                            const float *k, const float *v, const float *out, const float *lse,
+                            int B, int Tq, int Tk, int H, int Dh, int causal, float scale);
+/* Frees the per-thread scratch of attention (it is allocated on first use and grown only when a
+ * larger size is first needed; call at exit to keep leak checkers quiet). */
+void ops_scratch_free(void);
+/* Caps that scratch (bytes per thread; 0 = no cap, the default). Above the cap attention runs a
+ * streaming row-at-a-time path that needs no scratch (slower, same results to rounding). */
+void ops_scratch_limit(size_t max_bytes_per_thread);
+
+/* Resampling. x (N,C,H,W). */
+void upsample_nearest2x_forward(float *out, const float *x, int N, int C, int H, int W);   /* out (N,C,2H,2W) */
+void upsample_nearest2x_backward(float *dx, const float *dout, int N, int C, int H, int W);
+void avgpool2x2_forward(float *out, const float *x, int N, int C, int H, int W);   /* H, W even; out (N,C,H/2,W/2) */
+void avgpool2x2_backward(float *dx, const float *dout, int N, int C, int H, int W);
+/* torch.nn.PixelUnshuffle(r): out (N, C*r*r, H/r, W/r), out[n, c*r*r + dy*r + dx, i, j] =
+ * x[n, c, i*r + dy, j*r + dx]; H, W divisible by r. */
+void pixel_unshuffle_forward(float *out, const float *x, int N, int C, int H, int W, int r);
+void pixel_unshuffle_backward(float *dx, const float *dout, int N, int C, int H, int W, int r);
+/* torch.cat([a, b], dim=1): a (N,Ca,HW), b (N,Cb,HW) -> out (N,Ca+Cb,HW). */
+void concat_channels_forward(float *out, const float *a, const float *b, int N, int Ca, int Cb, int HW);
+void concat_channels_backward(float *da, float *db, const float *dout, int N, int Ca, int Cb, int HW);
+
+/* Elementwise arithmetic on (n) buffers; out may alias an input. */
+void add_forward(float *out, const float *a, const float *b, size_t n);        /* out = a + b */
+void add_backward(float *da, float *db, const float *dout, size_t n);
+void mul_forward(float *out, const float *a, const float *b, size_t n);        /* out = a * b */
+void mul_backward(float *da, float *db, const float *dout, const float *a, const float *b, size_t n);
+void scale_forward(float *out, const float *x, float s, size_t n);             /* out = s * x */
+void scale_backward(float *dx, const float *dout, float s, size_t n);
+/* In place x (N,C,HW) += t (N,C) broadcast over HW (ResNet time-embedding add,
+ * h + temb[:, :, None, None]). Backward: dt[n,c] += sum_hw dout[n,c,hw] (summed in double);
+ * the gradient w.r.t. x is dout itself (the caller passes it on). */
+void add_bias_nc(float *x, const float *t, int N, int C, int HW);
+void add_bias_nc_backward(float *dt, const float *dout, int N, int C, int HW);
+
+/* Embedding lookup: ids (N) int32 (token ids fit easily; callers convert), table (V,D) ->
+ * out (N,D) = table[ids]. ids must lie in [0, V): the caller (tokenizer) guarantees it.
+ * Backward scatter-adds dout rows into dtable (V,D); deterministic for any thread count. */
+void embedding_forward(float *out, const int32_t *ids, const float *table, int N, int D);
+void embedding_backward(float *dtable, const float *dout, const int32_t *ids, int N, int D);
+
+/* Weighted per-sample MSE (Mix-of-Show masked loss):
+ *   pred, target (N,C,M) (M = H*W); weight NULL or (N,Cw,M) with Cw == 1 (broadcast over the C
+ *   channels, e.g. a (N,1,H,W) mask against (N,4,H,W) latents) or Cw == C.
+ *   weight NULL: loss = mean over all N*C*M of (p - t)^2       (F.mse_loss, reduction 'mean')
+ *   else:        loss = (1/N) sum_n [ sum_{c,m} w[n,c%Cw,m] (p - t)^2 / sum_{c<Cw,m} w[n,c,m] ]
+ *   i.e. torch ((mse(p,t,'none') * w).sum([1,2,3]) / w.sum([1,2,3])).mean() with w broadcast:
+ *   the denominator sums the weight AS STORED, so a (N,1,H,W) mask counts each pixel once
+ *   while the numerator counts it C times (as in Mix-of-Show). (p - t)^2 is formed in float
+ *   (as F.mse_loss does), everything after it in double. A sample whose weights sum to 0
+ *   contributes 0. Returns the loss; backward: dpred += dloss * dloss/dpred. */
+double mse_forward(const float *pred, const float *target, const float *weight, int N, int C, int M, int Cw);
+void mse_backward(float *dpred, const float *pred, const float *target, const float *weight,
+                  int N, int C, int M, int Cw, float dloss);
+double mse_forward_ref(const float *pred, const float *target, const float *weight, int N, int C, int M, int Cw);
+
+/* Sinusoidal timestep embedding, diffusers 0.19.3 get_timestep_embedding, in float32:
+ *   half = dim/2, exponent_i = -ln(max_period) * i / (half - freq_shift), f_i = exp(exponent_i)
+ *   emb[n] = [sin(t_n f) | cos(t_n f)], swapped to [cos | sin] when flip_sin_to_cos, zero
+ *   column appended when dim is odd. t (N) -> out (N,dim). SD 1.x UNet: dim 320, flip 1,
+ *   freq_shift 0, max_period 10000. Forward only (timesteps are not trained). */
+void timestep_embedding_forward(float *out, const float *t, int N, int dim, int flip_sin_to_cos,
+                                float freq_shift, int max_period);
+void timestep_embedding_ref(float *out, const float *t, int N, int dim, int flip_sin_to_cos,
+                            float freq_shift, int max_period);    /* double (not bit-exact) */
 
 /* ==========================================================================================
  * Models: weight tables, key mapping (models/weights.c)
  * ======================================================================================== */
 /* @@SECTION weights@@ */
+/* SD 1.x configurations, parameter tables and the diffusers <-> original-LDM key mapping
+ * (models/weights.c; pure logic: tools/model_load.c reads the files and fills these).
+ *
+ * Config fields are named after the diffusers 0.19.3 / HF transformers config.json keys; the
+ * comment gives the SD 1.5 value. A parameter table lists every tensor a config implies, in
+ * diffusers' state_dict() order: its diffusers key, shape and the key of the same tensor in an
+ * original single-file checkpoint (CompVis LDM: model.diffusion_model.*, first_stage_model.*,
+ * cond_stage_model.transformer.*; TencentARC's T2I-Adapter .pth for adapters). The mapping is
+ * derived from the config (block counts, channels), after diffusers 0.19.3's
+ * convert_from_ckpt.py (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+ * convert_ldm_clip_checkpoint) and scripts/convert_original_t2i_adapter.py. */
+#define MS_MAX_BLOCKS 8     /* resolution levels (len(block_out_channels)) */
+#define MS_KEY_MAX 128      /* bytes of a key, NUL included */
+
+typedef enum {
+    MS_BLOCK_NONE = 0,
+    MS_BLOCK_CROSS_ATTN_DOWN,   /* "CrossAttnDownBlock2D" */
+    MS_BLOCK_DOWN,              /* "DownBlock2D" */
+    MS_BLOCK_CROSS_ATTN_UP,     /* "CrossAttnUpBlock2D" */
+    MS_BLOCK_UP,                /* "UpBlock2D" */
+    MS_BLOCK_MID_CROSS_ATTN,    /* "UNetMidBlock2DCrossAttn" */
+    MS_BLOCK_DOWN_ENCODER,      /* "DownEncoderBlock2D" (VAE) */
+    MS_BLOCK_UP_DECODER         /* "UpDecoderBlock2D" (VAE) */
+} MsBlockType;
+const char *ms_block_type_name(MsBlockType t);            /* "CrossAttnDownBlock2D", ... */
+MsBlockType ms_block_type_from_name(const char *name);    /* MS_BLOCK_NONE when unknown */
+
+/* UNet2DConditionModel. Values that SD 1.x never changes and mixshow does not implement
+ * (class/addition embeddings, only_cross_attention, dual_cross_attention,
+ * resnet_time_scale_shift != "default", act_fn != silu, ...) are rejected by the config
+ * reader, so they have no field. */
+typedef struct {
+    int sample_size;                 /* 64 (latent pixels) */
+    int in_channels, out_channels;   /* 4, 4 */
+    int center_input_sample;         /* false */
+    int flip_sin_to_cos;             /* true: timestep embedding is [cos | sin] */
+    int freq_shift;                  /* 0 */
+    int n_blocks;                    /* len(block_out_channels): 4 */
+    MsBlockType down_block_types[MS_MAX_BLOCKS]; /* CrossAttnDownBlock2D x3, DownBlock2D */
+    MsBlockType mid_block_type;                  /* UNetMidBlock2DCrossAttn */
+    MsBlockType up_block_types[MS_MAX_BLOCKS];   /* UpBlock2D, CrossAttnUpBlock2D x3 */
+    int block_out_channels[MS_MAX_BLOCKS];       /* 320, 640, 1280, 1280 */
+    int layers_per_block;            /* 2 (resnets per down block; up blocks have one more) */
+    int downsample_padding;          /* 1 */
+    float mid_block_scale_factor;    /* 1 */
+    int norm_num_groups;             /* 32 (resnets, transformer GroupNorm, conv_norm_out) */
+    float norm_eps;                  /* 1e-5 (resnets, conv_norm_out; transformer GroupNorm 1e-6) */
+    int cross_attention_dim;         /* 768 */
+    int attention_head_dim[MS_MAX_BLOCKS];  /* 8 each. In SD 1.x this is the NUMBER OF HEADS
+                                             * (diffusers naming bug); an int or a per-block list */
+    int num_attention_heads[MS_MAX_BLOCKS]; /* null in SD 1.x (stored as 0); when set it wins */
+    int transformer_layers_per_block[MS_MAX_BLOCKS]; /* 1 each (int or per-block list) */
+    int use_linear_projection;       /* false: proj_in/proj_out are 1x1 convs (SD 2.x: Linear) */
+    int upcast_attention;            /* false (SD 2.1-v: true; only matters in f16) */
+    int time_embedding_dim;          /* null (0): 4 * block_out_channels[0] = 1280 */
+    int conv_in_kernel, conv_out_kernel; /* 3, 3 */
+} UNetConfig;
+
+/* AutoencoderKL. All its GroupNorms use eps 1e-6; the mid attention has one head. */
+typedef struct {
+    int sample_size;                 /* 512 (image pixels) */
+    int in_channels, out_channels;   /* 3, 3 */
+    int latent_channels;             /* 4 */
+    int n_blocks;                    /* 4 */
+    MsBlockType down_block_types[MS_MAX_BLOCKS]; /* DownEncoderBlock2D x4 */
+    MsBlockType up_block_types[MS_MAX_BLOCKS];   /* UpDecoderBlock2D x4 */
+    int block_out_channels[MS_MAX_BLOCKS];       /* 128, 256, 512, 512 */
+    int layers_per_block;            /* 2 (encoder resnets per level; the decoder has 3) */
+    int norm_num_groups;             /* 32 */
+    float scaling_factor;            /* 0.18215 */
+    int force_upcast;                /* true (meaningless here: we compute in f32) */
+} VaeConfig;
+
+typedef enum { MS_ACT_QUICK_GELU = 0, MS_ACT_GELU } MsActivation;
+const char *ms_activation_name(MsActivation a);           /* "quick_gelu", "gelu" */
+
+/* HF CLIPTextModel (CLIP ViT-L/14 text tower). */
+typedef struct {
+    int vocab_size;                  /* 49408 */
+    int hidden_size;                 /* 768 */
+    int intermediate_size;           /* 3072 */
+    int projection_dim;              /* 768 (unused by CLIPTextModel) */
+    int num_hidden_layers;           /* 12 */
+    int num_attention_heads;         /* 12 (head dim 64) */
+    int max_position_embeddings;     /* 77 */
+    MsActivation hidden_act;         /* quick_gelu: x * sigmoid(1.702 x) */
+    float layer_norm_eps;            /* 1e-5 */
+    int pad_token_id, bos_token_id, eos_token_id; /* 1, 0, 2: HF defaults left in the file.
+                                      * The tokenizer's real ids are 49407, 49406, 49407. */
+} ClipTextConfig;
+
+typedef enum { MS_ADAPTER_FULL = 0, MS_ADAPTER_LIGHT } MsAdapterType;
+
+/* T2IAdapter. */
+typedef struct {
+    MsAdapterType adapter_type;      /* full_adapter (light_adapter: rejected by the check) */
+    int in_channels;                 /* 1 (sketch) / 3 (openpose, keypose) */
+    int n_channels;                  /* len(channels): 4 */
+    int channels[MS_MAX_BLOCKS];     /* 320, 640, 1280, 1280 (the UNet's block_out_channels) */
+    int num_res_blocks;              /* 2 */
+    int downscale_factor;            /* 8 (PixelUnshuffle) */
+} AdapterConfig;
+
+typedef enum { MS_BETA_LINEAR = 0, MS_BETA_SCALED_LINEAR, MS_BETA_SQUAREDCOS_CAP_V2 } MsBetaSchedule;
+typedef enum { MS_PRED_EPSILON = 0, MS_PRED_V, MS_PRED_SAMPLE } MsPrediction;
+typedef enum {   /* ABSENT: no key in the file, so each scheduler class uses its own default
+                  * (0.19.3: DDIM/PNDM "leading", DPMSolverMultistep "linspace") */
+    MS_SPACING_ABSENT = 0, MS_SPACING_LINSPACE, MS_SPACING_LEADING, MS_SPACING_TRAILING
+} MsTimestepSpacing;
+
+/* scheduler_config.json (any diffusers scheduler class; the sampler picks the algorithm). */
+typedef struct {
+    char class_name[48];             /* "PNDMScheduler" (_class_name) */
+    int num_train_timesteps;         /* 1000 */
+    double beta_start, beta_end;     /* 0.00085, 0.012 */
+    MsBetaSchedule beta_schedule;    /* scaled_linear (trained_betas must be null) */
+    int steps_offset;                /* 1 */
+    MsPrediction prediction_type;    /* absent: epsilon */
+    MsTimestepSpacing timestep_spacing; /* absent */
+    int set_alpha_to_one;            /* false */
+    int skip_prk_steps;              /* true */
+    int clip_sample;                 /* false */
+    double clip_sample_range;        /* absent: 1.0 */
+} SchedulerConfig;
+
+/* Built-in SD 1.5 values (for LDM single files, which carry no config). */
+void ms_unet_config_sd15(UNetConfig *c);
+void ms_vae_config_sd15(VaeConfig *c);
+void ms_clip_text_config_sd15(ClipTextConfig *c);
+void ms_adapter_config_sd15(AdapterConfig *c, int in_channels);   /* 1 sketch, 3 openpose */
+void ms_scheduler_config_sd15(SchedulerConfig *c);
+
+/* Validation: MS_ERR_ARG / MS_ERR_UNSUPPORTED with a message naming the field, its value and
+ * what is required (channels divisible by norm_num_groups and by the number of heads, block
+ * types that fit their position, sizes within limits). */
+MsStatus ms_unet_config_check(const UNetConfig *c);
+MsStatus ms_vae_config_check(const VaeConfig *c);
+MsStatus ms_clip_text_config_check(const ClipTextConfig *c);
+MsStatus ms_adapter_config_check(const AdapterConfig *c);
+MsStatus ms_scheduler_config_check(const SchedulerConfig *c);
+
+/* Derived UNet sizes. Level 0 is the highest resolution; the mid block sits at level n-1 and up
+ * block i at level n-1-i (diffusers reverses the per-block lists for the up path). */
+int ms_unet_heads(const UNetConfig *c, int level);          /* num_attention_heads or attention_head_dim */
+int ms_unet_time_embed_dim(const UNetConfig *c);            /* time_embedding_dim or 4 * channels[0] */
+int ms_unet_cross_attn_layers(const UNetConfig *c);         /* 16 in SD 1.x: down 6, mid 1, up 9 */
+
+/* ---- parameter tables ---- */
+typedef enum { MS_DT_F32 = 0, MS_DT_F16, MS_DT_BF16 } MsDtype;
+#define MS_PARAM_BUFFER 1   /* not a parameter: an integer buffer that may be absent
+                             * (text_model.embeddings.position_ids); never holds data */
+#define MS_PARAM_1X1    2   /* [C,C] and [C,C,1,1] both accepted (VAE attention: diffusers
+                             * Linear vs LDM 1x1 conv; same bytes) */
+typedef struct {
+    char name[MS_KEY_MAX];     /* diffusers 0.19.3 key, "down_blocks.0.attentions.0.proj_in.weight" */
+    char ldm[MS_KEY_MAX];      /* original single-file key, "model.diffusion_model.input_blocks.1.1.proj_in.weight" */
+    char alias[MS_KEY_MAX];    /* older diffusers name or "" ("encoder.mid_block.attentions.0.query.weight") */
+    int ndim;
+    int64_t shape[4];          /* diffusers shape, PyTorch order */
+    int ldm_ndim;              /* rank in the LDM layout (4 for the VAE attention convs) */
+    int flags;                 /* MS_PARAM_* */
+    size_t numel;
+    /* data, when loaded (tools/model_load.c): exactly one of f32 / half is set */
+    MsDtype dtype;
+    float *f32;                /* numel floats */
+    uint16_t *half;            /* numel F16 or BF16 bit patterns (kept on request) */
+} MsParam;
+
+typedef struct {
+    MsParam *p;
+    int n, cap;
+    void *mem;                 /* data storage (ms_alloc_aligned), owned; NULL before loading */
+    size_t mem_bytes;
+} MsParamTable;
+
+/* Every tensor of the component, in diffusers' state_dict() order. The table is malloc'ed;
+ * release it with ms_param_table_free (also frees loaded data). */
+MsStatus ms_param_table_unet(const UNetConfig *c, MsParamTable *t);
+MsStatus ms_param_table_vae(const VaeConfig *c, MsParamTable *t);
+MsStatus ms_param_table_text(const ClipTextConfig *c, MsParamTable *t);
+MsStatus ms_param_table_adapter(const AdapterConfig *c, MsParamTable *t);
+void ms_param_table_free(MsParamTable *t);
+
+int ms_param_find(const MsParamTable *t, const char *name);     /* diffusers key or alias; -1 */
+int ms_param_find_ldm(const MsParamTable *t, const char *key);  /* full LDM key; -1 */
+size_t ms_param_table_numel(const MsParamTable *t);             /* parameters (buffers excluded) */
+/* Does a file tensor of rank ndim / shape fit p? (MS_PARAM_1X1 admits [C,C,1,1] for [C,C].) */
+int ms_param_shape_ok(const MsParam *p, int ndim, const int64_t *shape);
+/* "[320, 4, 3, 3]" into buf (cap >= 8); returns buf. */
+char *ms_shape_str(char *buf, size_t cap, int ndim, const int64_t *shape);
+
+/* Allocates storage for every parameter of t (f32, or 16-bit where half_dtype[i] says so; pass
+ * NULL for all f32) in one block, 64-byte aligned per tensor. */
+MsStatus ms_param_table_alloc(MsParamTable *t, const MsDtype *dtypes);
+/* The values of p as f32 (converts kept F16/BF16 exactly). MS_ERR_ARG when p holds no data. */
+MsStatus ms_param_get_f32(const MsParam *p, float *out);
+float ms_f16_to_f32(uint16_t h);          /* exact */
+float ms_bf16_to_f32(uint16_t h);         /* exact */
+
+/* Keys of original single files that are not model parameters and are skipped: the DDPM
+ * schedule buffers (betas, alphas_cumprod, posterior_*, ...), model_ema.*, logvar. */
+int ms_ldm_key_is_harmless(const char *key);
+/* Older LDM files name the text encoder cond_stage_model.transformer.{embeddings,encoder,
+ * final_layer_norm}.* (transformers < 4.22, without text_model.). Writes the current form to
+ * out; returns 1 when key was rewritten, 0 when copied unchanged, -1 when it does not fit. */
+int ms_ldm_key_normalize(const char *key, char *out, size_t cap);
+
+/* A Stable Diffusion 1.x model: configs and the parameters of its three networks. */
+typedef struct {
+    UNetConfig unet_config;
+    VaeConfig vae_config;
+    ClipTextConfig text_config;
+    SchedulerConfig scheduler_config;
+    MsParamTable unet, vae, text;
+} MsModel;
+void ms_model_free(MsModel *m);             /* frees the tables; m is zeroed */
+
+/* ==========================================================================================
+ * Models: torch-identical RNG and the diffusers 0.19.3 schedulers (models/schedulers.c)
+ * ======================================================================================== */
+/* @@SECTION schedulers@@ */
+/* torch's CPU kernels come in builds per instruction set, and two of those we mirror give
+ * different last bits: torch.randn (normal_fill: libm log/sin/cos vs avx_mathfun polynomials)
+ * and torch.linspace (which makes the betas). MS_TORCH_CPU_AVX2 is what stock x86-64 torch runs
+ * on any AVX2 or AVX-512 CPU (its normal kernel has no AVX-512 version); MS_TORCH_CPU_DEFAULT
+ * is ATEN_CPU_CAPABILITY=default, older x86 and (for randn) ARM builds. */
+typedef enum { MS_TORCH_CPU_DEFAULT = 0, MS_TORCH_CPU_AVX2 = 1 } MsTorchCpu;
+
+/* torch.Generator on the CPU (CPUGeneratorImpl): mt19937 + the cached second Box-Muller
+ * sample of normal_distribution<double>. ms_torch_seed(g, s) == torch.manual_seed(s) (only
+ * the low 32 bits of s count) or torch.Generator().manual_seed(s). */
+typedef struct {
+    uint32_t mt[624];
+    int next;            /* next state word; 624: twist first */
+    uint64_t seed;
+    int has_normal;      /* a cached N(0,1) sample (tensors under 16 elements draw pairs) */
+    double normal;
+} MsTorchRng;
+void ms_torch_seed(MsTorchRng *g, uint64_t seed);
+uint32_t ms_torch_random(MsTorchRng *g);        /* generator.random(): one mt19937 word */
+uint64_t ms_torch_random64(MsTorchRng *g);      /* two words, the first is the high half */
+/* torch.randn(n) (any shape with n elements, float32, contiguous), bit-exact; advances g
+ * exactly as torch does. ms_torch_randn_skip advances g the same way without the math. */
+void ms_torch_randn(MsTorchRng *g, float *out, size_t n, MsTorchCpu cpu);
+void ms_torch_randn_skip(MsTorchRng *g, size_t n);
+
+/* Schedulers: diffusers 0.19.3 DDPMScheduler, DDIMScheduler (eta 0), EulerDiscreteScheduler
+ * and DPMSolverMultistepScheduler (DPM-Solver++ 2M: dpmsolver++, midpoint, solver_order 2,
+ * lower_order_final), each built by `Cls.from_config(<the model's scheduler_config.json>)`,
+ * prediction_type "epsilon". */
+typedef enum { MS_SCHED_DDPM, MS_SCHED_DDIM, MS_SCHED_EULER, MS_SCHED_DPMSOLVER } MsSchedKind;
+
+#define MS_SCHED_MAX_T 1000       /* num_train_timesteps (SD 1.x: 1000) */
+typedef struct {
+    MsSchedKind kind;
+    SchedulerConfig cfg;                         /* the file's keys (models/weights.c) */
+    MsTorchCpu torch_cpu;                        /* which torch kernels to mirror */
+    MsTimestepSpacing spacing;                   /* cfg's, or this class's default if absent:
+                                                  * DDPM, DDIM "leading"; Euler, DPM "linspace" */
+    int T;                                       /* num_train_timesteps */
+    float betas[MS_SCHED_MAX_T];                 /* (T) float32, as torch holds them */
+    float alphas_cumprod[MS_SCHED_MAX_T];        /* (T) */
+    float alpha_t[MS_SCHED_MAX_T], sigma_t[MS_SCHED_MAX_T], lambda_t[MS_SCHED_MAX_T]; /* DPM */
+    float final_alpha_cumprod;                   /* DDIM */
+    int num_inference_steps;                     /* what set_timesteps was given */
+    int num_steps;                               /* len(timesteps) */
+    double timesteps[MS_SCHED_MAX_T + 1];        /* integers except Euler's (float64 there) */
+    float sigmas[MS_SCHED_MAX_T + 2];            /* Euler: (num_steps + 1), last 0 */
+    float init_noise_sigma;                      /* multiply the initial noise by this */
+    int lower_order_nums;                        /* DPM-Solver: model outputs seen (<= 2) */
+} MsScheduler;
+
+/* `Cls.from_config(cfg)`: keys the class does not know are ignored (DPM-Solver and Euler
+ * ignore set_alpha_to_one and clip_sample); prediction_type must be epsilon. */
+MsStatus ms_scheduler_init(MsScheduler *s, MsSchedKind kind, const SchedulerConfig *cfg, MsTorchCpu cpu);
+MsStatus ms_scheduler_set_timesteps(MsScheduler *s, int num_inference_steps);
+/* Sampling loop, step i = 0 .. num_steps-1 in order, x (n floats) starting as
+ * init_noise_sigma * noise:
+ *   ms_scheduler_scale_model_input(s, i, in, x, n);  eps = unet(in, s->timesteps[i]);
+ *   ms_scheduler_step(s, i, eps, x, work, n, rng);   x is updated in place.
+ * work (n floats, kept by the caller for the whole loop): DPM-Solver keeps the previous data
+ * prediction there; DDPM draws its noise into it; DDIM and Euler may pass NULL. rng: DDPM draws
+ * N(0,1) noise from it for t > 0; Euler draws (and, with s_churn 0, discards) noise each step as
+ * diffusers does, so a shared generator stays in step; NULL is allowed for all but DDPM. */
+void ms_scheduler_scale_model_input(const MsScheduler *s, int i, float *out, const float *x, size_t n);
+MsStatus ms_scheduler_step(MsScheduler *s, int i, const float *eps, float *x, float *work, size_t n,
+                           MsTorchRng *rng);
+/* Training (DDPMScheduler.add_noise): out[b] = sqrt(ac[t_b]) * x0[b] + sqrt(1 - ac[t_b]) * noise[b]
+ * for B samples of m floats each; t_b in [0, T). out may alias x0 or noise. */
+MsStatus ms_scheduler_add_noise(const MsScheduler *s, float *out, const float *x0, const float *noise,
+                                const int64_t *t, int B, size_t m);
 
 /* ==========================================================================================
  * Benchmarks (tensor.c): kernels measured by `mixshow bench`
  * ======================================================================================== */
 /* @@SECTION bench@@ */
+/* GFLOP/s of a register-only FMA loop (12 independent chains) at `level` (capped at ms_simd())
+ * on `threads` threads, each running the loop; the run lasts about `seconds`. The denominator
+ * of every "% of peak" that `mixshow bench` prints. */
+double ms_bench_fma_peak(MsSimd level, int threads, double seconds);
+/* conv2d_forward without bias through an explicit column matrix: cols holds C*k*k*Ho*Wo
+ * floats. Only for `mixshow bench`, to compare with the implicit im2col of conv2d_forward. */
+void ms_bench_conv2d_explicit(float *out, float *cols, const float *x, const float *w, int N, int C,
+                              int Co, int H, int W, int k, int s, int p);
 
 #endif /* MIXSHOW_H */

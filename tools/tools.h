@@ -10,17 +10,374 @@ int cmd_bench(int argc, char **argv);
 
 /* ---- zlib: inflate/deflate, CRC-32, Adler-32 (tools/zlib.c) ---- */
 /* @@SECTION zlib@@ */
+/* RFC 1950/1951. Errors name the byte offset in `in`; callers add the file name (copy
+ * ms_last_error() into a local buffer first: ms_errorf overwrites it). */
+uint32_t ms_crc32(uint32_t crc, const uint8_t *p, size_t n);    /* start with 0; PNG/zip/gzip CRC */
+uint32_t ms_adler32(uint32_t adler, const uint8_t *p, size_t n); /* start with 1 */
+/* Inflates raw deflate (zlib_header 0, zip members) or a zlib stream (1: header and Adler-32
+ * checked). *out is malloc'ed (free() it), grows as needed, and producing more than max_out
+ * bytes is an error (decompression-bomb cap). Bytes after the end of the stream are ignored. */
+MsStatus ms_inflate(const uint8_t *in, size_t in_len, int zlib_header, size_t max_out,
+                    uint8_t **out, size_t *out_len);
+/* Same into a caller buffer: error if the stream holds more than cap bytes; *out_len is what
+ * it held (check it against what you expected). */
+MsStatus ms_inflate_into(const uint8_t *in, size_t in_len, int zlib_header, uint8_t *out,
+                         size_t cap, size_t *out_len);
+/* Deflate with level 0 (stored blocks only) .. 9 (longer LZ77 hash chains); each block is
+ * stored, fixed or dynamic Huffman, whichever is smallest. *out malloc'ed (free() it). */
+MsStatus ms_deflate(const uint8_t *in, size_t in_len, int zlib_header, int level,
+                    uint8_t **out, size_t *out_len);
 
 /* ---- safetensors + JSON (tools/safetensors.c, tools/json.c) ---- */
 /* @@SECTION safetensors_json@@ */
+/* JSON (RFC 8259), tools/json.c. The parser validates UTF-8, decodes every escape (\uXXXX
+ * surrogate pairs too), parses numbers as correctly rounded doubles independent of the C
+ * locale, limits nesting to JSON_MAX_DEPTH and rejects duplicate object keys. Errors read
+ * "origin:line:col: what was expected". Values are a plain tree; the members of an object keep
+ * file order and carry their key. Every node remembers origin:line:col for later messages. */
+#define JSON_MAX_DEPTH 256
+typedef enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } JsonType;
+typedef struct JsonValue JsonValue;
+struct JsonValue {
+    JsonType type;
+    int boolean;              /* JSON_BOOL: 0 or 1 */
+    double number;            /* JSON_NUMBER */
+    char *str;                /* JSON_STRING: UTF-8, NUL-terminated (may hold \0: use len) */
+    size_t len;               /* JSON_STRING: bytes in str */
+    JsonValue *items;         /* JSON_ARRAY elements / JSON_OBJECT members, in file order */
+    size_t count, cap;        /* number of items */
+    char *key;                /* the member's key when this value sits in an object */
+    size_t key_len;
+    const char *origin;       /* file name for messages (shared; owned by the root) */
+    int line, col;            /* where the value starts (1-based; 0 for built values) */
+};
+
+/* Parses text[0..len) into *out (a tree to release with json_free). origin names the input
+ * in messages ("unet/config.json"). MS_ERR_FORMAT on bad JSON, MS_ERR_NOMEM. */
+MsStatus json_parse(const char *text, size_t len, const char *origin, JsonValue **out);
+MsStatus json_parse_file(const char *path, JsonValue **out);     /* reads the file, then parses */
+void json_free(JsonValue *v);                                    /* the whole tree; NULL is fine */
+const char *json_type_name(JsonType t);                          /* "number", "object", ... */
+
+/* Lookups: NULL / default when v is not an object, the key is missing, or the type differs. */
+const JsonValue *json_get(const JsonValue *obj, const char *key);
+size_t json_len(const JsonValue *v);                             /* array/object items, else 0 */
+const JsonValue *json_at(const JsonValue *arr, size_t i);        /* NULL when out of range */
+double json_get_number(const JsonValue *obj, const char *key, double def);
+const char *json_get_string(const JsonValue *obj, const char *key, const char *def);
+int64_t json_get_int(const JsonValue *obj, const char *key, int64_t def);  /* integral numbers */
+int json_get_bool(const JsonValue *obj, const char *key, int def);
+/* The same with a status: MS_ERR_FORMAT naming origin:line:col, the key and the type found
+ * when the key is missing or of the wrong type ("model_index.json:3:14: key 'unet':
+ * expected an integer, found a string"). An integer is a number with no fraction and
+ * |x| <= 2^53. */
+MsStatus json_need(const JsonValue *obj, const char *key, JsonType type, const JsonValue **out);
+MsStatus json_need_number(const JsonValue *obj, const char *key, double *out);
+MsStatus json_need_int(const JsonValue *obj, const char *key, int64_t *out);
+MsStatus json_need_string(const JsonValue *obj, const char *key, const char **out);
+MsStatus json_as_int(const JsonValue *v, const char *what, int64_t *out);  /* v itself */
+
+/* Building values (for writers). The json_new_* functions return NULL when out of memory;
+ * json_push/json_set take ownership of item (freed on failure too). json_set replaces an
+ * existing key. */
+JsonValue *json_new(JsonType type);                              /* null, empty array/object */
+JsonValue *json_new_number(double x);
+JsonValue *json_new_bool(int b);
+JsonValue *json_new_string(const char *s, size_t len);           /* copies; len of s in bytes */
+MsStatus json_push(JsonValue *arr, JsonValue *item);
+MsStatus json_set(JsonValue *obj, const char *key, JsonValue *item);
+
+/* A growable byte buffer. Appends return MS_ERR_NOMEM on failure and leave it consistent;
+ * data is always NUL-terminated once anything was appended. */
+typedef struct { char *data; size_t len, cap; } JsonBuf;
+MsStatus jbuf_append(JsonBuf *b, const void *bytes, size_t n);
+MsStatus jbuf_puts(JsonBuf *b, const char *s);
+void jbuf_free(JsonBuf *b);
+/* Writer pieces: a string with quotes and escapes ("\"\\\b\f\n\r\t", other controls as
+ * \u00XX, everything else verbatim UTF-8, as serde_json does); a double in the shortest form
+ * of %.15g/%.16g/%.17g that reads back bit-exactly, with '.' in every locale. Non-finite
+ * numbers have no JSON form: MS_ERR_ARG. */
+MsStatus json_write_string(JsonBuf *b, const char *s, size_t len);
+MsStatus json_write_number(JsonBuf *b, double x);
+/* Whole tree; indent 0 writes compactly ({"a":[1,2]}), indent > 0 pretty-prints with that
+ * many spaces per level. json_write_file writes to path via path.tmp + rename. */
+MsStatus json_write(JsonBuf *b, const JsonValue *v, int indent);
+MsStatus json_write_file(const char *path, const JsonValue *v, int indent);
+
+/* safetensors (huggingface/safetensors format), tools/safetensors.c.
+ * File: u64 little-endian header length N (<= ST_MAX_HEADER), N bytes of JSON
+ *   {"__metadata__": {str: str}, "name": {"dtype": "F32", "shape": [..], "data_offsets": [b, e]}}
+ * then the data section. Offsets are relative to the data section, tensors tile it exactly
+ * (sorted by offset: first begins at 0, each begins where the previous ends, the last ends at
+ * the end of the file) and e - b == numel * dtype size: the checks the reference reader makes.
+ * Reading maps the file (POSIX mmap; -DMS_NO_MMAP or other systems: one fread into memory).
+ * Tensor bytes are little-endian; the f32 accessors convert on any host. */
+#define ST_MAX_HEADER ((size_t)100000000)      /* as huggingface/safetensors: 100 MB */
+typedef enum {   /* increasing alignment, the order of the reference's Dtype enum */
+    ST_BOOL, ST_U8, ST_I8, ST_F8_E5M2, ST_F8_E4M3, ST_I16, ST_U16, ST_F16, ST_BF16,
+    ST_I32, ST_U32, ST_F32, ST_F64, ST_I64, ST_U64, ST_NDTYPES
+} StDtype;
+const char *st_dtype_name(StDtype d);          /* "F32", ... as in the header */
+size_t st_dtype_size(StDtype d);               /* bytes per element */
+
+typedef struct {
+    char *name;
+    StDtype dtype;
+    int ndim;                                  /* 0..MS_MAX_DIMS (0: a scalar, numel 1) */
+    int64_t shape[MS_MAX_DIMS];
+    size_t numel, nbytes;
+    size_t offset;                             /* where data begins in the data section */
+    const unsigned char *data;                 /* nbytes little-endian bytes inside the file */
+} StTensor;
+
+typedef struct {
+    char *origin;                              /* path or name, for messages */
+    StTensor *tensors;                         /* sorted by offset (= file order) */
+    size_t count;
+    StTensor **by_name;                        /* the same tensors sorted by name (st_find) */
+    char **meta_keys, **meta_vals;             /* __metadata__, in header order */
+    size_t meta_count;
+    unsigned char *buf; size_t size;           /* the whole file */
+    int own;                                   /* 0: borrowed memory, 1: malloc, 2: mmap */
+} StFile;
+
+MsStatus st_open(StFile *f, const char *path);       /* on error f is left closed (zeroed) */
+/* Parses a file image already in memory (borrowed: it must outlive f). On error f is closed. */
+MsStatus st_open_memory(StFile *f, const void *data, size_t size, const char *origin);
+void st_close(StFile *f);
+const StTensor *st_find(const StFile *f, const char *name);      /* NULL when absent */
+const char *st_meta(const StFile *f, const char *key);           /* NULL when absent */
+/* Converts all of t to float: F16/BF16/F32 exactly, F64 rounded to nearest, integers and BOOL
+ * by value (rounded beyond 2^24). n must equal t->numel; F8 -> MS_ERR_UNSUPPORTED. */
+MsStatus st_to_f32(const StFile *f, const StTensor *t, float *out, size_t n);
+/* By name, checking the shape when ndim >= 0 ("x.safetensors: 'conv.weight' has shape
+ * (320,4,3,3), expected (320,4,3,4)"). ndim < 0 only checks that numel == n. */
+MsStatus st_read_f32(const StFile *f, const char *name, float *out, size_t n, int ndim,
+                     const int64_t *shape);
+/* Same, allocating (ms_alloc_aligned; free with ms_free_aligned). */
+MsStatus st_load_f32(const StFile *f, const char *name, float **out, size_t *n);
+MsStatus st_check_shape(const StFile *f, const StTensor *t, int ndim, const int64_t *shape);
+
+/* Scalar conversions: exact widening, and round-to-nearest-even narrowing (overflow -> inf,
+ * NaN stays NaN with its sign, subnormals handled). */
+float st_f16_to_f32(uint16_t h);
+float st_bf16_to_f32(uint16_t h);
+uint16_t st_f32_to_f16(float x);
+uint16_t st_f32_to_bf16(float x);
+
+/* Writing. Each entry gives values either as floats to convert (f32; allowed for F32, F16,
+ * BF16, F64) or as raw host-order values of dtype (raw: uint16_t bits for F16/BF16, one byte
+ * 0/1 per BOOL). Like the reference writer, tensors are laid out by decreasing dtype
+ * alignment, then by name (byte order), the header lists __metadata__ first then the tensors
+ * in data order, compact JSON padded with spaces to a multiple of 8 bytes. meta holds
+ * n_meta (key, value) pairs: meta[2i], meta[2i+1], written in that order (the reference
+ * writes a Rust HashMap, so its order is arbitrary; a file laid out by the reference writer,
+ * read and written back with its metadata in st_meta order, comes out byte for byte; older
+ * writers that sorted by name only are read fine but rewritten in the new order). The file appears
+ * under path only when complete (written to path.tmp, then renamed). */
+typedef struct {
+    const char *name;
+    StDtype dtype;
+    int ndim;
+    int64_t shape[MS_MAX_DIMS];
+    const float *f32;
+    const void *raw;
+} StEntry;
+MsStatus st_write(const char *path, const StEntry *entries, size_t n, const char *const *meta,
+                  size_t n_meta);
+/* The same file image in memory (*out malloc'd, free() it). */
+MsStatus st_write_memory(const StEntry *entries, size_t n, const char *const *meta,
+                         size_t n_meta, unsigned char **out, size_t *out_size);
 
 /* ---- PNG, JPEG (tools/png.c, tools/jpeg.c) ---- */
 /* @@SECTION images@@ */
+/* A decoded image: (h, w, channels) row-major, interleaved. Channels: 1 grey, 2 grey+alpha,
+ * 3 RGB, 4 RGBA. depth 8: data is uint8_t; depth 16: data is uint16_t in host order. */
+typedef struct {
+    int w, h;
+    int channels;        /* channels in data (what the caller asked for, or the file's own) */
+    int file_channels;   /* the file's own: PNG palette -> 3, +1 when it has alpha or tRNS */
+    int depth;           /* 8 or 16 bits per sample in data */
+    void *data;          /* malloc'ed; ms_image_free() */
+} MsImage;
+
+/* Limits on what a file may declare (checked before any allocation). */
+#define MS_IMAGE_MAX_DIM (1 << 24)
+#define MS_IMAGE_MAX_PIXELS ((size_t)1 << 26)
+
+/* Decoders. want_channels: 0 = the file's own, else 1..4. Conversions follow Pillow 9:
+ * RGB -> grey is L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16, grey -> RGB replicates,
+ * dropping alpha drops it, added alpha is opaque (or from tRNS). want_depth: 8 or 16 (PNG
+ * 16-bit samples keep their value; 8-bit ones are scaled by 257; 16 -> 8 keeps the high byte,
+ * as Pillow does for RGB/RGBA). `name` is used in error messages. */
+MsStatus ms_png_decode(const uint8_t *buf, size_t len, const char *name, int want_channels,
+                       int want_depth, MsImage *img);
+MsStatus ms_jpeg_decode(const uint8_t *buf, size_t len, const char *name, int want_channels,
+                        MsImage *img);                       /* always depth 8 */
+/* PNG or JPEG by magic bytes, 8-bit. */
+MsStatus ms_image_decode(const uint8_t *buf, size_t len, const char *name, int want_channels,
+                         MsImage *img);
+MsStatus ms_image_read(const char *path, int want_channels, MsImage *img);
+void ms_image_free(MsImage *img);
+
+/* PNG encoder, 8-bit, channels 1..4, one filter per row (the one with the smallest sum of
+ * absolute residuals, PNG spec 12.8). ms_png_write writes path.tmp then renames it. */
+MsStatus ms_png_encode(const uint8_t *pixels, int w, int h, int channels, uint8_t **out,
+                       size_t *out_len);
+MsStatus ms_png_write(const char *path, const uint8_t *pixels, int w, int h, int channels);
 
 /* ---- PyTorch zip + restricted pickle (tools/zip.c, tools/pickle.c) ---- */
 /* @@SECTION pytorch@@ */
+/* Zip archives (tools/zip.c): the container of torch.save files (.pth/.ckpt/.bin).
+ * Reader: central directory (zip64 too), local headers cross-checked, stored and deflated
+ * members, CRC-32 verified. Writer: stored members with 64-byte-aligned data, as torch does. */
+#define ZIP_MAX_ENTRIES  (1u << 20)     /* members per archive */
+#define ZIP_MAX_NAME     4096           /* bytes in one member name */
+typedef struct {
+    char *name;                /* NUL-terminated; names with a NUL byte are refused */
+    uint64_t data_off;         /* file offset of the member's (compressed) bytes */
+    uint64_t csize, usize;     /* compressed / uncompressed sizes */
+    uint32_t crc;              /* CRC-32 of the uncompressed bytes (central directory) */
+    int method;                /* 0 stored, 8 deflate */
+    int crc_ok;                /* 1 once the CRC has been verified */
+} ZipEntry;
+typedef struct {
+    char *path;                /* for messages */
+    void *f;                   /* FILE *, or NULL when reading memory */
+    const unsigned char *mem;  /* zip_open_mem */
+    uint64_t size;             /* bytes in the file */
+    ZipEntry *e;
+    size_t n;
+} ZipReader;
+MsStatus zip_open(ZipReader *z, const char *path);
+MsStatus zip_open_mem(ZipReader *z, const void *data, size_t size, const char *label);
+void zip_close(ZipReader *z);
+const ZipEntry *zip_find(const ZipReader *z, const char *name);       /* NULL if absent */
+/* n bytes at offset off of the uncompressed member. Verifies the member's CRC-32 the first
+ * time (streaming over the whole member once if the range is partial). */
+MsStatus zip_read(ZipReader *z, const ZipEntry *e, uint64_t off, void *buf, size_t n);
+/* The whole member in a new malloc'd buffer (+1 NUL byte, not counted in *len). */
+MsStatus zip_read_alloc(ZipReader *z, const ZipEntry *e, unsigned char **out, size_t *len);
+
+typedef struct {
+    char *path, *tmp;          /* final path, temp file renamed onto it by zip_writer_close */
+    void *f;
+    uint64_t pos;
+    struct ZipWEntry *e;
+    size_t n, cap;
+    int force_zip64;           /* zip64 extra fields even when not needed (tests) */
+    MsStatus status;           /* first error; later calls do nothing */
+} ZipWriter;
+MsStatus zip_writer_open(ZipWriter *w, const char *path, int force_zip64);
+/* One stored member; its data starts on a 64-byte boundary (padding in a "FB" extra field,
+ * as torch's writer does). */
+MsStatus zip_writer_add(ZipWriter *w, const char *name, const void *data, size_t n);
+/* Writes the central directory (zip64 when needed) and renames the temp file onto the path.
+ * With commit == 0 (or after an error) the temp file is removed instead. */
+MsStatus zip_writer_close(ZipWriter *w, int commit);
+
+/* PyTorch checkpoints (tools/pickle.c): torch.save's zip format (archive/data.pkl +
+ * archive/data/<key>) read with a restricted unpickler that never executes anything: only the
+ * opcodes for dicts, lists, tuples, strings, numbers and tensors are understood, and only the
+ * globals torch's own weights_only loader allows (tensor/parameter rebuild, OrderedDict,
+ * torch.Size, storage types). Anything else is refused with an error naming it. */
+typedef enum {
+    PTH_F32, PTH_F16, PTH_BF16, PTH_F64, PTH_I64, PTH_I32, PTH_I16, PTH_I8, PTH_U8, PTH_BOOL,
+    PTH_NDTYPES
+} PthDtype;
+const char *pth_dtype_name(PthDtype t);        /* "F32", "F16", ... (safetensors spelling) */
+size_t pth_dtype_size(PthDtype t);
+
+typedef struct {
+    char *name;            /* dotted path through dicts/lists: "params.unet.<key>" */
+    size_t leaf;           /* name + leaf is the last path component (the innermost dict key) */
+    PthDtype dtype;
+    int ndim;
+    int64_t shape[MS_MAX_DIMS], stride[MS_MAX_DIMS];   /* stride in elements, >= 0 */
+    int64_t offset;        /* storage offset in elements */
+    int64_t storage_numel;
+    int requires_grad;
+    size_t entry;          /* index of the storage's zip member in PthFile.zip.e */
+} PthTensor;
+
+typedef struct {
+    ZipReader zip;
+    PthTensor *t;
+    size_t n;
+    char *summary;         /* the object tree, one line per node, for `inspect` */
+} PthFile;
+
+#define PTH_MAX_DEPTH 64   /* container nesting (also stops recursive structures) */
+MsStatus pth_open(PthFile *f, const char *path);                 /* pth_open_ex(f, path, 0) */
+/* flags: PTH_LENIENT turns a global outside the allow-list (e.g. a pytorch_lightning callback
+ * or a numpy scalar in a training .ckpt) into an inert placeholder instead of an error: it is
+ * never called, what it builds is dropped, and tensors are read from the rest of the tree. */
+#define PTH_LENIENT 1
+MsStatus pth_open_ex(PthFile *f, const char *path, int flags);
+MsStatus pth_open_mem(PthFile *f, const void *data, size_t size, const char *label, int flags);
+void pth_close(PthFile *f);
+const PthTensor *pth_find(const PthFile *f, const char *name);
+size_t pth_numel(const PthTensor *t);
+/* Tensor values converted to float32 (out holds pth_numel floats); any stride layout. */
+MsStatus pth_read_f32(PthFile *f, const PthTensor *t, float *out);
+/* Tensor values in their own dtype, packed row-major (pth_numel * dtype size bytes). */
+MsStatus pth_read_raw(PthFile *f, const PthTensor *t, void *out);
+
+/* Parses a pickle alone (no zip, no tensor data): what fuzz_pickle exercises. On success
+ * *summary (malloc'd) holds the tree as pth_open would show it. */
+MsStatus pth_parse_pickle(const void *data, size_t n, int flags, char **summary);
+
+/* Writer: a torch.save-compatible zip pickle (protocol 2, archive/data.pkl, archive/data/<i>,
+ * archive/version "3") that torch.load(..., weights_only=True) reads. Names are split on '.'
+ * into nested dicts for the first `nest` components: "params.unet.x.y" with nest 2 gives
+ * {'params': {'unet': {'x.y': tensor}}}; nest 0 keeps the name as one key. */
+typedef struct {
+    const char *name;
+    int nest;
+    PthDtype dtype;
+    int ndim;
+    int64_t shape[MS_MAX_DIMS];
+    const void *data;      /* packed row-major, little-endian, in dtype */
+    int requires_grad;
+} PthSaveTensor;
+MsStatus pth_save(const char *path, const PthSaveTensor *t, size_t n);
 
 /* ---- model loading: diffusers folders and LDM single files (tools/model_load.c) ---- */
 /* @@SECTION model_load@@ */
+/* Config readers: a parsed config.json -> struct. Missing keys take the diffusers 0.19.3 /
+ * transformers defaults; switches for architecture mixshow does not implement (class
+ * embeddings, only_cross_attention, act_fn other than silu, ...) must be absent, null or their
+ * default (MS_ERR_UNSUPPORTED naming file:line:col and the key). The result is validated with
+ * ms_*_config_check (the message names the file). */
+MsStatus ms_unet_config_from_json(const JsonValue *j, UNetConfig *c);
+MsStatus ms_vae_config_from_json(const JsonValue *j, VaeConfig *c);
+MsStatus ms_clip_text_config_from_json(const JsonValue *j, ClipTextConfig *c);
+MsStatus ms_adapter_config_from_json(const JsonValue *j, AdapterConfig *c);
+MsStatus ms_scheduler_config_from_json(const JsonValue *j, SchedulerConfig *c);
+
+typedef struct {
+    int keep_half;            /* keep F16/BF16 tensors 16-bit in memory (MsParam.half) */
+    const char *config_dir;   /* single files: a diffusers folder whose unet/ vae/ text_encoder/
+                               * scheduler/ configs describe the file (NULL: SD 1.5 values) */
+} MsLoadOptions;              /* NULL options: all defaults */
+
+/* A diffusers folder (has model_index.json) or an original single file (LDM keys). Every
+ * tensor is checked against the tables the configs imply: missing, unexpected (apart from
+ * position_ids, DDPM buffers, model_ema.*) and mis-shaped tensors are errors naming the file,
+ * the key and both shapes. m is zeroed on failure. */
+MsStatus ms_model_load(const char *path, const MsLoadOptions *opt, MsModel *m);
+/* A T2I-Adapter: a diffusers folder (config.json + weights) or a TencentARC file (SD 1.x
+ * channels; in_channels from conv_in). */
+MsStatus ms_adapter_load(const char *path, const MsLoadOptions *opt, AdapterConfig *c, MsParamTable *t);
+/* One tensor file into one table built by ms_param_table_*: keys are diffusers keys (ldm 0)
+ * or original single-file keys (ldm 1); what names the component in messages. */
+MsStatus ms_table_fill_file(MsParamTable *t, const char *path, int ldm, const char *what,
+                            const MsLoadOptions *opt);
+/* Subcommands (tools/cmd_inspect.c, tools/cmd_convert.c). */
+int cmd_inspect(int argc, char **argv);   /* mixshow inspect FILE [--json] */
+int cmd_convert(int argc, char **argv);   /* mixshow convert IN OUT [--config DIR] [--half] */
+/* The same from a safetensors image in memory (origin names it in messages). */
+MsStatus ms_table_fill_memory(MsParamTable *t, const void *data, size_t size, const char *origin, int ldm,
+                              const char *what, const MsLoadOptions *opt);
 
 #endif /* MS_TOOLS_H */

@@ -1,0 +1,171 @@
+#!/bin/sh
+# tests/cross.sh — the portability matrix: builds the library, the CLI and every tests/test_*.c
+# for another machine or with another compiler, runs the tests (under qemu-user for other
+# architectures) through tests/run.sh, and ends with "N passed, N failed" summed over all legs.
+#
+#   sh tests/cross.sh LEG... [MAKEVAR=value ...]        (make cross-test ARCH=s390x)
+#
+# LEG is one of
+#   aarch64  s390x  i386     cross gcc + qemu-user   (s390x: big-endian; i386: 32-bit, x87 float)
+#   clang  tcc               native compilers        (tcc: no OpenMP, no intrinsics, no _Thread_local)
+#   noomp  nosimd            native cc, NOOMP=1 / -DMS_NO_SIMD
+#   all                      aarch64 s390x i386 (also when no LEG is given)
+#   matrix                   all of the above
+# Each leg builds into its own folder, build/cross-LEG (cross) or build/port-LEG (native), with
+# make -j1. MAKEVAR=value arguments go to every make call (OPT=-O0, EXTRA_CFLAGS=...).
+#
+# Environment:
+#   CROSS_OMP=on|off|both  OpenMP for the cross legs (default on: the cross gcc links the target's
+#                          libgomp and qemu-user runs the threads; "both" adds LEG-noomp legs)
+#   CROSS_NO_INSTALL=1     never apt-get (default: install what is missing, when root)
+#   CROSS_WERROR=1         a leg with a compiler warning fails
+#
+# What is missing is installed with apt-get (Debian/Ubuntu package names), quietly and only then.
+# The tests run with the repository root as working directory, as under `make test`, so they
+# find tests/data and ../shared. qemu-user's -L prefix only remaps absolute paths that exist
+# under the prefix (/usr/TRIPLE), never relative ones.
+set -u
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$(pwd)
+
+legs=""; makevars=""
+for a in "$@"; do
+    case "$a" in
+    *=*) makevars="$makevars $a" ;;
+    all) legs="$legs aarch64 s390x i386" ;;
+    matrix) legs="$legs aarch64 s390x i386 clang tcc noomp nosimd" ;;
+    aarch64|s390x|i386|clang|tcc|noomp|nosimd) legs="$legs $a" ;;
+    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
+    *) echo "cross.sh: unknown leg '$a' (aarch64 s390x i386 clang tcc noomp nosimd all matrix)"; exit 2 ;;
+    esac
+done
+[ -n "$legs" ] || legs="aarch64 s390x i386"      # `make cross-test` without ARCH: all
+case "${CROSS_OMP:-on}" in
+on) ;;
+off|both)
+    new=""
+    for l in $legs; do
+        case "$l" in
+        aarch64|s390x|i386) [ "$CROSS_OMP" = both ] && new="$new $l"; new="$new $l-noomp" ;;
+        *) new="$new $l" ;;
+        esac
+    done
+    legs=$new ;;
+*) echo "cross.sh: CROSS_OMP must be on, off or both"; exit 2 ;;
+esac
+
+# ---- installing what is missing ------------------------------------------------------------
+apt_updated=0
+need() {   # need PROGRAM_OR_FILE PACKAGE...: install the packages when the program/file is absent
+    what=$1; shift
+    case "$what" in
+    /*) [ -e "$what" ] && return 0 ;;
+    *) command -v "$what" >/dev/null 2>&1 && return 0 ;;
+    esac
+    if [ "${CROSS_NO_INSTALL:-0}" = 1 ] || ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
+        echo "cross.sh: $what is missing; install: $*"; return 1
+    fi
+    echo "cross.sh: installing $* (for $what)"
+    log=$(mktemp)
+    if [ $apt_updated = 0 ]; then apt_updated=1; apt-get update -q >"$log" 2>&1; fi
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >>"$log" 2>&1; then
+        tail -n 20 "$log"; rm -f "$log"; echo "cross.sh: apt-get install $* failed"; return 1
+    fi
+    rm -f "$log"
+}
+
+# ---- one leg ---------------------------------------------------------------------------------
+# Sets: CCX (compiler), ARX (archiver), RUN (runner prefix, may be empty), B (build folder),
+# LEGVARS (extra make variables). Returns 1 when the tools cannot be had.
+setup_leg() {
+    base=${1%-noomp}
+    LEGVARS=""; RUN=""; ARX=ar
+    case "$1" in *-noomp) LEGVARS="NOOMP=1" ;; esac
+    case "$base" in
+    aarch64|s390x|i386)
+        case "$base" in
+        aarch64) tri=aarch64-linux-gnu; q=qemu-aarch64; pk=arm64 ;;
+        s390x)   tri=s390x-linux-gnu;   q=qemu-s390x;   pk=s390x ;;
+        i386)    tri=i686-linux-gnu;    q=qemu-i386;    pk=i386 ;;
+        esac
+        need "$tri-gcc" "gcc-$tri" "libc6-dev-$pk-cross" || return 1
+        need "/usr/$tri/lib/libc.so.6" "libc6-dev-$pk-cross" || return 1
+        need "$q" qemu-user || return 1
+        CCX=$tri-gcc; ARX=$tri-ar; RUN="$q -L /usr/$tri"; B=build/cross-$1 ;;
+    clang)
+        need clang clang || return 1
+        need /usr/lib/llvm-14/lib/libomp.so libomp-dev || true   # clang's OpenMP; optional
+        CCX=clang; B=build/port-clang ;;
+    tcc)
+        need tcc tcc || return 1
+        # tcc 0.9.27 knows -MD but not -MMD/-MP, which the Makefile passes; a wrapper maps them
+        # until the Makefile takes DEPFLAGS (then: make CC=tcc DEPFLAGS=-MD).
+        B=build/port-tcc; mkdir -p "$B"
+        CCX=$ROOT/$B/tcc-wrap
+        printf '%s\n' '#!/bin/sh' 'n=$#; i=0' \
+            'while [ $i -lt $n ]; do a=$1; shift; i=$((i+1)); case "$a" in -MMD) set -- "$@" -MD ;; -MP) ;; *) set -- "$@" "$a" ;; esac; done' \
+            'exec tcc "$@"' > "$CCX"
+        chmod +x "$CCX"
+        LEGVARS="NOOMP=1" ;;
+    noomp)  CCX=${CC:-cc}; B=build/port-noomp; LEGVARS="NOOMP=1" ;;
+    nosimd) CCX=${CC:-cc}; B=build/port-nosimd; LEGVARS="EXTRA_CFLAGS=-DMS_NO_SIMD" ;;
+    esac
+    return 0
+}
+
+summary=""; gp=0; gf=0
+now() { date +%s; }
+
+for leg in $legs; do
+    echo "==== $leg"
+    if ! setup_leg "$leg"; then
+        summary="$summary
+$(printf '%-14s %-8s %s' "$leg" "NO TOOLS" "-")"; gf=$((gf + 1)); continue
+    fi
+    bins=""
+    for s in tests/test_*.c; do [ -e "$s" ] && bins="$bins $B/tests/$(basename "$s" .c)"; done
+    mkdir -p "$B"
+    blog=$B/build.log
+    t0=$(now)
+    # shellcheck disable=SC2086  # word splitting of the variable lists is intended
+    make -j1 --no-print-directory BUILD="$B" CC="$CCX" AR="$ARX" $LEGVARS $makevars "$B/mixshow" $bins >"$blog" 2>&1
+    brc=$?
+    t1=$(now)
+    nwarn=$(grep -c 'warning:' "$blog")
+    echo "$CCX $LEGVARS$makevars: build $((t1 - t0)) s, $nwarn warning(s)$( [ -n "$RUN" ] && echo ", runner: $RUN")"
+    grep -E '(warning|error):' "$blog" | sort -u
+    if [ $brc -ne 0 ]; then
+        tail -n 30 "$blog"
+        summary="$summary
+$(printf '%-14s %-8s %-24s build %4ss' "$leg" "NO BUILD" "-" "$((t1 - t0))")"; gf=$((gf + 1)); continue
+    fi
+    out=$(mktemp)
+    if [ -z "$RUN" ]; then
+        sh tests/run.sh $bins | tee "$out"
+    elif grep -q MS_TEST_RUNNER tests/run.sh; then
+        MS_TEST_RUNNER="$RUN" sh tests/run.sh $bins | tee "$out"
+    else
+        # tests/run.sh runs "$t" as it is: give it one wrapper per test, named like the test
+        # (run.sh matches "NAME: N passed, N failed" on the wrapper's basename).
+        mkdir -p "$B/run"; wraps=""
+        for b in $bins; do
+            w=$B/run/$(basename "$b")
+            printf '#!/bin/sh\nexec %s "%s" "$@"\n' "$RUN" "$ROOT/$b" > "$w"; chmod +x "$w"
+            wraps="$wraps $w"
+        done
+        sh tests/run.sh $wraps | tee "$out"
+    fi
+    t2=$(now)
+    last=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out" | tail -n 1); rm -f "$out"
+    if [ -z "$last" ]; then last="0 passed, 1 failed"; fi
+    p=${last%% passed*}; f=${last#*passed, }; f=${f%% failed*}
+    [ "${CROSS_WERROR:-0}" = 1 ] && [ "$nwarn" -gt 0 ] && f=$((f + 1))
+    gp=$((gp + p)); gf=$((gf + f))
+    res=ok; [ "$f" -ne 0 ] && res=FAIL
+    summary="$summary
+$(printf '%-14s %-8s %-24s build %4ss  tests %4ss  warnings %s' "$leg" "$res" "$last" "$((t1 - t0))" "$((t2 - t1))" "$nwarn")"
+done
+
+echo "==== portability matrix ($(date -u +%Y-%m-%d), $(uname -m) host)$summary"
+echo "$gp passed, $gf failed"
+[ "$gf" -eq 0 ]
