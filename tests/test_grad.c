@@ -57,27 +57,13 @@ static double case_loss(void *p) {
     return s;
 }
 
-/* test.h's gradcheck() with the floor of its denominator as a parameter (test.h uses 1e-3 of
- * the largest |gradient|). Attention needs 1e-2: its outputs are float, and their rounding
- * alone moves a central difference by ~1e-5 absolute at eps = 1e-2 (measured: the double
+/* Why attention uses gradcheck_floor (tests/test.h) with a floor of 1e-2, not 1e-3: its
+ * outputs are float, and their rounding alone moves a central difference by ~1e-5 absolute
+ * at eps = 1e-2 (measured: the double
  * attention_ref with float outputs shows the same), while dK has entries far below 1e-3 of its
  * largest (keys that few queries attend to), so with a 1e-3 floor a CORRECT backward scores up
  * to 3e-2 on some seeds (measured over 20 seeds, shapes down to 8x8x4). With 1e-2 the worst
  * over 20 seeds is 5e-3; a wrong term still scores O(1). */
-static double gradcheck_floor(double (*loss)(void *), void *ctx, float *x, const float *dx, size_t n,
-                              float eps, double floor_frac) {
-    double gmax = 1e-12, worst = 0.0;
-    for (size_t k = 0; k < n; k++) gmax = fmax(gmax, fabs(dx[k]));
-    for (size_t k = 0; k < n; k += 1 + n / 200) {
-        float x0 = x[k];
-        x[k] = x0 + eps; double lp = loss(ctx);
-        x[k] = x0 - eps; double lm = loss(ctx);
-        x[k] = x0;
-        double num = (lp - lm) / (2.0 * (double)eps);
-        worst = fmax(worst, fabs(num - dx[k]) / fmax(fabs(num) + fabs(dx[k]), floor_frac * gmax));
-    }
-    return worst;
-}
 
 /* Allocates y, r and the grads, runs fwd + bwd once, then checks every input (with test.h's
  * gradcheck, or gradcheck_floor when c->floor_frac is set). */
