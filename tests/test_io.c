@@ -205,6 +205,15 @@ static void test_json_limits(void) {
     jbuf_puts(&b, ",\"key777\":0}");
     expect_json_error("duplicate among 1001 keys", b.data, b.len, "duplicate key 'key777'");
     jbuf_free(&b);
+    /* value budget: [0,0,...] with JSON_MAX_VALUES zeros is one value too many (the array) */
+    size_t n = JSON_MAX_VALUES, len = 2 * n + 1;
+    char *big = (char *)malloc(len);
+    if (big) {
+        big[0] = '[';
+        for (size_t i = 0; i < n; i++) { big[1 + 2 * i] = '0'; big[2 + 2 * i] = i + 1 < n ? ',' : ']'; }
+        expect_json_error("value budget", big, len, "more than 4194304 values");
+        free(big);
+    }
 }
 
 static void test_json_build(void) {

@@ -114,6 +114,7 @@ typedef struct {
     const unsigned char *p, *end, *line_start;
     const char *origin;
     int line, depth;
+    size_t values;    /* parsed so far, <= JSON_MAX_VALUES */
 } Parser;
 
 static int col_of(const Parser *ps) { return (int)(ps->p - ps->line_start) + 1; }
@@ -357,6 +358,11 @@ static MsStatus parse_container(Parser *ps, JsonValue *v, int object) {
 static MsStatus parse_value(Parser *ps, JsonValue *v) {
     v->origin = ps->origin; v->line = ps->line; v->col = col_of(ps);
     if (ps->p >= ps->end) return perr(ps, "expected a value");
+    if (++ps->values > JSON_MAX_VALUES) {
+        char msg[64];
+        snprintf(msg, sizeof msg, "more than %u values in one document", JSON_MAX_VALUES);
+        return perr(ps, msg);
+    }
     switch (*ps->p) {
     case '{': return parse_container(ps, v, 1);
     case '[': return parse_container(ps, v, 0);
@@ -390,7 +396,7 @@ MsStatus json_parse(const char *text, size_t len, const char *origin, JsonValue 
     Parser ps;
     ps.p = ps.line_start = (const unsigned char *)text;
     ps.end = ps.p + len;
-    ps.origin = name; ps.line = 1; ps.depth = 0;
+    ps.origin = name; ps.line = 1; ps.depth = 0; ps.values = 0;
     if (len >= 3 && !memcmp(text, "\xEF\xBB\xBF", 3)) ps.p += 3, ps.line_start = ps.p;   /* UTF-8 BOM */
     skip_ws(&ps);
     MsStatus s = parse_value(&ps, root);

@@ -36,6 +36,10 @@ MsStatus ms_deflate(const uint8_t *in, size_t in_len, int zlib_header, int level
  * "origin:line:col: what was expected". Values are a plain tree; the members of an object keep
  * file order and carry their key. Every node remembers origin:line:col for later messages. */
 #define JSON_MAX_DEPTH 256
+/* At most this many values in one document (each costs ~100 bytes in the tree), so that a
+ * hostile 100 MB safetensors header of "[0,0,0,..." cannot ask for gigabytes. SD 1.5's
+ * largest header holds ~10^4 values. */
+#define JSON_MAX_VALUES (1u << 22)
 typedef enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } JsonType;
 typedef struct JsonValue JsonValue;
 struct JsonValue {
