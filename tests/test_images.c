@@ -261,6 +261,11 @@ static void test_png_roundtrip(void) {
                 check(st == MS_OK && img.w == w && img.h == h && img.channels == ch && memcmp(img.data, px, n) == 0,
                       "png encode->decode %dx%d %d ch (%zu bytes) identical", w, h, ch, pn);
                 if (st == MS_OK) ms_image_free(&img);
+                st = ms_png_decode(png, pn, "roundtrip16", 0, 16, &img);   /* 8-bit samples widen by 257 */
+                size_t bad = st == MS_OK ? 0 : n;
+                for (size_t i = 0; st == MS_OK && i < n; i++) bad += ((const uint16_t *)img.data)[i] != px[i] * 257;
+                check(bad == 0 && img.depth == 16, "png decode %dx%d %d ch as 16-bit == 257 * 8-bit (%zu differ)", w, h, ch, bad);
+                if (st == MS_OK) ms_image_free(&img);
                 free(png);
             }
             free(px);

@@ -18,6 +18,8 @@
  * What differs: corrupt data. libjpeg warns and fills with zeros (bad Huffman code, early
  * marker, missing RST) while this decoder stops with an error; IDCT intermediates are 64-bit
  * here (libjpeg stores the column pass in int), which only matters for absurd coefficients.
+ * Also: a progressive file whose scans never send some AC bands is "block smoothed" by
+ * libjpeg (jdcoefct.c) and not here; complete files, the normal case, are not smoothed.
  * Not supported (clear error): arithmetic coding, lossless, hierarchical, 12-bit, 2 or 4
  * components (CMYK/YCCK), DNL.
  *
