@@ -600,6 +600,94 @@ MsStatus ms_scheduler_add_noise(const MsScheduler *s, float *out, const float *x
                                 const int64_t *t, int B, size_t m);
 
 /* ==========================================================================================
+ * Models: AutoencoderKL (models/vae.c) and T2I-Adapter (models/adapter.c), forward
+ * ======================================================================================== */
+/* @@SECTION vae@@ */
+/* Pointers into a loaded MsParamTable (f32), looked up once by vae_params_init. f = 2^(levels-1)
+ * is the latent factor (8 for SD); images are (B, in_channels, H, W) with H, W multiples of f,
+ * latents (B, latent_channels, H/f, W/f). */
+#define MS_VAE_MAX_LAYERS 8                 /* layers_per_block supported (SD: 2) */
+typedef struct {                            /* ResnetBlock2D without time embedding */
+    const float *norm1_w, *norm1_b;         /* (Ci)       ...resnets.j.norm1.{weight,bias} */
+    const float *conv1_w, *conv1_b;         /* (Co,Ci,3,3), (Co) ...conv1 */
+    const float *norm2_w, *norm2_b;         /* (Co)       ...norm2 */
+    const float *conv2_w, *conv2_b;         /* (Co,Co,3,3), (Co) ...conv2 */
+    const float *short_w, *short_b;         /* (Co,Ci,1,1), (Co) ...conv_shortcut; NULL if Ci == Co */
+} VaeResnetParams;
+typedef struct {                            /* mid_block.attentions.0 (one head) */
+    const float *norm_w, *norm_b;           /* (C) group_norm */
+    const float *q_w, *q_b, *k_w, *k_b, *v_w, *v_b;  /* (C,C), (C) to_q / to_k / to_v */
+    const float *o_w, *o_b;                 /* (C,C), (C) to_out.0 */
+} VaeAttnParams;
+typedef struct {
+    VaeConfig cfg;
+    const float *enc_conv_in_w, *enc_conv_in_b;                      /* encoder.conv_in */
+    VaeResnetParams enc_res[MS_MAX_BLOCKS][MS_VAE_MAX_LAYERS];       /* encoder.down_blocks.i.resnets.j */
+    const float *enc_down_w[MS_MAX_BLOCKS], *enc_down_b[MS_MAX_BLOCKS]; /* ...downsamplers.0.conv */
+    VaeResnetParams enc_mid_res[2];                                  /* encoder.mid_block.resnets.r */
+    VaeAttnParams enc_mid_attn;
+    const float *enc_norm_out_w, *enc_norm_out_b, *enc_conv_out_w, *enc_conv_out_b;
+    const float *quant_w, *quant_b, *post_quant_w, *post_quant_b;   /* (2L,2L,1,1), (L,L,1,1) */
+    const float *dec_conv_in_w, *dec_conv_in_b;                      /* decoder.conv_in */
+    VaeResnetParams dec_mid_res[2];
+    VaeAttnParams dec_mid_attn;
+    VaeResnetParams dec_res[MS_MAX_BLOCKS][MS_VAE_MAX_LAYERS + 1];   /* decoder.up_blocks.i.resnets.j */
+    const float *dec_up_w[MS_MAX_BLOCKS], *dec_up_b[MS_MAX_BLOCKS];  /* ...upsamplers.0.conv */
+    const float *dec_norm_out_w, *dec_norm_out_b, *dec_conv_out_w, *dec_conv_out_b;
+} VaeParams;
+/* MS_ERR_FORMAT naming a missing key, MS_ERR_UNSUPPORTED for 16-bit data or > MS_VAE_MAX_LAYERS. */
+MsStatus vae_params_init(VaeParams *p, const VaeConfig *c, const MsParamTable *t);
+
+/* Scratch-arena bytes for one call on images of H x W (batch does not matter: samples run one
+ * after another). tile_sample: tile side in pixels for the tiled calls (0: cfg.sample_size;
+ * < 0: tiled sizes not computed). decode_act_bytes: the three activation buffers of a decode
+ * (the peak; SD 1.5 at 512x512: 512 MiB). */
+typedef struct {
+    size_t encode_bytes, decode_bytes, encode_tiled_bytes, decode_tiled_bytes, decode_act_bytes;
+} VaeSizes;
+MsStatus vae_sizes(const VaeConfig *c, int H, int W, int tile_sample, VaeSizes *s);
+
+/* x (B,Cin,H,W) -> mean, logvar (B,L,H/f,W/f); logvar clamped to [-30, 20]
+ * (Encoder, quant_conv, DiagonalGaussianDistribution). */
+MsStatus vae_encode(const VaeParams *p, Arena *scratch, float *mean, float *logvar, const float *x,
+                    int B, int H, int W);
+/* latents = (mean + exp(0.5 logvar) * noise) * scale over n floats (scale = scaling_factor for
+ * the UNet's latents, 1 for the posterior sample itself); std (n) or NULL. out may alias. */
+void vae_posterior_sample(float *latents, float *std, const float *mean, const float *logvar, const float *noise,
+                          size_t n, float scale);
+/* latents (B,L,h,w), already multiplied by scaling_factor -> img (B,Cout,h*f,w*f), not clamped:
+ * decode(latents / scaling_factor) = Decoder(post_quant_conv(z)). */
+MsStatus vae_decode(const VaeParams *p, Arena *scratch, float *img, const float *latents, int B, int h, int w);
+/* AutoencoderKL.enable_tiling() equivalents, the same numbers as diffusers 0.19.3's
+ * tiled_decode / tiled_encode: tiles of tile_sample pixels (0: cfg.sample_size; 512 for SD) =
+ * tile_sample/f latents, 25% overlap, each tile blended in place with the (already blended)
+ * tile above then the one to its left by a linear ramp over the overlap, then cropped to
+ * 75%. Inputs no larger than one tile take the untiled path, as in diffusers. */
+MsStatus vae_decode_tiled(const VaeParams *p, Arena *scratch, float *img, const float *latents, int B, int h, int w,
+                          int tile_sample);
+MsStatus vae_encode_tiled(const VaeParams *p, Arena *scratch, float *mean, float *logvar, const float *x,
+                          int B, int H, int W, int tile_sample);
+
+/* @@SECTION adapter@@ */
+#define MS_ADAPTER_MAX_RES 4                /* num_res_blocks supported (SD: 2) */
+typedef struct {
+    AdapterConfig cfg;
+    const float *conv_in_w, *conv_in_b;     /* (C0, Cin*f*f, 3, 3) adapter.conv_in */
+    const float *in_conv_w[MS_MAX_BLOCKS], *in_conv_b[MS_MAX_BLOCKS];  /* (Ci, Ci-1, 1, 1) adapter.body.i.in_conv; NULL if equal */
+    const float *block1_w[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES], *block1_b[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES]; /* (C,C,3,3) */
+    const float *block2_w[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES], *block2_b[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES]; /* (C,C,1,1) */
+} AdapterParams;
+MsStatus adapter_params_init(AdapterParams *p, const AdapterConfig *c, const MsParamTable *t);
+/* Condition (N,Cin,H,W), sides multiples of f*2^(levels-1) (64 for SD). scratch_bytes: arena
+ * bytes adapter_forward needs; feature_floats[i] = N * channels[i] * H/f/2^i * W/f/2^i. */
+MsStatus adapter_sizes(const AdapterConfig *c, int N, int H, int W, size_t *scratch_bytes,
+                       size_t feature_floats[MS_MAX_BLOCKS]);
+/* T2IAdapter(full_adapter) forward: cond in [0, 1] -> features[i] (N, channels[i], H/f/2^i, W/f/2^i).
+ * No adapter_conditioning_scale here: the caller scales the features. */
+MsStatus adapter_forward(const AdapterParams *p, Arena *scratch, float *const *features, const float *cond,
+                         int N, int H, int W);
+
+/* ==========================================================================================
  * Benchmarks (tensor.c): kernels measured by `mixshow bench`
  * ======================================================================================== */
 /* @@SECTION bench@@ */

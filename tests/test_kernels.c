@@ -83,6 +83,14 @@ static void test_gemm_level(MsSimd level) {
             check(e.ratio <= 1.0 && e.rel_l2 < 1e-6, "gemm %-8s tA=%d tB=%d M=%d N=%d K=%d: rel_l2 %.2e max_abs %.2e err/bound %.3f",
                   ms_simd_name(level), t >> 1, t & 1, big[i][0], big[i][1], big[i][2], e.rel_l2, e.max_abs, e.ratio);
         }
+    /* each loop order of the driver (AVX-512 blocking): B resident (many rows, few columns,
+     * several K slices) and blocked (many rows and columns); (200,700,800) is A resident */
+    static const int orders[][3] = { { 200, 100, 800 }, { 700, 330, 384 } };
+    for (size_t i = 0; i < 2; i++) {
+        GemmErr e = gemm_case(0, 1, orders[i][0], orders[i][1], orders[i][2], 1.0f, 0.5f, 2);
+        check(e.ratio <= 1.0 && e.rel_l2 < 1e-6, "gemm %-8s tA=0 tB=1 M=%d N=%d K=%d: rel_l2 %.2e max_abs %.2e err/bound %.3f",
+              ms_simd_name(level), orders[i][0], orders[i][1], orders[i][2], e.rel_l2, e.max_abs, e.ratio);
+    }
     /* K = 0: C = beta C */
     GemmErr e = gemm_case(0, 1, 5, 9, 0, 1.0f, 0.5f, 1);
     check(e.max_abs == 0.0, "gemm %-8s K=0 gives beta*C", ms_simd_name(level));
@@ -182,6 +190,18 @@ static void test_threads(void) {
         ms_gemm(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, 0.0f, C2, N);
         snprintf(what, sizeof what, "gemm 1 vs 2 threads tA=%d tB=%d", ta, tb);
         check_bitwise(what, C1, C2, (size_t)M * N);
+    }
+    /* the other loop orders: B resident, blocked */
+    static const int sh[][3] = { { 600, 200, 800 }, { 700, 330, 384 } };
+    for (int i = 0; i < 2; i++) {
+        char what[64];
+        float *a2 = test_randn(&rng, (size_t)sh[i][0] * sh[i][2], 1.0f), *b2 = test_randn(&rng, (size_t)sh[i][1] * sh[i][2], 1.0f);
+        float *c1 = test_zeros((size_t)sh[i][0] * sh[i][1]), *c2 = test_zeros((size_t)sh[i][0] * sh[i][1]);
+        ms_set_threads(1); ms_gemm(0, 1, sh[i][0], sh[i][1], sh[i][2], 1.0f, a2, sh[i][2], b2, sh[i][2], 0.0f, c1, sh[i][1]);
+        ms_set_threads(2); ms_gemm(0, 1, sh[i][0], sh[i][1], sh[i][2], 1.0f, a2, sh[i][2], b2, sh[i][2], 0.0f, c2, sh[i][1]);
+        snprintf(what, sizeof what, "gemm 1 vs 2 threads M=%d N=%d K=%d", sh[i][0], sh[i][1], sh[i][2]);
+        check_bitwise(what, c1, c2, (size_t)sh[i][0] * sh[i][1]);
+        ms_free_aligned(a2); ms_free_aligned(b2); ms_free_aligned(c1); ms_free_aligned(c2);
     }
     /* small M: parallel over column panels instead of row blocks */
     ms_set_threads(1); ms_gemm(0, 1, 9, N, K, 1.0f, A, K, B, K, 0.0f, C1, N);
