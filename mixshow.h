@@ -160,7 +160,7 @@ void conv2d_backward_ref(float *dx, float *dw, float *db, const float *dout, con
 /* ==========================================================================================
  * Ops: normalisation, activations, attention, resampling, losses (tensor.c)
  * ======================================================================================== */
-/* @@SECTION ops@@ (declarations added by the ops work; definitions in wip/t_ops.c)
+/* @@SECTION ops@@
  * All ops: row-major PyTorch shapes (comment on each), backward ACCUMULATES (+=), NULL grads
  * are skipped. Dims are int, flat element counts size_t. Every op with a nontrivial kernel has
  * a scalar _ref twin with the same signature (double arithmetic) that tests compare against.
