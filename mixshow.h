@@ -168,7 +168,8 @@ void conv2d_backward_ref(float *dx, float *dw, float *db, const float *dout, con
 
 /* GroupNorm (torch.nn.GroupNorm, biased variance): x (N,C,HW) -> out (N,C,HW); G divides C.
  * w, b (C) (NULL: 1, 0). mean, rstd (N,G) are written for backward (NULL: not saved).
- * Group statistics are accumulated in double. */
+ * Group statistics are accumulated in double. out may alias x (in place): each group's
+ * statistics are complete before any of its outputs is written (the VAE relies on it). */
 void groupnorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
                        const float *b, int N, int C, int HW, int G, float eps);
 void groupnorm_backward(float *dx, float *dw, float *db, const float *dout, const float *x,
@@ -686,6 +687,126 @@ MsStatus adapter_sizes(const AdapterConfig *c, int N, int H, int W, size_t *scra
  * No adapter_conditioning_scale here: the caller scales the features. */
 MsStatus adapter_forward(const AdapterParams *p, Arena *scratch, float *const *features, const float *cond,
                          int N, int H, int W);
+
+/* ==========================================================================================
+ * Models: CLIP tokenizer and text encoder (models/clip.c)
+ * ======================================================================================== */
+/* @@SECTION clip@@ */
+/* Tokenizer: HF CLIPTokenizer (slow) of transformers 4.31 without ftfy: BasicTokenizer cleanup
+ * (drop control chars, whitespace -> ' ', spaces around CJK ideographs, NFC, str.split, str.lower
+ * with its final-sigma rule), CLIP's regex pre-split, byte-level BPE with </w>, added tokens
+ * matched first as whole units (case-sensitive, Trie.split: leftmost, then longest). Unicode
+ * tables in models/clip_unicode.h are generated (tools/ref/gen_clip_unicode.py).
+ * `a photo of a cat` -> 49406 320 1125 539 320 2368 49407, padded with pad_id to 77. */
+typedef struct { uint32_t cp; int final, first, next; } ClipTrieNode;   /* first child, next sibling */
+typedef struct {
+    int n_vocab;                 /* entries of vocab.json (49408); ids 0..n_vocab-1 */
+    int n_added;                 /* added tokens, ids n_vocab .. n_vocab+n_added-1, in order added */
+    int bos_id, eos_id, pad_id, unk_id;   /* 49406, 49407, pad_token's id (SD 1.x: 49407), 49407 */
+    int n_merges;                /* merges.txt lines used (48894) */
+    /* internals */
+    char **tok; size_t *tok_len; int n_tok, cap_tok;  /* id -> UTF-8 string (vocab, then added) */
+    int32_t *vhash; size_t vhash_cap;                 /* open addressing: string -> vocab id */
+    uint64_t *mkey; int32_t *mrank, *mres; size_t mhash_cap; /* (id a, id b) -> rank, merged id */
+    int32_t byte_id[256], byte_id_w[256];             /* bytes_to_unicode symbol, plain and +</w> */
+    ClipTrieNode *trie; int n_trie, cap_trie;         /* no-split tokens by code point; node 0 root */
+    int32_t *nosplit; int n_nosplit;                  /* ids of the no-split tokens */
+} ClipTokenizer;
+
+/* vocab.json as n (token, byte length, id) triples (ids a permutation of 0..n-1), merges.txt as
+ * text (the first line is a header; at most 48894 merges are used, as HF does). pad_token: the
+ * tokenizer config's pad_token (NULL: <|endoftext|>). origin names the folder in messages.
+ * MS_ERR_FORMAT when a merge's parts or result are not in the vocabulary. */
+MsStatus clip_tokenizer_init(ClipTokenizer *t, const char *const *tokens, const size_t *lens,
+                             const int64_t *ids, int n, const char *merges, size_t merges_len,
+                             const char *pad_token, const char *origin);
+void clip_tokenizer_free(ClipTokenizer *t);
+/* tokenizer.add_tokens([...]) (4.31): each new string gets the next id, unless it is
+ * <|endoftext|> or already has one; *n_added (may be NULL) counts the new ids. */
+MsStatus clip_tokenizer_add_tokens(ClipTokenizer *t, const char *const *tokens, int n, int *n_added);
+int clip_tokenizer_find(const ClipTokenizer *t, const char *s, size_t len);   /* id or -1 */
+/* Token ids of UTF-8 text without BOS/EOS/padding: *n_ids gets the count, at most cap ids are
+ * written. MS_ERR_ARG for invalid UTF-8. */
+MsStatus clip_tokenize_raw(const ClipTokenizer *t, const char *text, size_t len, int32_t *ids,
+                           size_t cap, size_t *n_ids);
+/* tokenizer(text, padding="max_length", max_length=max_len, truncation=True).input_ids:
+ * BOS, the first max_len-2 ids, EOS, then pad_id up to max_len (77). */
+MsStatus clip_tokenize(const ClipTokenizer *t, const char *text, size_t len, int32_t *ids, int max_len);
+
+/* Text encoder: HF CLIPTextModel (transformers 4.31) -> last_hidden_state, any ClipTextConfig.
+ *   x = token_embedding[ids] + position_embedding[0..T)
+ *   per layer: h = x + out_proj(attn(q_proj(ln1(x)), k_proj(..), v_proj(..)))   causal, scale Dh^-0.5
+ *              x = h + fc2(quick_gelu(fc1(ln2(h))))
+ *   out = final_layer_norm(x)
+ * ids >= vocab_size select rows of a separate table of new (added-token) embeddings, so the
+ * frozen model table is never resized. LoRA (Mix-of-Show): on q/k/v/out_proj of every layer,
+ * y = W x + b + alpha * up(down(x)), down (r, D), up (D, r); base weights are frozen. */
+#define CLIP_MAX_LAYERS 48
+typedef struct {
+    const float *q_w, *q_b;      /* text_model.encoder.layers.{l}.self_attn.q_proj.weight (D,D), .bias (D) */
+    const float *k_w, *k_b;      /* ...self_attn.k_proj */
+    const float *v_w, *v_b;      /* ...self_attn.v_proj */
+    const float *o_w, *o_b;      /* ...self_attn.out_proj */
+    const float *ln1_w, *ln1_b;  /* ...layer_norm1 (D) */
+    const float *fc1_w, *fc1_b;  /* ...mlp.fc1 (I,D), (I) */
+    const float *fc2_w, *fc2_b;  /* ...mlp.fc2 (D,I), (D) */
+    const float *ln2_w, *ln2_b;  /* ...layer_norm2 (D) */
+} ClipLayerParams;
+typedef struct {
+    const float *tok_emb;        /* text_model.embeddings.token_embedding.weight (V,D) */
+    const float *pos_emb;        /* text_model.embeddings.position_embedding.weight (P,D) */
+    ClipLayerParams layers[CLIP_MAX_LAYERS];
+    const float *lnf_w, *lnf_b;  /* text_model.final_layer_norm (D) */
+} ClipTextParams;
+/* Pointers into a loaded `text` table (f32 data; MS_ERR_ARG names a key without f32 data). */
+MsStatus clip_text_params(ClipTextParams *p, const MsParamTable *t, const ClipTextConfig *c);
+
+/* LoRA of the text encoder; the same type holds gradients. proj 0..3 = q, k, v, out. */
+enum { CLIP_Q = 0, CLIP_K, CLIP_V, CLIP_O };
+typedef struct {
+    int n_layers, rank, dim;
+    float alpha;                               /* 1 in Mix-of-Show (no 1/rank factor) */
+    float *down[CLIP_MAX_LAYERS][4];           /* ...self_attn.{q,k,v,out}_proj.lora_down.weight (r, D) */
+    float *up[CLIP_MAX_LAYERS][4];             /* ...lora_up.weight (D, r) */
+} ClipLora;
+size_t clip_lora_numel(const ClipTextConfig *c, int rank);    /* 8 * layers * rank * D */
+/* Points l into mem (clip_lora_numel floats, contiguous: layer, proj, down then up). */
+void clip_lora_bind(ClipLora *l, float *mem, const ClipTextConfig *c, int rank, float alpha);
+
+/* Activations. Training keeps per layer what backward needs (attention keeps out + lse only);
+ * inference keeps one layer's buffers and reuses them. N = B*T rows. */
+typedef struct {
+    float *x;                    /* (N,D) layer input (residual stream) */
+    float *ln1, *ln1_mean, *ln1_rstd;   /* (N,D), (N), (N) */
+    float *q, *k, *v, *attn;     /* (N,D) projections and attention output */
+    float *lse;                  /* (B,H,T) */
+    float *u[4];                 /* (N,r) LoRA down outputs of q, k, v, out (NULL: rank 0) */
+    float *h;                    /* (N,D) x + attention branch (layer_norm2 input) */
+    float *ln2_mean, *ln2_rstd;  /* (N) */
+    float *fc1;                  /* (N,I) fc1 output (quick_gelu input) */
+} ClipLayerActs;
+typedef struct {
+    int B, T, rank, training, n_layers;
+    ClipLayerActs l[CLIP_MAX_LAYERS];   /* inference: every entry is l[0] */
+    float *xf, *lnf_mean, *lnf_rstd;    /* (N,D) final_layer_norm input, (N), (N) */
+    float *out;                         /* (N,D) last_hidden_state */
+    float *ln2, *gelu, *tmp;            /* scratch (N,D), (N,I), (N,D) */
+    float *dx, *dt, *dq, *dk, *dv;      /* backward scratch (N,D) (training only) */
+    float *dg, *df, *du;                /* (N,I), (N,I), (N,r) */
+} ClipTextActs;
+/* Bytes of arena the activations need (alignment included): plan, then allocate once. */
+size_t clip_text_sizes(const ClipTextConfig *c, int B, int T, int rank, int training);
+MsStatus clip_text_acts_alloc(ClipTextActs *a, Arena *ar, const ClipTextConfig *c, int B, int T,
+                              int rank, int training);
+/* ids (B,T) in [0, vocab_size + n_new); new_emb (n_new, D) holds the rows of ids >= vocab_size.
+ * lora NULL: plain model. Result in a->out (B,T,D). MS_ERR_ARG for an id out of range. */
+MsStatus clip_text_forward(ClipTextActs *a, const ClipTextParams *p, const ClipLora *lora,
+                           const int32_t *ids, const float *new_emb, int n_new, const ClipTextConfig *c);
+/* Gradients of a training-mode forward, ACCUMULATED: dlora (NULL: skipped) and dnew_emb (n_new, D)
+ * (NULL: skipped; rows of ids < vocab_size get none: the model table is frozen). dout (B,T,D). */
+void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, ClipTextActs *a,
+                        const ClipTextParams *p, const ClipLora *lora, const int32_t *ids, int n_new,
+                        const ClipTextConfig *c);
 
 /* ==========================================================================================
  * Benchmarks (tensor.c): kernels measured by `mixshow bench`
