@@ -809,6 +809,218 @@ void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, Cli
                         const ClipTextConfig *c);
 
 /* ==========================================================================================
+ * Models: UNet2DConditionModel, forward and backward (models/unet.c)
+ * ======================================================================================== */
+/* @@SECTION unet@@
+ * diffusers 0.19.3 UNet2DConditionModel (unet_2d_condition.py, unet_2d_blocks.py, resnet.py,
+ * transformer_2d.py, attention.py, attention_processor.py AttnProcessor, embeddings.py) for the
+ * SD 1.x family: any UNetConfig that ms_unet_config_check accepts with a UNetMidBlock2DCrossAttn,
+ * any batch N and latent size (non-square, sizes not divisible by 2^levels as diffusers does
+ * with forward_upsample_size), context length Tk.
+ *
+ * Usage:
+ *   UNetParams p;   unet_params_init(&p, &model.unet_config, &model.unet);      (pointers, once)
+ *   UNetSizes s;    unet_sizes(cfg, N, h, w, Tk, training, &s);                (plan)
+ *   arena_init(&acts, s.acts_bytes); arena_init(&scratch, s.scratch_bytes);   (allocate once)
+ *   UNetActs a;     unet_acts_init(&a, cfg, N, h, w, Tk, training, &acts, &scratch);
+ *   loop: unet_forward(eps, &a, latent, t, ctx, NULL, NULL, &p, lora);
+ *         (training) zero grads; unet_backward(&a, &p, lora, dlora, deps, dctx, NULL);
+ * Inference (training = 0) keeps only the skip connections and reuses every other buffer;
+ * training keeps what backward needs (see unet.c: LayerNorm/GroupNorm/SiLU outputs and LoRA
+ * intermediates are recomputed in backward, attention keeps q, k, v, out and lse only).
+ *
+ * Cross-attention layers are numbered in the order Mix-of-Show uses for layer-wise (P+)
+ * embeddings: down blocks, mid block, up blocks (16 in SD 1.x). Attention modules (for LoRA)
+ * are numbered 2*b (attn1, self) and 2*b + 1 (attn2, cross) for BasicTransformerBlock b in the
+ * same order, so cross-attention layer i is attention module 2*i + 1. */
+
+/* ResnetBlock2D: out = (shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + temb_proj(silu(temb))))))
+ *                      / output_scale_factor.  <p> = "down_blocks.0.resnets.0." etc. */
+typedef struct {
+    const float *norm1_w, *norm1_b;     /* <p>norm1.weight, .bias (Cin) */
+    const float *conv1_w, *conv1_b;     /* <p>conv1.weight (Co,Cin,3,3), .bias (Co) */
+    const float *temb_w, *temb_b;       /* <p>time_emb_proj.weight (Co,E), .bias (Co) */
+    const float *norm2_w, *norm2_b;     /* <p>norm2.weight, .bias (Co) */
+    const float *conv2_w, *conv2_b;     /* <p>conv2.weight (Co,Co,3,3), .bias (Co) */
+    const float *short_w, *short_b;     /* <p>conv_shortcut.weight (Co,Cin,1,1), .bias; NULL if Cin == Co */
+    int cin, cout;
+    float out_scale;                    /* output_scale_factor: mid_block_scale_factor in the mid block, else 1 */
+} UNetResnetParams;
+
+/* attention_processor.Attention: to_q/to_k/to_v without bias, to_out.0 with. <a> = "<b>attn1." */
+typedef struct {
+    const float *q_w;                   /* <a>to_q.weight (C,C) */
+    const float *k_w, *v_w;             /* <a>to_k.weight, to_v.weight (C,Dc): Dc = C (attn1) or cross_attention_dim */
+    const float *o_w, *o_b;             /* <a>to_out.0.weight (C,C), .bias (C) */
+} UNetAttnParams;
+
+/* BasicTransformerBlock. <b> = "<t>transformer_blocks.k." */
+typedef struct {
+    const float *norm1_w, *norm1_b;     /* <b>norm1 (C) LayerNorm eps 1e-5 */
+    UNetAttnParams attn1;               /* <b>attn1. (self) */
+    const float *norm2_w, *norm2_b;     /* <b>norm2 (C) */
+    UNetAttnParams attn2;               /* <b>attn2. (cross) */
+    const float *norm3_w, *norm3_b;     /* <b>norm3 (C) */
+    const float *ff1_w, *ff1_b;         /* <b>ff.net.0.proj.weight (8C,C), .bias (8C): GEGLU */
+    const float *ff2_w, *ff2_b;         /* <b>ff.net.2.weight (C,4C), .bias (C) */
+    char name[MS_KEY_MAX];              /* "<b>" without the trailing dot, for LoRA keys */
+} UNetBlockParams;
+
+/* Transformer2DModel (continuous input). <t> = "down_blocks.0.attentions.0." etc. */
+typedef struct {
+    const float *norm_w, *norm_b;       /* <t>norm (C) GroupNorm, eps 1e-6 */
+    const float *proj_in_w, *proj_in_b; /* <t>proj_in.weight (C,C,1,1) or (C,C) with use_linear_projection */
+    const float *proj_out_w, *proj_out_b; /* <t>proj_out.weight, .bias */
+    int C, heads, n_layers;             /* channels, heads (head dim C/heads), transformer_blocks */
+    int first_block;                    /* index of its transformer_blocks.0 in UNetParams.blk */
+} UNetTransformerParams;
+
+/* Every parameter of the UNet, looked up once (pointers into MsModel.unet; they must stay
+ * loaded as f32). Layers are stored in forward order: resnets down (block i, layer j), mid 0,
+ * mid 1, up (block i, layer j); transformers down, mid, up; blk[] the BasicTransformerBlocks. */
+typedef struct {
+    UNetConfig cfg;
+    const float *conv_in_w, *conv_in_b;   /* conv_in.weight (C0,in,k,k), .bias */
+    const float *time1_w, *time1_b;       /* time_embedding.linear_1.weight (E,C0), .bias */
+    const float *time2_w, *time2_b;       /* time_embedding.linear_2.weight (E,E), .bias */
+    const float *down_w[MS_MAX_BLOCKS], *down_b[MS_MAX_BLOCKS]; /* down_blocks.i.downsamplers.0.conv (C,C,3,3) */
+    const float *up_w[MS_MAX_BLOCKS], *up_b[MS_MAX_BLOCKS];     /* up_blocks.i.upsamplers.0.conv (C,C,3,3) */
+    const float *norm_out_w, *norm_out_b; /* conv_norm_out (C0) GroupNorm eps norm_eps */
+    const float *conv_out_w, *conv_out_b; /* conv_out.weight (out,C0,k,k), .bias */
+    UNetResnetParams *res;                /* n_res */
+    UNetTransformerParams *tf;            /* n_tf */
+    UNetBlockParams *blk;                 /* n_blk (= cross-attention layers) */
+    int n_res, n_tf, n_blk;
+    void *mem;                            /* the three arrays (one malloc) */
+} UNetParams;
+
+/* MS_ERR_ARG naming the key when a parameter is missing or not held as f32; MS_ERR_UNSUPPORTED
+ * for a config without UNetMidBlock2DCrossAttn. */
+MsStatus unet_params_init(UNetParams *p, const UNetConfig *c, const MsParamTable *t);
+void unet_params_free(UNetParams *p);
+
+/* LoRA on to_q, to_k, to_v, to_out.0 of every attention module (Mix-of-Show LoRALinearLayer):
+ *   y = W x (+ b) + alpha * up(down(x)),  down (r, in), up (out, r), no 1/r factor.
+ * The same type holds gradients. All floats are contiguous in `data` (one flat optimizer loop). */
+typedef struct {
+    float *down;        /* (rank, in)   <module>.lora_down.weight */
+    float *up;          /* (out, rank)  <module>.lora_up.weight */
+    int in, out;
+} UNetLoraLinear;
+typedef struct {
+    int n_attn;         /* 2 * number of BasicTransformerBlocks (32 in SD 1.x) */
+    int rank;
+    float alpha;
+    UNetLoraLinear *lin; /* (n_attn * 4): lin[4a + 0..3] = to_q, to_k, to_v, to_out.0 of module a */
+    float *data;        /* n_floats: every down then up, module by module */
+    size_t n_floats;
+} UNetLora;
+size_t unet_lora_floats(const UNetConfig *c, int rank);
+/* Carves lin[] and data from `train` (zeroed). MS_ERR_NOMEM when it does not fit. */
+MsStatus unet_lora_init(UNetLora *l, const UNetParams *p, int rank, float alpha, Arena *train);
+/* "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" for lin[4a + which]. */
+void unet_lora_module_name(const UNetParams *p, int a, int which, char *buf, size_t cap);
+
+/* Activations. Saved fields are kept per layer in training mode; in inference mode they point
+ * into shared scratch and are overwritten by the next layer. */
+typedef struct {            /* ResnetBlock2D */
+    const float *x;         /* (N,Cin,H,W) input (a buffer of some other layer) */
+    float *h1;              /* (N,Co,H,W) conv1(silu(norm1 x)) + temb_proj */
+    float *mean1, *rstd1;   /* (N,G) norm1 statistics */
+    float *mean2, *rstd2;   /* (N,G) norm2 statistics */
+    float *out;             /* (N,Co,H,W) */
+    int H, W;
+} UNetResnetActs;
+typedef struct {            /* Attention */
+    float *q, *o;           /* (N,Tq,C) to_q output, attention output (input of to_out.0) */
+    float *k, *v;           /* (N,Tk,C) */
+    float *lse;             /* (N,heads,Tq) log-sum-exp of the scaled logits */
+} UNetAttnActs;
+typedef struct {            /* BasicTransformerBlock */
+    const float *x;         /* (N,T,C) input */
+    float *h1, *h2;         /* (N,T,C) x + attn1, h1 + attn2 */
+    float *mean[3], *rstd[3]; /* (N*T) norm1..3 statistics */
+    UNetAttnActs a1, a2;
+    float *g;               /* (N,T,8C) ff.net.0.proj output (GEGLU input) */
+    float *out;             /* (N,T,C) h2 + ff */
+} UNetBlockActs;
+typedef struct {            /* Transformer2DModel */
+    const float *x;         /* (N,C,H,W) input */
+    float *mean, *rstd;     /* (N,G) norm statistics */
+    float *tok;             /* (N,HW,C) proj_in output */
+    float *out;             /* (N,C,H,W) */
+    int H, W;
+} UNetTfActs;
+
+typedef struct {
+    size_t acts_bytes;      /* arena bytes for unet_acts_init's `acts` (all alignment included) */
+    size_t scratch_bytes;   /* ... and for `scratch` */
+} UNetSizes;
+
+typedef struct {
+    UNetConfig cfg;
+    int N, H, W, Tk, training;
+    int lh[MS_MAX_BLOCKS], lw[MS_MAX_BLOCKS];   /* latent size at each level */
+    int n_skip;
+    float *temb;            /* (N,E) silu(time_embedding(t)): what every resnet projects */
+    float *x0;              /* (N,C0,H,W) conv_in output */
+    float **skip;           /* n_skip: diffusers' down_block_res_samples, in push order */
+    float *down_out[MS_MAX_BLOCKS];  /* (N,C_i,..) output of down block i (after the downsampler) */
+    float *mid_out;                  /* (N,C_{n-1},..) */
+    float *up_out[MS_MAX_BLOCKS];    /* output of up block i (after the upsampler); up_out[n-1] is
+                                      * the input of conv_norm_out (stats in out_mean/out_rstd) */
+    float *out_mean, *out_rstd;      /* (N,G) conv_norm_out statistics */
+    float **cat;                     /* per up resnet: (N,Ch+Cs,H,W) torch.cat([h, skip], 1) */
+    UNetResnetActs *res;
+    UNetTfActs *tf;
+    UNetBlockActs *blk;
+    /* what the last forward was given (backward reads them) */
+    const float *ctx;
+    const float *const *layer_ctx;
+    /* shared scratch (see unet.c) */
+    float *sx[3], *st[3], *sq, *sk, *sv, *so, *sf0, *sf1, *su, *sdu, *stime, *sstat[4], *rot[3];
+    float **dskip;                   /* training: gradient of each skip tensor */
+    void *mem;                       /* res, tf, blk, skip, cat, dskip arrays (one malloc) */
+} UNetActs;
+
+/* Plans arena sizes for batch N, latent h x w, context length Tk; training 0 or 1. */
+MsStatus unet_sizes(const UNetConfig *c, int N, int h, int w, int Tk, int training, UNetSizes *s);
+/* Carves every buffer from the two arenas (sizes from unet_sizes). */
+MsStatus unet_acts_init(UNetActs *a, const UNetConfig *c, int N, int h, int w, int Tk, int training,
+                        Arena *acts, Arena *scratch);
+void unet_acts_free(UNetActs *a);   /* the malloc'ed arrays; the arenas belong to the caller */
+
+/* eps (N,out,h,w) = UNet(x (N,in,h,w), t (N) float timesteps, context).
+ * ctx (N,Tk,D) serves every cross-attention layer, unless layer_ctx (an array of
+ * ms_unet_cross_attn_layers() pointers, each (N,Tk,D)) is given: layer i then uses layer_ctx[i].
+ * adapter: NULL, or n_blocks pointers (NULL entries allowed) of T2I-Adapter features, added as
+ * diffusers 0.19.3 does with down_block_additional_residuals and no mid residual: for a
+ * CrossAttnDownBlock2D to the output of its last resnet+attention, before the downsampler (so
+ * the skip connection sees it), shape (N,C_i,lh[i],lw[i]); for a DownBlock2D to the block's
+ * output (after its downsampler if it has one; in place, so its last skip sees it too).
+ * lora: NULL or adapters on every attention. The pointers ctx/layer_ctx must stay valid until
+ * unet_backward. MS_ERR_ARG on a NULL context. */
+MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, const float *ctx,
+                      const float *const *layer_ctx, const float *const *adapter,
+                      const UNetParams *p, const UNetLora *lora);
+/* After a training-mode unet_forward: given deps = dL/deps (N,out,h,w), ACCUMULATES
+ *   dctx (N,Tk,D)           += dL/dctx (summed over the layers that used ctx), or
+ *   dlayer_ctx[i] (N,Tk,D)  += dL/dlayer_ctx[i] when the forward had layer_ctx,
+ *   dlora                   += dL/d(down, up) (same rank as lora; NULL: not wanted).
+ * Any of them may be NULL. Base weights are frozen (no weight gradients); the latent and the
+ * timestep get no gradient. */
+MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, UNetLora *dlora,
+                       const float *deps, float *dctx, float *const *dlayer_ctx);
+
+/* The one place every cross-attention (attn2) goes through, so that regionally controllable
+ * sampling can replace it: y (N,T,C) = Attention(x (N,T,C) queries at h*w pixels in row-major
+ * order, ctx (N,Tk,Dc)) of cross-attention layer `layer`. Saves q, k, v, o (and lse when not
+ * NULL) in sv. */
+void unet_cross_attention(float *y, UNetAttnActs *sv, const float *x, const float *ctx,
+                          const UNetAttnParams *p, const UNetLoraLinear *lora, float alpha, int rank,
+                          float *u, int N, int h, int w, int Tk, int C, int Dc, int heads, int layer);
+
+/* ==========================================================================================
  * Benchmarks (tensor.c): kernels measured by `mixshow bench`
  * ======================================================================================== */
 /* @@SECTION bench@@ */

@@ -1,0 +1,1116 @@
+/* models/unet.c — Stable Diffusion 1.x UNet: diffusers 0.19.3 UNet2DConditionModel, forward and
+ * backward (to the context(s) and to LoRA on every attention; base weights frozen).
+ *
+ * Reference modules (diffusers 0.19.3, src/diffusers/models/): unet_2d_condition.py
+ * (UNet2DConditionModel.forward), unet_2d_blocks.py (CrossAttnDownBlock2D, DownBlock2D,
+ * UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D, UpBlock2D), resnet.py (ResnetBlock2D,
+ * Downsample2D, Upsample2D), transformer_2d.py (Transformer2DModel), attention.py
+ * (BasicTransformerBlock, FeedForward, GEGLU), attention_processor.py (Attention + AttnProcessor),
+ * embeddings.py (get_timestep_embedding, TimestepEmbedding). LoRA as Mix-of-Show's
+ * LoRALinearLayer: y = W x + b + alpha * up(down(x)).
+ *
+ * Memory (STYLE §5): unet_sizes() plans two arenas, unet_acts_init() carves them once.
+ *   training = 1: every layer output and what its backward needs is kept in `acts`:
+ *     ResnetBlock2D      input (the previous layer's output), h1 = conv1(..) + temb, both
+ *                        GroupNorm statistics. Recomputed in backward: norm1/norm2 outputs and
+ *                        their SiLU (elementwise, from the input/h1 and the saved statistics).
+ *     Transformer2DModel input, GroupNorm statistics, proj_in output. Recomputed: the GroupNorm.
+ *     BasicTransformerBlock  h1 = x + attn1, h2 = h1 + attn2, LayerNorm statistics,
+ *                        ff.net.0.proj output (GEGLU input); attention q, k, v, output and
+ *                        per-row log-sum-exp (never the probabilities). Recomputed: norm1..3
+ *                        outputs, LoRA down(x), the attention probabilities (in the op).
+ *     conv_norm_out      statistics (the GroupNorm + SiLU are recomputed).
+ *   training = 0: only the skip connections (down_block_res_samples) are kept; every other
+ *     output lives in one of three rotating buffers, and a layer's internals in shared scratch.
+ * No allocation happens in unet_forward/unet_backward.
+ */
+#include "mixshow.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define UNET_TF_GN_EPS 1e-6f      /* Transformer2DModel GroupNorm (hard-coded in diffusers) */
+#define UNET_LN_EPS 1e-5f         /* BasicTransformerBlock LayerNorms (nn.LayerNorm default) */
+#define UNET_MAX_DIM (1 << 16)    /* batch, latent side, context length */
+
+static int is_cross_down(MsBlockType t) { return t == MS_BLOCK_CROSS_ATTN_DOWN; }
+static int is_cross_up(MsBlockType t) { return t == MS_BLOCK_CROSS_ATTN_UP; }
+static size_t zmax(size_t a, size_t b) { return a > b ? a : b; }
+
+/* ---------------------------------------------------------------------------------------- */
+/* Parameters: every key looked up once                                                      */
+/* ---------------------------------------------------------------------------------------- */
+typedef struct { const MsParamTable *t; MsStatus st; } Look;
+
+/* The f32 data of the parameter named by fmt, checking it holds numel floats. */
+static const float *look(Look *L, size_t numel, const char *fmt, ...) {
+    char key[MS_KEY_MAX];
+    va_list ap;
+    if (L->st) return NULL;
+    va_start(ap, fmt);
+    int n = vsnprintf(key, sizeof key, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= sizeof key) {
+        L->st = ms_errorf(MS_ERR_ARG, "unet: parameter key too long (%s...)", key);
+        return NULL;
+    }
+    int i = ms_param_find(L->t, key);
+    if (i < 0) {
+        L->st = ms_errorf(MS_ERR_ARG, "unet: parameter '%s' is not in the table", key);
+        return NULL;
+    }
+    const MsParam *p = &L->t->p[i];
+    if (!p->f32) {
+        L->st = ms_errorf(MS_ERR_ARG, "unet: parameter '%s' holds no f32 data (load the model as f32)", key);
+        return NULL;
+    }
+    if (p->numel != numel) {
+        L->st = ms_errorf(MS_ERR_ARG, "unet: parameter '%s' has %zu values, expected %zu", key, p->numel, numel);
+        return NULL;
+    }
+    return p->f32;
+}
+
+static void look_resnet(Look *L, UNetResnetParams *r, const char *pre, int cin, int cout, int E, float osf) {
+    r->cin = cin; r->cout = cout; r->out_scale = osf;
+    r->norm1_w = look(L, (size_t)cin, "%snorm1.weight", pre);
+    r->norm1_b = look(L, (size_t)cin, "%snorm1.bias", pre);
+    r->conv1_w = look(L, (size_t)cout * cin * 9, "%sconv1.weight", pre);
+    r->conv1_b = look(L, (size_t)cout, "%sconv1.bias", pre);
+    r->temb_w = look(L, (size_t)cout * E, "%stime_emb_proj.weight", pre);
+    r->temb_b = look(L, (size_t)cout, "%stime_emb_proj.bias", pre);
+    r->norm2_w = look(L, (size_t)cout, "%snorm2.weight", pre);
+    r->norm2_b = look(L, (size_t)cout, "%snorm2.bias", pre);
+    r->conv2_w = look(L, (size_t)cout * cout * 9, "%sconv2.weight", pre);
+    r->conv2_b = look(L, (size_t)cout, "%sconv2.bias", pre);
+    r->short_w = r->short_b = NULL;
+    if (cin != cout) {     /* ResnetBlock2D.use_in_shortcut = in_channels != out_channels */
+        r->short_w = look(L, (size_t)cout * cin, "%sconv_shortcut.weight", pre);
+        r->short_b = look(L, (size_t)cout, "%sconv_shortcut.bias", pre);
+    }
+}
+
+static void look_attn(Look *L, UNetAttnParams *a, const char *blk, int which, int C, int Dc) {
+    a->q_w = look(L, (size_t)C * C, "%s.attn%d.to_q.weight", blk, which);
+    a->k_w = look(L, (size_t)C * Dc, "%s.attn%d.to_k.weight", blk, which);
+    a->v_w = look(L, (size_t)C * Dc, "%s.attn%d.to_v.weight", blk, which);
+    a->o_w = look(L, (size_t)C * C, "%s.attn%d.to_out.0.weight", blk, which);
+    a->o_b = look(L, (size_t)C, "%s.attn%d.to_out.0.bias", blk, which);
+}
+
+static void look_transformer(Look *L, UNetParams *P, int it, const char *pre, int C, int heads, int layers) {
+    UNetTransformerParams *t = &P->tf[it];
+    const size_t C2 = (size_t)C * C;
+    t->C = C; t->heads = heads; t->n_layers = layers; t->first_block = P->n_blk;
+    t->norm_w = look(L, (size_t)C, "%snorm.weight", pre);
+    t->norm_b = look(L, (size_t)C, "%snorm.bias", pre);
+    t->proj_in_w = look(L, C2, "%sproj_in.weight", pre);
+    t->proj_in_b = look(L, (size_t)C, "%sproj_in.bias", pre);
+    t->proj_out_w = look(L, C2, "%sproj_out.weight", pre);
+    t->proj_out_b = look(L, (size_t)C, "%sproj_out.bias", pre);
+    for (int k = 0; k < layers; k++) {
+        UNetBlockParams *b = &P->blk[P->n_blk++];
+        const char *bn = b->name;
+        snprintf(b->name, sizeof b->name, "%stransformer_blocks.%d", pre, k);
+        b->norm1_w = look(L, (size_t)C, "%s.norm1.weight", bn);
+        b->norm1_b = look(L, (size_t)C, "%s.norm1.bias", bn);
+        b->norm2_w = look(L, (size_t)C, "%s.norm2.weight", bn);
+        b->norm2_b = look(L, (size_t)C, "%s.norm2.bias", bn);
+        b->norm3_w = look(L, (size_t)C, "%s.norm3.weight", bn);
+        b->norm3_b = look(L, (size_t)C, "%s.norm3.bias", bn);
+        look_attn(L, &b->attn1, bn, 1, C, C);
+        look_attn(L, &b->attn2, bn, 2, C, P->cfg.cross_attention_dim);
+        b->ff1_w = look(L, (size_t)8 * C2, "%s.ff.net.0.proj.weight", bn);
+        b->ff1_b = look(L, (size_t)8 * C, "%s.ff.net.0.proj.bias", bn);
+        b->ff2_w = look(L, (size_t)4 * C2, "%s.ff.net.2.weight", bn);
+        b->ff2_b = look(L, (size_t)C, "%s.ff.net.2.bias", bn);
+    }
+}
+
+MsStatus unet_params_init(UNetParams *P, const UNetConfig *c, const MsParamTable *t) {
+    MsStatus s;
+    memset(P, 0, sizeof *P);
+    if ((s = ms_unet_config_check(c))) return s;
+    if (c->mid_block_type != MS_BLOCK_MID_CROSS_ATTN)
+        return ms_errorf(MS_ERR_UNSUPPORTED, "unet: mid_block_type %s (only UNetMidBlock2DCrossAttn)",
+                         ms_block_type_name(c->mid_block_type));
+    P->cfg = *c;
+    const int n = c->n_blocks, L = c->layers_per_block, E = ms_unet_time_embed_dim(c);
+    const int *ch = c->block_out_channels;
+    int n_res = n * L + 2 + n * (L + 1), n_tf = 1, n_blk = c->transformer_layers_per_block[n - 1];
+    for (int i = 0; i < n; i++) {
+        if (is_cross_down(c->down_block_types[i])) { n_tf += L; n_blk += L * c->transformer_layers_per_block[i]; }
+        if (is_cross_up(c->up_block_types[i])) {
+            n_tf += L + 1;
+            n_blk += (L + 1) * c->transformer_layers_per_block[n - 1 - i];
+        }
+    }
+    size_t bytes = (size_t)n_res * sizeof(UNetResnetParams) + (size_t)n_tf * sizeof(UNetTransformerParams) +
+                   (size_t)n_blk * sizeof(UNetBlockParams);
+    P->mem = calloc(1, bytes);
+    if (!P->mem) return ms_errorf(MS_ERR_NOMEM, "unet: no memory for the parameter index (%zu bytes)", bytes);
+    P->res = (UNetResnetParams *)P->mem;
+    P->tf = (UNetTransformerParams *)(P->res + n_res);
+    P->blk = (UNetBlockParams *)(P->tf + n_tf);
+
+    Look Lk = { t, MS_OK };
+    char pre[MS_KEY_MAX];
+    P->conv_in_w = look(&Lk, (size_t)ch[0] * c->in_channels * c->conv_in_kernel * c->conv_in_kernel, "conv_in.weight");
+    P->conv_in_b = look(&Lk, (size_t)ch[0], "conv_in.bias");
+    P->time1_w = look(&Lk, (size_t)E * ch[0], "time_embedding.linear_1.weight");
+    P->time1_b = look(&Lk, (size_t)E, "time_embedding.linear_1.bias");
+    P->time2_w = look(&Lk, (size_t)E * E, "time_embedding.linear_2.weight");
+    P->time2_b = look(&Lk, (size_t)E, "time_embedding.linear_2.bias");
+    int cin = ch[0];
+    for (int i = 0; i < n; i++) {                         /* down blocks, forward order */
+        int C = ch[i], cross = is_cross_down(c->down_block_types[i]);
+        for (int j = 0; j < L; j++) {
+            snprintf(pre, sizeof pre, "down_blocks.%d.resnets.%d.", i, j);
+            look_resnet(&Lk, &P->res[P->n_res++], pre, j == 0 ? cin : C, C, E, 1.0f);
+            if (cross) {
+                snprintf(pre, sizeof pre, "down_blocks.%d.attentions.%d.", i, j);
+                look_transformer(&Lk, P, P->n_tf++, pre, C, ms_unet_heads(c, i), c->transformer_layers_per_block[i]);
+            }
+        }
+        if (i < n - 1) {
+            P->down_w[i] = look(&Lk, (size_t)C * C * 9, "down_blocks.%d.downsamplers.0.conv.weight", i);
+            P->down_b[i] = look(&Lk, (size_t)C, "down_blocks.%d.downsamplers.0.conv.bias", i);
+        }
+        cin = C;
+    }
+    {                                                     /* mid block */
+        int C = ch[n - 1];
+        look_resnet(&Lk, &P->res[P->n_res++], "mid_block.resnets.0.", C, C, E, c->mid_block_scale_factor);
+        look_transformer(&Lk, P, P->n_tf++, "mid_block.attentions.0.", C, ms_unet_heads(c, n - 1),
+                         c->transformer_layers_per_block[n - 1]);
+        look_resnet(&Lk, &P->res[P->n_res++], "mid_block.resnets.1.", C, C, E, c->mid_block_scale_factor);
+    }
+    int prev = ch[n - 1];
+    for (int i = 0; i < n; i++) {                         /* up blocks */
+        int lv = n - 1 - i, C = ch[lv], cskip = ch[lv > 0 ? lv - 1 : 0], cross = is_cross_up(c->up_block_types[i]);
+        for (int j = 0; j <= L; j++) {
+            snprintf(pre, sizeof pre, "up_blocks.%d.resnets.%d.", i, j);
+            look_resnet(&Lk, &P->res[P->n_res++], pre, (j == 0 ? prev : C) + (j == L ? cskip : C), C, E, 1.0f);
+            if (cross) {
+                snprintf(pre, sizeof pre, "up_blocks.%d.attentions.%d.", i, j);
+                look_transformer(&Lk, P, P->n_tf++, pre, C, ms_unet_heads(c, lv), c->transformer_layers_per_block[lv]);
+            }
+        }
+        if (i < n - 1) {
+            P->up_w[i] = look(&Lk, (size_t)C * C * 9, "up_blocks.%d.upsamplers.0.conv.weight", i);
+            P->up_b[i] = look(&Lk, (size_t)C, "up_blocks.%d.upsamplers.0.conv.bias", i);
+        }
+        prev = C;
+    }
+    P->norm_out_w = look(&Lk, (size_t)ch[0], "conv_norm_out.weight");
+    P->norm_out_b = look(&Lk, (size_t)ch[0], "conv_norm_out.bias");
+    P->conv_out_w = look(&Lk, (size_t)c->out_channels * ch[0] * c->conv_out_kernel * c->conv_out_kernel, "conv_out.weight");
+    P->conv_out_b = look(&Lk, (size_t)c->out_channels, "conv_out.bias");
+    if (Lk.st) { unet_params_free(P); return Lk.st; }
+    return MS_OK;
+}
+
+void unet_params_free(UNetParams *P) {
+    free(P->mem);
+    memset(P, 0, sizeof *P);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* LoRA                                                                                      */
+/* ---------------------------------------------------------------------------------------- */
+size_t unet_lora_floats(const UNetConfig *c, int rank) {
+    const int n = c->n_blocks, L = c->layers_per_block, D = c->cross_attention_dim;
+    size_t total = 0;     /* walk the config as unet_params_init does */
+    for (int part = 0; part < 3; part++)
+        for (int i = 0; i < (part == 1 ? 1 : n); i++) {
+            int lv = part == 0 ? i : part == 1 ? n - 1 : n - 1 - i;
+            int cross = part == 0 ? is_cross_down(c->down_block_types[i]) : part == 1 ? 1 : is_cross_up(c->up_block_types[i]);
+            int ntf = part == 0 ? L : part == 1 ? 1 : L + 1;
+            if (!cross) continue;
+            size_t C = (size_t)c->block_out_channels[lv];
+            size_t per_block = (size_t)rank * ((C + C) * 4          /* attn1: q, k, v, out */
+                                               + (C + C) * 2 + (D + C) * 2);  /* attn2: q, out; k, v */
+            total += (size_t)ntf * c->transformer_layers_per_block[lv] * per_block;
+        }
+    return total;
+}
+
+MsStatus unet_lora_init(UNetLora *l, const UNetParams *P, int rank, float alpha, Arena *train) {
+    memset(l, 0, sizeof *l);
+    if (rank < 1) return ms_errorf(MS_ERR_ARG, "unet lora: rank %d must be >= 1", rank);
+    l->n_attn = 2 * P->n_blk;
+    l->rank = rank;
+    l->alpha = alpha;
+    l->n_floats = unet_lora_floats(&P->cfg, rank);
+    l->lin = (UNetLoraLinear *)arena_alloc(train, (size_t)l->n_attn * 4 * sizeof(UNetLoraLinear));
+    l->data = arena_floats(train, l->n_floats);
+    if (!l->lin || !l->data)
+        return ms_errorf(MS_ERR_NOMEM, "unet lora: the train arena has no room for %zu floats", l->n_floats);
+    memset(l->data, 0, l->n_floats * sizeof(float));
+    float *d = l->data;
+    for (int t = 0; t < P->n_tf; t++)
+        for (int k = 0; k < P->tf[t].n_layers; k++) {
+            int b = P->tf[t].first_block + k, C = P->tf[t].C;
+            for (int m = 0; m < 8; m++) {         /* attn1 q k v out, attn2 q k v out */
+                UNetLoraLinear *x = &l->lin[8 * b + m];
+                x->out = C;
+                x->in = (m == 5 || m == 6) ? P->cfg.cross_attention_dim : C;
+                x->down = d; d += (size_t)rank * x->in;
+                x->up = d; d += (size_t)x->out * rank;
+            }
+        }
+    if ((size_t)(d - l->data) != l->n_floats)
+        return ms_errorf(MS_ERR_ARG, "unet lora: %zu floats laid out, %zu planned", (size_t)(d - l->data), l->n_floats);
+    return MS_OK;
+}
+
+void unet_lora_module_name(const UNetParams *P, int a, int which, char *buf, size_t cap) {
+    static const char *const nm[4] = { "to_q", "to_k", "to_v", "to_out.0" };
+    if (a < 0 || a >= 2 * P->n_blk || which < 0 || which > 3) { if (cap) buf[0] = '\0'; return; }
+    snprintf(buf, cap, "%s.attn%d.%s", P->blk[a / 2].name, a % 2 + 1, nm[which]);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Small pieces                                                                              */
+/* ---------------------------------------------------------------------------------------- */
+static void zero(float *x, size_t n) { memset(x, 0, n * sizeof(float)); }
+
+/* y (rows, cols) += b (cols) on every row */
+static void add_row_bias(float *y, const float *b, int rows, int cols) {
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < cols; j++) y[(size_t)r * cols + j] += b[j];
+}
+
+/* The 1x1 projections of Transformer2DModel, with the NCHW <-> tokens permute folded in:
+ *   proj_in:  tok[n] (P,C) = x[n]^T (P,Ci) W^T + b     (1x1 conv then permute(0,2,3,1), or
+ *             permute then Linear with use_linear_projection: the same sums)
+ *   proj_out: y[n] (C,P) = W (C,Ci) tok[n]^T + b        (Linear/1x1 conv, then back to NCHW) */
+static void proj_in_forward(float *tok, const float *x, const float *w, const float *b, int N, int Ci, int C, int P) {
+    for (int n = 0; n < N; n++) {
+        ms_gemm(1, 1, P, C, Ci, 1.0f, x + (size_t)n * Ci * P, P, w, Ci, 0.0f, tok + (size_t)n * P * C, C);
+        add_row_bias(tok + (size_t)n * P * C, b, P, C);
+    }
+}
+/* dx[n] (Ci,P) += W^T (Ci,C) dtok[n]^T (C,P) */
+static void proj_in_backward(float *dx, const float *dtok, const float *w, int N, int Ci, int C, int P) {
+    for (int n = 0; n < N; n++)
+        ms_gemm(1, 1, Ci, P, C, 1.0f, w, Ci, dtok + (size_t)n * P * C, C, 1.0f, dx + (size_t)n * Ci * P, P);
+}
+static void proj_out_forward(float *y, const float *tok, const float *w, const float *b, int N, int Ci, int C, int P) {
+    for (int n = 0; n < N; n++) {
+        float *yn = y + (size_t)n * C * P;
+        ms_gemm(0, 1, C, P, Ci, 1.0f, w, Ci, tok + (size_t)n * P * Ci, Ci, 0.0f, yn, P);
+        for (int c = 0; c < C; c++)
+            for (int q = 0; q < P; q++) yn[(size_t)c * P + q] += b[c];
+    }
+}
+/* dtok[n] (P,Ci) += dy[n]^T (P,C) W (C,Ci) */
+static void proj_out_backward(float *dtok, const float *dy, const float *w, int N, int Ci, int C, int P) {
+    for (int n = 0; n < N; n++)
+        ms_gemm(1, 0, P, Ci, C, 1.0f, dy + (size_t)n * C * P, P, w, Ci, 1.0f, dtok + (size_t)n * P * Ci, Ci);
+}
+
+/* torch nearest interpolation (upsample_nearest2d, size given, scales None), one axis:
+ * src = min(floor(dst * (float)in / out), in - 1); exact shortcuts for out == in and 2 in. */
+static int nearest_src(int dst, int in, int out) {
+    if (out == in) return dst;
+    if (out == 2 * in) return dst >> 1;
+    float scale = (float)in / (float)out;
+    int s = (int)floorf((float)dst * scale);
+    return s < in - 1 ? s : in - 1;
+}
+/* Upsample2D's F.interpolate: x (N,C,H,W) -> out (N,C,Ho,Wo). diffusers passes the size of the
+ * next skip tensor when the latent is not divisible by 2^upsamplers, else scale_factor 2. */
+static void resize_nearest_forward(float *out, const float *x, int N, int C, int H, int W, int Ho, int Wo) {
+    if (Ho == 2 * H && Wo == 2 * W) { upsample_nearest2x_forward(out, x, N, C, H, W); return; }
+    for (size_t nc = 0; nc < (size_t)N * C; nc++)
+        for (int y = 0; y < Ho; y++) {
+            const float *xr = x + (nc * H + nearest_src(y, H, Ho)) * W;
+            float *o = out + (nc * Ho + y) * Wo;
+            for (int j = 0; j < Wo; j++) o[j] = xr[nearest_src(j, W, Wo)];
+        }
+}
+/* dx[src] += dout[dst] over every dst that read src */
+static void resize_nearest_backward(float *dx, const float *dout, int N, int C, int H, int W, int Ho, int Wo) {
+    if (Ho == 2 * H && Wo == 2 * W) { upsample_nearest2x_backward(dx, dout, N, C, H, W); return; }
+    for (size_t nc = 0; nc < (size_t)N * C; nc++)
+        for (int y = 0; y < Ho; y++) {
+            float *d = dx + (nc * H + nearest_src(y, H, Ho)) * W;
+            const float *g = dout + (nc * Ho + y) * Wo;
+            for (int j = 0; j < Wo; j++) d[nearest_src(j, W, Wo)] += g[j];
+        }
+}
+
+/* LoRA on one Linear (Mix-of-Show LoRALinearLayer), x (M,I) -> y (M,O):
+ *   u = x down^T (M,r),   y += alpha u up^T                       (u: scratch (M,r)) */
+static void lora_forward(float *y, float *u, const float *x, const UNetLoraLinear *l, float alpha, int r, int M) {
+    linear_forward(u, x, l->down, NULL, M, l->in, r);
+    ms_gemm(0, 1, M, l->out, r, alpha, u, r, l->up, r, 1.0f, y, l->out);
+}
+/* Backward (u recomputed):
+ *   dup   += alpha dy^T u          (O,r)
+ *   du     = alpha dy up           (M,r)
+ *   ddown += du^T x                (r,I)
+ *   dx    += du down               (M,I)                          (NULL dx / dl: skipped) */
+static void lora_backward(float *dx, UNetLoraLinear *dl, const float *dy, const float *x, const UNetLoraLinear *l,
+                          float alpha, int r, int M, float *u, float *du) {
+    if (dl) {
+        linear_forward(u, x, l->down, NULL, M, l->in, r);
+        ms_gemm(1, 0, l->out, r, M, alpha, dy, l->out, u, r, 1.0f, dl->up, r);
+    }
+    ms_gemm(0, 0, M, r, l->out, alpha, dy, l->out, l->up, r, 0.0f, du, r);
+    if (dl) ms_gemm(1, 0, r, l->in, M, 1.0f, du, r, x, l->in, 1.0f, dl->down, l->in);
+    if (dx) ms_gemm(0, 0, M, l->in, r, 1.0f, du, r, l->down, l->in, 1.0f, dx, l->in);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* ResnetBlock2D (resnet.py, time_embedding_norm "default", pre_norm, SiLU, no dropout)      */
+/* ---------------------------------------------------------------------------------------- */
+/* x (N,Cin,H,W), temb (N,E) = silu(time embedding) -> out (N,Co,H,W).
+ * Scratch: s (N*max(Cin,Co)*H*W), tp (N*Co). */
+static void unet_resnet_forward(float *out, UNetResnetActs *a, const float *x, const float *temb,
+                                const UNetResnetParams *p, int N, int H, int W, int E, int G, float eps,
+                                float *s, float *tp) {
+    const int Ci = p->cin, Co = p->cout, P = H * W;
+    groupnorm_forward(s, a->mean1, a->rstd1, x, p->norm1_w, p->norm1_b, N, Ci, P, G, eps);
+    silu_forward(s, s, (size_t)N * Ci * P);
+    conv2d_forward(a->h1, s, p->conv1_w, p->conv1_b, N, Ci, Co, H, W, 3, 1, 1);
+    linear_forward(tp, temb, p->temb_w, p->temb_b, N, E, Co);
+    add_bias_nc(a->h1, tp, N, Co, P);                       /* h1 + temb[:, :, None, None] */
+    groupnorm_forward(s, a->mean2, a->rstd2, a->h1, p->norm2_w, p->norm2_b, N, Co, P, G, eps);
+    silu_forward(s, s, (size_t)N * Co * P);
+    conv2d_forward(out, s, p->conv2_w, p->conv2_b, N, Co, Co, H, W, 3, 1, 1);
+    if (p->short_w) {
+        conv2d_forward(s, x, p->short_w, p->short_b, N, Ci, Co, H, W, 1, 1, 0);
+        add_forward(out, s, out, (size_t)N * Co * P);       /* (shortcut(x) + h) */
+    } else {
+        add_forward(out, x, out, (size_t)N * Co * P);
+    }
+    if (p->out_scale != 1.0f)                               /* / output_scale_factor */
+        for (size_t i = 0; i < (size_t)N * Co * P; i++) out[i] /= p->out_scale;
+    a->x = x;
+}
+
+/* Backward to x only (weights frozen; the timestep gets no gradient), g = dout / osf:
+ *   dx += shortcut^T g  (or g)
+ *   ds2 = conv2^T g;  dn2 = ds2 * silu'(n2);  dh1 = GN2^T dn2
+ *   ds1 = conv1^T dh1; dn1 = ds1 * silu'(n1);  dx += GN1^T dn1
+ * n1 = norm1(x), n2 = norm2(h1) are recomputed. Scratch s0, s1, s2 (N*max(Cin,Co)*H*W). */
+static void unet_resnet_backward(float *dx, const float *dout, const UNetResnetActs *a, const UNetResnetParams *p,
+                                 int N, int H, int W, int G, float eps, float *s0, float *s1, float *s2) {
+    const int Ci = p->cin, Co = p->cout, P = H * W;
+    const size_t no = (size_t)N * Co * P, ni = (size_t)N * Ci * P;
+    const float *g = dout;
+    if (p->out_scale != 1.0f) {                              /* d/dout of out = (.)/osf */
+        for (size_t i = 0; i < no; i++) s2[i] = dout[i] / p->out_scale;
+        g = s2;
+    }
+    if (p->short_w) conv2d_backward(dx, NULL, NULL, g, NULL, p->short_w, N, Ci, Co, H, W, 1, 1, 0, 0, 0, 0);
+    else add_forward(dx, dx, g, no);
+    zero(s0, no);
+    conv2d_backward(s0, NULL, NULL, g, NULL, p->conv2_w, N, Co, Co, H, W, 3, 1, 1, 1, 1, 1);   /* ds2 */
+    groupnorm_forward(s1, NULL, NULL, a->h1, p->norm2_w, p->norm2_b, N, Co, P, G, eps);         /* n2 */
+    zero(s2, no);
+    silu_backward(s2, s0, s1, no);                                                             /* dn2 */
+    zero(s0, no);
+    groupnorm_backward(s0, NULL, NULL, s2, a->h1, a->mean2, a->rstd2, p->norm2_w, N, Co, P, G); /* dh1 */
+    zero(s1, ni);
+    conv2d_backward(s1, NULL, NULL, s0, NULL, p->conv1_w, N, Ci, Co, H, W, 3, 1, 1, 1, 1, 1);  /* ds1 */
+    groupnorm_forward(s2, NULL, NULL, a->x, p->norm1_w, p->norm1_b, N, Ci, P, G, eps);         /* n1 */
+    zero(s0, ni);
+    silu_backward(s0, s1, s2, ni);                                                             /* dn1 */
+    groupnorm_backward(dx, NULL, NULL, s0, a->x, a->mean1, a->rstd1, p->norm1_w, N, Ci, P, G);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Attention (attention_processor.Attention with AttnProcessor), LoRA on its four Linears    */
+/* ---------------------------------------------------------------------------------------- */
+/* x (N,Tq,C), c (N,Tk,Dc) -> y (N,Tq,C):
+ *   q = x Wq^T, k = c Wk^T, v = c Wv^T (each + alpha up(down(.)) with LoRA),
+ *   o = softmax(q_h k_h^T / sqrt(Dh)) v_h per head h (Dh = C / heads),  y = o Wo^T + bo (+ LoRA).
+ * lora: NULL or lin[0..3] = to_q, to_k, to_v, to_out.0. u: scratch (N*max(Tq,Tk)*rank). */
+static void unet_attention_forward(float *y, UNetAttnActs *sv, const float *x, const float *c,
+                                   const UNetAttnParams *p, const UNetLoraLinear *lora, float alpha, int rank,
+                                   float *u, int N, int Tq, int Tk, int C, int Dc, int heads) {
+    const int Mq = N * Tq, Mk = N * Tk, Dh = C / heads;
+    linear_forward(sv->q, x, p->q_w, NULL, Mq, C, C);
+    linear_forward(sv->k, c, p->k_w, NULL, Mk, Dc, C);
+    linear_forward(sv->v, c, p->v_w, NULL, Mk, Dc, C);
+    if (lora) {
+        lora_forward(sv->q, u, x, &lora[0], alpha, rank, Mq);
+        lora_forward(sv->k, u, c, &lora[1], alpha, rank, Mk);
+        lora_forward(sv->v, u, c, &lora[2], alpha, rank, Mk);
+    }
+    attention_forward(sv->o, sv->lse, sv->q, sv->k, sv->v, N, Tq, Tk, heads, Dh, 0, (float)(1.0 / sqrt((double)Dh)));
+    linear_forward(y, sv->o, p->o_w, p->o_b, Mq, C, C);
+    if (lora) lora_forward(y, u, sv->o, &lora[3], alpha, rank, Mq);
+}
+
+/* Backward, dy (N,Tq,C):
+ *   do = dy Wo (+ LoRA),  (dq, dk, dv) = attention^T(do) (probabilities recomputed from lse),
+ *   dx += dq Wq (+ LoRA),  dc += dk Wk + dv Wv (+ LoRA),  LoRA grads as lora_backward.
+ * dx and dc may be the same buffer (self-attention, c == x); dc NULL: not wanted.
+ * Scratch: sdo, sdq (N*Tq*C), sdk, sdv (N*Tk*C), u, du (N*max(Tq,Tk)*rank). */
+static void unet_attention_backward(float *dx, float *dc, UNetLoraLinear *dlora, const float *dy,
+                                    const UNetAttnActs *sv, const float *x, const float *c,
+                                    const UNetAttnParams *p, const UNetLoraLinear *lora, float alpha, int rank,
+                                    int N, int Tq, int Tk, int C, int Dc, int heads,
+                                    float *sdo, float *sdq, float *sdk, float *sdv, float *u, float *du) {
+    const int Mq = N * Tq, Mk = N * Tk, Dh = C / heads;
+    const int want_kv = dc || dlora;
+    zero(sdo, (size_t)Mq * C);
+    linear_backward(sdo, NULL, NULL, dy, NULL, p->o_w, Mq, C, C);
+    if (lora) lora_backward(sdo, dlora ? &dlora[3] : NULL, dy, sv->o, &lora[3], alpha, rank, Mq, u, du);
+    zero(sdq, (size_t)Mq * C);
+    if (want_kv) { zero(sdk, (size_t)Mk * C); zero(sdv, (size_t)Mk * C); }
+    attention_backward(sdq, want_kv ? sdk : NULL, want_kv ? sdv : NULL, sdo, sv->q, sv->k, sv->v, sv->o, sv->lse,
+                       N, Tq, Tk, heads, Dh, 0, (float)(1.0 / sqrt((double)Dh)));
+    linear_backward(dx, NULL, NULL, sdq, NULL, p->q_w, Mq, C, C);
+    if (lora) lora_backward(dx, dlora ? &dlora[0] : NULL, sdq, x, &lora[0], alpha, rank, Mq, u, du);
+    if (!want_kv) return;
+    if (dc) {
+        linear_backward(dc, NULL, NULL, sdk, NULL, p->k_w, Mk, Dc, C);
+        linear_backward(dc, NULL, NULL, sdv, NULL, p->v_w, Mk, Dc, C);
+    }
+    if (lora) {
+        lora_backward(dc, dlora ? &dlora[1] : NULL, sdk, c, &lora[1], alpha, rank, Mk, u, du);
+        lora_backward(dc, dlora ? &dlora[2] : NULL, sdv, c, &lora[2], alpha, rank, Mk, u, du);
+    }
+}
+
+/* The hook for regionally controllable sampling: every attn2 of the UNet is computed here. */
+void unet_cross_attention(float *y, UNetAttnActs *sv, const float *x, const float *ctx,
+                          const UNetAttnParams *p, const UNetLoraLinear *lora, float alpha, int rank,
+                          float *u, int N, int h, int w, int Tk, int C, int Dc, int heads, int layer) {
+    (void)layer;
+    unet_attention_forward(y, sv, x, ctx, p, lora, alpha, rank, u, N, h * w, Tk, C, Dc, heads);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* BasicTransformerBlock (attention.py; norm_type "layer_norm", GEGLU feed-forward)          */
+/* ---------------------------------------------------------------------------------------- */
+/* x (N,T,C) -> a->out (N,T,C):
+ *   h1 = x + attn1(norm1 x);  h2 = h1 + attn2(norm2 h1, ctx);  out = h2 + ff(norm3 h2),
+ *   ff(n) = ff.net.2( GEGLU(ff.net.0.proj n) ),  GEGLU(g) = g[:, :4C] * gelu(g[:, 4C:]).
+ * lora: NULL or the 8 adapters of this block (attn1 q k v out, attn2 q k v out).
+ * Scratch: S->st[0] (norm outputs), S->sf1 (GEGLU output), S->su. */
+static void unet_block_forward(UNetBlockActs *a, const float *x, const float *ctx, const UNetBlockParams *p,
+                               const UNetLoraLinear *lora, float alpha, int rank, int N, int h, int w, int Tk,
+                               int C, int D, int heads, int layer, const UNetActs *S) {
+    const int T = h * w, M = N * T;
+    const size_t n = (size_t)M * C;
+    float *nrm = S->st[0];
+    layernorm_forward(nrm, a->mean[0], a->rstd[0], x, p->norm1_w, p->norm1_b, M, C, UNET_LN_EPS);
+    unet_attention_forward(a->h1, &a->a1, nrm, nrm, &p->attn1, lora, alpha, rank, S->su, N, T, T, C, C, heads);
+    add_forward(a->h1, a->h1, x, n);                       /* attn_output + hidden_states */
+    layernorm_forward(nrm, a->mean[1], a->rstd[1], a->h1, p->norm2_w, p->norm2_b, M, C, UNET_LN_EPS);
+    unet_cross_attention(a->h2, &a->a2, nrm, ctx, &p->attn2, lora ? lora + 4 : NULL, alpha, rank, S->su,
+                         N, h, w, Tk, C, D, heads, layer);
+    add_forward(a->h2, a->h2, a->h1, n);
+    layernorm_forward(nrm, a->mean[2], a->rstd[2], a->h2, p->norm3_w, p->norm3_b, M, C, UNET_LN_EPS);
+    linear_forward(a->g, nrm, p->ff1_w, p->ff1_b, M, C, 8 * C);
+    geglu_forward(S->sf1, a->g, M, 4 * C);
+    linear_forward(a->out, S->sf1, p->ff2_w, p->ff2_b, M, 4 * C, C);
+    add_forward(a->out, a->out, a->h2, n);                 /* ff_output + hidden_states */
+}
+
+/* Backward along the residual stream R (dout -> dh2 -> dh1 -> dx), dx += R at the end:
+ *   ff:    dg = GEGLU^T(ff.net.2^T dout),   R += LN3^T(ff.net.0.proj^T dg)
+ *   attn2: R += LN2^T(attn2^T_x R)          (dctx += attn2^T_ctx R, LoRA grads)
+ *   attn1: R += LN1^T(attn1^T_x R)          (x feeds q, k and v)
+ * norm1..3 outputs are recomputed from x, h1, h2 and the saved statistics.
+ * Scratch: st[0] = R, st[1] = d(norm output), st[2] = norm output, sf0/sf1, so/sq/sk/sv, su/sdu. */
+static void unet_block_backward(float *dx, float *dctx, UNetLoraLinear *dlora, const float *dout,
+                                const UNetBlockActs *a, const float *ctx, const UNetBlockParams *p,
+                                const UNetLoraLinear *lora, float alpha, int rank, int N, int T, int Tk,
+                                int C, int D, int heads, const UNetActs *S) {
+    const int M = N * T;
+    const size_t n = (size_t)M * C;
+    float *R = S->st[0], *dn = S->st[1], *nrm = S->st[2];
+    memcpy(R, dout, n * sizeof(float));
+    zero(S->sf1, (size_t)M * 4 * C);
+    linear_backward(S->sf1, NULL, NULL, dout, NULL, p->ff2_w, M, 4 * C, C);
+    zero(S->sf0, (size_t)M * 8 * C);
+    geglu_backward(S->sf0, S->sf1, a->g, M, 4 * C);
+    zero(dn, n);
+    linear_backward(dn, NULL, NULL, S->sf0, NULL, p->ff1_w, M, C, 8 * C);
+    layernorm_backward(R, NULL, NULL, dn, a->h2, a->mean[2], a->rstd[2], p->norm3_w, M, C);
+
+    layernorm_forward(nrm, NULL, NULL, a->h1, p->norm2_w, p->norm2_b, M, C, UNET_LN_EPS);
+    zero(dn, n);
+    unet_attention_backward(dn, dctx, dlora ? dlora + 4 : NULL, R, &a->a2, nrm, ctx, &p->attn2,
+                            lora ? lora + 4 : NULL, alpha, rank, N, T, Tk, C, D, heads,
+                            S->so, S->sq, S->sk, S->sv, S->su, S->sdu);
+    layernorm_backward(R, NULL, NULL, dn, a->h1, a->mean[1], a->rstd[1], p->norm2_w, M, C);
+
+    layernorm_forward(nrm, NULL, NULL, a->x, p->norm1_w, p->norm1_b, M, C, UNET_LN_EPS);
+    zero(dn, n);
+    unet_attention_backward(dn, dn, dlora, R, &a->a1, nrm, nrm, &p->attn1, lora, alpha, rank, N, T, T, C, C,
+                            heads, S->so, S->sq, S->sk, S->sv, S->su, S->sdu);
+    layernorm_backward(R, NULL, NULL, dn, a->x, a->mean[0], a->rstd[0], p->norm1_w, M, C);
+    add_forward(dx, dx, R, n);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Transformer2DModel (transformer_2d.py, continuous input)                                  */
+/* ---------------------------------------------------------------------------------------- */
+/* The context of cross-attention layer `layer`. */
+static const float *layer_context(const float *ctx, const float *const *layer_ctx, int layer) {
+    return layer_ctx ? layer_ctx[layer] : ctx;
+}
+
+/* x (N,C,H,W) -> a->out = x + proj_out(blocks(proj_in(GroupNorm(x)))), blocks on tokens (N,HW,C).
+ * ba: the acts of its p->n_layers blocks; bp: their params. */
+static void unet_transformer_forward(UNetTfActs *a, UNetBlockActs *ba, const float *x, const float *ctx,
+                                     const float *const *layer_ctx, const UNetTransformerParams *p,
+                                     const UNetBlockParams *bp, const UNetLora *lora, int N, int G, int Tk,
+                                     int D, const UNetActs *S) {
+    const int H = a->H, W = a->W, P = H * W, C = p->C;
+    float *gn = S->sx[0];
+    a->x = x;
+    groupnorm_forward(gn, a->mean, a->rstd, x, p->norm_w, p->norm_b, N, C, P, G, UNET_TF_GN_EPS);
+    proj_in_forward(a->tok, gn, p->proj_in_w, p->proj_in_b, N, C, C, P);
+    const float *h = a->tok;
+    for (int k = 0; k < p->n_layers; k++) {
+        int b = p->first_block + k;
+        unet_block_forward(&ba[k], h, layer_context(ctx, layer_ctx, b), &bp[k], lora ? &lora->lin[8 * b] : NULL,
+                           lora ? lora->alpha : 0.0f, lora ? lora->rank : 0, N, H, W, Tk, C, D, p->heads, b, S);
+        h = ba[k].out;
+    }
+    proj_out_forward(a->out, h, p->proj_out_w, p->proj_out_b, N, C, C, P);
+    add_forward(a->out, a->out, x, (size_t)N * C * P);     /* output = hidden_states + residual */
+}
+
+/* dx += dout + GN^T(proj_in^T(blocks^T(proj_out^T dout))). Scratch: sx[0..2] (and the blocks'). */
+static void unet_transformer_backward(float *dx, float *dctx, float *const *dlayer_ctx, UNetLora *dlora,
+                                      const float *dout, const UNetTfActs *a, const UNetBlockActs *ba,
+                                      const float *ctx, const float *const *layer_ctx,
+                                      const UNetTransformerParams *p, const UNetBlockParams *bp,
+                                      const UNetLora *lora, int N, int G, int Tk, int D, const UNetActs *S) {
+    const int P = a->H * a->W, C = p->C;
+    const size_t n = (size_t)N * C * P;
+    float *dt = S->sx[1], *dt2 = S->sx[2];
+    add_forward(dx, dx, dout, n);
+    zero(dt, n);
+    proj_out_backward(dt, dout, p->proj_out_w, N, C, C, P);
+    for (int k = p->n_layers - 1; k >= 0; k--) {
+        int b = p->first_block + k;
+        zero(dt2, n);
+        unet_block_backward(dt2, dlayer_ctx ? dlayer_ctx[b] : dctx, dlora ? &dlora->lin[8 * b] : NULL, dt, &ba[k],
+                            layer_context(ctx, layer_ctx, b), &bp[k], lora ? &lora->lin[8 * b] : NULL,
+                            lora ? lora->alpha : 0.0f, lora ? lora->rank : 0, N, P, Tk, C, D, p->heads, S);
+        float *tmp = dt; dt = dt2; dt2 = tmp;
+    }
+    float *dgn = S->sx[0];
+    zero(dgn, n);
+    proj_in_backward(dgn, dt, p->proj_in_w, N, C, C, P);
+    groupnorm_backward(dx, NULL, NULL, dgn, a->x, a->mean, a->rstd, p->norm_w, N, C, P, G);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Planning and carving the activations                                                      */
+/* ---------------------------------------------------------------------------------------- */
+typedef struct { Arena *a; size_t bytes; int fail; } Carve;   /* a == NULL: count only */
+
+static float *carve(Carve *c, size_t n) {
+    size_t b;
+    if (n == 0) n = 1;
+    if (!ms_mul_ok(n, sizeof(float), &b) || !ms_add_ok(b, 63, &b) || !ms_add_ok(c->bytes, b & ~(size_t)63, &c->bytes)) {
+        c->fail = 1;
+        return NULL;
+    }
+    if (!c->a) return NULL;
+    float *p = arena_floats(c->a, n);
+    if (!p) c->fail = 1;
+    return p;
+}
+
+/* Floats in skip tensor k (push order: conv_in output, then per down block i its L layer
+ * outputs at level i and, except for the last block, its downsampler output at level i + 1). */
+static size_t skip_numel(const UNetActs *a, int k) {
+    const int L = a->cfg.layers_per_block;
+    if (k == 0) return (size_t)a->N * a->cfg.block_out_channels[0] * a->lh[0] * a->lw[0];
+    int i = (k - 1) / (L + 1), j = (k - 1) % (L + 1), lv = j < L ? i : i + 1;
+    return (size_t)a->N * a->cfg.block_out_channels[i] * a->lh[lv] * a->lw[lv];
+}
+
+typedef struct {
+    UNetActs *a;
+    Carve *keep;     /* the acts arena */
+    int r;           /* next rotating buffer (inference) */
+} Lay;
+/* A layer output: kept (training, or a skip connection) or the next rotating buffer. */
+static float *lay_out(Lay *L, size_t n, int skip) {
+    if (L->a->training || skip) return carve(L->keep, n);
+    return L->a->rot[L->r++ % 3];
+}
+/* Saved for backward in training; shared scratch in inference. */
+static float *lay_save(Lay *L, size_t n, float *shared) { return L->a->training ? carve(L->keep, n) : shared; }
+
+static void lay_resnet(Lay *L, UNetResnetActs *r, int cout, int H, int W, int skip) {
+    UNetActs *a = L->a;
+    size_t N = (size_t)a->N, G = (size_t)a->cfg.norm_num_groups;
+    r->H = H; r->W = W;
+    r->h1 = lay_save(L, N * cout * H * W, a->sx[1]);
+    r->mean1 = lay_save(L, N * G, a->sstat[0]); r->rstd1 = lay_save(L, N * G, a->sstat[1]);
+    r->mean2 = lay_save(L, N * G, a->sstat[2]); r->rstd2 = lay_save(L, N * G, a->sstat[3]);
+    r->out = lay_out(L, N * cout * H * W, skip);
+}
+
+static void lay_attn(Lay *L, UNetAttnActs *s, size_t M, size_t Mk, int C, int heads) {
+    UNetActs *a = L->a;
+    s->q = lay_save(L, M * C, a->sq); s->k = lay_save(L, Mk * C, a->sk);
+    s->v = lay_save(L, Mk * C, a->sv); s->o = lay_save(L, M * C, a->so);
+    s->lse = a->training ? carve(L->keep, M * heads) : NULL;
+}
+
+static void lay_transformer(Lay *L, UNetTfActs *t, UNetBlockActs *ba, int C, int heads, int layers, int H, int W,
+                            int skip) {
+    UNetActs *a = L->a;
+    size_t N = (size_t)a->N, G = (size_t)a->cfg.norm_num_groups, M = N * H * W, n = M * C;
+    t->H = H; t->W = W;
+    t->mean = lay_save(L, N * G, a->sstat[0]); t->rstd = lay_save(L, N * G, a->sstat[1]);
+    t->tok = lay_save(L, n, a->st[1]);
+    const float *x = t->tok;
+    for (int k = 0; k < layers; k++) {
+        UNetBlockActs *b = &ba[k];
+        /* inference: tokens alternate between st[1] and st[2] (h1 and out in the other one) */
+        float *xs = (x == a->st[1] || x == a->st[2]) ? (float *)x : a->st[1];
+        float *other = xs == a->st[1] ? a->st[2] : a->st[1];
+        b->x = x;
+        b->h1 = lay_save(L, n, other);
+        b->h2 = lay_save(L, n, xs);
+        for (int m = 0; m < 3; m++) { b->mean[m] = lay_save(L, M, a->sstat[m]); b->rstd[m] = lay_save(L, M, a->sstat[m] + M); }
+        lay_attn(L, &b->a1, M, M, C, heads);
+        lay_attn(L, &b->a2, M, N * a->Tk, C, heads);
+        b->g = lay_save(L, M * 8 * C, a->sf0);
+        b->out = lay_save(L, n, other);
+        x = b->out;
+    }
+    t->out = lay_out(L, n, skip);
+}
+
+/* Sizes of the shared scratch, from the config (every site that uses them is covered):
+ * X  = largest (N,C,H,W) activation incl. up-block concatenations and conv_in/conv_out;
+ * XT = largest (N,HW,C) token tensor; QKV = largest (N,max(HW,Tk),C); F = largest (N,HW,8C). */
+typedef struct { size_t X, XT, QKV, F, stat, time; } ScratchPlan;
+
+static int plan_scratch(const UNetActs *a, ScratchPlan *sp) {
+    const UNetConfig *c = &a->cfg;
+    const int n = c->n_blocks, L = c->layers_per_block, *ch = c->block_out_channels;
+    const size_t N = (size_t)a->N;
+    size_t P0 = (size_t)a->lh[0] * a->lw[0], cmax = 0;
+    memset(sp, 0, sizeof *sp);
+    sp->X = N * P0 * zmax((size_t)ch[0], zmax((size_t)c->in_channels, (size_t)c->out_channels));
+    for (int i = 0; i < n; i++) {
+        size_t P = (size_t)a->lh[i] * a->lw[i], C = (size_t)ch[i], cin = (size_t)ch[i > 0 ? i - 1 : 0];
+        cmax = zmax(cmax, C);
+        sp->X = zmax(sp->X, N * P * zmax(C, cin));
+        if (i < n - 1) sp->X = zmax(sp->X, N * (size_t)a->lh[i + 1] * a->lw[i + 1] * C);
+        int lv = n - 1 - i;
+        size_t Pl = (size_t)a->lh[lv] * a->lw[lv], Cl = (size_t)ch[lv], prev = (size_t)ch[lv < n - 1 ? lv + 1 : n - 1];
+        size_t cskip = (size_t)ch[lv > 0 ? lv - 1 : 0];
+        for (int j = 0; j <= L; j++)
+            sp->X = zmax(sp->X, N * Pl * ((j == 0 ? prev : Cl) + (j == L ? cskip : Cl)));
+        if (lv > 0) sp->X = zmax(sp->X, N * (size_t)a->lh[lv - 1] * a->lw[lv - 1] * Cl);
+        int attn = is_cross_down(c->down_block_types[i]) || is_cross_up(c->up_block_types[n - 1 - i]) || i == n - 1;
+        if (attn) {
+            sp->XT = zmax(sp->XT, N * P * C);
+            sp->QKV = zmax(sp->QKV, N * zmax(P, (size_t)a->Tk) * C);
+            sp->F = zmax(sp->F, N * P * 8 * C);
+        }
+    }
+    sp->stat = zmax(N * (size_t)c->norm_num_groups, 2 * N * P0);
+    sp->time = N * ((size_t)ch[0] + 2 * (size_t)ms_unet_time_embed_dim(c) + cmax);
+    /* every element count must fit the ops' int arguments */
+    size_t lim = (size_t)0x7fffffff;
+    return sp->X < lim && sp->F < lim && sp->QKV < lim;
+}
+
+static MsStatus unet_layout(UNetActs *a, Arena *acts, Arena *scratch, size_t *acts_bytes, size_t *scratch_bytes) {
+    const UNetConfig *c = &a->cfg;
+    const int n = c->n_blocks, L = c->layers_per_block, *ch = c->block_out_channels;
+    const size_t N = (size_t)a->N;
+    ScratchPlan sp;
+    if (!plan_scratch(a, &sp))
+        return ms_errorf(MS_ERR_ARG, "unet: batch %d at %dx%d is too large (a tensor exceeds 2^31 elements)",
+                         a->N, a->H, a->W);
+    Carve ks = { scratch, 0, 0 }, ka = { acts, 0, 0 };
+    for (int k = 0; k < 3; k++) { a->sx[k] = carve(&ks, sp.X); a->st[k] = carve(&ks, sp.XT); a->rot[k] = carve(&ks, sp.X); }
+    a->sq = carve(&ks, sp.QKV); a->sk = carve(&ks, sp.QKV); a->sv = carve(&ks, sp.QKV); a->so = carve(&ks, sp.QKV);
+    a->su = carve(&ks, sp.QKV); a->sdu = carve(&ks, sp.QKV);
+    a->sf0 = carve(&ks, sp.F); a->sf1 = carve(&ks, sp.F / 2);
+    a->stime = carve(&ks, sp.time);
+    for (int k = 0; k < 4; k++) a->sstat[k] = carve(&ks, sp.stat);
+
+    Lay Ly = { a, &ka, 0 };
+    Lay *Lp = &Ly;
+    int ir = 0, it = 0, ib = 0, s = 0, ic = 0;
+    a->temb = carve(&ka, N * (size_t)ms_unet_time_embed_dim(c));
+    a->x0 = carve(&ka, N * ch[0] * a->lh[0] * a->lw[0]);
+    a->skip[s++] = a->x0;
+    for (int i = 0; i < n; i++) {
+        int cross = is_cross_down(c->down_block_types[i]), H = a->lh[i], W = a->lw[i];
+        for (int j = 0; j < L; j++) {
+            lay_resnet(Lp, &a->res[ir], ch[i], H, W, !cross);
+            a->skip[s] = a->res[ir++].out;
+            if (cross) {
+                int layers = c->transformer_layers_per_block[i];
+                lay_transformer(Lp, &a->tf[it], &a->blk[ib], ch[i], ms_unet_heads(c, i), layers, H, W, 1);
+                a->skip[s] = a->tf[it++].out;
+                ib += layers;
+            }
+            s++;
+        }
+        if (i < n - 1) a->skip[s++] = carve(&ka, N * ch[i] * a->lh[i + 1] * a->lw[i + 1]);
+        a->down_out[i] = a->skip[s - 1];
+    }
+    {
+        int H = a->lh[n - 1], W = a->lw[n - 1], layers = c->transformer_layers_per_block[n - 1];
+        lay_resnet(Lp, &a->res[ir++], ch[n - 1], H, W, 0);
+        lay_transformer(Lp, &a->tf[it++], &a->blk[ib], ch[n - 1], ms_unet_heads(c, n - 1), layers, H, W, 0);
+        ib += layers;
+        lay_resnet(Lp, &a->res[ir], ch[n - 1], H, W, 0);
+        a->mid_out = a->res[ir++].out;
+    }
+    int prev = ch[n - 1];
+    for (int i = 0; i < n; i++) {
+        int lv = n - 1 - i, C = ch[lv], H = a->lh[lv], W = a->lw[lv], cross = is_cross_up(c->up_block_types[i]);
+        int cskip = ch[lv > 0 ? lv - 1 : 0];
+        float *h = NULL;
+        for (int j = 0; j <= L; j++) {
+            a->cat[ic++] = lay_out(Lp, N * (size_t)((j == 0 ? prev : C) + (j == L ? cskip : C)) * H * W, 0);
+            lay_resnet(Lp, &a->res[ir], C, H, W, 0);
+            h = a->res[ir++].out;
+            if (cross) {
+                int layers = c->transformer_layers_per_block[lv];
+                lay_transformer(Lp, &a->tf[it], &a->blk[ib], C, ms_unet_heads(c, lv), layers, H, W, 0);
+                h = a->tf[it++].out;
+                ib += layers;
+            }
+        }
+        a->up_out[i] = i < n - 1 ? lay_out(Lp, N * C * a->lh[lv - 1] * a->lw[lv - 1], 0) : h;
+        prev = C;
+    }
+    a->out_mean = lay_save(Lp, N * c->norm_num_groups, a->sstat[0]);
+    a->out_rstd = lay_save(Lp, N * c->norm_num_groups, a->sstat[1]);
+    if (a->training)     /* the gradient of each skip tensor */
+        for (int k = 0; k < a->n_skip; k++) a->dskip[k] = carve(&ka, skip_numel(a, k));
+    if (acts_bytes) *acts_bytes = ka.bytes + 64;
+    if (scratch_bytes) *scratch_bytes = ks.bytes + 64;
+    if (ka.fail || ks.fail)
+        return ms_errorf(MS_ERR_NOMEM, "unet: activations need %zu + %zu bytes; the arenas (%zu, %zu free) are "
+                         "too small (plan them with unet_sizes)", ka.bytes + 64, ks.bytes + 64,
+                         acts ? acts->cap - acts->used : 0, scratch ? scratch->cap - scratch->used : 0);
+    return MS_OK;
+}
+
+/* Fills the dims and the malloc'ed arrays of a (no arena yet). */
+static MsStatus unet_acts_setup(UNetActs *a, const UNetConfig *c, int N, int h, int w, int Tk, int training) {
+    MsStatus s;
+    memset(a, 0, sizeof *a);
+    if ((s = ms_unet_config_check(c))) return s;
+    if (c->mid_block_type != MS_BLOCK_MID_CROSS_ATTN)
+        return ms_errorf(MS_ERR_UNSUPPORTED, "unet: mid_block_type %s (only UNetMidBlock2DCrossAttn)",
+                         ms_block_type_name(c->mid_block_type));
+    if (N < 1 || N > UNET_MAX_DIM || h < 1 || h > UNET_MAX_DIM || w < 1 || w > UNET_MAX_DIM || Tk < 1 || Tk > UNET_MAX_DIM)
+        return ms_errorf(MS_ERR_ARG, "unet: batch %d, latent %dx%d, context length %d: each must be in [1, %d]",
+                         N, h, w, Tk, UNET_MAX_DIM);
+    a->cfg = *c;
+    a->N = N; a->H = h; a->W = w; a->Tk = Tk; a->training = training ? 1 : 0;
+    const int n = c->n_blocks, L = c->layers_per_block;
+    /* Downsample2D: 3x3 stride 2, padding p (p == 0: F.pad (0,1,0,1) first) */
+    int pad = c->downsample_padding, extra = pad == 0 ? 1 : 2 * pad;
+    a->lh[0] = h; a->lw[0] = w;
+    for (int i = 1; i < n; i++) {
+        a->lh[i] = (a->lh[i - 1] + extra - 3) / 2 + 1;
+        a->lw[i] = (a->lw[i - 1] + extra - 3) / 2 + 1;
+        if (a->lh[i] < 1 || a->lw[i] < 1)
+            return ms_errorf(MS_ERR_ARG, "unet: latent %dx%d is too small for %d levels", h, w, n);
+    }
+    int n_res = n * L + 2 + n * (L + 1), n_tf = 1, n_blk = c->transformer_layers_per_block[n - 1];
+    for (int i = 0; i < n; i++) {
+        if (is_cross_down(c->down_block_types[i])) { n_tf += L; n_blk += L * c->transformer_layers_per_block[i]; }
+        if (is_cross_up(c->up_block_types[i])) { n_tf += L + 1; n_blk += (L + 1) * c->transformer_layers_per_block[n - 1 - i]; }
+    }
+    a->n_skip = n * (L + 1);
+    size_t bytes = (size_t)n_res * sizeof(UNetResnetActs) + (size_t)n_tf * sizeof(UNetTfActs) +
+                   (size_t)n_blk * sizeof(UNetBlockActs) + (size_t)(3 * a->n_skip + 1) * sizeof(float *);
+    a->mem = calloc(1, bytes);
+    if (!a->mem) return ms_errorf(MS_ERR_NOMEM, "unet: no memory for the activation index (%zu bytes)", bytes);
+    a->res = (UNetResnetActs *)a->mem;
+    a->tf = (UNetTfActs *)(a->res + n_res);
+    a->blk = (UNetBlockActs *)(a->tf + n_tf);
+    a->skip = (float **)(a->blk + n_blk);
+    a->cat = a->skip + a->n_skip;
+    a->dskip = a->cat + a->n_skip;
+    return MS_OK;
+}
+
+MsStatus unet_sizes(const UNetConfig *c, int N, int h, int w, int Tk, int training, UNetSizes *sz) {
+    UNetActs a;
+    MsStatus s = unet_acts_setup(&a, c, N, h, w, Tk, training);
+    memset(sz, 0, sizeof *sz);
+    if (!s) s = unet_layout(&a, NULL, NULL, &sz->acts_bytes, &sz->scratch_bytes);
+    unet_acts_free(&a);
+    return s;
+}
+
+MsStatus unet_acts_init(UNetActs *a, const UNetConfig *c, int N, int h, int w, int Tk, int training,
+                        Arena *acts, Arena *scratch) {
+    MsStatus s = unet_acts_setup(a, c, N, h, w, Tk, training);
+    if (!s) s = unet_layout(a, acts, scratch, NULL, NULL);
+    if (s) unet_acts_free(a);
+    return s;
+}
+
+void unet_acts_free(UNetActs *a) {
+    free(a->mem);
+    memset(a, 0, sizeof *a);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* UNet2DConditionModel.forward                                                              */
+/* ---------------------------------------------------------------------------------------- */
+static MsStatus check_lora(const UNetLora *l, const UNetParams *p, const char *what) {
+    if (!l) return MS_OK;
+    if (l->n_attn != 2 * p->n_blk || !l->lin)
+        return ms_errorf(MS_ERR_ARG, "unet: %s has %d attention modules, the model %d", what, l->n_attn, 2 * p->n_blk);
+    for (int t = 0; t < p->n_tf; t++)
+        if (l->rank > p->tf[t].C)
+            return ms_errorf(MS_ERR_ARG, "unet: %s rank %d exceeds the width %d of %s", what, l->rank, p->tf[t].C,
+                             p->blk[p->tf[t].first_block].name);
+    return MS_OK;
+}
+
+MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, const float *ctx,
+                      const float *const *layer_ctx, const float *const *adapter,
+                      const UNetParams *p, const UNetLora *lora) {
+    const UNetConfig *c = &a->cfg;
+    const int n = c->n_blocks, L = c->layers_per_block, N = a->N, G = c->norm_num_groups, Tk = a->Tk;
+    const int E = ms_unet_time_embed_dim(c), D = c->cross_attention_dim, *ch = c->block_out_channels;
+    const float eps_n = c->norm_eps;
+    MsStatus s;
+    if (!ctx && !layer_ctx) return ms_errorf(MS_ERR_ARG, "unet_forward: no context (ctx and layer_ctx are NULL)");
+    if (!a->mem || memcmp(&a->cfg, &p->cfg, sizeof a->cfg))
+        return ms_errorf(MS_ERR_ARG, "unet_forward: activations and parameters belong to different configs");
+    if ((s = check_lora(lora, p, "lora"))) return s;
+    a->ctx = ctx;
+    a->layer_ctx = layer_ctx;
+
+    /* time: [cos | sin] sinusoidal embedding (float32) -> linear_1 -> SiLU -> linear_2; every
+     * resnet then applies its own SiLU before time_emb_proj, done once here */
+    float *e0 = a->stime, *e1 = a->stime + (size_t)N * ch[0];
+    timestep_embedding_forward(e0, t, N, ch[0], c->flip_sin_to_cos, (float)c->freq_shift, 10000);
+    linear_forward(e1, e0, p->time1_w, p->time1_b, N, ch[0], E);
+    silu_forward(e1, e1, (size_t)N * E);
+    linear_forward(a->temb, e1, p->time2_w, p->time2_b, N, E, E);
+    silu_forward(a->temb, a->temb, (size_t)N * E);
+    float *tp = e1 + (size_t)N * E;                       /* (N, Co) time projections */
+
+    const float *in = x;
+    if (c->center_input_sample) {                          /* sample = 2 * sample - 1.0 */
+        size_t m = (size_t)N * c->in_channels * a->H * a->W;
+        for (size_t i = 0; i < m; i++) a->sx[1][i] = 2.0f * x[i] - 1.0f;
+        in = a->sx[1];
+    }
+    conv2d_forward(a->x0, in, p->conv_in_w, p->conv_in_b, N, c->in_channels, ch[0], a->H, a->W,
+                   c->conv_in_kernel, 1, (c->conv_in_kernel - 1) / 2);
+
+    int ir = 0, it = 0, s_i = 1, ic = 0;
+    const float *h = a->x0;
+    for (int i = 0; i < n; i++) {                          /* down blocks */
+        int H = a->lh[i], W = a->lw[i], C = ch[i], cross = is_cross_down(c->down_block_types[i]);
+        for (int j = 0; j < L; j++) {
+            unet_resnet_forward(a->res[ir].out, &a->res[ir], h, a->temb, &p->res[ir], N, H, W, E, G, eps_n, a->sx[0], tp);
+            h = a->res[ir++].out;
+            if (cross) {
+                unet_transformer_forward(&a->tf[it], &a->blk[p->tf[it].first_block], h, ctx, layer_ctx, &p->tf[it],
+                                         &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
+                h = a->tf[it++].out;
+                if (j == L - 1 && adapter && adapter[i])   /* T2I-Adapter: before the downsampler */
+                    add_forward(a->tf[it - 1].out, h, adapter[i], (size_t)N * C * H * W);
+            }
+            s_i++;
+        }
+        if (i < n - 1) {
+            int pad = c->downsample_padding;
+            float *o = a->skip[s_i++];
+            conv2d_forward_pad(o, h, p->down_w[i], p->down_b[i], N, C, C, H, W, 3, 2,
+                               pad, pad, pad ? pad : 1, pad ? pad : 1);
+            h = o;
+        }
+        if (!cross && adapter && adapter[i])              /* DownBlock2D: sample += residual, in place */
+            add_forward(a->skip[s_i - 1], h, adapter[i], (size_t)N * C * a->lh[i + (i < n - 1)] * a->lw[i + (i < n - 1)]);
+    }
+
+    {                                                      /* mid block: resnet, attention, resnet */
+        int H = a->lh[n - 1], W = a->lw[n - 1];
+        unet_resnet_forward(a->res[ir].out, &a->res[ir], h, a->temb, &p->res[ir], N, H, W, E, G, eps_n, a->sx[0], tp);
+        h = a->res[ir++].out;
+        unet_transformer_forward(&a->tf[it], &a->blk[p->tf[it].first_block], h, ctx, layer_ctx, &p->tf[it],
+                                 &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
+        h = a->tf[it++].out;
+        unet_resnet_forward(a->res[ir].out, &a->res[ir], h, a->temb, &p->res[ir], N, H, W, E, G, eps_n, a->sx[0], tp);
+        h = a->res[ir++].out;
+    }
+
+    int prev = ch[n - 1];
+    for (int i = 0; i < n; i++) {                          /* up blocks */
+        int lv = n - 1 - i, C = ch[lv], H = a->lh[lv], W = a->lw[lv], cross = is_cross_up(c->up_block_types[i]);
+        for (int j = 0; j <= L; j++) {
+            int Ch = j == 0 ? prev : C;
+            const float *sk = a->skip[--s_i];              /* res_hidden_states_tuple[-1] */
+            int Cs = p->res[ir].cin - Ch;
+            concat_channels_forward(a->cat[ic], h, sk, N, Ch, Cs, H * W);
+            unet_resnet_forward(a->res[ir].out, &a->res[ir], a->cat[ic++], a->temb, &p->res[ir], N, H, W, E, G,
+                                eps_n, a->sx[0], tp);
+            h = a->res[ir++].out;
+            if (cross) {
+                unet_transformer_forward(&a->tf[it], &a->blk[p->tf[it].first_block], h, ctx, layer_ctx, &p->tf[it],
+                                         &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
+                h = a->tf[it++].out;
+            }
+        }
+        if (i < n - 1) {                                   /* Upsample2D: nearest to the next skip's size, conv */
+            int Ho = a->lh[lv - 1], Wo = a->lw[lv - 1];
+            resize_nearest_forward(a->sx[0], h, N, C, H, W, Ho, Wo);
+            conv2d_forward(a->up_out[i], a->sx[0], p->up_w[i], p->up_b[i], N, C, C, Ho, Wo, 3, 1, 1);
+            h = a->up_out[i];
+        }
+        prev = C;
+    }
+
+    /* conv_norm_out -> SiLU -> conv_out */
+    const size_t n0 = (size_t)N * ch[0] * a->H * a->W;
+    groupnorm_forward(a->sx[0], a->out_mean, a->out_rstd, h, p->norm_out_w, p->norm_out_b, N, ch[0], a->H * a->W, G, eps_n);
+    silu_forward(a->sx[0], a->sx[0], n0);
+    conv2d_forward(eps, a->sx[0], p->conv_out_w, p->conv_out_b, N, ch[0], c->out_channels, a->H, a->W,
+                   c->conv_out_kernel, 1, (c->conv_out_kernel - 1) / 2);
+    return MS_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Backward: the forward's layer list in reverse                                             */
+/* ---------------------------------------------------------------------------------------- */
+/* The next of the three rotating gradient buffers, zeroed for n floats. */
+static float *grad_next(UNetActs *a, int *g, size_t n) {
+    float *d = a->rot[(*g)++ % 3];
+    zero(d, n);
+    return d;
+}
+
+MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, UNetLora *dlora,
+                       const float *deps, float *dctx, float *const *dlayer_ctx) {
+    const UNetConfig *c = &a->cfg;
+    const int n = c->n_blocks, L = c->layers_per_block, N = a->N, G = c->norm_num_groups, Tk = a->Tk;
+    const int D = c->cross_attention_dim, *ch = c->block_out_channels;
+    const float eps_n = c->norm_eps;
+    const float *ctx = a->ctx;
+    const float *const *layer_ctx = a->layer_ctx;
+    MsStatus s;
+    if (!a->training) return ms_errorf(MS_ERR_ARG, "unet_backward: the activations were planned for inference");
+    if (!a->ctx && !a->layer_ctx) return ms_errorf(MS_ERR_ARG, "unet_backward: no forward pass to go back through");
+    if (dlayer_ctx && !layer_ctx) return ms_errorf(MS_ERR_ARG, "unet_backward: dlayer_ctx given, but the forward had one context");
+    if (dctx && layer_ctx) return ms_errorf(MS_ERR_ARG, "unet_backward: dctx given, but the forward had layer-wise contexts");
+    if (dlora && !lora) return ms_errorf(MS_ERR_ARG, "unet_backward: dlora given without lora");
+    if ((s = check_lora(dlora, p, "dlora"))) return s;
+    if (dlora && dlora->rank != lora->rank) return ms_errorf(MS_ERR_ARG, "unet_backward: dlora rank %d != lora rank %d", dlora->rank, lora->rank);
+
+    int g = 0, ir = p->n_res, it = p->n_tf;
+    /* skip gradients start at zero; the up blocks fill them, the down blocks read them */
+    for (int k = 0; k < a->n_skip; k++) zero(a->dskip[k], skip_numel(a, k));
+
+    /* conv_out <- SiLU <- conv_norm_out */
+    const int P0 = a->H * a->W;
+    const size_t n0 = (size_t)N * ch[0] * P0;
+    const float *hl = a->up_out[n - 1];
+    zero(a->sx[0], n0);
+    conv2d_backward(a->sx[0], NULL, NULL, deps, NULL, p->conv_out_w, N, ch[0], c->out_channels, a->H, a->W,
+                    c->conv_out_kernel, 1, (c->conv_out_kernel - 1) / 2, (c->conv_out_kernel - 1) / 2,
+                    (c->conv_out_kernel - 1) / 2, (c->conv_out_kernel - 1) / 2);
+    groupnorm_forward(a->sx[1], NULL, NULL, hl, p->norm_out_w, p->norm_out_b, N, ch[0], P0, G, eps_n);
+    zero(a->sx[2], n0);
+    silu_backward(a->sx[2], a->sx[0], a->sx[1], n0);
+    float *dh = grad_next(a, &g, n0);
+    groupnorm_backward(dh, NULL, NULL, a->sx[2], hl, a->out_mean, a->out_rstd, p->norm_out_w, N, ch[0], P0, G);
+
+    for (int i = n - 1; i >= 0; i--) {                     /* up blocks, last first */
+        int lv = n - 1 - i, C = ch[lv], H = a->lh[lv], W = a->lw[lv], P = H * W, cross = is_cross_up(c->up_block_types[i]);
+        if (i < n - 1) {
+            int Ho = a->lh[lv - 1], Wo = a->lw[lv - 1];
+            zero(a->sx[0], (size_t)N * C * Ho * Wo);
+            conv2d_backward(a->sx[0], NULL, NULL, dh, NULL, p->up_w[i], N, C, C, Ho, Wo, 3, 1, 1, 1, 1, 1);
+            dh = grad_next(a, &g, (size_t)N * C * P);
+            resize_nearest_backward(dh, a->sx[0], N, C, H, W, Ho, Wo);
+        }
+        for (int j = L; j >= 0; j--) {
+            if (cross) {
+                it--;
+                float *d = grad_next(a, &g, (size_t)N * C * P);
+                unet_transformer_backward(d, dctx, dlayer_ctx, dlora, dh, &a->tf[it], &a->blk[p->tf[it].first_block],
+                                          ctx, layer_ctx, &p->tf[it], &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
+                dh = d;
+            }
+            ir--;
+            const UNetResnetParams *rp = &p->res[ir];
+            int Ch = j == 0 ? (i == 0 ? ch[n - 1] : ch[lv + 1]) : C, Cs = rp->cin - Ch;
+            float *dcat = grad_next(a, &g, (size_t)N * rp->cin * P);
+            unet_resnet_backward(dcat, dh, &a->res[ir], rp, N, H, W, G, eps_n, a->sx[0], a->sx[1], a->sx[2]);
+            dh = grad_next(a, &g, (size_t)N * Ch * P);
+            /* the forward popped skip n_skip - 1 - (i (L+1) + j) for this resnet */
+            concat_channels_backward(dh, a->dskip[a->n_skip - 1 - (i * (L + 1) + j)], dcat, N, Ch, Cs, P);
+        }
+    }
+
+    {                                                      /* mid block, reversed */
+        int H = a->lh[n - 1], W = a->lw[n - 1];
+        size_t m = (size_t)N * ch[n - 1] * H * W;
+        float *d;
+        ir--;
+        d = grad_next(a, &g, m);
+        unet_resnet_backward(d, dh, &a->res[ir], &p->res[ir], N, H, W, G, eps_n, a->sx[0], a->sx[1], a->sx[2]);
+        dh = d;
+        it--;
+        d = grad_next(a, &g, m);
+        unet_transformer_backward(d, dctx, dlayer_ctx, dlora, dh, &a->tf[it], &a->blk[p->tf[it].first_block],
+                                  ctx, layer_ctx, &p->tf[it], &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
+        dh = d;
+        ir--;
+        d = grad_next(a, &g, m);
+        unet_resnet_backward(d, dh, &a->res[ir], &p->res[ir], N, H, W, G, eps_n, a->sx[0], a->sx[1], a->sx[2]);
+        dh = d;
+    }
+
+    for (int i = n - 1; i >= 0; i--) {                     /* down blocks, last first */
+        int C = ch[i], H = a->lh[i], W = a->lw[i], P = H * W, cross = is_cross_down(c->down_block_types[i]);
+        if (i < n - 1) {
+            int Ho = a->lh[i + 1], Wo = a->lw[i + 1], pad = c->downsample_padding;
+            add_forward(dh, dh, a->dskip[1 + i * (L + 1) + L], (size_t)N * C * Ho * Wo);  /* its skip */
+            float *d = grad_next(a, &g, (size_t)N * C * P);
+            conv2d_backward(d, NULL, NULL, dh, NULL, p->down_w[i], N, C, C, H, W, 3, 2, pad, pad,
+                            pad ? pad : 1, pad ? pad : 1);
+            dh = d;
+        }
+        for (int j = L - 1; j >= 0; j--) {
+            add_forward(dh, dh, a->dskip[1 + i * (L + 1) + j], (size_t)N * C * P);
+            if (cross) {
+                it--;
+                float *d = grad_next(a, &g, (size_t)N * C * P);
+                unet_transformer_backward(d, dctx, dlayer_ctx, dlora, dh, &a->tf[it], &a->blk[p->tf[it].first_block],
+                                          ctx, layer_ctx, &p->tf[it], &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
+                dh = d;
+            }
+            ir--;
+            if (it == 0) return MS_OK;     /* nothing trainable feeds this resnet's input */
+            const UNetResnetParams *rp = &p->res[ir];
+            float *d = grad_next(a, &g, (size_t)N * rp->cin * P);
+            unet_resnet_backward(d, dh, &a->res[ir], rp, N, H, W, G, eps_n, a->sx[0], a->sx[1], a->sx[2]);
+            dh = d;
+        }
+    }
+    return MS_OK;
+}

@@ -1,0 +1,348 @@
+/* tests/test_unet.c — models/unet.c (diffusers 0.19.3 UNet2DConditionModel) on tiny-sd.
+ *
+ * tests/data/unet_golden.safetensors comes from tools/ref/gen_unet_golden.py: torch autograd in
+ * float64 on the same float32 inputs and weights (its metadata records what torch float32 itself
+ * reaches against float64: ~1e-6 for eps and gradients). Checked here:
+ *   - eps for N = 2, a non-square 8x12 latent (12 -> 6 -> 3 -> 2: the up path interpolates to
+ *     the skip sizes), timesteps 999 and 423.5; the down/mid/up block outputs; rel-L2 <= 1e-5;
+ *   - layer-wise contexts (16 layers, Mix-of-Show order), adapter residuals, LoRA (rank 3,
+ *     alpha 0.75) on every to_q/k/v/out.0, and the gradients of L = sum(R * eps) w.r.t. the
+ *     context, the 16 layer contexts and every LoRA down/up (rel-L2 <= 1e-4);
+ *   - inference mode (reused buffers) gives the training-mode eps bit for bit;
+ *   - 1 vs 2 threads: eps and every gradient bit-identical;
+ *   - central differences of L for context and LoRA coordinates on a 1x4x4 latent, Tk = 5;
+ *   - the planned arena sizes are exactly enough; bad arguments return errors.
+ */
+#include "test.h"
+
+#include "tools/tools.h"
+
+static StFile G;
+
+/* golden tensor as float (F64 references rounded to nearest); NULL + failed check if absent */
+static float *golden(const char *key, size_t n) {
+    const StTensor *t = st_find(&G, key);
+    float *x = NULL;
+    if (!t || t->numel != n) { check(0, "golden %s (%zu values) present", key, n); return NULL; }
+    x = test_zeros(n);
+    if (st_to_f32(&G, t, x, n)) { check(0, "golden %s readable: %s", key, ms_last_error()); return NULL; }
+    return x;
+}
+
+static void cmp(const char *what, const float *got, const char *key, size_t n, double tol) {
+    float *want = golden(key, n);
+    if (want) check_close(what, got, want, n, tol, 0);
+    ms_free_aligned(want);
+}
+
+typedef struct {
+    UNetActs a;
+    Arena acts, scratch;
+} Run;
+
+static int run_init(Run *r, const UNetConfig *c, int N, int h, int w, int Tk, int training) {
+    UNetSizes s;
+    memset(r, 0, sizeof *r);
+    if (!check(unet_sizes(c, N, h, w, Tk, training, &s) == MS_OK, "unet_sizes N=%d %dx%d train=%d", N, h, w, training))
+        return 0;
+    /* exactly the planned bytes: carving must fit */
+    if (arena_init(&r->acts, s.acts_bytes) || arena_init(&r->scratch, s.scratch_bytes)) { printf("no memory\n"); exit(2); }
+    MsStatus st = unet_acts_init(&r->a, c, N, h, w, Tk, training, &r->acts, &r->scratch);
+    if (!check(st == MS_OK, "unet_acts_init fits the planned %.2f + %.2f MB", s.acts_bytes / 1e6, s.scratch_bytes / 1e6)) {
+        printf("      %s\n", ms_last_error());
+        return 0;
+    }
+    return 1;
+}
+static void run_free(Run *r) { unet_acts_free(&r->a); arena_free(&r->acts); arena_free(&r->scratch); }
+
+static MsStatus lora_from_golden(UNetLora *l, const UNetParams *p) {
+    char name[2 * MS_KEY_MAX], key[3 * MS_KEY_MAX];
+    for (int a = 0; a < l->n_attn; a++)
+        for (int w = 0; w < 4; w++) {
+            UNetLoraLinear *x = &l->lin[4 * a + w];
+            unet_lora_module_name(p, a, w, name, sizeof name);
+            snprintf(key, sizeof key, "lora/%s.lora_down.weight", name);
+            int64_t sd[2] = { l->rank, x->in }, su[2] = { x->out, l->rank };
+            MsStatus s = st_read_f32(&G, key, x->down, (size_t)l->rank * x->in, 2, sd);
+            if (s) return s;
+            snprintf(key, sizeof key, "lora/%s.lora_up.weight", name);
+            if ((s = st_read_f32(&G, key, x->up, (size_t)x->out * l->rank, 2, su))) return s;
+        }
+    return MS_OK;
+}
+
+/* every dlora tensor against grad_lora/<module>.lora_{down,up}.weight, as one vector */
+static void cmp_lora_grads(const UNetLora *d, const UNetParams *p, double tol) {
+    char name[2 * MS_KEY_MAX], key[3 * MS_KEY_MAX];
+    float *want = test_zeros(d->n_floats);
+    int ok = 1;
+    for (int a = 0; a < d->n_attn && ok; a++)
+        for (int w = 0; w < 4 && ok; w++) {
+            const UNetLoraLinear *x = &d->lin[4 * a + w];
+            unet_lora_module_name(p, a, w, name, sizeof name);
+            snprintf(key, sizeof key, "grad_lora/%s.lora_down.weight", name);
+            const StTensor *t = st_find(&G, key);
+            ok = t && !st_to_f32(&G, t, want + (x->down - d->data), (size_t)d->rank * x->in);
+            snprintf(key, sizeof key, "grad_lora/%s.lora_up.weight", name);
+            t = st_find(&G, key);
+            ok = ok && t && !st_to_f32(&G, t, want + (x->up - d->data), (size_t)x->out * d->rank);
+        }
+    if (check(ok, "golden LoRA gradients present (%zu floats)", d->n_floats)) {
+        check_close("d lora (all down/up, vs f64)", d->data, want, d->n_floats, tol, 0);
+        /* tensor by tensor (the whole-vector error could hide a small wrong tensor): rel-L2 of
+         * each down/up whose norm is at least 1% of the largest one */
+        double nmax = 0.0, worst = 0.0;
+        const char *wname = "";
+        static char wbuf[2 * MS_KEY_MAX];
+        for (int pass = 0; pass < 2; pass++)
+            for (int k = 0; k < 8 * d->n_attn; k++) {
+                const UNetLoraLinear *x = &d->lin[k / 2];
+                const float *g = k % 2 ? x->up : x->down;
+                size_t m = (size_t)d->rank * (k % 2 ? x->out : x->in), off = (size_t)(g - d->data);
+                double num = 0.0, den = 0.0;
+                for (size_t i = 0; i < m; i++) {
+                    double e = (double)g[i] - want[off + i];
+                    num += e * e; den += (double)want[off + i] * want[off + i];
+                }
+                if (pass == 0) { nmax = fmax(nmax, sqrt(den)); continue; }
+                if (sqrt(den) < 1e-2 * nmax) continue;
+                if (sqrt(num / den) > worst) {
+                    worst = sqrt(num / den);
+                    unet_lora_module_name(p, k / 8, k / 2 % 4, wbuf, sizeof wbuf);
+                    wname = wbuf;
+                }
+            }
+        check(worst <= 10 * tol, "d lora per tensor: worst rel_l2 %.2e (tol %.0e) at %s", worst, 10 * tol, wname);
+    }
+    ms_free_aligned(want);
+}
+
+/* Central differences at the coordinates where the analytic gradient is largest (where the
+ * float32 noise of the loss, ~1e-6, matters least) plus a stride over the rest; error relative
+ * to max(|num|, |analytic|, max|analytic| / 10): small coordinates are held to 1e-3 of the
+ * largest, about the float32 noise of the differences (~2e-5 at eps 0.05). */
+static double fd_check(double (*loss)(void *), void *ctx, float *x, const float *dx, size_t n, float eps,
+                       int verbose) {
+    double gmax = 1e-30, worst = 0.0;
+    size_t pick[12];
+    int np = 0;
+    for (size_t k = 0; k < n; k++) gmax = fmax(gmax, fabs(dx[k]));
+    for (int r = 0; r < 8 && r < (int)n; r++) {               /* the 8 largest |dx| */
+        size_t best = n;
+        for (size_t k = 0; k < n; k++) {
+            int used = 0;
+            for (int q = 0; q < np; q++) used |= pick[q] == k;
+            if (!used && (best == n || fabs(dx[k]) > fabs(dx[best]))) best = k;
+        }
+        pick[np++] = best;
+    }
+    for (size_t k = n / 5; k < n && np < 12; k += n / 5 + 1) pick[np++] = k;
+    for (int q = 0; q < np; q++) {
+        size_t k = pick[q];
+        float x0 = x[k];
+        x[k] = x0 + eps; double lp = loss(ctx);
+        x[k] = x0 - eps; double lm = loss(ctx);
+        x[k] = x0;
+        double num = (lp - lm) / (2.0 * (double)eps);
+        double e = fabs(num - dx[k]) / fmax(fmax(fabs(num), fabs(dx[k])), 0.1 * gmax);
+        if (verbose) printf("        [%zu] analytic % .6e numeric % .6e  (max|g| %.3e)\n", k, (double)dx[k], num, gmax);
+        worst = fmax(worst, e);
+    }
+    return worst;
+}
+
+static const UNetParams *GP;
+
+/* ---- goldens ---- */
+static void test_goldens(const UNetParams *p, const UNetConfig *c) {
+    const int N = 2, H = 8, W = 12, Tk = 77, D = c->cross_attention_dim, nc = ms_unet_cross_attn_layers(c);
+    const size_t nx = (size_t)N * 4 * H * W, nctx = (size_t)N * Tk * D;
+    float *x = golden("in/latent", nx), *t = golden("in/t", (size_t)N), *ctx = golden("in/ctx", nctx);
+    float *R = golden("in/R", nx), *lctx = golden("in/layer_ctx", (size_t)nc * nctx);
+    float *eps = test_zeros(nx), *eps1 = test_zeros(nx);
+    if (!x || !t || !ctx || !R || !lctx) return;
+    check(nc == 16, "tiny-sd has 16 cross-attention layers (%d)", nc);
+    Run r, ri;
+    if (!run_init(&r, c, N, H, W, Tk, 1) || !run_init(&ri, c, N, H, W, Tk, 0)) return;
+
+    /* plain */
+    check(unet_forward(eps, &r.a, x, t, ctx, NULL, NULL, p, NULL) == MS_OK, "forward");
+    cmp("eps (N=2, 8x12, t=999/423.5)", eps, "eps", nx, 1e-5);
+    char key[64], what[64];
+    for (int i = 0; i < c->n_blocks; i++) {
+        int lv = i < c->n_blocks - 1 ? i + 1 : i;
+        snprintf(key, sizeof key, "act/down%d", i); snprintf(what, sizeof what, "down block %d output", i);
+        cmp(what, r.a.down_out[i], key, (size_t)N * c->block_out_channels[i] * r.a.lh[lv] * r.a.lw[lv], 1e-5);
+    }
+    int n = c->n_blocks;
+    cmp("mid block output", r.a.mid_out, "act/mid", (size_t)N * c->block_out_channels[n - 1] * r.a.lh[n - 1] * r.a.lw[n - 1], 1e-5);
+    for (int i = 0; i < n; i++) {
+        int lv = n - 1 - i, lo = lv > 0 ? lv - 1 : 0;
+        snprintf(key, sizeof key, "act/up%d", i); snprintf(what, sizeof what, "up block %d output", i);
+        cmp(what, r.a.up_out[i], key, (size_t)N * c->block_out_channels[lv] * r.a.lh[lo] * r.a.lw[lo], 1e-5);
+    }
+    check(unet_forward(eps1, &ri.a, x, t, ctx, NULL, NULL, p, NULL) == MS_OK, "forward (inference mode)");
+    check_bitwise("inference mode eps == training mode eps", eps1, eps, nx);
+
+    /* adapter residuals */
+    const float *ad[MS_MAX_BLOCKS] = { 0 };
+    for (int i = 0; i < n; i++) {
+        int lv = (c->down_block_types[i] == MS_BLOCK_DOWN && i < n - 1) ? i + 1 : i;
+        snprintf(key, sizeof key, "in/adapter/%d", i);
+        ad[i] = golden(key, (size_t)N * c->block_out_channels[i] * r.a.lh[lv] * r.a.lw[lv]);
+    }
+    check(unet_forward(eps, &ri.a, x, t, ctx, NULL, ad, p, NULL) == MS_OK, "forward with adapter");
+    cmp("eps with adapter residuals", eps, "eps_adapter", nx, 1e-5);
+
+    /* layer-wise contexts + gradients */
+    const float *lc[64];
+    float *dl[64], *dlall = test_zeros((size_t)nc * nctx);
+    for (int i = 0; i < nc; i++) { lc[i] = lctx + (size_t)i * nctx; dl[i] = dlall + (size_t)i * nctx; }
+    check(unet_forward(eps, &r.a, x, t, NULL, lc, NULL, p, NULL) == MS_OK, "forward, layer-wise contexts");
+    cmp("eps, 16 layer contexts", eps, "eps_layer", nx, 1e-5);
+    check(unet_backward(&r.a, p, NULL, NULL, R, NULL, dl) == MS_OK, "backward to layer contexts");
+    cmp("d layer contexts (16,2,77,32)", dlall, "grad_layer/ctx", (size_t)nc * nctx, 1e-4);
+
+    /* LoRA + gradients to context and LoRA */
+    Arena tr;
+    UNetLora l, dlo;
+    size_t lf = unet_lora_floats(c, 3);
+    arena_init(&tr, 2 * lf * sizeof(float) + 2 * (size_t)4 * 32 * sizeof(UNetLoraLinear) + 4096);
+    if (!check(unet_lora_init(&l, p, 3, 0.75f, &tr) == MS_OK && unet_lora_init(&dlo, p, 3, 0.75f, &tr) == MS_OK,
+               "lora init (%zu floats)", lf)) return;
+    if (!check(lora_from_golden(&l, p) == MS_OK, "lora values from golden")) { printf("      %s\n", ms_last_error()); return; }
+    float *dctx = test_zeros(nctx);
+    check(unet_forward(eps, &r.a, x, t, ctx, NULL, NULL, p, &l) == MS_OK, "forward with LoRA");
+    cmp("eps with LoRA (rank 3, alpha 0.75)", eps, "eps_lora", nx, 1e-5);
+    check(unet_backward(&r.a, p, &l, &dlo, R, dctx, NULL) == MS_OK, "backward with LoRA");
+    cmp("d context (LoRA model)", dctx, "grad_lora/ctx", nctx, 1e-4);
+    cmp_lora_grads(&dlo, p, 1e-4);
+    check(unet_forward(eps1, &ri.a, x, t, ctx, NULL, NULL, p, &l) == MS_OK, "inference forward with LoRA");
+    check_bitwise("LoRA: inference eps == training eps", eps1, eps, nx);
+
+    /* 1 vs 2 threads, bitwise */
+    if (ms_max_threads() >= 1) {
+        float *dctx2 = test_zeros(nctx), *dlo1 = test_zeros(lf);
+        memcpy(dlo1, dlo.data, lf * sizeof(float));
+        ms_set_threads(2);
+        memset(dlo.data, 0, lf * sizeof(float));
+        check(unet_forward(eps1, &r.a, x, t, ctx, NULL, NULL, p, &l) == MS_OK, "forward, 2 threads");
+        check(unet_backward(&r.a, p, &l, &dlo, R, dctx2, NULL) == MS_OK, "backward, 2 threads");
+        ms_set_threads(1);
+        check_bitwise("eps: 1 vs 2 threads", eps1, eps, nx);
+        check_bitwise("d context: 1 vs 2 threads", dctx2, dctx, nctx);
+        check_bitwise("d lora: 1 vs 2 threads", dlo.data, dlo1, lf);
+        ms_free_aligned(dctx2); ms_free_aligned(dlo1);
+    }
+
+    /* errors */
+    check(unet_forward(eps, &r.a, x, t, NULL, NULL, NULL, p, NULL) == MS_ERR_ARG, "no context: MS_ERR_ARG (%s)", ms_last_error());
+    check(unet_backward(&ri.a, p, NULL, NULL, R, dctx, NULL) == MS_ERR_ARG, "backward after inference plan: MS_ERR_ARG");
+    UNetSizes sz;
+    check(unet_sizes(c, 0, 8, 8, 77, 0, &sz) == MS_ERR_ARG, "batch 0: MS_ERR_ARG (%s)", ms_last_error());
+    arena_free(&tr);
+    run_free(&r); run_free(&ri);
+    ms_free_aligned(x); ms_free_aligned(t); ms_free_aligned(ctx); ms_free_aligned(R); ms_free_aligned(lctx);
+    ms_free_aligned(eps); ms_free_aligned(eps1); ms_free_aligned(dlall); ms_free_aligned(dctx);
+    for (int i = 0; i < n; i++) ms_free_aligned((float *)ad[i]);
+}
+
+/* ---- central differences on a small latent ---- */
+typedef struct {
+    Run r;
+    const UNetParams *p;
+    UNetLora *l;
+    float *x, *t, *ctx, *R, *eps;
+    size_t nx;
+} GC;
+
+static double gc_loss(void *v) {
+    GC *g = (GC *)v;
+    unet_forward(g->eps, &g->r.a, g->x, g->t, g->ctx, NULL, NULL, g->p, g->l);
+    double s = 0.0;
+    for (size_t i = 0; i < g->nx; i++) s += (double)g->R[i] * g->eps[i];
+    return s;
+}
+
+static void test_gradcheck(const UNetParams *p, const UNetConfig *c) {
+    const int N = 1, H = 4, W = 4, Tk = 5, D = c->cross_attention_dim;
+    GC g;
+    MsRng rng;
+    ms_rng_seed(&rng, 7);
+    g.p = p;
+    g.nx = (size_t)N * 4 * H * W;
+    g.x = test_randn(&rng, g.nx, 1.0f);
+    g.t = test_zeros(1); g.t[0] = 511.25f;
+    g.ctx = test_randn(&rng, (size_t)N * Tk * D, 1.0f);
+    g.R = test_randn(&rng, g.nx, 1.0f);
+    g.eps = test_zeros(g.nx);
+    if (!run_init(&g.r, c, N, H, W, Tk, 1)) return;
+    Arena tr;
+    UNetLora l, dl;
+    size_t lf = unet_lora_floats(c, 2);
+    arena_init(&tr, 2 * lf * sizeof(float) + (size_t)64 * 32 * sizeof(UNetLoraLinear) + 4096);
+    unet_lora_init(&l, p, 2, 1.0f, &tr);
+    unet_lora_init(&dl, p, 2, 1.0f, &tr);
+    ms_rng_fill_normal(&rng, l.data, l.n_floats, 0.0f, 0.2f);
+    g.l = &l;
+    float *dctx = test_zeros((size_t)N * Tk * D);
+    gc_loss(&g);
+    unet_backward(&g.r.a, p, &l, &dl, g.R, dctx, NULL);
+    double w = fd_check(gc_loss, &g, g.ctx, dctx, (size_t)N * Tk * D, 5e-2f, test_is_verbose());
+    check(w < 1e-2, "central differences d context (1x4x4, Tk 5): worst rel %.2e", w);
+    /* LoRA tensors (attention module, q/k/v/out, down/up): the first block's attn1 and attn2;
+     * the mid block's attn1 to_q, whose gradient is exactly 0 (one pixel at 1x1: softmax over one
+     * key is 1 whatever q is); down_blocks.0.attentions.1 attn2 to_q; up_blocks.3. Blocks at
+     * 1x1 (mid, up_blocks.0/1) have gradients ~1e-3..1e-2 here, too close to the float32 noise
+     * of the differences (~2e-5); the per-tensor golden comparison covers them. */
+    int picks[][3] = { { 0, 0, 0 }, { 0, 3, 1 }, { 1, 1, 0 }, { 1, 2, 1 },
+                       { 2 * 6, 0, 0 }, { 2 * 1 + 1, 0, 1 }, { 2 * 14, 1, 0 }, { l.n_attn - 1, 3, 1 }, { l.n_attn - 2, 2, 0 } };
+    for (size_t k = 0; k < sizeof picks / sizeof picks[0]; k++) {
+        UNetLoraLinear *x = &l.lin[4 * picks[k][0] + picks[k][1]], *dx = &dl.lin[4 * picks[k][0] + picks[k][1]];
+        float *v = picks[k][2] ? x->up : x->down, *dv = picks[k][2] ? dx->up : dx->down;
+        size_t m = (size_t)l.rank * (picks[k][2] ? x->out : x->in);
+        char name[2 * MS_KEY_MAX];
+        unet_lora_module_name(p, picks[k][0], picks[k][1], name, sizeof name);
+        w = fd_check(gc_loss, &g, v, dv, m, 5e-2f, test_is_verbose());
+        check(w < 1e-2, "central differences %s.lora_%s: worst rel %.2e", name, picks[k][2] ? "up" : "down", w);
+    }
+    arena_free(&tr);
+    run_free(&g.r);
+    ms_free_aligned(g.x); ms_free_aligned(g.t); ms_free_aligned(g.ctx); ms_free_aligned(g.R);
+    ms_free_aligned(g.eps); ms_free_aligned(dctx);
+}
+
+int main(void) {
+    char dir[1024];
+    MsModel m;
+    UNetParams p;
+    snprintf(dir, sizeof dir, "%s/models/tiny-sd", test_shared_dir());
+    double t0 = ms_time();
+    if (st_open(&G, "tests/data/unet_golden.safetensors")) {
+        check(0, "open golden: %s", ms_last_error());
+        return test_summary("test_unet");
+    }
+    if (ms_model_load(dir, NULL, &m)) {
+        printf("  skip: %s (%s)\n", dir, ms_last_error());
+        st_close(&G);
+        return test_summary("test_unet");
+    }
+    if (!check(unet_params_init(&p, &m.unet_config, &m.unet) == MS_OK, "unet_params_init")) {
+        printf("      %s\n", ms_last_error());
+        return test_summary("test_unet");
+    }
+    GP = &p;
+    ms_set_threads(1);
+    double t1 = ms_time();
+    test_goldens(&p, &m.unet_config);
+    double t2 = ms_time();
+    test_gradcheck(&p, &m.unet_config);
+    printf("  time: load %.2f s, goldens %.2f s, gradcheck %.2f s\n", t1 - t0, t2 - t1, ms_time() - t2);
+    unet_params_free(&p);
+    ms_model_free(&m);
+    st_close(&G);
+    ms_gemm_scratch_free();
+    ops_scratch_free();
+    return test_summary("test_unet");
+}
