@@ -1021,6 +1021,33 @@ void unet_cross_attention(float *y, UNetAttnActs *sv, const float *x, const floa
                           float *u, int N, int h, int w, int Tk, int C, int Dc, int heads, int layer);
 
 /* ==========================================================================================
+ * The method (mixshow.c): text-to-image sampling; ED-LoRA, fusion and regional sampling to come
+ * ======================================================================================== */
+typedef struct {
+    const char *prompt, *negative;   /* UTF-8; negative NULL: "" (diffusers' uncond_tokens) */
+    int width, height;               /* pixels, multiples of 8 (diffusers: unet.sample_size * 8) */
+    int steps;                       /* num_inference_steps */
+    float guidance_scale;            /* CFG when > 1 (diffusers' do_classifier_free_guidance) */
+    uint64_t seed;                   /* torch.Generator().manual_seed(seed) */
+    MsSchedKind sampler;             /* built from the model's scheduler_config */
+    MsTorchCpu torch_cpu;            /* which torch randn kernel to mirror (MS_TORCH_CPU_AVX2) */
+    int batch;                       /* num_images_per_prompt, 1..64 */
+    const float *init_noise;         /* (batch,4,h,w) instead of randn (still x init_noise_sigma); NULL */
+    const AdapterParams *adapter;    /* T2I-Adapter or NULL */
+    const float *cond;               /* (1,Cin,height,width) in [0,1] (preprocessed) */
+    float adapter_scale;             /* adapter_conditioning_scale */
+    /* called after each scheduler step with the latents (n floats); NULL: none */
+    void (*progress)(void *ctx, int step, int n_steps, const float *latents, size_t n);
+    void *progress_ctx;
+} MsTxt2ImgOptions;
+/* StableDiffusion(Adapter)Pipeline.__call__ of diffusers 0.19.3 up to the VAE decode:
+ * image (batch,3,height,width), not clamped (what vae.decode returns). */
+MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgOptions *o, float *image);
+/* VaeImageProcessor.postprocess + numpy_to_pil: img (C,H,W) -> out (H,W,C) uint8,
+ * round(clamp(x / 2 + 0.5, 0, 1) * 255) in float32, round half to even (numpy). */
+void ms_image_to_u8(uint8_t *out, const float *img, int C, int H, int W);
+
+/* ==========================================================================================
  * Benchmarks (tensor.c): kernels measured by `mixshow bench`
  * ======================================================================================== */
 /* @@SECTION bench@@ */

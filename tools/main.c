@@ -21,6 +21,8 @@ static int cmd_version(int argc, char **argv) {
 
 static const Command commands[] = {
     { "version", cmd_version, "print version, SIMD level and thread count" },
+    { "sample",  cmd_sample,  "text to image (diffusers StableDiffusionPipeline; tiny model by default)" },
+    { "dump",    cmd_dump,    "run networks on tensors from a safetensors file and write their outputs" },
     { "inspect", cmd_inspect, "list every tensor (name, dtype, shape) of a .safetensors/.pth/.ckpt/.bin" },
     { "convert", cmd_convert, "model folder/single file -> diffusers folder or LDM .safetensors; image -> PNG" },
     { "bench",   cmd_bench,   "measure kernels against the machine's FMA peak (see mixshow bench --help)" },

@@ -384,4 +384,21 @@ int cmd_convert(int argc, char **argv);   /* mixshow convert IN OUT [--config DI
 MsStatus ms_table_fill_memory(MsParamTable *t, const void *data, size_t size, const char *origin, int ldm,
                               const char *what, const MsLoadOptions *opt);
 
+/* ---- CLIP tokenizer files and `mixshow tokenize` (tools/cmd_tokenize.c) ---- */
+/* @@SECTION clip@@ */
+/* DIR/tokenizer/ (a diffusers folder) or DIR itself: vocab.json, merges.txt, and pad_token from
+ * special_tokens_map.json (else tokenizer_config.json; else <|endoftext|>). */
+MsStatus ms_clip_tokenizer_load(const char *dir, ClipTokenizer *t);
+/* Added tokens from a file: one per line, or a JSON array of strings (clip_tokenizer_add_tokens). */
+MsStatus ms_clip_added_tokens_load(const char *path, ClipTokenizer *t, int *n_added);
+int cmd_tokenize(int argc, char **argv);  /* mixshow tokenize --model DIR [--added-tokens FILE] "prompt" */
+
+/* ---- text-to-image pipeline, `mixshow sample`, `mixshow dump` ---- */
+/* @@SECTION pipe@@ */
+/* PIL Image.resize((ow, oh), Image.LANCZOS) on 8-bit interleaved pixels (Pillow 9.4, bit-exact):
+ * in (h,w,C) -> out (oh,ow,C). Same size: a copy, as Image.resize. tools/cmd_sample.c. */
+MsStatus ms_image_resize_lanczos(uint8_t *out, int ow, int oh, const uint8_t *in, int w, int h, int C);
+int cmd_sample(int argc, char **argv);   /* mixshow sample [--model PATH] -p PROMPT ... -o out.png */
+int cmd_dump(int argc, char **argv);     /* mixshow dump --model PATH --inputs IN --out OUT */
+
 #endif /* MS_TOOLS_H */

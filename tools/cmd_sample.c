@@ -1,0 +1,372 @@
+/* tools/cmd_sample.c — `mixshow sample`: text to image with a Stable Diffusion 1.x model,
+ * diffusers 0.19.3 StableDiffusionPipeline / StableDiffusionAdapterPipeline semantics
+ * (the loop itself is ms_txt2img in mixshow.c; this file parses options, reads the condition
+ * image, shows progress and writes PNGs).
+ *
+ * With no --model the embedded tiny random-weight model models/tiny-sd is used (looked up in
+ * the current directory, then next to the executable): an image in about a second, for smoke
+ * tests of a new port. --batch N writes N files, out-0.png .. out-{N-1}.png (out.png for N = 1).
+ *
+ * Condition images are resized as diffusers' _preprocess_adapter_image does:
+ * PIL Image.resize((W, H), LANCZOS) (Pillow 9.4 Resample.c, 8-bit fixed point; reproduced
+ * bit for bit by ms_image_resize_lanczos below, tested against Pillow), then / 255. */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L         /* isatty, readlink: in the guarded section below */
+#endif
+#include "tools/tools.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(_WIN32)
+#include <unistd.h>
+static int stderr_is_tty(void) { return isatty(2); }
+/* Directory of the running executable into buf ("" when unknown). */
+static void exe_dir(char *buf, size_t cap) {
+    buf[0] = 0;
+#if defined(__linux__)
+    ssize_t n = readlink("/proc/self/exe", buf, cap - 1);
+    if (n <= 0) { buf[0] = 0; return; }
+    buf[n] = 0;
+    char *slash = strrchr(buf, '/');
+    if (slash) *slash = 0; else buf[0] = 0;
+#else
+    (void)cap;
+#endif
+}
+#else
+static int stderr_is_tty(void) { return 0; }
+static void exe_dir(char *buf, size_t cap) { (void)cap; buf[0] = 0; }
+#endif
+
+/* ---- PIL-exact Lanczos resize (Pillow 9.4 libImaging/Resample.c, 8 bits per channel) ---- */
+#define PIL_PRECISION_BITS (32 - 8 - 2)
+
+static double sinc_filter(double x) {
+    if (x == 0.0) return 1.0;
+    x = x * MS_PI;
+    return sin(x) / x;
+}
+static double lanczos_filter(double x) {        /* support 3 */
+    if (-3.0 <= x && x < 3.0) return sinc_filter(x) * sinc_filter(x / 3);
+    return 0.0;
+}
+
+/* precompute_coeffs + normalize_coeffs_8bpc: for each output pixel xx, taps bounds[2xx] ..
+ * + bounds[2xx+1] with fixed-point weights kk[xx*ksize ..]. Returns ksize, 0 when out of memory. */
+static int pil_coeffs(int in_size, int out_size, int **boundsp, int32_t **kkp) {
+    double scale, filterscale, support;
+    filterscale = scale = (double)in_size / out_size;
+    if (filterscale < 1.0) filterscale = 1.0;
+    support = 3.0 * filterscale;
+    int ksize = (int)ceil(support) * 2 + 1;
+    double *pre = (double *)malloc((size_t)out_size * ksize * sizeof *pre);
+    int32_t *kk = (int32_t *)malloc((size_t)out_size * ksize * sizeof *kk);
+    int *bounds = (int *)malloc((size_t)out_size * 2 * sizeof *bounds);
+    if (!pre || !kk || !bounds) { free(pre); free(kk); free(bounds); return 0; }
+    for (int xx = 0; xx < out_size; xx++) {
+        double center = (xx + 0.5) * scale, ww = 0.0, ss = 1.0 / filterscale;
+        int xmin = (int)(center - support + 0.5), xmax, x;
+        if (xmin < 0) xmin = 0;
+        xmax = (int)(center + support + 0.5);
+        if (xmax > in_size) xmax = in_size;
+        xmax -= xmin;
+        double *k = &pre[(size_t)xx * ksize];
+        for (x = 0; x < xmax; x++) {
+            double wgt = lanczos_filter((x + xmin - center + 0.5) * ss);
+            k[x] = wgt;
+            ww += wgt;
+        }
+        for (x = 0; x < xmax; x++) if (ww != 0.0) k[x] /= ww;
+        for (; x < ksize; x++) k[x] = 0;
+        bounds[xx * 2] = xmin;
+        bounds[xx * 2 + 1] = xmax;
+    }
+    for (size_t i = 0; i < (size_t)out_size * ksize; i++)
+        kk[i] = pre[i] < 0 ? (int32_t)(-0.5 + pre[i] * (1 << PIL_PRECISION_BITS))
+                           : (int32_t)(0.5 + pre[i] * (1 << PIL_PRECISION_BITS));
+    free(pre);
+    *boundsp = bounds;
+    *kkp = kk;
+    return ksize;
+}
+
+static uint8_t clip8(int32_t v) {
+    if (v >= (1 << PIL_PRECISION_BITS << 8)) return 255;
+    if (v <= 0) return 0;
+    return (uint8_t)(v >> PIL_PRECISION_BITS);
+}
+
+MsStatus ms_image_resize_lanczos(uint8_t *out, int ow, int oh, const uint8_t *in, int w, int h, int C) {
+    if (w <= 0 || h <= 0 || ow <= 0 || oh <= 0 || C < 1 || C > 4 || ow > MS_IMAGE_MAX_DIM || oh > MS_IMAGE_MAX_DIM)
+        return ms_errorf(MS_ERR_ARG, "resize %dx%d -> %dx%d, %d channels: bad size", w, h, ow, oh, C);
+    if (ow == w && oh == h) { memcpy(out, in, (size_t)w * h * C); return MS_OK; }   /* Image.resize: copy */
+    int *bh = NULL, *bv = NULL;
+    int32_t *kh = NULL, *kv = NULL;
+    int ksh = pil_coeffs(w, ow, &bh, &kh), ksv = pil_coeffs(h, oh, &bv, &kv);
+    int y_first = bv ? bv[0] : 0, y_last = bv ? bv[oh * 2 - 2] + bv[oh * 2 - 1] : 0;
+    uint8_t *tmp = (uint8_t *)malloc((size_t)ow * (y_last - y_first + 1) * C);
+    if (!ksh || !ksv || !tmp) {
+        free(bh); free(kh); free(bv); free(kv); free(tmp);
+        return ms_errorf(MS_ERR_NOMEM, "resize %dx%d -> %dx%d: out of memory", w, h, ow, oh);
+    }
+    /* horizontal pass over the source rows the vertical pass uses (when the width changes) */
+    const uint8_t *src = in;
+    int src_w = w, row0 = 0;
+    if (ow != w) {
+        for (int y = y_first; y < y_last; y++)
+            for (int xx = 0; xx < ow; xx++) {
+                const int32_t *k = &kh[(size_t)xx * ksh];
+                int xmin = bh[xx * 2], xmax = bh[xx * 2 + 1];
+                for (int c = 0; c < C; c++) {
+                    int32_t ss = 1 << (PIL_PRECISION_BITS - 1);
+                    for (int x = 0; x < xmax; x++) ss += (int32_t)in[((size_t)y * w + x + xmin) * C + c] * k[x];
+                    tmp[((size_t)(y - y_first) * ow + xx) * C + c] = clip8(ss);
+                }
+            }
+        src = tmp; src_w = ow; row0 = y_first;
+    }
+    /* vertical pass */
+    if (oh != h) {
+        for (int yy = 0; yy < oh; yy++) {
+            const int32_t *k = &kv[(size_t)yy * ksv];
+            int ymin = bv[yy * 2] - row0, ymax = bv[yy * 2 + 1];
+            for (int xx = 0; xx < src_w; xx++)
+                for (int c = 0; c < C; c++) {
+                    int32_t ss = 1 << (PIL_PRECISION_BITS - 1);
+                    for (int y = 0; y < ymax; y++) ss += (int32_t)src[((size_t)(y + ymin) * src_w + xx) * C + c] * k[y];
+                    out[((size_t)yy * ow + xx) * C + c] = clip8(ss);
+                }
+        }
+    } else {
+        memcpy(out, src, (size_t)ow * oh * C);
+    }
+    free(bh); free(kh); free(bv); free(kv); free(tmp);
+    return MS_OK;
+}
+
+/* ---- mixshow sample ---- */
+static void sample_usage(FILE *f) {
+    fprintf(f,
+        "usage: mixshow sample [--model PATH] -p PROMPT [-n NEGATIVE] [--steps 50] [--cfg 7.5]\n"
+        "                      [--seed 0] [-W WIDTH] [-H HEIGHT] [--sampler dpm++2m|ddim|euler|ddpm]\n"
+        "                      [--batch N] [--adapter DIR --cond IMAGE [--adapter-scale 1.0]]\n"
+        "                      [--init-noise FILE.safetensors] [--torch-cpu avx2|default] [--threads N]\n"
+        "                      -o OUT.png\n\n"
+        "Text to image, as diffusers 0.19.3 StableDiffusionPipeline (StableDiffusionAdapterPipeline\n"
+        "with --adapter): the same seed gives the same latents as torch.Generator().manual_seed(seed).\n"
+        "  --model PATH    diffusers folder or single file (default: models/tiny-sd, the tiny\n"
+        "                  random-weight model, in the current directory or next to the executable)\n"
+        "  -W, -H          size in pixels, multiples of 8 (default: the UNet's sample_size * 8)\n"
+        "  --cfg S         guidance scale; CFG (with the negative prompt, default \"\") when S > 1\n"
+        "  --sampler       dpm++2m (DPMSolverMultistep, default), ddim, euler, ddpm, each built from\n"
+        "                  the model's scheduler_config.json\n"
+        "  --batch N       N images (num_images_per_prompt): OUT-0.png .. OUT-{N-1}.png\n"
+        "  --adapter DIR   T2I-Adapter (diffusers folder or TencentARC file); --cond: PNG/JPEG condition,\n"
+        "                  read as grey or RGB (the adapter's in_channels), resized with PIL's Lanczos\n"
+        "  --init-noise F  initial noise (B,4,H/8,W/8) from a safetensors file (its only tensor or\n"
+        "                  'init_noise') instead of randn; still multiplied by init_noise_sigma\n"
+        "  --threads N     threads (0: all cores; default: OMP_NUM_THREADS, else all cores, 1 for a\n"
+        "                  tiny model); the image does not depend on it\n"
+        "  --torch-cpu     which torch.randn kernel to mirror: avx2 (stock x86-64 torch, default) or\n"
+        "                  default (ATEN_CPU_CAPABILITY=default, ARM)\n"
+        "Progress goes to stderr when it is a terminal.\n");
+}
+
+static int file_exists(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (f) fclose(f);
+    return f != NULL;
+}
+
+/* models/tiny-sd in the current directory, then next to the executable (and one level up,
+ * for build/<name>/mixshow). */
+static int find_default_model(char *out, size_t cap) {
+    char dir[2048], probe[2300];
+    if (file_exists("models/tiny-sd/model_index.json")) { snprintf(out, cap, "models/tiny-sd"); return 1; }
+    exe_dir(dir, sizeof dir);
+    if (!dir[0]) return 0;
+    static const char *const rel[] = { "/models/tiny-sd", "/../models/tiny-sd", "/../../models/tiny-sd" };
+    for (size_t i = 0; i < sizeof rel / sizeof rel[0]; i++) {
+        snprintf(probe, sizeof probe, "%s%s/model_index.json", dir, rel[i]);
+        if (file_exists(probe)) { snprintf(out, cap, "%s%s", dir, rel[i]); return 1; }
+    }
+    return 0;
+}
+
+typedef struct { double t0; int tty; } Progress;
+
+static void progress_cb(void *ctx, int step, int n_steps, const float *latents, size_t n) {
+    Progress *p = (Progress *)ctx;
+    (void)latents; (void)n;
+    if (!p->tty) return;
+    double el = ms_time() - p->t0, per = el / (step + 1), eta = per * (n_steps - step - 1);
+    int bar = 30, fill = (step + 1) * bar / n_steps;
+    char b[64];
+    for (int i = 0; i < bar; i++) b[i] = i < fill ? '#' : '.';
+    b[bar] = 0;
+    fprintf(stderr, "\r  step %3d/%-3d [%s] %6.2f s/step, ETA %5.0f s ", step + 1, n_steps, b, per, eta);
+    if (step + 1 == n_steps) fprintf(stderr, "\n");
+    fflush(stderr);
+}
+
+static MsStatus load_init_noise(const char *path, size_t n, float **out) {
+    StFile f;
+    MsStatus s = st_open(&f, path);
+    if (s) return s;
+    const StTensor *t = st_find(&f, "init_noise");
+    if (!t && f.count == 1) t = &f.tensors[0];
+    if (!t) s = ms_errorf(MS_ERR_ARG, "%s: expected one tensor or one named 'init_noise'", path);
+    else if (t->numel != n) s = ms_errorf(MS_ERR_SHAPE, "%s: '%s' has %zu values, expected %zu (batch x 4 x H/8 x W/8)", path, t->name, t->numel, n);
+    else if (!(*out = (float *)ms_alloc_aligned(n, sizeof(float)))) s = ms_errorf(MS_ERR_NOMEM, "%s: out of memory", path);
+    else s = st_to_f32(&f, t, *out, n);
+    st_close(&f);
+    return s;
+}
+
+/* diffusers _preprocess_adapter_image: PIL resize((W, H), LANCZOS), np.array / 255 -> (1,C,H,W) */
+static MsStatus load_cond(const char *path, int C, int W, int H, float **out) {
+    MsImage img;
+    MsStatus s = ms_image_read(path, C, &img);
+    if (s) return s;
+    uint8_t *px = (uint8_t *)malloc((size_t)W * H * C);
+    float *x = (float *)ms_alloc_aligned((size_t)W * H * C, sizeof(float));
+    if (!px || !x) s = ms_errorf(MS_ERR_NOMEM, "%s: out of memory", path);
+    else s = ms_image_resize_lanczos(px, W, H, (const uint8_t *)img.data, img.w, img.h, C);
+    if (!s) {
+        for (int c = 0; c < C; c++)
+            for (size_t p = 0; p < (size_t)W * H; p++) x[(size_t)c * W * H + p] = (float)px[p * C + c] / 255.0f;
+        *out = x;
+    } else {
+        ms_free_aligned(x);
+    }
+    free(px);
+    ms_image_free(&img);
+    return s;
+}
+
+int cmd_sample(int argc, char **argv) {
+    const char *model = NULL, *out = NULL, *adapter_dir = NULL, *cond_path = NULL, *noise_path = NULL;
+    int threads = -1;
+    MsTxt2ImgOptions o;
+    memset(&o, 0, sizeof o);
+    o.steps = 50; o.guidance_scale = 7.5f; o.batch = 1; o.sampler = MS_SCHED_DPMSOLVER;
+    o.torch_cpu = MS_TORCH_CPU_AVX2; o.adapter_scale = 1.0f;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        char *end = NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { sample_usage(stdout); return 0; }
+        if (!v) { fprintf(stderr, "mixshow sample: %s needs a value (or is unknown; see --help)\n", a); return 2; }
+        i++;
+        if (!strcmp(a, "--model")) model = v;
+        else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) o.prompt = v;
+        else if (!strcmp(a, "-n") || !strcmp(a, "--negative")) o.negative = v;
+        else if (!strcmp(a, "-o") || !strcmp(a, "--out")) out = v;
+        else if (!strcmp(a, "--adapter")) adapter_dir = v;
+        else if (!strcmp(a, "--cond")) cond_path = v;
+        else if (!strcmp(a, "--init-noise")) noise_path = v;
+        else if (!strcmp(a, "--steps")) o.steps = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--batch")) o.batch = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "-W") || !strcmp(a, "--width")) o.width = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "-H") || !strcmp(a, "--height")) o.height = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--seed")) o.seed = (uint64_t)strtoull(v, &end, 10);
+        else if (!strcmp(a, "--threads")) threads = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--cfg")) o.guidance_scale = strtof(v, &end);
+        else if (!strcmp(a, "--adapter-scale")) o.adapter_scale = strtof(v, &end);
+        else if (!strcmp(a, "--sampler")) {
+            if (!strcmp(v, "dpm++2m") || !strcmp(v, "dpm")) o.sampler = MS_SCHED_DPMSOLVER;
+            else if (!strcmp(v, "ddim")) o.sampler = MS_SCHED_DDIM;
+            else if (!strcmp(v, "euler")) o.sampler = MS_SCHED_EULER;
+            else if (!strcmp(v, "ddpm")) o.sampler = MS_SCHED_DDPM;
+            else { fprintf(stderr, "mixshow sample: --sampler %s: expected dpm++2m, ddim, euler or ddpm\n", v); return 2; }
+        } else if (!strcmp(a, "--torch-cpu")) {
+            if (!strcmp(v, "avx2")) o.torch_cpu = MS_TORCH_CPU_AVX2;
+            else if (!strcmp(v, "default")) o.torch_cpu = MS_TORCH_CPU_DEFAULT;
+            else { fprintf(stderr, "mixshow sample: --torch-cpu %s: expected avx2 or default\n", v); return 2; }
+        } else { fprintf(stderr, "mixshow sample: unknown option '%s'\n\n", a); sample_usage(stderr); return 2; }
+        if (end && (*end || end == v)) { fprintf(stderr, "mixshow sample: %s %s: not a number\n", a, v); return 2; }
+    }
+    if (!o.prompt || !out) { fprintf(stderr, "mixshow sample: -p PROMPT and -o OUT.png are required\n\n"); sample_usage(stderr); return 2; }
+    if (!!adapter_dir != !!cond_path) { fprintf(stderr, "mixshow sample: --adapter and --cond go together\n"); return 2; }
+
+    char mdir[2400];
+    if (!model) {
+        if (!find_default_model(mdir, sizeof mdir)) {
+            fprintf(stderr, "mixshow sample: no --model and no models/tiny-sd here or next to the executable\n");
+            return 1;
+        }
+        model = mdir;
+    }
+    MsModel m;
+    ClipTokenizer tok;
+    AdapterConfig ac;
+    MsParamTable at;
+    AdapterParams ap;
+    int have_m = 0, have_tok = 0, have_ad = 0;
+    float *image = NULL, *noise = NULL, *cond = NULL;
+    uint8_t *px = NULL;
+    double t0 = ms_time();
+    MsStatus s = ms_model_load(model, NULL, &m);
+    if (!s) { have_m = 1; s = ms_clip_tokenizer_load(model, &tok); }
+    if (!s) have_tok = 1;
+    if (!s) {
+        int f = 1 << (m.vae_config.n_blocks - 1);
+        if (!o.width) o.width = m.unet_config.sample_size * f;     /* unet.config.sample_size * vae_scale_factor */
+        if (!o.height) o.height = m.unet_config.sample_size * f;
+        if (o.width <= 0 || o.height <= 0 || o.width % f || o.height % f || o.width > 8192 || o.height > 8192)
+            s = ms_errorf(MS_ERR_ARG, "-W %d -H %d: sides must be positive multiples of %d", o.width, o.height, f);
+    }
+    /* Threads: --threads N; else OMP_NUM_THREADS; else all cores, except for a tiny model
+     * (UNet width < 128) where the work per op is too small to pay for OpenMP barriers (on a
+     * loaded machine they cost 100x the sampling itself). Results do not depend on it. */
+    if (threads >= 0) ms_set_threads(threads);
+    else if (!s && m.unet_config.block_out_channels[0] < 128 && !getenv("OMP_NUM_THREADS")) ms_set_threads(1);
+    if (!s && adapter_dir) {
+        s = ms_adapter_load(adapter_dir, NULL, &ac, &at);
+        if (!s) { have_ad = 1; s = adapter_params_init(&ap, &ac, &at); }
+        if (!s) s = load_cond(cond_path, ac.in_channels, o.width, o.height, &cond);
+        if (!s) { o.adapter = &ap; o.cond = cond; }
+    }
+    const int h = o.height / 8, w = o.width / 8;
+    if (!s && noise_path) {
+        s = load_init_noise(noise_path, (size_t)o.batch * 4 * h * w, &noise);
+        o.init_noise = noise;
+    }
+    const size_t per = (size_t)3 * o.width * o.height;
+    if (!s && (o.batch < 1 || o.batch > 64)) s = ms_errorf(MS_ERR_ARG, "--batch %d: expected 1..64", o.batch);
+    if (!s && (!(image = (float *)ms_alloc_aligned(per * o.batch, sizeof(float))) || !(px = (uint8_t *)malloc(per))))
+        s = ms_errorf(MS_ERR_NOMEM, "out of memory for %d images of %d x %d", o.batch, o.width, o.height);
+    double t1 = ms_time();
+    Progress pr = { 0.0, stderr_is_tty() };
+    if (!s) {
+        pr.t0 = ms_time();
+        o.progress = progress_cb;
+        o.progress_ctx = &pr;
+        s = ms_txt2img(&m, &tok, &o, image);
+    }
+    double t2 = ms_time();
+    for (int b = 0; !s && b < o.batch; b++) {
+        char path[4200];
+        if (o.batch == 1) snprintf(path, sizeof path, "%s", out);
+        else {
+            const char *dot = strrchr(out, '.'), *slash = strrchr(out, '/');
+            if (!dot || (slash && dot < slash)) dot = out + strlen(out);
+            snprintf(path, sizeof path, "%.*s-%d%s", (int)(dot - out), out, b, dot);
+        }
+        ms_image_to_u8(px, image + per * b, 3, o.height, o.width);
+        s = ms_png_write(path, px, o.width, o.height, 3);
+        if (!s) fprintf(stderr, "mixshow sample: wrote %s\n", path);
+    }
+    if (!s)
+        fprintf(stderr, "mixshow sample: %d x %d, %d steps, batch %d: load %.2f s, sampling + decode %.2f s\n",
+                o.width, o.height, o.steps, o.batch, t1 - t0, t2 - t1);
+    else fprintf(stderr, "mixshow sample: %s\n", ms_last_error());
+    if (have_ad) ms_param_table_free(&at);
+    if (have_tok) clip_tokenizer_free(&tok);
+    if (have_m) ms_model_free(&m);
+    ms_free_aligned(image); ms_free_aligned(noise); ms_free_aligned(cond);
+    free(px);
+    return s ? 1 : 0;
+}
