@@ -21,6 +21,8 @@
 #   CROSS_NO_INSTALL=1     never apt-get (default: install what is missing, when root)
 #   CROSS_QEMU=1           i386 under qemu-i386 even where the host can run i386 code itself
 #   CROSS_WERROR=1         a leg with a compiler warning fails
+#   CROSS_TAG=name         build folders get a -name suffix (for runs with other MAKEVARs:
+#                          make does not rebuild objects when only flags change)
 #
 # What is missing is installed with apt-get (Debian/Ubuntu package names), quietly and only then.
 # The tests run with the repository root as working directory, as under `make test`, so they
@@ -33,7 +35,7 @@ ROOT=$(pwd)
 legs=""; makevars=""
 for a in "$@"; do
     case "$a" in
-    *=*) makevars="$makevars $a" ;;
+    *=*) makevars="$makevars $a" ;;   # for messages; make gets them as "$@" (spaces kept)
     all) legs="$legs aarch64 s390x i386" ;;
     matrix) legs="$legs aarch64 s390x i386 clang tcc noomp nosimd" ;;
     aarch64|s390x|i386|clang|tcc|noomp|nosimd) legs="$legs $a" ;;
@@ -41,6 +43,8 @@ for a in "$@"; do
     *) echo "cross.sh: unknown leg '$a' (aarch64 s390x i386 clang tcc noomp nosimd all matrix)"; exit 2 ;;
     esac
 done
+n=$#; i=0                                 # keep only the MAKEVAR=value arguments in "$@"
+while [ $i -lt $n ]; do a=$1; shift; i=$((i + 1)); case "$a" in *=*) set -- "$@" "$a" ;; esac; done
 [ -n "$legs" ] || legs="aarch64 s390x i386"      # `make cross-test` without ARCH: all
 case "${CROSS_OMP:-on}" in
 on) ;;
@@ -138,13 +142,14 @@ for leg in $legs; do
         summary="$summary
 $(printf '%-14s %-8s %s' "$leg" "NO TOOLS" "-")"; gf=$((gf + 1)); continue
     fi
+    [ -n "${CROSS_TAG:-}" ] && B=$B-$CROSS_TAG
     bins=""
     for s in tests/test_*.c; do [ -e "$s" ] && bins="$bins $B/tests/$(basename "$s" .c)"; done
     mkdir -p "$B"
     blog=$B/build.log
     t0=$(now)
     # shellcheck disable=SC2086  # word splitting of the variable lists is intended
-    make -j1 --no-print-directory BUILD="$B" CC="$CCX" AR="$ARX" $LEGVARS $makevars "$B/mixshow" $bins >"$blog" 2>&1
+    make -j1 --no-print-directory BUILD="$B" CC="$CCX" AR="$ARX" $LEGVARS "$@" "$B/mixshow" $bins >"$blog" 2>&1
     brc=$?
     t1=$(now)
     nwarn=$(grep -c 'warning:' "$blog")

@@ -23,6 +23,7 @@ static const Command commands[] = {
     { "version", cmd_version, "print version, SIMD level and thread count" },
     { "sample",  cmd_sample,  "text to image (diffusers StableDiffusionPipeline; tiny model by default)" },
     { "dump",    cmd_dump,    "run networks on tensors from a safetensors file and write their outputs" },
+    { "tokenize", cmd_tokenize, "print the 77 CLIP input ids of a prompt (with added tokens)" },
     { "inspect", cmd_inspect, "list every tensor (name, dtype, shape) of a .safetensors/.pth/.ckpt/.bin" },
     { "convert", cmd_convert, "model folder/single file -> diffusers folder or LDM .safetensors; image -> PNG" },
     { "bench",   cmd_bench,   "measure kernels against the machine's FMA peak (see mixshow bench --help)" },
@@ -33,7 +34,7 @@ static void usage(FILE *f) {
                "usage: mixshow COMMAND [options]      (mixshow COMMAND --help for its options)\n\n"
                "commands:\n", MS_VERSION);
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+        fprintf(f, "  %-9s %s\n", commands[i].name, commands[i].summary);
     fprintf(f, "\nenvironment: OMP_NUM_THREADS sets the thread count; results do not depend on it.\n");
 }
 
