@@ -507,6 +507,33 @@ MsStatus ms_param_get_f32(const MsParam *p, float *out);
 float ms_f16_to_f32(uint16_t h);          /* exact */
 float ms_bf16_to_f32(uint16_t h);         /* exact */
 
+/* 16-bit weights, converted when used. The networks (UNet, VAE, CLIP text, T2I-Adapter) hold
+ * their weights as `const MsParam *` into the loaded table and ask for f32 values right before
+ * the op that reads them: ms_weight_f32 returns p->f32 itself for an f32 table (no copy, so
+ * the f32 path costs one branch per op), or converts the kept F16/BF16 values exactly into buf.
+ * Results are therefore bit for bit those of the f32 path on the 16-bit-rounded weights
+ * (tests/test_half.c). Memory: the table's 2 bytes per weight plus one staging buffer the size
+ * of the largest 16-bit tensor (SD 1.5 UNet: up_blocks.0.resnets.0.conv1, 29.5M floats). */
+const float *ms_weight_f32(const MsParam *p, float *buf);   /* p NULL: NULL */
+/* n values of F16 (dtype MS_DT_F16) or BF16 bit patterns -> f32, exactly (fast path of the above). */
+void ms_half_to_f32(float *out, const uint16_t *h, size_t n, MsDtype dtype);
+/* Staging for one network: mat holds its largest 16-bit tensor, vec[0], vec[1] its largest
+ * 16-bit vectors (a bias and a norm weight are in use together with a matrix). Allocated only
+ * when the table keeps 16-bit data (all NULL for f32 tables); `skip` (or NULL) names a tensor
+ * that is never converted whole (CLIP's token embedding: only looked-up rows are). A staged
+ * network must not run on two threads at once. */
+typedef struct { float *mat, *vec[2]; void *mem; size_t bytes; } MsWeightStage;
+MsStatus ms_weight_stage_init(MsWeightStage *s, const MsParamTable *t, const char *skip);
+/* w as f32 through slot 0 (mat: the op's matrix), 1 (vec[0]: its bias, or a norm weight) or 2
+ * (vec[1]: a norm bias) of s. */
+const float *ms_stage_f32(const MsWeightStage *s, const MsParam *w, int slot);
+void ms_weight_stage_free(MsWeightStage *s);
+/* Planning without data: the largest parameter (*mat) and the largest vector (*vec) of a table
+ * whatever its dtypes; returns the floats of a full stage (mat + 2 vec, each rounded up to 16).
+ * vae_sizes, adapter_sizes and clip_text_sizes plan this always (it is small: SD 1.5 VAE
+ * 2.4M floats), so 16-bit and f32 tables run from the same arena. */
+size_t ms_weight_stage_floats(const MsParamTable *t, const char *skip, size_t *mat, size_t *vec);
+
 /* Keys of original single files that are not model parameters and are skipped: the DDPM
  * schedule buffers (betas, alphas_cumprod, posterior_*, ...), model_ema.*, logvar. */
 int ms_ldm_key_is_harmless(const char *key);
@@ -604,39 +631,40 @@ MsStatus ms_scheduler_add_noise(const MsScheduler *s, float *out, const float *x
  * Models: AutoencoderKL (models/vae.c) and T2I-Adapter (models/adapter.c), forward
  * ======================================================================================== */
 /* @@SECTION vae@@ */
-/* Pointers into a loaded MsParamTable (f32), looked up once by vae_params_init. f = 2^(levels-1)
+/* Parameters of a loaded MsParamTable (f32, or F16/BF16 converted when used: the staging comes from
+ * the scratch arena, planned by vae_sizes), looked up once by vae_params_init. f = 2^(levels-1)
  * is the latent factor (8 for SD); images are (B, in_channels, H, W) with H, W multiples of f,
  * latents (B, latent_channels, H/f, W/f). */
 #define MS_VAE_MAX_LAYERS 8                 /* layers_per_block supported (SD: 2) */
 typedef struct {                            /* ResnetBlock2D without time embedding */
-    const float *norm1_w, *norm1_b;         /* (Ci)       ...resnets.j.norm1.{weight,bias} */
-    const float *conv1_w, *conv1_b;         /* (Co,Ci,3,3), (Co) ...conv1 */
-    const float *norm2_w, *norm2_b;         /* (Co)       ...norm2 */
-    const float *conv2_w, *conv2_b;         /* (Co,Co,3,3), (Co) ...conv2 */
-    const float *short_w, *short_b;         /* (Co,Ci,1,1), (Co) ...conv_shortcut; NULL if Ci == Co */
+    const MsParam *norm1_w, *norm1_b;         /* (Ci)       ...resnets.j.norm1.{weight,bias} */
+    const MsParam *conv1_w, *conv1_b;         /* (Co,Ci,3,3), (Co) ...conv1 */
+    const MsParam *norm2_w, *norm2_b;         /* (Co)       ...norm2 */
+    const MsParam *conv2_w, *conv2_b;         /* (Co,Co,3,3), (Co) ...conv2 */
+    const MsParam *short_w, *short_b;         /* (Co,Ci,1,1), (Co) ...conv_shortcut; NULL if Ci == Co */
 } VaeResnetParams;
 typedef struct {                            /* mid_block.attentions.0 (one head) */
-    const float *norm_w, *norm_b;           /* (C) group_norm */
-    const float *q_w, *q_b, *k_w, *k_b, *v_w, *v_b;  /* (C,C), (C) to_q / to_k / to_v */
-    const float *o_w, *o_b;                 /* (C,C), (C) to_out.0 */
+    const MsParam *norm_w, *norm_b;           /* (C) group_norm */
+    const MsParam *q_w, *q_b, *k_w, *k_b, *v_w, *v_b;  /* (C,C), (C) to_q / to_k / to_v */
+    const MsParam *o_w, *o_b;                 /* (C,C), (C) to_out.0 */
 } VaeAttnParams;
 typedef struct {
     VaeConfig cfg;
-    const float *enc_conv_in_w, *enc_conv_in_b;                      /* encoder.conv_in */
+    const MsParam *enc_conv_in_w, *enc_conv_in_b;                      /* encoder.conv_in */
     VaeResnetParams enc_res[MS_MAX_BLOCKS][MS_VAE_MAX_LAYERS];       /* encoder.down_blocks.i.resnets.j */
-    const float *enc_down_w[MS_MAX_BLOCKS], *enc_down_b[MS_MAX_BLOCKS]; /* ...downsamplers.0.conv */
+    const MsParam *enc_down_w[MS_MAX_BLOCKS], *enc_down_b[MS_MAX_BLOCKS]; /* ...downsamplers.0.conv */
     VaeResnetParams enc_mid_res[2];                                  /* encoder.mid_block.resnets.r */
     VaeAttnParams enc_mid_attn;
-    const float *enc_norm_out_w, *enc_norm_out_b, *enc_conv_out_w, *enc_conv_out_b;
-    const float *quant_w, *quant_b, *post_quant_w, *post_quant_b;   /* (2L,2L,1,1), (L,L,1,1) */
-    const float *dec_conv_in_w, *dec_conv_in_b;                      /* decoder.conv_in */
+    const MsParam *enc_norm_out_w, *enc_norm_out_b, *enc_conv_out_w, *enc_conv_out_b;
+    const MsParam *quant_w, *quant_b, *post_quant_w, *post_quant_b;   /* (2L,2L,1,1), (L,L,1,1) */
+    const MsParam *dec_conv_in_w, *dec_conv_in_b;                      /* decoder.conv_in */
     VaeResnetParams dec_mid_res[2];
     VaeAttnParams dec_mid_attn;
     VaeResnetParams dec_res[MS_MAX_BLOCKS][MS_VAE_MAX_LAYERS + 1];   /* decoder.up_blocks.i.resnets.j */
-    const float *dec_up_w[MS_MAX_BLOCKS], *dec_up_b[MS_MAX_BLOCKS];  /* ...upsamplers.0.conv */
-    const float *dec_norm_out_w, *dec_norm_out_b, *dec_conv_out_w, *dec_conv_out_b;
+    const MsParam *dec_up_w[MS_MAX_BLOCKS], *dec_up_b[MS_MAX_BLOCKS];  /* ...upsamplers.0.conv */
+    const MsParam *dec_norm_out_w, *dec_norm_out_b, *dec_conv_out_w, *dec_conv_out_b;
 } VaeParams;
-/* MS_ERR_FORMAT naming a missing key, MS_ERR_UNSUPPORTED for 16-bit data or > MS_VAE_MAX_LAYERS. */
+/* MS_ERR_FORMAT naming a missing key, MS_ERR_UNSUPPORTED for > MS_VAE_MAX_LAYERS. */
 MsStatus vae_params_init(VaeParams *p, const VaeConfig *c, const MsParamTable *t);
 
 /* Scratch-arena bytes for one call on images of H x W (batch does not matter: samples run one
@@ -673,10 +701,10 @@ MsStatus vae_encode_tiled(const VaeParams *p, Arena *scratch, float *mean, float
 #define MS_ADAPTER_MAX_RES 4                /* num_res_blocks supported (SD: 2) */
 typedef struct {
     AdapterConfig cfg;
-    const float *conv_in_w, *conv_in_b;     /* (C0, Cin*f*f, 3, 3) adapter.conv_in */
-    const float *in_conv_w[MS_MAX_BLOCKS], *in_conv_b[MS_MAX_BLOCKS];  /* (Ci, Ci-1, 1, 1) adapter.body.i.in_conv; NULL if equal */
-    const float *block1_w[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES], *block1_b[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES]; /* (C,C,3,3) */
-    const float *block2_w[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES], *block2_b[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES]; /* (C,C,1,1) */
+    const MsParam *conv_in_w, *conv_in_b;     /* (C0, Cin*f*f, 3, 3) adapter.conv_in */
+    const MsParam *in_conv_w[MS_MAX_BLOCKS], *in_conv_b[MS_MAX_BLOCKS];  /* (Ci, Ci-1, 1, 1) adapter.body.i.in_conv; NULL if equal */
+    const MsParam *block1_w[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES], *block1_b[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES]; /* (C,C,3,3) */
+    const MsParam *block2_w[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES], *block2_b[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES]; /* (C,C,1,1) */
 } AdapterParams;
 MsStatus adapter_params_init(AdapterParams *p, const AdapterConfig *c, const MsParamTable *t);
 /* Condition (N,Cin,H,W), sides multiples of f*2^(levels-1) (64 for SD). scratch_bytes: arena
@@ -743,22 +771,23 @@ MsStatus clip_tokenize(const ClipTokenizer *t, const char *text, size_t len, int
  * y = W x + b + alpha * up(down(x)), down (r, D), up (D, r); base weights are frozen. */
 #define CLIP_MAX_LAYERS 48
 typedef struct {
-    const float *q_w, *q_b;      /* text_model.encoder.layers.{l}.self_attn.q_proj.weight (D,D), .bias (D) */
-    const float *k_w, *k_b;      /* ...self_attn.k_proj */
-    const float *v_w, *v_b;      /* ...self_attn.v_proj */
-    const float *o_w, *o_b;      /* ...self_attn.out_proj */
-    const float *ln1_w, *ln1_b;  /* ...layer_norm1 (D) */
-    const float *fc1_w, *fc1_b;  /* ...mlp.fc1 (I,D), (I) */
-    const float *fc2_w, *fc2_b;  /* ...mlp.fc2 (D,I), (D) */
-    const float *ln2_w, *ln2_b;  /* ...layer_norm2 (D) */
+    const MsParam *q_w, *q_b;      /* text_model.encoder.layers.{l}.self_attn.q_proj.weight (D,D), .bias (D) */
+    const MsParam *k_w, *k_b;      /* ...self_attn.k_proj */
+    const MsParam *v_w, *v_b;      /* ...self_attn.v_proj */
+    const MsParam *o_w, *o_b;      /* ...self_attn.out_proj */
+    const MsParam *ln1_w, *ln1_b;  /* ...layer_norm1 (D) */
+    const MsParam *fc1_w, *fc1_b;  /* ...mlp.fc1 (I,D), (I) */
+    const MsParam *fc2_w, *fc2_b;  /* ...mlp.fc2 (D,I), (D) */
+    const MsParam *ln2_w, *ln2_b;  /* ...layer_norm2 (D) */
 } ClipLayerParams;
 typedef struct {
-    const float *tok_emb;        /* text_model.embeddings.token_embedding.weight (V,D) */
-    const float *pos_emb;        /* text_model.embeddings.position_embedding.weight (P,D) */
+    const MsParam *tok_emb;        /* text_model.embeddings.token_embedding.weight (V,D) */
+    const MsParam *pos_emb;        /* text_model.embeddings.position_embedding.weight (P,D) */
     ClipLayerParams layers[CLIP_MAX_LAYERS];
-    const float *lnf_w, *lnf_b;  /* text_model.final_layer_norm (D) */
+    const MsParam *lnf_w, *lnf_b;  /* text_model.final_layer_norm (D) */
 } ClipTextParams;
-/* Pointers into a loaded `text` table (f32 data; MS_ERR_ARG names a key without f32 data). */
+/* Parameters of a loaded `text` table (f32, or F16/BF16 converted when used into staging carved
+ * from the activation arena; clip_text_sizes plans it; MS_ERR_ARG names a key without data). */
 MsStatus clip_text_params(ClipTextParams *p, const MsParamTable *t, const ClipTextConfig *c);
 
 /* LoRA of the text encoder; the same type holds gradients. proj 0..3 = q, k, v, out. */
@@ -793,6 +822,7 @@ typedef struct {
     float *ln2, *gelu, *tmp;            /* scratch (N,D), (N,I), (N,D) */
     float *dx, *dt, *dq, *dk, *dv;      /* backward scratch (N,D) (training only) */
     float *dg, *df, *du;                /* (N,I), (N,I), (N,r) */
+    MsWeightStage ws;                   /* f32 staging of 16-bit weights (carved here always) */
 } ClipTextActs;
 /* Bytes of arena the activations need (alignment included): plan, then allocate once. */
 size_t clip_text_sizes(const ClipTextConfig *c, int B, int T, int rank, int training);
@@ -837,64 +867,71 @@ void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, Cli
 /* ResnetBlock2D: out = (shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + temb_proj(silu(temb))))))
  *                      / output_scale_factor.  <p> = "down_blocks.0.resnets.0." etc. */
 typedef struct {
-    const float *norm1_w, *norm1_b;     /* <p>norm1.weight, .bias (Cin) */
-    const float *conv1_w, *conv1_b;     /* <p>conv1.weight (Co,Cin,3,3), .bias (Co) */
-    const float *temb_w, *temb_b;       /* <p>time_emb_proj.weight (Co,E), .bias (Co) */
-    const float *norm2_w, *norm2_b;     /* <p>norm2.weight, .bias (Co) */
-    const float *conv2_w, *conv2_b;     /* <p>conv2.weight (Co,Co,3,3), .bias (Co) */
-    const float *short_w, *short_b;     /* <p>conv_shortcut.weight (Co,Cin,1,1), .bias; NULL if Cin == Co */
+    const MsParam *norm1_w, *norm1_b;     /* <p>norm1.weight, .bias (Cin) */
+    const MsParam *conv1_w, *conv1_b;     /* <p>conv1.weight (Co,Cin,3,3), .bias (Co) */
+    const MsParam *temb_w, *temb_b;       /* <p>time_emb_proj.weight (Co,E), .bias (Co) */
+    const MsParam *norm2_w, *norm2_b;     /* <p>norm2.weight, .bias (Co) */
+    const MsParam *conv2_w, *conv2_b;     /* <p>conv2.weight (Co,Co,3,3), .bias (Co) */
+    const MsParam *short_w, *short_b;     /* <p>conv_shortcut.weight (Co,Cin,1,1), .bias; NULL if Cin == Co */
     int cin, cout;
     float out_scale;                    /* output_scale_factor: mid_block_scale_factor in the mid block, else 1 */
+    MsWeightStage ws;                   /* a copy of UNetParams.ws (16-bit tables) */
 } UNetResnetParams;
 
 /* attention_processor.Attention: to_q/to_k/to_v without bias, to_out.0 with. <a> = "<b>attn1." */
 typedef struct {
-    const float *q_w;                   /* <a>to_q.weight (C,C) */
-    const float *k_w, *v_w;             /* <a>to_k.weight, to_v.weight (C,Dc): Dc = C (attn1) or cross_attention_dim */
-    const float *o_w, *o_b;             /* <a>to_out.0.weight (C,C), .bias (C) */
+    const MsParam *q_w;                   /* <a>to_q.weight (C,C) */
+    const MsParam *k_w, *v_w;             /* <a>to_k.weight, to_v.weight (C,Dc): Dc = C (attn1) or cross_attention_dim */
+    const MsParam *o_w, *o_b;             /* <a>to_out.0.weight (C,C), .bias (C) */
+    MsWeightStage ws;                   /* a copy of UNetParams.ws */
 } UNetAttnParams;
 
 /* BasicTransformerBlock. <b> = "<t>transformer_blocks.k." */
 typedef struct {
-    const float *norm1_w, *norm1_b;     /* <b>norm1 (C) LayerNorm eps 1e-5 */
+    const MsParam *norm1_w, *norm1_b;     /* <b>norm1 (C) LayerNorm eps 1e-5 */
     UNetAttnParams attn1;               /* <b>attn1. (self) */
-    const float *norm2_w, *norm2_b;     /* <b>norm2 (C) */
+    const MsParam *norm2_w, *norm2_b;     /* <b>norm2 (C) */
     UNetAttnParams attn2;               /* <b>attn2. (cross) */
-    const float *norm3_w, *norm3_b;     /* <b>norm3 (C) */
-    const float *ff1_w, *ff1_b;         /* <b>ff.net.0.proj.weight (8C,C), .bias (8C): GEGLU */
-    const float *ff2_w, *ff2_b;         /* <b>ff.net.2.weight (C,4C), .bias (C) */
+    const MsParam *norm3_w, *norm3_b;     /* <b>norm3 (C) */
+    const MsParam *ff1_w, *ff1_b;         /* <b>ff.net.0.proj.weight (8C,C), .bias (8C): GEGLU */
+    const MsParam *ff2_w, *ff2_b;         /* <b>ff.net.2.weight (C,4C), .bias (C) */
     char name[MS_KEY_MAX];              /* "<b>" without the trailing dot, for LoRA keys */
+    MsWeightStage ws;                   /* a copy of UNetParams.ws */
 } UNetBlockParams;
 
 /* Transformer2DModel (continuous input). <t> = "down_blocks.0.attentions.0." etc. */
 typedef struct {
-    const float *norm_w, *norm_b;       /* <t>norm (C) GroupNorm, eps 1e-6 */
-    const float *proj_in_w, *proj_in_b; /* <t>proj_in.weight (C,C,1,1) or (C,C) with use_linear_projection */
-    const float *proj_out_w, *proj_out_b; /* <t>proj_out.weight, .bias */
+    const MsParam *norm_w, *norm_b;       /* <t>norm (C) GroupNorm, eps 1e-6 */
+    const MsParam *proj_in_w, *proj_in_b; /* <t>proj_in.weight (C,C,1,1) or (C,C) with use_linear_projection */
+    const MsParam *proj_out_w, *proj_out_b; /* <t>proj_out.weight, .bias */
     int C, heads, n_layers;             /* channels, heads (head dim C/heads), transformer_blocks */
     int first_block;                    /* index of its transformer_blocks.0 in UNetParams.blk */
+    MsWeightStage ws;                   /* a copy of UNetParams.ws */
 } UNetTransformerParams;
 
-/* Every parameter of the UNet, looked up once (pointers into MsModel.unet; they must stay
- * loaded as f32). Layers are stored in forward order: resnets down (block i, layer j), mid 0,
+/* Every parameter of the UNet, looked up once (pointers into MsModel.unet, f32 or F16/BF16;
+ * 16-bit weights are converted when used into `ws`, which unet_params_init allocates only
+ * for a 16-bit table: one UNetParams then runs on one thread at a time). Layers are stored in forward order: resnets down (block i, layer j), mid 0,
  * mid 1, up (block i, layer j); transformers down, mid, up; blk[] the BasicTransformerBlocks. */
 typedef struct {
     UNetConfig cfg;
-    const float *conv_in_w, *conv_in_b;   /* conv_in.weight (C0,in,k,k), .bias */
-    const float *time1_w, *time1_b;       /* time_embedding.linear_1.weight (E,C0), .bias */
-    const float *time2_w, *time2_b;       /* time_embedding.linear_2.weight (E,E), .bias */
-    const float *down_w[MS_MAX_BLOCKS], *down_b[MS_MAX_BLOCKS]; /* down_blocks.i.downsamplers.0.conv (C,C,3,3) */
-    const float *up_w[MS_MAX_BLOCKS], *up_b[MS_MAX_BLOCKS];     /* up_blocks.i.upsamplers.0.conv (C,C,3,3) */
-    const float *norm_out_w, *norm_out_b; /* conv_norm_out (C0) GroupNorm eps norm_eps */
-    const float *conv_out_w, *conv_out_b; /* conv_out.weight (out,C0,k,k), .bias */
+    const MsParam *conv_in_w, *conv_in_b;   /* conv_in.weight (C0,in,k,k), .bias */
+    const MsParam *time1_w, *time1_b;       /* time_embedding.linear_1.weight (E,C0), .bias */
+    const MsParam *time2_w, *time2_b;       /* time_embedding.linear_2.weight (E,E), .bias */
+    const MsParam *down_w[MS_MAX_BLOCKS], *down_b[MS_MAX_BLOCKS]; /* down_blocks.i.downsamplers.0.conv (C,C,3,3) */
+    const MsParam *up_w[MS_MAX_BLOCKS], *up_b[MS_MAX_BLOCKS];     /* up_blocks.i.upsamplers.0.conv (C,C,3,3) */
+    const MsParam *norm_out_w, *norm_out_b; /* conv_norm_out (C0) GroupNorm eps norm_eps */
+    const MsParam *conv_out_w, *conv_out_b; /* conv_out.weight (out,C0,k,k), .bias */
     UNetResnetParams *res;                /* n_res */
     UNetTransformerParams *tf;            /* n_tf */
     UNetBlockParams *blk;                 /* n_blk (= cross-attention layers) */
     int n_res, n_tf, n_blk;
     void *mem;                            /* the three arrays (one malloc) */
+    MsWeightStage ws;                     /* 16-bit tables: f32 staging (ms_weight_f32), owned here;
+                                           * every sub-struct holds a copy of these pointers */
 } UNetParams;
 
-/* MS_ERR_ARG naming the key when a parameter is missing or not held as f32; MS_ERR_UNSUPPORTED
+/* MS_ERR_ARG naming the key when a parameter is missing or holds no data; MS_ERR_UNSUPPORTED
  * for a config without UNetMidBlock2DCrossAttn. */
 MsStatus unet_params_init(UNetParams *p, const UNetConfig *c, const MsParamTable *t);
 void unet_params_free(UNetParams *p);

@@ -678,11 +678,11 @@ MsStatus clip_tokenize(const ClipTokenizer *t, const char *text, size_t len, int
 /* ==========================================================================================
  * Text encoder
  * ======================================================================================== */
-static MsStatus get_f32(const MsParamTable *t, const char *name, const float **out) {
+static MsStatus get_f32(const MsParamTable *t, const char *name, const MsParam **out) {
     int i = ms_param_find(t, name);
     if (i < 0) return ms_errorf(MS_ERR_ARG, "text encoder: no parameter '%s'", name);
-    if (!t->p[i].f32) return ms_errorf(MS_ERR_ARG, "text encoder: '%s' has no f32 data (load without keep_half)", name);
-    *out = t->p[i].f32;
+    if (!t->p[i].f32 && !t->p[i].half) return ms_errorf(MS_ERR_ARG, "text encoder: '%s' holds no data (not loaded)", name);
+    *out = &t->p[i];
     return MS_OK;
 }
 
@@ -707,7 +707,7 @@ MsStatus clip_text_params(ClipTextParams *p, const MsParamTable *t, const ClipTe
         "mlp.fc2.weight", "mlp.fc2.bias", "layer_norm2.weight", "layer_norm2.bias" };
     for (int l = 0; l < c->num_hidden_layers; l++) {
         ClipLayerParams *L = &p->layers[l];
-        const float **dst[16] = { &L->q_w, &L->q_b, &L->k_w, &L->k_b, &L->v_w, &L->v_b, &L->o_w, &L->o_b,
+        const MsParam **dst[16] = { &L->q_w, &L->q_b, &L->k_w, &L->k_b, &L->v_w, &L->v_b, &L->o_w, &L->o_b,
                                   &L->ln1_w, &L->ln1_b, &L->fc1_w, &L->fc1_b, &L->fc2_w, &L->fc2_b,
                                   &L->ln2_w, &L->ln2_b };
         for (int j = 0; j < 16; j++) {
@@ -774,6 +774,13 @@ static int clip_acts_layout(ClipTextActs *a, Arena *ar, const ClipTextConfig *c,
     a->ln2 = take(ar, N * D, bytes, &fail);
     a->gelu = training ? take(ar, N * I, bytes, &fail) : a->l[0].fc1;  /* inference: in place */
     a->tmp = take(ar, N * D, bytes, &fail);
+    {   /* 16-bit weight staging: the largest matrix, (I,D) or (D,D), and two vectors */
+        const size_t mat = (I > D ? I : D) * D;
+        const size_t vec = ((I > D ? I : D) + 15) & ~(size_t)15;
+        a->ws.mat = take(ar, mat, bytes, &fail);
+        a->ws.vec[0] = take(ar, vec, bytes, &fail);
+        a->ws.vec[1] = take(ar, vec, bytes, &fail);
+    }
     if (training) {
         a->dx = take(ar, N * D, bytes, &fail);
         a->dt = take(ar, N * D, bytes, &fail);
@@ -804,6 +811,20 @@ MsStatus clip_text_acts_alloc(ClipTextActs *a, Arena *ar, const ClipTextConfig *
         return ms_errorf(MS_ERR_NOMEM, "text encoder: arena too small (need %zu bytes; clip_text_sizes)",
                          clip_text_sizes(c, B, T, rank, training));
     return MS_OK;
+}
+
+/* Weights as f32 right before their op: the table's own data (f32), or F16/BF16 converted into
+ * staging slot `slot` of a->ws (0: the op's matrix, 1: its bias or a LayerNorm weight, 2: a
+ * LayerNorm bias); see ms_weight_f32. The staging (SD 1.5: fc1, 2.4M floats) is carved with
+ * the activations whatever the dtype. The token embedding (V,D) is never converted whole:
+ * row_f32 converts only the rows looked up. */
+#define WT(a, w, slot) ms_stage_f32(&(a)->ws, (w), (slot))
+
+/* Row `row` of a (rows, D) table as f32: a pointer into f32 data, or converted into buf (D). */
+static const float *row_f32(const MsParam *t, int row, int D, float *buf) {
+    if (t->f32) return t->f32 + (size_t)row * D;
+    ms_half_to_f32(buf, t->half + (size_t)row * D, (size_t)D, t->dtype);
+    return buf;
 }
 
 /* y (N,O) = x W^T + b + alpha * (x down^T) up^T ; u (N,r) = x down^T is kept for backward. */
@@ -848,8 +869,8 @@ MsStatus clip_text_forward(ClipTextActs *a, const ClipTextParams *p, const ClipL
         int32_t id = ids[n];
         if (id < 0 || id >= V + n_new || (id >= V && !new_emb))
             return ms_errorf(MS_ERR_ARG, "text encoder: token id %d at position %d is outside [0, %d)", (int)id, n, V + n_new);
-        const float *e = id < V ? p->tok_emb + (size_t)id * D : new_emb + (size_t)(id - V) * D;
-        const float *pe = p->pos_emb + (size_t)(n % T) * D;
+        const float *e = id < V ? row_f32(p->tok_emb, id, D, a->ws.vec[0]) : new_emb + (size_t)(id - V) * D;
+        const float *pe = row_f32(p->pos_emb, n % T, D, a->ws.vec[1]);
         float *xr = x + (size_t)n * D;
         for (int j = 0; j < D; j++) xr[j] = e[j] + pe[j];
     }
@@ -860,21 +881,21 @@ MsStatus clip_text_forward(ClipTextActs *a, const ClipTextParams *p, const ClipL
         const float *dn[4] = { 0, 0, 0, 0 }, *up[4] = { 0, 0, 0, 0 };
         for (int j = 0; j < 4 && r; j++) { dn[j] = lora->down[l][j]; up[j] = lora->up[l][j]; }
         /* h = x + out_proj(self_attn(layer_norm1(x))) */
-        layernorm_forward(L->ln1, L->ln1_mean, L->ln1_rstd, L->x, P->ln1_w, P->ln1_b, N, D, eps);
-        lora_linear_forward(L->q, L->u[CLIP_Q], L->ln1, P->q_w, P->q_b, dn[0], up[0], alpha, N, D, D, r);
-        lora_linear_forward(L->k, L->u[CLIP_K], L->ln1, P->k_w, P->k_b, dn[1], up[1], alpha, N, D, D, r);
-        lora_linear_forward(L->v, L->u[CLIP_V], L->ln1, P->v_w, P->v_b, dn[2], up[2], alpha, N, D, D, r);
+        layernorm_forward(L->ln1, L->ln1_mean, L->ln1_rstd, L->x, WT(a, P->ln1_w, 1), WT(a, P->ln1_b, 2), N, D, eps);
+        lora_linear_forward(L->q, L->u[CLIP_Q], L->ln1, WT(a, P->q_w, 0), WT(a, P->q_b, 1), dn[0], up[0], alpha, N, D, D, r);
+        lora_linear_forward(L->k, L->u[CLIP_K], L->ln1, WT(a, P->k_w, 0), WT(a, P->k_b, 1), dn[1], up[1], alpha, N, D, D, r);
+        lora_linear_forward(L->v, L->u[CLIP_V], L->ln1, WT(a, P->v_w, 0), WT(a, P->v_b, 1), dn[2], up[2], alpha, N, D, D, r);
         attention_forward(L->attn, a->training ? L->lse : NULL, L->q, L->k, L->v, B, T, T, H, Dh, /*causal*/1, scale);
-        lora_linear_forward(a->tmp, L->u[CLIP_O], L->attn, P->o_w, P->o_b, dn[3], up[3], alpha, N, D, D, r);
+        lora_linear_forward(a->tmp, L->u[CLIP_O], L->attn, WT(a, P->o_w, 0), WT(a, P->o_b, 1), dn[3], up[3], alpha, N, D, D, r);
         add_forward(L->h, L->x, a->tmp, (size_t)N * D);
         /* x' = h + fc2(quick_gelu(fc1(layer_norm2(h)))) */
-        layernorm_forward(a->ln2, L->ln2_mean, L->ln2_rstd, L->h, P->ln2_w, P->ln2_b, N, D, eps);
-        linear_forward(L->fc1, a->ln2, P->fc1_w, P->fc1_b, N, D, I);
+        layernorm_forward(a->ln2, L->ln2_mean, L->ln2_rstd, L->h, WT(a, P->ln2_w, 1), WT(a, P->ln2_b, 2), N, D, eps);
+        linear_forward(L->fc1, a->ln2, WT(a, P->fc1_w, 0), WT(a, P->fc1_b, 1), N, D, I);
         quick_gelu_forward(a->gelu, L->fc1, (size_t)N * I);
-        linear_forward(a->tmp, a->gelu, P->fc2_w, P->fc2_b, N, I, D);
+        linear_forward(a->tmp, a->gelu, WT(a, P->fc2_w, 0), WT(a, P->fc2_b, 1), N, I, D);
         add_forward(xout, L->h, a->tmp, (size_t)N * D);
     }
-    layernorm_forward(a->out, a->lnf_mean, a->lnf_rstd, a->xf, p->lnf_w, p->lnf_b, N, D, eps);
+    layernorm_forward(a->out, a->lnf_mean, a->lnf_rstd, a->xf, WT(a, p->lnf_w, 1), WT(a, p->lnf_b, 2), N, D, eps);
     return MS_OK;
 }
 
@@ -893,7 +914,7 @@ void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, Cli
     const float alpha = lora ? lora->alpha : 0.0f, scale = 1.0f / sqrtf((float)Dh);
     const size_t ND = (size_t)N * D, NI = (size_t)N * I;
     memset(a->dx, 0, ND * sizeof(float));
-    layernorm_backward(a->dx, NULL, NULL, dout, a->xf, a->lnf_mean, a->lnf_rstd, p->lnf_w, N, D);
+    layernorm_backward(a->dx, NULL, NULL, dout, a->xf, a->lnf_mean, a->lnf_rstd, WT(a, p->lnf_w, 1), N, D);
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
         const ClipLayerParams *P = &p->layers[l];
         ClipLayerActs *L = &a->l[l];
@@ -905,25 +926,25 @@ void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, Cli
         }
         /* MLP branch (fc1, fc2 frozen: their inputs are not needed) */
         memset(a->dg, 0, NI * sizeof(float));
-        linear_backward(a->dg, NULL, NULL, a->dx, NULL, P->fc2_w, N, I, D);
+        linear_backward(a->dg, NULL, NULL, a->dx, NULL, WT(a, P->fc2_w, 0), N, I, D);
         memset(a->df, 0, NI * sizeof(float));
         quick_gelu_backward(a->df, a->dg, L->fc1, NI);
         memset(a->dt, 0, ND * sizeof(float));
-        linear_backward(a->dt, NULL, NULL, a->df, NULL, P->fc1_w, N, D, I);
-        layernorm_backward(a->dx, NULL, NULL, a->dt, L->h, L->ln2_mean, L->ln2_rstd, P->ln2_w, N, D);
+        linear_backward(a->dt, NULL, NULL, a->df, NULL, WT(a, P->fc1_w, 0), N, D, I);
+        layernorm_backward(a->dx, NULL, NULL, a->dt, L->h, L->ln2_mean, L->ln2_rstd, WT(a, P->ln2_w, 1), N, D);
         /* attention branch */
         memset(a->dt, 0, ND * sizeof(float));
-        lora_linear_backward(a->dt, ddn[3], dup[3], a->du, a->dx, L->attn, L->u[CLIP_O], P->o_w, dn[3], up[3],
+        lora_linear_backward(a->dt, ddn[3], dup[3], a->du, a->dx, L->attn, L->u[CLIP_O], WT(a, P->o_w, 0), dn[3], up[3],
                              alpha, N, D, D, r);
         memset(a->dq, 0, ND * sizeof(float));
         memset(a->dk, 0, ND * sizeof(float));
         memset(a->dv, 0, ND * sizeof(float));
         attention_backward(a->dq, a->dk, a->dv, a->dt, L->q, L->k, L->v, L->attn, L->lse, B, T, T, H, Dh, 1, scale);
         memset(a->dt, 0, ND * sizeof(float));
-        lora_linear_backward(a->dt, ddn[0], dup[0], a->du, a->dq, L->ln1, L->u[CLIP_Q], P->q_w, dn[0], up[0], alpha, N, D, D, r);
-        lora_linear_backward(a->dt, ddn[1], dup[1], a->du, a->dk, L->ln1, L->u[CLIP_K], P->k_w, dn[1], up[1], alpha, N, D, D, r);
-        lora_linear_backward(a->dt, ddn[2], dup[2], a->du, a->dv, L->ln1, L->u[CLIP_V], P->v_w, dn[2], up[2], alpha, N, D, D, r);
-        layernorm_backward(a->dx, NULL, NULL, a->dt, L->x, L->ln1_mean, L->ln1_rstd, P->ln1_w, N, D);
+        lora_linear_backward(a->dt, ddn[0], dup[0], a->du, a->dq, L->ln1, L->u[CLIP_Q], WT(a, P->q_w, 0), dn[0], up[0], alpha, N, D, D, r);
+        lora_linear_backward(a->dt, ddn[1], dup[1], a->du, a->dk, L->ln1, L->u[CLIP_K], WT(a, P->k_w, 0), dn[1], up[1], alpha, N, D, D, r);
+        lora_linear_backward(a->dt, ddn[2], dup[2], a->du, a->dv, L->ln1, L->u[CLIP_V], WT(a, P->v_w, 0), dn[2], up[2], alpha, N, D, D, r);
+        layernorm_backward(a->dx, NULL, NULL, a->dt, L->x, L->ln1_mean, L->ln1_rstd, WT(a, P->ln1_w, 1), N, D);
     }
     if (dnew_emb)
         for (int n = 0; n < N; n++) {

@@ -41,12 +41,92 @@ static int is_cross_up(MsBlockType t) { return t == MS_BLOCK_CROSS_ATTN_UP; }
 static size_t zmax(size_t a, size_t b) { return a > b ? a : b; }
 
 /* ---------------------------------------------------------------------------------------- */
+/* 16-bit weights for every network (declared in mixshow.h @@SECTION weights@@)              */
+/* ---------------------------------------------------------------------------------------- */
+/* F16 -> f32 exactly without branches on the common path: the 15 magnitude bits shifted into
+ * an f32's exponent/mantissa give 2^-112 times the F16 value (normal and subnormal alike, the
+ * product below is exact), then the multiply by 2^112 restores it; exponent 31 (inf, NaN)
+ * maps to 255. The sign is copied. Checked against ms_f16_to_f32 on all 65536 patterns. */
+void ms_half_to_f32(float *out, const uint16_t *h, size_t n, MsDtype dtype) {
+    if (dtype == MS_DT_BF16) {
+        for (size_t i = 0; i < n; i++) {
+            uint32_t b = (uint32_t)h[i] << 16;
+            memcpy(&out[i], &b, 4);
+        }
+        return;
+    }
+    const float two112 = 5.192296858534828e33f;    /* 2^112, exact */
+    for (size_t i = 0; i < n; i++) {                 /* branch-free, so compilers vectorize it */
+        uint32_t x = h[i], mag = (x & 0x7fffu) << 13, b;
+        uint32_t special = 0u - (uint32_t)((x & 0x7c00u) == 0x7c00u);   /* all ones for inf, NaN */
+        float f;
+        memcpy(&f, &mag, 4);
+        f *= two112;
+        memcpy(&b, &f, 4);
+        b = (b & ~special) | ((0x7f800000u | mag) & special);           /* inf, NaN: payload kept */
+        b |= (x & 0x8000u) << 16;
+        memcpy(&out[i], &b, 4);
+    }
+}
+
+const float *ms_weight_f32(const MsParam *p, float *buf) {
+    if (!p || p->f32) return p ? p->f32 : NULL;       /* f32 table: the data itself, no copy */
+    if (!p->half || !buf) return NULL;                /* not loaded / no staging: a bug upstream */
+    ms_half_to_f32(buf, p->half, p->numel, p->dtype);
+    return buf;
+}
+
+const float *ms_stage_f32(const MsWeightStage *s, const MsParam *w, int slot) {
+    return ms_weight_f32(w, slot == 0 ? s->mat : s->vec[slot - 1]);
+}
+
+static size_t round16(size_t n) { return (n + 15) & ~(size_t)15; }   /* keeps each slot 64-byte aligned */
+
+size_t ms_weight_stage_floats(const MsParamTable *t, const char *skip, size_t *mat, size_t *vec) {
+    size_t m = 0, v = 0;
+    for (int i = 0; i < t->n; i++) {
+        const MsParam *p = &t->p[i];
+        if ((p->flags & MS_PARAM_BUFFER) || (skip && !strcmp(p->name, skip))) continue;
+        if (p->numel > m) m = p->numel;
+        if (p->ndim == 1 && p->numel > v) v = p->numel;
+    }
+    if (mat) *mat = m;
+    if (vec) *vec = v;
+    return round16(m) + 2 * round16(v);
+}
+
+MsStatus ms_weight_stage_init(MsWeightStage *s, const MsParamTable *t, const char *skip) {
+    size_t m = 0, v = 0, bytes;
+    memset(s, 0, sizeof *s);
+    for (int i = 0; i < t->n; i++) {                  /* only what will be converted */
+        const MsParam *p = &t->p[i];
+        if (!p->half || p->f32 || (skip && !strcmp(p->name, skip))) continue;
+        if (p->numel > m) m = p->numel;
+        if (p->ndim == 1 && p->numel > v) v = p->numel;
+    }
+    if (!m) return MS_OK;                             /* all f32: no staging */
+    if (!ms_add_ok(round16(m), 2 * round16(v), &bytes) || !ms_mul_ok(bytes, sizeof(float), &bytes) ||
+        !(s->mem = ms_alloc_aligned(bytes, 1)))
+        return ms_errorf(MS_ERR_NOMEM, "weights: no memory for the f32 staging of 16-bit weights (%zu floats)", m);
+    s->bytes = bytes;
+    s->mat = (float *)s->mem;
+    s->vec[0] = s->mat + round16(m);
+    s->vec[1] = s->vec[0] + round16(v);
+    return MS_OK;
+}
+
+void ms_weight_stage_free(MsWeightStage *s) {
+    ms_free_aligned(s->mem);
+    memset(s, 0, sizeof *s);
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* Parameters: every key looked up once                                                      */
 /* ---------------------------------------------------------------------------------------- */
 typedef struct { const MsParamTable *t; MsStatus st; } Look;
 
-/* The f32 data of the parameter named by fmt, checking it holds numel floats. */
-static const float *look(Look *L, size_t numel, const char *fmt, ...) {
+/* The parameter named by fmt, checking it holds numel values (f32, F16 or BF16). */
+static const MsParam *look(Look *L, size_t numel, const char *fmt, ...) {
     char key[MS_KEY_MAX];
     va_list ap;
     if (L->st) return NULL;
@@ -63,15 +143,15 @@ static const float *look(Look *L, size_t numel, const char *fmt, ...) {
         return NULL;
     }
     const MsParam *p = &L->t->p[i];
-    if (!p->f32) {
-        L->st = ms_errorf(MS_ERR_ARG, "unet: parameter '%s' holds no f32 data (load the model as f32)", key);
+    if (!p->f32 && !p->half) {
+        L->st = ms_errorf(MS_ERR_ARG, "unet: parameter '%s' holds no data (not loaded)", key);
         return NULL;
     }
     if (p->numel != numel) {
         L->st = ms_errorf(MS_ERR_ARG, "unet: parameter '%s' has %zu values, expected %zu", key, p->numel, numel);
         return NULL;
     }
-    return p->f32;
+    return p;
 }
 
 static void look_resnet(Look *L, UNetResnetParams *r, const char *pre, int cin, int cout, int E, float osf) {
@@ -210,10 +290,15 @@ MsStatus unet_params_init(UNetParams *P, const UNetConfig *c, const MsParamTable
     P->conv_out_w = look(&Lk, (size_t)c->out_channels * ch[0] * c->conv_out_kernel * c->conv_out_kernel, "conv_out.weight");
     P->conv_out_b = look(&Lk, (size_t)c->out_channels, "conv_out.bias");
     if (Lk.st) { unet_params_free(P); return Lk.st; }
+    if ((s = ms_weight_stage_init(&P->ws, t, NULL))) { unet_params_free(P); return s; }
+    for (int i = 0; i < P->n_res; i++) P->res[i].ws = P->ws;      /* the layers read their own copy */
+    for (int i = 0; i < P->n_tf; i++) P->tf[i].ws = P->ws;
+    for (int i = 0; i < P->n_blk; i++) P->blk[i].ws = P->blk[i].attn1.ws = P->blk[i].attn2.ws = P->ws;
     return MS_OK;
 }
 
 void unet_params_free(UNetParams *P) {
+    ms_weight_stage_free(&P->ws);
     free(P->mem);
     memset(P, 0, sizeof *P);
 }
@@ -272,6 +357,21 @@ void unet_lora_module_name(const UNetParams *P, int a, int which, char *buf, siz
     if (a < 0 || a >= 2 * P->n_blk || which < 0 || which > 3) { if (cap) buf[0] = '\0'; return; }
     snprintf(buf, cap, "%s.attn%d.%s", P->blk[a / 2].name, a % 2 + 1, nm[which]);
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* 16-bit weights, converted when used                                                       */
+/* ---------------------------------------------------------------------------------------- */
+/* Design (issue: "weights may be kept in f16 in memory, converted when used"). Each layer reads
+ * its weights through WT(p, field, slot) right before the op: for an f32 table that is the
+ * table's own pointer (no copy; one branch per op), for F16/BF16 the values are converted
+ * exactly into staging slot `slot` of p->ws (0: the op's matrix, 1: its bias or a norm weight,
+ * 2: a norm bias) and the op runs on those f32 values, so results equal the f32 path on the
+ * 16-bit-rounded weights bit for bit (tests/test_half.c). Only one matrix is live at a time,
+ * so the staging is one largest tensor (SD 1.5: up_blocks.0.resnets.0.conv1, 29.5M floats,
+ * 118 MB) instead of per-block f32 copies (a whole up resnet: 49M floats). Converting costs one
+ * pass over the 16-bit weights per forward (860M values in SD 1.5, about 1 s on one core of a
+ * 2020 laptop, against a UNet forward of tens of seconds at 512x512). */
+#define WT(p, field, slot) ms_stage_f32(&(p)->ws, (p)->field, (slot))
 
 /* ---------------------------------------------------------------------------------------- */
 /* Small pieces                                                                              */
@@ -375,16 +475,16 @@ static void unet_resnet_forward(float *out, UNetResnetActs *a, const float *x, c
                                 const UNetResnetParams *p, int N, int H, int W, int E, int G, float eps,
                                 float *s, float *tp) {
     const int Ci = p->cin, Co = p->cout, P = H * W;
-    groupnorm_forward(s, a->mean1, a->rstd1, x, p->norm1_w, p->norm1_b, N, Ci, P, G, eps);
+    groupnorm_forward(s, a->mean1, a->rstd1, x, WT(p, norm1_w, 1), WT(p, norm1_b, 2), N, Ci, P, G, eps);
     silu_forward(s, s, (size_t)N * Ci * P);
-    conv2d_forward(a->h1, s, p->conv1_w, p->conv1_b, N, Ci, Co, H, W, 3, 1, 1);
-    linear_forward(tp, temb, p->temb_w, p->temb_b, N, E, Co);
+    conv2d_forward(a->h1, s, WT(p, conv1_w, 0), WT(p, conv1_b, 1), N, Ci, Co, H, W, 3, 1, 1);
+    linear_forward(tp, temb, WT(p, temb_w, 0), WT(p, temb_b, 1), N, E, Co);
     add_bias_nc(a->h1, tp, N, Co, P);                       /* h1 + temb[:, :, None, None] */
-    groupnorm_forward(s, a->mean2, a->rstd2, a->h1, p->norm2_w, p->norm2_b, N, Co, P, G, eps);
+    groupnorm_forward(s, a->mean2, a->rstd2, a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), N, Co, P, G, eps);
     silu_forward(s, s, (size_t)N * Co * P);
-    conv2d_forward(out, s, p->conv2_w, p->conv2_b, N, Co, Co, H, W, 3, 1, 1);
+    conv2d_forward(out, s, WT(p, conv2_w, 0), WT(p, conv2_b, 1), N, Co, Co, H, W, 3, 1, 1);
     if (p->short_w) {
-        conv2d_forward(s, x, p->short_w, p->short_b, N, Ci, Co, H, W, 1, 1, 0);
+        conv2d_forward(s, x, WT(p, short_w, 0), WT(p, short_b, 1), N, Ci, Co, H, W, 1, 1, 0);
         add_forward(out, s, out, (size_t)N * Co * P);       /* (shortcut(x) + h) */
     } else {
         add_forward(out, x, out, (size_t)N * Co * P);
@@ -408,21 +508,21 @@ static void unet_resnet_backward(float *dx, const float *dout, const UNetResnetA
         for (size_t i = 0; i < no; i++) s2[i] = dout[i] / p->out_scale;
         g = s2;
     }
-    if (p->short_w) conv2d_backward(dx, NULL, NULL, g, NULL, p->short_w, N, Ci, Co, H, W, 1, 1, 0, 0, 0, 0);
+    if (p->short_w) conv2d_backward(dx, NULL, NULL, g, NULL, WT(p, short_w, 0), N, Ci, Co, H, W, 1, 1, 0, 0, 0, 0);
     else add_forward(dx, dx, g, no);
     zero(s0, no);
-    conv2d_backward(s0, NULL, NULL, g, NULL, p->conv2_w, N, Co, Co, H, W, 3, 1, 1, 1, 1, 1);   /* ds2 */
-    groupnorm_forward(s1, NULL, NULL, a->h1, p->norm2_w, p->norm2_b, N, Co, P, G, eps);         /* n2 */
+    conv2d_backward(s0, NULL, NULL, g, NULL, WT(p, conv2_w, 0), N, Co, Co, H, W, 3, 1, 1, 1, 1, 1);   /* ds2 */
+    groupnorm_forward(s1, NULL, NULL, a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), N, Co, P, G, eps);         /* n2 */
     zero(s2, no);
     silu_backward(s2, s0, s1, no);                                                             /* dn2 */
     zero(s0, no);
-    groupnorm_backward(s0, NULL, NULL, s2, a->h1, a->mean2, a->rstd2, p->norm2_w, N, Co, P, G); /* dh1 */
+    groupnorm_backward(s0, NULL, NULL, s2, a->h1, a->mean2, a->rstd2, WT(p, norm2_w, 1), N, Co, P, G); /* dh1 */
     zero(s1, ni);
-    conv2d_backward(s1, NULL, NULL, s0, NULL, p->conv1_w, N, Ci, Co, H, W, 3, 1, 1, 1, 1, 1);  /* ds1 */
-    groupnorm_forward(s2, NULL, NULL, a->x, p->norm1_w, p->norm1_b, N, Ci, P, G, eps);         /* n1 */
+    conv2d_backward(s1, NULL, NULL, s0, NULL, WT(p, conv1_w, 0), N, Ci, Co, H, W, 3, 1, 1, 1, 1, 1);  /* ds1 */
+    groupnorm_forward(s2, NULL, NULL, a->x, WT(p, norm1_w, 1), WT(p, norm1_b, 2), N, Ci, P, G, eps);         /* n1 */
     zero(s0, ni);
     silu_backward(s0, s1, s2, ni);                                                             /* dn1 */
-    groupnorm_backward(dx, NULL, NULL, s0, a->x, a->mean1, a->rstd1, p->norm1_w, N, Ci, P, G);
+    groupnorm_backward(dx, NULL, NULL, s0, a->x, a->mean1, a->rstd1, WT(p, norm1_w, 1), N, Ci, P, G);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -436,16 +536,16 @@ static void unet_attention_forward(float *y, UNetAttnActs *sv, const float *x, c
                                    const UNetAttnParams *p, const UNetLoraLinear *lora, float alpha, int rank,
                                    float *u, int N, int Tq, int Tk, int C, int Dc, int heads) {
     const int Mq = N * Tq, Mk = N * Tk, Dh = C / heads;
-    linear_forward(sv->q, x, p->q_w, NULL, Mq, C, C);
-    linear_forward(sv->k, c, p->k_w, NULL, Mk, Dc, C);
-    linear_forward(sv->v, c, p->v_w, NULL, Mk, Dc, C);
+    linear_forward(sv->q, x, WT(p, q_w, 0), NULL, Mq, C, C);
+    linear_forward(sv->k, c, WT(p, k_w, 0), NULL, Mk, Dc, C);
+    linear_forward(sv->v, c, WT(p, v_w, 0), NULL, Mk, Dc, C);
     if (lora) {
         lora_forward(sv->q, u, x, &lora[0], alpha, rank, Mq);
         lora_forward(sv->k, u, c, &lora[1], alpha, rank, Mk);
         lora_forward(sv->v, u, c, &lora[2], alpha, rank, Mk);
     }
     attention_forward(sv->o, sv->lse, sv->q, sv->k, sv->v, N, Tq, Tk, heads, Dh, 0, (float)(1.0 / sqrt((double)Dh)));
-    linear_forward(y, sv->o, p->o_w, p->o_b, Mq, C, C);
+    linear_forward(y, sv->o, WT(p, o_w, 0), WT(p, o_b, 1), Mq, C, C);
     if (lora) lora_forward(y, u, sv->o, &lora[3], alpha, rank, Mq);
 }
 
@@ -462,18 +562,18 @@ static void unet_attention_backward(float *dx, float *dc, UNetLoraLinear *dlora,
     const int Mq = N * Tq, Mk = N * Tk, Dh = C / heads;
     const int want_kv = dc || dlora;
     zero(sdo, (size_t)Mq * C);
-    linear_backward(sdo, NULL, NULL, dy, NULL, p->o_w, Mq, C, C);
+    linear_backward(sdo, NULL, NULL, dy, NULL, WT(p, o_w, 0), Mq, C, C);
     if (lora) lora_backward(sdo, dlora ? &dlora[3] : NULL, dy, sv->o, &lora[3], alpha, rank, Mq, u, du);
     zero(sdq, (size_t)Mq * C);
     if (want_kv) { zero(sdk, (size_t)Mk * C); zero(sdv, (size_t)Mk * C); }
     attention_backward(sdq, want_kv ? sdk : NULL, want_kv ? sdv : NULL, sdo, sv->q, sv->k, sv->v, sv->o, sv->lse,
                        N, Tq, Tk, heads, Dh, 0, (float)(1.0 / sqrt((double)Dh)));
-    linear_backward(dx, NULL, NULL, sdq, NULL, p->q_w, Mq, C, C);
+    linear_backward(dx, NULL, NULL, sdq, NULL, WT(p, q_w, 0), Mq, C, C);
     if (lora) lora_backward(dx, dlora ? &dlora[0] : NULL, sdq, x, &lora[0], alpha, rank, Mq, u, du);
     if (!want_kv) return;
     if (dc) {
-        linear_backward(dc, NULL, NULL, sdk, NULL, p->k_w, Mk, Dc, C);
-        linear_backward(dc, NULL, NULL, sdv, NULL, p->v_w, Mk, Dc, C);
+        linear_backward(dc, NULL, NULL, sdk, NULL, WT(p, k_w, 0), Mk, Dc, C);
+        linear_backward(dc, NULL, NULL, sdv, NULL, WT(p, v_w, 0), Mk, Dc, C);
     }
     if (lora) {
         lora_backward(dc, dlora ? &dlora[1] : NULL, sdk, c, &lora[1], alpha, rank, Mk, u, du);
@@ -503,17 +603,17 @@ static void unet_block_forward(UNetBlockActs *a, const float *x, const float *ct
     const int T = h * w, M = N * T;
     const size_t n = (size_t)M * C;
     float *nrm = S->st[0];
-    layernorm_forward(nrm, a->mean[0], a->rstd[0], x, p->norm1_w, p->norm1_b, M, C, UNET_LN_EPS);
+    layernorm_forward(nrm, a->mean[0], a->rstd[0], x, WT(p, norm1_w, 1), WT(p, norm1_b, 2), M, C, UNET_LN_EPS);
     unet_attention_forward(a->h1, &a->a1, nrm, nrm, &p->attn1, lora, alpha, rank, S->su, N, T, T, C, C, heads);
     add_forward(a->h1, a->h1, x, n);                       /* attn_output + hidden_states */
-    layernorm_forward(nrm, a->mean[1], a->rstd[1], a->h1, p->norm2_w, p->norm2_b, M, C, UNET_LN_EPS);
+    layernorm_forward(nrm, a->mean[1], a->rstd[1], a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), M, C, UNET_LN_EPS);
     unet_cross_attention(a->h2, &a->a2, nrm, ctx, &p->attn2, lora ? lora + 4 : NULL, alpha, rank, S->su,
                          N, h, w, Tk, C, D, heads, layer);
     add_forward(a->h2, a->h2, a->h1, n);
-    layernorm_forward(nrm, a->mean[2], a->rstd[2], a->h2, p->norm3_w, p->norm3_b, M, C, UNET_LN_EPS);
-    linear_forward(a->g, nrm, p->ff1_w, p->ff1_b, M, C, 8 * C);
+    layernorm_forward(nrm, a->mean[2], a->rstd[2], a->h2, WT(p, norm3_w, 1), WT(p, norm3_b, 2), M, C, UNET_LN_EPS);
+    linear_forward(a->g, nrm, WT(p, ff1_w, 0), WT(p, ff1_b, 1), M, C, 8 * C);
     geglu_forward(S->sf1, a->g, M, 4 * C);
-    linear_forward(a->out, S->sf1, p->ff2_w, p->ff2_b, M, 4 * C, C);
+    linear_forward(a->out, S->sf1, WT(p, ff2_w, 0), WT(p, ff2_b, 1), M, 4 * C, C);
     add_forward(a->out, a->out, a->h2, n);                 /* ff_output + hidden_states */
 }
 
@@ -532,25 +632,25 @@ static void unet_block_backward(float *dx, float *dctx, UNetLoraLinear *dlora, c
     float *R = S->st[0], *dn = S->st[1], *nrm = S->st[2];
     memcpy(R, dout, n * sizeof(float));
     zero(S->sf1, (size_t)M * 4 * C);
-    linear_backward(S->sf1, NULL, NULL, dout, NULL, p->ff2_w, M, 4 * C, C);
+    linear_backward(S->sf1, NULL, NULL, dout, NULL, WT(p, ff2_w, 0), M, 4 * C, C);
     zero(S->sf0, (size_t)M * 8 * C);
     geglu_backward(S->sf0, S->sf1, a->g, M, 4 * C);
     zero(dn, n);
-    linear_backward(dn, NULL, NULL, S->sf0, NULL, p->ff1_w, M, C, 8 * C);
-    layernorm_backward(R, NULL, NULL, dn, a->h2, a->mean[2], a->rstd[2], p->norm3_w, M, C);
+    linear_backward(dn, NULL, NULL, S->sf0, NULL, WT(p, ff1_w, 0), M, C, 8 * C);
+    layernorm_backward(R, NULL, NULL, dn, a->h2, a->mean[2], a->rstd[2], WT(p, norm3_w, 1), M, C);
 
-    layernorm_forward(nrm, NULL, NULL, a->h1, p->norm2_w, p->norm2_b, M, C, UNET_LN_EPS);
+    layernorm_forward(nrm, NULL, NULL, a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), M, C, UNET_LN_EPS);
     zero(dn, n);
     unet_attention_backward(dn, dctx, dlora ? dlora + 4 : NULL, R, &a->a2, nrm, ctx, &p->attn2,
                             lora ? lora + 4 : NULL, alpha, rank, N, T, Tk, C, D, heads,
                             S->so, S->sq, S->sk, S->sv, S->su, S->sdu);
-    layernorm_backward(R, NULL, NULL, dn, a->h1, a->mean[1], a->rstd[1], p->norm2_w, M, C);
+    layernorm_backward(R, NULL, NULL, dn, a->h1, a->mean[1], a->rstd[1], WT(p, norm2_w, 1), M, C);
 
-    layernorm_forward(nrm, NULL, NULL, a->x, p->norm1_w, p->norm1_b, M, C, UNET_LN_EPS);
+    layernorm_forward(nrm, NULL, NULL, a->x, WT(p, norm1_w, 1), WT(p, norm1_b, 2), M, C, UNET_LN_EPS);
     zero(dn, n);
     unet_attention_backward(dn, dn, dlora, R, &a->a1, nrm, nrm, &p->attn1, lora, alpha, rank, N, T, T, C, C,
                             heads, S->so, S->sq, S->sk, S->sv, S->su, S->sdu);
-    layernorm_backward(R, NULL, NULL, dn, a->x, a->mean[0], a->rstd[0], p->norm1_w, M, C);
+    layernorm_backward(R, NULL, NULL, dn, a->x, a->mean[0], a->rstd[0], WT(p, norm1_w, 1), M, C);
     add_forward(dx, dx, R, n);
 }
 
@@ -571,8 +671,8 @@ static void unet_transformer_forward(UNetTfActs *a, UNetBlockActs *ba, const flo
     const int H = a->H, W = a->W, P = H * W, C = p->C;
     float *gn = S->sx[0];
     a->x = x;
-    groupnorm_forward(gn, a->mean, a->rstd, x, p->norm_w, p->norm_b, N, C, P, G, UNET_TF_GN_EPS);
-    proj_in_forward(a->tok, gn, p->proj_in_w, p->proj_in_b, N, C, C, P);
+    groupnorm_forward(gn, a->mean, a->rstd, x, WT(p, norm_w, 1), WT(p, norm_b, 2), N, C, P, G, UNET_TF_GN_EPS);
+    proj_in_forward(a->tok, gn, WT(p, proj_in_w, 0), WT(p, proj_in_b, 1), N, C, C, P);
     const float *h = a->tok;
     for (int k = 0; k < p->n_layers; k++) {
         int b = p->first_block + k;
@@ -580,7 +680,7 @@ static void unet_transformer_forward(UNetTfActs *a, UNetBlockActs *ba, const flo
                            lora ? lora->alpha : 0.0f, lora ? lora->rank : 0, N, H, W, Tk, C, D, p->heads, b, S);
         h = ba[k].out;
     }
-    proj_out_forward(a->out, h, p->proj_out_w, p->proj_out_b, N, C, C, P);
+    proj_out_forward(a->out, h, WT(p, proj_out_w, 0), WT(p, proj_out_b, 1), N, C, C, P);
     add_forward(a->out, a->out, x, (size_t)N * C * P);     /* output = hidden_states + residual */
 }
 
@@ -595,7 +695,7 @@ static void unet_transformer_backward(float *dx, float *dctx, float *const *dlay
     float *dt = S->sx[1], *dt2 = S->sx[2];
     add_forward(dx, dx, dout, n);
     zero(dt, n);
-    proj_out_backward(dt, dout, p->proj_out_w, N, C, C, P);
+    proj_out_backward(dt, dout, WT(p, proj_out_w, 0), N, C, C, P);
     for (int k = p->n_layers - 1; k >= 0; k--) {
         int b = p->first_block + k;
         zero(dt2, n);
@@ -606,8 +706,8 @@ static void unet_transformer_backward(float *dx, float *dctx, float *const *dlay
     }
     float *dgn = S->sx[0];
     zero(dgn, n);
-    proj_in_backward(dgn, dt, p->proj_in_w, N, C, C, P);
-    groupnorm_backward(dx, NULL, NULL, dgn, a->x, a->mean, a->rstd, p->norm_w, N, C, P, G);
+    proj_in_backward(dgn, dt, WT(p, proj_in_w, 0), N, C, C, P);
+    groupnorm_backward(dx, NULL, NULL, dgn, a->x, a->mean, a->rstd, WT(p, norm_w, 1), N, C, P, G);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -905,9 +1005,9 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
      * resnet then applies its own SiLU before time_emb_proj, done once here */
     float *e0 = a->stime, *e1 = a->stime + (size_t)N * ch[0];
     timestep_embedding_forward(e0, t, N, ch[0], c->flip_sin_to_cos, (float)c->freq_shift, 10000);
-    linear_forward(e1, e0, p->time1_w, p->time1_b, N, ch[0], E);
+    linear_forward(e1, e0, WT(p, time1_w, 0), WT(p, time1_b, 1), N, ch[0], E);
     silu_forward(e1, e1, (size_t)N * E);
-    linear_forward(a->temb, e1, p->time2_w, p->time2_b, N, E, E);
+    linear_forward(a->temb, e1, WT(p, time2_w, 0), WT(p, time2_b, 1), N, E, E);
     silu_forward(a->temb, a->temb, (size_t)N * E);
     float *tp = e1 + (size_t)N * E;                       /* (N, Co) time projections */
 
@@ -917,7 +1017,7 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
         for (size_t i = 0; i < m; i++) a->sx[1][i] = 2.0f * x[i] - 1.0f;
         in = a->sx[1];
     }
-    conv2d_forward(a->x0, in, p->conv_in_w, p->conv_in_b, N, c->in_channels, ch[0], a->H, a->W,
+    conv2d_forward(a->x0, in, WT(p, conv_in_w, 0), WT(p, conv_in_b, 1), N, c->in_channels, ch[0], a->H, a->W,
                    c->conv_in_kernel, 1, (c->conv_in_kernel - 1) / 2);
 
     int ir = 0, it = 0, s_i = 1, ic = 0;
@@ -939,7 +1039,7 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
         if (i < n - 1) {
             int pad = c->downsample_padding;
             float *o = a->skip[s_i++];
-            conv2d_forward_pad(o, h, p->down_w[i], p->down_b[i], N, C, C, H, W, 3, 2,
+            conv2d_forward_pad(o, h, WT(p, down_w[i], 0), WT(p, down_b[i], 1), N, C, C, H, W, 3, 2,
                                pad, pad, pad ? pad : 1, pad ? pad : 1);
             h = o;
         }
@@ -978,7 +1078,7 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
         if (i < n - 1) {                                   /* Upsample2D: nearest to the next skip's size, conv */
             int Ho = a->lh[lv - 1], Wo = a->lw[lv - 1];
             resize_nearest_forward(a->sx[0], h, N, C, H, W, Ho, Wo);
-            conv2d_forward(a->up_out[i], a->sx[0], p->up_w[i], p->up_b[i], N, C, C, Ho, Wo, 3, 1, 1);
+            conv2d_forward(a->up_out[i], a->sx[0], WT(p, up_w[i], 0), WT(p, up_b[i], 1), N, C, C, Ho, Wo, 3, 1, 1);
             h = a->up_out[i];
         }
         prev = C;
@@ -986,9 +1086,10 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
 
     /* conv_norm_out -> SiLU -> conv_out */
     const size_t n0 = (size_t)N * ch[0] * a->H * a->W;
-    groupnorm_forward(a->sx[0], a->out_mean, a->out_rstd, h, p->norm_out_w, p->norm_out_b, N, ch[0], a->H * a->W, G, eps_n);
+    groupnorm_forward(a->sx[0], a->out_mean, a->out_rstd, h, WT(p, norm_out_w, 1), WT(p, norm_out_b, 2), N, ch[0],
+                      a->H * a->W, G, eps_n);
     silu_forward(a->sx[0], a->sx[0], n0);
-    conv2d_forward(eps, a->sx[0], p->conv_out_w, p->conv_out_b, N, ch[0], c->out_channels, a->H, a->W,
+    conv2d_forward(eps, a->sx[0], WT(p, conv_out_w, 0), WT(p, conv_out_b, 1), N, ch[0], c->out_channels, a->H, a->W,
                    c->conv_out_kernel, 1, (c->conv_out_kernel - 1) / 2);
     return MS_OK;
 }
@@ -1029,21 +1130,21 @@ MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, U
     const size_t n0 = (size_t)N * ch[0] * P0;
     const float *hl = a->up_out[n - 1];
     zero(a->sx[0], n0);
-    conv2d_backward(a->sx[0], NULL, NULL, deps, NULL, p->conv_out_w, N, ch[0], c->out_channels, a->H, a->W,
+    conv2d_backward(a->sx[0], NULL, NULL, deps, NULL, WT(p, conv_out_w, 0), N, ch[0], c->out_channels, a->H, a->W,
                     c->conv_out_kernel, 1, (c->conv_out_kernel - 1) / 2, (c->conv_out_kernel - 1) / 2,
                     (c->conv_out_kernel - 1) / 2, (c->conv_out_kernel - 1) / 2);
-    groupnorm_forward(a->sx[1], NULL, NULL, hl, p->norm_out_w, p->norm_out_b, N, ch[0], P0, G, eps_n);
+    groupnorm_forward(a->sx[1], NULL, NULL, hl, WT(p, norm_out_w, 1), WT(p, norm_out_b, 2), N, ch[0], P0, G, eps_n);
     zero(a->sx[2], n0);
     silu_backward(a->sx[2], a->sx[0], a->sx[1], n0);
     float *dh = grad_next(a, &g, n0);
-    groupnorm_backward(dh, NULL, NULL, a->sx[2], hl, a->out_mean, a->out_rstd, p->norm_out_w, N, ch[0], P0, G);
+    groupnorm_backward(dh, NULL, NULL, a->sx[2], hl, a->out_mean, a->out_rstd, WT(p, norm_out_w, 1), N, ch[0], P0, G);
 
     for (int i = n - 1; i >= 0; i--) {                     /* up blocks, last first */
         int lv = n - 1 - i, C = ch[lv], H = a->lh[lv], W = a->lw[lv], P = H * W, cross = is_cross_up(c->up_block_types[i]);
         if (i < n - 1) {
             int Ho = a->lh[lv - 1], Wo = a->lw[lv - 1];
             zero(a->sx[0], (size_t)N * C * Ho * Wo);
-            conv2d_backward(a->sx[0], NULL, NULL, dh, NULL, p->up_w[i], N, C, C, Ho, Wo, 3, 1, 1, 1, 1, 1);
+            conv2d_backward(a->sx[0], NULL, NULL, dh, NULL, WT(p, up_w[i], 0), N, C, C, Ho, Wo, 3, 1, 1, 1, 1, 1);
             dh = grad_next(a, &g, (size_t)N * C * P);
             resize_nearest_backward(dh, a->sx[0], N, C, H, W, Ho, Wo);
         }
@@ -1091,7 +1192,7 @@ MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, U
             int Ho = a->lh[i + 1], Wo = a->lw[i + 1], pad = c->downsample_padding;
             add_forward(dh, dh, a->dskip[1 + i * (L + 1) + L], (size_t)N * C * Ho * Wo);  /* its skip */
             float *d = grad_next(a, &g, (size_t)N * C * P);
-            conv2d_backward(d, NULL, NULL, dh, NULL, p->down_w[i], N, C, C, H, W, 3, 2, pad, pad,
+            conv2d_backward(d, NULL, NULL, dh, NULL, WT(p, down_w[i], 0), N, C, C, H, W, 3, 2, pad, pad,
                             pad ? pad : 1, pad ? pad : 1);
             dh = d;
         }

@@ -48,7 +48,15 @@ typedef struct {
     float *buf[VAE_NBUF];           /* physical buffers (NULL while planning) */
     size_t need[VAE_NBUF];          /* floats each physical buffer needs */
     int role[3];                    /* role -> physical buffer */
+    size_t stage_mat, stage_vec;    /* floats of the 16-bit weight staging (planned from the config) */
+    MsWeightStage ws;               /* carved with the buffers; unused by f32 tables */
 } VaeRun;
+
+/* A weight as f32 right before its op: the table's own data (f32), or F16/BF16 converted into
+ * staging slot `slot` (0: the op's matrix, 1: its bias or a norm weight, 2: a norm bias); see
+ * ms_weight_f32. The staging is planned always (SD 1.5: one 512x512x3x3 conv, 9.4 MB), so the
+ * same arena serves f32 and 16-bit tables. */
+#define WT(r, w, slot) ms_stage_f32(&(r)->ws, (w), (slot))
 
 static size_t zmax(size_t a, size_t b) { return a > b ? a : b; }
 
@@ -62,16 +70,16 @@ static void swap_roles(VaeRun *r, int a, int b) { int t = r->role[a]; r->role[a]
 /* ---------------------------------------------------------------------------------------- */
 /* Parameters                                                                                */
 /* ---------------------------------------------------------------------------------------- */
-static MsStatus get_f32(const MsParamTable *t, const char *key, const float **out) {
+static MsStatus get_f32(const MsParamTable *t, const char *key, const MsParam **out) {
     int i = ms_param_find(t, key);
     if (i < 0) return ms_errorf(MS_ERR_FORMAT, "vae: parameter %s missing from the table", key);
-    if (!t->p[i].f32)
-        return ms_errorf(MS_ERR_UNSUPPORTED, "vae: parameter %s is not loaded as f32 (load without keep_half)", key);
-    *out = t->p[i].f32;
+    if (!t->p[i].f32 && !t->p[i].half)
+        return ms_errorf(MS_ERR_FORMAT, "vae: parameter %s holds no data (not loaded)", key);
+    *out = &t->p[i];
     return MS_OK;
 }
 
-static MsStatus get_wb(const MsParamTable *t, const char *prefix, const char *name, const float **w, const float **b) {
+static MsStatus get_wb(const MsParamTable *t, const char *prefix, const char *name, const MsParam **w, const MsParam **b) {
     char k[MS_KEY_MAX];
     MsStatus s;
     snprintf(k, sizeof k, "%s%s.weight", prefix, name);
@@ -168,12 +176,13 @@ static void vae_resnet(VaeRun *r, const VaeResnetParams *p, int Ci, int Co, int 
         float *x = use_role(r, RA, (size_t)Ci * P), *t = use_role(r, RT, (size_t)Ci * P);
         float *h = use_role(r, RH, (size_t)Co * P);
         if (r->plan) return;
-        groupnorm_forward(t, NULL, NULL, x, p->norm1_w, p->norm1_b, 1, Ci, (int)P, G, VAE_EPS);
+        groupnorm_forward(t, NULL, NULL, x, WT(r, p->norm1_w, 1), WT(r, p->norm1_b, 2), 1, Ci, (int)P, G, VAE_EPS);
         silu_forward(t, t, (size_t)Ci * P);
-        conv2d_forward(h, t, p->conv1_w, p->conv1_b, 1, Ci, Co, H, W, 3, 1, 1);
-        groupnorm_forward(h, NULL, NULL, h, p->norm2_w, p->norm2_b, 1, Co, (int)P, G, VAE_EPS);  /* in place */
+        conv2d_forward(h, t, WT(r, p->conv1_w, 0), WT(r, p->conv1_b, 1), 1, Ci, Co, H, W, 3, 1, 1);
+        groupnorm_forward(h, NULL, NULL, h, WT(r, p->norm2_w, 1), WT(r, p->norm2_b, 2), 1, Co, (int)P, G,
+                          VAE_EPS);                                                      /* in place */
         silu_forward(h, h, (size_t)Co * P);
-        conv2d_forward(t, h, p->conv2_w, p->conv2_b, 1, Co, Co, H, W, 3, 1, 1);
+        conv2d_forward(t, h, WT(r, p->conv2_w, 0), WT(r, p->conv2_b, 1), 1, Co, Co, H, W, 3, 1, 1);
         add_forward(x, x, t, (size_t)Co * P);
         return;
     }
@@ -182,13 +191,13 @@ static void vae_resnet(VaeRun *r, const VaeResnetParams *p, int Ci, int Co, int 
     float *x = use_role(r, RA, zmax((size_t)Ci, (size_t)Co) * P), *s = use_role(r, RT, (size_t)Co * P);
     float *h = use_role(r, RH, (size_t)Co * P);
     if (!r->plan) {
-        conv2d_forward(s, x, p->short_w, p->short_b, 1, Ci, Co, H, W, 1, 1, 0);
-        groupnorm_forward(x, NULL, NULL, x, p->norm1_w, p->norm1_b, 1, Ci, (int)P, G, VAE_EPS);
+        conv2d_forward(s, x, WT(r, p->short_w, 0), WT(r, p->short_b, 1), 1, Ci, Co, H, W, 1, 1, 0);
+        groupnorm_forward(x, NULL, NULL, x, WT(r, p->norm1_w, 1), WT(r, p->norm1_b, 2), 1, Ci, (int)P, G, VAE_EPS);
         silu_forward(x, x, (size_t)Ci * P);
-        conv2d_forward(h, x, p->conv1_w, p->conv1_b, 1, Ci, Co, H, W, 3, 1, 1);
-        groupnorm_forward(h, NULL, NULL, h, p->norm2_w, p->norm2_b, 1, Co, (int)P, G, VAE_EPS);
+        conv2d_forward(h, x, WT(r, p->conv1_w, 0), WT(r, p->conv1_b, 1), 1, Ci, Co, H, W, 3, 1, 1);
+        groupnorm_forward(h, NULL, NULL, h, WT(r, p->norm2_w, 1), WT(r, p->norm2_b, 2), 1, Co, (int)P, G, VAE_EPS);
         silu_forward(h, h, (size_t)Co * P);
-        conv2d_forward(x, h, p->conv2_w, p->conv2_b, 1, Co, Co, H, W, 3, 1, 1);
+        conv2d_forward(x, h, WT(r, p->conv2_w, 0), WT(r, p->conv2_b, 1), 1, Co, Co, H, W, 3, 1, 1);
         add_forward(s, s, x, (size_t)Co * P);
     }
     swap_roles(r, RA, RT);
@@ -210,14 +219,15 @@ static void vae_attention(VaeRun *r, const VaeAttnParams *p, int C, int G, int H
     float *x = use_role(r, RA, n), *t = use_role(r, RT, n), *q = use_role(r, RH, n);
     float *k = use_buf(r, VB_K, n), *v = use_buf(r, VB_V, n);
     if (r->plan) return;
-    groupnorm_forward(t, NULL, NULL, x, p->norm_w, p->norm_b, 1, C, T, G, VAE_EPS);
-    tokens_linear(q, t, p->q_w, p->q_b, C, T);
-    tokens_linear(k, t, p->k_w, p->k_b, C, T);
-    tokens_linear(v, t, p->v_w, p->v_b, C, T);
+    groupnorm_forward(t, NULL, NULL, x, WT(r, p->norm_w, 1), WT(r, p->norm_b, 2), 1, C, T, G, VAE_EPS);
+    tokens_linear(q, t, WT(r, p->q_w, 0), WT(r, p->q_b, 1), C, T);
+    tokens_linear(k, t, WT(r, p->k_w, 0), WT(r, p->k_b, 1), C, T);
+    tokens_linear(v, t, WT(r, p->v_w, 0), WT(r, p->v_b, 1), C, T);
     attention_forward(t, NULL, q, k, v, 1, T, T, 1, C, 0, (float)pow((double)C, -0.5));   /* o (T,C) */
+    const float *ob = WT(r, p->o_b, 1);
     for (int c = 0; c < C; c++)                                       /* q <- (C,T) = Wo o^T + bo */
-        for (int i = 0; i < T; i++) q[(size_t)c * T + i] = p->o_b[c];
-    ms_gemm(0, 1, C, T, C, 1.0f, p->o_w, C, t, C, 1.0f, q, T);
+        for (int i = 0; i < T; i++) q[(size_t)c * T + i] = ob[c];
+    ms_gemm(0, 1, C, T, C, 1.0f, WT(r, p->o_w, 0), C, t, C, 1.0f, q, T);
     add_forward(x, q, x, n);                                          /* hidden + residual */
 }
 
@@ -261,13 +271,16 @@ static void vae_encoder(VaeRun *r, const VaeConfig *c, const VaeParams *p, float
     const int n = c->n_blocks, L = c->layers_per_block, G = c->norm_num_groups, lat = c->latent_channels;
     const int *ch = c->block_out_channels;
     float *a = use_role(r, RA, (size_t)ch[0] * H * W);
-    if (!r->plan) conv2d_forward(a, img, p->enc_conv_in_w, p->enc_conv_in_b, 1, c->in_channels, ch[0], H, W, 3, 1, 1);
+    if (!r->plan)
+        conv2d_forward(a, img, WT(r, p->enc_conv_in_w, 0), WT(r, p->enc_conv_in_b, 1), 1, c->in_channels, ch[0], H, W,
+                       3, 1, 1);
     for (int i = 0, cin = ch[0]; i < n; cin = ch[i], i++) {
         for (int j = 0; j < L; j++) vae_resnet(r, &p->enc_res[i][j], j ? ch[i] : cin, ch[i], G, H, W);
         if (i < n - 1) {   /* Downsample2D: F.pad(x, (0,1,0,1)), conv 3x3 stride 2, no padding */
             float *x = use_role(r, RA, (size_t)ch[i] * H * W), *o = use_role(r, RT, (size_t)ch[i] * (H / 2) * (W / 2));
             if (!r->plan)
-                conv2d_forward_pad(o, x, p->enc_down_w[i], p->enc_down_b[i], 1, ch[i], ch[i], H, W, 3, 2, 0, 0, 1, 1);
+                conv2d_forward_pad(o, x, WT(r, p->enc_down_w[i], 0), WT(r, p->enc_down_b[i], 1), 1, ch[i], ch[i], H, W,
+                                   3, 2, 0, 0, 1, 1);
             swap_roles(r, RA, RT);
             H /= 2; W /= 2;
         }
@@ -277,10 +290,11 @@ static void vae_encoder(VaeRun *r, const VaeConfig *c, const VaeParams *p, float
     vae_mid(r, p->enc_mid_res, &p->enc_mid_attn, C, G, H, W);
     float *x = use_role(r, RA, (size_t)C * P), *t = use_role(r, RT, (size_t)2 * lat * P);
     if (r->plan) return;
-    groupnorm_forward(x, NULL, NULL, x, p->enc_norm_out_w, p->enc_norm_out_b, 1, C, (int)P, G, VAE_EPS);
+    groupnorm_forward(x, NULL, NULL, x, WT(r, p->enc_norm_out_w, 1), WT(r, p->enc_norm_out_b, 2), 1, C, (int)P, G,
+                      VAE_EPS);
     silu_forward(x, x, (size_t)C * P);
-    conv2d_forward(t, x, p->enc_conv_out_w, p->enc_conv_out_b, 1, C, 2 * lat, H, W, 3, 1, 1);
-    conv2d_forward(moments, t, p->quant_w, p->quant_b, 1, 2 * lat, 2 * lat, H, W, 1, 1, 0);
+    conv2d_forward(t, x, WT(r, p->enc_conv_out_w, 0), WT(r, p->enc_conv_out_b, 1), 1, C, 2 * lat, H, W, 3, 1, 1);
+    conv2d_forward(moments, t, WT(r, p->quant_w, 0), WT(r, p->quant_b, 1), 1, 2 * lat, 2 * lat, H, W, 1, 1, 0);
 }
 
 /* z / scaling_factor -> post_quant_conv -> Decoder (vae.py): latents (lat,h,w) -> img (Cout,h*f,w*f). */
@@ -293,24 +307,26 @@ static void vae_decoder(VaeRun *r, const VaeConfig *c, const VaeParams *p, float
     float *a = use_role(r, RA, (size_t)ch[n - 1] * P);
     if (!r->plan) {
         for (size_t i = 0; i < (size_t)lat * P; i++) z[i] = latents[i] / c->scaling_factor;
-        conv2d_forward(zq, z, p->post_quant_w, p->post_quant_b, 1, lat, lat, H, W, 1, 1, 0);
-        conv2d_forward(a, zq, p->dec_conv_in_w, p->dec_conv_in_b, 1, lat, ch[n - 1], H, W, 3, 1, 1);
+        conv2d_forward(zq, z, WT(r, p->post_quant_w, 0), WT(r, p->post_quant_b, 1), 1, lat, lat, H, W, 1, 1, 0);
+        conv2d_forward(a, zq, WT(r, p->dec_conv_in_w, 0), WT(r, p->dec_conv_in_b, 1), 1, lat, ch[n - 1], H, W, 3, 1, 1);
     }
     vae_mid(r, p->dec_mid_res, &p->dec_mid_attn, ch[n - 1], G, H, W);
     for (int i = 0, prev = ch[n - 1]; i < n; prev = ch[n - 1 - i], i++) {
         const int cout = ch[n - 1 - i];
         for (int j = 0; j <= L; j++) vae_resnet(r, &p->dec_res[i][j], j ? cout : prev, cout, G, H, W);
         if (i < n - 1) {
-            vae_upsample(r, p->dec_up_w[i], p->dec_up_b[i], cout, H, W);
+            vae_upsample(r, WT(r, p->dec_up_w[i], 0), WT(r, p->dec_up_b[i], 1), cout, H, W);
             H *= 2; W *= 2;
         }
     }
     P = (size_t)H * W;
     float *x = use_role(r, RA, (size_t)ch[0] * P);
     if (r->plan) return;
-    groupnorm_forward(x, NULL, NULL, x, p->dec_norm_out_w, p->dec_norm_out_b, 1, ch[0], (int)P, G, VAE_EPS);
+    groupnorm_forward(x, NULL, NULL, x, WT(r, p->dec_norm_out_w, 1), WT(r, p->dec_norm_out_b, 2), 1, ch[0], (int)P, G,
+                      VAE_EPS);
     silu_forward(x, x, (size_t)ch[0] * P);
-    conv2d_forward(img, x, p->dec_conv_out_w, p->dec_conv_out_b, 1, ch[0], c->out_channels, H, W, 3, 1, 1);
+    conv2d_forward(img, x, WT(r, p->dec_conv_out_w, 0), WT(r, p->dec_conv_out_b, 1), 1, ch[0], c->out_channels, H, W,
+                   3, 1, 1);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -332,13 +348,18 @@ static const VaeParams vae_no_params;   /* planning reads no weight */
 static void vae_plan(VaeRun *r, const VaeConfig *c, int encode, int H, int W) {
     memset(r, 0, sizeof *r);
     r->plan = 1;
+    int M = c->in_channels > c->out_channels ? c->in_channels : c->out_channels;   /* widest layer */
+    if (2 * c->latent_channels > M) M = 2 * c->latent_channels;
+    for (int i = 0; i < c->n_blocks; i++) if (c->block_out_channels[i] > M) M = c->block_out_channels[i];
+    r->stage_mat = ((size_t)M * M * 9 + 15) & ~(size_t)15;     /* every weight is at most (M,M,3,3) */
+    r->stage_vec = ((size_t)M + 15) & ~(size_t)15;
     r->role[RA] = VB_0; r->role[RT] = VB_1; r->role[RH] = VB_2;
     if (encode) vae_encoder(r, c, &vae_no_params, NULL, NULL, H, W);
     else vae_decoder(r, c, &vae_no_params, NULL, NULL, H / vae_factor(c), W / vae_factor(c));
 }
 
 static size_t plan_bytes(const VaeRun *r) {
-    size_t b = 0;
+    size_t b = ((r->stage_mat + 2 * r->stage_vec) * sizeof(float) + 63) / 64 * 64 + 64;
     for (int i = 0; i < VAE_NBUF; i++) b += (r->need[i] * sizeof(float) + 63) / 64 * 64 + 64;
     return b;
 }
@@ -352,6 +373,11 @@ static MsStatus plan_alloc(VaeRun *r, Arena *a, const char *what) {
             return ms_errorf(MS_ERR_NOMEM, "%s: scratch arena too small (%zu of %zu bytes free, %zu needed)", what,
                              a->cap - a->used, a->cap, plan_bytes(r));
     }
+    memset(&r->ws, 0, sizeof r->ws);
+    if (!(r->ws.mat = arena_floats(a, r->stage_mat + 2 * r->stage_vec)))
+        return ms_errorf(MS_ERR_NOMEM, "%s: scratch arena too small for the weight staging", what);
+    r->ws.vec[0] = r->ws.mat + r->stage_mat;
+    r->ws.vec[1] = r->ws.vec[0] + r->stage_vec;
     return MS_OK;
 }
 

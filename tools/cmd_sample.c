@@ -154,7 +154,7 @@ static void sample_usage(FILE *f) {
         "                      [--seed 0] [-W WIDTH] [-H HEIGHT] [--sampler dpm++2m|ddim|euler|ddpm]\n"
         "                      [--batch N] [--adapter DIR --cond IMAGE [--adapter-scale 1.0]]\n"
         "                      [--init-noise FILE.safetensors] [--torch-cpu avx2|default] [--threads N]\n"
-        "                      -o OUT.png\n\n"
+        "                      [--weights f32|f16] -o OUT.png\n\n"
         "Text to image, as diffusers 0.19.3 StableDiffusionPipeline (StableDiffusionAdapterPipeline\n"
         "with --adapter): the same seed gives the same latents as torch.Generator().manual_seed(seed).\n"
         "  --model PATH    diffusers folder or single file (default: models/tiny-sd, the tiny\n"
@@ -172,6 +172,9 @@ static void sample_usage(FILE *f) {
         "                  tiny model); the image does not depend on it\n"
         "  --torch-cpu     which torch.randn kernel to mirror: avx2 (stock x86-64 torch, default) or\n"
         "                  default (ATEN_CPU_CAPABILITY=default, ARM)\n"
+        "  --weights f16   keep F16/BF16 tensors 16-bit in memory, converted to f32 when used (half\n"
+        "                  the weight memory, same image as f32 on the rounded weights); f32 (default)\n"
+        "                  widens every tensor at load\n"
         "Progress goes to stderr when it is a terminal.\n");
 }
 
@@ -250,7 +253,9 @@ static MsStatus load_cond(const char *path, int C, int W, int H, float **out) {
 int cmd_sample(int argc, char **argv) {
     const char *model = NULL, *out = NULL, *adapter_dir = NULL, *cond_path = NULL, *noise_path = NULL;
     int threads = -1;
+    MsLoadOptions lo;
     MsTxt2ImgOptions o;
+    memset(&lo, 0, sizeof lo);
     memset(&o, 0, sizeof o);
     o.steps = 50; o.guidance_scale = 7.5f; o.batch = 1; o.sampler = MS_SCHED_DPMSOLVER;
     o.torch_cpu = MS_TORCH_CPU_AVX2; o.adapter_scale = 1.0f;
@@ -273,6 +278,11 @@ int cmd_sample(int argc, char **argv) {
         else if (!strcmp(a, "-H") || !strcmp(a, "--height")) o.height = (int)strtol(v, &end, 10);
         else if (!strcmp(a, "--seed")) o.seed = (uint64_t)strtoull(v, &end, 10);
         else if (!strcmp(a, "--threads")) threads = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--weights")) {
+            if (!strcmp(v, "f16") || !strcmp(v, "half")) lo.keep_half = 1;
+            else if (!strcmp(v, "f32")) lo.keep_half = 0;
+            else { fprintf(stderr, "mixshow sample: --weights %s: expected f32 or f16\n", v); return 2; }
+        }
         else if (!strcmp(a, "--cfg")) o.guidance_scale = strtof(v, &end);
         else if (!strcmp(a, "--adapter-scale")) o.adapter_scale = strtof(v, &end);
         else if (!strcmp(a, "--sampler")) {
@@ -308,7 +318,7 @@ int cmd_sample(int argc, char **argv) {
     float *image = NULL, *noise = NULL, *cond = NULL;
     uint8_t *px = NULL;
     double t0 = ms_time();
-    MsStatus s = ms_model_load(model, NULL, &m);
+    MsStatus s = ms_model_load(model, &lo, &m);
     if (!s) { have_m = 1; s = ms_clip_tokenizer_load(model, &tok); }
     if (!s) have_tok = 1;
     if (!s) {
@@ -324,7 +334,7 @@ int cmd_sample(int argc, char **argv) {
     if (threads >= 0) ms_set_threads(threads);
     else if (!s && m.unet_config.block_out_channels[0] < 128 && !getenv("OMP_NUM_THREADS")) ms_set_threads(1);
     if (!s && adapter_dir) {
-        s = ms_adapter_load(adapter_dir, NULL, &ac, &at);
+        s = ms_adapter_load(adapter_dir, &lo, &ac, &at);
         if (!s) { have_ad = 1; s = adapter_params_init(&ap, &ac, &at); }
         if (!s) s = load_cond(cond_path, ac.in_channels, o.width, o.height, &cond);
         if (!s) { o.adapter = &ap; o.cond = cond; }
@@ -359,9 +369,16 @@ int cmd_sample(int argc, char **argv) {
         s = ms_png_write(path, px, o.width, o.height, 3);
         if (!s) fprintf(stderr, "mixshow sample: wrote %s\n", path);
     }
-    if (!s)
-        fprintf(stderr, "mixshow sample: %d x %d, %d steps, batch %d: load %.2f s, sampling + decode %.2f s\n",
+    if (!s) {
+        fprintf(stderr, "mixshow sample: %d x %d, %d steps, batch %d: load %.2f s, sampling + decode %.2f s",
                 o.width, o.height, o.steps, o.batch, t1 - t0, t2 - t1);
+        FILE *st = fopen("/proc/self/status", "r");       /* Linux: peak resident memory; else skipped */
+        char line[256];
+        while (st && fgets(line, sizeof line, st))
+            if (!strncmp(line, "VmHWM:", 6)) { fprintf(stderr, ", peak memory %.0f MiB", strtod(line + 6, NULL) / 1024.0); break; }
+        if (st) fclose(st);
+        fprintf(stderr, "\n");
+    }
     else fprintf(stderr, "mixshow sample: %s\n", ms_last_error());
     if (have_ad) ms_param_table_free(&at);
     if (have_tok) clip_tokenizer_free(&tok);
