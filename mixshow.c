@@ -166,6 +166,14 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
     /* decode(latents / scaling_factor) */
     unet_acts_free(&ua);
     ua_ok = 0;
+    /* the UNet is done: give its activations, weight staging and the kernels' per-thread
+     * workspaces back before the VAE decode, the peak of a 512x512 run */
+    arena_free(&acts);
+    if (up_ok) { unet_params_free(up); up_ok = 0; }
+    ms_gemm_scratch_free();
+    ops_scratch_free();
+    ms_free_aligned(in); ms_free_aligned(eps); ms_free_aligned(ctx);
+    in = eps = ctx = NULL;
     arena_reset(&ar, 0);
     s = vae_decode(vp, &ar, image, lat, B, h, w);
 done:

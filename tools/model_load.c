@@ -345,6 +345,7 @@ typedef struct {
     size_t numel;
     const unsigned char *data;      /* safetensors: numel little-endian values, contiguous */
     const PthTensor *pt;            /* PyTorch pickles: read on demand (any strides) */
+    const StTensor *st;             /* safetensors: the entry (to release its pages after use) */
 } SrcTensor;
 
 typedef struct {
@@ -377,7 +378,7 @@ static MsStatus src_from_st(Source *s) {
         const StTensor *t = &s->st.tensors[i];
         SrcTensor *o = &s->t[i];
         o->name = t->name; o->dtype = t->dtype; o->ndim = t->ndim; o->shape = t->shape;
-        o->numel = t->numel; o->data = t->data;
+        o->numel = t->numel; o->data = t->data; o->st = t;
     }
     s->n = s->st.count;
     return MS_OK;
@@ -586,6 +587,7 @@ static MsStatus fill(Source *s, Target *tg, int ntg, int ldm, const MsLoadOption
             if (tg[k].src[i] < 0 || (p->flags & MS_PARAM_BUFFER)) continue;
             const SrcTensor *x = &s->t[tg[k].src[i]];
             if ((st = p->f32 ? src_read_f32(s, x, p->f32) : src_read_half(s, x, p->half))) goto done;
+            if (x->st) st_release(&s->st, x->st);
         }
     }
 done:

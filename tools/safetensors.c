@@ -12,6 +12,9 @@
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L          /* open, fstat, mmap: in the guarded section below */
 #endif
+#if !defined(_WIN32) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE                  /* glibc: madvise(MADV_DONTNEED), see st_release */
+#endif
 #include "tools/tools.h"
 
 #include <math.h>
@@ -298,6 +301,24 @@ MsStatus st_open(StFile *f, const char *path) {
     if (s == MS_OK) s = st_parse(f);
     if (s != MS_OK) st_close(f);
     return s;
+}
+
+/* Loading copies every tensor once (into f32 or 16-bit tables); the mapped file pages it came
+ * from would otherwise stay resident until st_close, doubling the peak memory of a model
+ * load. Dropping the whole pages inside the tensor's bytes returns them to the OS (they are
+ * re-read from the file if touched again). A no-op for files read into memory. */
+void st_release(const StFile *f, const StTensor *t) {
+#if defined(ST_MMAP) && defined(MADV_DONTNEED)
+    if (f->own != 2 || !t->nbytes) return;
+    long pg = sysconf(_SC_PAGESIZE);
+    if (pg <= 0) return;
+    uintptr_t a = (uintptr_t)t->data, e = a + t->nbytes, page = (uintptr_t)pg;
+    a = (a + page - 1) / page * page;
+    e = e / page * page;
+    if (e > a) madvise((void *)a, (size_t)(e - a), MADV_DONTNEED);
+#else
+    (void)f; (void)t;
+#endif
 }
 
 const StTensor *st_find(const StFile *f, const char *name) {

@@ -151,6 +151,9 @@ MsStatus st_open_memory(StFile *f, const void *data, size_t size, const char *or
 void st_close(StFile *f);
 const StTensor *st_find(const StFile *f, const char *name);      /* NULL when absent */
 const char *st_meta(const StFile *f, const char *key);           /* NULL when absent */
+/* t's data will not be read again: give its memory-mapped pages back to the OS (loaders call it
+ * after copying each tensor, so a model load does not hold the file and the tables at once). */
+void st_release(const StFile *f, const StTensor *t);
 /* Converts all of t to float: F16/BF16/F32 exactly, F64 rounded to nearest, integers and BOOL
  * by value (rounded beyond 2^24). n must equal t->numel; F8 -> MS_ERR_UNSUPPORTED. */
 MsStatus st_to_f32(const StFile *f, const StTensor *t, float *out, size_t n);
