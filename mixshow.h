@@ -483,7 +483,9 @@ typedef struct {
     size_t mem_bytes;
 } MsParamTable;
 
-/* Every tensor of the component, in diffusers' state_dict() order. The table is malloc'ed;
+/* Every tensor of the component, in diffusers' state_dict() order (the text encoder: the order
+ * of shared/models/sd15-configs/diffusers-keys.txt, q before k, v; transformers' own
+ * state_dict() lists k_proj, v_proj, q_proj). The table is malloc'ed;
  * release it with ms_param_table_free (also frees loaded data). */
 MsStatus ms_param_table_unet(const UNetConfig *c, MsParamTable *t);
 MsStatus ms_param_table_vae(const VaeConfig *c, MsParamTable *t);

@@ -486,10 +486,12 @@ static void usage(FILE *f) {
                "%d timed runs after one warm-up; the peak is that of the SIMD level in use.\n\n"
                "--nets times whole SD 1.5 networks with random weights made in memory (slow: minutes):\n"
                "  text-encoder sd15 [16,77] forward / forward+backward (ED-LoRA: rank-4 LoRA, 2 new tokens)\n"
-               "  vae-decode sd15 512x512 threads=1: 30.123 s  (3 runs 29.9..30.5, load 1.10)\n"
-               "  unet sd15 B=2 64x64 threads=1: 12.345 s/step  (one CFG step, inference)\n"
-               "each followed by a memory line: planned arena and weight bytes, and the peak resident\n"
-               "set size (Linux /proc; omitted elsewhere). Median of 3 runs unless --runs is given.\n"
+               "  vae-decode sd15 512x512 (one 64x64 latent)\n"
+               "  unet sd15 B=2 64x64 threads=1: 27.588 s/step  (3 runs 27.1..28.5, cpu 27.5 s, load 1.10)\n"
+               "    (one classifier-free-guidance step, inference: wall time, min..max, process CPU\n"
+               "    time, 1-minute load average at the start), then a memory line: planned weight and\n"
+               "arena bytes, and the peak resident set size (Linux /proc; omitted elsewhere).\n"
+               "Median of 3 runs unless --runs is given.\n"
                "tools/ref/bench_torch.py prints the same lines for PyTorch.\n\n"
                "  --quick         3 runs per kernel case (smoke test)\n"
                "  --runs K        K timed runs per case (kernels: after a warm-up)\n"
@@ -520,7 +522,8 @@ int cmd_bench(int argc, char **argv) {
                 else { fprintf(stderr, "mixshow bench: --nets: unknown network '%.*s' (unet, vae, text)\n", (int)n, s); return 2; }
                 s += n + (s[n] == ',');
             }
-        } else if (!strcmp(argv[i], "--runs") && i + 1 < argc) {
+        } else if (!strcmp(argv[i], "--runs")) {
+            if (i + 1 == argc) { fprintf(stderr, "mixshow bench: --runs wants a number (1..64)\n"); return 2; }
             const char *s = argv[++i];
             int k = 0;
             while (*s >= '0' && *s <= '9' && k <= 64) k = 10 * k + (*s++ - '0');
