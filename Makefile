@@ -11,6 +11,9 @@
 #   make test-full  slow checks (SD 1.5-sized shapes), not run in CI
 
 CC      ?= cc
+AR      ?= ar
+# header dependencies (tcc has no -MMD/-MP: make CC=tcc DEPFLAGS= NOOMP=1)
+DEPFLAGS ?= -MMD -MP
 BUILD   ?= build
 OPT     ?= -O2
 CSTD    = -std=c11 -pedantic -Wall -Wextra
@@ -26,6 +29,12 @@ CFLAGS  += $(OMPFLAG)
 # source then gives the same bits with every compiler. Kernels that want FMA say so explicitly.
 FPCONTRACT := $(shell printf 'int main(void){return 0;}\n' | $(CC) -ffp-contract=off -x c - -o /dev/null 2>/dev/null && echo -ffp-contract=off)
 CFLAGS  += $(FPCONTRACT)
+# s390x gcc defines FLT_EVAL_METHOD 1 under -std=c11 (float arithmetic done in double): ask for
+# plain float arithmetic there, so that its numbers are those of every other platform. Never on
+# x87 (i386 without SSE2), where "fast" would keep 80-bit intermediates instead.
+ifeq ($(shell printf '' | $(CC) $(CSTD) -dM -E -x c - 2>/dev/null | grep -c '__FLT_EVAL_METHOD__ 1$$'),1)
+CFLAGS  += -fexcess-precision=fast
+endif
 
 LIB_SRC   = tensor.c mixshow.c $(wildcard models/*.c) $(filter-out tools/main.c tools/fuzz_%.c,$(wildcard tools/*.c))
 LIB_OBJ   = $(LIB_SRC:%.c=$(BUILD)/%.o)
@@ -44,11 +53,11 @@ $(BUILD)/mixshow: $(BUILD)/tools/main.o $(BUILD)/libmixshow.a
 
 $(BUILD)/libmixshow.a: $(LIB_OBJ)
 	rm -f $@
-	ar rcs $@ $^
+	$(AR) rcs $@ $^
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -MMD -MP -I. -c $< -o $@
+	$(CC) $(CFLAGS) $(DEPFLAGS) -I. -c $< -o $@
 
 $(BUILD)/tests/%: tests/%.c tests/test.h $(BUILD)/libmixshow.a
 	@mkdir -p $(dir $@)

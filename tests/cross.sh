@@ -123,17 +123,11 @@ setup_leg() {
         CCX=clang; B=build/port-clang ;;
     tcc)
         need tcc tcc || return 1
-        # tcc 0.9.27 knows neither -MMD nor -MP, which the Makefile passes: a wrapper drops them
-        # (its -MD has no -MP, so a deleted header would break the next build) and the leg is
-        # always built from scratch (tcc compiles the whole tree in a second or two). Once the
-        # Makefile takes DEPFLAGS: make CC=tcc DEPFLAGS= .
+        # tcc 0.9.27 has no OpenMP and no -MMD/-MP: DEPFLAGS is emptied, and the leg is built
+        # from scratch each time (tcc compiles the whole tree in a second or two)
         B=build/port-tcc; rm -rf "$B"; mkdir -p "$B"
-        CCX=$ROOT/$B/tcc-wrap
-        printf '%s\n' '#!/bin/sh' 'n=$#; i=0' \
-            'while [ $i -lt $n ]; do a=$1; shift; i=$((i+1)); case "$a" in -MMD|-MP) ;; *) set -- "$@" "$a" ;; esac; done' \
-            'exec tcc "$@"' > "$CCX"
-        chmod +x "$CCX"
-        LEGVARS="NOOMP=1" ;;
+        CCX=tcc
+        LEGVARS="NOOMP=1 DEPFLAGS=" ;;
     gcc)    CCX=${CC:-cc}; B=build/port-gcc ;;
     noomp)  CCX=${CC:-cc}; B=build/port-noomp; LEGVARS="NOOMP=1" ;;
     nosimd) CCX=${CC:-cc}; B=build/port-nosimd; LEGVARS="EXTRA_CFLAGS=-DMS_NO_SIMD" ;;

@@ -239,7 +239,7 @@ static void test_json_build(void) {
     check(p.data && strstr(p.data, "\n  \"list\": [\n    1,\n"), "indented layout");
     const char *path = tmp_path(".json");
     JsonValue *f = NULL;
-    check(json_write_file(path, o, 2) == MS_OK && json_parse_file(path, &f) == MS_OK && json_get_number(f, "lr", 0) == 2e-4,
+    check(json_write_file(path, o, 2) == MS_OK && json_parse_file(path, &f) == MS_OK && json_get_number(f, "lr", 0) == (double)2e-4,
           "json_write_file + json_parse_file");
     char tmp[600];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);

@@ -331,16 +331,19 @@ static void test_elementwise(void) {
     mul_forward(o, a, b, n);
     for (i = 0; i < n; i++) w[i] = a[i] * b[i];
     check_bitwise("mul forward", o, w, n);
-    scale_forward(o, a, 0.37f, n);
-    for (i = 0; i < n; i++) w[i] = 0.37f * a[i];
+    const float s037 = 0.37f;   /* a float variable, not a literal: no excess precision */
+    scale_forward(o, a, s037, n);
+    for (i = 0; i < n; i++) w[i] = s037 * a[i];
     check_bitwise("scale forward", o, w, n);
     add_backward(da, db, d, n);
     mul_backward(da, db, d, a, b, n);
-    scale_backward(da, d, 0.37f, n);
-    for (i = 0; i < n; i++) {
+    scale_backward(da, d, s037, n);
+    for (i = 0; i < n; i++) {   /* float temporaries: one rounding per op even where
+                                 * FLT_EVAL_METHOD != 0 (s390x, x87) */
+        float db_i = d[i] * b[i], da_i = d[i] * a[i], ds_i = s037 * d[i];
         daw[i] += d[i]; dbw[i] += d[i];
-        daw[i] += d[i] * b[i]; dbw[i] += d[i] * a[i];
-        daw[i] += 0.37f * d[i];
+        daw[i] += db_i; dbw[i] += da_i;
+        daw[i] += ds_i;
     }
     check_bitwise("add/mul/scale backward da", da, daw, n);
     check_bitwise("add/mul backward db", db, dbw, n);

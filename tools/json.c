@@ -223,9 +223,12 @@ static MsStatus parse_string(Parser *ps, char **out, size_t *out_len) {
         if (ps->end - ps->p < 2) { ps->p = ps->end; s = perr(ps, "unterminated escape"); goto fail; }
         ps->p++;
         c = *ps->p;
-        const char *simple = strchr("\"\\/bfnrt", c), *repl = "\"\\/\b\f\n\r\t";
+        /* one array, not two equal literals: pointer arithmetic across separate literals is
+         * undefined (tcc does not merge them, so every escape decoded wrong there) */
+        static const char esc[] = "\"\\/bfnrt", repl[] = "\"\\/\b\f\n\r\t";
+        const char *simple = strchr(esc, c);
         if (c && simple) {
-            if ((s = jbuf_append(&b, repl + (simple - "\"\\/bfnrt"), 1)) != MS_OK) goto fail;
+            if ((s = jbuf_append(&b, repl + (simple - esc), 1)) != MS_OK) goto fail;
             ps->p++;
         } else if (c == 'u') {
             unsigned cp, lo;

@@ -327,7 +327,8 @@ const PthTensor *pth_find(const PthFile *f, const char *name);
 size_t pth_numel(const PthTensor *t);
 /* Tensor values converted to float32 (out holds pth_numel floats); any stride layout. */
 MsStatus pth_read_f32(PthFile *f, const PthTensor *t, float *out);
-/* Tensor values in their own dtype, packed row-major (pth_numel * dtype size bytes). */
+/* Tensor values in their own dtype, packed row-major (pth_numel * dtype size bytes), in host
+ * byte order (swapped from the file's little-endian on big-endian hosts). */
 MsStatus pth_read_raw(PthFile *f, const PthTensor *t, void *out);
 
 /* Parses a pickle alone (no zip, no tensor data): what fuzz_pickle exercises. On success

@@ -60,7 +60,7 @@ bad("st_shape_negative.safetensors", st({"a": t(shape=(-2,))}, b"\0" * 8), "nega
 bad("st_shape_fraction.safetensors", st({"a": t(shape=(1.5,))}, b"\0" * 8), "integer")
 bad("st_shape_string.safetensors", st({"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}, b"\0" * 8), "integer")
 bad("st_shape_overflow.safetensors", st({"a": t(shape=(2**53, 2**53, 2**53), offs=(0, 8))}, b"\0" * 8), "overflow")
-bad("st_shape_bytes_overflow.safetensors", st({"a": t("F64", shape=(2**31, 2**31), offs=(0, 8))}, b"\0" * 8), "byte size overflows")
+bad("st_shape_bytes_overflow.safetensors", st({"a": t("F64", shape=(2**31, 2**31), offs=(0, 8))}, b"\0" * 8), "overflows")   # 64-bit: "byte size overflows", 32-bit size_t: "shape overflows size_t"
 bad("st_9_dims.safetensors", st({"a": t(shape=(1,) * 9, offs=(0, 4))}, b"\0" * 4), "dimensions")
 bad("st_offsets_reversed.safetensors", st({"a": t(offs=(8, 0))}, b"\0" * 8), "data_offsets")
 bad("st_offsets_three.safetensors", st({"a": t(offs=(0, 8, 16))}, b"\0" * 8), "data_offsets")
