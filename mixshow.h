@@ -117,7 +117,6 @@ void ms_rng_fill_uniform(MsRng *r, float *x, size_t n, float lo, float hi);
 /* ==========================================================================================
  * Ops: GEMM, linear, convolution (tensor.c)
  * ======================================================================================== */
-/* @@SECTION gemm@@ (declarations added by the kernel work) */
 /* C (M,N) = alpha * op(A) op(B) + beta * C, row-major with leading dimensions.
  * op(A) is (M,K): A stored (M,K) with lda >= K, or if transA stored (K,M) with lda >= M.
  * op(B) is (K,N): B stored (K,N) with ldb >= N, or if transB stored (N,K) with ldb >= K.
@@ -160,8 +159,7 @@ void conv2d_backward_ref(float *dx, float *dw, float *db, const float *dout, con
 /* ==========================================================================================
  * Ops: normalisation, activations, attention, resampling, losses (tensor.c)
  * ======================================================================================== */
-/* @@SECTION ops@@
- * All ops: row-major PyTorch shapes (comment on each), backward ACCUMULATES (+=), NULL grads
+/* All ops: row-major PyTorch shapes (comment on each), backward ACCUMULATES (+=), NULL grads
  * are skipped. Dims are int, flat element counts size_t. Every op with a nontrivial kernel has
  * a scalar _ref twin with the same signature (double arithmetic) that tests compare against.
  * Where "out may alias x" is not said, outputs must not overlap inputs. */
@@ -307,7 +305,6 @@ void timestep_embedding_ref(float *out, const float *t, int N, int dim, int flip
 /* ==========================================================================================
  * Models: weight tables, key mapping (models/weights.c)
  * ======================================================================================== */
-/* @@SECTION weights@@ */
 /* SD 1.x configurations, parameter tables and the diffusers <-> original-LDM key mapping
  * (models/weights.c; pure logic: tools/model_load.c reads the files and fills these).
  *
@@ -557,7 +554,6 @@ void ms_model_free(MsModel *m);             /* frees the tables; m is zeroed */
 /* ==========================================================================================
  * Models: torch-identical RNG and the diffusers 0.19.3 schedulers (models/schedulers.c)
  * ======================================================================================== */
-/* @@SECTION schedulers@@ */
 /* torch's CPU kernels come in builds per instruction set, and two of those we mirror give
  * different last bits: torch.randn (normal_fill: libm log/sin/cos vs avx_mathfun polynomials)
  * and torch.linspace (which makes the betas). MS_TORCH_CPU_AVX2 is what stock x86-64 torch runs
@@ -632,7 +628,6 @@ MsStatus ms_scheduler_add_noise(const MsScheduler *s, float *out, const float *x
 /* ==========================================================================================
  * Models: AutoencoderKL (models/vae.c) and T2I-Adapter (models/adapter.c), forward
  * ======================================================================================== */
-/* @@SECTION vae@@ */
 /* Parameters of a loaded MsParamTable (f32, or F16/BF16 converted when used: the staging comes from
  * the scratch arena, planned by vae_sizes), looked up once by vae_params_init. f = 2^(levels-1)
  * is the latent factor (8 for SD); images are (B, in_channels, H, W) with H, W multiples of f,
@@ -699,7 +694,6 @@ MsStatus vae_decode_tiled(const VaeParams *p, Arena *scratch, float *img, const 
 MsStatus vae_encode_tiled(const VaeParams *p, Arena *scratch, float *mean, float *logvar, const float *x,
                           int B, int H, int W, int tile_sample);
 
-/* @@SECTION adapter@@ */
 #define MS_ADAPTER_MAX_RES 4                /* num_res_blocks supported (SD: 2) */
 typedef struct {
     AdapterConfig cfg;
@@ -721,7 +715,6 @@ MsStatus adapter_forward(const AdapterParams *p, Arena *scratch, float *const *f
 /* ==========================================================================================
  * Models: CLIP tokenizer and text encoder (models/clip.c)
  * ======================================================================================== */
-/* @@SECTION clip@@ */
 /* Tokenizer: HF CLIPTokenizer (slow) of transformers 4.31 without ftfy: BasicTokenizer cleanup
  * (drop control chars, whitespace -> ' ', spaces around CJK ideographs, NFC, str.split, str.lower
  * with its final-sigma rule), CLIP's regex pre-split, byte-level BPE with </w>, added tokens
@@ -843,8 +836,7 @@ void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, Cli
 /* ==========================================================================================
  * Models: UNet2DConditionModel, forward and backward (models/unet.c)
  * ======================================================================================== */
-/* @@SECTION unet@@
- * diffusers 0.19.3 UNet2DConditionModel (unet_2d_condition.py, unet_2d_blocks.py, resnet.py,
+/* diffusers 0.19.3 UNet2DConditionModel (unet_2d_condition.py, unet_2d_blocks.py, resnet.py,
  * transformer_2d.py, attention.py, attention_processor.py AttnProcessor, embeddings.py) for the
  * SD 1.x family: any UNetConfig that ms_unet_config_check accepts with a UNetMidBlock2DCrossAttn,
  * any batch N and latent size (non-square, sizes not divisible by 2^levels as diffusers does
@@ -1089,7 +1081,6 @@ void ms_image_to_u8(uint8_t *out, const float *img, int C, int H, int W);
 /* ==========================================================================================
  * Benchmarks (tensor.c): kernels measured by `mixshow bench`
  * ======================================================================================== */
-/* @@SECTION bench@@ */
 /* GFLOP/s of a register-only FMA loop (12 independent chains) at `level` (capped at ms_simd())
  * on `threads` threads, each running the loop; the run lasts about `seconds`. The denominator
  * of every "% of peak" that `mixshow bench` prints. */

@@ -41,7 +41,7 @@ static int is_cross_up(MsBlockType t) { return t == MS_BLOCK_CROSS_ATTN_UP; }
 static size_t zmax(size_t a, size_t b) { return a > b ? a : b; }
 
 /* ---------------------------------------------------------------------------------------- */
-/* 16-bit weights for every network (declared in mixshow.h @@SECTION weights@@)              */
+/* 16-bit weights for every network (declared in mixshow.h, weights section)                 */
 /* ---------------------------------------------------------------------------------------- */
 /* F16 -> f32 exactly without branches on the common path: the 15 magnitude bits shifted into
  * an f32's exponent/mantissa give 2^-112 times the F16 value (normal and subnormal alike, the

@@ -33,6 +33,11 @@ static inline int test_full(void) { const char *v = getenv("MS_TEST_FULL"); retu
 /* Where ../shared is (tests may read it when it is there). */
 static inline const char *test_shared_dir(void) { const char *v = getenv("MS_SHARED"); return v && *v ? v : "../shared"; }
 
+/* The tiny model's diffusers folder: the copy shipped in the repository (models/tiny-sd, the
+ * same files as ../shared/models/tiny-sd), so tests need not have ../shared. Run from the
+ * repository root. */
+static inline const char *test_tiny_dir(void) { return "models/tiny-sd"; }
+
 #if defined(__GNUC__)
 __attribute__((format(printf, 2, 3)))
 #endif

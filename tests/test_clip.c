@@ -305,7 +305,7 @@ static void test_big(Arena *ar) {
 int main(void) {
     char dir[1024], tokdir[1100];
     double t0 = ms_time();
-    snprintf(dir, sizeof dir, "%s/models/tiny-sd", test_shared_dir());
+    snprintf(dir, sizeof dir, "%s", test_tiny_dir());
     snprintf(tokdir, sizeof tokdir, "%s/tokenizer", dir);
     test_tokenizer(tokdir);
     double t1 = ms_time();

@@ -2,7 +2,7 @@
  *
  * Claim: running UNet, VAE, CLIP text encoder and T2I-Adapter on a table that keeps F16 (or
  * BF16) data gives, bit for bit, what the f32 path gives on the same weights rounded through
- * F16 (BF16) and widened back. Both sides come from the tiny model (../shared/models/tiny-sd):
+ * F16 (BF16) and widened back. Both sides come from the tiny model (models/tiny-sd):
  * the 16-bit table is filled with st_f32_to_f16 / st_f32_to_bf16 of the f32 weights, the
  * reference table is the f32 table with every value replaced by its rounded-and-widened value
  * (ms_f16_to_f32 / ms_bf16_to_f32, the loader's own converters). Also: the fast converter
@@ -240,7 +240,7 @@ static void test_convert(void) {
 int main(void) {
     char dir[1024];
     MsModel m;
-    snprintf(dir, sizeof dir, "%s/models/tiny-sd", test_shared_dir());
+    snprintf(dir, sizeof dir, "%s", test_tiny_dir());
     test_convert();
     if (!check(ms_model_load(dir, NULL, &m) == MS_OK, "load %s: %s", dir, ms_last_error())) return test_summary("test_half");
     {

@@ -617,7 +617,7 @@ static void test_bad_files(void) {
 
 static void test_tiny_sd(void) {
     char path[600];
-    snprintf(path, sizeof path, "%s/models/tiny-sd/unet/diffusion_pytorch_model.safetensors", test_shared_dir());
+    snprintf(path, sizeof path, "%s/unet/diffusion_pytorch_model.safetensors", test_tiny_dir());
     if (!file_exists(path)) { if (test_is_verbose()) printf("  (%s not found: skipped)\n", path); return; }
     StFile f;
     double t0 = ms_time();

@@ -292,7 +292,7 @@ int main(void) {
     char dir[1024];
     MsModel m;
     UNetParams p;
-    snprintf(dir, sizeof dir, "%s/models/tiny-sd", test_shared_dir());
+    snprintf(dir, sizeof dir, "%s", test_tiny_dir());
     double t0 = ms_time();
     if (st_open(&G, "tests/data/unet_golden.safetensors")) {
         check(0, "open golden: %s", ms_last_error());

@@ -212,7 +212,7 @@ int main(void) {
     char dir[1024];
     MsModel m;
     Arena ar;
-    snprintf(dir, sizeof dir, "%s/models/tiny-sd", test_shared_dir());
+    snprintf(dir, sizeof dir, "%s", test_tiny_dir());
     double t0 = ms_time();
     test_sizes();
     if (st_open(&VG, "tests/data/vae_golden.safetensors") || st_open(&AG, "tests/data/adapter_golden.safetensors")) {

@@ -9,7 +9,6 @@
 int cmd_bench(int argc, char **argv);
 
 /* ---- zlib: inflate/deflate, CRC-32, Adler-32 (tools/zlib.c) ---- */
-/* @@SECTION zlib@@ */
 /* RFC 1950/1951. Errors name the byte offset in `in`; callers add the file name (copy
  * ms_last_error() into a local buffer first: ms_errorf overwrites it). */
 uint32_t ms_crc32(uint32_t crc, const uint8_t *p, size_t n);    /* start with 0; PNG/zip/gzip CRC */
@@ -29,7 +28,6 @@ MsStatus ms_deflate(const uint8_t *in, size_t in_len, int zlib_header, int level
                     uint8_t **out, size_t *out_len);
 
 /* ---- safetensors + JSON (tools/safetensors.c, tools/json.c) ---- */
-/* @@SECTION safetensors_json@@ */
 /* JSON (RFC 8259), tools/json.c. The parser validates UTF-8, decodes every escape (\uXXXX
  * surrogate pairs too), parses numbers as correctly rounded doubles independent of the C
  * locale, limits nesting to JSON_MAX_DEPTH and rejects duplicate object keys. Errors read
@@ -197,7 +195,6 @@ MsStatus st_write_memory(const StEntry *entries, size_t n, const char *const *me
                          size_t n_meta, unsigned char **out, size_t *out_size);
 
 /* ---- PNG, JPEG (tools/png.c, tools/jpeg.c) ---- */
-/* @@SECTION images@@ */
 /* A decoded image: (h, w, channels) row-major, interleaved. Channels: 1 grey, 2 grey+alpha,
  * 3 RGB, 4 RGBA. depth 8: data is uint8_t; depth 16: data is uint16_t in host order. */
 typedef struct {
@@ -234,7 +231,6 @@ MsStatus ms_png_encode(const uint8_t *pixels, int w, int h, int channels, uint8_
 MsStatus ms_png_write(const char *path, const uint8_t *pixels, int w, int h, int channels);
 
 /* ---- PyTorch zip + restricted pickle (tools/zip.c, tools/pickle.c) ---- */
-/* @@SECTION pytorch@@ */
 /* Zip archives (tools/zip.c): the container of torch.save files (.pth/.ckpt/.bin).
  * Reader: central directory (zip64 too), local headers cross-checked, stored and deflated
  * members, CRC-32 verified. Writer: stored members with 64-byte-aligned data, as torch does. */
@@ -351,7 +347,6 @@ typedef struct {
 MsStatus pth_save(const char *path, const PthSaveTensor *t, size_t n);
 
 /* ---- model loading: diffusers folders and LDM single files (tools/model_load.c) ---- */
-/* @@SECTION model_load@@ */
 /* Config readers: a parsed config.json -> struct. Missing keys take the diffusers 0.19.3 /
  * transformers defaults; switches for architecture mixshow does not implement (class
  * embeddings, only_cross_attention, act_fn other than silu, ...) must be absent, null or their
@@ -389,7 +384,6 @@ MsStatus ms_table_fill_memory(MsParamTable *t, const void *data, size_t size, co
                               const char *what, const MsLoadOptions *opt);
 
 /* ---- CLIP tokenizer files and `mixshow tokenize` (tools/cmd_tokenize.c) ---- */
-/* @@SECTION clip@@ */
 /* DIR/tokenizer/ (a diffusers folder) or DIR itself: vocab.json, merges.txt, and pad_token from
  * special_tokens_map.json (else tokenizer_config.json; else <|endoftext|>). */
 MsStatus ms_clip_tokenizer_load(const char *dir, ClipTokenizer *t);
@@ -398,7 +392,6 @@ MsStatus ms_clip_added_tokens_load(const char *path, ClipTokenizer *t, int *n_ad
 int cmd_tokenize(int argc, char **argv);  /* mixshow tokenize --model DIR [--added-tokens FILE] "prompt" */
 
 /* ---- text-to-image pipeline, `mixshow sample`, `mixshow dump` ---- */
-/* @@SECTION pipe@@ */
 /* PIL Image.resize((ow, oh), Image.LANCZOS) on 8-bit interleaved pixels (Pillow 9.4, bit-exact):
  * in (h,w,C) -> out (oh,ow,C). Same size: a copy, as Image.resize. tools/cmd_sample.c. */
 MsStatus ms_image_resize_lanczos(uint8_t *out, int ow, int oh, const uint8_t *in, int w, int h, int C);
