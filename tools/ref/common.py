@@ -90,3 +90,38 @@ def versions():
     """Metadata entries naming the software that produced a golden file."""
     import torch
     return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
+
+
+def stub_diffusers(src, subpackages):
+    """Make `import diffusers.<sub>.<module>` work from the diffusers 0.19.3 source tree `src`
+    (its src/ folder) without running diffusers' package __init__, which needs packages Debian
+    does not have (huggingface_hub, requests, tqdm, packaging): those are stubbed, and the
+    package modules diffusers and diffusers.<sub> are registered with their source paths.
+    Nothing of diffusers is copied; see the scripts' headers for how to recreate the tree."""
+    import os, re, tempfile, types
+
+    def stub(name, **attrs):
+        m = types.ModuleType(name); m.__dict__.update(attrs); m.__path__ = []
+        m.__getattr__ = lambda a: (_ for _ in ()).throw(AttributeError(a)) if a.startswith("__") \
+            else type(a, (Exception,), {})
+        sys.modules[name] = m
+        return m
+
+    class V:
+        def __init__(self, s): self.t = tuple(int(x) for x in re.findall(r"\d+", str(s))[:3])
+        def __lt__(a, b): return a.t < b.t
+        def __le__(a, b): return a.t <= b.t
+        def __gt__(a, b): return a.t > b.t
+        def __ge__(a, b): return a.t >= b.t
+        def __eq__(a, b): return a.t == b.t
+        base_version = property(lambda self: ".".join(map(str, self.t)))
+    for name in ["huggingface_hub", "huggingface_hub.utils", "huggingface_hub.file_download",
+                 "huggingface_hub.constants", "requests", "tqdm", "tqdm.auto"]:
+        stub(name)
+    sys.modules["huggingface_hub.constants"].HUGGINGFACE_HUB_CACHE = tempfile.gettempdir()
+    sys.modules["huggingface_hub.constants"].hf_cache_home = tempfile.gettempdir()
+    sys.modules["huggingface_hub.utils"].validate_hf_hub_args = lambda f: f
+    stub("packaging").version = stub("packaging.version", parse=V, Version=V)
+    for pkg, sub in [("diffusers", "diffusers")] + [("diffusers." + s, "diffusers/" + s) for s in subpackages]:
+        m = types.ModuleType(pkg); m.__path__ = [os.path.join(src, sub)]; m.__version__ = "0.19.3"
+        sys.modules[pkg] = m

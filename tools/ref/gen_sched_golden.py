@@ -18,6 +18,9 @@ Everything is deterministic: seeds are in the metadata and in the key names.
 import argparse, json, math, os, subprocess, sys, tempfile, types, re
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import stub_diffusers  # noqa: E402
+
 SD15_SCHEDULER = {  # /work/shared/models/sd15-configs/scheduler/scheduler_config.json
     "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
@@ -45,31 +48,7 @@ def fnv1a64(a):
 
 def import_schedulers(src):
     """Import diffusers.schedulers.scheduling_* without diffusers' package __init__."""
-    def stub(name, **attrs):
-        m = types.ModuleType(name); m.__dict__.update(attrs); m.__path__ = []
-        m.__getattr__ = lambda a: (_ for _ in ()).throw(AttributeError(a)) if a.startswith("__") \
-            else type(a, (Exception,), {})
-        sys.modules[name] = m
-        return m
-
-    class V:
-        def __init__(self, s): self.t = tuple(int(x) for x in re.findall(r"\d+", str(s))[:3])
-        def __lt__(a, b): return a.t < b.t
-        def __le__(a, b): return a.t <= b.t
-        def __gt__(a, b): return a.t > b.t
-        def __ge__(a, b): return a.t >= b.t
-        def __eq__(a, b): return a.t == b.t
-        base_version = property(lambda self: ".".join(map(str, self.t)))
-    for name in ["huggingface_hub", "huggingface_hub.utils", "huggingface_hub.file_download",
-                 "huggingface_hub.constants", "requests", "tqdm", "tqdm.auto"]:
-        stub(name)
-    sys.modules["huggingface_hub.constants"].HUGGINGFACE_HUB_CACHE = tempfile.gettempdir()
-    sys.modules["huggingface_hub.constants"].hf_cache_home = tempfile.gettempdir()
-    sys.modules["huggingface_hub.utils"].validate_hf_hub_args = lambda f: f
-    stub("packaging").version = stub("packaging.version", parse=V, Version=V)
-    for pkg, sub in [("diffusers", "diffusers"), ("diffusers.schedulers", "diffusers/schedulers")]:
-        m = types.ModuleType(pkg); m.__path__ = [os.path.join(src, sub)]; m.__version__ = "0.19.3"
-        sys.modules[pkg] = m
+    stub_diffusers(src, ['schedulers'])
     import importlib
     return {k: getattr(importlib.import_module("diffusers.schedulers." + MODULES[k]), KINDS[k]) for k in KINDS}
 

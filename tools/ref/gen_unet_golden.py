@@ -30,7 +30,7 @@ import argparse, importlib, math, os, re, sys, tempfile, types
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import read_safetensors, write_safetensors, versions  # noqa: E402
+from common import read_safetensors, write_safetensors, versions, stub_diffusers  # noqa: E402
 
 SEED = 1234
 N, H, W, TK = 2, 8, 12, 77
@@ -41,31 +41,7 @@ LORA_RANK, LORA_ALPHA = 3, 0.75
 def import_unet(src):
     """diffusers.models.unet_2d_condition.UNet2DConditionModel without diffusers' __init__."""
     import torch
-    def stub(name, **attrs):
-        m = types.ModuleType(name); m.__dict__.update(attrs); m.__path__ = []
-        m.__getattr__ = lambda a: (_ for _ in ()).throw(AttributeError(a)) if a.startswith("__") \
-            else type(a, (Exception,), {})
-        sys.modules[name] = m
-        return m
-
-    class V:
-        def __init__(self, s): self.t = tuple(int(x) for x in re.findall(r"\d+", str(s))[:3])
-        def __lt__(a, b): return a.t < b.t
-        def __le__(a, b): return a.t <= b.t
-        def __gt__(a, b): return a.t > b.t
-        def __ge__(a, b): return a.t >= b.t
-        def __eq__(a, b): return a.t == b.t
-        base_version = property(lambda self: ".".join(map(str, self.t)))
-    for name in ["huggingface_hub", "huggingface_hub.utils", "huggingface_hub.file_download",
-                 "huggingface_hub.constants", "requests", "tqdm", "tqdm.auto"]:
-        stub(name)
-    sys.modules["huggingface_hub.constants"].HUGGINGFACE_HUB_CACHE = tempfile.gettempdir()
-    sys.modules["huggingface_hub.constants"].hf_cache_home = tempfile.gettempdir()
-    sys.modules["huggingface_hub.utils"].validate_hf_hub_args = lambda f: f
-    stub("packaging").version = stub("packaging.version", parse=V, Version=V)
-    for pkg, sub in [("diffusers", "diffusers"), ("diffusers.models", "diffusers/models")]:
-        m = types.ModuleType(pkg); m.__path__ = [os.path.join(src, sub)]; m.__version__ = "0.19.3"
-        sys.modules[pkg] = m
+    stub_diffusers(src, ['models'])
     mod = importlib.import_module("diffusers.models.unet_2d_condition")
     ap = importlib.import_module("diffusers.models.attention_processor")
     # Attention.get_attention_scores calls torch.baddbmm(torch.empty(..), q, k^T, beta=0): with

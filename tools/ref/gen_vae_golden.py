@@ -18,7 +18,7 @@ import argparse, importlib, json, os, re, sys, tempfile, types
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import read_safetensors, versions, write_safetensors   # noqa: E402
+from common import read_safetensors, versions, write_safetensors, stub_diffusers  # noqa: E402
 
 SEED = 20230519
 IMG_B, IMG_H, IMG_W = 2, 48, 64          # non-square, B = 2
@@ -29,31 +29,7 @@ OPENPOSE = (2, 3, 64, 128)
 
 
 def import_diffusers(src):
-    def stub(name, **attrs):
-        m = types.ModuleType(name); m.__dict__.update(attrs); m.__path__ = []
-        m.__getattr__ = lambda a: (_ for _ in ()).throw(AttributeError(a)) if a.startswith("__") \
-            else type(a, (Exception,), {})
-        sys.modules[name] = m
-        return m
-
-    class V:
-        def __init__(self, s): self.t = tuple(int(x) for x in re.findall(r"\d+", str(s))[:3])
-        def __lt__(a, b): return a.t < b.t
-        def __le__(a, b): return a.t <= b.t
-        def __gt__(a, b): return a.t > b.t
-        def __ge__(a, b): return a.t >= b.t
-        def __eq__(a, b): return a.t == b.t
-        base_version = property(lambda self: ".".join(map(str, self.t)))
-    for name in ["huggingface_hub", "huggingface_hub.utils", "huggingface_hub.file_download",
-                 "huggingface_hub.constants", "requests", "tqdm", "tqdm.auto"]:
-        stub(name)
-    sys.modules["huggingface_hub.constants"].HUGGINGFACE_HUB_CACHE = tempfile.gettempdir()
-    sys.modules["huggingface_hub.constants"].hf_cache_home = tempfile.gettempdir()
-    sys.modules["huggingface_hub.utils"].validate_hf_hub_args = lambda f: f
-    stub("packaging").version = stub("packaging.version", parse=V, Version=V)
-    for pkg, sub in [("diffusers", "diffusers"), ("diffusers.models", "diffusers/models")]:
-        m = types.ModuleType(pkg); m.__path__ = [os.path.join(src, sub)]; m.__version__ = "0.19.3"
-        sys.modules[pkg] = m
+    stub_diffusers(src, ['models'])
     ak = importlib.import_module("diffusers.models.autoencoder_kl")
     ad = importlib.import_module("diffusers.models.adapter")
     return ak.AutoencoderKL, ad.T2IAdapter
