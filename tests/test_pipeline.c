@@ -174,7 +174,7 @@ static void test_dump(void) {
                                         "vae.enc.std", "vae.enc.sample", "vae.enc.latent", "vae.dec.image", "text.hidden" };
     const size_t n_in = sizeof ins / sizeof ins[0];
     StEntry e[16];
-    float *buf[16] = { 0 };
+    void *buf[16] = { 0 };     /* float inputs, or int64 ids */
     float bogus[3] = { 1, 2, 3 };
     size_t k = 0;
     for (size_t i = 0; i < n_in; i++) {
@@ -188,11 +188,18 @@ static void test_dump(void) {
         e[k].ndim = t->ndim;
         memcpy(e[k].shape, t->shape, sizeof t->shape);
         if (t->dtype == ST_F32) {
-            buf[k] = (float *)ms_alloc_aligned(t->numel ? t->numel : 1, sizeof(float));
+            buf[k] = ms_alloc_aligned(t->numel ? t->numel : 1, sizeof(float));
             st_to_f32(&G, t, buf[k], t->numel);
             e[k].f32 = buf[k];
-        } else {
-            e[k].raw = t->data;      /* I64, little-endian (this test runs on little-endian hosts too) */
+        } else {                     /* I64: st_write takes host-order values, the file has LE */
+            int64_t *v = (int64_t *)ms_alloc_aligned(t->numel ? t->numel : 1, sizeof(int64_t));
+            for (size_t q = 0; q < t->numel; q++) {
+                uint64_t u = 0;
+                for (int b = 7; b >= 0; b--) u = u << 8 | t->data[8 * q + (size_t)b];
+                v[q] = (int64_t)u;
+            }
+            buf[k] = v;
+            e[k].raw = v;
         }
         k++;
     }
