@@ -170,4 +170,13 @@ static inline float *test_zeros(size_t n) {
     return x;
 }
 
+/* Buffers a test wants freed at exit (keeps LeakSanitizer quiet without bookkeeping). */
+static void *test_tracked[8192];
+static int test_ntracked;
+static inline float *test_track(float *p) {
+    if (test_ntracked < (int)(sizeof test_tracked / sizeof test_tracked[0])) test_tracked[test_ntracked++] = p;
+    return p;
+}
+static inline void test_free_tracked(void) { while (test_ntracked > 0) ms_free_aligned(test_tracked[--test_ntracked]); }
+
 #endif /* MS_TEST_H */

@@ -7,16 +7,9 @@
 
 static MsRng rng;
 
-/* Every test buffer is recorded here and freed at exit (keeps LeakSanitizer quiet). */
-static void *tracked[8192];
-static int ntracked;
-static float *track(float *p) {
-    if (ntracked < (int)(sizeof tracked / sizeof tracked[0])) tracked[ntracked++] = p;
-    return p;
-}
-static float *randn(size_t n, float std) { return track(test_randn(&rng, n, std)); }
-static float *zeros(size_t n) { return track(test_zeros(n)); }
-static void free_tracked(void) { while (ntracked > 0) ms_free_aligned(tracked[--ntracked]); }
+/* Every test buffer is freed at exit (test_track, tests/test.h). */
+static float *randn(size_t n, float std) { return test_track(test_randn(&rng, n, std)); }
+static float *zeros(size_t n) { return test_track(test_zeros(n)); }
 
 static float *copyf(const float *x, size_t n) {
     float *y = zeros(n);
@@ -507,6 +500,6 @@ int main(void) {
     test_timestep();
     test_threads_misc();
     ops_scratch_free();
-    free_tracked();
+    test_free_tracked();
     return test_summary("test_ops");
 }
