@@ -57,18 +57,9 @@ static void store_le(unsigned char *p, uint64_t v, size_t n) {
 static float bits_f32(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
 static uint32_t f32_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 
-/* IEEE binary16 -> binary32, exact: sign, 5-bit exponent (bias 15), 10-bit fraction. */
-float st_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = h >> 10 & 31, m = h & 0x3ff;
-    if (e == 31) return bits_f32(sign | 0x7f800000 | m << 13);             /* inf, NaN (payload kept) */
-    if (e == 0) {                                                         /* zero, subnormal: m * 2^-24 */
-        float x = (float)m * bits_f32(0x33800000);                        /* 2^-24; exact product */
-        return sign ? -x : x;
-    }
-    return bits_f32(sign | (e + 112) << 23 | m << 13);                    /* rebias 15 -> 127 */
-}
-
-float st_bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+/* IEEE binary16/bfloat16 -> binary32. Widening is exact; the one definition is models/weights.c's (the networks use it too). */
+float st_f16_to_f32(uint16_t h) { return ms_f16_to_f32(h); }
+float st_bf16_to_f32(uint16_t h) { return ms_bf16_to_f32(h); }
 
 /* binary32 -> binary16, round to nearest, ties to even. */
 uint16_t st_f32_to_f16(float x) {
