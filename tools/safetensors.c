@@ -57,7 +57,8 @@ static void store_le(unsigned char *p, uint64_t v, size_t n) {
 static float bits_f32(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
 static uint32_t f32_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 
-/* IEEE binary16/bfloat16 -> binary32. Widening is exact; the one definition is models/weights.c's (the networks use it too). */
+/* IEEE binary16/bfloat16 -> binary32. Widening is exact; the one definition is in
+ * models/weights.c (the networks use it too). */
 float st_f16_to_f32(uint16_t h) { return ms_f16_to_f32(h); }
 float st_bf16_to_f32(uint16_t h) { return ms_bf16_to_f32(h); }
 
