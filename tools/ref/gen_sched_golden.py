@@ -19,7 +19,7 @@ import argparse, json, math, os, subprocess, sys, tempfile, types, re
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import stub_diffusers  # noqa: E402
+from common import stub_diffusers, write_safetensors  # noqa: E402
 
 SD15_SCHEDULER = {  # /work/shared/models/sd15-configs/scheduler/scheduler_config.json
     "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
@@ -139,22 +139,6 @@ def worker(src, out_path):
     T["add_noise/out"] = s.add_noise(x0, noise, t).numpy()
 
     np.savez(out_path, **T)
-
-
-def write_safetensors(path, tensors, metadata):
-    dt = {np.dtype("float32"): "F32", np.dtype("float64"): "F64", np.dtype("int64"): "I64"}
-    header, blobs, off = {"__metadata__": metadata}, [], 0
-    for k in sorted(tensors):
-        a = np.ascontiguousarray(tensors[k])
-        a = a.astype(a.dtype.newbyteorder("<"))
-        raw = a.tobytes()
-        header[k] = {"dtype": dt[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw); off += len(raw)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(len(h).to_bytes(8, "little")); f.write(h)
-        for b in blobs: f.write(b)
 
 
 def main():
