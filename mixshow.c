@@ -7,7 +7,28 @@
  * Only the text-to-image pipeline is written so far. */
 #include "mixshow.h"
 
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
 const char *ms_version(void) { return MS_VERSION; }
+
+/* ---- ED-LoRA training ---- */
+/* Defaults of Mix-of-Show's EDLoRATrainer(...) arguments and of torch.optim.AdamW. */
+void ms_train_config_defaults(MsTrainConfig *c) {
+    memset(c, 0, sizeof *c);
+    c->enable_edlora = 1;
+    c->tune_emb = c->tune_te = c->tune_unet = 1;
+    c->lr_emb = 1e-3; c->lr_te = 1e-5; c->lr_unet = 1e-4;
+    c->wd_emb = NAN;
+    c->te_rank = c->unet_rank = 4;
+    c->te_alpha = c->unet_alpha = 1.0;
+    c->reg_full_identity = 1;              /* EDLoRATrainer(reg_full_identity=True) */
+    c->use_mask_loss = 1;                  /* EDLoRATrainer(use_mask_loss=True) */
+    c->weight_decay = 0.01;                /* torch.optim.AdamW defaults */
+    c->beta1 = 0.9; c->beta2 = 0.999; c->adam_eps = 1e-8;
+    c->emb_norm_threshold = 0.55;          /* train_opt.get('emb_norm_threshold', 5.5e-1) */
+}
 
 /* ---- text-to-image pipeline ---- */
 /* diffusers 0.19.3 StableDiffusionPipeline.__call__ (pipeline_stable_diffusion.py) and
@@ -27,10 +48,6 @@ const char *ms_version(void) { return MS_VERSION; }
  *        latents = scheduler.step(eps, t, latents, generator)   (DDPM/Euler draw noise from
  *        the same generator, after the initial latents).
  *   decode(latents / scaling_factor); postprocess: ms_image_to_u8. */
-
-#include <math.h>
-#include <stdlib.h>
-#include <string.h>
 
 void ms_image_to_u8(uint8_t *out, const float *img, int C, int H, int W) {
     const size_t HW = (size_t)H * W;

@@ -1079,6 +1079,43 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
 void ms_image_to_u8(uint8_t *out, const float *img, int C, int H, int W);
 
 /* ==========================================================================================
+ * The method: ED-LoRA training (mixshow.c). Options are those of Mix-of-Show's EDLoRATrainer
+ * and train_edlora.py (options/train/EDLoRA/*.yml, `models:` and `train:`), read by
+ * tools/train_config.c; the data side (datasets:) lives in tools/ (TrainDataConfig).
+ * ======================================================================================== */
+#define MS_MAX_CONCEPT_WORDS 8      /* words of one concept ("<potter1>+<potter2>": 2) */
+#define MS_WORD_MAX 64              /* bytes of a concept word or initializer, NUL included */
+typedef struct {
+    /* models: */
+    int enable_edlora;              /* true: 16 tokens per word (ED-LoRA); false: 1 (plain LoRA) */
+    int n_words;                    /* new_concept_token split on '+' */
+    char words[MS_MAX_CONCEPT_WORDS][MS_WORD_MAX];  /* "<potter1>", "<potter2>" */
+    char init[MS_MAX_CONCEPT_WORDS][MS_WORD_MAX];   /* initializer_token split on '+': "<rand-0.013>",
+                                                     * "man"; null in the file: "<rand-0.017>" each */
+    int tune_emb;                   /* finetune_cfg.text_embedding.enable_tuning */
+    int tune_te, tune_unet;         /* finetune_cfg.{text_encoder,unet}.enable_tuning AND lora_cfg given */
+    double lr_emb, lr_te, lr_unet;  /* finetune_cfg.*.lr (1e-3, 1e-5, 1e-4) */
+    double wd_emb;                  /* finetune_cfg.text_embedding.weight_decay; NaN: absent (use weight_decay) */
+    int te_rank, unet_rank;         /* lora_cfg.rank (4) */
+    double te_alpha, unet_alpha;    /* lora_cfg.alpha (1.0) */
+    int has_noise_offset;           /* noise_offset given and not null */
+    double noise_offset;            /* 0.01 */
+    int has_attn_reg;               /* attn_reg_weight given and not null (0 still runs the term) */
+    double attn_reg_weight;         /* 0.01 */
+    int reg_full_identity;          /* EDLoRATrainer default true; shipped configs false */
+    int use_mask_loss;              /* EDLoRATrainer default true */
+    /* train: */
+    double weight_decay;            /* optim_g.weight_decay (torch AdamW default 0.01) */
+    double beta1, beta2;            /* optim_g.betas (0.9, 0.999) */
+    double adam_eps;                /* optim_g.eps (1e-8) */
+    double emb_norm_threshold;      /* train.emb_norm_threshold (0.55) */
+    double total_iter;              /* len(dataset) / batch_size, a float as in train_edlora.py:
+                                     * steps run while step < total_iter; linear decay over it */
+    uint64_t seed;                  /* manual_seed */
+} MsTrainConfig;
+void ms_train_config_defaults(MsTrainConfig *c);   /* EDLoRATrainer / torch AdamW defaults */
+
+/* ==========================================================================================
  * Benchmarks (tensor.c): kernels measured by `mixshow bench`
  * ======================================================================================== */
 /* GFLOP/s of a register-only FMA loop (12 independent chains) at `level` (capped at ms_simd())

@@ -398,4 +398,58 @@ MsStatus ms_image_resize_lanczos(uint8_t *out, int ow, int oh, const uint8_t *in
 int cmd_sample(int argc, char **argv);   /* mixshow sample [--model PATH] -p PROMPT ... -o out.png */
 int cmd_dump(int argc, char **argv);     /* mixshow dump --model PATH --inputs IN --out OUT */
 
+/* ---- ED-LoRA training data options (tools/train_config.c reads them from the .yml) ---- */
+/* One entry of datasets.train.instance_transform, in file order (mixofshow/data/pil_transform.py
+ * and torchvision). Fields not used by a type are 0. */
+typedef enum {
+    MS_TF_HUMAN_RESIZE_CROP_V3 = 1, /* HumanResizeCropFinalV3(size, crop_p=0.5) */
+    MS_TF_RESIZE_FILL_MASK_NEW,     /* ResizeFillMaskNew(size, crop_p, scale_ratio) */
+    MS_TF_TO_TENSOR,                /* ToTensor */
+    MS_TF_NORMALIZE,                /* Normalize(mean, std) (lists, broadcast if of length 1) */
+    MS_TF_SHUFFLE_CAPTION,          /* ShuffleCaption(keep_token_num) */
+    MS_TF_ENHANCE_TEXT,             /* EnhanceText(enhance_type='object'|'human'|'style') */
+    MS_TF_PAIR_RANDOM_HFLIP         /* PairRandomHorizontalFlip(p=0.5) (draws torch.rand(1)) */
+} MsTransformType;
+typedef struct {
+    MsTransformType type;
+    int size;                       /* HumanResizeCropFinalV3, ResizeFillMaskNew */
+    double crop_p;                  /* ditto (HumanResizeCropFinalV3 default 0.5) */
+    double scale_ratio[2];          /* ResizeFillMaskNew */
+    int n_mean;                     /* Normalize: 1 or 3 */
+    double mean[3], std[3];
+    int keep_token_num;             /* ShuffleCaption */
+    char enhance_type[16];          /* EnhanceText: "object" (default), "human", "style" */
+    double p;                       /* PairRandomHorizontalFlip (0.5) */
+} MsTransformSpec;
+#define MS_MAX_TRANSFORMS 16
+#define MS_MAX_REPLACE 8
+typedef struct {
+    /* datasets.train (LoraDataset) */
+    char concept_list[1024];        /* path of the concept-list JSON */
+    int use_caption, use_mask;      /* LoraDataset defaults: false, false */
+    int n_transforms;
+    MsTransformSpec transforms[MS_MAX_TRANSFORMS];
+    int n_replace;                  /* replace_mapping, in file order: "<TOK>" -> "<potter1> <potter2>" */
+    char replace_from[MS_MAX_REPLACE][64], replace_to[MS_MAX_REPLACE][256];
+    int batch_size;                 /* batch_size_per_gpu */
+    int enlarge_ratio;              /* dataset_enlarge_ratio */
+    /* datasets.val_vis (PromptDataset); empty prompts: no validation set */
+    char val_prompts[1024];
+    int val_samples_per_prompt, val_batch_size;
+    int val_latent_size[3];         /* [4, 64, 64] */
+    int n_val_replace;
+    char val_replace_from[MS_MAX_REPLACE][64], val_replace_to[MS_MAX_REPLACE][256];
+    /* val: */
+    int val_during_save, compose_visualize;
+    int n_alpha; double alpha_list[8];  /* [0, 0.7, 1.0] */
+    int val_steps; double val_guidance; /* val.sample.num_inference_steps (50), guidance_scale (7.5) */
+    /* logger: */
+    int print_freq;                 /* 10 */
+    int64_t save_checkpoint_freq;   /* 10000 */
+    /* top level */
+    char name[256];                 /* experiment name: output goes to experiments/<name>/ */
+    char pretrained_path[1024];     /* models.pretrained_path */
+    char mixed_precision[16];       /* "fp16", "no", ...: mixshow computes in float32 (noted) */
+} TrainDataConfig;
+
 #endif /* MS_TOOLS_H */
