@@ -1080,7 +1080,7 @@ void ms_image_to_u8(uint8_t *out, const float *img, int C, int H, int W);
 
 /* ==========================================================================================
  * The method: ED-LoRA training (mixshow.c). Options are those of Mix-of-Show's EDLoRATrainer
- * and train_edlora.py (options/train/EDLoRA/*.yml, `models:` and `train:`), read by
+ * and train_edlora.py (options/train/EDLoRA/...yml, `models:` and `train:`), read by
  * tools/train_config.c; the data side (datasets:) lives in tools/ (TrainDataConfig).
  * ======================================================================================== */
 #define MS_MAX_CONCEPT_WORDS 8      /* words of one concept ("<potter1>+<potter2>": 2) */
