@@ -245,6 +245,29 @@ void ops_scratch_free(void);
  * streaming row-at-a-time path that needs no scratch (slower, same results to rounding). */
 void ops_scratch_limit(size_t max_bytes_per_thread);
 
+/* Attention probabilities at chosen key columns (Mix-of-Show's attention regularisation reads
+ * the attn2 maps at the concept tokens), rebuilt from q, k (layout as attention_forward) and
+ * the lse (B,H,Tq) that attention_forward saved; cols (B,ncol) key positions in [0, Tk)
+ * (repeats allowed) -> p (B,H,Tq,ncol):
+ *   p[b,h,i,j] = exp(scale q[b,i,h,:] . k[b,cols[b*ncol+j],h,:] - lse[b,h,i])
+ * i.e. diffusers' attention_probs[b*H + h, i, cols[b, j]] (head_to_batch_dim order). */
+void attention_probs_cols_forward(float *p, const float *q, const float *k, const float *lse,
+                                  const int32_t *cols, int B, int Tq, int Tk, int H, int Dh, int ncol,
+                                  float scale);
+/* Given dp = dL/dp (B,H,Tq,ncol), ACCUMULATES into dq (B,Tq,H*Dh) and dk (B,Tk,H*Dh) (NULL:
+ * skipped), through the softmax (lse counts as the function of q and k it is). Add it to the
+ * dq/dk of attention_backward when the loss reads both the output and the probabilities. */
+void attention_probs_cols_backward(float *dq, float *dk, const float *dp, const float *q, const float *k,
+                                   const float *lse, const int32_t *cols, int B, int Tq, int Tk, int H, int Dh,
+                                   int ncol, float scale);
+/* Definitions in double (tests only); they ignore lse and rebuild each row's softmax from q, k. */
+void attention_probs_cols_forward_ref(float *p, const float *q, const float *k, const float *lse,
+                                      const int32_t *cols, int B, int Tq, int Tk, int H, int Dh, int ncol,
+                                      float scale);
+void attention_probs_cols_backward_ref(float *dq, float *dk, const float *dp, const float *q, const float *k,
+                                       const float *lse, const int32_t *cols, int B, int Tq, int Tk, int H,
+                                       int Dh, int ncol, float scale);
+
 /* Resampling. x (N,C,H,W). */
 void upsample_nearest2x_forward(float *out, const float *x, int N, int C, int H, int W);   /* out (N,C,2H,2W) */
 void upsample_nearest2x_backward(float *dx, const float *dout, int N, int C, int H, int W);

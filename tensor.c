@@ -1985,6 +1985,194 @@ void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, 
     free(P);
 }
 
+/* ---- Attention probabilities at chosen key columns (Mix-of-Show attention regularisation) -- */
+/* The official ED-LoRA trainer (trainer_edlora.py cal_attn_reg, edlora.py
+ * EDLoRA_Control_AttnProcessor) regularises the cross-attention probabilities of every attn2 at
+ * the concept token positions. Memory-efficient attention keeps no probabilities, so the few
+ * columns needed are rebuilt from q, k and the saved log-sum-exp:
+ *   p[b,h,i,j] = P_bh[i, cols[b,j]],   P_bh[i,t] = exp(scale q_bih . k_bth - lse[b,h,i])
+ * Forward: one task per (b, h), ncol dot products per query row. */
+void attention_probs_cols_forward(float *p, const float *q, const float *k, const float *lse,
+                                  const int32_t *cols, int B, int Tq, int Tk, int H, int Dh, int ncol,
+                                  float scale) {
+    int HD = H * Dh;
+    MS_PARALLEL_FOR
+    for (int bh = 0; bh < B * H; bh++) {
+        int b = bh / H, h = bh % H;
+        const float *qh = q + (size_t)b * Tq * HD + (size_t)h * Dh, *kh = k + (size_t)b * Tk * HD + (size_t)h * Dh;
+        const float *l = lse + (size_t)bh * Tq;
+        const int32_t *cb = cols + (size_t)b * ncol;
+        float *ph = p + (size_t)bh * Tq * ncol;
+        for (int i = 0; i < Tq; i++) {
+            const float *qi = qh + (size_t)i * HD;
+            for (int j = 0; j < ncol; j++) {
+                const float *kt = kh + (size_t)cb[j] * HD;
+                float s = 0.0f;
+                for (int d = 0; d < Dh; d++) s += qi[d] * kt[d];
+                ph[(size_t)i * ncol + j] = expf(s * scale - l[i]);
+            }
+        }
+    }
+}
+
+/* Backward, per (b, h); with L depending on P only through p (columns of P, possibly repeated):
+ *   g_t   = sum_{j: cols[j] = t} dp_ij             (a repeated column sums its gradients)
+ *   dL/dP_it = g_t;  softmax backward of the row (P_i = softmax(S_i), S = scale Q K^T):
+ *   s_i   = sum_t g_t P_it  (= sum_j dp_ij p_ij)
+ *   dS_it = P_it (g_t - s_i)
+ *   dQ_i += scale sum_t dS_it K_t,   dK_t += scale sum_i dS_it Q_i      [tests/test_grad.c: probs_cols]
+ * lse is treated as the function of q and k it is (its gradient is the -s_i term), not as an input.
+ * Tiled path (scratch (OPS_ATT_BLOCK + 1) Tk per thread): P = exp(scale Q K^T - lse) for a block
+ * of query rows by GEMM, dS in place, two GEMMs. Streaming path (no scratch), one query row:
+ *   dQ_i += scale (sum_j dp_ij p_ij K_cols[j] - s_i sum_t P_it K_t)
+ *   dK_t += scale (sum_{j: cols[j] = t} dp_ij p_ij - s_i P_it) Q_i
+ * One task per (b, h) walks its query blocks in order: dK sums do not depend on the thread count. */
+static void ops_pc_bwd_block(float *dq, float *dk, const float *dp, const float *q, const float *k,
+                             const float *lse, const int32_t *cb, float *P, float *g, int rows, int Tk,
+                             int HD, int Dh, int ncol, float scale) {
+    ms_gemm(0, 1, rows, Tk, Dh, scale, q, HD, k, HD, 0.0f, P, Tk);
+    for (int r = 0; r < rows; r++) {
+        float *pr = P + (size_t)r * Tk;
+        const float *dpr = dp + (size_t)r * ncol;
+        for (int t = 0; t < Tk; t++) { pr[t] = expf(pr[t] - lse[r]); g[t] = 0.0f; }
+        for (int j = 0; j < ncol; j++) g[cb[j]] += dpr[j];
+        double s = 0.0;
+        for (int j = 0; j < ncol; j++) s += (double)dpr[j] * pr[cb[j]];
+        float fs = (float)s;
+        for (int t = 0; t < Tk; t++) pr[t] *= g[t] - fs;
+    }
+    if (dq) ms_gemm(0, 0, rows, Dh, Tk, scale, P, Tk, k, HD, 1.0f, dq, HD);
+    if (dk) ms_gemm(1, 0, Tk, Dh, rows, scale, P, Tk, q, HD, 1.0f, dk, HD);
+}
+
+static float ops_dot(const float *a, const float *b, int n) {
+    float s = 0.0f;
+    for (int d = 0; d < n; d++) s += a[d] * b[d];
+    return s;
+}
+
+static void ops_pc_bwd_row(float *dqi, float *dk, const float *dpi, const float *qi, const float *k, float lse,
+                           const int32_t *cb, int Tk, int HD, int Dh, int ncol, float scale) {
+    double s = 0.0;
+    for (int j = 0; j < ncol; j++)
+        s += (double)dpi[j] * expf(ops_dot(qi, k + (size_t)cb[j] * HD, Dh) * scale - lse);
+    float fs = (float)s;
+    for (int t = 0; t < Tk; t++) {                                  /* the -s_i P_it term */
+        const float *kt = k + (size_t)t * HD;
+        float c = -fs * expf(ops_dot(qi, kt, Dh) * scale - lse) * scale;
+        if (dqi) for (int d = 0; d < Dh; d++) dqi[d] += c * kt[d];
+        if (dk) for (int d = 0; d < Dh; d++) dk[(size_t)t * HD + d] += c * qi[d];
+    }
+    for (int j = 0; j < ncol; j++) {                                /* the g_t P_it term */
+        const float *kt = k + (size_t)cb[j] * HD;
+        float c = dpi[j] * expf(ops_dot(qi, kt, Dh) * scale - lse) * scale;
+        if (dqi) for (int d = 0; d < Dh; d++) dqi[d] += c * kt[d];
+        if (dk) for (int d = 0; d < Dh; d++) dk[(size_t)cb[j] * HD + d] += c * qi[d];
+    }
+}
+
+void attention_probs_cols_backward(float *dq, float *dk, const float *dp, const float *q, const float *k,
+                                   const float *lse, const int32_t *cols, int B, int Tq, int Tk, int H, int Dh,
+                                   int ncol, float scale) {
+    int HD = H * Dh;
+    if (!dq && !dk) return;
+    int tiled = ops_ws_reserve(ms_get_threads(), (size_t)(OPS_ATT_BLOCK + 1) * Tk);
+    MS_PARALLEL_FOR
+    for (int bh = 0; bh < B * H; bh++) {
+        int b = bh / H, h = bh % H;
+        size_t qo = (size_t)b * Tq * HD + (size_t)h * Dh, ko = (size_t)b * Tk * HD + (size_t)h * Dh;
+        const float *l = lse + (size_t)bh * Tq, *dph = dp + (size_t)bh * Tq * ncol;
+        const int32_t *cb = cols + (size_t)b * ncol;
+        float *dkh = dk ? dk + ko : NULL;
+        for (int i0 = 0; i0 < Tq; i0 += OPS_ATT_BLOCK) {
+            int rows = OPS_MIN(OPS_ATT_BLOCK, Tq - i0);
+            size_t ro = qo + (size_t)i0 * HD;
+            if (tiled) {
+                float *P = ops_ws[ops_thread_num()].p, *g = P + (size_t)OPS_ATT_BLOCK * Tk;
+                ops_pc_bwd_block(dq ? dq + ro : NULL, dkh, dph + (size_t)i0 * ncol, q + ro, k + ko, l + i0, cb, P, g,
+                                 rows, Tk, HD, Dh, ncol, scale);
+            } else {
+                for (int r = 0; r < rows; r++) {
+                    size_t o = ro + (size_t)r * HD;
+                    ops_pc_bwd_row(dq ? dq + o : NULL, dkh, dph + (size_t)(i0 + r) * ncol, q + o, k + ko, l[i0 + r],
+                                   cb, Tk, HD, Dh, ncol, scale);
+                }
+            }
+        }
+    }
+}
+
+/* The definitions in double: P rebuilt row by row from q and k with its own max and sum (lse
+ * is not read), g and dS as above. Tests only: they allocate, and do nothing if that fails. */
+void attention_probs_cols_forward_ref(float *p, const float *q, const float *k, const float *lse,
+                                      const int32_t *cols, int B, int Tq, int Tk, int H, int Dh, int ncol,
+                                      float scale) {
+    int HD = H * Dh;
+    double *P = (double *)malloc((size_t)Tk * sizeof(double));
+    (void)lse;
+    if (!P) return;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < Tq; i++) {
+                const float *qi = q + ((size_t)b * Tq + i) * HD + (size_t)h * Dh;
+                double m = -INFINITY, l = 0.0;
+                for (int t = 0; t < Tk; t++) {
+                    const float *kt = k + ((size_t)b * Tk + t) * HD + (size_t)h * Dh;
+                    double s = 0.0;
+                    for (int d = 0; d < Dh; d++) s += (double)qi[d] * kt[d];
+                    P[t] = s * scale;
+                    m = P[t] > m ? P[t] : m;
+                }
+                for (int t = 0; t < Tk; t++) { P[t] = exp(P[t] - m); l += P[t]; }
+                for (int j = 0; j < ncol; j++)
+                    p[(((size_t)b * H + h) * Tq + i) * ncol + j] = (float)(P[cols[(size_t)b * ncol + j]] / l);
+            }
+    free(P);
+}
+
+void attention_probs_cols_backward_ref(float *dq, float *dk, const float *dp, const float *q, const float *k,
+                                       const float *lse, const int32_t *cols, int B, int Tq, int Tk, int H,
+                                       int Dh, int ncol, float scale) {
+    int HD = H * Dh;
+    double *P = (double *)malloc(((size_t)2 * Tk + Dh + (size_t)Tk * Dh) * sizeof(double));
+    (void)lse;
+    if (!P) return;
+    double *g = P + Tk, *aq = g + Tk, *ak = aq + Dh;     /* g (Tk), dq row (Dh), dk of the head (Tk,Dh) */
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            const float *kh = k + (size_t)b * Tk * HD + (size_t)h * Dh;
+            for (size_t x = 0; x < (size_t)Tk * Dh; x++) ak[x] = 0.0;
+            for (int i = 0; i < Tq; i++) {
+                const float *qi = q + ((size_t)b * Tq + i) * HD + (size_t)h * Dh;
+                const float *dpi = dp + (((size_t)b * H + h) * Tq + i) * ncol;
+                double m = -INFINITY, l = 0.0, s = 0.0;
+                for (int t = 0; t < Tk; t++) {
+                    double x = 0.0;
+                    for (int d = 0; d < Dh; d++) x += (double)qi[d] * kh[(size_t)t * HD + d];
+                    P[t] = x * scale;
+                    m = P[t] > m ? P[t] : m;
+                    g[t] = 0.0;
+                }
+                for (int t = 0; t < Tk; t++) { P[t] = exp(P[t] - m); l += P[t]; }
+                for (int j = 0; j < ncol; j++) g[cols[(size_t)b * ncol + j]] += dpi[j];
+                for (int t = 0; t < Tk; t++) { P[t] /= l; s += g[t] * P[t]; }
+                for (int d = 0; d < Dh; d++) aq[d] = 0.0;
+                for (int t = 0; t < Tk; t++) {
+                    double ds = P[t] * (g[t] - s) * scale;
+                    for (int d = 0; d < Dh; d++) {
+                        aq[d] += ds * kh[(size_t)t * HD + d];
+                        ak[(size_t)t * Dh + d] += ds * qi[d];
+                    }
+                }
+                if (dq) for (int d = 0; d < Dh; d++) dq[((size_t)b * Tq + i) * HD + (size_t)h * Dh + d] += (float)aq[d];
+            }
+            if (dk)
+                for (int t = 0; t < Tk; t++)
+                    for (int d = 0; d < Dh; d++) dk[((size_t)b * Tk + t) * HD + (size_t)h * Dh + d] += (float)ak[(size_t)t * Dh + d];
+        }
+    free(P);
+}
+
 /* ---- Resampling -------------------------------------------------------------------------- */
 /* Nearest 2x: out[n,c,y,x] = x[n,c,y/2,x/2] (F.interpolate(scale_factor=2, mode="nearest")).
  * Backward: each input pixel receives the sum of its 2x2 output block. One task per (n,c). */

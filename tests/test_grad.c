@@ -164,6 +164,62 @@ static void test_attention(int B, int Tq, int Tk, int H, int Dh, int causal, int
     ops_scratch_limit(0);
 }
 
+/* ---- attention probabilities at key columns: inputs q, k; d = B, Tq, Tk, H, Dh, ncol; aux = cols.
+ * The loss is evaluated in double from its definition, L(q, k) = sum R * softmax(scale q k^T)[cols]
+ * per (b, h) (a scalar case: y = L, dout = r[0]), so lse is recomputed from q and k inside it and
+ * a backward that treated lse as a constant (missing the -s_i term) fails. In double because
+ * float probabilities carry lse's rounding (|lse| * 2^-24 relative, ~3e-7): at eps 1e-2 that
+ * noise alone scores 1e-2..6e-2 on dK's small entries, while the double loss scores < 1e-3
+ * (measured; the error then falls as eps^2, as a correct derivative does). ---- */
+static float pc_lse[4096], pc_out[8192], *pc_R;
+static void pc_f(Case *c) {
+    const float *q = c->in[0], *k = c->in[1];
+    const int32_t *cols = (const int32_t *)c->aux;
+    int B = c->d[0], Tq = c->d[1], Tk = c->d[2], H = c->d[3], Dh = c->d[4], ncol = c->d[5], HD = H * Dh;
+    double P[128], L = 0.0;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < Tq; i++) {
+                double m = -INFINITY, l = 0.0;
+                for (int t = 0; t < Tk; t++) {
+                    double x = 0.0;
+                    for (int d = 0; d < Dh; d++)
+                        x += (double)q[((size_t)b * Tq + i) * HD + (size_t)h * Dh + d] * k[((size_t)b * Tk + t) * HD + (size_t)h * Dh + d];
+                    P[t] = x * c->f;
+                    m = fmax(m, P[t]);
+                }
+                for (int t = 0; t < Tk; t++) { P[t] = exp(P[t] - m); l += P[t]; }
+                for (int j = 0; j < ncol; j++) L += pc_R[(((size_t)b * H + h) * Tq + i) * ncol + j] * P[cols[b * ncol + j]] / l;
+            }
+    c->scalar = L;
+}
+static void pc_b(Case *c) {        /* lse from the float forward, as the UNet has it */
+    int B = c->d[0], Tq = c->d[1], Tk = c->d[2], H = c->d[3], Dh = c->d[4], ncol = c->d[5];
+    size_t np = (size_t)B * H * Tq * ncol;
+    float *dp = zeros(np);
+    for (size_t x = 0; x < np; x++) dp[x] = c->r[0] * pc_R[x];
+    attention_forward(pc_out, pc_lse, c->in[0], c->in[1], c->in[1], B, Tq, Tk, H, Dh, 0, c->f);
+    attention_probs_cols_backward(c->din[0], c->din[1], dp, c->in[0], c->in[1], pc_lse, (const int32_t *)c->aux,
+                                  B, Tq, Tk, H, Dh, ncol, c->f);
+}
+static void test_probs_cols(int B, int Tq, int Tk, int H, int Dh, const int32_t *cols, int ncol, int streaming) {
+    Case c;
+    char op[64];
+    init_case(&c, 1);
+    c.is_scalar = 1;
+    add_input(&c, "q", (size_t)B * Tq * H * Dh, 1.5f);
+    add_input(&c, "k", (size_t)B * Tk * H * Dh, 1.5f);
+    pc_R = randn((size_t)B * H * Tq * ncol, 1.0f);
+    c.d[0] = B; c.d[1] = Tq; c.d[2] = Tk; c.d[3] = H; c.d[4] = Dh; c.d[5] = ncol;
+    c.f = (float)(1.0 / sqrt((double)Dh));
+    c.aux = cols;
+    c.fwd = pc_f; c.bwd = pc_b;
+    snprintf(op, sizeof op, "probs_cols %d,%d,%d,%d,%d ncol %d%s", B, Tq, Tk, H, Dh, ncol, streaming ? " stream" : "");
+    if (streaming) ops_scratch_limit(1);
+    run_case(op, &c);
+    ops_scratch_limit(0);
+}
+
 /* ---- resampling and layout ---- */
 static void up_f(Case *c) { upsample_nearest2x_forward(c->y, c->in[0], c->d[0], c->d[1], c->d[2], c->d[3]); }
 static void up_b(Case *c) { upsample_nearest2x_backward(c->din[0], c->r, c->d[0], c->d[1], c->d[2], c->d[3]); }
@@ -272,6 +328,14 @@ int main(void) {
     test_attention(1, 24, 24, 2, 8, 1, 0);     /* causal, square */
     test_attention(1, 20, 9, 3, 5, 0, 1);      /* streaming path */
     test_attention(1, 17, 17, 1, 4, 1, 1);
+    {   /* per sample: a repeated column (positions 3, 5, 3) and the last key */
+        static const int32_t c77[6] = { 3, 5, 3, 76, 0, 76 }, c9[4] = { 2, 8, 2, 2 }, c5[2] = { 4, 1 };
+        test_probs_cols(2, 10, 77, 2, 4, c77, 3, 0);   /* Tk = 77 (CLIP's context length) */
+        test_probs_cols(1, 70, 9, 2, 8, c9, 4, 0);     /* two query blocks, column repeated 3 times */
+        test_probs_cols(2, 7, 5, 3, 3, c5, 1, 0);
+        test_probs_cols(2, 10, 77, 2, 4, c77, 3, 1);   /* streaming path */
+        test_probs_cols(1, 70, 9, 2, 8, c9, 4, 1);
+    }
     test_layout();
     test_elementwise();
     test_embedding();

@@ -229,6 +229,63 @@ static void test_attention_tiny(void) {
     check(o[0] == 1.0f && o[1] == 2.0f && fabs(lse - 1.0) < 1e-6, "causal query 0 sees key 0 only");
 }
 
+/* ---- attention probabilities at key columns (attention_probs_cols_*) ---- */
+typedef struct {
+    int B, Tq, Tk, H, Dh, ncol;
+    float scale, *q, *k, *v, *out, *lse, *p, *dp, *dq, *dk, *dq0, *dk0;
+    int32_t *cols;
+} PCols;
+
+static void pc_run(void *v, int ref) {
+    PCols *a = (PCols *)v;
+    size_t nq = (size_t)a->B * a->Tq * a->H * a->Dh, nk = (size_t)a->B * a->Tk * a->H * a->Dh;
+    memcpy(a->dq, a->dq0, nq * sizeof(float));
+    memcpy(a->dk, a->dk0, nk * sizeof(float));
+    (ref ? attention_probs_cols_forward_ref : attention_probs_cols_forward)(a->p, a->q, a->k, a->lse, a->cols, a->B,
+                                                                          a->Tq, a->Tk, a->H, a->Dh, a->ncol, a->scale);
+    (ref ? attention_probs_cols_backward_ref : attention_probs_cols_backward)(a->dq, a->dk, a->dp, a->q, a->k, a->lse,
+                                                                            a->cols, a->B, a->Tq, a->Tk, a->H, a->Dh,
+                                                                            a->ncol, a->scale);
+}
+
+/* cols: per sample, ncol positions drawn from [0, Tk) with a repeat when ncol >= 3 */
+static void test_probs_cols(int B, int Tq, int Tk, int H, int Dh, int ncol, int streaming) {
+    PCols a;
+    size_t nq = (size_t)B * Tq * H * Dh, nk = (size_t)B * Tk * H * Dh, np = (size_t)B * H * Tq * ncol;
+    a.B = B; a.Tq = Tq; a.Tk = Tk; a.H = H; a.Dh = Dh; a.ncol = ncol;
+    a.scale = (float)(1.0 / sqrt((double)Dh));
+    a.q = randn(nq, 2.0f); a.k = randn(nk, 1.0f); a.v = randn(nk, 1.0f);
+    a.out = zeros(nq); a.lse = zeros((size_t)B * H * Tq); a.p = zeros(np); a.dp = randn(np, 1.0f);
+    /* small starting gradients: += is checked without drowning the probe's own (small) gradients */
+    a.dq = zeros(nq); a.dk = zeros(nk); a.dq0 = randn(nq, 1e-3f); a.dk0 = randn(nk, 1e-3f);
+    a.cols = (int32_t *)test_track(test_zeros((size_t)B * ncol));
+    for (int i = 0; i < B * ncol; i++) a.cols[i] = (int32_t)((7 * i + 3 * (i / ncol) + 1) % Tk);
+    if (ncol >= 3) for (int b = 0; b < B; b++) a.cols[b * ncol + 2] = a.cols[b * ncol];
+    attention_forward(a.out, a.lse, a.q, a.k, a.v, B, Tq, Tk, H, Dh, 0, a.scale);
+    Out outs[] = { { a.p, np, "p" }, { a.dq, nq, "dq" }, { a.dk, nk, "dk" } };
+    char op[96];
+    snprintf(op, sizeof op, "probs_cols B%d Tq%d Tk%d H%d Dh%d ncol%d%s", B, Tq, Tk, H, Dh, ncol,
+             streaming ? " streaming" : "");
+    if (streaming) ops_scratch_limit(1);
+    /* as attention: float32 dot products and expf, lse rounded to float */
+    compare_paths(op, pc_run, &a, outs, 3, 1e-5, 2e-5);
+    ops_scratch_limit(0);
+    /* the columns are columns of the full softmax: with every key as a column, rows sum to 1 */
+    if (Tk <= 100) {
+        int32_t *all = (int32_t *)test_track(test_zeros((size_t)B * Tk));
+        float *pall = zeros((size_t)B * H * Tq * Tk);
+        double worst = 0.0;
+        for (int b = 0; b < B; b++) for (int t = 0; t < Tk; t++) all[b * Tk + t] = t;
+        attention_probs_cols_forward(pall, a.q, a.k, a.lse, all, B, Tq, Tk, H, Dh, Tk, a.scale);
+        for (size_t r = 0; r < (size_t)B * H * Tq; r++) {
+            double s = 0.0;
+            for (int t = 0; t < Tk; t++) s += pall[r * Tk + t];
+            worst = fmax(worst, fabs(s - 1.0));
+        }
+        check(worst < 1e-5, "%s: all %d columns sum to 1 per row (worst |sum - 1| %.2e)", op, Tk, worst);
+    }
+}
+
 /* ---- resampling, concat, elementwise, bias, embedding (checked against index formulas) ---- */
 static void test_layout_ops(void) {
     int N = 2, C = 3, H = 6, W = 10, r = 2;
@@ -493,6 +550,11 @@ int main(void) {
     test_attention(1, 40, 150, 1, 64, 0, 0);
     test_attention(2, 70, 70, 3, 16, 1, 1);          /* the no-scratch streaming path */
     test_attention(1, 65, 100, 2, 40, 0, 1);
+    test_probs_cols(2, 70, 77, 3, 16, 3, 0);         /* Tk = 77, a repeated column, two query blocks */
+    test_probs_cols(1, 130, 77, 2, 40, 2, 0);        /* cross-attention shape */
+    test_probs_cols(3, 17, 9, 1, 5, 4, 0);           /* odd sizes */
+    test_probs_cols(2, 70, 77, 3, 16, 3, 1);         /* the no-scratch streaming path */
+    test_probs_cols(1, 5, 130, 2, 8, 1, 1);
     test_layout_ops();
     test_elementwise();
     test_embedding();
