@@ -60,9 +60,10 @@ void ms_image_to_u8(uint8_t *out, const float *img, int C, int H, int W) {
         }
 }
 
-/* Encodes one prompt (B rows of the same ids) into ctx (B, T, D). */
+/* Encodes one prompt (B rows of the same ids) into ctx (B, T, D); new_emb (n_new, D): the rows
+ * of added tokens (NULL, 0: none). */
 static MsStatus encode_prompt(const ClipTextParams *p, const ClipTextConfig *c, const ClipTokenizer *tok,
-                              const char *text, float *ctx, int B, Arena *ar) {
+                              const char *text, float *ctx, int B, Arena *ar, const float *new_emb, int n_new) {
     int32_t ids[77];
     const int T = 77;
     size_t mark = arena_mark(ar);
@@ -70,10 +71,40 @@ static MsStatus encode_prompt(const ClipTextParams *p, const ClipTextConfig *c, 
     MsStatus s = clip_tokenize(tok, text, strlen(text), ids, T);
     if (s) return s;
     if ((s = clip_text_acts_alloc(&a, ar, c, 1, T, 0, 0))) return s;
-    if ((s = clip_text_forward(&a, p, NULL, ids, NULL, 0, c))) { arena_reset(ar, mark); return s; }
+    if ((s = clip_text_forward(&a, p, NULL, ids, new_emb, n_new, c))) { arena_reset(ar, mark); return s; }
     for (int b = 0; b < B; b++) memcpy(ctx + (size_t)b * T * c->hidden_size, a.out, (size_t)T * c->hidden_size * sizeof(float));
     arena_reset(ar, mark);
     return MS_OK;
+}
+
+/* Mix-of-Show pipeline_edlora.py bind_concept_prompt for layer i: starting from the prompt,
+ * for each concept word in order, str.replace(word, its i-th token) (every occurrence, left to
+ * right, not rescanning what was inserted). Returns a malloc'ed string or NULL (out of memory). */
+static char *bind_prompt(const char *prompt, int n_words, const char *const *word, const char *const *token,
+                         int n_layers, int i) {
+    size_t len = strlen(prompt);
+    char *cur = (char *)malloc(len + 1);
+    if (!cur) return NULL;
+    memcpy(cur, prompt, len + 1);
+    for (int w = 0; w < n_words; w++) {
+        const char *from = word[w], *to = token[(size_t)w * n_layers + i], *q;
+        size_t fl = strlen(from), tl = strlen(to), n = 0;
+        if (!fl) continue;                      /* str.replace('', x) would insert everywhere: words are never empty */
+        for (q = strstr(cur, from); q; q = strstr(q + fl, from)) n++;
+        if (!n) continue;
+        size_t cap = strlen(cur) - n * fl + n * tl + 1;
+        char *out = (char *)malloc(cap), *o = out;
+        const char *r = cur;
+        if (!out) { free(cur); return NULL; }
+        for (; (q = strstr(r, from)) != NULL; r = q + fl) {
+            memcpy(o, r, (size_t)(q - r)); o += q - r;
+            memcpy(o, to, tl); o += tl;
+        }
+        strcpy(o, r);                           /* the rest after the last occurrence */
+        free(cur);
+        cur = out;
+    }
+    return cur;
 }
 
 MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgOptions *o, float *image) {
@@ -90,6 +121,14 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
     if (o->steps < 1 || o->steps > MS_SCHED_MAX_T) return ms_errorf(MS_ERR_ARG, "txt2img: %d steps (expected 1..%d)", o->steps, MS_SCHED_MAX_T);
     if (uc->cross_attention_dim != D)
         return ms_errorf(MS_ERR_ARG, "txt2img: UNet cross_attention_dim %d != text hidden_size %d", uc->cross_attention_dim, D);
+    const int n_lc = o->n_layer_ctx, n_ctx = n_lc ? n_lc : 1;   /* ED-LoRA: one context per cross-attention layer */
+    if (n_lc && n_lc != ms_unet_cross_attn_layers(uc))
+        return ms_errorf(MS_ERR_ARG, "txt2img: %d layer-wise contexts, the UNet has %d cross-attention layers",
+                         n_lc, ms_unet_cross_attn_layers(uc));
+    if (o->n_new < 0 || (o->n_new && !o->new_emb) || o->n_bind < 0 || (o->n_bind && (!n_lc || !o->bind_word || !o->bind_token)))
+        return ms_errorf(MS_ERR_ARG, "txt2img: ED-LoRA options: %d new rows%s, %d words to bind%s", o->n_new,
+                         o->n_new && !o->new_emb ? " without data" : "", o->n_bind,
+                         o->n_bind && !n_lc ? " without layer-wise contexts" : "");
     const int h = o->height / f, w = o->width / f, L = uc->in_channels;
     const size_t nl = (size_t)B * L * h * w;            /* one latent batch */
     MsScheduler *sch = (MsScheduler *)malloc(sizeof *sch);
@@ -101,6 +140,7 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
     UNetActs ua;
     int ua_ok = 0, up_ok = 0;
     float *lat = NULL, *in = NULL, *eps = NULL, *work = NULL, *ctx = NULL, *feat[MS_MAX_BLOCKS] = { 0 };
+    const float **lctx = NULL;                          /* n_lc pointers into ctx (ED-LoRA) */
     size_t nfeat[MS_MAX_BLOCKS] = { 0 };
     int n_feat = 0;
     if (!sch || !tp || !vp || !up || !rng) { s = ms_errorf(MS_ERR_NOMEM, "txt2img: out of memory"); goto done; }
@@ -133,12 +173,29 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
     in = (float *)ms_alloc_aligned(2 * nl, sizeof(float));
     eps = (float *)ms_alloc_aligned(2 * nl, sizeof(float));
     work = (float *)ms_alloc_aligned(nl, sizeof(float));
-    ctx = (float *)ms_alloc_aligned((size_t)NB * T * D, sizeof(float));
-    if (!lat || !in || !eps || !work || !ctx) { s = ms_errorf(MS_ERR_NOMEM, "txt2img: out of memory"); goto done; }
+    ctx = (float *)ms_alloc_aligned((size_t)n_ctx * NB * T * D, sizeof(float));
+    if (n_lc) lctx = (const float **)malloc((size_t)n_lc * sizeof *lctx);
+    if (!lat || !in || !eps || !work || !ctx || (n_lc && !lctx)) { s = ms_errorf(MS_ERR_NOMEM, "txt2img: out of memory"); goto done; }
 
-    /* 3. context = [uncond x B, cond x B] */
-    if (cfg_on && (s = encode_prompt(tp, tc, tok, o->negative ? o->negative : "", ctx, B, &ar))) goto done;
-    if ((s = encode_prompt(tp, tc, tok, o->prompt, ctx + (cfg_on ? (size_t)B * T * D : 0), B, &ar))) goto done;
+    /* 3. context = [uncond x B, cond x B]. ED-LoRA (EDLoRAPipeline._encode_prompt): context i
+     * (layer i) = [uncond x B, encode(bind_concept_prompt(prompt)[i]) x B]; the negative prompt
+     * is encoded once, unbound, and repeated for every layer. */
+    if (cfg_on && (s = encode_prompt(tp, tc, tok, o->negative ? o->negative : "", ctx, B, &ar, o->new_emb, o->n_new))) goto done;
+    if (!n_lc) {
+        if ((s = encode_prompt(tp, tc, tok, o->prompt, ctx + (cfg_on ? (size_t)B * T * D : 0), B, &ar, o->new_emb, o->n_new)))
+            goto done;
+    } else {
+        for (int i = 0; i < n_lc; i++) {
+            float *ci = ctx + (size_t)i * NB * T * D;
+            char *bound = bind_prompt(o->prompt, o->n_bind, o->bind_word, o->bind_token, n_lc, i);
+            if (!bound) { s = ms_errorf(MS_ERR_NOMEM, "txt2img: out of memory"); goto done; }
+            if (cfg_on && i) memcpy(ci, ctx, (size_t)B * T * D * sizeof(float));
+            s = encode_prompt(tp, tc, tok, bound, ci + (cfg_on ? (size_t)B * T * D : 0), B, &ar, o->new_emb, o->n_new);
+            free(bound);
+            if (s) goto done;
+            lctx[i] = ci;
+        }
+    }
 
     /* 5. initial latents */
     ms_torch_seed(rng, o->seed);
@@ -170,7 +227,8 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
         for (int b = 0; b < NB; b++) t[b] = (float)sch->timesteps[i];
         ms_scheduler_scale_model_input(sch, i, in, lat, nl);
         if (cfg_on) memcpy(in + nl, in, nl * sizeof(float));
-        if ((s = unet_forward(eps, &ua, in, t, ctx, NULL, o->adapter ? (const float *const *)feat : NULL, up, NULL)))
+        if ((s = unet_forward(eps, &ua, in, t, n_lc ? NULL : ctx, (const float *const *)lctx,
+                              o->adapter ? (const float *const *)feat : NULL, up, NULL)))
             goto done;
         if (cfg_on) {
             const float g = o->guidance_scale;
@@ -191,11 +249,14 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
     ops_scratch_free();
     ms_free_aligned(in); ms_free_aligned(eps); ms_free_aligned(ctx);
     in = eps = ctx = NULL;
+    free(lctx);
+    lctx = NULL;
     arena_reset(&ar, 0);
     s = vae_decode(vp, &ar, image, lat, B, h, w);
 done:
     for (int i = 0; i < MS_MAX_BLOCKS; i++) ms_free_aligned(feat[i]);
     ms_free_aligned(lat); ms_free_aligned(in); ms_free_aligned(eps); ms_free_aligned(work); ms_free_aligned(ctx);
+    free(lctx);
     if (ua_ok) unet_acts_free(&ua);
     if (up_ok) unet_params_free(up);
     arena_free(&ar);

@@ -1093,6 +1093,18 @@ typedef struct {
     /* called after each scheduler step with the latents (n floats); NULL: none */
     void (*progress)(void *ctx, int step, int n_steps, const float *latents, size_t n);
     void *progress_ctx;
+    /* ED-LoRA sampling (Mix-of-Show EDLoRAPipeline; tools/edlora.c fills these from a file).
+     * All 0/NULL: the plain pipeline above, bit for bit. */
+    const float *new_emb;            /* (n_new, D) token-embedding rows of ids vocab_size.. (added tokens) */
+    int n_new;
+    int n_layer_ctx;                 /* 0: one context. Else ms_unet_cross_attn_layers(): the prompt is
+                                      * bound n_layer_ctx times (bind_concept_prompt) and
+                                      * cross-attention layer i gets the i-th encoding; the negative
+                                      * prompt is encoded once, unbound, for every layer (as there) */
+    int n_bind;                      /* concept words, replaced in this order */
+    const char *const *bind_word;    /* (n_bind) "<potter1>" */
+    const char *const *bind_token;   /* (n_bind * n_layer_ctx) token of word w for layer i at
+                                      * [w * n_layer_ctx + i]: "<new0>".. */
 } MsTxt2ImgOptions;
 /* StableDiffusion(Adapter)Pipeline.__call__ of diffusers 0.19.3 up to the VAE decode:
  * image (batch,3,height,width), not clamped (what vae.decode returns). */

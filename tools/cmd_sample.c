@@ -154,7 +154,7 @@ static void sample_usage(FILE *f) {
         "                      [--seed 0] [-W WIDTH] [-H HEIGHT] [--sampler dpm++2m|ddim|euler|ddpm]\n"
         "                      [--batch N] [--adapter DIR --cond IMAGE [--adapter-scale 1.0]]\n"
         "                      [--init-noise FILE.safetensors] [--torch-cpu avx2|default] [--threads N]\n"
-        "                      [--weights f32|f16] -o OUT.png\n\n"
+        "                      [--weights f32|f16] [--edlora FILE[:ALPHA]] -o OUT.png\n\n"
         "Text to image, as diffusers 0.19.3 StableDiffusionPipeline (StableDiffusionAdapterPipeline\n"
         "with --adapter): the same seed gives the same latents as torch.Generator().manual_seed(seed).\n"
         "  --model PATH    diffusers folder or single file (default: models/tiny-sd, the tiny\n"
@@ -175,6 +175,12 @@ static void sample_usage(FILE *f) {
         "  --weights f16   keep F16/BF16 tensors 16-bit in memory, converted to f32 when used (half\n"
         "                  the weight memory, same image as f32 on the rounded weights); f32 (default)\n"
         "                  widens every tensor at load\n"
+        "  --edlora F[:A]  a Mix-of-Show ED-LoRA / LoRA file (.pth or .safetensors), sampled as the\n"
+        "                  official EDLoRAPipeline after convert_edlora(alpha=A): new tokens <new0>..,\n"
+        "                  LoRA merged into the weights at A (default 0.7, the README's and the test\n"
+        "                  configs' value), the prompt's concept words bound per cross-attention layer\n"
+        "                  (the negative prompt is not bound). Plain LoRA files (1 token per word):\n"
+        "                  merged and the tokens added, prompt used as given. Needs f32 weights.\n"
         "Progress goes to stderr when it is a terminal.\n");
 }
 
@@ -252,6 +258,8 @@ static MsStatus load_cond(const char *path, int C, int W, int H, float **out) {
 
 int cmd_sample(int argc, char **argv) {
     const char *model = NULL, *out = NULL, *adapter_dir = NULL, *cond_path = NULL, *noise_path = NULL;
+    char edlora_path[2048] = "";
+    float edlora_alpha = 0.7f;                 /* README.md sample and test configs' alpha_list (0, 0.7, 1) */
     int threads = -1;
     MsLoadOptions lo;
     MsTxt2ImgOptions o;
@@ -272,6 +280,16 @@ int cmd_sample(int argc, char **argv) {
         else if (!strcmp(a, "--adapter")) adapter_dir = v;
         else if (!strcmp(a, "--cond")) cond_path = v;
         else if (!strcmp(a, "--init-noise")) noise_path = v;
+        else if (!strcmp(a, "--edlora")) {
+            const char *colon = strrchr(v, ':');
+            char *e2 = NULL;
+            float al = colon ? strtof(colon + 1, &e2) : 0.0f;
+            size_t n = colon && e2 && e2 != colon + 1 && !*e2 ? (size_t)(colon - v) : strlen(v);
+            if (n != strlen(v)) edlora_alpha = al;
+            if (n == 0 || n >= sizeof edlora_path) { fprintf(stderr, "mixshow sample: --edlora %s: bad path\n", v); return 2; }
+            memcpy(edlora_path, v, n);
+            edlora_path[n] = '\0';
+        }
         else if (!strcmp(a, "--steps")) o.steps = (int)strtol(v, &end, 10);
         else if (!strcmp(a, "--batch")) o.batch = (int)strtol(v, &end, 10);
         else if (!strcmp(a, "-W") || !strcmp(a, "--width")) o.width = (int)strtol(v, &end, 10);
@@ -315,6 +333,10 @@ int cmd_sample(int argc, char **argv) {
     MsParamTable at;
     AdapterParams ap;
     int have_m = 0, have_tok = 0, have_ad = 0;
+    EdloraFile ef;
+    EdloraPrompt ep;
+    memset(&ef, 0, sizeof ef);
+    memset(&ep, 0, sizeof ep);
     float *image = NULL, *noise = NULL, *cond = NULL;
     uint8_t *px = NULL;
     double t0 = ms_time();
@@ -333,6 +355,14 @@ int cmd_sample(int argc, char **argv) {
      * loaded machine they cost 100x the sampling itself). Results do not depend on it. */
     if (threads >= 0) ms_set_threads(threads);
     else if (!s && m.unet_config.block_out_channels[0] < 128 && !getenv("OMP_NUM_THREADS")) ms_set_threads(1);
+    if (!s && edlora_path[0]) {               /* convert_edlora(pipe, torch.load(path), enable_edlora, alpha) */
+        s = edlora_read(edlora_path, &ef);
+        if (!s) s = edlora_merge(&m, &ef, edlora_alpha);
+        if (!s) s = edlora_prepare(&ef, &tok, &m, &ep, &o);
+        if (!s)
+            fprintf(stderr, "mixshow sample: %s: %d concept word(s) x %d token(s), %d + %d LoRA modules merged at alpha %g\n",
+                    edlora_path, ef.n_emb, edlora_tokens_per_word(&ef), ef.n_te, ef.n_unet, (double)edlora_alpha);
+    }
     if (!s && adapter_dir) {
         s = ms_adapter_load(adapter_dir, &lo, &ac, &at);
         if (!s) { have_ad = 1; s = adapter_params_init(&ap, &ac, &at); }
@@ -380,6 +410,8 @@ int cmd_sample(int argc, char **argv) {
         fprintf(stderr, "\n");
     }
     else fprintf(stderr, "mixshow sample: %s\n", ms_last_error());
+    edlora_prompt_free(&ep);
+    edlora_free(&ef);
     if (have_ad) ms_param_table_free(&at);
     if (have_tok) clip_tokenizer_free(&tok);
     if (have_m) ms_model_free(&m);

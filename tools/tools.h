@@ -452,4 +452,90 @@ typedef struct {
     char mixed_precision[16];       /* "fp16", "no", ...: mixshow computes in float32 (noted) */
 } TrainDataConfig;
 
+/* ---- ED-LoRA files (tools/edlora.c) ---- */
+/* Mix-of-Show's ED-LoRA / LoRA file (trainer_edlora.py delta_state_dict, saved as
+ * {'params': delta_dict}) in two forms:
+ *   .pth          {'params': {'new_concept_embedding': {word: (T,D)},
+ *                             'text_encoder': {'<module>.lora_down.weight': (r,in), '<module>.lora_up.weight': (out,r)},
+ *                             'unet': {...}}}   (a bare delta_dict without 'params' is read too)
+ *   .safetensors  the same tensors, F32, keys "new_concept_embedding.<word>",
+ *                 "text_encoder.<module>.lora_{down,up}.weight", "unet.<module>...", metadata
+ *                 format = "mixshow-edlora" and order = JSON array of the keys in dict order
+ * T is 16 (ED-LoRA: one embedding per cross-attention layer) or 1 (plain LoRA). Any float dtype
+ * is read (converted to f32); 1x1-conv LoRA (r,in,1,1)/(out,r,1,1) is read as (r,in)/(out,r). */
+typedef struct {
+    char word[MS_WORD_MAX];          /* concept word, "<potter1>" */
+    int T, D;                        /* tokens of the word (16 or 1), embedding width */
+    float *emb;                      /* (T, D) new_concept_embedding[word] */
+} EdloraEmbedding;
+typedef struct {
+    char name[MS_KEY_MAX];           /* module path: "text_model.encoder.layers.0.self_attn.q_proj",
+                                      * "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" */
+    int rank, in, out;
+    float *down;                     /* (rank, in)  <name>.lora_down.weight */
+    float *up;                       /* (out, rank) <name>.lora_up.weight */
+} EdloraModule;
+typedef struct {
+    int n_emb, n_te, n_unet;         /* embeddings in concept order; modules in file order */
+    EdloraEmbedding *emb;
+    EdloraModule *te, *unet;
+    int cap_emb, cap_te, cap_unet;
+} EdloraFile;                        /* zero-initialise, or from edlora_read */
+/* By extension (.safetensors, else .pth). Errors name the file and key: a section other than the
+ * three, a key not ending in .lora_down.weight / .lora_up.weight, a lora_down without its
+ * lora_up (or the reverse), ranks of down and up that differ, an embedding that is not 2-D,
+ * words with different T. On error f is left empty. */
+MsStatus edlora_read(const char *path, EdloraFile *f);
+/* .safetensors or .pth (torch.load(weights_only=True) gives the official dict: order as held,
+ * LoRA tensors with requires_grad=True and embeddings without, as delta_state_dict saves them).
+ * Written to a temporary file, then renamed. Empty sections are left out of .pth files
+ * (pth_save writes no empty dicts; convert_edlora needs 'unet' and 'text_encoder'). */
+MsStatus edlora_write(const char *path, const EdloraFile *f);
+void edlora_free(EdloraFile *f);
+/* Building a file (copies the data). MS_ERR_ARG on a duplicate word/module or bad sizes. */
+MsStatus edlora_add_embedding(EdloraFile *f, const char *word, int T, int D, const float *emb);
+MsStatus edlora_add_module(EdloraFile *f, int is_unet, const char *name, int rank, int in, int out,
+                           const float *down, const float *up);
+/* Tokens per word (all equal after edlora_read); 0 without embeddings. */
+int edlora_tokens_per_word(const EdloraFile *f);
+
+/* To the runtime types (training resumes, tests): the text encoder's attention LoRA as a
+ * ClipLora over *mem (clip_lora_numel floats, ms_alloc_aligned: free with ms_free_aligned;
+ * modules absent from the file are zero), the UNet's as a UNetLora carved from `train`
+ * (unet_lora_init). Errors: a module the model has no LoRA slot for, in/out sizes that differ
+ * from the model's, ranks that differ between modules. */
+MsStatus edlora_to_clip_lora(const EdloraFile *f, const ClipTextConfig *c, float alpha, ClipLora *l, float **mem);
+MsStatus edlora_to_unet_lora(const EdloraFile *f, const UNetParams *p, float alpha, Arena *train, UNetLora *l);
+/* The reverse, for the trainer's output, in the official dict order: embeddings of n_words words
+ * (words[w], rows emb[w*T .. w*T+T) of (n_words*T, D)), text encoder modules in CLIPTextModel
+ * named_modules() order (per layer k_proj, v_proj, q_proj, out_proj), UNet modules in
+ * UNet2DConditionModel named_modules() order (down_blocks, up_blocks, mid_block: diffusers
+ * 0.19.3 registers up_blocks before mid_block; per attention to_q, to_k, to_v, to_out.0).
+ * te or unet may be NULL (section left empty). f must be empty (zeroed). */
+MsStatus edlora_from_lora(EdloraFile *f, int n_words, const char (*words)[MS_WORD_MAX], int T, int D,
+                          const float *emb, const ClipLora *te, const UNetParams *up, const UNetLora *unet);
+
+/* Mix-of-Show convert_edlora (convert_edlora_to_diffusers.py) on a loaded model:
+ * merge_lora_into_weight for both networks, W += alpha * (up @ down) in float32, for every file
+ * module whose <name>.weight is in the table (shape checked; 1x1 convs too). Modules with no
+ * such weight are errors (the official code silently skips them). Needs f32 tables: 16-bit
+ * ones (--weights f16) are refused with MS_ERR_UNSUPPORTED. */
+MsStatus edlora_merge(MsModel *m, const EdloraFile *f, float alpha);
+/* load_new_concept + the EDLoRAPipeline prompt binding: adds <new0>.. (word w, layer i:
+ * <new{w*T+i}>) to the tokenizer (MS_ERR_ARG when one exists already: the official assert) and
+ * fills the MsTxt2ImgOptions ED-LoRA fields (pointing into p, which must outlive them). T = 16
+ * (== cross-attention layers): layer-wise contexts and bound prompts. T = 1 (plain LoRA): the
+ * tokens and rows are added, but prompts are not bound and one context is used, as the
+ * official plain-LoRA path (StableDiffusionPipeline) does. The first new id must be the text
+ * encoder's vocab_size (new rows follow the table). */
+typedef struct {
+    float *new_emb;                  /* (n_new, D) */
+    char (*tok)[24];                 /* n_new token names */
+    const char **word, **token;      /* pointer arrays for MsTxt2ImgOptions */
+    int n_new;
+} EdloraPrompt;
+MsStatus edlora_prepare(const EdloraFile *f, ClipTokenizer *tok, const MsModel *m, EdloraPrompt *p,
+                        MsTxt2ImgOptions *o);
+void edlora_prompt_free(EdloraPrompt *p);
+
 #endif /* MS_TOOLS_H */
