@@ -452,6 +452,136 @@ typedef struct {
     char mixed_precision[16];       /* "fp16", "no", ...: mixshow computes in float32 (noted) */
 } TrainDataConfig;
 
+/* ---- ED-LoRA training data: Python's random, instance_transform, LoraDataset + DataLoader
+ *      (tools/pyrandom.c, tools/transforms.c, tools/dataset.c) ---- */
+/* CPython 3.11 `random` (Mersenne Twister mt19937ar, init_by_array seeding). Plain data: copy
+ * the struct to save or restore the state (random.getstate/setstate). */
+typedef struct {
+    uint32_t mt[624];
+    int index;                   /* next word; 624: twist first */
+} PyRandom;
+void py_random_seed(PyRandom *r, uint64_t n);        /* random.seed(n), n >= 0 */
+void py_random_seed_i64(PyRandom *r, int64_t n);     /* random.seed(n): Python seeds with |n| */
+uint32_t py_random_u32(PyRandom *r);                 /* one mt19937 word (getrandbits(32)) */
+double py_random_random(PyRandom *r);                /* random.random() */
+uint64_t py_random_getrandbits(PyRandom *r, int k);  /* random.getrandbits(k), 0 <= k <= 64 */
+uint64_t py_random_randbelow(PyRandom *r, uint64_t n);          /* _randbelow(n), n >= 1 */
+int64_t py_random_randint(PyRandom *r, int64_t a, int64_t b);   /* random.randint(a, b), a <= b */
+double py_random_uniform(PyRandom *r, double a, double b);      /* a + (b - a) * random() */
+void py_random_shuffle(PyRandom *r, void *items, size_t n, size_t elem_size); /* random.shuffle */
+size_t py_random_choice(PyRandom *r, size_t n);      /* index random.choice(seq) picks, n >= 1 */
+
+/* torch draws the transforms and the DataLoader make on a torch.Generator (ms_torch_*). */
+float ms_torch_rand_float(MsTorchRng *g);            /* torch.rand(1): (word & 2^24-1) / 2^24 */
+int64_t ms_torch_randint(MsTorchRng *g, int64_t low, int64_t high);   /* torch.randint(low, high, (1,)) */
+uint64_t ms_torch_random_int64(MsTorchRng *g);       /* torch.empty((), int64).random_(): random64 % 2^63 */
+void ms_torch_randperm(MsTorchRng *g, int64_t *out, int64_t n);       /* torch.randperm(n) (CPU, torch 1.13) */
+
+/* Pillow 9.4 Image.resize on 8-bit interleaved pixels, bit-exact: PIL_NEAREST (ImagingScaleAffine)
+ * or PIL_BILINEAR (Resample.c, antialiased: support scales with the reduction, 22-bit fixed
+ * point). Same size: a copy. in (h,w,C) -> out (oh,ow,C), C 1..4. */
+enum { PIL_NEAREST = 0, PIL_BILINEAR = 2 };
+MsStatus pil_resize(uint8_t *out, int ow, int oh, const uint8_t *in, int w, int h, int C, int resample);
+/* torchvision 0.14 F.resize output size for an int size (short side = size, long side =
+ * int(size * long / short), then the max_size rule; max_size 0: none). MS_ERR_ARG when
+ * max_size <= size (torchvision's ValueError). */
+MsStatus tv_resize_size(int w, int h, int size, int max_size, int *ow, int *oh);
+/* cv2.resize(src (h,w) float64, (ow, oh)) with INTER_LINEAR (half-pixel centres, float weights,
+ * OpenCV 4.6's arithmetic order). */
+void cv_resize_linear_f64(double *out, int ow, int oh, const double *in, int w, int h);
+
+/* One example on its way through instance_transform (mixofshow/data/pil_transform.py,
+ * PairCompose). Before HumanResizeCropFinalV3 / ResizeFillMaskNew it holds PIL images (rgb and
+ * the optional 'L' mask); after them the canvas and float64 masks of (mh, mw) = (S/8, S/8);
+ * after ToTensor a float (3, h, w) tensor. Build with train_sample_init, free with
+ * train_sample_free. */
+typedef struct {
+    int w, h;                    /* image size */
+    uint8_t *rgb;                /* (h, w, 3) PIL RGB; NULL after ToTensor */
+    float *tensor;               /* (3, h, w) after ToTensor */
+    int has_mask;
+    uint8_t *mask_l;             /* (h, w) PIL 'L' mask until placement */
+    int placed;                  /* 1 after HumanResizeCropFinalV3 / ResizeFillMaskNew */
+    int mw, mh;                  /* (mh, mw) = (S/8, S/8) */
+    double *mask;                /* (mh, mw) kwargs['mask'] (has_mask) */
+    double *img_mask;            /* (mh, mw) kwargs['img_mask'] */
+    char *prompt;                /* kwargs['prompts'], UTF-8, malloc'ed */
+} TrainSample;
+/* Copies rgb (h,w,3), mask (h,w) or NULL, and prompt. */
+MsStatus train_sample_init(TrainSample *s, const uint8_t *rgb, int w, int h, const uint8_t *mask,
+                           const char *prompt);
+void train_sample_free(TrainSample *s);
+/* One transform / all n in order, with the official draws from Python's random (py) and the
+ * torch global generator (g). Errors name the transform and what the official code would do
+ * (e.g. ResizeFillMaskNew at size != 512 when the hard-coded 512 places outside the canvas). */
+MsStatus train_transform_apply(const MsTransformSpec *t, TrainSample *s, PyRandom *py, MsTorchRng *g);
+MsStatus train_transforms_run(const MsTransformSpec *t, int n, TrainSample *s, PyRandom *py,
+                              MsTorchRng *g);
+/* LoraDataset.process_text: each replace_mapping pair in order, str.strip(), runs of ' ' -> ' '.
+ * Returns a malloc'ed string (NULL when out of memory). */
+char *train_process_text(const char *text, int n_replace, const char (*from)[64],
+                         const char (*to)[256]);
+
+/* LoraDataset (mixofshow/data/lora_dataset.py). */
+typedef struct TrainDataset TrainDataset;
+typedef struct {
+    const char *base_dir;        /* concept-list paths that do not exist relative to the current
+                                  * directory are tried relative to this (NULL: no fallback) */
+    int sort_names;              /* 1: list image folders in byte order of the names instead of
+                                  * readdir order (readdir order is the official behaviour but
+                                  * depends on the file system; tests use sorted order) */
+} TrainDatasetOptions;
+/* Reads the concept list, lists every instance_data_dir, then random.shuffle(list) with py (the
+ * official LoraDataset.__init__). Every image, mask and caption is checked here (decodes, mask
+ * size = image size, UTF-8 caption with a first line, non-empty folder): errors name the file.
+ * The transforms must end in a (3, S, S) tensor with HumanResizeCropFinalV3/ResizeFillMaskNew
+ * before ToTensor. */
+MsStatus train_dataset_open(TrainDataset **out, const TrainDataConfig *c,
+                            const TrainDatasetOptions *opt, PyRandom *py);
+void train_dataset_close(TrainDataset *d);
+size_t train_dataset_len(const TrainDataset *d);        /* n_images * dataset_enlarge_ratio */
+size_t train_dataset_n_images(const TrainDataset *d);
+int train_dataset_size(const TrainDataset *d);          /* S of the resize transform */
+int train_dataset_has_masks(const TrainDataset *d);     /* use_mask: items carry 'masks' */
+/* After the shuffle: image path, prompt, mask path (NULL) of list entry i < n_images. */
+const char *train_dataset_image_path(const TrainDataset *d, size_t i);
+const char *train_dataset_prompt(const TrainDataset *d, size_t i);
+const char *train_dataset_mask_path(const TrainDataset *d, size_t i);
+/* dataset[index]: image (3,S,S) float, mask (S/8,S/8) float64 (NULL to skip; zeros when the
+ * dataset has no masks), img_mask (S/8,S/8) float64, prompt (malloc'ed, free it). */
+MsStatus train_dataset_get(TrainDataset *d, size_t index, PyRandom *py, MsTorchRng *g,
+                           float *image, double *mask, double *img_mask, char **prompt);
+
+/* DataLoader(dataset, batch_size, shuffle=True, drop_last=True), num_workers 0, torch 1.13:
+ * each epoch iter(loader) draws the _BaseDataLoaderIter base seed (random_() on g), then
+ * RandomSampler draws its seed the same way and permutes with torch.randperm(n) on a private
+ * generator seeded with it; batches follow that order, the incomplete last one is dropped.
+ * lookahead = 1 reproduces accelerate's DataLoaderShard, which fetches batch k+1 (running its
+ * transforms, drawing from py and g) before it hands out batch k. The position (epoch,
+ * next_batch, sampler_seed: perm is randperm(n) on a generator seeded with it) is plain data;
+ * a pending lookahead batch is not (resume must refetch it with the RNG states of its time). */
+typedef struct {
+    size_t batch_size, n;        /* n = len(dataset) */
+    int lookahead;
+    int64_t epoch;               /* epochs started (iter() calls) */
+    size_t next_batch;           /* batches of this epoch fetched so far */
+    uint64_t base_seed, sampler_seed;
+    int64_t *perm;               /* (n) this epoch's randperm */
+    int in_epoch;                /* perm holds the current epoch's order */
+    int have_pending;            /* lookahead: a fetched batch waits in the buffers below */
+    float *p_images; double *p_masks, *p_img_masks; char **p_prompts; size_t *p_indices;
+    size_t img_numel, mask_numel;
+} TrainLoader;
+MsStatus train_loader_init(TrainLoader *l, const TrainDataset *d, size_t batch_size, int lookahead);
+void train_loader_free(TrainLoader *l);
+/* The next batch: images (B,3,S,S), masks (B,S/8,S/8) (the dataset's masks when it has them,
+ * else zeros; NULL to skip), img_masks (B,S/8,S/8), prompts[B] (malloc'ed strings, the caller
+ * frees each). indices (B) or NULL receives the dataset indices. MS_ERR_ARG when the dataset
+ * holds fewer than batch_size items (the official loader then yields nothing, forever). */
+MsStatus train_loader_next(TrainLoader *l, TrainDataset *d, PyRandom *py, MsTorchRng *g,
+                           float *images, double *masks, double *img_masks, char **prompts,
+                           size_t *indices);
+
 /* ---- ED-LoRA files (tools/edlora.c) ---- */
 /* Mix-of-Show's ED-LoRA / LoRA file (trainer_edlora.py delta_state_dict, saved as
  * {'params': delta_dict}) in two forms:
