@@ -452,6 +452,33 @@ typedef struct {
     char mixed_precision[16];       /* "fp16", "no", ...: mixshow computes in float32 (noted) */
 } TrainDataConfig;
 
+/* ---- YAML subset (tools/yaml.c) and the training .yml reader (tools/train_config.c) ---- */
+/* YAML as OmegaConf.load reads Mix-of-Show's option files (the subset is listed at the top of
+ * tools/yaml.c), into the JSON tree type, so the json_get / json_need_* helpers apply. Errors
+ * read "origin:line:col: what was expected"; valid YAML outside the subset is
+ * MS_ERR_UNSUPPORTED "unsupported YAML feature: ...". The top level must be a mapping or a
+ * sequence (an empty document is an empty mapping). */
+MsStatus yaml_parse(const char *text, size_t len, const char *origin, JsonValue **out);
+MsStatus yaml_parse_file(const char *path, JsonValue **out);
+/* One value as a YAML document that may also be a scalar ("0.02", "[0.9, 0.99]", "~"; empty:
+ * null), as OmegaConf parses a dotlist value. */
+MsStatus yaml_parse_value(const char *text, size_t len, const char *origin, JsonValue **out);
+/* "models.noise_offset=0.02": sets (replacing in place, or appending) the dotted key of
+ * root to the parsed value, creating missing intermediate mappings; train_config_from_yaml
+ * then rejects any key it does not know, so a typo is an error, never a silent new option.
+ * MS_ERR_ARG when a path element is not a mapping. Set values carry no origin (NULL). */
+MsStatus yaml_apply_set(JsonValue *root, const char *assignment);
+/* Defaults of TrainDataConfig (LoraDataset / PromptDataset / train_edlora.py, see tools.h). */
+void train_config_defaults_data(TrainDataConfig *d);
+/* A parsed training .yml (Mix-of-Show options/train/EDLoRA/ files) -> d and m (which start
+ * from train_config_defaults_data and ms_train_config_defaults). Every key must be known:
+ * "origin:line:col: train.optim_g.foo: unknown option"; wrong types name the dotted key, the
+ * expected type and the value found. Valid options mixshow does not implement are
+ * MS_ERR_UNSUPPORTED with the reason. m->total_iter stays 0 (the dataset decides it). */
+MsStatus train_config_from_yaml(const JsonValue *root, TrainDataConfig *d, MsTrainConfig *m);
+/* yaml_parse_file(path), then yaml_apply_set for each of sets[0..n_sets), then the above. */
+MsStatus train_config_load(const char *path, const char *const *sets, int n_sets, TrainDataConfig *d, MsTrainConfig *m);
+
 /* ---- ED-LoRA training data: Python's random, instance_transform, LoraDataset + DataLoader
  *      (tools/pyrandom.c, tools/transforms.c, tools/dataset.c) ---- */
 /* CPython 3.11 `random` (Mersenne Twister mt19937ar, init_by_array seeding). Plain data: copy
