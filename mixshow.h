@@ -1035,6 +1035,17 @@ typedef struct {
     float *sx[3], *st[3], *sq, *sk, *sv, *so, *sf0, *sf1, *su, *sdu, *stime, *sstat[4], *rot[3];
     float **dskip;                   /* training: gradient of each skip tensor */
     void *mem;                       /* res, tf, blk, skip, cat, dskip arrays (one malloc) */
+    /* Attention probe (Mix-of-Show's attention regularisation, trainer_edlora.py cal_attn_reg),
+     * set by the caller after unet_acts_init (which zeroes it: off); training mode only.
+     * When probe_ncol > 0, unet_forward writes for every cross-attention layer l with probe[l]:
+     *   probe[l] (N, heads_l, h_l*w_l, ncol) = the attn2 softmax at key positions probe_cols
+     *   (diffusers' attention_probs (N*heads, h*w, Tk) of that layer, [:, :, cols[n]] per sample)
+     * and unet_backward adds dL/dprobe[l] = dprobe[l] (same shape; NULL array or entry: none)
+     * into that layer's q and k gradients, so dlora, dctx and dlayer_ctx include it. */
+    int probe_ncol;
+    const int32_t *probe_cols;       /* (N, probe_ncol) key positions in [0, Tk); kept until backward */
+    float *const *probe;             /* ms_unet_cross_attn_layers() entries (NULL entries skipped) */
+    const float *const *dprobe;      /* the same shapes; read by unet_backward */
 } UNetActs;
 
 /* Plans arena sizes for batch N, latent h x w, context length Tk; training 0 or 1. */
@@ -1043,6 +1054,9 @@ MsStatus unet_sizes(const UNetConfig *c, int N, int h, int w, int Tk, int traini
 MsStatus unet_acts_init(UNetActs *a, const UNetConfig *c, int N, int h, int w, int Tk, int training,
                         Arena *acts, Arena *scratch);
 void unet_acts_free(UNetActs *a);   /* the malloc'ed arrays; the arenas belong to the caller */
+/* Shape of cross-attention layer `layer`'s probe: (N, *heads, *h * *w, probe_ncol), h x w the
+ * latent size at its level. MS_ERR_ARG for a layer outside [0, ms_unet_cross_attn_layers()). */
+MsStatus unet_probe_shape(const UNetActs *a, int layer, int *heads, int *h, int *w);
 
 /* eps (N,out,h,w) = UNet(x (N,in,h,w), t (N) float timesteps, context).
  * ctx (N,Tk,D) serves every cross-attention layer, unless layer_ctx (an array of

@@ -471,13 +471,16 @@ static void unet_attention_forward(float *y, UNetAttnActs *sv, const float *x, c
 
 /* Backward, dy (N,Tq,C):
  *   do = dy Wo (+ LoRA),  (dq, dk, dv) = attention^T(do) (probabilities recomputed from lse),
+ *   (dq, dk) += probs_cols^T(dprobe)  when the loss also read the probabilities (the probe),
  *   dx += dq Wq (+ LoRA),  dc += dk Wk + dv Wv (+ LoRA),  LoRA grads as lora_backward.
  * dx and dc may be the same buffer (self-attention, c == x); dc NULL: not wanted.
+ * dprobe (N,heads,Tq,ncol) at key positions cols (N,ncol), or NULL.
  * Scratch: sdo, sdq (N*Tq*C), sdk, sdv (N*Tk*C), u, du (N*max(Tq,Tk)*rank). */
 static void unet_attention_backward(float *dx, float *dc, UNetLoraLinear *dlora, const float *dy,
                                     const UNetAttnActs *sv, const float *x, const float *c,
                                     const UNetAttnParams *p, const UNetLoraLinear *lora, float alpha, int rank,
                                     int N, int Tq, int Tk, int C, int Dc, int heads,
+                                    const float *dprobe, const int32_t *cols, int ncol,
                                     float *sdo, float *sdq, float *sdk, float *sdv, float *u, float *du) {
     const int Mq = N * Tq, Mk = N * Tk, Dh = C / heads;
     const int want_kv = dc || dlora;
@@ -488,6 +491,9 @@ static void unet_attention_backward(float *dx, float *dc, UNetLoraLinear *dlora,
     if (want_kv) { zero(sdk, (size_t)Mk * C); zero(sdv, (size_t)Mk * C); }
     attention_backward(sdq, want_kv ? sdk : NULL, want_kv ? sdv : NULL, sdo, sv->q, sv->k, sv->v, sv->o, sv->lse,
                        N, Tq, Tk, heads, Dh, 0, (float)(1.0 / sqrt((double)Dh)));
+    if (dprobe)
+        attention_probs_cols_backward(sdq, want_kv ? sdk : NULL, dprobe, sv->q, sv->k, sv->lse, cols, N, Tq, Tk,
+                                      heads, Dh, ncol, (float)(1.0 / sqrt((double)Dh)));
     linear_backward(dx, NULL, NULL, sdq, NULL, WT(p, q_w, 0), Mq, C, C);
     if (lora) lora_backward(dx, dlora ? &dlora[0] : NULL, sdq, x, &lora[0], alpha, rank, Mq, u, du);
     if (!want_kv) return;
@@ -529,6 +535,9 @@ static void unet_block_forward(UNetBlockActs *a, const float *x, const float *ct
     layernorm_forward(nrm, a->mean[1], a->rstd[1], a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), M, C, UNET_LN_EPS);
     unet_cross_attention(a->h2, &a->a2, nrm, ctx, &p->attn2, lora ? lora + 4 : NULL, alpha, rank, S->su,
                          N, h, w, Tk, C, D, heads, layer);
+    if (S->probe_ncol > 0 && S->probe && S->probe[layer])  /* the softmax at the probed keys (training) */
+        attention_probs_cols_forward(S->probe[layer], a->a2.q, a->a2.k, a->a2.lse, S->probe_cols, N, T, Tk, heads,
+                                     C / heads, S->probe_ncol, (float)(1.0 / sqrt((double)(C / heads))));
     add_forward(a->h2, a->h2, a->h1, n);
     layernorm_forward(nrm, a->mean[2], a->rstd[2], a->h2, WT(p, norm3_w, 1), WT(p, norm3_b, 2), M, C, UNET_LN_EPS);
     linear_forward(a->g, nrm, WT(p, ff1_w, 0), WT(p, ff1_b, 1), M, C, 8 * C);
@@ -546,7 +555,7 @@ static void unet_block_forward(UNetBlockActs *a, const float *x, const float *ct
 static void unet_block_backward(float *dx, float *dctx, UNetLoraLinear *dlora, const float *dout,
                                 const UNetBlockActs *a, const float *ctx, const UNetBlockParams *p,
                                 const UNetLoraLinear *lora, float alpha, int rank, int N, int T, int Tk,
-                                int C, int D, int heads, const UNetActs *S) {
+                                int C, int D, int heads, int layer, const UNetActs *S) {
     const int M = N * T;
     const size_t n = (size_t)M * C;
     float *R = S->st[0], *dn = S->st[1], *nrm = S->st[2];
@@ -561,15 +570,16 @@ static void unet_block_backward(float *dx, float *dctx, UNetLoraLinear *dlora, c
 
     layernorm_forward(nrm, NULL, NULL, a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), M, C, UNET_LN_EPS);
     zero(dn, n);
+    const float *dprobe = S->probe_ncol > 0 && S->dprobe ? S->dprobe[layer] : NULL;
     unet_attention_backward(dn, dctx, dlora ? dlora + 4 : NULL, R, &a->a2, nrm, ctx, &p->attn2,
                             lora ? lora + 4 : NULL, alpha, rank, N, T, Tk, C, D, heads,
-                            S->so, S->sq, S->sk, S->sv, S->su, S->sdu);
+                            dprobe, S->probe_cols, S->probe_ncol, S->so, S->sq, S->sk, S->sv, S->su, S->sdu);
     layernorm_backward(R, NULL, NULL, dn, a->h1, a->mean[1], a->rstd[1], WT(p, norm2_w, 1), M, C);
 
     layernorm_forward(nrm, NULL, NULL, a->x, WT(p, norm1_w, 1), WT(p, norm1_b, 2), M, C, UNET_LN_EPS);
     zero(dn, n);
     unet_attention_backward(dn, dn, dlora, R, &a->a1, nrm, nrm, &p->attn1, lora, alpha, rank, N, T, T, C, C,
-                            heads, S->so, S->sq, S->sk, S->sv, S->su, S->sdu);
+                            heads, NULL, NULL, 0, S->so, S->sq, S->sk, S->sv, S->su, S->sdu);
     layernorm_backward(R, NULL, NULL, dn, a->x, a->mean[0], a->rstd[0], WT(p, norm1_w, 1), M, C);
     add_forward(dx, dx, R, n);
 }
@@ -621,7 +631,7 @@ static void unet_transformer_backward(float *dx, float *dctx, float *const *dlay
         zero(dt2, n);
         unet_block_backward(dt2, dlayer_ctx ? dlayer_ctx[b] : dctx, dlora ? &dlora->lin[8 * b] : NULL, dt, &ba[k],
                             layer_context(ctx, layer_ctx, b), &bp[k], lora ? &lora->lin[8 * b] : NULL,
-                            lora ? lora->alpha : 0.0f, lora ? lora->rank : 0, N, P, Tk, C, D, p->heads, S);
+                            lora ? lora->alpha : 0.0f, lora ? lora->rank : 0, N, P, Tk, C, D, p->heads, b, S);
         float *tmp = dt; dt = dt2; dt2 = tmp;
     }
     float *dgn = S->sx[0];
@@ -892,6 +902,42 @@ void unet_acts_free(UNetActs *a) {
     memset(a, 0, sizeof *a);
 }
 
+/* Cross-attention layers in Mix-of-Show's order: down blocks (L transformers each), the mid
+ * block, up blocks (L + 1 each), transformer_layers_per_block[level] layers per transformer. */
+MsStatus unet_probe_shape(const UNetActs *a, int layer, int *heads, int *h, int *w) {
+    const UNetConfig *c = &a->cfg;
+    const int n = c->n_blocks, L = c->layers_per_block;
+    int k = 0;
+    for (int part = 0; part < 3; part++)
+        for (int i = 0; i < (part == 1 ? 1 : n); i++) {
+            int lv = part == 0 ? i : part == 1 ? n - 1 : n - 1 - i;
+            int cross = part == 0 ? is_cross_down(c->down_block_types[i]) : part == 1 ? 1 : is_cross_up(c->up_block_types[i]);
+            int m = !cross ? 0 : (part == 0 ? L : part == 1 ? 1 : L + 1) * c->transformer_layers_per_block[lv];
+            if (layer >= k && layer < k + m) {
+                *heads = ms_unet_heads(c, lv); *h = a->lh[lv]; *w = a->lw[lv];
+                return MS_OK;
+            }
+            k += m;
+        }
+    return ms_errorf(MS_ERR_ARG, "unet_probe_shape: layer %d outside [0, %d)", layer, k);
+}
+
+/* The probe settings the forward/backward will read (UNetActs.probe_*). */
+static MsStatus check_probe(const UNetActs *a, const char *fn) {
+    if (a->probe_ncol <= 0) return MS_OK;
+    if (!a->training)
+        return ms_errorf(MS_ERR_ARG, "%s: the attention probe needs training-mode activations (probe_ncol %d)", fn,
+                         a->probe_ncol);
+    if (a->probe_ncol > a->Tk)
+        return ms_errorf(MS_ERR_ARG, "%s: probe_ncol %d exceeds the context length %d", fn, a->probe_ncol, a->Tk);
+    if (!a->probe_cols) return ms_errorf(MS_ERR_ARG, "%s: probe_ncol %d but probe_cols is NULL", fn, a->probe_ncol);
+    for (int i = 0; i < a->N * a->probe_ncol; i++)
+        if (a->probe_cols[i] < 0 || a->probe_cols[i] >= a->Tk)
+            return ms_errorf(MS_ERR_ARG, "%s: probe_cols[%d][%d] = %d, expected a key position in [0, %d)", fn,
+                             i / a->probe_ncol, i % a->probe_ncol, (int)a->probe_cols[i], a->Tk);
+    return MS_OK;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* UNet2DConditionModel.forward                                                              */
 /* ---------------------------------------------------------------------------------------- */
@@ -918,6 +964,7 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
     if (!a->mem || memcmp(&a->cfg, &p->cfg, sizeof a->cfg))
         return ms_errorf(MS_ERR_ARG, "unet_forward: activations and parameters belong to different configs");
     if ((s = check_lora(lora, p, "lora"))) return s;
+    if ((s = check_probe(a, "unet_forward"))) return s;
     a->ctx = ctx;
     a->layer_ctx = layer_ctx;
 
@@ -1040,6 +1087,7 @@ MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, U
     if (dlora && !lora) return ms_errorf(MS_ERR_ARG, "unet_backward: dlora given without lora");
     if ((s = check_lora(dlora, p, "dlora"))) return s;
     if (dlora && dlora->rank != lora->rank) return ms_errorf(MS_ERR_ARG, "unet_backward: dlora rank %d != lora rank %d", dlora->rank, lora->rank);
+    if ((s = check_probe(a, "unet_backward"))) return s;
 
     int g = 0, ir = p->n_res, it = p->n_tf;
     /* skip gradients start at zero; the up blocks fill them, the down blocks read them */

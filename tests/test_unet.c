@@ -11,7 +11,10 @@
  *   - inference mode (reused buffers) gives the training-mode eps bit for bit;
  *   - 1 vs 2 threads: eps and every gradient bit-identical;
  *   - central differences of L for context and LoRA coordinates on a 1x4x4 latent, Tk = 5;
- *   - the planned arena sizes are exactly enough; bad arguments return errors.
+ *   - the planned arena sizes are exactly enough; bad arguments return errors;
+ *   - the attention probe (tests/data/probe_golden.safetensors, tools/ref/gen_probe_golden.py):
+ *     attn2 probabilities at 3 key columns of all 16 layers and the gradients of
+ *     L = sum(R * eps) + sum_l sum(Q_l * probe_l) (layer contexts, LoRA), 16x16 and 8x12.
  */
 #include "test.h"
 
@@ -288,6 +291,168 @@ static void test_gradcheck(const UNetParams *p, const UNetConfig *c) {
     ms_free_aligned(g.eps); ms_free_aligned(dctx);
 }
 
+/* ---- attention probe (UNetActs.probe*): Mix-of-Show's attention maps, against
+ * tests/data/probe_golden.safetensors (tools/ref/gen_probe_golden.py: diffusers 0.19.3 with an
+ * attn2 processor that stores attention_probs as EDLoRA_Control_AttnProcessor does, float64).
+ * N = 2, latents 16x16 and 8x12, 16 layer contexts, LoRA (rank 2, alpha 0.75) everywhere,
+ * L = sum(R * eps) + sum_l sum(Q_l * probe_l), 3 key columns per sample (one repeated). ---- */
+static StFile PG;
+static void cmp_pg(const char *what, const float *got, const char *key, size_t n, double tol);
+
+static float *pg_read(const char *key, size_t n) {
+    const StTensor *t = st_find(&PG, key);
+    float *x;
+    if (!t || t->numel != n) { check(0, "probe golden %s (%zu values) present", key, n); return NULL; }
+    x = test_zeros(n);
+    if (st_to_f32(&PG, t, x, n)) { check(0, "probe golden %s readable: %s", key, ms_last_error()); ms_free_aligned(x); return NULL; }
+    return x;
+}
+
+/* every LoRA down/up from "<pre><module>.lora_{down,up}.weight" into one flat vector laid out as l->data */
+static int pg_lora(float *dst, const UNetLora *l, const UNetParams *p, const char *pre) {
+    char name[2 * MS_KEY_MAX], key[3 * MS_KEY_MAX];
+    for (int a = 0; a < l->n_attn; a++)
+        for (int w = 0; w < 4; w++) {
+            const UNetLoraLinear *x = &l->lin[4 * a + w];
+            unet_lora_module_name(p, a, w, name, sizeof name);
+            snprintf(key, sizeof key, "%s%s.lora_down.weight", pre, name);
+            const StTensor *t = st_find(&PG, key);
+            if (!t || st_to_f32(&PG, t, dst + (x->down - l->data), (size_t)l->rank * x->in)) return 0;
+            snprintf(key, sizeof key, "%s%s.lora_up.weight", pre, name);
+            t = st_find(&PG, key);
+            if (!t || st_to_f32(&PG, t, dst + (x->up - l->data), (size_t)x->out * l->rank)) return 0;
+        }
+    return 1;
+}
+
+static void test_probe_size(const UNetParams *p, const UNetConfig *c, int H, int W, int threads_check) {
+    const int N = 2, Tk = 77, D = c->cross_attention_dim, nc = ms_unet_cross_attn_layers(c), ncol = 3;
+    const size_t nx = (size_t)N * 4 * H * W, nctx = (size_t)N * Tk * D;
+    char s[16], key[128], what[128];
+    snprintf(s, sizeof s, "%dx%d", H, W);
+    snprintf(key, sizeof key, "in/%s/latent", s); float *x = pg_read(key, nx);
+    snprintf(key, sizeof key, "in/%s/R", s); float *R = pg_read(key, nx);
+    float *t = pg_read("in/t", (size_t)N), *lctx = pg_read("in/layer_ctx", (size_t)nc * nctx);
+    float *colsf = pg_read("in/cols", (size_t)N * ncol);
+    if (!x || !R || !t || !lctx || !colsf || nc > 64) return;
+    int32_t cols[6];
+    for (int i = 0; i < N * ncol; i++) cols[i] = (int32_t)colsf[i];
+    Run r;
+    if (!run_init(&r, c, N, H, W, Tk, 1)) return;
+    /* probe buffers, all layers in one block; offsets from unet_probe_shape */
+    size_t off[65], total = 0;
+    for (int l = 0; l < nc; l++) {
+        int hd, h, w;
+        off[l] = total;
+        if (!check(unet_probe_shape(&r.a, l, &hd, &h, &w) == MS_OK, "unet_probe_shape layer %d", l)) return;
+        total += (size_t)N * hd * h * w * ncol;
+    }
+    off[nc] = total;
+    float *pr = test_zeros(total), *Q = test_zeros(total), *want = test_zeros(total);
+    float *probe[64];
+    const float *dprobe[64];
+    int ok = 1;
+    for (int l = 0; l < nc && ok; l++) {
+        float *v;
+        probe[l] = pr + off[l]; dprobe[l] = Q + off[l];
+        snprintf(key, sizeof key, "in/%s/Q/%d", s, l);
+        ok = (v = pg_read(key, off[l + 1] - off[l])) != NULL;
+        if (ok) { memcpy(Q + off[l], v, (off[l + 1] - off[l]) * sizeof(float)); ms_free_aligned(v); }
+        snprintf(key, sizeof key, "%s/probe/%d", s, l);
+        ok = ok && (v = pg_read(key, off[l + 1] - off[l])) != NULL;
+        if (ok) { memcpy(want + off[l], v, (off[l + 1] - off[l]) * sizeof(float)); ms_free_aligned(v); }
+    }
+    if (!check(ok, "probe golden %s: Q and probes of the %d layers, shapes from unet_probe_shape", s, nc)) return;
+
+    Arena tr;
+    UNetLora l, dl;
+    size_t lf = unet_lora_floats(c, 2);
+    arena_init(&tr, 2 * lf * sizeof(float) + (size_t)64 * 32 * sizeof(UNetLoraLinear) + 4096);
+    if (!check(unet_lora_init(&l, p, 2, 0.75f, &tr) == MS_OK && unet_lora_init(&dl, p, 2, 0.75f, &tr) == MS_OK &&
+               pg_lora(l.data, &l, p, "lora/"), "probe: LoRA rank 2 from the golden file")) return;
+    const float *lc[64];
+    float *dlc[64], *dlall = test_zeros((size_t)nc * nctx), *eps = test_zeros(nx), *eps0 = test_zeros(nx);
+    for (int i = 0; i < nc; i++) { lc[i] = lctx + (size_t)i * nctx; dlc[i] = dlall + (size_t)i * nctx; }
+
+    /* without the probe first: the forward must not change when it is switched on */
+    check(unet_forward(eps0, &r.a, x, t, NULL, lc, NULL, p, &l) == MS_OK, "probe %s: forward, probe off", s);
+    r.a.probe_ncol = ncol; r.a.probe_cols = cols; r.a.probe = probe; r.a.dprobe = dprobe;
+    check(unet_forward(eps, &r.a, x, t, NULL, lc, NULL, p, &l) == MS_OK, "probe %s: forward, probe on", s);
+    check_bitwise("probe on: eps unchanged", eps, eps0, nx);
+    snprintf(key, sizeof key, "%s/eps", s); snprintf(what, sizeof what, "probe %s: eps (LoRA, 16 contexts)", s);
+    cmp_pg(what, eps, key, nx, 1e-5);
+    snprintf(what, sizeof what, "probe %s: all 16 layers' attention probs", s);
+    check_close(what, pr, want, total, 1e-5, 0);
+    double worst = 0.0;
+    int wl = 0;
+    for (int k = 0; k < nc; k++) {
+        TestErr e = test_err_f(pr + off[k], want + off[k], off[k + 1] - off[k]);
+        if (e.rel_l2 > worst) { worst = e.rel_l2; wl = k; }
+    }
+    /* layer by layer (a wrong layer could hide in the whole): torch's own float32 reaches 5.9e-6
+     * on its worst layer here (golden metadata), mixshow 8.1e-6 (8x12, layer 5, at 2x3) */
+    check(worst <= 3e-5, "probe %s: per layer worst rel_l2 %.2e (tol 3e-5) at layer %d", s, worst, wl);
+
+    check(unet_backward(&r.a, p, &l, &dl, R, NULL, dlc) == MS_OK, "probe %s: backward", s);
+    snprintf(key, sizeof key, "%s/grad/layer_ctx", s); snprintf(what, sizeof what, "probe %s: d layer contexts", s);
+    cmp_pg(what, dlall, key, (size_t)nc * nctx, 1e-5);
+    float *gw = test_zeros(lf);
+    snprintf(key, sizeof key, "%s/grad_lora/", s);
+    if (check(pg_lora(gw, &dl, p, key), "probe %s: golden LoRA gradients present", s)) {
+        snprintf(what, sizeof what, "probe %s: d lora (all down/up)", s);
+        check_close(what, dl.data, gw, lf, 1e-5, 0);
+    }
+
+    if (threads_check) {   /* 1 vs 2 threads, bitwise, probes and gradients */
+        float *pr1 = test_zeros(total), *dl1 = test_zeros(lf), *dc1 = test_zeros((size_t)nc * nctx);
+        memcpy(pr1, pr, total * sizeof(float)); memcpy(dl1, dl.data, lf * sizeof(float));
+        memcpy(dc1, dlall, (size_t)nc * nctx * sizeof(float));
+        memset(dl.data, 0, lf * sizeof(float)); memset(dlall, 0, (size_t)nc * nctx * sizeof(float));
+        ms_set_threads(2);
+        check(unet_forward(eps, &r.a, x, t, NULL, lc, NULL, p, &l) == MS_OK &&
+              unet_backward(&r.a, p, &l, &dl, R, NULL, dlc) == MS_OK, "probe %s: forward + backward, 2 threads", s);
+        ms_set_threads(1);
+        check_bitwise("probe: probes 1 vs 2 threads", pr, pr1, total);
+        check_bitwise("probe: d lora 1 vs 2 threads", dl.data, dl1, lf);
+        check_bitwise("probe: d layer contexts 1 vs 2 threads", dlall, dc1, (size_t)nc * nctx);
+        ms_free_aligned(pr1); ms_free_aligned(dl1); ms_free_aligned(dc1);
+
+        /* errors: a column outside the context, the probe on inference activations, a bad layer */
+        int hd, h, w;
+        cols[4] = 77;
+        check(unet_forward(eps, &r.a, x, t, NULL, lc, NULL, p, &l) == MS_ERR_ARG, "probe_cols out of range: MS_ERR_ARG (%s)",
+              ms_last_error());
+        cols[4] = (int32_t)colsf[4];
+        check(unet_probe_shape(&r.a, nc, &hd, &h, &w) == MS_ERR_ARG, "unet_probe_shape(layer %d): MS_ERR_ARG (%s)", nc,
+              ms_last_error());
+        Run ri;
+        if (run_init(&ri, c, N, H, W, Tk, 0)) {
+            ri.a.probe_ncol = ncol; ri.a.probe_cols = cols; ri.a.probe = probe;
+            check(unet_forward(eps, &ri.a, x, t, NULL, lc, NULL, p, &l) == MS_ERR_ARG,
+                  "probe on inference activations: MS_ERR_ARG (%s)", ms_last_error());
+            run_free(&ri);
+        }
+    }
+    arena_free(&tr);
+    run_free(&r);
+    ms_free_aligned(x); ms_free_aligned(R); ms_free_aligned(t); ms_free_aligned(lctx); ms_free_aligned(colsf);
+    ms_free_aligned(pr); ms_free_aligned(Q); ms_free_aligned(want); ms_free_aligned(dlall); ms_free_aligned(eps);
+    ms_free_aligned(eps0); ms_free_aligned(gw);
+}
+
+static void cmp_pg(const char *what, const float *got, const char *key, size_t n, double tol) {
+    float *want = pg_read(key, n);
+    if (want) check_close(what, got, want, n, tol, 0);
+    ms_free_aligned(want);
+}
+
+static void test_probe(const UNetParams *p, const UNetConfig *c) {
+    if (st_open(&PG, "tests/data/probe_golden.safetensors")) { check(0, "open probe golden: %s", ms_last_error()); return; }
+    test_probe_size(p, c, 16, 16, 1);
+    test_probe_size(p, c, 8, 12, 0);
+    st_close(&PG);
+}
+
 int main(void) {
     char dir[1024];
     MsModel m;
@@ -313,7 +478,9 @@ int main(void) {
     test_goldens(&p, &m.unet_config);
     double t2 = ms_time();
     test_gradcheck(&p, &m.unet_config);
-    printf("  time: load %.2f s, goldens %.2f s, gradcheck %.2f s\n", t1 - t0, t2 - t1, ms_time() - t2);
+    double t3 = ms_time();
+    test_probe(&p, &m.unet_config);
+    printf("  time: load %.2f s, goldens %.2f s, gradcheck %.2f s, probe %.2f s\n", t1 - t0, t2 - t1, t3 - t2, ms_time() - t3);
     unet_params_free(&p);
     ms_model_free(&m);
     st_close(&G);
