@@ -435,6 +435,7 @@ class Recorder:
     def __init__(self):
         self.log = []      # (kind, copy of the output, the live output tensor)
         self.depth = 0
+        self.replay = None   # list of (kind, tensor) to hand out instead of fresh draws
 
     def install(self):
         real = {n: getattr(torch, n) for n in ["randn", "randn_like", "randint"]}
@@ -444,6 +445,10 @@ class Recorder:
         def wrap(kind, f):
             def g(*a, **k):
                 out = f(*a, **k)
+                if self.depth == 0 and self.replay is not None:      # --verify: the dump's draw instead
+                    want_kind, t = self.replay.pop(0)
+                    assert want_kind == kind and t.shape == out.shape and t.dtype == out.dtype, (kind, want_kind)
+                    out = t.clone()
                 if self.depth == 0:
                     self.log.append((kind, out.detach().clone(), out))
                 return out
@@ -457,6 +462,10 @@ class Recorder:
                 out = real_rt(*a, **k)
             finally:
                 self.depth -= 1
+            if self.replay is not None:
+                want_kind, t = self.replay.pop(0)
+                assert want_kind == "vae_eps" and t.shape == out.shape, want_kind
+                out = t.clone()
             self.log.append(("vae_eps", out.detach().clone(), out))
             return out
         vae.randn_tensor = rt
@@ -520,7 +529,7 @@ LORA_PROMPTS = [p.replace("<potter1> <potter2>", "<new0> <new1>") for p in ED_PR
 
 
 
-def run_case(te, rec, name, opt, B, H, S, total_iter, mask_plan, data_seed, torch_seed, prompts, out_dir):
+def run_case(te, rec, name, opt, B, H, S, total_iter, mask_plan, data_seed, torch_seed, prompts, out_dir, replay=None):
     """Build the official EDLoRATrainer and run train_edlora.py's loop for S steps on synthetic
     batches; write <name>.dump.safetensors (inputs + draws) and <name>.trace.safetensors."""
     import diffusers.optimization as dopt
@@ -578,6 +587,25 @@ def run_case(te, rec, name, opt, B, H, S, total_iter, mask_plan, data_seed, torc
             "loop": "train_edlora.py: 1 process, grad accumulation 1, float32 CPU (mixed_precision 'no')"}
     if init_log:
         dump["init.rand_feature_randn"] = init_log[0][1] if len(init_log) == 1 else torch.stack([x[1] for x in init_log])
+    if replay is not None:      # --verify: parameters and draws from the dump only
+        emb = trainer.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            for n, v in params("value").items():
+                src = torch.from_numpy(np.array(replay["step1.param_in." + n]))
+                if n == "token_embedding.concept":
+                    emb[ids] = src
+                else:
+                    dict((pre + m.name + "." + pn, p) for pre, mods in [("text_encoder.", trainer.text_encoder_lora),
+                         ("unet.", trainer.unet_lora)] for m in mods for pn, p in m.named_parameters())[n].copy_(src)
+        original_embedding = copy.deepcopy(trainer.text_encoder.get_input_embeddings().weight)
+        rec.replay = []
+        for k in range(1, S + 1):
+            p = "step%d." % k
+            rec.replay += [("vae_eps", replay[p + "vae_eps"]), ("randn_like", replay[p + "noise_randn"])]
+            if p + "noise_offset_randn" in replay:
+                rec.replay.append(("randn", replay[p + "noise_offset_randn"]))
+            rec.replay.append(("randint", replay[p + "timesteps"]))
+        rec.replay = [(kk, torch.from_numpy(np.array(v))) for kk, v in rec.replay]
     dump.update({"step1.param_in." + k: v for k, v in params("value").items()})
 
     captured = {}
@@ -594,6 +622,10 @@ def run_case(te, rec, name, opt, B, H, S, total_iter, mask_plan, data_seed, torc
 
     for k in range(1, S + 1):
         images, masks_t, img_masks, batch_prompts = synth_batch(rng, B, H, H, [prompts[(k * B + b) % len(prompts)] for b in range(B)], mask_plan(k))
+        if replay is not None:
+            p = "step%d." % k
+            images, masks_t, img_masks = [torch.from_numpy(np.array(replay[p + x])) for x in ["images", "masks", "img_masks"]]
+            batch_prompts = json.loads(replay["__metadata__"][p + "prompts"])
         batch = {"images": images, "masks": masks_t, "img_masks": img_masks, "prompts": batch_prompts}
         captured.clear()
         # --- train_edlora.py loop body ---
@@ -679,6 +711,9 @@ def run_case(te, rec, name, opt, B, H, S, total_iter, mask_plan, data_seed, torc
     for key in list(meta):
         if key.endswith(".prompts"):
             tmeta.pop(key)
+    if replay is not None:
+        rec.replay = None
+        return dump, trace
     os.makedirs(out_dir, exist_ok=True)
     n1 = write_safetensors(os.path.join(out_dir, name + ".dump.safetensors"), dump, meta)
     n2 = write_safetensors(os.path.join(out_dir, name + ".trace.safetensors"), trace, tmeta)
@@ -723,18 +758,39 @@ def make_model_b(folder):
     print("model_b: %d UNet parameters" % sum(v.numel() for v in sd.values()))
 
 
+def verify(te, rec, name, out_dir):
+    """Rerun the official trainer from the DUMP alone (its parameters, inputs and draws; a different
+    torch seed so that anything not replayed would show) and require the same TRACE bit for bit."""
+    dump, meta = read_safetensors(os.path.join(out_dir, name + ".dump.safetensors"))
+    gold, _ = read_safetensors(os.path.join(out_dir, name + ".trace.safetensors"))
+    dump = dict(dump, __metadata__=meta)
+    opt = json.loads(meta["config"])
+    B, H, S = int(meta["batch"]), int(meta["image_size"]), int(meta["steps"])
+    _, trace = run_case(te, rec, name, opt, B, H, S, float(meta["total_iter"]), lambda k: ["ones"] * B, 0, 999, ["x"],
+                        out_dir, replay=dump)
+    assert sorted(trace) == sorted(gold), set(trace) ^ set(gold)
+    bad = [k for k in trace if not np.array_equal(trace[k].numpy(), gold[k], equal_nan=True)]
+    assert not bad, bad
+    print("  %s: replay from the dump reproduces all %d trace tensors bit for bit" % (name, len(gold)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mos", default="/tmp/mos")
     ap.add_argument("--diffusers", default="/tmp/diffusers-0.19.3/src")
     ap.add_argument("--cases", default="a,b,c,d,e,f")
     ap.add_argument("--out", default=OUT)
+    ap.add_argument("--verify", default="", help="cases to re-run from their dump only (e.g. b,c,e)")
     a = ap.parse_args()
     te, CLIPTextModel = install_shims(a.mos, a.diffusers)
     torch.set_num_threads(2)
     check_clip_shim(CLIPTextModel)
     rec = Recorder()
     rec.install()
+    if a.verify:
+        for name in a.verify.split(","):
+            verify(te, rec, name, a.out)
+        return
     cases = a.cases.split(",")
     T = 10.0          # total_iter = len(train_dataset) / batch (a float in train_edlora.py)
     if "a" in cases:  # ED-LoRA + masks + attention regulariser (512^2: the regulariser's resolutions)
@@ -746,8 +802,10 @@ def main():
     if "c" in cases:  # plain LoRA: one new token per word, prompts name the tokens themselves
         run_case(te, rec, "c", base_opt(enable_edlora=False, attn_reg_weight=None), 2, 128, 5, T,
                  lambda k: ["blob", "ones"], 103, 3, LORA_PROMPTS, a.out)
-    if "d" in cases:  # reg_full_identity, lr x 100
-        run_case(te, rec, "d", base_opt(reg_full_identity=True, finetune_cfg=finetune_cfg(100.0)), 1, 512, 3, T,
+    if "d" in cases:  # reg_full_identity, lr x 100 (threshold raised: at lr 0.1 the embedding norm passes
+        opt = base_opt(reg_full_identity=True, finetune_cfg=finetune_cfg(100.0))   # 0.55 in step 1; e tests that)
+        opt["train"]["emb_norm_threshold"] = 100.0
+        run_case(te, rec, "d", opt, 1, 512, 3, T,
                  lambda k: [["blob"], ["ones"], ["blob"]][k - 1], 104, 4, ED_PROMPTS, a.out)
     if "e" in cases:  # emb_norm_threshold between Norm_mean after step 1 and after step 2
         opt = base_opt(attn_reg_weight=None, finetune_cfg=finetune_cfg(10.0))
