@@ -138,7 +138,9 @@ static void test_bad_yaml(void) {
     expect_yaml_error("a: [1] x\n", MS_ERR_FORMAT, "expected the end of the line after the flow collection");
     expect_yaml_error("- a\nb: 1\n", MS_ERR_FORMAT, "expected '- '");
     expect_yaml_error("a: 1\n- b\n", MS_ERR_FORMAT, "expected a mapping key");
-    expect_yaml_error("just a scalar\n", MS_ERR_FORMAT, "expected a mapping or a sequence at the top level");
+    expect_yaml_error("12.5\n", MS_ERR_FORMAT, "expected a mapping or a sequence at the top level (OmegaConf), found a number");
+    expect_yaml_error("x: {a\n: 1}\n", MS_ERR_FORMAT, "t.yml:2:1: expected ',' or '}' (a ':' must be on the line of its key)");
+    expect_yaml_error(" a\nb\n", MS_ERR_UNSUPPORTED, "t.yml:2:1: unsupported YAML feature: a multi-line plain scalar");
     expect_yaml_error("a: ${b}\n", MS_ERR_UNSUPPORTED, "OmegaConf interpolation");
     expect_yaml_error("a: !!float abc\n", MS_ERR_FORMAT, "t.yml:1:12: 'abc' is not a float");
     expect_yaml_error("a: !!int 1.5\n", MS_ERR_FORMAT, "is not an integer");
@@ -165,6 +167,11 @@ static void test_bad_yaml(void) {
     {   /* good small cases not in quirks.yml: empty document, CRLF, BOM, scalar values */
         JsonValue *v = NULL;
         check(yaml_parse("", 0, "e", &v) == MS_OK && v->type == JSON_OBJECT && v->count == 0, "empty document is {} (OmegaConf)");
+        json_free(v); v = NULL;
+        check(yaml_parse("~\n", 2, "e", &v) == MS_OK && v->type == JSON_OBJECT && v->count == 0, "null document is {} (OmegaConf)");
+        json_free(v); v = NULL;
+        check(yaml_parse("just a string # c\n", 18, "e", &v) == MS_OK && json_len(v) == 1 && !strcmp(v->items[0].key, "just a string") &&
+              v->items[0].type == JSON_NULL, "a top-level string s is {s: null} (OmegaConf.load)");
         json_free(v); v = NULL;
         check(yaml_parse("\xEF\xBB\xBFk: v\r\nl: [1]\r\n", strlen("\xEF\xBB\xBFk: v\r\nl: [1]\r\n"), "crlf", &v) == MS_OK && json_len(v) == 2 &&
               !strcmp(json_get_string(v, "k", ""), "v") && json_len(json_get(v, "l")) == 1, "BOM + CRLF");

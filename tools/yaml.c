@@ -28,7 +28,9 @@
  *   - Tags before a scalar: `!!str`, `!!int`, `!!float`, `!!bool`, `!!null` (constructed as
  *     PyYAML's SafeConstructor does; `!!float 10000` is 10000.0). The tagged text must have
  *     the implicit form of its type (`!!float` also takes Python's `1e-3`, `inf`, `nan`).
- *   - A top-level mapping or sequence; an empty document is an empty mapping (OmegaConf).
+ *   - A top-level mapping or sequence. As OmegaConf.load: an empty (or null) document is an
+ *     empty mapping, a top-level string s is read again as a scalar t and gives {t: null} (a
+ *     collection there is unsupported), a number or boolean is an error.
  *     A leading `---` line is allowed. UTF-8 only (a leading BOM is skipped), LF or CRLF.
  * Unsupported (clear errors): anchors `&a` and aliases `*a`, merge keys `<<`, block scalars
  * `|` `>`, complex keys `? ` and collections as keys, multi-line plain or quoted scalars,
@@ -642,6 +644,10 @@ static MsStatus flow_collection(Y *y, JsonValue *v) {
             }
             item.key = kv.str; item.key_len = kv.len;
             if ((s = flow_ws(y)) != MS_OK) { clear_value(&item); return s; }
+            if (y->p < y->end && *y->p == ':' && y->line != kline) {    /* a key and its ':' share a line */
+                clear_value(&item);
+                return YERR(y, "expected ',' or '}' (a ':' must be on the line of its key)");
+            }
             if (y->p < y->end && *y->p == ':') {
                 y->p++;
                 if ((s = flow_ws(y)) != MS_OK) { clear_value(&item); return s; }
@@ -950,12 +956,35 @@ static MsStatus parse_document(const char *text, size_t len, const char *origin,
         if (at_eol(&y)) return YUNSUP(&y, "unsupported YAML feature: a tag alone on the first line");
     }
     s = block_node(&y, tag, 1, root);
-    if (s == MS_OK && y.p < y.end) s = YERR(&y, "expected the end of the document (this line is less indented than the first)");
-    if (s == MS_OK && !allow_scalar && root->type != JSON_OBJECT && root->type != JSON_ARRAY) {
-        s = ms_errorf(MS_ERR_FORMAT, "%s:%d:%d: expected a mapping or a sequence at the top level (OmegaConf), found %s", origin,
-                      root->line, root->col, json_type_name(root->type));
+    if (s == MS_OK && y.p < y.end) {
+        if (root->type != JSON_OBJECT && root->type != JSON_ARRAY)
+            return YUNSUP(&y, "unsupported YAML feature: a multi-line plain scalar (or content after the top-level scalar)");
+        return YERR(&y, "expected the end of the document (this line is less indented than the first)");
     }
-    return s;
+    if (s != MS_OK || allow_scalar || root->type == JSON_OBJECT || root->type == JSON_ARRAY) return s;
+    /* OmegaConf.load: None -> {}, a string s -> {s: None}, anything else is an error */
+    if (root->type == JSON_NULL) { root->type = JSON_OBJECT; return MS_OK; }
+    if (root->type == JSON_STRING) {        /* OmegaConf.create(s) parses s as YAML once more */
+        JsonValue again, item;
+        memset(&again, 0, sizeof again);
+        memset(&item, 0, sizeof item);
+        s = parse_document(root->str, root->len, origin, 1, &again);
+        if (s == MS_OK && again.type == JSON_NULL) {
+            clear_value(root); root->type = JSON_OBJECT; root->origin = origin;
+            return MS_OK;
+        }
+        if (s == MS_OK && again.type != JSON_STRING)
+            s = ms_errorf(MS_ERR_UNSUPPORTED, "%s:%d:%d: unsupported: a top-level string that reads as YAML %s (OmegaConf parses it again)",
+                          origin, root->line, root->col, json_type_name(again.type));
+        if (s != MS_OK) { clear_value(&again); return s; }
+        item.type = JSON_NULL; item.origin = origin; item.line = root->line; item.col = root->col;
+        item.key = again.str; item.key_len = again.len;
+        free(root->str);
+        root->str = NULL; root->len = 0; root->type = JSON_OBJECT;
+        return push(&y, root, &item);
+    }
+    return ms_errorf(MS_ERR_FORMAT, "%s:%d:%d: expected a mapping or a sequence at the top level (OmegaConf), found %s", origin,
+                     root->line, root->col, json_type_name(root->type));
 }
 
 static MsStatus parse_root(const char *text, size_t len, const char *origin, int allow_scalar, JsonValue **out) {
