@@ -1164,6 +1164,62 @@ typedef struct {
 } MsTrainConfig;
 void ms_train_config_defaults(MsTrainConfig *c);   /* EDLoRATrainer / torch AdamW defaults */
 
+/* AdamW, torch.optim.AdamW (torch 1.13, single-tensor path) to the bit, on n floats of one
+ * parameter with gradient g and moments m, v; `step` counts this update (1 for the first).
+ * models/optim.c. */
+void ms_adamw_step(float *p, const float *g, float *m, float *v, size_t n, int64_t step, double lr,
+                   double weight_decay, double beta1, double beta2, double eps);
+
+/* One batch as the official trainer receives it (after the transforms). */
+typedef struct {
+    int B, H, W;                    /* images (B,3,H,W) */
+    const float *images;            /* after ToTensor + Normalize */
+    const double *masks;            /* (B,1,H/8,W/8) the dataset's masks; NULL: it has none */
+    const double *img_masks;        /* (B,1,H/8,W/8) valid pixels of the resize/pad transform */
+    const char *const *prompts;     /* B prompts with the concept words (replace_mapping done) */
+} MsTrainBatch;
+/* The random draws of one step, in place of the generator (--replay). */
+typedef struct {
+    const int32_t *input_ids;       /* (B*L, 77) bound prompts, sample-major; NULL: tokenize */
+    const float *vae_eps;           /* (B,4,h,w) the posterior sample's N(0,1) */
+    const float *noise_randn;       /* (B,4,h,w) noise before the offset */
+    const float *noise_offset_randn;/* (B,4,1,1) */
+    const int64_t *timesteps;       /* (B) */
+} MsStepDraws;
+typedef struct {
+    double loss, loss_mse, loss_attn;   /* total; epsilon MSE; regulariser (NaN: off or left out) */
+    double lr[3];                       /* lr used: embedding, text-encoder LoRA, UNet LoRA */
+    double emb_norm_mean;               /* mean L2 norm of the concept rows after the step */
+    int emb_frozen;                     /* stop_emb_update */
+    const float *model_pred;            /* (B,4,h,w); valid until the next step */
+} MsStepReport;
+typedef struct MsTrainer MsTrainer;
+/* Plans and allocates everything for batches of B images of H x W. Adds the concept tokens
+ * (<new0>.. : 16 per word for ED-LoRA, 1 for plain LoRA) to tok. g: the torch generator for the
+ * initial values, drawn in the official order (NULL: all zero; set them with ms_trainer_param). */
+MsStatus ms_trainer_create(MsTrainer **out, const MsModel *m, ClipTokenizer *tok, const MsTrainConfig *c,
+                           int B, int H, int W, MsTorchRng *g);
+/* The loss of one batch and, with want_grad, every gradient (ms_trainer_param's grad); nothing
+ * moves. Draws as ms_trainer_step. */
+MsStatus ms_trainer_loss(MsTrainer *t, const MsTrainBatch *b, const MsStepDraws *dr, MsTorchRng *g,
+                         MsStepReport *rep, int want_grad);
+/* One optimizer step. dr: replayed draws, or NULL to draw from g in the official order. */
+MsStatus ms_trainer_step(MsTrainer *t, const MsTrainBatch *b, const MsStepDraws *dr, MsTorchRng *g,
+                         MsStepReport *rep);
+void ms_trainer_free(MsTrainer *t);
+/* The trainable tensors under their official names ("token_embedding.concept" (T,D);
+ * "text_encoder.<module>.lora_down.weight", ".lora_up.weight"; "unet.<module>..."), in the
+ * official module order; grad holds the last step's gradient. */
+int ms_trainer_n_params(const MsTrainer *t);
+MsStatus ms_trainer_param(const MsTrainer *t, int i, const char **name, float **data, float **grad,
+                          int64_t shape[2]);
+int ms_trainer_find_param(const MsTrainer *t, const char *name);   /* index or -1 */
+int ms_trainer_tokens(const MsTrainer *t, int *first_id);          /* tokens per word; id of <new0> */
+int64_t ms_trainer_step_count(const MsTrainer *t);
+/* Checkpoint state: parameters, AdamW moments, the frozen rows, the step and the freeze flag. */
+size_t ms_trainer_state_floats(const MsTrainer *t);
+void ms_trainer_state_io(MsTrainer *t, float *buf, int store, int64_t *step, int *stop_emb);
+
 /* ==========================================================================================
  * Benchmarks (tensor.c): kernels measured by `mixshow bench`
  * ======================================================================================== */

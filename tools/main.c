@@ -26,6 +26,7 @@ static const Command commands[] = {
     { "tokenize", cmd_tokenize, "print the 77 CLIP input ids of a prompt (with added tokens)" },
     { "inspect", cmd_inspect, "list every tensor (name, dtype, shape) of a .safetensors/.pth/.ckpt/.bin" },
     { "convert", cmd_convert, "model folder/single file -> diffusers folder or LDM .safetensors; image -> PNG" },
+    { "train",   cmd_train,   "ED-LoRA training of one concept (Mix-of-Show train_edlora.py)" },
     { "bench",   cmd_bench,   "measure kernels against the machine's FMA peak (see mixshow bench --help)" },
 };
 
