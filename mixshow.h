@@ -1233,3 +1233,79 @@ void ms_bench_conv2d_explicit(float *out, float *cols, const float *x, const flo
                               int Co, int H, int W, int k, int s, int p);
 
 #endif /* MIXSHOW_H */
+/* ---- L-BFGS (helper "fuse"): torch.optim.LBFGS (torch 1.13) from scratch, models/optim.c ---- */
+/* f(x) at x (n floats); writes the gradient (n floats) into grad. ctx is the caller's. */
+typedef double (*MsLbfgsClosure)(void *ctx, const float *x, float *grad);
+typedef struct {
+    double lr;                 /* 1 */
+    int max_iter;              /* 20 */
+    int max_eval;              /* max_iter * 5 / 4 */
+    int history_size;          /* 100 (gradient fusion: 25) */
+    double tolerance_grad;     /* 1e-7 (max |g| <= this: optimal) */
+    double tolerance_change;   /* 1e-9 (the line search always uses 1e-9, as torch's) */
+    int strong_wolfe;          /* line_search_fn='strong_wolfe' (1) or None (0) */
+} MsLbfgsOptions;
+void ms_lbfgs_defaults(MsLbfgsOptions *o);    /* torch.optim.LBFGS defaults (max_iter 20) */
+typedef struct {
+    int n_iter, n_evals;       /* iterations and closure calls */
+    double f_first, f_last;    /* f at the start; f at the returned x */
+    double best_f;             /* the lowest closure value seen (its point is best_x) */
+} MsLbfgsResult;
+/* One optimizer.step(closure): x (n) is updated in place as torch leaves the parameter. When
+ * best_x is not NULL it receives the point of the lowest closure value seen (initial point and
+ * line-search trials included; ties keep the earlier). trace (trace_cap) receives every closure
+ * value in evaluation order (res->n_evals of them; extra values are dropped). MS_ERR_NOMEM. */
+MsStatus ms_lbfgs(float *x, size_t n, MsLbfgsClosure f, void *ctx, const MsLbfgsOptions *o,
+                  float *best_x, double *trace, int trace_cap, MsLbfgsResult *res);
+
+/* ==========================================================================================
+ * The method: gradient fusion (helper "fuse"; mixshow_fuse.c, to be folded into mixshow.c).
+ * For a linear layer with base weight W0 (d_out, d_in) and concepts i = 1..N with merged
+ * weights W_i = W0 + a_i up_i down_i, recorded input rows X_i (n_i, d_in) and targets
+ * V_i = X_i W_i^T (bias removed), find W minimising
+ *     f(W) = sum_i ||X_i W^T - V_i||^2 / (n * d_out),    n = sum_i n_i
+ * (torch's F.mse_loss over all rows: the official objective).
+ * ======================================================================================== */
+typedef enum { MS_FUSE_GRAM = 0, MS_FUSE_LBFGS, MS_FUSE_WEIGHT } MsFuseMethod;
+const char *ms_fuse_method_name(MsFuseMethod m);      /* "gram", "lbfgs", "weight" */
+/* One concept's change of one layer: W_i = W0 + alpha * up @ down (down NULL: W_i = W0). */
+typedef struct { float alpha; int rank; const float *down /* (rank,d_in) */, *up /* (d_out,rank) */; } MsFuseDelta;
+/* Recorded input rows of one layer input, concept by concept (rows of concept c are
+ * [end[c-1], end[c]) ). */
+typedef struct {
+    int d_in, n_concepts;
+    size_t n, cap;
+    float *X;                  /* (n, d_in) */
+    size_t *end;               /* (n_concepts) */
+} MsFuseRows;
+MsStatus ms_fuse_rows_init(MsFuseRows *r, int d_in, int n_concepts);
+MsStatus ms_fuse_rows_add(MsFuseRows *r, int concept, const float *X, size_t n);  /* concepts in order */
+void ms_fuse_rows_free(MsFuseRows *r);
+/* Statistics of one layer problem, in double: G = sum X^T X (d_in,d_in), C = sum V^T X
+ * (d_out,d_in), vv = sum ||V||^2, n rows. Streamed: no row is kept. */
+typedef struct { int d_in, d_out; size_t n; double *G, *C, vv; } MsFuseStats;
+MsStatus ms_fuse_stats_init(MsFuseStats *s, int d_in, int d_out);
+void ms_fuse_stats_free(MsFuseStats *s);
+/* Adds n rows X of one concept with targets X Wc^T (Wc (d_out,d_in) its merged weight). */
+MsStatus ms_fuse_stats_add(MsFuseStats *s, const float *X, size_t n, const float *Wc);
+/* W_i = W0 + alpha up down into Wc (float32, as the official merge). */
+void ms_fuse_merged_weight(float *Wc, const float *W0, const MsFuseDelta *d, int d_out, int d_in);
+/* f(W) from the statistics: (vv - 2<W,C> + <W G, W>) / (n d_out). */
+double ms_fuse_objective_stats(const MsFuseStats *s, const float *W);
+/* f(W) exactly from rows (double): sum over rows of concept i of ||x (W - W_i)^T||^2 / (n d_out). */
+double ms_fuse_objective_rows(const MsFuseRows *r, const float *W0, const MsFuseDelta *d, int d_out, const float *W);
+/* Symmetric eigen-decomposition (cyclic Jacobi, double): A (n,n) symmetric is destroyed;
+ * w (n) eigenvalues ascending, V (n,n) row-major with eigenvector k in column k. */
+MsStatus ms_sym_eigen(double *A, int n, double *w, double *V);
+#define MS_FUSE_RCOND 1e-12
+/* gram: W = W0 + (C - W0 G) G+, G+ the pseudo-inverse with eigenvalues <= rcond * max dropped
+ * (rcond <= 0: MS_FUSE_RCOND). The minimiser of f nearest to W0. *rank (NULL ok): kept. */
+MsStatus ms_fuse_solve_gram(const MsFuseStats *s, const float *W0, float *W, double rcond, int *rank);
+/* lbfgs: the official update_quasi_newton on the same objective (gradient 2 (W G - C)/(n d_out)),
+ * torch.optim.LBFGS(lr 1, max_iter iters, history 25, strong Wolfe, tolerances 1e-16), returning
+ * the best W seen. trace: closure values (trace_cap; res->n_evals written). */
+MsStatus ms_fuse_solve_lbfgs(const MsFuseStats *s, const float *W0, float *W, int iters, double *trace,
+                             int trace_cap, MsLbfgsResult *res);
+/* weight: W = W0 + sum_i alpha_i up_i down_i. */
+MsStatus ms_fuse_weight(float *W, const float *W0, const MsFuseDelta *d, int n_concepts, int d_out, int d_in);
+

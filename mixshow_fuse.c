@@ -1,0 +1,346 @@
+/* mixshow_fuse.c — Mix-of-Show gradient fusion (arXiv:2305.18292, "Gradient Fusion"; official
+ * code: gradient_fusion.py of Mix-of-Show commit 51270fd). A section to be folded into mixshow.c.
+ *
+ * Every layer W0 (d_out, d_in) that some concept's LoRA touches is replaced by one W that does,
+ * on each concept's own recorded inputs, what that concept's merged layer W_i = W0 + a_i up_i down_i
+ * does:
+ *     f(W) = sum_i ||X_i W^T - V_i||^2 / (n d_out),   V_i = X_i W_i^T  (bias removed),  n = sum n_i
+ * f is a convex quadratic in W: with G = sum_i X_i^T X_i and C = sum_i V_i^T X_i,
+ *     f(W) = (sum||V||^2 - 2 <W, C> + <W G, W>) / (n d_out),   grad f = 2 (W G - C) / (n d_out).
+ * Its minimisers solve W G = C. Three ways to pick W:
+ *   gram   (default) the minimiser nearest to W0: W = W0 + (C - W0 G) G+, in double, G+ from a
+ *          symmetric eigen-decomposition with eigenvalues below MS_FUSE_RCOND * max dropped;
+ *   lbfgs  the official: torch.optim.LBFGS from W0 (history 25, strong Wolfe, lr 1, tolerances
+ *          1e-16, max_iter 500 text / 50 UNet), returning the best W seen (the official closure
+ *          clones W whenever the loss drops; that W, not the last, is what it saves);
+ *   weight the paper's baseline W0 + sum_i a_i up_i down_i.
+ * Why gram is the same answer: L-BFGS from W0 only moves W inside W0 + span{rows of gradients}
+ * = W0 + (range of G) on the input side, so where it converges it lands on the minimiser whose
+ * change lies in range(G): exactly W0 + (C - W0 G) G+. On ill-conditioned layers it stops short.
+ *
+ * Which inputs are recorded (gradient_fusion.py):
+ *   text encoder q/k/v/out_proj: each concept's merged text encoder encodes the 32 bound prompts
+ *     of ["photo of a {concept}", "{concept}"] (16 layer variants each, no padding); every token
+ *     row that reaches the layer is a row of X (q, k, v share their input layer_norm1(x));
+ *   UNet attn2.to_k/to_v of cross-attention layer l: the FUSED text encoder's last_hidden_state
+ *     of the two prompts bound for layer l, at the positions whose id >= 49407 (the concept
+ *     tokens and EOS), targets from the concept's merged to_k/to_v;
+ *   the other UNet attention layers: 20-step DPM-Solver sampling at 512x512 (not done here yet).
+ */
+#include "mixshow.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *ms_fuse_method_name(MsFuseMethod m) {
+    return m == MS_FUSE_GRAM ? "gram" : m == MS_FUSE_LBFGS ? "lbfgs" : m == MS_FUSE_WEIGHT ? "weight" : "?";
+}
+
+/* ---- recorded rows ---- */
+MsStatus ms_fuse_rows_init(MsFuseRows *r, int d_in, int n_concepts) {
+    memset(r, 0, sizeof *r);
+    if (d_in <= 0 || n_concepts <= 0) return ms_errorf(MS_ERR_ARG, "fuse: rows of width %d for %d concepts", d_in, n_concepts);
+    r->end = (size_t *)calloc((size_t)n_concepts, sizeof(size_t));
+    if (!r->end) return ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
+    r->d_in = d_in;
+    r->n_concepts = n_concepts;
+    return MS_OK;
+}
+
+MsStatus ms_fuse_rows_add(MsFuseRows *r, int concept, const float *X, size_t n) {
+    size_t need, bytes;
+    if (concept < 0 || concept >= r->n_concepts) return ms_errorf(MS_ERR_ARG, "fuse: concept %d of %d", concept, r->n_concepts);
+    for (int c = concept + 1; c < r->n_concepts; c++)
+        if (r->end[c] != r->end[concept]) return ms_errorf(MS_ERR_ARG, "fuse: rows of concept %d after concept %d", concept, c);
+    if (!ms_add_ok(r->n, n, &need)) return ms_errorf(MS_ERR_NOMEM, "fuse: row count overflows");
+    if (need > r->cap) {
+        size_t cap = r->cap ? r->cap : 64;
+        while (cap < need) cap *= 2;
+        if (!ms_mul_ok(cap, (size_t)r->d_in * sizeof(float), &bytes)) return ms_errorf(MS_ERR_NOMEM, "fuse: rows overflow");
+        float *X2 = (float *)realloc(r->X, bytes);
+        if (!X2) return ms_errorf(MS_ERR_NOMEM, "fuse: cannot keep %zu rows of %d floats", cap, r->d_in);
+        r->X = X2;
+        r->cap = cap;
+    }
+    if (n) memcpy(r->X + r->n * (size_t)r->d_in, X, n * (size_t)r->d_in * sizeof(float));
+    r->n = need;
+    for (int c = concept; c < r->n_concepts; c++) r->end[c] = need;
+    return MS_OK;
+}
+
+void ms_fuse_rows_free(MsFuseRows *r) {
+    free(r->X);
+    free(r->end);
+    memset(r, 0, sizeof *r);
+}
+
+/* ---- statistics ---- */
+MsStatus ms_fuse_stats_init(MsFuseStats *s, int d_in, int d_out) {
+    memset(s, 0, sizeof *s);
+    s->G = (double *)calloc((size_t)d_in * d_in, sizeof(double));
+    s->C = (double *)calloc((size_t)d_out * d_in, sizeof(double));
+    if (!s->G || !s->C) { ms_fuse_stats_free(s); return ms_errorf(MS_ERR_NOMEM, "fuse: statistics of a %dx%d layer", d_out, d_in); }
+    s->d_in = d_in;
+    s->d_out = d_out;
+    return MS_OK;
+}
+
+void ms_fuse_stats_free(MsFuseStats *s) {
+    free(s->G);
+    free(s->C);
+    memset(s, 0, sizeof *s);
+}
+
+void ms_fuse_merged_weight(float *Wc, const float *W0, const MsFuseDelta *d, int d_out, int d_in) {
+    const size_t m = (size_t)d_out * d_in;
+    if (!d || !d->down || d->rank <= 0) { memcpy(Wc, W0, m * sizeof(float)); return; }
+    /* merge_lora_into_weight: original + alpha * (up @ down), the product in float32 */
+    ms_gemm_ref(0, 0, d_out, d_in, d->rank, 1.0f, d->up, d->rank, d->down, d_in, 0.0f, Wc, d_in);
+    for (size_t k = 0; k < m; k++) Wc[k] = W0[k] + d->alpha * Wc[k];
+}
+
+/* G += X^T X, C += V^T X with V = X Wc^T, vv += sum V^2, all in double. */
+MsStatus ms_fuse_stats_add(MsFuseStats *s, const float *X, size_t n, const float *Wc) {
+    const int di = s->d_in, dout = s->d_out;
+    double *v = (double *)malloc((size_t)dout * sizeof(double));
+    if (!v) return ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
+    for (size_t r = 0; r < n; r++) {
+        const float *x = X + r * (size_t)di;
+        for (int i = 0; i < di; i++) {
+            double xi = x[i];
+            if (xi == 0.0) continue;
+            double *g = s->G + (size_t)i * di;
+            for (int j = 0; j < di; j++) g[j] += xi * x[j];
+        }
+        for (int o = 0; o < dout; o++) {
+            const float *w = Wc + (size_t)o * di;
+            double acc = 0.0;
+            for (int i = 0; i < di; i++) acc += (double)w[i] * x[i];
+            v[o] = acc;
+            s->vv += acc * acc;
+            double *c = s->C + (size_t)o * di;
+            for (int i = 0; i < di; i++) c[i] += acc * x[i];
+        }
+    }
+    s->n += n;
+    free(v);
+    return MS_OK;
+}
+
+double ms_fuse_objective_stats(const MsFuseStats *s, const float *W) {
+    const int di = s->d_in;
+    double f = s->vv;
+    for (int o = 0; o < s->d_out; o++) {
+        const float *w = W + (size_t)o * di;
+        const double *c = s->C + (size_t)o * di;
+        double wc = 0.0, wgw = 0.0;
+        for (int i = 0; i < di; i++) {
+            const double *g = s->G + (size_t)i * di;
+            double gw = 0.0;
+            for (int j = 0; j < di; j++) gw += g[j] * w[j];
+            wgw += w[i] * gw;
+            wc += w[i] * c[i];
+        }
+        f += wgw - 2.0 * wc;
+    }
+    return s->n ? f / ((double)s->n * s->d_out) : 0.0;
+}
+
+double ms_fuse_objective_rows(const MsFuseRows *r, const float *W0, const MsFuseDelta *d, int d_out, const float *W) {
+    const int di = r->d_in;
+    const size_t m = (size_t)d_out * di;
+    double *D = (double *)malloc(m * sizeof(double));
+    float *Wc = (float *)malloc(m * sizeof(float));
+    double f = 0.0;
+    if (!D || !Wc) { free(D); free(Wc); return NAN; }
+    size_t start = 0;
+    for (int c = 0; c < r->n_concepts; c++) {
+        ms_fuse_merged_weight(Wc, W0, d ? &d[c] : NULL, d_out, di);
+        for (size_t k = 0; k < m; k++) D[k] = (double)W[k] - (double)Wc[k];   /* x (W - W_i)^T = x W^T - v */
+        for (size_t row = start; row < r->end[c]; row++) {
+            const float *x = r->X + row * (size_t)di;
+            for (int o = 0; o < d_out; o++) {
+                const double *dr = D + (size_t)o * di;
+                double acc = 0.0;
+                for (int i = 0; i < di; i++) acc += dr[i] * x[i];
+                f += acc * acc;
+            }
+        }
+        start = r->end[c];
+    }
+    free(D); free(Wc);
+    return r->n ? f / ((double)r->n * d_out) : 0.0;
+}
+
+/* ---- symmetric eigen-decomposition: cyclic Jacobi (Rutishauser's thresholds) ----
+ * Each rotation in the (p,q) plane zeroes A[p][q]:
+ *   theta = (a_qq - a_pp) / (2 a_pq),  t = sgn(theta) / (|theta| + sqrt(theta^2 + 1)),
+ *   c = 1/sqrt(t^2+1), s = t c:  a_pp -= t a_pq, a_qq += t a_pq, other rows/columns rotate.
+ * The sum of squares off the diagonal falls quadratically once small; 6-10 sweeps in double.
+ * Jacobi is accurate to eps * ||A|| in every eigenvalue, small ones included. */
+MsStatus ms_sym_eigen(double *A, int n, double *w, double *V) {
+    double *b = (double *)malloc(2 * (size_t)n * sizeof(double)), *z;
+    if (!b) return ms_errorf(MS_ERR_NOMEM, "eigen: %d x %d", n, n);
+    z = b + n;
+#define A_(i, j) A[(size_t)(i) * n + (j)]
+#define V_(i, j) V[(size_t)(i) * n + (j)]
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < n; j++) V_(i, j) = i == j;
+        b[i] = w[i] = A_(i, i);
+        z[i] = 0.0;
+    }
+    int sweep;
+    for (sweep = 1; sweep <= 100; sweep++) {
+        double sm = 0.0;
+        for (int p = 0; p < n; p++) for (int q = p + 1; q < n; q++) sm += fabs(A_(p, q));
+        if (sm == 0.0) break;
+        double tresh = sweep < 4 ? 0.2 * sm / ((double)n * n) : 0.0;
+        for (int p = 0; p < n; p++) for (int q = p + 1; q < n; q++) {
+            double apq = A_(p, q), g = 100.0 * fabs(apq);
+            if (sweep > 4 && fabs(w[p]) + g == fabs(w[p]) && fabs(w[q]) + g == fabs(w[q])) { A_(p, q) = 0.0; continue; }
+            if (fabs(apq) <= tresh) continue;
+            double h = w[q] - w[p], t;
+            if (fabs(h) + g == fabs(h)) t = apq / h;
+            else {
+                double theta = 0.5 * h / apq;
+                t = 1.0 / (fabs(theta) + sqrt(1.0 + theta * theta));
+                if (theta < 0.0) t = -t;
+            }
+            double c = 1.0 / sqrt(1.0 + t * t), s = t * c, tau = s / (1.0 + c);
+            h = t * apq;
+            z[p] -= h; z[q] += h; w[p] -= h; w[q] += h;
+            A_(p, q) = 0.0;
+#define ROT(M, i, j, k, l) do { double g_ = M(i, j), h_ = M(k, l); \
+            M(i, j) = g_ - s * (h_ + g_ * tau); M(k, l) = h_ + s * (g_ - h_ * tau); } while (0)
+            for (int j = 0; j < p; j++) ROT(A_, j, p, j, q);
+            for (int j = p + 1; j < q; j++) ROT(A_, p, j, j, q);
+            for (int j = q + 1; j < n; j++) ROT(A_, p, j, q, j);
+            for (int j = 0; j < n; j++) ROT(V_, j, p, j, q);
+#undef ROT
+        }
+        for (int p = 0; p < n; p++) { b[p] += z[p]; w[p] = b[p]; z[p] = 0.0; }
+    }
+    /* sort ascending (selection sort: n swaps of columns) */
+    for (int i = 0; i < n - 1; i++) {
+        int k = i;
+        for (int j = i + 1; j < n; j++) if (w[j] < w[k]) k = j;
+        if (k != i) {
+            double t = w[i]; w[i] = w[k]; w[k] = t;
+            for (int r = 0; r < n; r++) { t = V_(r, i); V_(r, i) = V_(r, k); V_(r, k) = t; }
+        }
+    }
+#undef A_
+#undef V_
+    free(b);
+    if (sweep > 100) return ms_errorf(MS_ERR_FORMAT, "eigen: Jacobi did not converge in 100 sweeps (n %d)", n);
+    return MS_OK;
+}
+
+/* ---- solvers ---- */
+/* W = W0 + R G+ with R = C - W0 G (d_out, d_in); G = Q diag(l) Q^T, G+ = Q diag(1/l, l > cut) Q^T.
+ * Cut-off: G is summed in double from float rows, so its entries carry relative errors of about
+ * n_rows * 2^-53 at worst (1e-11 for 1e5 rows, far less in practice), and Jacobi adds eps*||G||:
+ * eigenvalues below 1e-12 * max are noise, and inverting them would move W along directions the
+ * data does not determine. Dropping a true eigenvalue l changes f by at most l |dW q|^2, a
+ * 1e-12 fraction of what that direction can hold. */
+MsStatus ms_fuse_solve_gram(const MsFuseStats *s, const float *W0, float *W, double rcond, int *rank) {
+    const int di = s->d_in, dout = s->d_out;
+    const size_t dd = (size_t)di * di;
+    if (rcond <= 0.0) rcond = MS_FUSE_RCOND;
+    double *A = (double *)malloc((2 * dd + (size_t)di + 2 * (size_t)dout * di) * sizeof(double));
+    if (!A) return ms_errorf(MS_ERR_NOMEM, "fuse: gram solve of a %dx%d layer", dout, di);
+    double *Q = A + dd, *l = Q + dd, *R = l + di, *P = R + (size_t)dout * di;
+    memcpy(A, s->G, dd * sizeof(double));
+    MsStatus st = ms_sym_eigen(A, di, l, Q);
+    if (st) { free(A); return st; }
+    double lmax = di > 0 ? l[di - 1] : 0.0, cut = rcond * lmax;
+    int kept = 0;
+    /* R = C - W0 G */
+    for (int o = 0; o < dout; o++) {
+        const float *w0 = W0 + (size_t)o * di;
+        for (int j = 0; j < di; j++) {
+            double acc = 0.0;
+            for (int i = 0; i < di; i++) acc += (double)w0[i] * s->G[(size_t)i * di + j];
+            R[(size_t)o * di + j] = s->C[(size_t)o * di + j] - acc;
+        }
+    }
+    /* P = R Q diag(1/l) (kept columns), then W = W0 + P Q^T */
+    for (int k = 0; k < di; k++) if (lmax > 0.0 && l[k] > cut) kept++;
+    for (int o = 0; o < dout; o++) {
+        const double *r = R + (size_t)o * di;
+        double *p = P + (size_t)o * di;
+        for (int k = 0; k < di; k++) {
+            if (!(lmax > 0.0 && l[k] > cut)) { p[k] = 0.0; continue; }
+            double acc = 0.0;
+            for (int i = 0; i < di; i++) acc += r[i] * Q[(size_t)i * di + k];
+            p[k] = acc / l[k];
+        }
+        for (int j = 0; j < di; j++) {
+            double acc = 0.0;
+            const double *q = Q + (size_t)j * di;
+            for (int k = 0; k < di; k++) acc += p[k] * q[k];
+            W[(size_t)o * di + j] = (float)((double)W0[(size_t)o * di + j] + acc);
+        }
+    }
+    if (rank) *rank = kept;
+    free(A);
+    return MS_OK;
+}
+
+/* The official closure on the statistics: f(W) as above and its gradient 2 (W G - C) / (n d_out). */
+static double fuse_closure(void *ctx, const float *W, float *grad) {
+    const MsFuseStats *s = (const MsFuseStats *)ctx;
+    const int di = s->d_in;
+    const double scale = s->n ? 1.0 / ((double)s->n * s->d_out) : 0.0;
+    double f = s->vv;
+    for (int o = 0; o < s->d_out; o++) {
+        const float *w = W + (size_t)o * di;
+        const double *c = s->C + (size_t)o * di;
+        double wgw = 0.0, wc = 0.0;
+        for (int j = 0; j < di; j++) {   /* (W G)[o][j], G symmetric */
+            const double *g = s->G + (size_t)j * di;
+            double gw = 0.0;
+            for (int i = 0; i < di; i++) gw += g[i] * w[i];
+            wgw += w[j] * gw;
+            wc += w[j] * c[j];
+            grad[(size_t)o * di + j] = (float)(2.0 * (gw - c[j]) * scale);
+        }
+        f += wgw - 2.0 * wc;
+    }
+    return f * scale;
+}
+
+MsStatus ms_fuse_solve_lbfgs(const MsFuseStats *s, const float *W0, float *W, int iters, double *trace,
+                             int trace_cap, MsLbfgsResult *res) {
+    const size_t m = (size_t)s->d_out * s->d_in;
+    MsLbfgsOptions o;
+    ms_lbfgs_defaults(&o);
+    o.max_iter = iters;
+    o.max_eval = iters * 5 / 4;
+    o.history_size = 25;
+    o.tolerance_grad = 1e-16;      /* gradient_fusion.py update_quasi_newton */
+    o.tolerance_change = 1e-16;
+    o.strong_wolfe = 1;
+    float *x = (float *)malloc(m * sizeof(float));
+    if (!x) return ms_errorf(MS_ERR_NOMEM, "fuse: lbfgs on a %dx%d layer", s->d_out, s->d_in);
+    memcpy(x, W0, m * sizeof(float));
+    MsStatus st = ms_lbfgs(x, m, fuse_closure, (void *)s, &o, W, trace, trace_cap, res);
+    free(x);
+    return st;
+}
+
+MsStatus ms_fuse_weight(float *W, const float *W0, const MsFuseDelta *d, int n_concepts, int d_out, int d_in) {
+    const size_t m = (size_t)d_out * d_in;
+    float *t = (float *)malloc(m * sizeof(float));
+    memcpy(W, W0, m * sizeof(float));
+    if (!t) return ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
+    for (int c = 0; c < n_concepts; c++) {
+        if (!d[c].down || d[c].rank <= 0) continue;
+        ms_gemm_ref(0, 0, d_out, d_in, d[c].rank, 1.0f, d[c].up, d[c].rank, d[c].down, d_in, 0.0f, t, d_in);
+        for (size_t k = 0; k < m; k++) W[k] += d[c].alpha * t[k];
+    }
+    free(t);
+    return MS_OK;
+}
