@@ -977,6 +977,29 @@ void unet_lora_module_name(const UNetParams *p, int a, int which, char *buf, siz
 
 /* Activations. Saved fields are kept per layer in training mode; in inference mode they point
  * into shared scratch and are overwritten by the next layer. */
+/* ---- regional cross-attention (helper "regional") ----
+ * Mix-of-Show pipeline_regionally_t2iadapter.py RegionT2I_AttnProcessor in every attn2 layer:
+ *   o = softmax(q k^T * scale) v            global attention (all queries, the layer's context)
+ *   per layer the box [t, l, b, r] (fractions of the image) covers rows ceil(t*fh) .. floor(b*fh)-1
+ *   and columns ceil(l*fw) .. floor(r*fw)-1 of the fh x fw query grid; cnt(pixel) = boxes over it;
+ *   inside any box: o = sum over regions, in order, of softmax(q_box k_r^T * scale) v_r / cnt,
+ *   with k_r, v_r from region r's context (its keys and values; the official code attends with
+ *   every query and masks, here only the queries inside the box are computed: same numbers).
+ * Then to_out as usual. Both CFG halves: sample n of the batch uses row n of each region context. */
+typedef struct UNetRegions {
+    int n;                           /* regions (>= 1) */
+    const double (*box)[4];          /* (n) top, left, bottom, right as fractions of the image size */
+    int n_layer_ctx;                 /* 0: ctx[r] serves every layer; else ms_unet_cross_attn_layers() */
+    const float *const *ctx;         /* region r, layer i: ctx[r * n_layer_ctx + i] (or ctx[r]), (N,Tk,D) */
+    float *work;                     /* unet_regions_work_floats() floats */
+} UNetRegions;
+/* Floats of UNetRegions.work for batch N, latent h x w, context length Tk. */
+size_t unet_regions_work_floats(const UNetConfig *c, int N, int h, int w, int Tk);
+/* (top, left, bottom, right) fractions -> rows [*r0, *r1), columns [*c0, *c1) of an fh x fw grid,
+ * math.ceil(t * fh), math.ceil(l * fw), math.floor(b * fh), math.floor(r * fw), clamped to the
+ * grid as Python slicing does (empty when r1 <= r0 or c1 <= c0). */
+void unet_region_rows(const double box[4], int fh, int fw, int *r0, int *c0, int *r1, int *c1);
+
 typedef struct {            /* ResnetBlock2D */
     const float *x;         /* (N,Cin,H,W) input (a buffer of some other layer) */
     float *h1;              /* (N,Co,H,W) conv1(silu(norm1 x)) + temb_proj */
@@ -1046,6 +1069,9 @@ typedef struct {
     const int32_t *probe_cols;       /* (N, probe_ncol) key positions in [0, Tk); kept until backward */
     float *const *probe;             /* ms_unet_cross_attn_layers() entries (NULL entries skipped) */
     const float *const *dprobe;      /* the same shapes; read by unet_backward */
+    /* Regionally controllable sampling (Mix-of-Show RegionT2I_AttnProcessor), inference mode
+     * only; NULL (unet_acts_init's value): plain cross-attention. See UNetRegions. */
+    const struct UNetRegions *regions;
 } UNetActs;
 
 /* Plans arena sizes for batch N, latent h x w, context length Tk; training 0 or 1. */
@@ -1083,10 +1109,11 @@ MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, U
 /* The one place every cross-attention (attn2) goes through, so that regionally controllable
  * sampling can replace it: y (N,T,C) = Attention(x (N,T,C) queries at h*w pixels in row-major
  * order, ctx (N,Tk,Dc)) of cross-attention layer `layer`. Saves q, k, v, o (and lse when not
- * NULL) in sv. */
+ * NULL) in sv. With reg (inference only), the regional attention above. */
 void unet_cross_attention(float *y, UNetAttnActs *sv, const float *x, const float *ctx,
                           const UNetAttnParams *p, const UNetLoraLinear *lora, float alpha, int rank,
-                          float *u, int N, int h, int w, int Tk, int C, int Dc, int heads, int layer);
+                          float *u, int N, int h, int w, int Tk, int C, int Dc, int heads, int layer,
+                          const UNetRegions *reg);   /* NULL: plain attention */
 
 /* ==========================================================================================
  * The method (mixshow.c): text-to-image sampling; ED-LoRA, fusion and regional sampling to come
@@ -1126,6 +1153,50 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
 /* VaeImageProcessor.postprocess + numpy_to_pil: img (C,H,W) -> out (H,W,C) uint8,
  * round(clamp(x / 2 + 0.5, 0, 1) * 255) in float32, round half to even (numpy). */
 void ms_image_to_u8(uint8_t *out, const float *img, int C, int H, int W);
+
+/* ==========================================================================================
+ * The method: regionally controllable sampling (mixshow_regional.c; helper "regional").
+ * Mix-of-Show regionally_controlable_sampling.py + RegionallyT2IAdapterPipeline (commit 51270fd):
+ * a global prompt and per region a prompt, a negative prompt and a box; every cross-attention
+ * layer runs the regional attention of UNetRegions; T2I-Adapter features (keypose, sketch) are
+ * scaled by a spatial weight map (global weight, per-region weights inside boxes), summed and
+ * added to the down blocks for both CFG halves.
+ * ======================================================================================== */
+#define MS_REGION_MAX 32
+typedef struct {
+    const char *prompt, *negative;   /* region prompt (concept words are bound as the global one) and
+                                      * its negative prompt (used for the unconditional half, unbound) */
+    double box[4];                   /* top, left, bottom, right as fractions: prepare_text's pos
+                                      * (pixels / height, / width; [] -> [0, 0, 1, 1]) */
+} MsRegion;
+typedef struct {
+    const AdapterParams *adapter;    /* NULL: this adapter is not used */
+    const float *cond;               /* (1,Cin,height,width) in [0,1] (preprocessed) */
+    float weight;                    /* keypose_adaptor_weight / sketch_adaptor_weight (1.0) */
+    int n_box;                       /* region_*_adaptor_weight "[t, l, b, r]-w|...": boxes in pixels */
+    const double (*box)[4];
+    const float *box_weight;         /* (n_box); a later box overwrites an earlier one where they overlap */
+} MsRegionalAdapter;
+typedef struct {
+    /* prompt, negative, width, height, steps, guidance_scale (> 1: the official pipeline always
+     * builds both halves), seed, sampler, torch_cpu, init_noise, progress and the ED-LoRA fields
+     * (new_emb, n_layer_ctx, bind_*) as for ms_txt2img; batch must be 1; adapter fields unused. */
+    MsTxt2ImgOptions base;
+    int n_regions;                   /* 0 .. MS_REGION_MAX */
+    const MsRegion *regions;
+    MsRegionalAdapter keypose, sketch;   /* features: keypose * wmap_k + sketch * wmap_s */
+    /* trace: latents_init (1,4,h,w); step{i}.eps (2,4,h,w) (uncond, cond); step{i}.latents. NULL: none */
+    void (*trace)(void *ctx, const char *name, const float *x, int ndim, const int64_t *shape);
+    void *trace_ctx;
+    double *unet_seconds;            /* out: seconds spent in the UNet (benchmarks); NULL: not wanted */
+} MsRegionalOptions;
+/* image (1,3,height,width), not clamped. MS_ERR_ARG for boxes outside [0,1] or empty, a batch != 1,
+ * guidance <= 1, adapters whose input channels (keypose 3, sketch 1) or feature channels do not
+ * fit, a size whose layers the official box mapping cannot reach. */
+MsStatus ms_regional_sample(const MsModel *m, const ClipTokenizer *tok, const MsRegionalOptions *o, float *image);
+/* The spatial weight map of one adapter level (fh x fw): weight everywhere, box_weight inside each
+ * box (pixels / height|width, then ceil/floor as the official pipeline). */
+void ms_regional_weight_map(float *map, int fh, int fw, int height, int width, const MsRegionalAdapter *a);
 
 /* ==========================================================================================
  * The method: ED-LoRA training (mixshow.c). Options are those of Mix-of-Show's EDLoRATrainer

@@ -507,12 +507,125 @@ static void unet_attention_backward(float *dx, float *dc, UNetLoraLinear *dlora,
     }
 }
 
+/* ---- regional cross-attention (Mix-of-Show RegionT2I_AttnProcessor.region_rewrite; see
+ * UNetRegions in mixshow.h). Work: cnt (T), done (T), k_r, v_r (N*Tk*C), gathered q, o (N*T*C). */
+size_t unet_regions_work_floats(const UNetConfig *c, int N, int h, int w, int Tk) {
+    size_t best = 0;
+    int lh = h, lw = w, pad = c->downsample_padding, extra = pad == 0 ? 1 : 2 * pad;
+    for (int i = 0; i < c->n_blocks && lh > 0 && lw > 0; i++) {
+        size_t T = (size_t)lh * lw, C = (size_t)c->block_out_channels[i];
+        size_t need = 2 * T + 2 * (size_t)N * Tk * C + 2 * (size_t)N * T * C + 64;
+        if (need > best) best = need;
+        lh = (lh + extra - 3) / 2 + 1;
+        lw = (lw + extra - 3) / 2 + 1;
+    }
+    return best;
+}
+
+void unet_region_rows(const double box[4], int fh, int fw, int *r0, int *c0, int *r1, int *c1) {
+    double v[4] = { ceil(box[0] * fh), ceil(box[1] * fw), floor(box[2] * fh), floor(box[3] * fw) };
+    const int lim[4] = { fh, fw, fh, fw };
+    int o[4];
+    for (int i = 0; i < 4; i++) o[i] = v[i] < 0 ? 0 : v[i] > lim[i] ? lim[i] : (int)v[i];   /* slice clamping */
+    *r0 = o[0]; *c0 = o[1]; *r1 = o[2] > o[0] ? o[2] : o[0]; *c1 = o[3] > o[1] ? o[3] : o[1];
+}
+
+/* q (N,T,C) of the layer; o (N,T,C) receives the attention output (the input of to_out.0):
+ *   pixels outside every box: the global attention of those queries with (k, v);
+ *   inside: sum over regions r (in order) of attention(q_box, k_r, v_r) / cnt. */
+static void unet_regional_attention(float *o, float *lse, const float *q, const float *k, const float *v,
+                                    const UNetRegions *reg, const UNetAttnParams *p, const UNetLoraLinear *lora,
+                                    float alpha, int rank, float *u, int N, int h, int w, int Tk, int C, int Dc,
+                                    int heads, int layer) {
+    const size_t T = (size_t)h * w;
+    const int Dh = C / heads;
+    const float scale = (float)(1.0 / sqrt((double)Dh));
+    float *cnt = reg->work, *done = cnt + T, *kr = done + T, *vr = kr + (size_t)N * Tk * C;
+    float *qg = vr + (size_t)N * Tk * C, *og = qg + (size_t)N * T * C;
+    size_t covered = 0;
+    zero(cnt, T);
+    for (int r = 0; r < reg->n; r++) {
+        int r0, c0, r1, c1;
+        unet_region_rows(reg->box[r], h, w, &r0, &c0, &r1, &c1);
+        for (int y = r0; y < r1; y++)
+            for (int x = c0; x < c1; x++) cnt[(size_t)y * w + x] += 1.0f;
+    }
+    for (size_t t = 0; t < T; t++) covered += cnt[t] != 0.0f;
+    /* global attention, only for the queries no box covers (the official one multiplies the
+     * others by 1 - replace_ratio = 0) */
+    if (covered == 0) {
+        attention_forward(o, lse, q, k, v, N, (int)T, Tk, heads, Dh, 0, scale);
+        return;
+    }
+    if (covered < T) {
+        const size_t nu = T - covered;
+        for (int n = 0; n < N; n++) {
+            size_t j = 0;
+            for (size_t t = 0; t < T; t++)
+                if (cnt[t] == 0.0f) memcpy(qg + ((size_t)n * nu + j++) * C, q + ((size_t)n * T + t) * C, (size_t)C * sizeof(float));
+        }
+        attention_forward(og, NULL, qg, k, v, N, (int)nu, Tk, heads, Dh, 0, scale);
+        for (int n = 0; n < N; n++) {
+            size_t j = 0;
+            for (size_t t = 0; t < T; t++)
+                if (cnt[t] == 0.0f) memcpy(o + ((size_t)n * T + t) * C, og + ((size_t)n * nu + j++) * C, (size_t)C * sizeof(float));
+        }
+    }
+    zero(done, T);
+    for (int r = 0; r < reg->n; r++) {
+        int r0, c0, r1, c1;
+        unet_region_rows(reg->box[r], h, w, &r0, &c0, &r1, &c1);
+        const int bh = r1 - r0, bw = c1 - c0, Mk = N * Tk;
+        if (bh <= 0 || bw <= 0) continue;
+        const size_t nb = (size_t)bh * bw;
+        const float *cr = reg->ctx[reg->n_layer_ctx ? (size_t)r * reg->n_layer_ctx + layer : (size_t)r];
+        linear_forward(kr, cr, WT(p, k_w, 0), NULL, Mk, Dc, C);          /* region_key = attn.to_k(region) */
+        linear_forward(vr, cr, WT(p, v_w, 0), NULL, Mk, Dc, C);
+        if (lora) {
+            lora_forward(kr, u, cr, &lora[1], alpha, rank, Mk);
+            lora_forward(vr, u, cr, &lora[2], alpha, rank, Mk);
+        }
+        for (int n = 0; n < N; n++)
+            for (int y = 0; y < bh; y++)
+                memcpy(qg + ((size_t)n * nb + (size_t)y * bw) * C, q + ((size_t)n * T + (size_t)(y + r0) * w + c0) * C,
+                       (size_t)bw * C * sizeof(float));
+        attention_forward(og, NULL, qg, kr, vr, N, (int)nb, Tk, heads, Dh, 0, scale);
+        for (int n = 0; n < N; n++)
+            for (int y = 0; y < bh; y++)
+                for (int x = 0; x < bw; x++) {
+                    const size_t t = (size_t)(y + r0) * w + x + c0;
+                    const float *src = og + ((size_t)n * nb + (size_t)y * bw + x) * C;
+                    float *dst = o + ((size_t)n * T + t) * C, c = cnt[t];
+                    if (done[t] == 0.0f) for (int j = 0; j < C; j++) dst[j] = src[j] / c;   /* 0 * h + r / cnt */
+                    else for (int j = 0; j < C; j++) dst[j] = dst[j] + src[j] / c;
+                }
+        for (int y = r0; y < r1; y++)
+            for (int x = c0; x < c1; x++) done[(size_t)y * w + x] = 1.0f;
+    }
+}
+
 /* The hook for regionally controllable sampling: every attn2 of the UNet is computed here. */
 void unet_cross_attention(float *y, UNetAttnActs *sv, const float *x, const float *ctx,
                           const UNetAttnParams *p, const UNetLoraLinear *lora, float alpha, int rank,
-                          float *u, int N, int h, int w, int Tk, int C, int Dc, int heads, int layer) {
-    (void)layer;
-    unet_attention_forward(y, sv, x, ctx, p, lora, alpha, rank, u, N, h * w, Tk, C, Dc, heads);
+                          float *u, int N, int h, int w, int Tk, int C, int Dc, int heads, int layer,
+                          const UNetRegions *reg) {
+    if (!reg || reg->n <= 0) {
+        unet_attention_forward(y, sv, x, ctx, p, lora, alpha, rank, u, N, h * w, Tk, C, Dc, heads);
+        return;
+    }
+    const int Mq = N * h * w, Mk = N * Tk;        /* unet_attention_forward with the regional step */
+    linear_forward(sv->q, x, WT(p, q_w, 0), NULL, Mq, C, C);
+    linear_forward(sv->k, ctx, WT(p, k_w, 0), NULL, Mk, Dc, C);
+    linear_forward(sv->v, ctx, WT(p, v_w, 0), NULL, Mk, Dc, C);
+    if (lora) {
+        lora_forward(sv->q, u, x, &lora[0], alpha, rank, Mq);
+        lora_forward(sv->k, u, ctx, &lora[1], alpha, rank, Mk);
+        lora_forward(sv->v, u, ctx, &lora[2], alpha, rank, Mk);
+    }
+    unet_regional_attention(sv->o, sv->lse, sv->q, sv->k, sv->v, reg, p, lora, alpha, rank, u, N, h, w, Tk, C, Dc,
+                            heads, layer);
+    linear_forward(y, sv->o, WT(p, o_w, 0), WT(p, o_b, 1), Mq, C, C);
+    if (lora) lora_forward(y, u, sv->o, &lora[3], alpha, rank, Mq);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -534,7 +647,7 @@ static void unet_block_forward(UNetBlockActs *a, const float *x, const float *ct
     add_forward(a->h1, a->h1, x, n);                       /* attn_output + hidden_states */
     layernorm_forward(nrm, a->mean[1], a->rstd[1], a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), M, C, UNET_LN_EPS);
     unet_cross_attention(a->h2, &a->a2, nrm, ctx, &p->attn2, lora ? lora + 4 : NULL, alpha, rank, S->su,
-                         N, h, w, Tk, C, D, heads, layer);
+                         N, h, w, Tk, C, D, heads, layer, S->regions);
     if (S->probe_ncol > 0 && S->probe && S->probe[layer])  /* the softmax at the probed keys (training) */
         attention_probs_cols_forward(S->probe[layer], a->a2.q, a->a2.k, a->a2.lse, S->probe_cols, N, T, Tk, heads,
                                      C / heads, S->probe_ncol, (float)(1.0 / sqrt((double)(C / heads))));
@@ -965,6 +1078,10 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
         return ms_errorf(MS_ERR_ARG, "unet_forward: activations and parameters belong to different configs");
     if ((s = check_lora(lora, p, "lora"))) return s;
     if ((s = check_probe(a, "unet_forward"))) return s;
+    if (a->regions && (a->training || !a->regions->work || !a->regions->box || !a->regions->ctx || a->regions->n < 0 ||
+                       (a->regions->n_layer_ctx && a->regions->n_layer_ctx != ms_unet_cross_attn_layers(c))))
+        return ms_errorf(MS_ERR_ARG, "unet_forward: regional attention needs inference-mode activations, work, boxes, "
+                         "and contexts for 0 or %d layers", ms_unet_cross_attn_layers(c));
     a->ctx = ctx;
     a->layer_ctx = layer_ctx;
 

@@ -256,7 +256,10 @@ static MsStatus load_cond(const char *path, int C, int W, int H, float **out) {
     return s;
 }
 
+MsStatus sample_load_cond(const char *path, int C, int W, int H, float **out) { return load_cond(path, C, W, H, out); }
+
 int cmd_sample(int argc, char **argv) {
+    if (regional_wanted(argc, argv)) return cmd_sample_regional(argc, argv);   /* tools/regional.c */
     const char *model = NULL, *out = NULL, *adapter_dir = NULL, *cond_path = NULL, *noise_path = NULL;
     char edlora_path[2048] = "";
     float edlora_alpha = 0.7f;                 /* README.md sample and test configs' alpha_list (0, 0.7, 1) */

@@ -696,4 +696,51 @@ MsStatus edlora_prepare(const EdloraFile *f, ClipTokenizer *tok, const MsModel *
                         MsTxt2ImgOptions *o);
 void edlora_prompt_free(EdloraPrompt *p);
 
+/* ---- regionally controllable sampling: strings, concepts, PNG text (tools/regional.c;
+ * helper "regional") ---- */
+/* One region of --prompt_rewrite "[prompt]-*-[negative]-*-[t, l, b, r]|...", as
+ * regionally_controlable_sampling.py prepare_text builds it: the string split on '|' (stopping at
+ * the first empty item), each item split on '-*-' into exactly three parts, '[' and ']' removed
+ * from the prompts, the position a list of 4 numbers in pixels (or [] = the whole image). */
+typedef struct {
+    char *prompt, *negative;         /* malloc'ed */
+    double pix[4];                   /* top, left, bottom, right in pixels as given */
+    double box[4];                   /* pos[0] / height, pos[1] / width, pos[2] / height, pos[3] / width */
+    int full;                        /* the position was [] */
+} RegionSpec;
+typedef struct { int n; RegionSpec r[MS_REGION_MAX]; } RegionList;
+/* Errors (MS_ERR_ARG) name the region: a wrong number of '-*-', a position that is not [] or
+ * 4 numbers, a box outside the height x width image or with zero area. */
+MsStatus regional_parse_rewrite(const char *s, int height, int width, RegionList *out);
+void regional_list_free(RegionList *l);
+/* region_*_adaptor_weight "[t, l, b, r]-w|..." (pixels): n boxes and weights (at most cap);
+ * "" gives none. what names the option in messages. */
+MsStatus regional_parse_weights(const char *s, const char *what, int height, int width, int *n, double (*box)[4],
+                                float *w, int cap);
+/* A fused model's concepts: DIR/tokenizer/added_tokens.json ({token: id}, ids after the vocabulary)
+ * added to tok, DIR/new_concept_cfg.json ({word: {"concept_token_names": [n_layers names], ...}})
+ * as the bind arrays of MsTxt2ImgOptions (word_ptr, token_ptr[w * n_layers + i]). No files: none. */
+typedef struct {
+    int n_words, n_layers;
+    char (*words)[MS_WORD_MAX];
+    char (*tokens)[24];
+    const char **word_ptr, **token_ptr;
+} RegionalConcepts;
+MsStatus regional_concepts_load(const char *dir, ClipTokenizer *tok, int n_layers, RegionalConcepts *c);
+void regional_concepts_free(RegionalConcepts *c);
+/* Warns on stderr about "<word>"s in text that are not among known (tokenized as plain text). */
+void regional_warn_unknown(const char *text, const char *where, const char *const *known, int n_known);
+/* PNG with one tEXt chunk (key, Latin-1 text; other bytes become '?') after IHDR; path.tmp, renamed. */
+MsStatus regional_png_write_text(const char *path, const uint8_t *px, int w, int h, int C, const char *key,
+                                 const char *text);
+/* Overlay (tools/overlay.c): draws each box (pixels, top, left, bottom, right) as a 2-pixel frame in
+ * its own colour with its label in a built-in 5x7 bitmap font, on px (h, w, 3). */
+void regional_overlay(uint8_t *px, int w, int h, int n, const double (*box)[4], const char *const *label);
+/* `mixshow sample` with the official regionally_controlable_sampling.py options (tools/regional.c):
+ * regional_wanted() is 1 when argv holds one of them; cmd_sample then hands over. */
+int regional_wanted(int argc, char **argv);
+int cmd_sample_regional(int argc, char **argv);
+/* cmd_sample.c's condition reader (diffusers _preprocess_adapter_image): (1,C,H,W) in [0,1]. */
+MsStatus sample_load_cond(const char *path, int C, int W, int H, float **out);
+
 #endif /* MS_TOOLS_H */
