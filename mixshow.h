@@ -1366,6 +1366,55 @@ double ms_fuse_objective_stats(const MsFuseStats *s, const float *W);
 /* f(W) exactly from rows (double): sum over rows of concept i of ||x (W - W_i)^T||^2 / (n d_out). */
 double ms_fuse_objective_rows(const MsFuseRows *r, const float *W0, const MsFuseDelta *d, int d_out, const float *W);
 /* Symmetric eigen-decomposition (cyclic Jacobi, double): A (n,n) symmetric is destroyed;
+/* The model-level loop (gradient_fusion.py steps 4-5). Tokens: every concept word's n_layers
+ * token names (bind_concept_prompt order) and the stacked new embedding rows. */
+typedef struct {
+    int n_bind, n_layers;            /* words; token variants per word (16) */
+    const char *const *bind_word;    /* (n_bind) "<potter1>" */
+    const char *const *bind_token;   /* (n_bind * n_layers) "<new0>".. at [w * n_layers + i] */
+    const float *new_emb;            /* (n_new, D) rows of ids vocab_size.. */
+    int n_new;
+} MsFuseTokens;
+typedef struct {
+    const char *name;                /* concept_name with its words: "<potter1> <potter2>" */
+    const ClipLora *te;              /* alpha = text_encoder_alpha; NULL: none */
+    const unsigned char *te_has;     /* (layers * 4) modules the file has (q, k, v, out) */
+    const UNetLora *unet;            /* alpha = unet_alpha; NULL: none */
+    const unsigned char *unet_has;   /* (n_attn * 4) */
+} MsFuseConcept;
+typedef struct {
+    MsFuseMethod method;
+    int te_iters, unet_iters;        /* lbfgs: 500, 50 */
+    double rcond;                    /* gram cut-off (<= 0: MS_FUSE_RCOND) */
+    int verbose;                     /* one line per layer on stderr */
+} MsFuseOptions;
+typedef struct {
+    char layer[MS_KEY_MAX];          /* state-dict key */
+    char stage[4];                   /* "te", "kv", "sp" */
+    size_t rows;
+    double f_w0, f_weight, f_fused;  /* f (double, exact from the rows) */
+    int rank;                        /* gram: eigenvalues kept */
+    double *trace; int n_trace;      /* lbfgs: closure values */
+    double seconds;
+} MsFuseLayerReport;
+typedef struct { MsFuseLayerReport *l; int n, cap; double seconds[3]; } MsFuseReport;
+void ms_fuse_report_free(MsFuseReport *rep);
+/* Text encoder q/k/v/out_proj, then cross-attention to_k/to_v; fused weights are written into
+ * m's f32 tables in place. up: UNetParams of m (module names). tok must hold the added tokens. */
+MsStatus ms_fuse_text_kv(MsModel *m, const UNetParams *up, const ClipTokenizer *tok, const MsFuseTokens *tk,
+                         const MsFuseConcept *cs, int n, const MsFuseOptions *o, MsFuseReport *rep);
+
+/* ==========================================================================================
+ * Benchmarks (tensor.c): kernels measured by `mixshow bench`
+ * ======================================================================================== */
+/* GFLOP/s of a register-only FMA loop (12 independent chains) at `level` (capped at ms_simd())
+ * on `threads` threads, each running the loop; the run lasts about `seconds`. The denominator
+ * of every "% of peak" that `mixshow bench` prints. */
+double ms_bench_fma_peak(MsSimd level, int threads, double seconds);
+/* conv2d_forward without bias through an explicit column matrix: cols holds C*k*k*Ho*Wo
+ * floats. Only for `mixshow bench`, to compare with the implicit im2col of conv2d_forward. */
+void ms_bench_conv2d_explicit(float *out, float *cols, const float *x, const float *w, int N, int C,
+                              int Co, int H, int W, int k, int s, int p);
  * w (n) eigenvalues ascending, V (n,n) row-major with eigenvector k in column k. */
 MsStatus ms_sym_eigen(double *A, int n, double *w, double *V);
 #define MS_FUSE_RCOND 1e-12

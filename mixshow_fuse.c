@@ -344,3 +344,264 @@ MsStatus ms_fuse_weight(float *W, const float *W0, const MsFuseDelta *d, int n_c
     free(t);
     return MS_OK;
 }
+
+/* ==========================================================================================
+ * The per-layer loop over a model: record, solve, write back (text encoder, cross-attention K/V)
+ * ======================================================================================== */
+#include <stdio.h>
+
+#define FUSE_TEMPLATE "photo of a "          /* TEMPLATE_SIMPLE = 'photo of a {}' */
+#define FUSE_EOS 49407                       /* get_text_feature: positions where id >= 49407 */
+
+/* str.replace(word, token) for every bound word in order (bind_concept_prompt, variant i). */
+static char *fuse_bind(const char *prompt, const MsFuseTokens *t, int i) {
+    size_t cap = strlen(prompt) * 4 + 256;
+    char *a = (char *)malloc(cap), *b = (char *)malloc(cap);
+    if (!a || !b) { free(a); free(b); return NULL; }
+    snprintf(a, cap, "%s", prompt);
+    for (int w = 0; w < t->n_bind; w++) {
+        const char *word = t->bind_word[w], *tok = t->bind_token[(size_t)w * t->n_layers + i];
+        size_t lw = strlen(word), lt = strlen(tok), o = 0;
+        if (!lw) continue;
+        for (const char *p = a; *p;) {
+            if (!strncmp(p, word, lw)) {
+                if (o + lt + 1 >= cap) break;
+                memcpy(b + o, tok, lt); o += lt; p += lw;
+            } else {
+                if (o + 2 >= cap) break;
+                b[o++] = *p++;
+            }
+        }
+        b[o] = '\0';
+        char *sw = a; a = b; b = sw;
+    }
+    free(b);
+    return a;
+}
+
+/* tokenizer(text, truncation=True, max_length=77, padding='do_not_pad').input_ids */
+static MsStatus fuse_tokens(const ClipTokenizer *tok, const char *text, int32_t *ids, int *T, int max_len) {
+    size_t n = 0;
+    MsStatus s = clip_tokenize_raw(tok, text, strlen(text), ids + 1, (size_t)max_len - 2, &n);
+    if (s) return s;
+    if (n > (size_t)max_len - 2) n = (size_t)max_len - 2;
+    ids[0] = tok->bos_id;
+    ids[n + 1] = tok->eos_id;
+    *T = (int)n + 2;
+    return MS_OK;
+}
+
+static MsStatus report_add(MsFuseReport *rep, const char *layer, const char *stage, size_t rows, double f0,
+                           double fw, double ff, int rank, const double *trace, int n_trace, double sec) {
+    if (!rep) return MS_OK;
+    if (rep->n == rep->cap) {
+        int cap = rep->cap ? 2 * rep->cap : 64;
+        MsFuseLayerReport *l = (MsFuseLayerReport *)realloc(rep->l, (size_t)cap * sizeof *l);
+        if (!l) return ms_errorf(MS_ERR_NOMEM, "fuse: report");
+        rep->l = l; rep->cap = cap;
+    }
+    MsFuseLayerReport *e = &rep->l[rep->n];
+    memset(e, 0, sizeof *e);
+    snprintf(e->layer, sizeof e->layer, "%s", layer);
+    snprintf(e->stage, sizeof e->stage, "%s", stage);
+    e->rows = rows; e->f_w0 = f0; e->f_weight = fw; e->f_fused = ff; e->rank = rank; e->seconds = sec;
+    if (n_trace > 0 && trace) {
+        e->trace = (double *)malloc((size_t)n_trace * sizeof(double));
+        if (!e->trace) return ms_errorf(MS_ERR_NOMEM, "fuse: report");
+        memcpy(e->trace, trace, (size_t)n_trace * sizeof(double));
+        e->n_trace = n_trace;
+    }
+    rep->n++;
+    return MS_OK;
+}
+
+void ms_fuse_report_free(MsFuseReport *rep) {
+    for (int i = 0; i < rep->n; i++) free(rep->l[i].trace);
+    free(rep->l);
+    memset(rep, 0, sizeof *rep);
+}
+
+/* One layer: W0 = *param (f32, d_out x d_in), rows of every concept, deltas; solve with the
+ * chosen method, report f(W0), f(weight), f(fused) exactly from the rows, write W into param. */
+static MsStatus fuse_layer(MsParam *param, const MsFuseRows *R, const MsFuseDelta *d, const MsFuseOptions *o,
+                           int iters, const char *stage, MsFuseReport *rep) {
+    const int dout = (int)param->shape[0], di = R->d_in;
+    const size_t m = (size_t)dout * di;
+    double t0 = ms_time();
+    if (!param->f32) return ms_errorf(MS_ERR_UNSUPPORTED, "fuse: %s holds no f32 data", param->name);
+    if (param->ndim != 2 || param->shape[1] != di)
+        return ms_errorf(MS_ERR_SHAPE, "fuse: %s is not a (%d, %d) matrix", param->name, dout, di);
+    float *W0 = (float *)malloc(m * sizeof(float)), *Wc = (float *)malloc(m * sizeof(float));
+    float *Ww = (float *)malloc(m * sizeof(float)), *W = (float *)malloc(m * sizeof(float));
+    double *trace = NULL;
+    int n_trace = 0, rank = 0;
+    MsFuseStats S;
+    MsStatus s = ms_fuse_stats_init(&S, di, dout);
+    if (!s && (!W0 || !Wc || !Ww || !W)) s = ms_errorf(MS_ERR_NOMEM, "fuse: %s", param->name);
+    if (!s) {
+        memcpy(W0, param->f32, m * sizeof(float));
+        size_t start = 0;
+        for (int c = 0; c < R->n_concepts && !s; c++) {
+            ms_fuse_merged_weight(Wc, W0, &d[c], dout, di);
+            s = ms_fuse_stats_add(&S, R->X + start * di, R->end[c] - start, Wc);
+            start = R->end[c];
+        }
+    }
+    if (!s) s = ms_fuse_weight(Ww, W0, d, R->n_concepts, dout, di);
+    if (!s) {
+        if (o->method == MS_FUSE_GRAM) s = ms_fuse_solve_gram(&S, W0, W, o->rcond, &rank);
+        else if (o->method == MS_FUSE_WEIGHT) memcpy(W, Ww, m * sizeof(float));
+        else {
+            MsLbfgsResult res;
+            int cap = iters * 5 / 4 + 64;
+            trace = (double *)malloc((size_t)cap * sizeof(double));
+            if (!trace) s = ms_errorf(MS_ERR_NOMEM, "fuse: trace");
+            if (!s) s = ms_fuse_solve_lbfgs(&S, W0, W, iters, trace, cap, &res);
+            n_trace = res.n_evals < cap ? res.n_evals : cap;
+        }
+    }
+    if (!s) {
+        double f0 = ms_fuse_objective_rows(R, W0, d, dout, W0);
+        double fw = ms_fuse_objective_rows(R, W0, d, dout, Ww);
+        double ff = ms_fuse_objective_rows(R, W0, d, dout, W);
+        char key[MS_KEY_MAX];
+        snprintf(key, sizeof key, "%s", param->name);
+        memcpy(param->f32, W, m * sizeof(float));
+        s = report_add(rep, key, stage, R->n, f0, fw, ff, rank, trace, n_trace, ms_time() - t0);
+        if (o->verbose)
+            fprintf(stderr, "  [%s] %-60s rows %6zu  f(W0) %.4e  weight %.4e  %s %.4e\n", stage, key, R->n, f0, fw,
+                    ms_fuse_method_name(o->method), ff);
+    }
+    free(W0); free(Wc); free(Ww); free(W); free(trace);
+    ms_fuse_stats_free(&S);
+    return s;
+}
+
+static MsParam *find_param(MsParamTable *t, const char *name) {
+    int i = ms_param_find(t, name);
+    return i < 0 ? NULL : &t->p[i];
+}
+
+MsStatus ms_fuse_text_kv(MsModel *m, const UNetParams *up, const ClipTokenizer *tok, const MsFuseTokens *tk,
+                         const MsFuseConcept *cs, int n, const MsFuseOptions *o, MsFuseReport *rep) {
+    const ClipTextConfig *tc = &m->text_config;
+    const int L = tc->num_hidden_layers, D = tc->hidden_size, P = tc->max_position_embeddings;
+    const int NL = ms_unet_cross_attn_layers(&m->unet_config);
+    static const char *const proj[4] = { "q_proj", "k_proj", "v_proj", "out_proj" };
+    MsFuseRows *rows = NULL;        /* text: [l*2 + 0] layer_norm1 out (q,k,v), [l*2 + 1] attention out; kv: [2L + i] */
+    ClipTextParams tp;
+    Arena ar = { 0 };
+    int32_t *ids = NULL;
+    int max_rank = 0, any_te = 0, any_kv = 0;
+    MsStatus s = MS_OK;
+    if (tk->n_layers != NL) return ms_errorf(MS_ERR_ARG, "fuse: %d token variants per word, the UNet has %d cross-attention layers", tk->n_layers, NL);
+    for (int c = 0; c < n; c++) {
+        if (cs[c].te && cs[c].te->rank > max_rank) max_rank = cs[c].te->rank;
+        for (int k = 0; cs[c].te_has && k < L * 4; k++) any_te |= cs[c].te_has[k];
+        for (int i = 0; cs[c].unet_has && i < NL; i++) any_kv |= cs[c].unet_has[4 * (2 * i + 1) + 1] | cs[c].unet_has[4 * (2 * i + 1) + 2];
+    }
+    rows = (MsFuseRows *)calloc((size_t)(2 * L + NL), sizeof *rows);
+    ids = (int32_t *)malloc((size_t)P * sizeof(int32_t));
+    if (!rows || !ids) { s = ms_errorf(MS_ERR_NOMEM, "fuse: out of memory"); goto done; }
+    for (int k = 0; k < 2 * L + NL && !s; k++) s = ms_fuse_rows_init(&rows[k], k < 2 * L ? D : D, n);
+    if (!s) s = clip_text_params(&tp, &m->text, tc);
+    if (!s) s = arena_init(&ar, clip_text_sizes(tc, 1, P, max_rank, 1));
+    if (s) goto done;
+
+    /* ---- step 4 (merge_text_encoder): record each concept's text-encoder layer inputs ---- */
+    double t0 = ms_time();
+    for (int c = 0; c < n && any_te && !s; c++) {
+        char base[2][1024];
+        snprintf(base[0], sizeof base[0], FUSE_TEMPLATE "%s", cs[c].name);
+        snprintf(base[1], sizeof base[1], "%s", cs[c].name);
+        for (int b = 0; b < 2 && !s; b++)
+            for (int i = 0; i < NL && !s; i++) {
+                char *p = fuse_bind(base[b], tk, i);
+                int T = 0;
+                ClipTextActs a;
+                if (!p) { s = ms_errorf(MS_ERR_NOMEM, "fuse: prompt"); break; }
+                s = fuse_tokens(tok, p, ids, &T, P);
+                free(p);
+                arena_reset(&ar, 0);
+                if (!s) s = clip_text_acts_alloc(&a, &ar, tc, 1, T, max_rank, 1);
+                if (!s) s = clip_text_forward(&a, &tp, cs[c].te, ids, tk->new_emb, tk->n_new, tc);
+                for (int l = 0; l < L && !s; l++) {     /* the hooks: inputs of q/k/v (shared) and out_proj */
+                    s = ms_fuse_rows_add(&rows[2 * l], c, a.l[l].ln1, (size_t)T);
+                    if (!s) s = ms_fuse_rows_add(&rows[2 * l + 1], c, a.l[l].attn, (size_t)T);
+                }
+            }
+    }
+    /* ---- solve every text-encoder layer some concept's LoRA touches ---- */
+    for (int l = 0; l < L && any_te && !s; l++)
+        for (int j = 0; j < 4 && !s; j++) {
+            int touched = 0;
+            MsFuseDelta d[64];
+            if (n > 64) { s = ms_errorf(MS_ERR_ARG, "fuse: at most 64 concepts"); break; }
+            for (int c = 0; c < n; c++) {
+                int has = cs[c].te_has && cs[c].te_has[l * 4 + j] && cs[c].te;
+                touched |= has;
+                d[c].alpha = has ? cs[c].te->alpha : 0.0f;
+                d[c].rank = has ? cs[c].te->rank : 0;
+                d[c].down = has ? cs[c].te->down[l][j] : NULL;
+                d[c].up = has ? cs[c].te->up[l][j] : NULL;
+            }
+            if (!touched) continue;
+            char key[MS_KEY_MAX];
+            snprintf(key, sizeof key, "text_model.encoder.layers.%d.self_attn.%s.weight", l, proj[j]);
+            MsParam *W = find_param(&m->text, key);
+            if (!W) { s = ms_errorf(MS_ERR_ARG, "fuse: the text encoder has no %s", key); break; }
+            s = fuse_layer(W, &rows[2 * l + (j == 3)], d, o, o->te_iters, "te", rep);
+        }
+    if (rep) rep->seconds[0] = ms_time() - t0;
+    for (int k = 0; k < 2 * L; k++) ms_fuse_rows_free(&rows[k]);
+
+    /* ---- step 5 (merge_kv_in_cross_attention): the FUSED text encoder's features at the concept
+     * tokens and EOS of the prompts bound for layer i; targets from each concept's to_k/to_v ---- */
+    t0 = ms_time();
+    for (int c = 0; c < n && any_kv && !s; c++) {
+        char base[2][1024];
+        snprintf(base[0], sizeof base[0], FUSE_TEMPLATE "%s", cs[c].name);
+        snprintf(base[1], sizeof base[1], "%s", cs[c].name);
+        for (int i = 0; i < NL && !s; i++)
+            for (int b = 0; b < 2 && !s; b++) {
+                char *p = fuse_bind(base[b], tk, i);
+                int T = 0;
+                ClipTextActs a;
+                if (!p) { s = ms_errorf(MS_ERR_NOMEM, "fuse: prompt"); break; }
+                s = fuse_tokens(tok, p, ids, &T, P);
+                free(p);
+                arena_reset(&ar, 0);
+                if (!s) s = clip_text_acts_alloc(&a, &ar, tc, 1, T, 0, 0);
+                if (!s) s = clip_text_forward(&a, &tp, NULL, ids, tk->new_emb, tk->n_new, tc);
+                for (int t = 0; t < T && !s; t++)
+                    if (ids[t] >= FUSE_EOS) s = ms_fuse_rows_add(&rows[2 * L + i], c, a.out + (size_t)t * D, 1);
+            }
+    }
+    for (int i = 0; i < NL && any_kv && !s; i++)
+        for (int w = 1; w <= 2 && !s; w++) {          /* to_k, to_v of attention module 2i+1 (attn2) */
+            const int am = 2 * i + 1;
+            MsFuseDelta d[64];
+            if (n > 64) { s = ms_errorf(MS_ERR_ARG, "fuse: at most 64 concepts"); break; }
+            for (int c = 0; c < n; c++) {
+                int has = cs[c].unet_has && cs[c].unet_has[4 * am + w] && cs[c].unet;
+                const UNetLoraLinear *ll = has ? &cs[c].unet->lin[4 * am + w] : NULL;
+                d[c].alpha = has ? cs[c].unet->alpha : 0.0f;
+                d[c].rank = has ? cs[c].unet->rank : 0;
+                d[c].down = ll ? ll->down : NULL;
+                d[c].up = ll ? ll->up : NULL;
+            }
+            char name[MS_KEY_MAX], key[MS_KEY_MAX + 8];
+            unet_lora_module_name(up, am, w, name, sizeof name);
+            snprintf(key, sizeof key, "%s.weight", name);
+            MsParam *W = find_param(&m->unet, key);
+            if (!W) { s = ms_errorf(MS_ERR_ARG, "fuse: the UNet has no %s", key); break; }
+            s = fuse_layer(W, &rows[2 * L + i], d, o, o->te_iters, "kv", rep);   /* official: textenc iters */
+        }
+    if (rep) rep->seconds[1] = ms_time() - t0;
+done:
+    if (rows) for (int k = 0; k < 2 * L + NL; k++) ms_fuse_rows_free(&rows[k]);
+    free(rows);
+    free(ids);
+    arena_free(&ar);
+    return s;
+}

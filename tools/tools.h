@@ -398,6 +398,7 @@ MsStatus ms_image_resize_lanczos(uint8_t *out, int ow, int oh, const uint8_t *in
 int cmd_sample(int argc, char **argv);   /* mixshow sample [--model PATH] -p PROMPT ... -o out.png */
 int cmd_dump(int argc, char **argv);     /* mixshow dump --model PATH --inputs IN --out OUT */
 int cmd_train(int argc, char **argv);    /* mixshow train --config X.yml [--replay DUMP --trace OUT] ... */
+int cmd_fuse(int argc, char **argv);     /* mixshow fuse --model BASE --concepts CFG.json --out DIR (helper "fuse") */
 
 /* ---- ED-LoRA training data options (tools/train_config.c reads them from the .yml) ---- */
 /* One entry of datasets.train.instance_transform, in file order (mixofshow/data/pil_transform.py

@@ -9,6 +9,8 @@ tests/test_fuse.c. Writes tests/data/fuse/lbfgs_golden.safetensors:
   value, in evaluation order), best_W (what it returns), f_best (F.mse_loss of best_W in double).
 
     /usr/bin/python3 tools/ref/gen_fuse_golden.py [--mos /tmp/mos]
+    /usr/bin/python3 tools/ref/gen_fuse_golden.py --edloras   (random ED-LoRAs concept_{a,b,c}.pth
+        for models/tiny-sd and the multi-concept JSON multi.json, as the official files are)
 
 update_quasi_newton is torch.optim.LBFGS(lr=1, max_iter=iters, history_size=25,
 line_search_fn='strong_wolfe', tolerance_grad=1e-16, tolerance_change=1e-16) with a closure
@@ -105,5 +107,47 @@ def main():
     print(f"wrote {path} ({n} bytes)")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--edloras" not in sys.argv:
     main()
+
+
+# ---------------------------------------------------------------------------------------------
+# Random ED-LoRAs for the tiny model (tests/data/fuse/concept_*.pth + multi.json), saved as the
+# official trainer saves them: torch.save({'params': {'new_concept_embedding', 'text_encoder',
+# 'unet'}}), rank 4, LoRA on text q/k/v/out_proj and every UNet attention to_q/k/v/out.0.
+# ---------------------------------------------------------------------------------------------
+def make_edloras(model_dir, out_dir, names, seed=7):
+    from common import read_safetensors
+    te, _ = read_safetensors(os.path.join(model_dir, "text_encoder/model.safetensors"))
+    un, _ = read_safetensors(os.path.join(model_dir, "unet/diffusion_pytorch_model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    D = te["text_model.embeddings.token_embedding.weight"].shape[1]
+    entries = []
+    for ci, (words, alpha_u, alpha_t) in enumerate(names):
+        emb = {w: (torch.randn(16, D, generator=g) * 0.3) for w in words}
+        def lora(keys):
+            d = {}
+            for k in keys:
+                W = keys[k]
+                down = torch.randn(4, W.shape[1], generator=g) / W.shape[1] ** 0.5
+                up = torch.randn(W.shape[0], 4, generator=g) * 0.5
+                m = k[:-len(".weight")]
+                d[m + ".lora_down.weight"] = down.requires_grad_()
+                d[m + ".lora_up.weight"] = up.requires_grad_()
+            return d
+        tk = {k: torch.from_numpy(v) for k, v in te.items() if "self_attn" in k and k.endswith("_proj.weight")}
+        uk = {k: torch.from_numpy(v) for k, v in un.items()
+              if (".attn1." in k or ".attn2." in k) and k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))}
+        params = {"new_concept_embedding": emb, "text_encoder": lora(tk), "unet": lora(uk)}
+        fn = f"concept_{chr(97 + ci)}.pth"
+        torch.save({"params": params}, os.path.join(out_dir, fn))
+        entries.append({"lora_path": fn, "unet_alpha": alpha_u, "text_encoder_alpha": alpha_t, "concept_name": " ".join(words)})
+    import json
+    with open(os.path.join(out_dir, "multi.json"), "w") as f:
+        json.dump(entries, f, indent=4)
+
+
+if __name__ == "__main__" and "--edloras" in sys.argv:
+    make_edloras(os.path.join(ROOT, "models/tiny-sd"), os.path.join(ROOT, "tests/data/fuse"),
+                 [(["<cat1>", "<cat2>"], 1.0, 1.0), (["<dog1>", "<dog2>"], 0.7, 1.0), (["<owl1>", "<owl2>"], 1.0, 0.8)])
+    print("wrote tests/data/fuse/concept_{a,b,c}.pth, multi.json")

@@ -1,0 +1,485 @@
+/* tools/cmd_fuse.c — `mixshow fuse`: Mix-of-Show gradient fusion (gradient_fusion.py) of the
+ * ED-LoRAs listed in an official multi-concept JSON into one diffusers folder + new_concept_cfg.json.
+ *
+ *   mixshow fuse --model BASE --concepts CFG.json --out DIR [--method gram|lbfgs|weight]
+ *                [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-v]
+ *
+ * Order of work (all input errors come before any of it): read the JSON and every LoRA file, check
+ * ranks and shapes against the base model, stack the embeddings into one tokenizer (<new0>..,
+ * 16 per word, words remapped on collision), then fuse (mixshow_fuse.c) and write DIR.tmp,
+ * renamed to DIR when complete. Stages done: text encoder q/k/v/out_proj and cross-attention
+ * to_k/to_v. The spatial stage (UNet self-attention and attn2 to_q/to_out, recorded during
+ * 20-step DPM-Solver sampling) is not done yet: those layers keep W0 + nothing (see report). */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L         /* mkdir, getrusage */
+#endif
+#include "mixshow.h"
+#include "tools/tools.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _WIN32
+#include <direct.h>
+static int make_dir(const char *p) { return _mkdir(p); }
+static size_t peak_rss(void) { return 0; }
+#else
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+static int make_dir(const char *p) { return mkdir(p, 0777); }
+static size_t peak_rss(void) {                  /* bytes (Linux reports KiB) */
+    struct rusage u;
+    return getrusage(RUSAGE_SELF, &u) ? 0 : (size_t)u.ru_maxrss * 1024;
+}
+#endif
+
+#define MAXC 64
+
+typedef struct {
+    char path[4096];
+    double unet_alpha, te_alpha;
+    char name[1024];                 /* concept_name after remapping */
+    EdloraFile f;
+    ClipLora te; float *te_mem; unsigned char *te_has;
+    UNetLora un; Arena un_ar; unsigned char *un_has;
+} Concept;
+
+static int file_exists(const char *p) { FILE *f = fopen(p, "rb"); if (f) fclose(f); return f != NULL; }
+
+static MsStatus copy_file(const char *from, const char *to) {
+    FILE *a = fopen(from, "rb"), *b = a ? fopen(to, "wb") : NULL;
+    unsigned char buf[65536];
+    size_t n;
+    int ok = a && b;
+    while (ok && (n = fread(buf, 1, sizeof buf, a)) > 0) ok = fwrite(buf, 1, n, b) == n;
+    if (a && ferror(a)) ok = 0;
+    if (a) fclose(a);
+    if (b && fclose(b)) ok = 0;
+    return ok ? MS_OK : ms_errorf(MS_ERR_IO, "cannot copy %s to %s", from, to);
+}
+
+/* ---- the multi-concept JSON: [{lora_path, unet_alpha, text_encoder_alpha, concept_name}, ...] ---- */
+static MsStatus read_concepts(const char *cfg, Concept *cs, int *n) {
+    JsonValue *j = NULL;
+    MsStatus s = json_parse_file(cfg, &j);
+    if (s) return s;
+    if (j->type != JSON_ARRAY || j->count == 0 || j->count > MAXC) {
+        s = ms_errorf(MS_ERR_FORMAT, "%s: expected a JSON array of 1..%d concepts", cfg, MAXC);
+        goto done;
+    }
+    char dir[2048];
+    if (strlen(cfg) >= sizeof dir) { s = ms_errorf(MS_ERR_ARG, "%.100s...: path too long", cfg); goto done; }
+    snprintf(dir, sizeof dir, "%s", cfg);
+    char *sl = strrchr(dir, '/');
+    if (sl) *sl = '\0'; else snprintf(dir, sizeof dir, ".");
+    for (size_t i = 0; i < j->count && !s; i++) {
+        const JsonValue *e = &j->items[i];
+        const char *lp = NULL, *nm = NULL;
+        if (e->type != JSON_OBJECT) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept %zu is not an object", cfg, i); break; }
+        if ((s = json_need_string(e, "lora_path", &lp))) break;
+        if (strlen(lp) >= 2000) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept %zu: lora_path too long", cfg, i); break; }
+        if ((s = json_need_string(e, "concept_name", &nm))) break;
+        if ((s = json_need_number(e, "unet_alpha", &cs[i].unet_alpha))) break;
+        if ((s = json_need_number(e, "text_encoder_alpha", &cs[i].te_alpha))) break;
+        if (!isfinite(cs[i].unet_alpha) || !isfinite(cs[i].te_alpha)) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept %zu: alpha is not finite", cfg, i); break; }
+        /* the official script opens lora_path from the working directory; then the JSON's folder */
+        if (file_exists(lp) || lp[0] == '/') snprintf(cs[i].path, sizeof cs[i].path, "%s", lp);
+        else snprintf(cs[i].path, sizeof cs[i].path, "%s/%s", dir, lp);
+        if (!file_exists(cs[i].path)) { s = ms_errorf(MS_ERR_IO, "%s: concept %zu: lora_path '%s' not found (tried . and %s/)", cfg, i, lp, dir); break; }
+        if (strlen(nm) >= sizeof cs[i].name) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept %zu: concept_name too long", cfg, i); break; }
+        snprintf(cs[i].name, sizeof cs[i].name, "%s", nm);
+    }
+    *n = (int)j->count;
+done:
+    json_free(j);
+    return s;
+}
+
+/* ---- the fused folder ---- */
+static MsStatus write_table(const char *path, const MsParamTable *t, const float *tok_emb, int64_t tok_rows) {
+    StEntry *e = (StEntry *)calloc((size_t)t->n + 1, sizeof *e);
+    int64_t *ids = NULL;
+    size_t ne = 0;
+    MsStatus s = MS_OK;
+    static const char *const meta[2] = { "format", "pt" };
+    if (!e) return ms_errorf(MS_ERR_NOMEM, "%s: out of memory", path);
+    for (int i = 0; i < t->n && !s; i++) {
+        const MsParam *p = &t->p[i];
+        StEntry *x = &e[ne++];
+        x->name = p->name;
+        x->ndim = p->ndim;
+        for (int d = 0; d < p->ndim; d++) x->shape[d] = p->shape[d];
+        if (p->flags & MS_PARAM_BUFFER) {
+            ids = (int64_t *)malloc((p->numel ? p->numel : 1) * sizeof *ids);
+            if (!ids) { s = ms_errorf(MS_ERR_NOMEM, "%s: out of memory", path); break; }
+            for (size_t k = 0; k < p->numel; k++) ids[k] = (int64_t)k;
+            x->dtype = ST_I64;
+            x->raw = ids;
+        } else if (tok_emb && !strcmp(p->name, "text_model.embeddings.token_embedding.weight")) {
+            x->dtype = ST_F32;
+            x->f32 = tok_emb;
+            x->shape[0] = tok_rows;
+        } else if (p->f32) {
+            x->dtype = ST_F32;
+            x->f32 = p->f32;
+        } else s = ms_errorf(MS_ERR_UNSUPPORTED, "%s: %s holds no f32 data", path, p->name);
+    }
+    if (!s) s = st_write(path, e, ne, meta, 1);
+    free(e);
+    free(ids);
+    return s;
+}
+
+static MsStatus write_folder(const char *base, const char *out, const MsModel *m, const ClipTokenizer *tok,
+                             const float *new_emb, int n_new, const JsonValue *cfg) {
+    char tmp[4200], p[4400], q[4400];
+    static const char *const subs[] = { "unet", "vae", "text_encoder", "scheduler", "tokenizer" };
+    static const char *const copies[] = { "model_index.json", "unet/config.json", "vae/config.json",
+                                          "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                                          "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json" };
+    const int V = m->text_config.vocab_size, D = m->text_config.hidden_size;
+    MsStatus s = MS_OK;
+    JsonValue *tc = NULL, *add = NULL;
+    float *emb = NULL;
+    if (file_exists(out)) return ms_errorf(MS_ERR_ARG, "%s already exists", out);
+    snprintf(tmp, sizeof tmp, "%s.tmp", out);
+    if (make_dir(tmp)) return ms_errorf(MS_ERR_IO, "%s: cannot create the folder (remove a stale one?)", tmp);
+    for (size_t i = 0; i < sizeof subs / sizeof subs[0] && !s; i++) {
+        snprintf(p, sizeof p, "%s/%s", tmp, subs[i]);
+        if (make_dir(p)) s = ms_errorf(MS_ERR_IO, "%s: cannot create", p);
+    }
+    for (size_t i = 0; i < sizeof copies / sizeof copies[0] && !s; i++) {
+        snprintf(q, sizeof q, "%s/%s", base, copies[i]);
+        snprintf(p, sizeof p, "%s/%s", tmp, copies[i]);
+        if (file_exists(q)) s = copy_file(q, p);
+    }
+    /* text_encoder/config.json with vocab_size + n_new (resize_token_embeddings) */
+    snprintf(q, sizeof q, "%s/text_encoder/config.json", base);
+    if (!s) s = json_parse_file(q, &tc);
+    if (!s) { JsonValue *v = json_new_number((double)(V + n_new)); s = v ? json_set(tc, "vocab_size", v) : MS_ERR_NOMEM; }
+    snprintf(p, sizeof p, "%s/text_encoder/config.json", tmp);
+    if (!s) s = json_write_file(p, tc, 2);
+    /* weights */
+    if (!s) {
+        emb = (float *)malloc(((size_t)V + n_new) * D * sizeof(float));
+        int ie = ms_param_find(&m->text, "text_model.embeddings.token_embedding.weight");
+        if (!emb || ie < 0 || !m->text.p[ie].f32) s = ms_errorf(MS_ERR_NOMEM, "fuse: token embedding");
+        else {
+            memcpy(emb, m->text.p[ie].f32, (size_t)V * D * sizeof(float));
+            if (n_new) memcpy(emb + (size_t)V * D, new_emb, (size_t)n_new * D * sizeof(float));
+        }
+    }
+    snprintf(p, sizeof p, "%s/unet/diffusion_pytorch_model.safetensors", tmp);
+    if (!s) s = write_table(p, &m->unet, NULL, 0);
+    snprintf(p, sizeof p, "%s/vae/diffusion_pytorch_model.safetensors", tmp);
+    if (!s) s = write_table(p, &m->vae, NULL, 0);
+    snprintf(p, sizeof p, "%s/text_encoder/model.safetensors", tmp);
+    if (!s) s = write_table(p, &m->text, emb, (int64_t)V + n_new);
+    /* tokenizer/added_tokens.json {token: id}, new_concept_cfg.json */
+    if (!s && !(add = json_new(JSON_OBJECT))) s = ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
+    for (int k = 0; k < tok->n_added && !s; k++) {
+        int id = tok->n_vocab + k;
+        JsonValue *v = json_new_number(id);
+        char name[256];
+        size_t len = tok->tok_len[id] < sizeof name ? tok->tok_len[id] : sizeof name - 1;
+        memcpy(name, tok->tok[id], len);
+        name[len] = '\0';
+        s = v ? json_set(add, name, v) : MS_ERR_NOMEM;
+    }
+    snprintf(p, sizeof p, "%s/tokenizer/added_tokens.json", tmp);
+    if (!s) s = json_write_file(p, add, 0);
+    snprintf(p, sizeof p, "%s/new_concept_cfg.json", tmp);
+    if (!s) s = json_write_file(p, cfg, 0);
+    if (!s && rename(tmp, out)) s = ms_errorf(MS_ERR_IO, "cannot rename %s to %s", tmp, out);
+    json_free(tc);
+    json_free(add);
+    free(emb);
+    return s;
+}
+
+/* ---- report: JSON, CSV and an SVG bar chart beside it ---- */
+static MsStatus write_report(const char *path, const MsFuseReport *r, MsFuseMethod method, double total, size_t peak) {
+    JsonBuf b = { 0 };
+    MsStatus s = MS_OK;
+    char buf[512];
+#define P(str) do { if (!s) s = jbuf_puts(&b, str); } while (0)
+#define N(x) do { if (!s) s = json_write_number(&b, x); } while (0)
+    P("{\n  \"method\": \""); P(ms_fuse_method_name(method)); P("\",\n  \"layers\": [\n");
+    for (int i = 0; i < r->n; i++) {
+        const MsFuseLayerReport *l = &r->l[i];
+        P("    {\"layer\": "); if (!s) s = json_write_string(&b, l->layer, strlen(l->layer));
+        P(", \"stage\": \""); P(l->stage); P("\", \"rows\": "); N((double)l->rows);
+        P(", \"objective\": {\"W0\": "); N(l->f_w0); P(", \"weight\": "); N(l->f_weight); P(", \"fused\": "); N(l->f_fused); P("}");
+        if (method == MS_FUSE_GRAM) { P(", \"rank\": "); N(l->rank); }
+        if (method == MS_FUSE_LBFGS) {
+            P(", \"loss_trace\": [");
+            for (int k = 0; k < l->n_trace; k++) { if (k) P(", "); N(l->trace[k]); }
+            P("]");
+        }
+        P(", \"seconds\": "); N(l->seconds);
+        P(i + 1 < r->n ? "},\n" : "}\n");
+    }
+    P("  ],\n  \"totals\": {\"seconds\": {\"te\": "); N(r->seconds[0]); P(", \"kv\": "); N(r->seconds[1]);
+    P(", \"sp\": "); N(r->seconds[2]); P(", \"total\": "); N(total); P("}, \"peak_memory_bytes\": "); N((double)peak);
+    P(", \"layers\": "); N(r->n); P("}\n}\n");
+#undef P
+#undef N
+    FILE *f = NULL;
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    if (!s && (!(f = fopen(tmp, "wb")) || fwrite(b.data, 1, b.len, f) != b.len)) s = ms_errorf(MS_ERR_IO, "%s: cannot write", tmp);
+    if (f && fclose(f) && !s) s = ms_errorf(MS_ERR_IO, "%s: cannot write", tmp);
+    if (!s && rename(tmp, path)) s = ms_errorf(MS_ERR_IO, "cannot rename %s", tmp);
+    jbuf_free(&b);
+    if (s) return s;
+    /* CSV and SVG: path without .json + .csv / .svg */
+    char stem[4096];
+    snprintf(stem, sizeof stem, "%s", path);
+    size_t L = strlen(stem);
+    if (L > 5 && !strcmp(stem + L - 5, ".json")) stem[L - 5] = '\0';
+    snprintf(tmp, sizeof tmp, "%s.csv", stem);
+    if (!(f = fopen(tmp, "wb"))) return ms_errorf(MS_ERR_IO, "%s: cannot write", tmp);
+    fprintf(f, "layer,stage,rows,W0,weight,fused\n");
+    for (int i = 0; i < r->n; i++)
+        fprintf(f, "%s,%s,%zu,%.17g,%.17g,%.17g\n", r->l[i].layer, r->l[i].stage, r->l[i].rows, r->l[i].f_w0,
+                r->l[i].f_weight, r->l[i].f_fused);
+    if (fclose(f)) return ms_errorf(MS_ERR_IO, "%s: cannot write", tmp);
+    /* bars: objective / f(W0) per layer, weight (grey) and fused (blue), log scale 1e-8..1e1 */
+    snprintf(tmp, sizeof tmp, "%s.svg", stem);
+    if (!(f = fopen(tmp, "wb"))) return ms_errorf(MS_ERR_IO, "%s: cannot write", tmp);
+    int W = 60 + 14 * (r->n > 0 ? r->n : 1), H = 260;
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"10\">\n", W, H);
+    fprintf(f, "<text x=\"4\" y=\"12\">f / f(W0) per layer (log10, -8..1): grey weight fusion, blue %s</text>\n",
+            ms_fuse_method_name(method));
+    for (int e = -8; e <= 1; e++) {
+        double y = 230 - (e + 8) * 22.0;
+        fprintf(f, "<line x1=\"40\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/><text x=\"4\" y=\"%.1f\">1e%d</text>\n", W, y, y, y + 3, e);
+    }
+    for (int i = 0; i < r->n; i++) {
+        const double v[2] = { r->l[i].f_weight, r->l[i].f_fused };
+        for (int k = 0; k < 2; k++) {
+            double rel = r->l[i].f_w0 > 0 ? v[k] / r->l[i].f_w0 : 1.0, e = rel > 1e-8 ? log10(rel) : -8;
+            if (e > 1) e = 1;
+            double h = (e + 8) * 22.0;
+            snprintf(buf, sizeof buf, "<rect x=\"%d\" y=\"%.1f\" width=\"6\" height=\"%.1f\" fill=\"%s\"><title>%s %s %.4e</title></rect>\n",
+                     44 + 14 * i + 6 * k, 230 - h, h, k ? "#36c" : "#aaa", r->l[i].layer, k ? "fused" : "weight", v[k]);
+            fputs(buf, f);
+        }
+    }
+    fprintf(f, "</svg>\n");
+    if (fclose(f)) return ms_errorf(MS_ERR_IO, "%s: cannot write", tmp);
+    return MS_OK;
+}
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: mixshow fuse --model BASE --concepts CFG.json --out DIR [--method gram|lbfgs|weight]\n"
+            "                    [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-v]\n\n"
+            "Gradient fusion (Mix-of-Show gradient_fusion.py) of the ED-LoRAs in CFG.json (the official\n"
+            "multi-concept JSON: lora_path, unet_alpha, text_encoder_alpha, concept_name) into BASE (a\n"
+            "diffusers folder). DIR gets the fused diffusers folder, tokenizer/added_tokens.json and\n"
+            "new_concept_cfg.json. Methods: gram (default: exact least squares nearest to W0), lbfgs\n"
+            "(the official optimizer), weight (W0 + sum alpha dW). Stages: text encoder and\n"
+            "cross-attention K/V (the spatial stage is not implemented yet).\n");
+}
+
+int cmd_fuse(int argc, char **argv) {
+    const char *model = NULL, *cfg = NULL, *out = NULL, *report = NULL;
+    MsFuseOptions o = { MS_FUSE_GRAM, 500, 50, 0.0, 0 };
+    static Concept cs[MAXC];
+    int n = 0, rc = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(); return 0; }
+        if (!strcmp(a, "-v")) { o.verbose = 1; continue; }
+        if (!v) { fprintf(stderr, "mixshow fuse: %s needs a value\n", a); return 2; }
+        i++;
+        if (!strcmp(a, "--model")) model = v;
+        else if (!strcmp(a, "--concepts")) cfg = v;
+        else if (!strcmp(a, "--out")) out = v;
+        else if (!strcmp(a, "--report")) report = v;
+        else if (!strcmp(a, "--method")) {
+            if (!strcmp(v, "gram")) o.method = MS_FUSE_GRAM;
+            else if (!strcmp(v, "lbfgs")) o.method = MS_FUSE_LBFGS;
+            else if (!strcmp(v, "weight")) o.method = MS_FUSE_WEIGHT;
+            else { fprintf(stderr, "mixshow fuse: --method %s: expected gram, lbfgs or weight\n", v); return 2; }
+        } else if (!strcmp(a, "--textenc-iters") || !strcmp(a, "--unet-iters") || !strcmp(a, "--seed")) {
+            char *end;
+            long x = strtol(v, &end, 10);
+            if (*end || x < 0 || x > 1000000) { fprintf(stderr, "mixshow fuse: %s %s: expected a count\n", a, v); return 2; }
+            if (a[2] == 't') o.te_iters = (int)x; else if (a[2] == 'u') o.unet_iters = (int)x;
+        } else { fprintf(stderr, "mixshow fuse: unknown option %s\n", a); usage(); return 2; }
+    }
+    if (!model || !cfg || !out) { usage(); return 2; }
+    double t_start = ms_time();
+    MsModel m;
+    ClipTokenizer tok;
+    UNetParams up;
+    MsFuseReport rep;
+    JsonValue *ncfg = NULL;
+    int have_m = 0, have_tok = 0, have_up = 0, T = 0, n_words = 0;
+    char (*words)[MS_WORD_MAX] = NULL, (*tnames)[24] = NULL;
+    const char **wptr = NULL, **tptr = NULL;
+    float *new_emb = NULL;
+    memset(&rep, 0, sizeof rep);
+    memset(cs, 0, sizeof cs);
+    MsStatus s = read_concepts(cfg, cs, &n);
+    /* every LoRA file, checked before any work */
+    for (int c = 0; c < n && !s; c++) {
+        s = edlora_read(cs[c].path, &cs[c].f);
+        if (!s && cs[c].f.n_emb == 0) s = ms_errorf(MS_ERR_FORMAT, "%s: no new_concept_embedding (fuse needs ED-LoRA files)", cs[c].path);
+        int t = s ? 0 : edlora_tokens_per_word(&cs[c].f);
+        if (!s && c == 0) T = t;
+        if (!s && t != T) s = ms_errorf(MS_ERR_FORMAT, "%s: %d tokens per word, %s has %d", cs[c].path, t, cs[0].path, T);
+        for (int k = 0; !s && k < cs[c].f.n_te; k++)
+            if (cs[c].f.te[k].rank != cs[0].f.te[0].rank && cs[0].f.n_te)
+                s = ms_errorf(MS_ERR_SHAPE, "%s: text-encoder LoRA rank %d, %s has rank %d (concepts must share one rank)",
+                              cs[c].path, cs[c].f.te[k].rank, cs[0].path, cs[0].f.te[0].rank);
+        for (int k = 0; !s && k < cs[c].f.n_unet; k++)
+            if (cs[0].f.n_unet && cs[c].f.unet[k].rank != cs[0].f.unet[0].rank)
+                s = ms_errorf(MS_ERR_SHAPE, "%s: UNet LoRA rank %d, %s has rank %d (concepts must share one rank)",
+                              cs[c].path, cs[c].f.unet[k].rank, cs[0].path, cs[0].f.unet[0].rank);
+    }
+    if (!s) { s = ms_model_load(model, NULL, &m); have_m = !s; }
+    if (!s) { char d[4200]; snprintf(d, sizeof d, "%s", model); s = ms_clip_tokenizer_load(d, &tok); have_tok = !s; }
+    if (!s) { s = unet_params_init(&up, &m.unet_config, &m.unet); have_up = !s; }
+    if (!s && T != ms_unet_cross_attn_layers(&m.unet_config))
+        s = ms_errorf(MS_ERR_FORMAT, "%s: %d tokens per word; fusion needs ED-LoRA (one per cross-attention layer: %d)",
+                      cs[0].path, T, ms_unet_cross_attn_layers(&m.unet_config));
+    if (!s && tok.n_vocab != m.text_config.vocab_size)
+        s = ms_errorf(MS_ERR_FORMAT, "%s: tokenizer has %d tokens, text encoder vocab_size %d", model, tok.n_vocab, m.text_config.vocab_size);
+    /* words in concept_name order; collisions renamed */
+    if (!s) {
+        words = calloc((size_t)n * MS_MAX_CONCEPT_WORDS + 1, sizeof *words);
+        wptr = calloc((size_t)n * MS_MAX_CONCEPT_WORDS + 1, sizeof *wptr);
+        tnames = calloc(((size_t)n * MS_MAX_CONCEPT_WORDS + 1) * T, sizeof *tnames);
+        tptr = calloc(((size_t)n * MS_MAX_CONCEPT_WORDS + 1) * T, sizeof *tptr);
+        new_emb = calloc(((size_t)n * MS_MAX_CONCEPT_WORDS + 1) * T * m.text_config.hidden_size, sizeof(float));
+        ncfg = json_new(JSON_OBJECT);
+        if (!words || !wptr || !tnames || !tptr || !new_emb || !ncfg) s = ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
+    }
+    for (int c = 0; c < n && !s; c++) {
+        char name[1024] = "", src[1024];
+        snprintf(src, sizeof src, "%s", cs[c].name);
+        for (char *w = strtok(src, " "); w && !s; w = strtok(NULL, " ")) {
+            if (w[0] != '<') { size_t l = strlen(name); snprintf(name + l, sizeof name - l, "%s%s", l ? " " : "", w); continue; }
+            const EdloraEmbedding *e = NULL;
+            for (int k = 0; k < cs[c].f.n_emb; k++) if (!strcmp(cs[c].f.emb[k].word, w)) e = &cs[c].f.emb[k];
+            if (!e) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept word %s is not in %s (the official assert)", cfg, w, cs[c].path); break; }
+            if (e->D != m.text_config.hidden_size) { s = ms_errorf(MS_ERR_SHAPE, "%s: %s has width %d, the text encoder %d", cs[c].path, w, e->D, m.text_config.hidden_size); break; }
+            if (strlen(w) >= MS_WORD_MAX - 8) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept word %.40s... is too long", cfg, w); break; }
+            if (n_words >= n * MS_MAX_CONCEPT_WORDS) { s = ms_errorf(MS_ERR_ARG, "fuse: too many concept words"); break; }
+            char nw[MS_WORD_MAX];
+            snprintf(nw, sizeof nw, "%s", w);
+            for (int dup = 2;; dup++) {
+                int clash = 0;
+                for (int k = 0; k < n_words; k++) clash |= !strcmp(words[k], nw);
+                if (!clash) break;
+                int l = (int)strlen(w);
+                snprintf(nw, sizeof nw, "%.*s_%d>", l > 1 ? l - 1 : l, w, dup % 1000);
+            }
+            if (strcmp(nw, w)) fprintf(stderr, "mixshow fuse: warning: concept word %s of %s is taken; renamed %s\n", w, cs[c].path, nw);
+            snprintf(words[n_words], MS_WORD_MAX, "%s", nw);
+            wptr[n_words] = words[n_words];
+            size_t l = strlen(name);
+            snprintf(name + l, sizeof name - l, "%s%s", l ? " " : "", nw);
+            JsonValue *ent = json_new(JSON_OBJECT), *idl = json_new(JSON_ARRAY), *nml = json_new(JSON_ARRAY);
+            if (!ent || !idl || !nml) { json_free(ent); json_free(idl); json_free(nml); s = ms_errorf(MS_ERR_NOMEM, "fuse"); break; }
+            for (int i = 0; i < T && !s; i++) {
+                size_t k = (size_t)n_words * T + i;
+                snprintf(tnames[k], sizeof tnames[k], "<new%d>", (int)(k % 100000000));
+                tptr[k] = tnames[k];
+                int na = 0;
+                const char *one = tnames[k];
+                s = clip_tokenizer_add_tokens(&tok, &one, 1, &na);
+                if (!s && na != 1) s = ms_errorf(MS_ERR_ARG, "fuse: token %s exists already", one);
+                if (!s) s = json_push(idl, json_new_number(tok.n_vocab + (int)k));
+                if (!s) s = json_push(nml, json_new_string(tnames[k], strlen(tnames[k])));
+                memcpy(new_emb + k * m.text_config.hidden_size, e->emb + (size_t)i * e->D, (size_t)e->D * sizeof(float));
+            }
+            if (!s) s = json_set(ent, "concept_token_ids", idl); else json_free(idl);
+            if (!s) s = json_set(ent, "concept_token_names", nml); else json_free(nml);
+            if (!s) s = json_set(ncfg, nw, ent); else json_free(ent);
+            n_words++;
+        }
+        snprintf(cs[c].name, sizeof cs[c].name, "%s", name);
+    }
+    /* LoRA modules onto the model (shapes checked there) */
+    for (int c = 0; c < n && !s; c++) {
+        const ClipTextConfig *tc = &m.text_config;
+        cs[c].te_has = calloc((size_t)tc->num_hidden_layers * 4, 1);
+        cs[c].un_has = calloc((size_t)up.n_blk * 2 * 4, 1);
+        if (!cs[c].te_has || !cs[c].un_has) { s = ms_errorf(MS_ERR_NOMEM, "fuse"); break; }
+        if (cs[c].f.n_te) {
+            s = edlora_to_clip_lora(&cs[c].f, tc, (float)cs[c].te_alpha, &cs[c].te, &cs[c].te_mem);
+            static const char *const pj[4] = { "q_proj", "k_proj", "v_proj", "out_proj" };
+            for (int k = 0; k < cs[c].f.n_te && !s; k++)
+                for (int l = 0; l < tc->num_hidden_layers; l++)
+                    for (int j = 0; j < 4; j++) {
+                        char nm[MS_KEY_MAX];
+                        snprintf(nm, sizeof nm, "text_model.encoder.layers.%d.self_attn.%s", l, pj[j]);
+                        if (!strcmp(nm, cs[c].f.te[k].name)) cs[c].te_has[l * 4 + j] = 1;
+                    }
+        }
+        if (!s && cs[c].f.n_unet) {
+            size_t need = unet_lora_floats(&m.unet_config, cs[c].f.unet[0].rank) * sizeof(float) * 2 + 65536 +
+                          (size_t)up.n_blk * 8 * sizeof(UNetLoraLinear);
+            s = arena_init(&cs[c].un_ar, need);
+            if (!s) s = edlora_to_unet_lora(&cs[c].f, &up, (float)cs[c].unet_alpha, &cs[c].un_ar, &cs[c].un);
+            for (int k = 0; k < cs[c].f.n_unet && !s; k++)
+                for (int a = 0; a < up.n_blk * 2; a++)
+                    for (int w = 0; w < 4; w++) {
+                        char nm[MS_KEY_MAX];
+                        unet_lora_module_name(&up, a, w, nm, sizeof nm);
+                        if (!strcmp(nm, cs[c].f.unet[k].name)) cs[c].un_has[a * 4 + w] = 1;
+                    }
+        }
+    }
+    if (!s) {
+        MsFuseTokens tk = { n_words, T, wptr, tptr, new_emb, n_words * T };
+        MsFuseConcept fc[MAXC];
+        for (int c = 0; c < n; c++) {
+            fc[c].name = cs[c].name;
+            fc[c].te = cs[c].f.n_te ? &cs[c].te : NULL;
+            fc[c].te_has = cs[c].te_has;
+            fc[c].unet = cs[c].f.n_unet ? &cs[c].un : NULL;
+            fc[c].unet_has = cs[c].un_has;
+        }
+        fprintf(stderr, "mixshow fuse: %d concepts, %d words, method %s\n", n, n_words, ms_fuse_method_name(o.method));
+        s = ms_fuse_text_kv(&m, &up, &tok, &tk, fc, n, &o, &rep);
+    }
+    if (!s) s = write_folder(model, out, &m, &tok, new_emb, n_words * T, ncfg);
+    double total = ms_time() - t_start;
+    size_t peak = peak_rss();
+    if (!s && report) s = write_report(report, &rep, o.method, total, peak);
+    if (!s) {
+        double sum[3][3] = { { 0 } };
+        for (int i = 0; i < rep.n; i++) {
+            int st = rep.l[i].stage[0] == 't' ? 0 : rep.l[i].stage[0] == 'k' ? 1 : 2;
+            sum[st][0] += rep.l[i].f_w0; sum[st][1] += rep.l[i].f_weight; sum[st][2] += rep.l[i].f_fused;
+        }
+        fprintf(stderr, "mixshow fuse: wrote %s in %.2f s, peak memory %.1f MB\n", out, total, peak / 1048576.0);
+        static const char *const nm[3] = { "text encoder", "cross-attn K/V", "spatial" };
+        for (int k = 0; k < 3; k++)
+            if (sum[k][0] > 0)
+                fprintf(stderr, "  %-15s sum f: W0 %.4e  weight %.4e  %s %.4e\n", nm[k], sum[k][0], sum[k][1],
+                        ms_fuse_method_name(o.method), sum[k][2]);
+        rc = 0;
+    } else fprintf(stderr, "mixshow fuse: %s\n", ms_last_error());
+    for (int c = 0; c < n; c++) {
+        edlora_free(&cs[c].f);
+        ms_free_aligned(cs[c].te_mem);
+        arena_free(&cs[c].un_ar);
+        free(cs[c].te_has); free(cs[c].un_has);
+    }
+    ms_fuse_report_free(&rep);
+    json_free(ncfg);
+    free(words); free(wptr); free(tnames); free(tptr); free(new_emb);
+    if (have_up) unet_params_free(&up);
+    if (have_tok) clip_tokenizer_free(&tok);
+    if (have_m) ms_model_free(&m);
+    return rc;
+}
