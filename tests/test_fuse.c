@@ -124,7 +124,101 @@ static void test_case(const StFile *f, const char *name) {
     ms_fuse_stats_free(&S);
 }
 
+/* ---- end to end on the tiny model: mixshow fuse with the three methods ---- */
+static void rm_folder(const char *d) {
+    static const char *const f[] = { "model_index.json", "new_concept_cfg.json", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json", "text_encoder/model.safetensors", "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json", "tokenizer/added_tokens.json" };
+    static const char *const sub[] = { "unet", "vae", "text_encoder", "scheduler", "tokenizer", "" };
+    char p[512];
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) { snprintf(p, sizeof p, "%s/%s", d, f[i]); remove(p); }
+    for (size_t i = 0; i < sizeof sub / sizeof sub[0]; i++) { snprintf(p, sizeof p, "%s/%s", d, sub[i]); remove(p); }
+}
+
+static int run_fuse(const char *method, const char *cfg, const char *out, const char *report) {
+    char *argv[] = { "fuse", "--model", "models/tiny-sd", "--concepts", (char *)cfg, "--out", (char *)out,
+                     "--method", (char *)method, "--report", (char *)report, "--textenc-iters", "100" };
+    rm_folder(out);
+    return cmd_fuse((int)(sizeof argv / sizeof argv[0]), argv);
+}
+
+static void test_end_to_end(void) {
+    static const char *const meth[3] = { "gram", "lbfgs", "weight" };
+    JsonValue *rep[3] = { NULL, NULL, NULL };
+    char out[3][256], rp[3][256];
+    for (int k = 0; k < 3; k++) {
+        snprintf(out[k], sizeof out[k], "/tmp/mixshow_test_fuse_%s", meth[k]);
+        snprintf(rp[k], sizeof rp[k], "/tmp/mixshow_test_fuse_%s.json", meth[k]);
+        double t0 = ms_time();
+        int rc = run_fuse(meth[k], "tests/data/fuse/multi.json", out[k], rp[k]);
+        check(rc == 0 && json_parse_file(rp[k], &rep[k]) == MS_OK, "fuse %s: 3 tiny ED-LoRAs fused in %.2f s", meth[k], ms_time() - t0);
+    }
+    if (rep[0] && rep[1] && rep[2]) {
+        const JsonValue *L[3] = { json_get(rep[0], "layers"), json_get(rep[1], "layers"), json_get(rep[2], "layers") };
+        size_t n = json_len(L[0]);
+        int n_te = 0, n_kv = 0, bad_te = 0, bad_kv = 0, bad_w = 0, bad_trace = 0;
+        double worst_kv = 0;
+        for (size_t i = 0; i < n; i++) {
+            const JsonValue *g = json_at(L[0], i), *l = json_at(L[1], i), *w = json_at(L[2], i);
+            const char *st = json_get_string(g, "stage", "");
+            double g0 = json_get_number(json_get(g, "objective"), "W0", NAN), gf = json_get_number(json_get(g, "objective"), "fused", NAN);
+            double gw = json_get_number(json_get(g, "objective"), "weight", NAN);
+            double lf = json_get_number(json_get(l, "objective"), "fused", NAN);
+            double wf = json_get_number(json_get(w, "objective"), "fused", NAN);
+            if (!strcmp(st, "te")) {     /* same inputs for all methods: gram <= lbfgs, gram <= weight */
+                n_te++;
+                bad_te += !(gf <= lf * (1 + 1e-9) + 1e-15 * g0);
+                bad_w += !(gf <= gw) || !(fabs(wf - gw) <= 1e-12 * gw);
+            } else if (!strcmp(st, "kv")) {   /* underdetermined: exact interpolation */
+                n_kv++;
+                worst_kv = fmax(worst_kv, gf / g0);
+                bad_kv += !(gf <= 1e-10 * g0);
+            }
+            bad_trace += json_len(json_get(l, "loss_trace")) < 2;
+        }
+        check(n_te == 8 && n_kv == 32, "fuse: %d text-encoder and %d K/V layers reported (want 8, 32)", n_te, n_kv);
+        check(bad_te == 0 && bad_w == 0, "fuse: text encoder, gram <= lbfgs and <= weight on every layer (%d, %d bad)", bad_te, bad_w);
+        check(bad_kv == 0, "fuse: K/V gram reaches f/f(W0) <= 1e-10 on every layer (worst %.2e)", worst_kv);
+        check(bad_trace == 0, "fuse: lbfgs reports a loss trace per layer");
+    }
+    /* the folder loads, with the stacked embeddings */
+    MsModel m;
+    EdloraFile fa;
+    memset(&fa, 0, sizeof fa);
+    if (check(ms_model_load(out[0], NULL, &m) == MS_OK, "fused folder loads (%s)", ms_last_error())) {
+        int V = m.text_config.vocab_size, ie = ms_param_find(&m.text, "text_model.embeddings.token_embedding.weight");
+        check(V == 49408 + 6 * 16, "fused vocab_size %d == 49408 + 96", V);
+        if (ie >= 0 && edlora_read("tests/data/fuse/concept_b.pth", &fa) == MS_OK) {
+            const float *row = m.text.p[ie].f32 + (size_t)(49408 + 2 * 16) * m.text_config.hidden_size;   /* <dog1> <new32> */
+            check(fa.n_emb == 2 && !memcmp(row, fa.emb[0].emb, sizeof(float) * m.text_config.hidden_size),
+                  "fused <new32> row == concept_b's <dog1>[0]");
+        }
+        ms_model_free(&m);
+    }
+    edlora_free(&fa);
+    for (int k = 0; k < 3; k++) { json_free(rep[k]); rm_folder(out[k]); remove(rp[k]); }
+    /* bad inputs: an error before any work */
+    static const char *const bad[][2] = {
+        { "[{\"lora_path\": \"nope.pth\", \"unet_alpha\": 1, \"text_encoder_alpha\": 1, \"concept_name\": \"<a1>\"}]", "not found" },
+        { "[{\"lora_path\": \"concept_a.pth\", \"unet_alpha\": \"1\", \"text_encoder_alpha\": 1, \"concept_name\": \"<cat1>\"}]", "unet_alpha" },
+        { "[{\"lora_path\": \"concept_a.pth\", \"unet_alpha\": 1, \"text_encoder_alpha\": 1, \"concept_name\": \"<zebra1>\"}]", "<zebra1>" },
+    };
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        FILE *f = fopen("tests/data/fuse/bad_tmp.json", "wb");
+        if (!f) continue;
+        fputs(bad[k][0], f);
+        fclose(f);
+        ms_clear_error();
+        int rc = run_fuse("gram", "tests/data/fuse/bad_tmp.json", "/tmp/mixshow_test_fuse_bad", "/tmp/mixshow_test_fuse_bad.json");
+        check(rc != 0 && strstr(ms_last_error(), bad[k][1]) != NULL, "fuse: bad input %zu refused: %s", k, ms_last_error());
+    }
+    remove("tests/data/fuse/bad_tmp.json");
+}
+
 int main(void) {
+    test_end_to_end();
     test_eigen();
     StFile f;
     if (check(st_open(&f, GOLDEN) == MS_OK, "open %s", GOLDEN)) {
