@@ -9,6 +9,8 @@
 #   make fast       -O3 -march=native (tests must pass here too)
 #   make bench      ./mixshow bench (median of several runs, ratio to the machine's FMA peak)
 #   make test-full  slow checks (SD 1.5-sized shapes), not run in CI
+#   make install    PREFIX/bin/mixshow + PREFIX/share/mixshow (CLIP BPE files, the tiny model);
+#                   PREFIX=/usr/local, DESTDIR= for staging; make uninstall removes them
 
 CC      ?= cc
 AR      ?= ar
@@ -91,7 +93,32 @@ clean:
 	rm -rf build mixshow
 
 help:
-	@sed -n '1,14p' Makefile
+	@sed -n '1,16p' Makefile
+
+# Install: the binary, and the data it looks for next to itself or in MS_DATADIR (the CLIP BPE
+# files and the embedded default model, both in models/tiny-sd). model_load.o is rebuilt when
+# DATADIR changes (the stamp file holds the value it was built with).
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BINDIR   = $(PREFIX)/bin
+DATADIR  = $(PREFIX)/share/mixshow
+$(BUILD)/tools/model_load.o: CFLAGS += -DMS_DATADIR='"$(DATADIR)"'
+$(BUILD)/tools/model_load.o: $(BUILD)/datadir.stamp
+$(BUILD)/datadir.stamp: FORCE
+	@mkdir -p $(dir $@)
+	@echo '$(DATADIR)' | cmp -s - $@ || echo '$(DATADIR)' > $@
+.PHONY: install uninstall FORCE
+FORCE:
+install: $(BUILD)/mixshow
+	mkdir -p '$(DESTDIR)$(BINDIR)' '$(DESTDIR)$(DATADIR)/models'
+	cp $(BUILD)/mixshow '$(DESTDIR)$(BINDIR)/mixshow.tmp' && chmod 755 '$(DESTDIR)$(BINDIR)/mixshow.tmp' && \
+	  mv -f '$(DESTDIR)$(BINDIR)/mixshow.tmp' '$(DESTDIR)$(BINDIR)/mixshow'
+	rm -rf '$(DESTDIR)$(DATADIR)/models/tiny-sd'
+	cp -R models/tiny-sd '$(DESTDIR)$(DATADIR)/models/'
+	chmod -R a+rX '$(DESTDIR)$(DATADIR)'
+uninstall:
+	rm -f '$(DESTDIR)$(BINDIR)/mixshow'
+	rm -rf '$(DESTDIR)$(DATADIR)'
 
 -include $(LIB_OBJ:.o=.d) $(BUILD)/tools/main.d
 

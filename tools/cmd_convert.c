@@ -262,7 +262,7 @@ static MsStatus copy_file(const char *from, const char *to) {
     return ok ? MS_OK : ms_errorf(MS_ERR_IO, "cannot copy %s to %s", from, to);
 }
 
-static MsStatus write_folder(const MsModel *m, const char *in, const char *out, int half) {
+static MsStatus write_folder(const MsModel *m, const char *tokdir, const char *out, int half) {
     char tmp[2048], p[2300], q[2300];
     static const char *const subs[] = { "unet", "vae", "text_encoder", "scheduler", "tokenizer" };
     static const char *const tok[] = { "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json" };
@@ -284,30 +284,45 @@ static MsStatus write_folder(const MsModel *m, const char *in, const char *out, 
     snprintf(p, sizeof p, "%s/unet/diffusion_pytorch_model.safetensors", tmp); W(write_table(p, &m->unet, half));
     snprintf(p, sizeof p, "%s/vae/diffusion_pytorch_model.safetensors", tmp);  W(write_table(p, &m->vae, half));
     snprintf(p, sizeof p, "%s/text_encoder/model.safetensors", tmp);           W(write_table(p, &m->text, half));
-    int copied = 0;
-    for (size_t i = 0; i < sizeof tok / sizeof tok[0]; i++) {
-        snprintf(q, sizeof q, "%s/tokenizer/%s", in, tok[i]);
+    for (size_t i = 0; i < sizeof tok / sizeof tok[0]; i++) {      /* the model's, or the shipped one */
+        snprintf(q, sizeof q, "%s/%s", tokdir, tok[i]);
         if (!(f = fopen(q, "rb"))) continue;
         fclose(f);
         snprintf(p, sizeof p, "%s/tokenizer/%s", tmp, tok[i]);
         W(copy_file(q, p));
-        copied++;
     }
-    if (!copied)
-        fprintf(stderr, "mixshow convert: note: %s has no tokenizer/; copy CLIP's vocab.json and merges.txt into "
-                "%s/tokenizer/\n", in, out);
 #undef W
     if (rename(tmp, out)) return ms_errorf(MS_ERR_IO, "cannot rename %s to %s", tmp, out);
     return MS_OK;
 }
 
-static MsStatus write_ldm(const MsModel *m, const char *out, int half) {
+/* The configs as compact JSON in the file's metadata (mixshow.unet_config, ...), so that the
+ * file loads with exactly these configs (a single file has no config.json, and heads or
+ * GroupNorm groups cannot be read off tensor shapes). Other readers ignore metadata. */
+static MsStatus config_text(MsStatus (*fill)(const void *, JsonValue *), const void *cfg, JsonBuf *b) {
+    JsonValue *o = json_new(JSON_OBJECT);
+    if (!o) return ms_errorf(MS_ERR_NOMEM, "convert: out of memory");
+    MsStatus s = fill(cfg, o);
+    if (!s) s = json_write(b, o, 0);
+    json_free(o);
+    return s ? ms_errorf(s, "convert: cannot build the config metadata") : MS_OK;
+}
+
+static MsStatus write_ldm(const MsModel *m, const char *out, int half, int with_configs) {
     Entries E = { NULL, 0, 0, NULL };
-    static const char *const meta[2] = { "format", "pt" };
+    JsonBuf jb[4];
+    const char *meta[10] = { "format", "pt", "mixshow.unet_config", NULL, "mixshow.vae_config", NULL,
+                             "mixshow.text_encoder_config", NULL, "mixshow.scheduler_config", NULL };
+    MsStatus (*const cb[4])(const void *, JsonValue *) = { unet_cb, vae_cb, text_cb, sched_cb };
+    const void *cfg[4] = { &m->unet_config, &m->vae_config, &m->text_config, &m->scheduler_config };
+    memset(jb, 0, sizeof jb);
     MsStatus s = add_table(&E, &m->unet, 1, half);
     if (!s) s = add_table(&E, &m->vae, 1, half);
     if (!s) s = add_table(&E, &m->text, 1, half);
-    if (!s) s = st_write(out, E.e, E.n, meta, 1);
+    for (int k = 0; k < 4 && !s && with_configs; k++)
+        if (!(s = config_text(cb[k], cfg[k], &jb[k]))) meta[3 + 2 * k] = jb[k].data;
+    if (!s) s = st_write(out, E.e, E.n, meta, with_configs ? 5 : 1);
+    for (int k = 0; k < 4; k++) jbuf_free(&jb[k]);
     free(E.e); free(E.ids);
     return s;
 }
@@ -325,29 +340,44 @@ static int convert_image(const char *in, const char *out) {
 
 int cmd_convert(int argc, char **argv) {
     const char *in = NULL, *out = NULL;
-    MsLoadOptions opt = { 0, NULL };
-    int half = 0;
+    MsOpenOptions opt = { NULL, NULL, 0, 0 };
+    int half = 0, with_configs = 1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--config") && i + 1 < argc) opt.config_dir = argv[++i];
+        else if (!strcmp(argv[i], "--tokenizer") && i + 1 < argc) opt.tokenizer_dir = argv[++i];
         else if (!strcmp(argv[i], "--half")) half = 1;
+        else if (!strcmp(argv[i], "--no-config-metadata")) with_configs = 0;
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: mixshow convert IN OUT [--config DIR] [--half]\n"
+            printf("usage: mixshow convert IN OUT [--config DIR] [--tokenizer DIR] [--half] [--no-config-metadata]\n"
                    "  IN   a diffusers folder (model_index.json), or an original LDM single file\n"
                    "       (.safetensors / .ckpt); or a PNG/JPEG image\n"
                    "  OUT  *.safetensors: an LDM single file; *.png: an image; else a new diffusers folder\n"
-                   "  --config DIR  configs for a single-file IN (a diffusers folder; default SD 1.5)\n"
-                   "  --half        write F16 tensors (default F32)\n");
+                   "  --config DIR     configs for IN (a diffusers folder). Without it a single file's configs\n"
+                   "                   come from its metadata (files mixshow wrote) or its tensor shapes, with\n"
+                   "                   SD 1.x heads, GroupNorm groups and scheduler assumed (printed)\n"
+                   "  --tokenizer DIR  tokenizer files for a folder OUT (default: IN's tokenizer/, else the CLIP\n"
+                   "                   BPE files shipped with mixshow)\n"
+                   "  --half           write F16 tensors (default F32)\n"
+                   "  --no-config-metadata  a single-file OUT without mixshow's configs in its metadata\n");
             return 0;
         } else if (!in) in = argv[i];
         else if (!out) out = argv[i];
         else { fprintf(stderr, "mixshow convert: unexpected argument '%s'\n", argv[i]); return 2; }
     }
-    if (!in || !out) { fprintf(stderr, "usage: mixshow convert IN OUT [--config DIR] [--half]\n"); return 2; }
+    if (!in || !out) { fprintf(stderr, "usage: mixshow convert IN OUT [--config DIR] [--tokenizer DIR] [--half]\n"); return 2; }
     if (ends_with(out, ".png")) return convert_image(in, out);
     MsModel m;
-    MsStatus s = ms_model_load(in, &opt, &m);
-    if (!s) s = ends_with(out, ".safetensors") ? write_ldm(&m, out, half) : write_folder(&m, in, out, half);
-    ms_model_free(&m);
+    char tokdir[4200];
+    int folder = !ends_with(out, ".safetensors");
+    MsStatus s = ms_open_model(in, &opt, &m, NULL, NULL, 0);
+    if (!s && folder) {
+        int shipped = 0;
+        s = ms_find_tokenizer(in, opt.tokenizer_dir, tokdir, sizeof tokdir, &shipped);
+        if (!s && shipped) fprintf(stderr, "mixshow: %s: no tokenizer/: %s/tokenizer gets the CLIP BPE files shipped "
+                                   "with mixshow (%s)\n", in, out, tokdir);
+    }
+    if (!s) s = folder ? write_folder(&m, tokdir, out, half) : write_ldm(&m, out, half, with_configs);
+    ms_model_free(&m);                          /* zeroed when the load failed: a no-op */
     if (s) { fprintf(stderr, "mixshow convert: %s\n", ms_last_error()); return 1; }
     printf("%s -> %s\n", in, out);
     return 0;

@@ -22,7 +22,7 @@
 #define DUMP_MAX_OUT 32
 
 typedef struct {
-    const char *model, *inputs, *out, *adapter_dir[2];
+    const char *model, *config, *inputs, *out, *adapter_dir[2];
     StFile in;
     MsModel m;
     int model_loaded;
@@ -40,10 +40,12 @@ static const char *const ADAPTER_NAME[2] = { "sketch", "openpose" };
 
 static void dump_usage(FILE *f) {
     fprintf(f,
-        "usage: mixshow dump --model PATH --inputs IN.safetensors --out OUT.safetensors\n"
+        "usage: mixshow dump [--model PATH] [--config DIR] --inputs IN.safetensors --out OUT.safetensors\n"
         "                    [--adapter-sketch DIR] [--adapter-openpose DIR]\n\n"
         "Runs every network whose inputs are in IN and writes its outputs to OUT (F32), to compare\n"
-        "mixshow with another implementation on the same inputs. PATH: diffusers folder or single file.\n\n"
+        "mixshow with another implementation on the same inputs. PATH: diffusers folder or single file\n"
+        "(default: the embedded tiny model); --config DIR: a diffusers folder's configs for it (a single\n"
+        "file's are otherwise read from its metadata or inferred from its shapes, and printed).\n\n"
         "  in.latent [B,4,h,w] + in.timestep [B] + in.context [B,77,D] -> unet.eps\n"
         "  in.cond_sketch [1,1,H,W], in.cond_openpose [1,3,H,W] in [0,1]\n"
         "                                          -> adapter.sketch.feat0..3, adapter.openpose.feat0..3\n"
@@ -105,8 +107,8 @@ static MsStatus input_f32(Dump *d, const char *name, int ndim, const int64_t *wa
 
 static MsStatus need_model(Dump *d) {
     if (d->model_loaded) return MS_OK;
-    if (!d->model) return ms_errorf(MS_ERR_ARG, "dump: the inputs need a model: give --model PATH");
-    MsStatus s = ms_model_load(d->model, NULL, &d->m);
+    MsOpenOptions o = { NULL, d->config, 0, 0 };    /* no --model: the embedded tiny model */
+    MsStatus s = ms_open_model(d->model, &o, &d->m, NULL, NULL, 0);
     if (!s) d->model_loaded = 1;
     return s;
 }
@@ -377,7 +379,8 @@ int cmd_dump(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { dump_usage(stdout); free(d); return 0; }
-        const char **dst = !strcmp(a, "--model") ? &d->model : !strcmp(a, "--inputs") ? &d->inputs
+        const char **dst = !strcmp(a, "--model") ? &d->model : !strcmp(a, "--config") ? &d->config
+                         : !strcmp(a, "--inputs") ? &d->inputs
                          : !strcmp(a, "--out") ? &d->out : !strcmp(a, "--adapter-sketch") ? &d->adapter_dir[0]
                          : !strcmp(a, "--adapter-openpose") ? &d->adapter_dir[1] : NULL;
         if (!dst) { fprintf(stderr, "mixshow dump: unknown option '%s'\n\n", a); dump_usage(stderr); free(d); return 2; }

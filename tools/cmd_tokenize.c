@@ -1,11 +1,12 @@
 /* tools/cmd_tokenize.c — reading a CLIP tokenizer folder (vocab.json, merges.txt, pad_token from
  * special_tokens_map.json / tokenizer_config.json) and `mixshow tokenize`:
  *
- *   mixshow tokenize --model DIR [--added-tokens FILE] [--max-length N] "prompt"
+ *   mixshow tokenize [--model PATH] [--tokenizer DIR] [--added-tokens FILE] [--max-length N] "prompt"
  *
  * prints the N (77) input ids of the prompt on one line, as HF CLIPTokenizer(prompt,
- * padding="max_length", max_length=N, truncation=True).input_ids. DIR is a diffusers model
- * folder (its tokenizer/ is used) or a tokenizer folder. FILE lists added tokens (`<new0>`, ...)
+ * padding="max_length", max_length=N, truncation=True).input_ids. PATH is a diffusers model
+ * folder (its tokenizer/ is used), a tokenizer folder or a single file; the CLIP BPE files
+ * shipped with mixshow stand in when it has none (ms_find_tokenizer). FILE lists added tokens (`<new0>`, ...)
  * one per line, or as a JSON array of strings; they get ids from vocab_size on, in order. */
 #include "tools/tools.h"
 
@@ -143,30 +144,43 @@ MsStatus ms_clip_added_tokens_load(const char *path, ClipTokenizer *t, int *n_ad
 }
 
 int cmd_tokenize(int argc, char **argv) {
-    const char *model = NULL, *added = NULL, *prompt = NULL;
-    int max_len = 77;
+    const char *model = NULL, *tokdir = NULL, *added = NULL, *prompt = NULL;
+    int max_len = 77, help = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
+        else if (!strcmp(argv[i], "--tokenizer") && i + 1 < argc) tokdir = argv[++i];
         else if (!strcmp(argv[i], "--added-tokens") && i + 1 < argc) added = argv[++i];
         else if (!strcmp(argv[i], "--max-length") && i + 1 < argc) max_len = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { prompt = NULL; model = NULL; break; }
+        else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) help = 1;
         else if (argv[i][0] == '-' && argv[i][1] == '-') { fprintf(stderr, "mixshow tokenize: unknown option %s\n", argv[i]); return 2; }
         else prompt = argv[i];
     }
-    if (!model || !prompt || max_len < 2 || max_len > 100000) {
-        fprintf(stderr, "usage: mixshow tokenize --model DIR [--added-tokens FILE] [--max-length N] \"prompt\"\n"
-                        "  prints the N (default 77) CLIP input ids of the prompt on one line\n");
-        return 2;
+    if (help || !prompt || max_len < 2 || max_len > 100000) {
+        fprintf(help ? stdout : stderr,
+                "usage: mixshow tokenize [--model PATH] [--tokenizer DIR] [--added-tokens FILE] [--max-length N] \"prompt\"\n"
+                "  prints the N (default 77) CLIP input ids of the prompt on one line\n"
+                "  PATH: a model folder (its tokenizer/), a tokenizer folder, or a single file; without a\n"
+                "  tokenizer there (or without --model) the CLIP BPE files shipped with mixshow are used.\n"
+                "  --tokenizer DIR overrides.\n");
+        return help ? 0 : 2;
     }
     ClipTokenizer t;
-    MsStatus s = ms_clip_tokenizer_load(model, &t);
+    char dir[4200];
+    int shipped = 0, have_t = 0;
+    MsStatus s = ms_find_tokenizer(model, tokdir, dir, sizeof dir, &shipped);
+    if (!s && shipped)
+        fprintf(stderr, "mixshow: %s%sthe CLIP BPE files shipped with mixshow (%s)\n", model ? model : "",
+                model ? ": no tokenizer/: " : "", dir);
+    if (!s) s = ms_clip_tokenizer_load(dir, &t);
+    if (!s) have_t = 1;
     if (!s && added) s = ms_clip_added_tokens_load(added, &t, NULL);
     int32_t *ids = s ? NULL : (int32_t *)malloc((size_t)max_len * sizeof *ids);
     if (!s && !ids) s = ms_errorf(MS_ERR_NOMEM, "out of memory");
     if (!s) s = clip_tokenize(&t, prompt, strlen(prompt), ids, max_len);
     if (s) {
         fprintf(stderr, "mixshow tokenize: %s\n", ms_last_error());
-        free(ids); clip_tokenizer_free(&t);
+        free(ids);
+        if (have_t) clip_tokenizer_free(&t);
         return 1;
     }
     for (int i = 0; i < max_len; i++) printf("%s%d", i ? " " : "", (int)ids[i]);

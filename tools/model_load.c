@@ -10,11 +10,17 @@
  * 0.19.3 / transformers defaults) or, for single files, from MsLoadOptions.config_dir or the
  * built-in SD 1.5 values.
  */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L         /* readlink (the executable's folder) */
+#endif
 #include "tools/tools.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if !defined(_WIN32)
+#include <unistd.h>
+#endif
 
 /* ---------------------------------------------------------------------------------------- */
 /* Config readers                                                                            */
@@ -670,7 +676,50 @@ static MsStatus build_tables(MsModel *m) {
     return ms_param_table_text(&m->text_config, &m->text);
 }
 
-MsStatus ms_model_load(const char *path, const MsLoadOptions *opt, MsModel *m) {
+/* The configs of a single file, when no --config is given: the JSON configs `mixshow convert`
+ * stores in a safetensors file's metadata (mixshow.unet_config, ...: all four, or none used),
+ * else what the tensor shapes say (tools/model_infer.c). */
+static const char *const META_KEYS[4] = { "mixshow.unet_config", "mixshow.vae_config", "mixshow.text_encoder_config",
+                                          "mixshow.scheduler_config" };
+
+static MsStatus single_file_configs(Source *src, MsModel *m, char *notes, size_t cap) {
+    MsStatus s = MS_OK;
+    if (src->is_st && st_meta(&src->st, META_KEYS[0])) {
+        for (int k = 0; k < 4 && !s; k++) {
+            const char *txt = st_meta(&src->st, META_KEYS[k]);
+            char origin[1200];
+            JsonValue *j = NULL;
+            snprintf(origin, sizeof origin, "%s: metadata %s", src->origin, META_KEYS[k]);
+            if (!txt) return ms_errorf(MS_ERR_FORMAT, "%s: metadata has %s but no %s", src->origin, META_KEYS[0],
+                                       META_KEYS[k]);
+            if ((s = json_parse(txt, strlen(txt), origin, &j))) return s;
+            s = k == 0 ? ms_unet_config_from_json(j, &m->unet_config)
+              : k == 1 ? ms_vae_config_from_json(j, &m->vae_config)
+              : k == 2 ? ms_clip_text_config_from_json(j, &m->text_config)
+                       : ms_scheduler_config_from_json(j, &m->scheduler_config);
+            json_free(j);
+        }
+        if (!s && notes && cap) snprintf(notes, cap, "configs from the file's metadata (written by mixshow convert).\n");
+        return s;
+    }
+    /* shapes, text-encoder keys in their current form */
+    MsShapeEntry *e = (MsShapeEntry *)calloc(src->n ? src->n : 1, sizeof *e);
+    char *names = (char *)malloc((src->n ? src->n : 1) * (MS_KEY_MAX + 32));
+    if (!e || !names) { free(e); free(names); return ms_errorf(MS_ERR_NOMEM, "%s: out of memory", src->origin); }
+    size_t n = 0;
+    for (size_t i = 0; i < src->n; i++) {
+        char *k = names + i * (MS_KEY_MAX + 32);
+        if (ms_ldm_key_normalize(src->t[i].name, k, MS_KEY_MAX + 32) < 0) continue;   /* too long: no parameter */
+        e[n].name = k; e[n].ndim = src->t[i].ndim; e[n].shape = src->t[i].shape;
+        n++;
+    }
+    s = ms_infer_ldm_configs(e, n, src->origin, m, notes, cap);
+    free(e); free(names);
+    return s;
+}
+
+static MsStatus model_load(const char *path, const MsLoadOptions *opt, MsModel *m, int infer, char *notes,
+                           size_t cap) {
     MsStatus s;
     memset(m, 0, sizeof *m);
     if (is_dir_model(path)) {
@@ -682,7 +731,8 @@ MsStatus ms_model_load(const char *path, const MsLoadOptions *opt, MsModel *m) {
                 s = ms_errorf(MS_ERR_FORMAT, "%s/model_index.json: no '%s' component", path, sub[k]);
         json_free(idx);
         if (s) return s;
-        if ((s = read_configs(path, &m->unet_config, &m->vae_config, &m->text_config, &m->scheduler_config)) ||
+        const char *cdir = infer && opt && opt->config_dir ? opt->config_dir : path;   /* --config wins */
+        if ((s = read_configs(cdir, &m->unet_config, &m->vae_config, &m->text_config, &m->scheduler_config)) ||
             (s = build_tables(m)))
             goto fail;
         MsParamTable *tabs[3] = { &m->unet, &m->vae, &m->text };
@@ -694,21 +744,23 @@ MsStatus ms_model_load(const char *path, const MsLoadOptions *opt, MsModel *m) {
         return MS_OK;
     }
     /* a single file in the original LDM layout */
-    if (opt && opt->config_dir) {
-        if ((s = read_configs(opt->config_dir, &m->unet_config, &m->vae_config, &m->text_config, &m->scheduler_config)))
-            goto fail;
-    } else {
-        ms_unet_config_sd15(&m->unet_config);
-        ms_vae_config_sd15(&m->vae_config);
-        ms_clip_text_config_sd15(&m->text_config);
-        ms_scheduler_config_sd15(&m->scheduler_config);
-    }
-    if ((s = build_tables(m))) goto fail;
     {
         Source src;
         Target tg[3] = { { &m->unet, "unet", NULL }, { &m->vae, "vae", NULL }, { &m->text, "text_encoder", NULL } };
         if ((s = src_open(&src, path))) goto fail;
-        s = fill(&src, tg, 3, 1, opt);
+        if (opt && opt->config_dir) {
+            s = read_configs(opt->config_dir, &m->unet_config, &m->vae_config, &m->text_config, &m->scheduler_config);
+            if (!s && notes && cap) snprintf(notes, cap, "configs from %s (--config).\n", opt->config_dir);
+        } else if (!infer) {
+            ms_unet_config_sd15(&m->unet_config);
+            ms_vae_config_sd15(&m->vae_config);
+            ms_clip_text_config_sd15(&m->text_config);
+            ms_scheduler_config_sd15(&m->scheduler_config);
+        } else {
+            s = single_file_configs(&src, m, notes, cap);
+        }
+        if (!s) s = build_tables(m);
+        if (!s) s = fill(&src, tg, 3, 1, opt);
         src_close(&src);
         if (s) goto fail;
     }
@@ -716,6 +768,15 @@ MsStatus ms_model_load(const char *path, const MsLoadOptions *opt, MsModel *m) {
 fail:
     ms_model_free(m);
     return s;
+}
+
+MsStatus ms_model_load(const char *path, const MsLoadOptions *opt, MsModel *m) {
+    return model_load(path, opt, m, 0, NULL, 0);
+}
+
+MsStatus ms_model_load_ex(const char *path, const MsLoadOptions *opt, MsModel *m, char *notes, size_t cap) {
+    if (notes && cap) notes[0] = 0;
+    return model_load(path, opt, m, 1, notes, cap);
 }
 
 MsStatus ms_adapter_load(const char *path, const MsLoadOptions *opt, AdapterConfig *c, MsParamTable *t) {
@@ -753,4 +814,159 @@ MsStatus ms_adapter_load(const char *path, const MsLoadOptions *opt, AdapterConf
 fail:
     ms_param_table_free(t);
     return s;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Data roots, the shipped tokenizer, and ms_open_model                                      */
+/* ---------------------------------------------------------------------------------------- */
+static char g_argv0[2048];
+
+void ms_set_argv0(const char *argv0) { snprintf(g_argv0, sizeof g_argv0, "%s", argv0 ? argv0 : ""); }
+
+/* The folder of the running executable into buf ("" when unknown). */
+static void exe_dir(char *buf, size_t cap) {
+    buf[0] = 0;
+#if defined(__linux__)
+    ssize_t n = readlink("/proc/self/exe", buf, cap - 1);
+    if (n > 0) {
+        buf[n] = 0;
+        char *slash = strrchr(buf, '/');
+        if (slash) { *slash = 0; return; }
+    }
+    buf[0] = 0;
+#endif
+    if (!g_argv0[0]) return;
+    if (strchr(g_argv0, '/')) {                       /* a path: its folder */
+        snprintf(buf, cap, "%s", g_argv0);
+        char *slash = strrchr(buf, '/');
+        if (slash == buf) slash[1] = 0; else *slash = 0;
+        return;
+    }
+    const char *path = getenv("PATH");                /* a bare name: the first PATH entry holding it */
+    while (path && *path) {
+        const char *colon = strchr(path, ':');
+        size_t len = colon ? (size_t)(colon - path) : strlen(path);
+        char probe[4200];
+        snprintf(probe, sizeof probe, "%.*s/%s", (int)(len < 2048 ? len : 2048), path, g_argv0);
+        if (len && file_exists(probe)) { snprintf(buf, cap, "%.*s", (int)(len < cap - 1 ? len : cap - 1), path); return; }
+        path = colon ? colon + 1 : NULL;
+    }
+}
+
+int ms_find_data(const char *rel, char *out, size_t cap) {
+    char dir[2048], root[2300], probe[4700];
+    exe_dir(dir, sizeof dir);
+    if (dir[0]) {
+        static const char *const up[4] = { "", "/..", "/../..", "/../../.." };
+        for (int k = 0; k < 4; k++)
+            for (int inst = 0; inst < 2; inst++) {
+                snprintf(root, sizeof root, "%s%s%s", dir, up[k], inst ? "/share/mixshow" : "");
+                snprintf(probe, sizeof probe, "%s/%s", root, rel);
+                if (file_exists(probe)) { snprintf(out, cap, "%s", probe); return 1; }
+            }
+    }
+#ifdef MS_DATADIR
+    snprintf(probe, sizeof probe, "%s/%s", MS_DATADIR, rel);
+    if (file_exists(probe)) { snprintf(out, cap, "%s", probe); return 1; }
+#endif
+    if (file_exists(rel)) { snprintf(out, cap, "%s", rel); return 1; }
+    return 0;
+}
+
+/* rel names a file; out gets its folder */
+static int find_data_dir(const char *rel_file, char *out, size_t cap) {
+    if (!ms_find_data(rel_file, out, cap)) return 0;
+    char *slash = strrchr(out, '/');
+    if (slash) *slash = 0;
+    return 1;
+}
+
+MsStatus ms_find_tokenizer(const char *model_path, const char *tokenizer_dir, char *out, size_t cap, int *shipped) {
+    char p[4200];
+    if (shipped) *shipped = 0;
+    if (tokenizer_dir) {
+        snprintf(p, sizeof p, "%s/vocab.json", tokenizer_dir);
+        if (file_exists(p)) { snprintf(out, cap, "%s", tokenizer_dir); return MS_OK; }
+        snprintf(p, sizeof p, "%s/tokenizer/vocab.json", tokenizer_dir);
+        if (file_exists(p)) { snprintf(out, cap, "%s/tokenizer", tokenizer_dir); return MS_OK; }
+        return ms_errorf(MS_ERR_IO, "--tokenizer %s: no vocab.json there (nor in its tokenizer/)", tokenizer_dir);
+    }
+    if (model_path) {
+        snprintf(p, sizeof p, "%s/tokenizer/vocab.json", model_path);
+        if (file_exists(p)) { snprintf(out, cap, "%s/tokenizer", model_path); return MS_OK; }
+        snprintf(p, sizeof p, "%s/vocab.json", model_path);
+        if (file_exists(p)) { snprintf(out, cap, "%s", model_path); return MS_OK; }
+    }
+    if (find_data_dir("models/tiny-sd/tokenizer/vocab.json", out, cap)) {
+        if (shipped) *shipped = 1;
+        return MS_OK;
+    }
+    return ms_errorf(MS_ERR_IO, "%s%shas no tokenizer/, and the CLIP BPE files mixshow ships "
+                     "(models/tiny-sd/tokenizer/vocab.json) are neither next to the executable, nor in %s, nor "
+                     "here: give --tokenizer DIR", model_path ? model_path : "", model_path ? " " : "",
+#ifdef MS_DATADIR
+                     MS_DATADIR
+#else
+                     "an install prefix"
+#endif
+                     );
+}
+
+static void add_note(char *notes, size_t cap, size_t *len, const char *path, const char *text) {
+    /* one "path: " prefix per line */
+    while (notes && *text && *len + 1 < cap) {
+        const char *nl = strchr(text, '\n');
+        size_t n = nl ? (size_t)(nl - text) : strlen(text);
+        int k = snprintf(notes + *len, cap - *len, "%s: %.*s\n", path, (int)n, text);
+        if (k < 0) return;
+        *len += (size_t)k < cap - *len ? (size_t)k : cap - *len - 1;
+        text += n + (nl ? 1 : 0);
+    }
+}
+
+MsStatus ms_open_model(const char *path, const MsOpenOptions *o, MsModel *m, ClipTokenizer *tok, char *notes,
+                       size_t cap) {
+    static const MsOpenOptions none = { NULL, NULL, 0, 0 };
+    char def[4200], tdir[4200], buf[4600], own[4096];
+    size_t len = 0;
+    int shipped = 0;
+    MsStatus s;
+    if (!o) o = &none;
+    if (!notes || !cap) { notes = own; cap = sizeof own; }
+    notes[0] = 0;
+    if (m) memset(m, 0, sizeof *m);
+    if (tok) memset(tok, 0, sizeof *tok);
+    if (!path) {
+        if (!find_data_dir("models/tiny-sd/model_index.json", def, sizeof def))
+            return ms_errorf(MS_ERR_IO, "no model given, and the embedded models/tiny-sd is neither next to the "
+                             "executable, nor in the install prefix, nor here: give --model PATH");
+        path = def;
+        add_note(notes, cap, &len, path, "no --model: the embedded random-weight tiny model.");
+    }
+    if (m) {
+        MsLoadOptions lo = { o->keep_half, o->config_dir };
+        if ((s = ms_model_load_ex(path, &lo, m, buf, sizeof buf))) return s;
+        add_note(notes, cap, &len, path, buf);
+    }
+    if (tok) {
+        if ((s = ms_find_tokenizer(path, o->tokenizer_dir, tdir, sizeof tdir, &shipped)) ||
+            (s = ms_clip_tokenizer_load(tdir, tok))) {
+            if (m) ms_model_free(m);
+            return s;
+        }
+        if (shipped) {
+            snprintf(buf, sizeof buf, "no tokenizer/: the CLIP BPE files shipped with mixshow (%s); --tokenizer "
+                     "DIR overrides.", tdir);
+            add_note(notes, cap, &len, path, buf);
+        }
+    }
+    if (!o->quiet && notes[0]) {
+        for (const char *l = notes; *l;) {
+            const char *nl = strchr(l, '\n');
+            size_t n = nl ? (size_t)(nl - l) : strlen(l);
+            fprintf(stderr, "mixshow: %.*s\n", (int)n, l);
+            l += n + (nl ? 1 : 0);
+        }
+    }
+    return MS_OK;
 }

@@ -697,6 +697,56 @@ MsStatus edlora_prepare(const EdloraFile *f, ClipTokenizer *tok, const MsModel *
                         MsTxt2ImgOptions *o);
 void edlora_prompt_free(EdloraPrompt *p);
 
+/* ---- models as users have them (tools/model_infer.c, tools/model_load.c; issue 13) ---- */
+/* One tensor of a single file: its key (LDM layout, text-encoder keys normalised to
+ * cond_stage_model.transformer.text_model.*) and shape. */
+typedef struct { const char *name; int ndim; const int64_t *shape; } MsShapeEntry;
+/* The configs of an original single file from its tensor shapes: UNet widths, layers per block,
+ * attention blocks, transformer depths, cross-attention width, proj_in kind, in/out channels,
+ * kernels; VAE widths, layers, latent/in/out channels; text encoder width, MLP, layers,
+ * vocabulary, positions. Heads, GroupNorm groups, VAE scaling and the scheduler follow SD 1.x
+ * (8 heads, 32 groups, CLIP head width 64, 0.18215, SD 1.5 scheduler), reduced to divide the
+ * widths; mixshow's tiny-sd topology gets its own configs' values. Fills m's four configs
+ * (not the tables). notes (may be NULL) receives what was inferred and what assumed. A shape
+ * no SD 1.x topology has, or a missing tensor the inference reads: MS_ERR_SHAPE/MS_ERR_FORMAT
+ * naming the tensor. */
+MsStatus ms_infer_ldm_configs(const MsShapeEntry *t, size_t n, const char *origin, MsModel *m, char *notes,
+                              size_t cap);
+/* ms_model_load, but a single file without config_dir takes its configs from the file's own
+ * metadata (mixshow.{unet,vae,text_encoder,scheduler}_config, which `mixshow convert` writes)
+ * or, failing that, from its tensor shapes (ms_infer_ldm_configs). notes as above. */
+MsStatus ms_model_load_ex(const char *path, const MsLoadOptions *opt, MsModel *m, char *notes, size_t cap);
+
+/* Where mixshow's data is (the CLIP BPE files and the embedded tiny model, models/tiny-sd): data
+ * roots are tried in order: the executable's folder and up to three parents, each as is (a
+ * source tree: build/<name>/mixshow, tests) and as <dir>/share/mixshow (an install: PREFIX/bin),
+ * then MS_DATADIR (compile time, `make install`'s $(PREFIX)/share/mixshow), then the current
+ * directory. The executable is /proc/self/exe on Linux, else argv[0] (set it from main; searched
+ * in PATH when it has no '/'). */
+void ms_set_argv0(const char *argv0);
+/* <root>/rel for the first data root where it exists; 0 when none. */
+int ms_find_data(const char *rel, char *out, size_t cap);
+/* The tokenizer folder for a model: tokenizer_dir when given (must hold vocab.json), else the
+ * model folder's tokenizer/ (or the folder itself when it is a tokenizer folder), else the
+ * shipped CLIP BPE files (models/tiny-sd/tokenizer under a data root). *shipped = 1 then. */
+MsStatus ms_find_tokenizer(const char *model_path, const char *tokenizer_dir, char *out, size_t cap, int *shipped);
+
+typedef struct {
+    const char *tokenizer_dir;   /* --tokenizer DIR: overrides the model's and the shipped one */
+    const char *config_dir;      /* --config DIR: a diffusers folder whose configs describe a
+                                  * single file (overrides metadata and inference) */
+    int keep_half;               /* --weights f16 */
+    int quiet;                   /* 1: notes only into the buffer, not on stderr */
+} MsOpenOptions;                 /* NULL: all defaults */
+/* What every command that takes a model calls: path (NULL: the embedded models/tiny-sd under a
+ * data root) as a diffusers folder or a single .safetensors/.ckpt file, with configs from the
+ * folder, --config, the file's metadata or its shapes; and the tokenizer (tok may be NULL: not
+ * loaded) from --tokenizer, the folder's tokenizer/ or the shipped files. What was inferred or
+ * assumed (single files, the shipped tokenizer, the default model) goes to notes (may be NULL)
+ * and, unless quiet, once to stderr as "mixshow: <path>: ...". On failure nothing is held. */
+MsStatus ms_open_model(const char *path, const MsOpenOptions *o, MsModel *m, ClipTokenizer *tok, char *notes,
+                       size_t cap);
+
 /* ---- regionally controllable sampling: strings, concepts, PNG text (tools/regional.c;
  * helper "regional") ---- */
 /* One region of --prompt_rewrite "[prompt]-*-[negative]-*-[t, l, b, r]|...", as
