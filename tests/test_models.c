@@ -234,6 +234,34 @@ static void test_model_b(void) {
     remove(bare);
 }
 
+/* A TencentARC-layout adapter file (written from the tiny sketch adapter's folder under its
+ * original key names): widths and blocks from its shapes, not SD 1.5's 320..1280. */
+static void test_adapter_file(void) {
+    AdapterConfig a, b;
+    MsParamTable ta, tb;
+    char p[700];
+    snprintf(p, sizeof p, "%s/sketch_tencentarc.safetensors", g_tmp);
+    if (!check(ms_adapter_load("models/tiny-sd/t2iadapter_sketch", NULL, &a, &ta) == MS_OK, "tiny sketch adapter folder loads"))
+        return;
+    StEntry *e = (StEntry *)calloc((size_t)ta.n, sizeof *e);
+    for (int i = 0; e && i < ta.n; i++) {
+        e[i].name = ta.p[i].ldm; e[i].dtype = ST_F32; e[i].ndim = ta.p[i].ndim; e[i].f32 = ta.p[i].f32;
+        for (int d = 0; d < ta.p[i].ndim; d++) e[i].shape[d] = ta.p[i].shape[d];
+    }
+    MsStatus s = e ? st_write(p, e, (size_t)ta.n, NULL, 0) : MS_ERR_NOMEM;
+    if (!s) s = ms_adapter_load(p, NULL, &b, &tb);
+    if (check(s == MS_OK, "TencentARC-layout file of the tiny adapter loads (%s)", s ? ms_last_error() : "ok")) {
+        int same = !memcmp(&a, &b, sizeof a) && ta.n == tb.n;
+        for (int i = 0; same && i < ta.n; i++) same = !memcmp(ta.p[i].f32, tb.p[i].f32, ta.p[i].numel * sizeof(float));
+        check(same, "its config (widths %d,%d,%d,%d, %d resnets per block, in_channels %d) and weights == the folder's",
+              b.channels[0], b.channels[1], b.channels[2], b.channels[3], b.num_res_blocks, b.in_channels);
+        ms_param_table_free(&tb);
+    }
+    free(e);
+    ms_param_table_free(&ta);
+    remove(p);
+}
+
 /* `make install` staged into a temporary folder (DESTDIR; PREFIX left at its default, so that
  * nothing is recompiled: this test may run in an asan/ubsan build folder whose flags it does not
  * know), then the installed binary from another directory: it finds its data relative to itself
@@ -321,6 +349,7 @@ int main(int argc, char **argv) {
     else
         printf("  skip tiny_ldm.safetensors: %s not found (MS_SHARED)\n", shared("tiny-sd/tiny_ldm.safetensors"));
     test_model_b();
+    test_adapter_file();
     test_install(argv[0]);
 #if !defined(_WIN32)
     char cmd[700];

@@ -367,13 +367,11 @@ MsStatus ms_infer_ldm_configs(const MsShapeEntry *t, size_t n, const char *origi
          mixed ? " (varies per level)" : "", u->cross_attention_dim, u->use_linear_projection ? "Linear" : "1x1-conv",
          u->in_channels, u->out_channels, b, v->layers_per_block, v->latent_channels, c->hidden_size,
          c->intermediate_size, c->num_hidden_layers, c->vocab_size, c->max_position_embeddings);
-    if (tiny)
-        note(&N, "recognised mixshow's tiny-sd topology: its configs' values used: UNet 2 heads, GroupNorm 8, "
-             "sample size 8; VAE GroupNorm 8; text encoder 2 heads.\n");
-    note(&N, "assumed (%s): UNet %d attention heads, GroupNorm %d groups%s; VAE GroupNorm %d, scaling 0.18215; text "
-         "encoder %d heads, quick_gelu; scheduler of SD 1.5 (PNDM, scaled_linear 0.00085..0.012, 1000 steps); "
-         "--config DIR overrides.\n", tiny ? "tiny-sd config, else SD 1.x" : "SD 1.x convention", heads, ug,
-         (!tiny && (heads != 8 || ug != 32)) ? " (reduced to divide the widths)" : "", vg, th);
+    note(&N, "assumed (%s): UNet %d attention heads, GroupNorm %d groups%s%s; VAE GroupNorm %d, scaling 0.18215; "
+         "text encoder %d heads, quick_gelu; scheduler of SD 1.5 (PNDM, scaled_linear 0.00085..0.012, 1000 steps); "
+         "--config DIR overrides.\n", tiny ? "the shapes are mixshow's tiny-sd: its config.json values" :
+         "SD 1.x convention", heads, ug, (!tiny && (heads != 8 || ug != 32)) ? " (reduced to divide the widths)" : "",
+         tiny ? ", sample size 8" : "", vg, th);
     /* the checks of the config readers */
     if ((s = ms_unet_config_check(u)) || (s = ms_vae_config_check(v)) || (s = ms_clip_text_config_check(c))) {
         char msg[512];

@@ -795,15 +795,34 @@ MsStatus ms_adapter_load(const char *path, const MsLoadOptions *opt, AdapterConf
         if ((s = ms_table_fill_file(t, w, 0, "t2iadapter", opt))) goto fail;
         return MS_OK;
     }
-    /* a TencentARC file: SD 1.x channels; in_channels from conv_in's shape */
+    /* a TencentARC file: widths from the shapes (body.k.block1 [C,C,3,3], k = level * R + j),
+     * in_channels from conv_in [C0, cin*64, 3, 3]; num_res_blocks 2 (SD 1.x), and when the body
+     * holds no multiple of 2 entries, one per level */
     Source src;
     if ((s = src_open(&src, path))) return s;
-    int cin = 3;
+    int cin = 3, width[64], nb = 0;
     for (size_t i = 0; i < src.n; i++)
         if (!strcmp(src.t[i].name, "conv_in.weight") && src.t[i].ndim == 4 && src.t[i].shape[1] % 64 == 0 &&
             src.t[i].shape[1] / 64 >= 1 && src.t[i].shape[1] / 64 <= 64)
             cin = (int)(src.t[i].shape[1] / 64);
+    for (int k = 0; k < 64; k++) {
+        char key[64];
+        size_t i;
+        snprintf(key, sizeof key, "body.%d.block1.weight", k);
+        for (i = 0; i < src.n && strcmp(src.t[i].name, key); i++) {}
+        if (i == src.n || src.t[i].ndim != 4 || src.t[i].shape[0] < 1 || src.t[i].shape[0] > (1 << 16)) break;
+        width[nb++] = (int)src.t[i].shape[0];
+    }
     ms_adapter_config_sd15(c, cin);
+    if (nb > 0) {
+        int R = nb % 2 == 0 && nb / 2 <= MS_MAX_BLOCKS ? 2 : 1;
+        for (int j = 0; j < nb && R == 2; j += 2) if (width[j] != width[j + 1]) R = 1;
+        if (nb / R <= MS_MAX_BLOCKS) {
+            c->num_res_blocks = R;
+            c->n_channels = nb / R;
+            for (int i = 0; i < c->n_channels; i++) c->channels[i] = width[i * R];
+        }
+    }
     if (!(s = ms_param_table_adapter(c, t))) {
         Target tg = { t, "t2iadapter", NULL };
         s = fill(&src, &tg, 1, 1, opt);
