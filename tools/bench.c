@@ -151,21 +151,24 @@ static void bench_kernels(Bench *b) {
  * GroupNorm/LayerNorm scales) are 1 and 1-D biases 0. Activations then stay O(1) through every
  * layer, so the timings run on ordinary finite numbers, as with real weights (the speed of the
  * kernels does not depend on the values, only NaN/Inf/subnormal paths would). */
-static void fill_params(MsParamTable *t, uint64_t seed) {
-    MsRng r;
-    ms_rng_seed(&r, seed);
+static void fill_params_rng(MsParamTable *t, MsRng *rp) {
     for (int i = 0; i < t->n; i++) {
         MsParam *p = &t->p[i];
         if (!p->f32) continue;                          /* buffers hold no data */
         if (p->ndim >= 2) {
             double fan_in = (double)p->numel / (double)p->shape[0], a = sqrt(3.0 / fan_in);
-            ms_rng_fill_uniform(&r, p->f32, p->numel, (float)-a, (float)a);
+            ms_rng_fill_uniform(rp, p->f32, p->numel, (float)-a, (float)a);
         } else {
             const char *dot = strrchr(p->name, '.');
             float v = dot && !strcmp(dot, ".weight") ? 1.0f : 0.0f;
             for (size_t k = 0; k < p->numel; k++) p->f32[k] = v;
         }
     }
+}
+static void fill_params(MsParamTable *t, uint64_t seed) {
+    MsRng r;
+    ms_rng_seed(&r, seed);
+    fill_params_rng(t, &r);
 }
 
 /* Linux only, through plain files (no POSIX header needed; elsewhere fopen fails and the figure
@@ -202,16 +205,24 @@ typedef struct {
     void *ctx;
 } NetCase;
 
-/* Median of `runs` timed calls at each thread count (no separate warm-up: the first call also
- * touches the fresh arenas, and the median drops it once runs >= 3), wall time and, beside it,
+/* Median of `runs` timed calls at each thread count after `warmup` untimed ones (0 for the
+ * inference cases: the first call also touches the fresh arenas, and the median drops it once
+ * runs >= 3; med_out[thread index] gets the median, med_out[2 + index] that of the CPU time, when
+ * not NULL), wall time and, beside it,
  * the median process CPU time (clock(): all threads), which other work on a shared machine
  * disturbs less. The 1-minute load average when the case started. Progress on stderr. */
-static int net_report(const Bench *b, const NetCase *nc) {
+static int net_report(const Bench *b, const NetCase *nc, int warmup, double med_out[4]) {
     for (int ti = 0; ti < 2; ti++) {
         if (ti == 1 && b->threads[1] == b->threads[0]) break;
         double t[64], cpu[64], load = load_avg1();
         int n = b->runs < 64 ? b->runs : 64;
         ms_set_threads(b->threads[ti]);
+        for (int i = 0; i < warmup; i++) {              /* untimed: fresh arenas, thread pool */
+            double t0 = ms_time();
+            MsStatus s = nc->run(nc->ctx);
+            if (s) { fprintf(stderr, "mixshow bench: %s: %s\n", nc->label, ms_last_error()); ms_set_threads(0); return 1; }
+            fprintf(stderr, "  %s threads=%d warm-up: %.3f s\n", nc->label, b->threads[ti], ms_time() - t0);
+        }
         for (int i = 0; i < n; i++) {
             double t0 = ms_time();
             clock_t c0 = clock();
@@ -225,6 +236,7 @@ static int net_report(const Bench *b, const NetCase *nc) {
         qsort(cpu, (size_t)n, sizeof cpu[0], cmp_double);
         double med = n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
         double cmed = n % 2 ? cpu[n / 2] : 0.5 * (cpu[n / 2 - 1] + cpu[n / 2]);
+        if (med_out) { med_out[ti] = med; med_out[2 + ti] = cmed; }
         printf("%s threads=%d: %.3f %s  (%d runs %.3f..%.3f, cpu %.3f s", nc->label, b->threads[ti], med, nc->unit, n,
                t[0], t[n - 1], cmed);
         if (load >= 0) printf(", load %.2f", load);
@@ -270,6 +282,64 @@ static MsStatus table_random(MsParamTable *t, uint64_t seed) {
     return s;
 }
 
+/* IEEE binary16 nearest to f, ties to even (overflow to infinity, NaN kept quiet). */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x, m, h, rem;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    int e = (int)((x >> 23) & 0xFFu) - 127 + 15;
+    m = x & 0x7FFFFFu;
+    if (((x >> 23) & 0xFFu) == 0xFFu) return (uint16_t)(sign | 0x7C00u | (m ? 0x200u : 0u));
+    if (e >= 31) return (uint16_t)(sign | 0x7C00u);
+    if (e <= 0) {                                       /* subnormal half (or zero) */
+        if (e < -10) return sign;
+        m |= 0x800000u;
+        int shift = 14 - e;
+        h = m >> shift; rem = m & ((1u << shift) - 1u);
+        uint32_t half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1u))) h++;
+        return (uint16_t)(sign | h);
+    }
+    h = ((uint32_t)e << 10) | (m >> 13); rem = m & 0x1FFFu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;   /* a carry into the exponent is right */
+    return (uint16_t)(sign | h);
+}
+
+/* The same random values (fill_params), kept as F16 in the table (MsParam.half), as
+ * MsLoadOptions.keep_half keeps a 16-bit checkpoint: 2 bytes per weight, converted when used. */
+static MsStatus table_random_f16(MsParamTable *t, uint64_t seed) {
+    MsParamTable f;
+    MsDtype *dt = (MsDtype *)malloc((size_t)(t->n ? t->n : 1) * sizeof *dt);
+    MsStatus s;
+    if (!dt) return ms_errorf(MS_ERR_NOMEM, "bench: out of memory");
+    for (int i = 0; i < t->n; i++) dt[i] = MS_DT_F16;
+    s = ms_param_table_alloc(t, dt);
+    free(dt);
+    if (s) return s;
+    /* one f32 tensor at a time: a table of the same layout whose data pointers are redirected */
+    f = *t;
+    f.p = (MsParam *)malloc((size_t)(t->n ? t->n : 1) * sizeof *f.p);
+    if (!f.p) return ms_errorf(MS_ERR_NOMEM, "bench: out of memory");
+    memcpy(f.p, t->p, (size_t)t->n * sizeof *f.p);
+    size_t big = 0;
+    for (int i = 0; i < t->n; i++) if (t->p[i].half && t->p[i].numel > big) big = t->p[i].numel;
+    float *tmp = (float *)malloc((big ? big : 1) * sizeof(float));
+    if (!tmp) { free(f.p); return ms_errorf(MS_ERR_NOMEM, "bench: out of memory"); }
+    MsRng r;
+    ms_rng_seed(&r, seed);
+    for (int i = 0; i < t->n; i++) {                    /* fill_params' draws, tensor by tensor */
+        MsParam *p = &t->p[i];
+        if (!p->half) continue;
+        MsParamTable one = f;
+        one.p = &f.p[i]; one.n = 1;
+        f.p[i].f32 = tmp;
+        fill_params_rng(&one, &r);
+        for (size_t k = 0; k < p->numel; k++) p->half[k] = f32_to_f16(tmp[k]);
+    }
+    free(tmp); free(f.p);
+    return MS_OK;
+}
+
 /* --- UNet: one denoising step = one unet_forward, inference mode, B = 2 (the CFG batch) --- */
 typedef struct {
     UNetActs a;
@@ -309,7 +379,7 @@ static int bench_unet(const Bench *b, MsRng *r) {
         goto done;
     u.t[0] = 999.0f; u.t[1] = 999.0f;                   /* the first step of a sampler */
     NetCase nc_ = { label, "s/step", run_unet, &u };
-    if (net_report(b, &nc_) || !check_finite(label, u.eps, ne)) goto done;
+    if (net_report(b, &nc_, 0, NULL) || !check_finite(label, u.eps, ne)) goto done;
     net_memory(label, t.mem_bytes, sz.acts_bytes, sz.scratch_bytes, (nx + ne + nc + N) * sizeof(float));
     ok = 1;
 done:
@@ -354,7 +424,7 @@ static int bench_vae(const Bench *b, MsRng *r) {
     u.p = p; u.scratch = &scratch;
     if (!(u.lat = net_buf(r, nl, 1.0f)) || !(u.img = net_buf(r, ni, 0.0f))) goto done;
     NetCase nc_ = { label, "s", run_vae, &u };
-    if (net_report(b, &nc_) || !check_finite(label, u.img, ni)) goto done;
+    if (net_report(b, &nc_, 0, NULL) || !check_finite(label, u.img, ni)) goto done;
     /* the table holds the encoder too (all of AutoencoderKL); the decode reads only the decoder */
     net_memory(label, t.mem_bytes, 0, sz.decode_bytes, (nl + ni) * sizeof(float));
     ok = 1;
@@ -435,7 +505,7 @@ static int bench_text(const Bench *b, MsRng *r) {
         u.backward = pass;
         u.lora = pass ? &lora : NULL;
         NetCase nc_ = { label, "s", run_clip, &u };
-        if (net_report(b, &nc_) || !check_finite(label, u.a.out, N * D) ||
+        if (net_report(b, &nc_, 0, NULL) || !check_finite(label, u.a.out, N * D) ||
             (pass && !check_finite("d new embeddings", u.dnew, (size_t)n_new * D)))
             goto done;
         net_memory(label, t.mem_bytes, bytes, 0,
@@ -453,23 +523,408 @@ done:
     return ok;
 }
 
-enum { NET_TEXT = 1, NET_VAE = 2, NET_UNET = 4, NET_ALL = 7 };
+/* --- ED-LoRA training: one optimizer step of `mixshow train` (ms_trainer_step) with the
+ * models: and train: options of the official 8101 potter config (two concept words <potter1>
+ * +<potter2>, 16 layer-wise tokens each; rank-4 LoRA (alpha 1) on to_q/to_k/to_v/to_out.0 of
+ * every UNet attention and q/k/v/out_proj of every text-encoder layer; noise_offset 0.01,
+ * attn_reg_weight 0.01, reg_full_identity false, mask loss; AdamW lr 1e-3 / 1e-5 / 1e-4, weight
+ * decay 0.01). The draws are fixed (MsStepDraws: t = 500, the prompt "a photo of a <potter1>
+ * <potter2>" bound x16), the mask is a centred 48x32 latent-pixel rectangle. Both words start
+ * from <rand-0.013> (the config's second initializer, "man", needs the real vocabulary; the
+ * initial values do not change the time). Then the same step in parts, each timed on its own
+ * with the same shapes (VAE encode, text encoder forward + backward over the B x 16 prompts,
+ * UNet forward, UNet backward, AdamW over every trainable float); "rest" is the step minus the
+ * parts (posterior sample, noise, copies, losses, the attention regulariser, the gradient
+ * finiteness checks, per-tensor AdamW calls instead of one). --- */
+
+/* A CLIP tokenizer made in memory with the real tokenizer's size and special ids: the 256 byte
+ * symbols of bytes_to_unicode (GPT-2/CLIP), the same with "</w>", fillers up to id 49405,
+ * <|startoftext|> 49406, <|endoftext|> 49407; no merges. The trainer only adds its concept
+ * tokens to it (the step's ids come from MsStepDraws). */
+static MsStatus bench_tokenizer(ClipTokenizer *tok, int n_vocab) {
+    char *mem = (char *)malloc((size_t)n_vocab * 24);
+    const char **toks = (const char **)malloc((size_t)n_vocab * sizeof *toks);
+    size_t *lens = (size_t *)malloc((size_t)n_vocab * sizeof *lens);
+    int64_t *ids = (int64_t *)malloc((size_t)n_vocab * sizeof *ids);
+    static const char merges[] = "#version: 0.2\n";
+    MsStatus s;
+    if (!mem || !toks || !lens || !ids || n_vocab < 514) {
+        s = ms_errorf(MS_ERR_NOMEM, "bench: tokenizer of %d tokens: out of memory", n_vocab);
+        goto done;
+    }
+    for (int i = 0, extra = 0; i < 256; i++) {        /* bytes_to_unicode: printable bytes keep */
+        int keep = (i >= '!' && i <= '~') || (i >= 0xA1 && i <= 0xAC) || (i >= 0xAE && i <= 0xFF);
+        unsigned cp = keep ? (unsigned)i : 256u + (unsigned)extra++;   /* their code point */
+        char *a = mem + (size_t)i * 24, *w = mem + (size_t)(256 + i) * 24;
+        size_t k = 0;
+        if (cp < 0x80) a[k++] = (char)cp;
+        else { a[k++] = (char)(0xC0 | (cp >> 6)); a[k++] = (char)(0x80 | (cp & 0x3F)); }
+        memcpy(w, a, k); memcpy(w + k, "</w>", 4);
+        toks[i] = a; lens[i] = k; toks[256 + i] = w; lens[256 + i] = k + 4;
+    }
+    for (int i = 512; i < n_vocab; i++) {
+        char *a = mem + (size_t)i * 24;
+        if (i == n_vocab - 2) snprintf(a, 24, "<|startoftext|>");
+        else if (i == n_vocab - 1) snprintf(a, 24, "<|endoftext|>");
+        else snprintf(a, 24, "<|bench%d|>", i);
+        toks[i] = a; lens[i] = strlen(a);
+    }
+    for (int i = 0; i < n_vocab; i++) ids[i] = i;
+    s = clip_tokenizer_init(tok, toks, lens, ids, n_vocab, merges, sizeof merges - 1, NULL, "bench tokenizer");
+done:
+    free(mem); free(toks); free(lens); free(ids);
+    return s;
+}
+
+typedef struct {
+    MsTrainer *tr;
+    MsTrainBatch bt;
+    MsStepDraws dr;
+    MsStepReport rep;
+} TrainCtx;
+static MsStatus run_train(void *v) {
+    TrainCtx *u = (TrainCtx *)v;
+    MsStatus s = ms_trainer_step(u->tr, &u->bt, &u->dr, NULL, &u->rep);
+    if (!s) fprintf(stderr, "    step %lld: loss %.6g (mse %.6g, attn %.6g)\n", (long long)ms_trainer_step_count(u->tr),
+                    u->rep.loss, u->rep.loss_mse, u->rep.loss_attn);
+    return s;
+}
+
+/* The host: CPU model and cpuid family/model (Linux /proc/cpuinfo; skipped elsewhere), the
+ * kernels' SIMD level and the one-thread FMA peak of AVX2 and AVX-512: about 2x apart on cores
+ * with two 512-bit FMA ports ("full-rate"), about equal where AVX-512 runs at half rate. */
+static void host_line(void) {
+    char line[256], model[128] = "?";
+    int fam = -1, mod = -1;
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (f) {
+        while (fgets(line, sizeof line, f)) {
+            const char *c = strchr(line, ':');
+            if (!c) continue;
+            if (!strncmp(line, "model name", 10) && model[0] == '?') {
+                snprintf(model, sizeof model, "%s", c + 2);
+                model[strcspn(model, "\n")] = 0;
+            } else if (!strncmp(line, "cpu family", 10) && fam < 0) fam = atoi(c + 1);
+            else if (!strncmp(line, "model\t", 6) && mod < 0) mod = atoi(c + 1);
+            if (fam >= 0 && mod >= 0 && model[0] != '?') break;
+        }
+        fclose(f);
+    }
+    MsSimd lv = ms_simd();
+    printf("host: %s, cpuid family %d model %d, kernels %s (detected %s)", model, fam, mod, ms_simd_name(lv),
+           ms_simd_name(ms_simd_detected()));
+    if (ms_simd_detected() >= MS_SIMD_AVX512) {
+        double p2 = ms_bench_fma_peak(MS_SIMD_AVX2, 1, 0.2), p5 = ms_bench_fma_peak(MS_SIMD_AVX512, 1, 0.2);
+        printf(", FMA peak 1 thread avx2 %.1f / avx512 %.1f GFLOP/s (AVX-512 %s-rate)", p2, p5,
+               p5 > 1.5 * p2 ? "full" : "half");
+    }
+    printf("\n");
+    fflush(stdout);
+}
+
+/* The parts of the step, on buffers of their own (allocated here, after the trainer is freed). */
+typedef struct {
+    const MsModel *m;
+    int B, L, n_tok;
+    VaeParams *vp;
+    UNetParams up;
+    UNetActs ua;
+    UNetLora lora, dlora;
+    ClipTextParams *tp;
+    ClipTextActs ta;
+    ClipLora tl, dtl;
+    Arena vae_ar, uacts, uscr, lora_ar, text_ar;
+    float *img, *mean, *logvar, *x, *t, *eps, *deps, *ctx, *dctx, *tmem, *dtmem, *emb, *demb, *tdout;
+    float *ap, *ag, *am, *av;
+    const float *lctx[16];
+    float *ldctx[16];
+    int32_t *ids;
+    size_t n_train;
+    int up_ok, ua_ok;
+} Parts;
+
+static void parts_free(Parts *q) {
+    if (q->ua_ok) unet_acts_free(&q->ua);
+    if (q->up_ok) unet_params_free(&q->up);
+    arena_free(&q->vae_ar); arena_free(&q->uacts); arena_free(&q->uscr); arena_free(&q->lora_ar); arena_free(&q->text_ar);
+    float *bufs[] = { q->img, q->mean, q->logvar, q->x, q->t, q->eps, q->deps, q->ctx, q->dctx, q->tmem, q->dtmem,
+                      q->emb, q->demb, q->tdout, q->ap, q->ag, q->am, q->av };
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ms_free_aligned(bufs[i]);
+    free(q->ids); free(q->vp); free(q->tp);
+}
+
+static MsStatus parts_init(Parts *q, const MsModel *m, int B, int L, int n_tok, int rank, MsRng *r) {
+    const UNetConfig *uc = &m->unet_config;
+    const ClipTextConfig *tc = &m->text_config;
+    const int H = 512, W = 512, h = 64, w = 64, T = 77, D = tc->hidden_size, nc = ms_unet_cross_attn_layers(uc);
+    const size_t nlat = (size_t)B * uc->in_channels * h * w, nout = (size_t)B * uc->out_channels * h * w;
+    const size_t nctx = (size_t)B * T * D, nte = clip_lora_numel(tc, rank), nul = unet_lora_floats(uc, rank);
+    VaeSizes vz;
+    UNetSizes us;
+    MsStatus s;
+    memset(q, 0, sizeof *q);
+    q->m = m; q->B = B; q->L = L; q->n_tok = n_tok;
+    if (nc > 16) return ms_errorf(MS_ERR_UNSUPPORTED, "bench: %d cross-attention layers (16 expected)", nc);
+    q->vp = (VaeParams *)malloc(sizeof *q->vp);
+    q->tp = (ClipTextParams *)malloc(sizeof *q->tp);
+    q->ids = (int32_t *)malloc((size_t)B * L * T * sizeof(int32_t));
+    if (!q->vp || !q->tp || !q->ids) return ms_errorf(MS_ERR_NOMEM, "bench: out of memory");
+    if ((s = vae_params_init(q->vp, &m->vae_config, &m->vae)) || (s = vae_sizes(&m->vae_config, H, W, -1, &vz)) ||
+        (s = arena_init(&q->vae_ar, vz.encode_bytes)))
+        return s;
+    if ((s = unet_params_init(&q->up, uc, &m->unet))) return s;
+    q->up_ok = 1;
+    size_t lin = (size_t)2 * q->up.n_blk * 4 * sizeof(UNetLoraLinear);
+    if ((s = arena_init(&q->lora_ar, 2 * (lin + 128) + 2 * (nul * sizeof(float) + 128))) ||
+        (s = unet_lora_init(&q->lora, &q->up, rank, 1.0f, &q->lora_ar)) ||
+        (s = unet_lora_init(&q->dlora, &q->up, rank, 1.0f, &q->lora_ar)))
+        return s;
+    ms_rng_fill_normal(r, q->lora.data, q->lora.n_floats, 0.0f, 0.02f);
+    if ((s = unet_sizes(uc, B, h, w, T, 1, &us)) || (s = arena_init(&q->uacts, us.acts_bytes)) ||
+        (s = arena_init(&q->uscr, us.scratch_bytes)) || (s = unet_acts_init(&q->ua, uc, B, h, w, T, 1, &q->uacts, &q->uscr)))
+        return s;
+    q->ua_ok = 1;
+    if ((s = clip_text_params(q->tp, &m->text, tc))) return s;
+    if ((s = arena_init(&q->text_ar, clip_text_sizes(tc, B * L, T, rank, 1))) ||
+        (s = clip_text_acts_alloc(&q->ta, &q->text_ar, tc, B * L, T, rank, 1)))
+        return s;
+    q->n_train = (size_t)n_tok * D + nte + nul;
+    if (!(q->img = net_buf(r, (size_t)B * 3 * H * W, 0.5f)) || !(q->mean = net_buf(r, nlat, 0.0f)) ||
+        !(q->logvar = net_buf(r, nlat, 0.0f)) || !(q->x = net_buf(r, nlat, 1.0f)) || !(q->t = net_buf(r, (size_t)B, 0.0f)) ||
+        !(q->eps = net_buf(r, nout, 0.0f)) || !(q->deps = net_buf(r, nout, 1e-3f)) ||
+        !(q->ctx = net_buf(r, (size_t)nc * nctx, 1.0f)) || !(q->dctx = net_buf(r, (size_t)nc * nctx, 0.0f)) ||
+        !(q->tmem = net_buf(r, nte, 0.02f)) || !(q->dtmem = net_buf(r, nte, 0.0f)) ||
+        !(q->emb = net_buf(r, (size_t)n_tok * D, 0.013f)) || !(q->demb = net_buf(r, (size_t)n_tok * D, 0.0f)) ||
+        !(q->tdout = net_buf(r, (size_t)B * L * T * D, 1e-3f)) || !(q->ap = net_buf(r, q->n_train, 0.02f)) ||
+        !(q->ag = net_buf(r, q->n_train, 1e-3f)) || !(q->am = net_buf(r, q->n_train, 0.0f)) ||
+        !(q->av = net_buf(r, q->n_train, 0.0f)))
+        return ms_errorf(MS_ERR_NOMEM, "bench: out of memory");
+    for (int b = 0; b < B; b++) q->t[b] = 500.0f;
+    for (int i = 0; i < nc; i++) { q->lctx[i] = q->ctx + (size_t)i * nctx; q->ldctx[i] = q->dctx + (size_t)i * nctx; }
+    clip_lora_bind(&q->tl, q->tmem, tc, rank, 1.0f);
+    clip_lora_bind(&q->dtl, q->dtmem, tc, rank, 1.0f);
+    for (int p = 0; p < B * L; p++)
+        for (int j = 0; j < T; j++) {
+            static const int32_t head[5] = { 49406, 320, 1125, 539, 320 };    /* <bos> a photo of a */
+            int32_t id = j < 5 ? head[j] : j == 5 ? tc->vocab_size + p % L : j == 6 ? tc->vocab_size + L + p % L : 49407;
+            q->ids[(size_t)p * T + j] = id;
+        }
+    return MS_OK;
+}
+
+/* Times the parts once: wall seconds in sec[0..4], process CPU seconds (all threads) in sec[5..9]. */
+static MsStatus parts_run(Parts *q, double sec[10], int64_t step) {
+    const ClipTextConfig *tc = &q->m->text_config;
+    const size_t nc = (size_t)ms_unet_cross_attn_layers(&q->m->unet_config), nctx = (size_t)q->B * 77 * tc->hidden_size;
+    MsStatus s;
+    clock_t c[6];
+    c[0] = clock();
+    double t0 = ms_time();
+    if ((s = vae_encode(q->vp, &q->vae_ar, q->mean, q->logvar, q->img, q->B, 512, 512))) return s;
+    double t1 = ms_time();
+    c[1] = clock();
+    if ((s = clip_text_forward(&q->ta, q->tp, &q->tl, q->ids, q->emb, q->n_tok, tc))) return s;
+    memset(q->dtmem, 0, clip_lora_numel(tc, q->tl.rank) * sizeof(float));
+    memset(q->demb, 0, (size_t)q->n_tok * tc->hidden_size * sizeof(float));
+    clip_text_backward(&q->dtl, q->demb, q->tdout, &q->ta, q->tp, &q->tl, q->ids, q->n_tok, tc);
+    double t2 = ms_time();
+    c[2] = clock();
+    if ((s = unet_forward(q->eps, &q->ua, q->x, q->t, NULL, q->lctx, NULL, &q->up, &q->lora))) return s;
+    double t3 = ms_time();
+    c[3] = clock();
+    memset(q->dlora.data, 0, q->dlora.n_floats * sizeof(float));
+    memset(q->dctx, 0, nc * nctx * sizeof(float));
+    if ((s = unet_backward(&q->ua, &q->up, &q->lora, &q->dlora, q->deps, NULL, q->ldctx))) return s;
+    double t4 = ms_time();
+    c[4] = clock();
+    ms_adamw_step(q->ap, q->ag, q->am, q->av, q->n_train, step, 1e-4, 0.01, 0.9, 0.999, 1e-8);
+    double t5 = ms_time();
+    c[5] = clock();
+    for (int k = 0; k < 5; k++) sec[5 + k] = (double)(c[k + 1] - c[k]) / CLOCKS_PER_SEC;
+    sec[0] = t1 - t0; sec[1] = t2 - t1; sec[2] = t3 - t2; sec[3] = t4 - t3; sec[4] = t5 - t4;
+    return MS_OK;
+}
+
+static int bench_train_parts(const Bench *b, const MsModel *m, int B, int L, int n_tok, const double step_med[4],
+                             const char *label, MsRng *r) {
+    static const char *const name[5] = { "vae-encode", "text fwd+bwd", "unet fwd", "unet bwd", "adamw" };
+    Parts q;
+    int ok = 0;
+    MsStatus s = parts_init(&q, m, B, L, n_tok, 4, r);
+    if (s) { fprintf(stderr, "mixshow bench: %s parts: %s\n", label, ms_last_error()); goto done; }
+    for (int ti = 0; ti < 2; ti++) {
+        if (ti == 1 && b->threads[1] == b->threads[0]) break;
+        int n = b->runs < 64 ? b->runs : 64;
+        double sec[64][10], med[10], sum = 0.0, csum = 0.0, col[64];
+        ms_set_threads(b->threads[ti]);
+        for (int i = -1; i < n; i++) {                  /* i = -1: warm-up */
+            double tmp[10];
+            if ((s = parts_run(&q, i < 0 ? tmp : sec[i], (int64_t)i + 2))) {
+                fprintf(stderr, "mixshow bench: %s parts: %s\n", label, ms_last_error());
+                goto done;
+            }
+            if (i >= 0)
+                fprintf(stderr, "  %s parts threads=%d run %d/%d: %.2f %.2f %.2f %.2f %.3f s (cpu %.2f %.2f %.2f %.2f %.3f s)\n",
+                        label, b->threads[ti], i + 1, n, sec[i][0], sec[i][1], sec[i][2], sec[i][3], sec[i][4], sec[i][5],
+                        sec[i][6], sec[i][7], sec[i][8], sec[i][9]);
+        }
+        for (int k = 0; k < 10; k++) {
+            for (int i = 0; i < n; i++) col[i] = sec[i][k];
+            qsort(col, (size_t)n, sizeof col[0], cmp_double);
+            med[k] = n % 2 ? col[n / 2] : 0.5 * (col[n / 2 - 1] + col[n / 2]);
+            if (k < 5) sum += med[k]; else csum += med[k];
+        }
+        printf("%s threads=%d parts:", label, b->threads[ti]);
+        for (int k = 0; k < 5; k++) printf(" %s %.3f s (cpu %.3f)%s", name[k], med[k], med[5 + k], k < 4 ? "," : "");
+        printf("; sum %.3f s (cpu %.3f)", sum, csum);
+        if (step_med[ti] > 0) printf(", the step's rest %.3f s (cpu %.3f)", step_med[ti] - sum, step_med[2 + ti] - csum);
+        printf("\n");
+        fflush(stdout);
+    }
+    if (!check_finite("unet fwd (parts)", q.eps, (size_t)B * m->unet_config.out_channels * 64 * 64)) goto done;
+    ok = 1;
+done:
+    ms_set_threads(0);
+    parts_free(&q);
+    return ok;
+}
+
+static int bench_train(const Bench *b, MsRng *r, int B, int f16) {
+    const int H = 512, W = 512, h = 64, w = 64, L = 16, T = 77, rank = 4;
+    char label[64];
+    MsModel m;
+    ClipTokenizer tok;
+    MsTrainConfig cfg;
+    MsTrainer *tr = NULL;
+    TrainCtx u;
+    float *img = NULL, *eps = NULL;
+    double *mask = NULL, *ones = NULL, step_med[4] = { 0, 0, 0, 0 };
+    int32_t *ids = NULL;
+    int64_t ts[64];
+    int ok = 0, tok_ok = 0;
+    snprintf(label, sizeof label, "train sd15 B=%d 64x64%s", B, f16 ? " f16-weights" : "");
+    memset(&m, 0, sizeof m); memset(&u, 0, sizeof u);
+    host_line();
+    ms_unet_config_sd15(&m.unet_config);
+    ms_vae_config_sd15(&m.vae_config);
+    ms_clip_text_config_sd15(&m.text_config);
+    ms_scheduler_config_sd15(&m.scheduler_config);
+    fprintf(stderr, "%s: random weights...\n", label);
+    if (ms_param_table_unet(&m.unet_config, &m.unet) || (f16 ? table_random_f16 : table_random)(&m.unet, 15) ||
+        ms_param_table_vae(&m.vae_config, &m.vae) || (f16 ? table_random_f16 : table_random)(&m.vae, 16) ||
+        ms_param_table_text(&m.text_config, &m.text) || (f16 ? table_random_f16 : table_random)(&m.text, 17) ||
+        bench_tokenizer(&tok, m.text_config.vocab_size)) {
+        fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error());
+        goto done;
+    }
+    tok_ok = 1;
+    /* 8101_EDLoRA_potter_Cmix_B4_Repeat500.yml, models: and train: */
+    ms_train_config_defaults(&cfg);
+    cfg.n_words = 2;
+    snprintf(cfg.words[0], MS_WORD_MAX, "<potter1>"); snprintf(cfg.words[1], MS_WORD_MAX, "<potter2>");
+    snprintf(cfg.init[0], MS_WORD_MAX, "<rand-0.013>"); snprintf(cfg.init[1], MS_WORD_MAX, "<rand-0.013>");
+    cfg.has_noise_offset = 1; cfg.noise_offset = 0.01;
+    cfg.has_attn_reg = 1; cfg.attn_reg_weight = 0.01;
+    cfg.reg_full_identity = 0;
+    cfg.total_iter = 3500.0;                            /* 14 images x 500 / batch 2 */
+    const size_t nlat = (size_t)B * 4 * h * w;
+    rss_peak_reset();
+    {
+        MsTorchRng g;
+        ms_torch_seed(&g, 0);
+        if (ms_trainer_create(&tr, &m, &tok, &cfg, B, H, W, &g)) {
+            fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error());
+            goto done;
+        }
+    }
+    int first_id = 0;
+    ms_trainer_tokens(tr, &first_id);
+    if (!(img = net_buf(r, (size_t)B * 3 * H * W, 0.0f)) || !(eps = net_buf(r, 3 * nlat + (size_t)B * 4, 1.0f)) ||
+        !(mask = (double *)malloc(2 * (size_t)B * h * w * sizeof(double))) ||
+        !(ids = (int32_t *)malloc((size_t)B * L * T * sizeof(int32_t))))
+        goto done;
+    ms_rng_fill_uniform(r, img, (size_t)B * 3 * H * W, -1.0f, 1.0f);
+    ones = mask + (size_t)B * h * w;
+    for (int b = 0; b < B; b++)
+        for (int y = 0; y < h; y++)
+            for (int x = 0; x < w; x++) {
+                mask[((size_t)b * h + y) * w + x] = y >= 8 && y < 56 && x >= 16 && x < 48;
+                ones[((size_t)b * h + y) * w + x] = 1.0;
+            }
+    for (int p = 0; p < B * L; p++)                     /* <bos> a photo of a <potter1> <potter2> <eos> */
+        for (int j = 0; j < T; j++) {
+            static const int32_t head[5] = { 49406, 320, 1125, 539, 320 };
+            int32_t id = j < 5 ? head[j] : j == 5 ? first_id + p % L : j == 6 ? first_id + L + p % L : 49407;
+            ids[(size_t)p * T + j] = id;
+        }
+    for (int i = 0; i < B; i++) ts[i] = 500;
+    u.tr = tr;
+    u.bt.B = B; u.bt.H = H; u.bt.W = W; u.bt.images = img; u.bt.masks = mask; u.bt.img_masks = ones;
+    u.dr.input_ids = ids; u.dr.vae_eps = eps; u.dr.noise_randn = eps + nlat; u.dr.noise_offset_randn = eps + 2 * nlat;
+    u.dr.timesteps = ts;
+    {
+        NetCase nc_ = { label, "s/step", run_train, &u };
+        if (net_report(b, &nc_, 1, step_med) || !check_finite(label, u.rep.model_pred, nlat)) goto done;
+    }
+    {
+        const ClipTextConfig *tc = &m.text_config;
+        UNetSizes us;
+        VaeSizes vz;
+        size_t text = clip_text_sizes(tc, B * L, T, rank, 1), train = 0;
+        if (unet_sizes(&m.unet_config, B, h, w, T, 1, &us) || vae_sizes(&m.vae_config, H, W, -1, &vz)) {
+            fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error());
+            goto done;
+        }
+        for (int i = 0; i < ms_trainer_n_params(tr); i++) {
+            int64_t sh[2];
+            ms_trainer_param(tr, i, NULL, NULL, NULL, sh);
+            train += (size_t)sh[0] * (size_t)sh[1];
+        }
+        /* the trainer's own buffers: parameters, gradients, AdamW moments (4 per float);
+         * latents, noise, prediction; the (B*16,77,D) text gradient and 16 contexts + their
+         * gradients; ids */
+        size_t io = 4 * train * sizeof(float) +
+                    ((size_t)7 * nlat + (size_t)B * L * T * tc->hidden_size + 2 * 16 * (size_t)B * T * tc->hidden_size) * sizeof(float);
+        net_memory(label, m.unet.mem_bytes + m.vae.mem_bytes + m.text.mem_bytes, us.acts_bytes + text,
+                   us.scratch_bytes + vz.encode_bytes, io);
+        printf("%s memory parts: weights unet %.1f + vae %.1f + text %.1f; unet training acts %.1f + scratch %.1f; "
+               "text encoder acts [%dx77] %.1f; vae encode scratch %.1f; trainable floats %zu (x4: %.1f) MiB\n",
+               label, MIB(m.unet.mem_bytes), MIB(m.vae.mem_bytes), MIB(m.text.mem_bytes), MIB(us.acts_bytes),
+               MIB(us.scratch_bytes), B * L, MIB(text), MIB(vz.encode_bytes), train, MIB(4 * train * sizeof(float)));
+        fflush(stdout);
+    }
+    ms_trainer_free(tr);
+    tr = NULL;
+    ms_gemm_scratch_free();
+    ops_scratch_free();
+    ok = bench_train_parts(b, &m, B, L, 2 * L, step_med, label, r);
+done:
+    ms_trainer_free(tr);
+    if (tok_ok) clip_tokenizer_free(&tok);
+    ms_free_aligned(img); ms_free_aligned(eps);
+    free(mask); free(ids);
+    ms_param_table_free(&m.unet); ms_param_table_free(&m.vae); ms_param_table_free(&m.text);
+    return ok;
+}
+
+enum { NET_TEXT = 1, NET_VAE = 2, NET_UNET = 4, NET_ALL = 7, NET_TRAIN = 8 };   /* train: only when named */
 
 /* Smallest first, so each case's peak RSS is its own (the reset cannot go below what is live). */
-static int bench_nets(const Bench *b, int which) {
+static int bench_nets(const Bench *b, int which, int train_batch, int train_f16) {
     MsRng r;
     int ok = 1;
     ms_rng_seed(&r, 2305);
     printf("mixshow bench: networks, SD 1.5 shapes, random weights, threads 1 and %d, median of %d runs\n",
            b->threads[1], b->runs);
     fflush(stdout);
-    const int order[3] = { NET_TEXT, NET_VAE, NET_UNET };
-    for (int i = 0; i < 3; i++) {
+    const int order[4] = { NET_TEXT, NET_VAE, NET_UNET, NET_TRAIN };
+    for (int i = 0; i < 4; i++) {
         if (!(which & order[i])) continue;
         ms_gemm_scratch_free();
         ops_scratch_free();
         rss_peak_reset();
-        ok &= order[i] == NET_TEXT ? bench_text(b, &r) : order[i] == NET_VAE ? bench_vae(b, &r) : bench_unet(b, &r);
+        ok &= order[i] == NET_TEXT ? bench_text(b, &r) : order[i] == NET_VAE ? bench_vae(b, &r) :
+              order[i] == NET_UNET ? bench_unet(b, &r) : bench_train(b, &r, train_batch, train_f16);
     }
     ms_gemm_scratch_free();
     ops_scratch_free();
@@ -477,7 +932,8 @@ static int bench_nets(const Bench *b, int which) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: mixshow bench [--quick] [--runs K] [--nets[=unet,vae,text] | --all] [--compare-blas]\n\n"
+    fprintf(f, "usage: mixshow bench [--quick] [--runs K] [--nets[=unet,vae,text,train] | --all] [--train-batch B]\n"
+               "                     [--train-weights f32|f16] [--compare-blas]\n\n"
                "Measures the FMA peak of this machine (register-only loop, per SIMD level, 1 thread\n"
                "and all threads), then prints one line per case and thread count:\n"
                "  gemm M=4096 K=320 N=320 threads=1: 183.2 GFLOP/s = 84.1%% of peak\n"
@@ -491,11 +947,20 @@ static void usage(FILE *f) {
                "    (one classifier-free-guidance step, inference: wall time, min..max, process CPU\n"
                "    time, 1-minute load average at the start), then a memory line: planned weight and\n"
                "arena bytes, and the peak resident set size (Linux /proc; omitted elsewhere).\n"
+               "--nets=train (only when named; about 15 minutes): one ED-LoRA optimizer step of `mixshow\n"
+               "train` (ms_trainer_step) with the 8101 potter config's options at 512x512, batch 1 (or\n"
+               "--train-batch B): a host line (CPU, AVX-512 full or half rate), then\n"
+               "  train sd15 B=1 64x64 threads=1: 40.123 s/step  (3 runs ..., after one warm-up step)\n"
+               "a memory line, and the step's parts timed alone (VAE encode, text encoder forward +\n"
+               "backward over 16 prompts, UNet forward, UNet backward, AdamW; rest = step - parts).\n"
                "Median of 3 runs unless --runs is given.\n"
                "tools/ref/bench_torch.py prints the same lines for PyTorch.\n\n"
                "  --quick         3 runs per kernel case (smoke test)\n"
                "  --runs K        K timed runs per case (kernels: after a warm-up)\n"
-               "  --nets          the network cases only; --nets=unet,vae,text picks some\n"
+               "  --nets          the network cases only; --nets=unet,vae,text,train picks some\n"
+               "  --train-batch B batch size of the train case (1..8; the official configs use 2)\n"
+               "  --train-weights f16  the train case with 16-bit weights kept in memory (the same\n"
+               "                  random values rounded to F16, as --weights f16 keeps a 16-bit file)\n"
                "  --all           kernels, then networks\n"
                "  --compare-blas  not available: it would need dlopen, which mixshow does not use\n"
                "  --help          this text\n\n"
@@ -504,7 +969,7 @@ static void usage(FILE *f) {
 
 int cmd_bench(int argc, char **argv) {
     Bench b;
-    int runs = 0, kernels = 1, nets = 0;
+    int runs = 0, kernels = 1, nets = 0, train_batch = 1, train_f16 = 0;
     b.runs = 7;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(stdout); return 0; }
@@ -519,7 +984,8 @@ int cmd_bench(int argc, char **argv) {
                 if (n == 4 && !strncmp(s, "unet", 4)) nets |= NET_UNET;
                 else if (n == 3 && !strncmp(s, "vae", 3)) nets |= NET_VAE;
                 else if (n == 4 && !strncmp(s, "text", 4)) nets |= NET_TEXT;
-                else { fprintf(stderr, "mixshow bench: --nets: unknown network '%.*s' (unet, vae, text)\n", (int)n, s); return 2; }
+                else if (n == 5 && !strncmp(s, "train", 5)) nets |= NET_TRAIN;
+                else { fprintf(stderr, "mixshow bench: --nets: unknown network '%.*s' (unet, vae, text, train)\n", (int)n, s); return 2; }
                 s += n + (s[n] == ',');
             }
         } else if (!strcmp(argv[i], "--runs")) {
@@ -529,6 +995,18 @@ int cmd_bench(int argc, char **argv) {
             while (*s >= '0' && *s <= '9' && k <= 64) k = 10 * k + (*s++ - '0');
             if (*s || k < 1 || k > 64) { fprintf(stderr, "mixshow bench: --runs wants 1..64, got '%s'\n", argv[i]); return 2; }
             runs = k;
+        } else if (!strcmp(argv[i], "--train-batch")) {
+            if (i + 1 == argc || argv[i + 1][0] < '1' || argv[i + 1][0] > '8' || argv[i + 1][1]) {
+                fprintf(stderr, "mixshow bench: --train-batch wants 1..8\n");
+                return 2;
+            }
+            train_batch = argv[++i][0] - '0';
+        } else if (!strcmp(argv[i], "--train-weights")) {
+            if (i + 1 == argc || (strcmp(argv[i + 1], "f16") && strcmp(argv[i + 1], "f32"))) {
+                fprintf(stderr, "mixshow bench: --train-weights wants f32 or f16\n");
+                return 2;
+            }
+            train_f16 = !strcmp(argv[++i], "f16");
         } else if (!strcmp(argv[i], "--compare-blas")) {
             fprintf(stderr, "mixshow bench: --compare-blas is not available (it would need dlopen; mixshow "
                             "depends on libc, libm and OpenMP only)\n");
@@ -543,7 +1021,7 @@ int cmd_bench(int argc, char **argv) {
     }
     if (nets) {
         b.runs = runs ? runs : 3;
-        if (!bench_nets(&b, nets)) return 1;
+        if (!bench_nets(&b, nets, train_batch, train_f16)) return 1;
     }
     return 0;
 }

@@ -9,6 +9,16 @@ Cases (random weights, SD 1.5 configs from /work/shared/models/sd15-configs, flo
   unet sd15 B=2 64x64            UNet2DConditionModel (diffusers 0.19.3) forward, t = 999,
                                  context (2, 77, 768): one classifier-free-guidance step
   vae-decode sd15 512x512        AutoencoderKL.decode of a (1, 4, 64, 64) latent
+  train sd15 B=1 64x64           (only when named: --nets train) one optimizer step of the OFFICIAL
+                                 Mix-of-Show trainer (EDLoRATrainer of --mos, imported unchanged via
+                                 gen_train_golden.install_shims; train_edlora.py's loop body:
+                                 forward, backward, AdamW, lr step, embedding restore) with the 8101
+                                 potter config's options (2 words x 16 tokens, rank-4 LoRA on every
+                                 attention Linear of UNet and text encoder, noise offset, attention
+                                 regularisation, mask loss; enable_xformers off: CPU), batch
+                                 --train-batch, 512x512, random SD 1.5 weights (from_pretrained
+                                 replaced by the random init below); one warm-up step first. Its
+                                 child runs without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE.
   text-encoder sd15 [16,77]      CLIPTextModel (transformers 4.31) forward, and forward+backward
                                  with rank-4 LoRA (alpha 1) on q/k/v/out_proj added by forward
                                  hooks (Mix-of-Show's y = W x + b + up(down(x))) and the gradient
@@ -42,8 +52,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 CONFIGS = "/work/shared/models/sd15-configs"
 LABELS = {"unet": ["unet sd15 B=2 64x64"], "vae": ["vae-decode sd15 512x512"],
-          "text": ["text-encoder sd15 [16,77] forward", "text-encoder sd15 [16,77] forward+backward"]}
-UNITS = {"unet": "s/step", "vae": "s", "text": "s"}
+          "text": ["text-encoder sd15 [16,77] forward", "text-encoder sd15 [16,77] forward+backward"],
+          "train": ["train sd15 B=1 64x64"]}
+UNITS = {"unet": "s/step", "vae": "s", "text": "s", "train": "s/step"}
 
 
 def load_avg1():
@@ -110,6 +121,8 @@ def child(a):
         results.append(dict(label=label, med=med, lo=lo, hi=hi, cpu=cpu, load=load, finite=bool(torch.isfinite(y).all()),
                             mean_abs=float(y.abs().mean())))
 
+    if a.net == "train":
+        return child_train(a)
     if a.net in ("unet", "vae"):
         from gen_vae_golden import import_diffusers
         import importlib
@@ -176,6 +189,91 @@ def child(a):
     print("BLAS " + blas_loaded(), flush=True)
 
 
+def child_train(a):
+    """One optimizer step of the OFFICIAL trainer (EDLoRATrainer, imported unchanged through
+    gen_train_golden.install_shims) and train_edlora.py's loop body, on random SD 1.5 weights.
+    The 8101 potter config's models:/train: options, except enable_xformers (CPU: no xformers;
+    the processors then take their plain baddbmm/softmax/bmm path, as mixshow's reference)."""
+    import resource
+    import torch
+    import gen_train_golden as gtg
+    torch.set_num_threads(a.threads)
+    te, CLIPTextModel = gtg.install_shims(a.mos, a.diffusers)
+    import diffusers
+    import diffusers.optimization as dopt
+    B, label = a.train_batch, "train sd15 B=%d 64x64" % a.train_batch
+
+    def random_from(cls, sub, seed):           # from_pretrained(path, subfolder=sub) -> random SD 1.5
+        def f(klass, path, subfolder="", **kw):
+            assert subfolder == sub, subfolder
+            if cls is CLIPTextModel:
+                cfg = json.load(open(os.path.join(CONFIGS, "text_encoder", "config.json")))
+                m = klass(cfg)
+            else:
+                m = construct(klass, os.path.join(CONFIGS, sub, "config.json"))
+            return init_weights(m, seed)
+        setattr(cls, "from_pretrained", classmethod(f))
+    random_from(diffusers.UNet2DConditionModel, "unet", 15)
+    random_from(diffusers.AutoencoderKL, "vae", 16)
+    random_from(CLIPTextModel, "text_encoder", 17)
+    models = dict(pretrained_path=os.path.join(HERE, "..", "..", "models", "tiny-sd"),   # tokenizer, scheduler
+                  enable_edlora=True,
+                  finetune_cfg=dict(text_embedding=dict(enable_tuning=True, lr=1e-3),
+                                    text_encoder=dict(enable_tuning=True, lora_cfg=dict(rank=4, alpha=1.0, where="CLIPAttention"), lr=1e-5),
+                                    unet=dict(enable_tuning=True, lora_cfg=dict(rank=4, alpha=1.0, where="Attention"), lr=1e-4)),
+                  new_concept_token="<potter1>+<potter2>", initializer_token="<rand-0.013>+man",
+                  noise_offset=0.01, attn_reg_weight=0.01, reg_full_identity=False, use_mask_loss=True,
+                  enable_xformers=False, gradient_checkpoint=False)
+    torch.manual_seed(0)
+    trainer = te.EDLoRATrainer(**models)
+    optimizer = torch.optim.AdamW(trainer.get_params_to_optimize(), lr=0.0, weight_decay=0.01, betas=(0.9, 0.999))
+    total_iter = 3500
+    lr_scheduler = dopt.get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total_iter)
+    import copy
+    original_embedding = copy.deepcopy(trainer.text_encoder.get_input_embeddings().weight)
+    n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    images = torch.rand(B, 3, 512, 512) * 2 - 1
+    masks = torch.zeros(B, 1, 64, 64)
+    masks[:, :, 8:56, 16:48] = 1.0
+    img_masks = torch.ones(B, 1, 64, 64)
+    prompts = ["a photo of a <potter1> <potter2>"] * B
+    parts = []
+
+    def step():                                 # train_edlora.py's loop body (accelerate: 1 process)
+        t0 = time.perf_counter()
+        trainer.unet.train()
+        trainer.text_encoder.train()
+        loss = trainer(images, prompts, masks, img_masks)
+        index_no_updates = torch.arange(len(trainer.tokenizer)) != -1
+        for token_id in trainer.get_all_concept_token_ids():
+            index_no_updates[token_id] = False
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        token_embeds = trainer.text_encoder.get_input_embeddings().weight
+        token_embeds.data[index_no_updates, :] = original_embedding.data[index_no_updates, :]
+        float(token_embeds[trainer.get_all_concept_token_ids()].norm(dim=-1).mean())
+        t3 = time.perf_counter()
+        parts.append((t1 - t0, t2 - t1, t3 - t2))
+        print("    loss %.6g" % float(loss), file=sys.stderr, flush=True)
+        return loss
+    step()                                      # warm-up
+    parts.clear()
+    load = load_avg1()
+    med, lo, hi, cpu = median_time(step, a.runs, label, a.threads)
+    finite = all(bool(torch.isfinite(p).all()) for g in optimizer.param_groups for p in g["params"])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    pm = [statistics.median(x[k] for x in parts) for k in range(3)]
+    print("RESULT " + json.dumps(dict(label=label, med=med, lo=lo, hi=hi, cpu=cpu, load=load, finite=finite, rss=rss,
+                                      parts="forward (VAE encode, text encoder, UNet, losses) %.3f s, backward %.3f s, "
+                                            "AdamW (%d floats) + lr + embedding restore %.3f s" % (pm[0], pm[1], n_train, pm[2]))),
+          flush=True)
+    print("BLAS " + blas_loaded(), flush=True)
+
+
 def parse_ours(path):
     """(label, threads) -> (wall, cpu) from mixshow bench lines"""
     ours = {}
@@ -195,6 +293,8 @@ def main():
     ap.add_argument("--blas", help="directory put first on the children's LD_LIBRARY_PATH (libblas.so.3)")
     ap.add_argument("--diffusers", default="/tmp/diffusers-0.19.3/src")
     ap.add_argument("--transformers", default="/tmp/clip_hf/src")
+    ap.add_argument("--mos", default="/tmp/mos", help="Mix-of-Show 51270fd unpacked (train: its EDLoRATrainer)")
+    ap.add_argument("--train-batch", type=int, default=1, help="batch of the train case (the official configs: 2)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--net", help=argparse.SUPPRESS)
     ap.add_argument("--child-threads", dest="threads_child", type=int, help=argparse.SUPPRESS)
@@ -215,12 +315,18 @@ def main():
     blas_said = False
     for net in nets:
         if net not in LABELS:
-            sys.exit("bench_torch.py: unknown network %r (unet, vae, text)" % net)
+            sys.exit("bench_torch.py: unknown network %r (unet, vae, text, train)" % net)
+        if net == "train":
+            LABELS["train"] = ["train sd15 B=%d 64x64" % a.train_batch]
         rows = {}
         for n in threads:
             e = dict(env, OMP_NUM_THREADS=str(n), OPENBLAS_NUM_THREADS=str(n))
             cmd = [sys.executable, os.path.abspath(__file__), "--child", "--net", net, "--child-threads", str(n),
-                   "--runs", str(a.runs), "--diffusers", a.diffusers, "--transformers", a.transformers]
+                   "--runs", str(a.runs), "--diffusers", a.diffusers, "--transformers", a.transformers,
+                   "--mos", a.mos, "--train-batch", str(a.train_batch)]
+            if net == "train":      # OpenBLAS tuned for the CPU it finds, not for a forced core type
+                e.pop("OPENBLAS_CORETYPE", None)
+                e.pop("OPENBLAS_L2_SIZE", None)
             p = subprocess.run(cmd, env=e, stdout=subprocess.PIPE, universal_newlines=True)
             if p.returncode:
                 sys.exit("bench_torch.py: %s threads=%d failed (exit %d)" % (net, n, p.returncode))
@@ -233,6 +339,8 @@ def main():
                     rows[(r["label"], n)] = r
                     print("torch %s threads=%d: %.3f %s  (%d runs %.3f..%.3f, cpu %.3f s, load %.2f)"
                           % (r["label"], n, r["med"], UNITS[net], a.runs, r["lo"], r["hi"], r["cpu"], r["load"]), flush=True)
+                    if r.get("parts"):
+                        print("torch %s threads=%d parts: %s" % (r["label"], n, r["parts"]), flush=True)
                     if not r["finite"]:
                         print("torch %s threads=%d: WARNING non-finite output" % (r["label"], n), flush=True)
                     if (r["label"], n) in ours:
