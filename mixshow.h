@@ -1241,6 +1241,31 @@ void ms_train_config_defaults(MsTrainConfig *c);   /* EDLoRATrainer / torch Adam
 void ms_adamw_step(float *p, const float *g, float *m, float *v, size_t n, int64_t step, double lr,
                    double weight_decay, double beta1, double beta2, double eps);
 
+/* ---- L-BFGS (helper "fuse"): torch.optim.LBFGS (torch 1.13) from scratch, models/optim.c ---- */
+/* f(x) at x (n floats); writes the gradient (n floats) into grad. ctx is the caller's. */
+typedef double (*MsLbfgsClosure)(void *ctx, const float *x, float *grad);
+typedef struct {
+    double lr;                 /* 1 */
+    int max_iter;              /* 20 */
+    int max_eval;              /* max_iter * 5 / 4 */
+    int history_size;          /* 100 (gradient fusion: 25) */
+    double tolerance_grad;     /* 1e-7 (max |g| <= this: optimal) */
+    double tolerance_change;   /* 1e-9 (the line search always uses 1e-9, as torch's) */
+    int strong_wolfe;          /* line_search_fn='strong_wolfe' (1) or None (0) */
+} MsLbfgsOptions;
+void ms_lbfgs_defaults(MsLbfgsOptions *o);    /* torch.optim.LBFGS defaults (max_iter 20) */
+typedef struct {
+    int n_iter, n_evals;       /* iterations and closure calls */
+    double f_first, f_last;    /* f at the start; f at the returned x */
+    double best_f;             /* the lowest closure value seen (its point is best_x) */
+} MsLbfgsResult;
+/* One optimizer.step(closure): x (n) is updated in place as torch leaves the parameter. When
+ * best_x is not NULL it receives the point of the lowest closure value seen (initial point and
+ * line-search trials included; ties keep the earlier). trace (trace_cap) receives every closure
+ * value in evaluation order (res->n_evals of them; extra values are dropped). MS_ERR_NOMEM. */
+MsStatus ms_lbfgs(float *x, size_t n, MsLbfgsClosure f, void *ctx, const MsLbfgsOptions *o,
+                  float *best_x, double *trace, int trace_cap, MsLbfgsResult *res);
+
 /* One batch as the official trainer receives it (after the transforms). */
 typedef struct {
     int B, H, W;                    /* images (B,3,H,W) */
@@ -1292,44 +1317,6 @@ size_t ms_trainer_state_floats(const MsTrainer *t);
 void ms_trainer_state_io(MsTrainer *t, float *buf, int store, int64_t *step, int *stop_emb);
 
 /* ==========================================================================================
- * Benchmarks (tensor.c): kernels measured by `mixshow bench`
- * ======================================================================================== */
-/* GFLOP/s of a register-only FMA loop (12 independent chains) at `level` (capped at ms_simd())
- * on `threads` threads, each running the loop; the run lasts about `seconds`. The denominator
- * of every "% of peak" that `mixshow bench` prints. */
-double ms_bench_fma_peak(MsSimd level, int threads, double seconds);
-/* conv2d_forward without bias through an explicit column matrix: cols holds C*k*k*Ho*Wo
- * floats. Only for `mixshow bench`, to compare with the implicit im2col of conv2d_forward. */
-void ms_bench_conv2d_explicit(float *out, float *cols, const float *x, const float *w, int N, int C,
-                              int Co, int H, int W, int k, int s, int p);
-
-#endif /* MIXSHOW_H */
-/* ---- L-BFGS (helper "fuse"): torch.optim.LBFGS (torch 1.13) from scratch, models/optim.c ---- */
-/* f(x) at x (n floats); writes the gradient (n floats) into grad. ctx is the caller's. */
-typedef double (*MsLbfgsClosure)(void *ctx, const float *x, float *grad);
-typedef struct {
-    double lr;                 /* 1 */
-    int max_iter;              /* 20 */
-    int max_eval;              /* max_iter * 5 / 4 */
-    int history_size;          /* 100 (gradient fusion: 25) */
-    double tolerance_grad;     /* 1e-7 (max |g| <= this: optimal) */
-    double tolerance_change;   /* 1e-9 (the line search always uses 1e-9, as torch's) */
-    int strong_wolfe;          /* line_search_fn='strong_wolfe' (1) or None (0) */
-} MsLbfgsOptions;
-void ms_lbfgs_defaults(MsLbfgsOptions *o);    /* torch.optim.LBFGS defaults (max_iter 20) */
-typedef struct {
-    int n_iter, n_evals;       /* iterations and closure calls */
-    double f_first, f_last;    /* f at the start; f at the returned x */
-    double best_f;             /* the lowest closure value seen (its point is best_x) */
-} MsLbfgsResult;
-/* One optimizer.step(closure): x (n) is updated in place as torch leaves the parameter. When
- * best_x is not NULL it receives the point of the lowest closure value seen (initial point and
- * line-search trials included; ties keep the earlier). trace (trace_cap) receives every closure
- * value in evaluation order (res->n_evals of them; extra values are dropped). MS_ERR_NOMEM. */
-MsStatus ms_lbfgs(float *x, size_t n, MsLbfgsClosure f, void *ctx, const MsLbfgsOptions *o,
-                  float *best_x, double *trace, int trace_cap, MsLbfgsResult *res);
-
-/* ==========================================================================================
  * The method: gradient fusion (helper "fuse"; mixshow_fuse.c, to be folded into mixshow.c).
  * For a linear layer with base weight W0 (d_out, d_in) and concepts i = 1..N with merged
  * weights W_i = W0 + a_i up_i down_i, recorded input rows X_i (n_i, d_in) and targets
@@ -1366,6 +1353,19 @@ double ms_fuse_objective_stats(const MsFuseStats *s, const float *W);
 /* f(W) exactly from rows (double): sum over rows of concept i of ||x (W - W_i)^T||^2 / (n d_out). */
 double ms_fuse_objective_rows(const MsFuseRows *r, const float *W0, const MsFuseDelta *d, int d_out, const float *W);
 /* Symmetric eigen-decomposition (cyclic Jacobi, double): A (n,n) symmetric is destroyed;
+ * w (n) eigenvalues ascending, V (n,n) row-major with eigenvector k in column k. */
+MsStatus ms_sym_eigen(double *A, int n, double *w, double *V);
+#define MS_FUSE_RCOND 1e-12
+/* gram: W = W0 + (C - W0 G) G+, G+ the pseudo-inverse with eigenvalues <= rcond * max dropped
+ * (rcond <= 0: MS_FUSE_RCOND). The minimiser of f nearest to W0. *rank (NULL ok): kept. */
+MsStatus ms_fuse_solve_gram(const MsFuseStats *s, const float *W0, float *W, double rcond, int *rank);
+/* lbfgs: the official update_quasi_newton on the same objective (gradient 2 (W G - C)/(n d_out)),
+ * torch.optim.LBFGS(lr 1, max_iter iters, history 25, strong Wolfe, tolerances 1e-16), returning
+ * the best W seen. trace: closure values (trace_cap; res->n_evals written). */
+MsStatus ms_fuse_solve_lbfgs(const MsFuseStats *s, const float *W0, float *W, int iters, double *trace,
+                             int trace_cap, MsLbfgsResult *res);
+/* weight: W = W0 + sum_i alpha_i up_i down_i. */
+MsStatus ms_fuse_weight(float *W, const float *W0, const MsFuseDelta *d, int n_concepts, int d_out, int d_in);
 /* The model-level loop (gradient_fusion.py steps 4-5). Tokens: every concept word's n_layers
  * token names (bind_concept_prompt order) and the stacked new embedding rows. */
 typedef struct {
@@ -1415,17 +1415,5 @@ double ms_bench_fma_peak(MsSimd level, int threads, double seconds);
  * floats. Only for `mixshow bench`, to compare with the implicit im2col of conv2d_forward. */
 void ms_bench_conv2d_explicit(float *out, float *cols, const float *x, const float *w, int N, int C,
                               int Co, int H, int W, int k, int s, int p);
- * w (n) eigenvalues ascending, V (n,n) row-major with eigenvector k in column k. */
-MsStatus ms_sym_eigen(double *A, int n, double *w, double *V);
-#define MS_FUSE_RCOND 1e-12
-/* gram: W = W0 + (C - W0 G) G+, G+ the pseudo-inverse with eigenvalues <= rcond * max dropped
- * (rcond <= 0: MS_FUSE_RCOND). The minimiser of f nearest to W0. *rank (NULL ok): kept. */
-MsStatus ms_fuse_solve_gram(const MsFuseStats *s, const float *W0, float *W, double rcond, int *rank);
-/* lbfgs: the official update_quasi_newton on the same objective (gradient 2 (W G - C)/(n d_out)),
- * torch.optim.LBFGS(lr 1, max_iter iters, history 25, strong Wolfe, tolerances 1e-16), returning
- * the best W seen. trace: closure values (trace_cap; res->n_evals written). */
-MsStatus ms_fuse_solve_lbfgs(const MsFuseStats *s, const float *W0, float *W, int iters, double *trace,
-                             int trace_cap, MsLbfgsResult *res);
-/* weight: W = W0 + sum_i alpha_i up_i down_i. */
-MsStatus ms_fuse_weight(float *W, const float *W0, const MsFuseDelta *d, int n_concepts, int d_out, int d_in);
 
+#endif /* MIXSHOW_H */
