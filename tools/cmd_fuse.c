@@ -343,8 +343,7 @@ int cmd_fuse(int argc, char **argv) {
                 s = ms_errorf(MS_ERR_SHAPE, "%s: UNet LoRA rank %d, %s has rank %d (concepts must share one rank)",
                               cs[c].path, cs[c].f.unet[k].rank, cs[0].path, cs[0].f.unet[0].rank);
     }
-    if (!s) { s = ms_model_load(model, NULL, &m); have_m = !s; }
-    if (!s) { char d[4200]; snprintf(d, sizeof d, "%s", model); s = ms_clip_tokenizer_load(d, &tok); have_tok = !s; }
+    if (!s) { s = ms_open_model(model, NULL, &m, &tok, NULL, 0); have_m = have_tok = !s; }
     if (!s) { s = unet_params_init(&up, &m.unet_config, &m.unet); have_up = !s; }
     if (!s && T != ms_unet_cross_attn_layers(&m.unet_config))
         s = ms_errorf(MS_ERR_FORMAT, "%s: %d tokens per word; fusion needs ED-LoRA (one per cross-attention layer: %d)",

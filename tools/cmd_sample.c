@@ -23,22 +23,8 @@
 #if !defined(_WIN32)
 #include <unistd.h>
 static int stderr_is_tty(void) { return isatty(2); }
-/* Directory of the running executable into buf ("" when unknown). */
-static void exe_dir(char *buf, size_t cap) {
-    buf[0] = 0;
-#if defined(__linux__)
-    ssize_t n = readlink("/proc/self/exe", buf, cap - 1);
-    if (n <= 0) { buf[0] = 0; return; }
-    buf[n] = 0;
-    char *slash = strrchr(buf, '/');
-    if (slash) *slash = 0; else buf[0] = 0;
-#else
-    (void)cap;
-#endif
-}
 #else
 static int stderr_is_tty(void) { return 0; }
-static void exe_dir(char *buf, size_t cap) { (void)cap; buf[0] = 0; }
 #endif
 
 /* ---- PIL-exact Lanczos resize (Pillow 9.4 libImaging/Resample.c, 8 bits per channel) ---- */
@@ -184,26 +170,6 @@ static void sample_usage(FILE *f) {
         "Progress goes to stderr when it is a terminal.\n");
 }
 
-static int file_exists(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (f) fclose(f);
-    return f != NULL;
-}
-
-/* models/tiny-sd in the current directory, then next to the executable (and one level up,
- * for build/<name>/mixshow). */
-static int find_default_model(char *out, size_t cap) {
-    char dir[2048], probe[2300];
-    if (file_exists("models/tiny-sd/model_index.json")) { snprintf(out, cap, "models/tiny-sd"); return 1; }
-    exe_dir(dir, sizeof dir);
-    if (!dir[0]) return 0;
-    static const char *const rel[] = { "/models/tiny-sd", "/../models/tiny-sd", "/../../models/tiny-sd" };
-    for (size_t i = 0; i < sizeof rel / sizeof rel[0]; i++) {
-        snprintf(probe, sizeof probe, "%s%s/model_index.json", dir, rel[i]);
-        if (file_exists(probe)) { snprintf(out, cap, "%s%s", dir, rel[i]); return 1; }
-    }
-    return 0;
-}
 
 typedef struct { double t0; int tty; } Progress;
 
@@ -260,7 +226,7 @@ MsStatus sample_load_cond(const char *path, int C, int W, int H, float **out) { 
 
 int cmd_sample(int argc, char **argv) {
     if (regional_wanted(argc, argv)) return cmd_sample_regional(argc, argv);   /* tools/regional.c */
-    const char *model = NULL, *out = NULL, *adapter_dir = NULL, *cond_path = NULL, *noise_path = NULL;
+    const char *model = NULL, *config_dir = NULL, *tokenizer_dir = NULL, *out = NULL, *adapter_dir = NULL, *cond_path = NULL, *noise_path = NULL;
     char edlora_path[2048] = "";
     float edlora_alpha = 0.7f;                 /* README.md sample and test configs' alpha_list (0, 0.7, 1) */
     int threads = -1;
@@ -277,6 +243,8 @@ int cmd_sample(int argc, char **argv) {
         if (!v) { fprintf(stderr, "mixshow sample: %s needs a value (or is unknown; see --help)\n", a); return 2; }
         i++;
         if (!strcmp(a, "--model")) model = v;
+        else if (!strcmp(a, "--config")) config_dir = v;
+        else if (!strcmp(a, "--tokenizer")) tokenizer_dir = v;
         else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) o.prompt = v;
         else if (!strcmp(a, "-n") || !strcmp(a, "--negative")) o.negative = v;
         else if (!strcmp(a, "-o") || !strcmp(a, "--out")) out = v;
@@ -322,14 +290,6 @@ int cmd_sample(int argc, char **argv) {
     if (!o.prompt || !out) { fprintf(stderr, "mixshow sample: -p PROMPT and -o OUT.png are required\n\n"); sample_usage(stderr); return 2; }
     if (!!adapter_dir != !!cond_path) { fprintf(stderr, "mixshow sample: --adapter and --cond go together\n"); return 2; }
 
-    char mdir[2400];
-    if (!model) {
-        if (!find_default_model(mdir, sizeof mdir)) {
-            fprintf(stderr, "mixshow sample: no --model and no models/tiny-sd here or next to the executable\n");
-            return 1;
-        }
-        model = mdir;
-    }
     MsModel m;
     ClipTokenizer tok;
     AdapterConfig ac;
@@ -343,9 +303,9 @@ int cmd_sample(int argc, char **argv) {
     float *image = NULL, *noise = NULL, *cond = NULL;
     uint8_t *px = NULL;
     double t0 = ms_time();
-    MsStatus s = ms_model_load(model, &lo, &m);
-    if (!s) { have_m = 1; s = ms_clip_tokenizer_load(model, &tok); }
-    if (!s) have_tok = 1;
+    MsOpenOptions oo = { tokenizer_dir, config_dir, lo.keep_half, 0 };
+    MsStatus s = ms_open_model(model, &oo, &m, &tok, NULL, 0);   /* model NULL: the embedded tiny-sd */
+    if (!s) { have_m = 1; have_tok = 1; }
     if (!s) {
         int f = 1 << (m.vae_config.n_blocks - 1);
         if (!o.width) o.width = m.unet_config.sample_size * f;     /* unet.config.sample_size * vae_scale_factor */

@@ -5,6 +5,9 @@
  *
  * --replay DUMP.safetensors / --trace OUT.safetensors: the fixed verification interface of
  * issue 10 (keys in train_usage below), driven by tools/ref/gen_train_golden.py's dumps. */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L         /* mkdir, isatty: in the guarded sections below */
+#endif
 #include "tools/tools.h"
 
 #include <math.h>
@@ -22,6 +25,9 @@ static void train_usage(FILE *f) {
         "  --config X.yml        official training options (options/train/EDLoRA/...)\n"
         "  --model PATH          base model (diffusers folder or single file); overrides\n"
         "                        models.pretrained_path\n"
+        "  --tokenizer DIR       CLIP vocab.json + merges.txt (default: the model's, else the shipped)\n"
+        "  --model-config DIR    a diffusers folder whose configs describe a single-file model\n"
+        "                        (default: the file's metadata, else inferred from its shapes)\n"
         "  --set key.sub=VALUE   override any option (VALUE in YAML flow syntax); repeatable\n"
         "  --out DIR             output folder (default experiments/<name>/)\n"
         "  --seed S              manual_seed (default: the config's)\n"
@@ -43,6 +49,15 @@ static void train_usage(FILE *f) {
         "Parameter names: token_embedding.concept [T,D]; text_encoder.<module>.lora_down.weight /\n"
         ".lora_up.weight; unet.<module>.lora_down.weight / .lora_up.weight (official .pth keys).\n");
 }
+
+#if !defined(_WIN32)
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+static int stderr_tty(void) { return isatty(2); }
+#else
+static int stderr_tty(void) { return 0; }
+#endif
 
 /* ---- reading the dump ---- */
 static uint64_t le_u64(const unsigned char *p) {
@@ -142,12 +157,13 @@ static void trace_free(Trace *tr) {
 
 /* ---- options ---- */
 typedef struct {
-    const char *config, *model, *out, *replay, *trace, *resume;
+    const char *config, *model, *out, *replay, *trace, *resume, *tokenizer, *model_config;
     const char *sets[64];
     int n_sets;
     int has_seed, quiet, threads;
     uint64_t seed;
     int64_t max_steps, checkpoint_every;
+    char config_dir[1024];          /* folder of the .yml (relative data paths fall back to it) */
 } TrainArgs;
 
 /* The replay run: data, draws and initial parameters from the dump. */
@@ -272,6 +288,324 @@ done:
     return s;
 }
 
+
+/* ---- the normal run: options, data, steps, checkpoints, outputs ---- */
+static int ensure_dir(const char *path) {
+#if defined(_WIN32)
+    (void)path;
+    return 1;
+#else
+    char tmp[2048];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof tmp) return 0;
+    memcpy(tmp, path, n + 1);
+    for (size_t i = 1; i <= n; i++)
+        if (tmp[i] == '/' || tmp[i] == '\0') {
+            char c = tmp[i];
+            tmp[i] = '\0';
+            mkdir(tmp, 0777);
+            tmp[i] = c;
+        }
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+#endif
+}
+
+/* The ED-LoRA file (trainer_edlora.py delta_state_dict, saved as {'params': ...}). */
+static MsStatus save_edlora(const MsTrainer *t, const MsTrainConfig *mc, const char *path) {
+    EdloraFile f;
+    MsStatus s = MS_OK;
+    int first;
+    const int L = ms_trainer_tokens(t, &first);
+    memset(&f, 0, sizeof f);
+    for (int i = 0; !s && i < ms_trainer_n_params(t); i++) {
+        const char *nm;
+        float *d;
+        int64_t sh[2];
+        ms_trainer_param(t, i, &nm, &d, NULL, sh);
+        if (!strcmp(nm, "token_embedding.concept")) {
+            for (int w = 0; !s && w < mc->n_words; w++)
+                s = edlora_add_embedding(&f, mc->words[w], L, (int)sh[1], d + (size_t)w * L * sh[1]);
+            continue;
+        }
+        const char *dot = strstr(nm, ".lora_down.weight");
+        if (!dot) continue;                                  /* the up half comes with its down */
+        int is_unet = !strncmp(nm, "unet.", 5);
+        const char *mod = nm + (is_unet ? 5 : 13);           /* "unet." / "text_encoder." */
+        char name[MS_KEY_MAX];
+        size_t ml = (size_t)(dot - mod);
+        if (ml >= sizeof name) return ms_errorf(MS_ERR_ARG, "train: module name too long: %s", nm);
+        memcpy(name, mod, ml);
+        name[ml] = '\0';
+        const char *nu;
+        float *up;
+        int64_t shu[2];
+        ms_trainer_param(t, i + 1, &nu, &up, NULL, shu);
+        s = edlora_add_module(&f, is_unet, name, (int)sh[0], (int)sh[1], (int)shu[0], d, up);
+    }
+    if (!s) s = edlora_write(path, &f);
+    edlora_free(&f);
+    return s;
+}
+
+/* The loss curve as CSV (written as the run goes) and as an SVG plot (at the end). */
+static MsStatus write_svg(const char *path, const double *loss, int64_t n) {
+    char tmp[2400];
+    FILE *f;
+    double lo = HUGE_VAL, hi = -HUGE_VAL;
+    for (int64_t i = 0; i < n; i++) if (loss[i] == loss[i]) { lo = fmin(lo, loss[i]); hi = fmax(hi, loss[i]); }
+    if (n < 1 || !(hi >= lo)) return MS_OK;
+    if (hi == lo) { hi += 0.5; lo -= 0.5; }
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    if (!(f = fopen(tmp, "w"))) return ms_errorf(MS_ERR_IO, "%s: cannot open for writing", tmp);
+    const double W = 800, H = 400, x0 = 60, y0 = 20, pw = 720, ph = 340;
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%g\" height=\"%g\" font-family=\"sans-serif\" font-size=\"12\">\n", W, H);
+    fprintf(f, "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n");
+    fprintf(f, "<rect x=\"%g\" y=\"%g\" width=\"%g\" height=\"%g\" fill=\"none\" stroke=\"#888\"/>\n", x0, y0, pw, ph);
+    fprintf(f, "<text x=\"%g\" y=\"%g\">%.4g</text><text x=\"%g\" y=\"%g\">%.4g</text>\n", 2.0, y0 + 10, hi, 2.0, y0 + ph, lo);
+    fprintf(f, "<text x=\"%g\" y=\"%g\">step 1</text><text x=\"%g\" y=\"%g\" text-anchor=\"end\">step %lld</text>\n",
+            x0, y0 + ph + 16, x0 + pw, y0 + ph + 16, (long long)n);
+    fprintf(f, "<text x=\"%g\" y=\"14\" text-anchor=\"middle\">training loss per step</text>\n", x0 + pw / 2);
+    fprintf(f, "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1\" points=\"");
+    for (int64_t i = 0; i < n; i++) {
+        if (loss[i] != loss[i]) continue;
+        double x = x0 + (n > 1 ? pw * (double)i / (double)(n - 1) : pw / 2), y = y0 + ph * (hi - loss[i]) / (hi - lo);
+        fprintf(f, "%.1f,%.1f ", x, y);
+    }
+    fprintf(f, "\"/>\n</svg>\n");
+    if (fclose(f) != 0 || rename(tmp, path) != 0) { remove(tmp); return ms_errorf(MS_ERR_IO, "%s: cannot write", path); }
+    return MS_OK;
+}
+
+static void progress(int64_t k, int64_t n, const MsStepReport *r, double t0, int tty) {
+    double el = ms_time() - t0, per = el / (double)k, eta = per * (double)(n - k);
+    char bar[31];
+    int fill = n > 0 ? (int)(30 * k / n) : 30;
+    for (int i = 0; i < 30; i++) bar[i] = i < fill ? '#' : '.';
+    bar[30] = '\0';
+    fprintf(stderr, "%s[%s] %lld/%lld loss %.4f (mse %.4f) %.2f s/step ETA %02d:%02d:%02d%s", tty ? "\r" : "", bar,
+            (long long)k, (long long)n, r->loss, r->loss_mse, per, (int)(eta / 3600), (int)(eta / 60) % 60, (int)eta % 60,
+            tty ? "" : "\n");
+    fflush(stderr);
+}
+
+/* Checkpoint: trainer state, both generators, the loader's position and a pending lookahead
+ * batch, so that --resume continues bit-identically. */
+static MsStatus save_checkpoint(const char *path, MsTrainer *t, const MsTorchRng *g, const PyRandom *py,
+                                const TrainLoader *l, int S) {
+    size_t nst = ms_trainer_state_floats(t);
+    float *st = (float *)malloc(nst * sizeof(float));
+    int64_t step;
+    int stop;
+    MsStatus s;
+    if (!st) return ms_errorf(MS_ERR_NOMEM, "checkpoint: out of memory");
+    ms_trainer_state_io(t, st, 1, &step, &stop);
+    uint32_t gmt[624], pmt[624];
+    for (int i = 0; i < 624; i++) { gmt[i] = g->mt[i]; pmt[i] = py->mt[i]; }
+    double gnorm = g->normal;
+    int64_t ints[12] = { step, stop, g->next, (int64_t)g->seed, g->has_normal, py->index, l->epoch, (int64_t)l->next_batch,
+                         (int64_t)l->base_seed, (int64_t)l->sampler_seed, l->in_epoch, l->have_pending };
+    StEntry e[10];
+    size_t ne = 0;
+    memset(e, 0, sizeof e);
+#define ENT(nm, dt, n0, ptr) (e[ne].name = nm, e[ne].dtype = dt, e[ne].ndim = 1, e[ne].shape[0] = (int64_t)(n0), e[ne].raw = ptr, ne++)
+    ENT("trainer.state", ST_F32, nst, NULL); e[ne - 1].f32 = st; e[ne - 1].raw = NULL;
+    ENT("torch_rng.mt", ST_U32, 624, gmt);
+    ENT("torch_rng.normal", ST_F64, 1, &gnorm);
+    ENT("py_rng.mt", ST_U32, 624, pmt);
+    ENT("ints", ST_I64, 12, ints);
+    if (l->in_epoch && l->perm) ENT("loader.perm", ST_I64, l->n, l->perm);
+    if (l->have_pending) {
+        size_t bs = l->batch_size;
+        ENT("loader.images", ST_F32, bs * l->img_numel, NULL); e[ne - 1].f32 = l->p_images; e[ne - 1].raw = NULL;
+        ENT("loader.masks", ST_F64, bs * l->mask_numel, l->p_masks);
+        ENT("loader.img_masks", ST_F64, bs * l->mask_numel, l->p_img_masks);
+        ENT("loader.indices", ST_U64, bs, l->p_indices);
+    }
+#undef ENT
+    /* pending prompts as metadata: "prompt<i>" */
+    const char *meta[2 + 2 * 64];
+    char keys[64][16], nsteps[32];
+    size_t nm = 0;
+    snprintf(nsteps, sizeof nsteps, "%d", S);
+    meta[nm++] = "format"; meta[nm++] = "mixshow train checkpoint 1";
+    if (l->have_pending)
+        for (size_t b = 0; b < l->batch_size && b < 63; b++) {
+            snprintf(keys[b], sizeof keys[b], "prompt%zu", b);
+            meta[nm++] = keys[b]; meta[nm++] = l->p_prompts[b] ? l->p_prompts[b] : "";
+        }
+    (void)nsteps;
+    s = st_write(path, e, ne, meta, nm / 2);
+    free(st);
+    return s;
+}
+
+static MsStatus load_checkpoint(const char *path, MsTrainer *t, MsTorchRng *g, PyRandom *py, TrainLoader *l) {
+    StFile f;
+    MsStatus s = st_open(&f, path);
+    if (s) return s;
+    size_t nst = ms_trainer_state_floats(t);
+    float *st = (float *)malloc(nst * sizeof(float));
+    int64_t ints[12], step;
+    int stop;
+    double gnorm;
+    const StTensor *x;
+    if (!st) { st_close(&f); return ms_errorf(MS_ERR_NOMEM, "resume: out of memory"); }
+    if ((s = st_read_f32(&f, "trainer.state", st, nst, -1, NULL))) goto done;
+    if ((s = dump_i64(&f, "ints", ints, 12))) goto done;
+    if ((s = dump_f64(&f, "torch_rng.normal", &gnorm, 1))) goto done;
+    if ((s = dump_tensor(&f, "torch_rng.mt", ST_U32, 624, &x))) goto done;
+    for (int i = 0; i < 624; i++) g->mt[i] = (uint32_t)x->data[4 * i] | (uint32_t)x->data[4 * i + 1] << 8 |
+                                          (uint32_t)x->data[4 * i + 2] << 16 | (uint32_t)x->data[4 * i + 3] << 24;
+    if ((s = dump_tensor(&f, "py_rng.mt", ST_U32, 624, &x))) goto done;
+    for (int i = 0; i < 624; i++) py->mt[i] = (uint32_t)x->data[4 * i] | (uint32_t)x->data[4 * i + 1] << 8 |
+                                           (uint32_t)x->data[4 * i + 2] << 16 | (uint32_t)x->data[4 * i + 3] << 24;
+    step = ints[0]; stop = (int)ints[1];
+    g->next = (int)ints[2]; g->seed = (uint64_t)ints[3]; g->has_normal = (int)ints[4]; g->normal = gnorm;
+    py->index = (int)ints[5];
+    l->epoch = ints[6]; l->next_batch = (size_t)ints[7]; l->base_seed = (uint64_t)ints[8];
+    l->sampler_seed = (uint64_t)ints[9]; l->in_epoch = (int)ints[10]; l->have_pending = (int)ints[11];
+    if (l->in_epoch && (s = dump_i64(&f, "loader.perm", l->perm, l->n))) goto done;
+    if (l->have_pending) {
+        size_t bs = l->batch_size;
+        if ((s = st_read_f32(&f, "loader.images", l->p_images, bs * l->img_numel, -1, NULL))) goto done;
+        if ((s = dump_f64(&f, "loader.masks", l->p_masks, bs * l->mask_numel))) goto done;
+        if ((s = dump_f64(&f, "loader.img_masks", l->p_img_masks, bs * l->mask_numel))) goto done;
+        if ((s = dump_tensor(&f, "loader.indices", ST_U64, bs, &x))) goto done;
+        for (size_t b = 0; b < bs; b++) {
+            char key[16];
+            const char *pv;
+            l->p_indices[b] = (size_t)le_u64(x->data + 8 * b);
+            snprintf(key, sizeof key, "prompt%zu", b);
+            pv = st_meta(&f, key);
+            free(l->p_prompts[b]);
+            l->p_prompts[b] = (char *)malloc(strlen(pv ? pv : "") + 1);
+            if (!l->p_prompts[b]) { s = ms_errorf(MS_ERR_NOMEM, "resume: out of memory"); goto done; }
+            strcpy(l->p_prompts[b], pv ? pv : "");
+        }
+    }
+    ms_trainer_state_io(t, st, 0, &step, &stop);
+done:
+    free(st);
+    st_close(&f);
+    return s;
+}
+
+static MsStatus train_run(const TrainArgs *a, const TrainDataConfig *dc, MsTrainConfig *mc, MsModel *m,
+                          ClipTokenizer *tok) {
+    MsTorchRng *g = (MsTorchRng *)malloc(sizeof *g);
+    PyRandom *py = (PyRandom *)malloc(sizeof *py);
+    TrainDataset *ds = NULL;
+    TrainLoader ld;
+    MsTrainer *t = NULL;
+    TrainDatasetOptions dopt;
+    MsStatus s = MS_OK;
+    char out[2048], models_dir[2100], path[2300];
+    float *images = NULL;
+    double *masks = NULL, *img_masks = NULL, *losses = NULL;
+    char *prompts[64] = { 0 };
+    FILE *csv = NULL;
+    int ld_ok = 0;
+    memset(&ld, 0, sizeof ld);
+    memset(&dopt, 0, sizeof dopt);
+    if (!g || !py) { free(g); free(py); return ms_errorf(MS_ERR_NOMEM, "train: out of memory"); }
+    if (dc->batch_size > 64) { s = ms_errorf(MS_ERR_ARG, "train: batch_size_per_gpu %d > 64", dc->batch_size); goto done; }
+    /* accelerate's set_seed(manual_seed): random.seed, numpy (unused here), torch.manual_seed */
+    ms_torch_seed(g, mc->seed);
+    py_random_seed(py, mc->seed);
+    snprintf(out, sizeof out, "%s", a->out ? a->out : "");
+    if (!out[0]) snprintf(out, sizeof out, "experiments/%s", dc->name);
+    snprintf(models_dir, sizeof models_dir, "%s/models", out);
+    if (!ensure_dir(models_dir)) { s = ms_errorf(MS_ERR_IO, "%s: cannot create the output folder", models_dir); goto done; }
+
+    /* train_edlora.py builds EDLoRATrainer (torch draws) before LoraDataset (random.shuffle):
+     * two independent generators, so the dataset can be read first (total_iter needs its length) */
+    dopt.base_dir = a->config_dir[0] ? a->config_dir : NULL;
+    if ((s = train_dataset_open(&ds, dc, &dopt, py))) goto done;
+    mc->total_iter = (double)train_dataset_len(ds) / dc->batch_size;   /* len(train_dataset) / total_batch_size */
+    {
+        /* the image size comes from the resize transform: peek at the config */
+        int S = 0;
+        for (int i = 0; i < dc->n_transforms; i++)
+            if (dc->transforms[i].type == MS_TF_HUMAN_RESIZE_CROP_V3 || dc->transforms[i].type == MS_TF_RESIZE_FILL_MASK_NEW)
+                S = dc->transforms[i].size;
+        if (S <= 0) { s = ms_errorf(MS_ERR_ARG, "train: the instance transforms have no resize (HumanResizeCropFinalV3 or ResizeFillMaskNew)"); goto done; }
+        if ((s = ms_trainer_create(&t, m, tok, mc, dc->batch_size, S, S, g))) goto done;
+    }
+    {
+        const int B = dc->batch_size, S = train_dataset_size(ds), ms8 = S / 8;
+        const size_t len = train_dataset_len(ds);
+        int64_t total = (int64_t)ceil(mc->total_iter);
+        if (a->max_steps > 0 && a->max_steps < total) total = a->max_steps;
+        if ((s = train_loader_init(&ld, ds, (size_t)B, 1))) goto done;
+        ld_ok = 1;
+        images = (float *)malloc((size_t)B * 3 * S * S * sizeof(float));
+        masks = (double *)malloc((size_t)B * ms8 * ms8 * sizeof(double));
+        img_masks = (double *)malloc((size_t)B * ms8 * ms8 * sizeof(double));
+        losses = (double *)calloc((size_t)total + 1, sizeof(double));
+        if (!images || !masks || !img_masks || !losses) { s = ms_errorf(MS_ERR_NOMEM, "train: out of memory"); goto done; }
+        if (a->resume) {
+            if ((s = load_checkpoint(a->resume, t, g, py, &ld))) goto done;
+            fprintf(stderr, "train: resumed at step %lld from %s\n", (long long)ms_trainer_step_count(t), a->resume);
+        }
+        snprintf(path, sizeof path, "%s/loss.csv", out);
+        csv = fopen(path, ms_trainer_step_count(t) > 0 ? "a" : "w");
+        if (!csv) { s = ms_errorf(MS_ERR_IO, "%s: cannot open for writing", path); goto done; }
+        if (ms_trainer_step_count(t) == 0) fprintf(csv, "step,loss,loss_mse,loss_attn,lr_embedding,lr_text_encoder,lr_unet,norm_mean,emb_frozen,seconds\n");
+        fprintf(stderr, "train: %s: %zu images x %d = %zu items, batch %d, %lld steps, %dx%d, %s, output %s\n", dc->name,
+                train_dataset_n_images(ds), dc->enlarge_ratio, len, B, (long long)total, S, S,
+                mc->enable_edlora ? "ED-LoRA" : "LoRA", out);
+        const double t0 = ms_time();
+        const int64_t k0 = ms_trainer_step_count(t);
+        const int tty = !a->quiet && stderr_tty();
+        while (ms_trainer_step_count(t) < total) {
+            MsTrainBatch bt;
+            MsStepReport rep;
+            double ts = ms_time();
+            for (int b = 0; b < B; b++) { free(prompts[b]); prompts[b] = NULL; }
+            if ((s = train_loader_next(&ld, ds, py, g, images, masks, img_masks, prompts, NULL))) goto done;
+            bt.B = B; bt.H = S; bt.W = S; bt.images = images;
+            bt.masks = train_dataset_has_masks(ds) ? masks : NULL;
+            bt.img_masks = img_masks;
+            bt.prompts = (const char *const *)prompts;
+            if ((s = ms_trainer_step(t, &bt, NULL, g, &rep))) goto done;
+            const int64_t k = ms_trainer_step_count(t);
+            losses[k - 1] = rep.loss;
+            fprintf(csv, "%lld,%.9g,%.9g,%.9g,%.9g,%.9g,%.9g,%.9g,%d,%.3f\n", (long long)k, rep.loss, rep.loss_mse,
+                    rep.loss_attn, rep.lr[0], rep.lr[1], rep.lr[2], rep.emb_norm_mean, rep.emb_frozen, ms_time() - ts);
+            fflush(csv);
+            if (!a->quiet && (tty || k % dc->print_freq == 0 || k == total)) progress(k - k0, total - k0, &rep, t0, tty);
+            if (dc->save_checkpoint_freq > 0 && k % dc->save_checkpoint_freq == 0) {
+                snprintf(path, sizeof path, "%s/%s_model-%lld.pth", models_dir, mc->enable_edlora ? "edlora" : "lora", (long long)k);
+                if ((s = save_edlora(t, mc, path))) goto done;
+            }
+            if (a->checkpoint_every > 0 && k % a->checkpoint_every == 0 && k < total) {
+                snprintf(path, sizeof path, "%s/checkpoint.safetensors", out);
+                if ((s = save_checkpoint(path, t, g, py, &ld, (int)k))) goto done;
+            }
+        }
+        if (tty) fprintf(stderr, "\n");
+        /* save_and_validation(..., 'latest'): the .pth and the same content as .safetensors */
+        snprintf(path, sizeof path, "%s/%s_model-latest.pth", models_dir, mc->enable_edlora ? "edlora" : "lora");
+        if ((s = save_edlora(t, mc, path))) goto done;
+        fprintf(stderr, "train: wrote %s\n", path);
+        snprintf(path, sizeof path, "%s/%s_model-latest.safetensors", models_dir, mc->enable_edlora ? "edlora" : "lora");
+        if ((s = save_edlora(t, mc, path))) goto done;
+        snprintf(path, sizeof path, "%s/loss.svg", out);
+        if ((s = write_svg(path, losses, ms_trainer_step_count(t)))) goto done;
+        fprintf(stderr, "train: wrote %s (and .safetensors), %s/loss.csv, %s\n", models_dir, out, path);
+    }
+done:
+    for (int b = 0; b < 64; b++) free(prompts[b]);
+    if (csv) fclose(csv);
+    free(images); free(masks); free(img_masks); free(losses);
+    if (ld_ok) train_loader_free(&ld);
+    train_dataset_close(ds);
+    ms_trainer_free(t);
+    free(g); free(py);
+    return s;
+}
+
 int cmd_train(int argc, char **argv) {
     TrainArgs a;
     TrainDataConfig dc;
@@ -296,6 +630,8 @@ int cmd_train(int argc, char **argv) {
         else if (!strcmp(o, "--replay")) a.replay = v;
         else if (!strcmp(o, "--trace")) a.trace = v;
         else if (!strcmp(o, "--resume")) a.resume = v;
+        else if (!strcmp(o, "--tokenizer")) a.tokenizer = v;
+        else if (!strcmp(o, "--model-config")) a.model_config = v;
         else if (!strcmp(o, "--set")) {
             if (a.n_sets == 64) { fprintf(stderr, "mixshow train: more than 64 --set\n"); return 2; }
             a.sets[a.n_sets++] = v;
@@ -308,6 +644,11 @@ int cmd_train(int argc, char **argv) {
         if (end && (*end || end == v)) { fprintf(stderr, "mixshow train: %s %s: not a number\n", o, v); return 2; }
     }
     if (a.threads > 0) ms_set_threads(a.threads);
+    if (a.config) {
+        const char *sl = strrchr(a.config, '/');
+        size_t n = sl ? (size_t)(sl - a.config) : 0;
+        if (n < sizeof a.config_dir) { memcpy(a.config_dir, a.config, n); a.config_dir[n] = '\0'; }
+    }
     memset(&m, 0, sizeof m);
     memset(&tok, 0, sizeof tok);
 
@@ -342,13 +683,14 @@ int cmd_train(int argc, char **argv) {
     {
         const char *path = a.model ? a.model : dc.pretrained_path;
         if (!path[0]) { s = ms_errorf(MS_ERR_ARG, "train: no model (--model or models.pretrained_path)"); goto fail; }
-        if ((s = ms_model_load(path, NULL, &m))) goto fail;
-        have_model = 1;
-        if ((s = ms_clip_tokenizer_load(path, &tok))) goto fail;
-        have_tok = 1;
+        MsOpenOptions oo;
+        memset(&oo, 0, sizeof oo);
+        oo.tokenizer_dir = a.tokenizer; oo.config_dir = a.model_config;
+        if ((s = ms_open_model(path, &oo, &m, &tok, NULL, 0))) goto fail;
+        have_model = have_tok = 1;
     }
     if (a.replay) s = train_replay(&a, &mc, &m, &tok);
-    else s = ms_errorf(MS_ERR_UNSUPPORTED, "train: only --replay runs are wired so far");
+    else s = train_run(&a, &dc, &mc, &m, &tok);
     if (s) goto fail;
     if (have_tok) clip_tokenizer_free(&tok);
     ms_model_free(&m);

@@ -499,9 +499,9 @@ int cmd_sample_regional(int argc, char **argv) {
     char kbuf[2300], sbuf[2300], outpath[4400], *meta = NULL;
     memset(&rl, 0, sizeof rl); memset(&rc, 0, sizeof rc); memset(&ef, 0, sizeof ef); memset(&ep, 0, sizeof ep);
     memset(&o, 0, sizeof o); memset(&tr, 0, sizeof tr); memset(&ki, 0, sizeof ki); memset(&si, 0, sizeof si);
-    MsStatus s = ms_model_load(model, NULL, &m);
-    if (!s) { have_m = 1; s = ms_clip_tokenizer_load(model, &tok); }
-    if (!s) { have_tok = 1; s = regional_concepts_load(model, &tok, ms_unet_cross_attn_layers(&m.unet_config), &rc); }
+    MsStatus s = ms_open_model(model, NULL, &m, &tok, NULL, 0);
+    if (!s) { have_m = have_tok = 1; }
+    if (!s) { s = regional_concepts_load(model, &tok, ms_unet_cross_attn_layers(&m.unet_config), &rc); }
     if (threads >= 0) ms_set_threads(threads);
     else if (!s && m.unet_config.block_out_channels[0] < 128 && !getenv("OMP_NUM_THREADS")) ms_set_threads(1);
     /* size: the conditions' (equal when both are given), else -W/-H, else the UNet's default */
