@@ -794,4 +794,99 @@ int cmd_sample_regional(int argc, char **argv);
 /* cmd_sample.c's condition reader (diffusers _preprocess_adapter_image): (1,C,H,W) in [0,1]. */
 MsStatus sample_load_cond(const char *path, int C, int W, int H, float **out);
 
+/* ---- the procedural world (tools/world.c, tools/cmd_world.c; issue 15, helper "world") ---- */
+/* Scenes on a 1024-unit square rendered at 64 or 128 pixels with integer arithmetic only, so a
+ * seed gives the same bytes everywhere. Indices below name the vocabulary; world_*_name gives
+ * the canonical word ("circle", "red", "striped", ...); captions use these or synonyms. */
+#define WORLD_COLOURS 11
+#define WORLD_SHAPES 6
+#define WORLD_PATTERNS 3
+#define WORLD_BACKGROUNDS 7
+#define WORLD_WHERES 6
+#define WORLD_EARS 5
+#define WORLD_TAILS 4
+#define WORLD_MARKINGS 4
+#define WORLD_MAX_CHARACTERS 16
+enum { WSH_CIRCLE, WSH_SQUARE, WSH_TRIANGLE, WSH_DIAMOND, WSH_STAR, WSH_CROSS };
+enum { WBG_SKY, WBG_GRASS, WBG_BRICK, WBG_WATER, WBG_PLAIN, WBG_GRADIENT, WBG_NOISE };
+enum { WW_ANY, WW_LEFT, WW_RIGHT, WW_TOP, WW_BOTTOM, WW_CENTRE };          /* where a lone group sits */
+enum { WREL_LEFT_OF, WREL_RIGHT_OF, WREL_ABOVE, WREL_BELOW };             /* g[0] REL g[1] */
+enum { WEAR_POINTED, WEAR_ROUND, WEAR_ANTENNAE, WEAR_HORN, WEAR_LONG };
+enum { WTAIL_NONE, WTAIL_TUFT, WTAIL_ZIGZAG, WTAIL_FLUFFY };
+enum { WMK_NONE, WMK_SPOTS, WMK_STRIPES, WMK_BELLY };
+typedef struct {
+    int kind;                        /* WBG_* */
+    int colour_a, colour_b;          /* plain: a; gradient: a -> b; noise: a and b */
+    int vertical, phase;             /* gradient direction; water wave phase (units) */
+    uint64_t texture_seed;           /* grain, grass, bricks, noise */
+    int n_clouds, cloud_x[3], cloud_y[3], cloud_r[3];   /* sky */
+} WorldBackground;
+typedef struct {                     /* count identical objects */
+    int shape, colour, pattern, size;   /* size 0 small, 1 medium, 2 large */
+    int stripe_dir;                  /* 0 horizontal, 1 vertical, 2 diagonal */
+    int count;                       /* 1..3 */
+    int where;                       /* WW_*: the region holding the centres */
+    int x[3], y[3], r[3];            /* centres and radii, units */
+} WorldGroup;
+typedef struct {                     /* a creature: its identity */
+    char name[8];                    /* folder name and concept words <name1> <name2> */
+    int body_colour, limb_colour, marking, marking_colour, ears, tail, eyes;
+    int body_rx, body_ry, head_r, arm_len, leg_len, limb_w;   /* units at scale 1000 */
+} WorldCharacter;
+typedef struct {                     /* one appearance of a creature */
+    int x, y;                        /* body centre, units */
+    int scale;                       /* 1000 = 1:1 */
+    int facing;                      /* 0 right, 1 left (mirrored) */
+    int arm[2];                      /* arm directions, 32-step angles (0 out, 8 down, 24 up) */
+    int walking, head_tilt;
+} WorldCharInstance;
+typedef struct {
+    WorldBackground bg;
+    int n_groups, relation;          /* relation: WREL_* when n_groups == 2 */
+    WorldGroup g[2];
+    int n_chars;
+    WorldCharacter chars[3];
+    WorldCharInstance inst[3];
+} WorldScene;
+const char *world_colour_name(int c);
+const char *world_shape_name(int s);
+const char *world_pattern_name(int p);
+const char *world_size_name(int s);
+const char *world_background_name(int b);
+const char *world_where_name(int w);
+const char *world_relation_name(int r);
+const char *world_ear_name(int e);
+const char *world_tail_name(int t);
+const char *world_marking_name(int m);
+/* Scene `index` of the base world (no characters); its caption in plain English. */
+void world_scene_make(uint64_t seed, int index, WorldScene *s);
+MsStatus world_caption(uint64_t seed, int index, const WorldScene *s, char *out, size_t cap);
+/* Character `index` (identities dealt so the first ones differ in colour, ears, tail, markings),
+ * its training image `image` (pose, scale, position, background), and that image's caption
+ * "<tok>, waving, walking, facing left, on grass, ..." (tok: "<TOK>" in the dataset). */
+void world_character_make(uint64_t seed, int index, WorldCharacter *c);
+void world_character_scene(uint64_t seed, const WorldCharacter *c, int char_index, int image, WorldScene *s);
+MsStatus world_character_caption(uint64_t seed, int char_index, int image, const WorldScene *s, const char *tok,
+                                 char *out, size_t cap);
+/* n_chars (2..3) of the n_all characters side by side in columns; which[] receives their indices. */
+void world_multi_scene(uint64_t seed, int index, int n_chars, const WorldCharacter *all, int n_all, WorldScene *s,
+                       int *which);
+/* Renders at S (16..1024 dividing 1024) pixels: rgb (S,S,3); mask (S,S) 255 on character pixels
+ * (scenes without characters: object pixels); pose (S,S,3) keypose-like (OpenPose colours on
+ * black); sketch (S,S,3) white outlines on black. Any output may be NULL. */
+MsStatus world_render(const WorldScene *s, int S, uint8_t *rgb, uint8_t *mask, uint8_t *pose, uint8_t *sketch);
+typedef struct {
+    const char *out;                 /* output folder (created) */
+    int n;                           /* base scenes */
+    uint64_t seed;
+    int size;                        /* 64 or 128 */
+    int characters;                  /* 0..WORLD_MAX_CHARACTERS */
+    int per_character;               /* images per character, 5..10 */
+    int progress;                    /* 1: progress lines on stderr */
+} WorldOptions;
+/* The dataset (layout in tools/cmd_world.c's usage): scenes/, characters/<name>/, data_cfgs/,
+ * options/, validation_prompts/, multi/, contact sheets. Files are written via .tmp + rename. */
+MsStatus world_generate(const WorldOptions *o);
+int cmd_world(int argc, char **argv);    /* mixshow world --out DIR --n N --seed S [--size 64|128] [--characters K] */
+
 #endif /* MS_TOOLS_H */
