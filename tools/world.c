@@ -1151,8 +1151,6 @@ static MsStatus write_character_files(const WorldOptions *o, const WorldCharacte
     snprintf(list, sizeof list, "%s/data_cfgs/%s.json", o->out, c->name);
     snprintf(prompts, sizeof prompts, "%s/validation_prompts/%s.txt", o->out, c->name);
     /* official concept list: one concept, instance_prompt <TOK> */
-    JsonBuf jb;
-    memset(&jb, 0, sizeof jb);
     buf = (char *)malloc(16384);
     if (!buf) return ms_errorf(MS_ERR_NOMEM, "world: out of memory");
     {
@@ -1191,7 +1189,6 @@ static MsStatus write_character_files(const WorldOptions *o, const WorldCharacte
         st = write_text(p, buf);
     }
     free(buf);
-    (void)jb;
     return st;
 }
 
