@@ -408,7 +408,12 @@ MsStatus ms_trainer_create(MsTrainer **out, const MsModel *m, ClipTokenizer *tok
             if ((s = unet_acts_init(&t->ua, uc, B, t->h, t->w, TRAIN_T, 1, &t->uacts, &t->uscr))) goto fail;
             t->ua_ok = 1;
             if ((s = vae_sizes(vc, H, W, -1, &vz))) goto fail;
-            if ((s = arena_init(&t->vae_ar, vz.encode_bytes))) goto fail;
+            /* The VAE encodes before the UNet runs: its scratch borrows the UNet's activation
+             * arena (whose contents each forward rewrites) when that is large enough, which it
+             * is for SD 1.5 at 512² (1047 MiB vs 409 MiB): one arena fewer at the peak. */
+            if (t->uacts.cap >= vz.encode_bytes) {
+                t->vae_ar.base = t->uacts.base; t->vae_ar.cap = t->uacts.cap; t->vae_ar.used = 0; t->vae_ar.mem = NULL;
+            } else if ((s = arena_init(&t->vae_ar, vz.encode_bytes))) goto fail;
         }
     }
     t->par = (TrainParam *)calloc((size_t)1 + 8 * CLIP_MAX_LAYERS + (t->u_on ? 8 * (size_t)t->u_lora.n_attn : 0), sizeof(TrainParam));

@@ -249,13 +249,27 @@ static int files_equal(const char *a, const char *b) {
 static void test_run_and_resume(void) {
     const char *cfg = "tests/data/train_run/tiny_potter.yml";
     char *a1[] = { "train", "--quiet", "--config", (char *)cfg, "--out", "build/test_train_run_a", NULL };
-    char *a2[] = { "train", "--quiet", "--config", (char *)cfg, "--out", "build/test_train_run_b", "--steps", "2",
+    char *a2[] = { "train", "--quiet", "--no-val", "--config", (char *)cfg, "--out", "build/test_train_run_b", "--steps", "2",
                    "--checkpoint-every", "1", NULL };
-    char *a3[] = { "train", "--quiet", "--config", (char *)cfg, "--out", "build/test_train_run_c", "--resume",
+    char *a3[] = { "train", "--quiet", "--no-val", "--config", (char *)cfg, "--out", "build/test_train_run_c", "--resume",
                    "build/test_train_run_b/checkpoint.safetensors", NULL };
+    char *a4[] = { "train", "--quiet", "--model", "models/tiny-sd", "--concept-list", "tests/data/train_data/concept/concept_list.json",
+                   "--words", "<potter1>+<potter2>", "--repeat", "1", "--steps", "1", "--out", "build/test_train_run_d", NULL };
     if (!check(cmd_train(6, a1) == 0, "train run from %s: %s", cfg, ms_last_error())) return;
-    if (!check(cmd_train(10, a2) == 0, "train run stopped after 2 steps with a checkpoint at step 1: %s", ms_last_error())) return;
-    if (!check(cmd_train(8, a3) == 0, "resumed run: %s", ms_last_error())) return;
+    if (!check(cmd_train(11, a2) == 0, "train run stopped after 2 steps with a checkpoint at step 1: %s", ms_last_error())) return;
+    if (!check(cmd_train(9, a3) == 0, "resumed run: %s", ms_last_error())) return;
+    check(cmd_train(14, a4) == 0, "train run from plain flags, no config file: %s", ms_last_error());
+    {
+        const char *v = "build/test_train_run_a/visualization/PromptDataset/Iters-latest_Alpha-0.7/"
+                        "a_photo_of_<potter1>_<potter2>---G_7.5_S_4---1---Iters-latest_Alpha-0.7.png";
+        MsImage im;
+        int ok = ms_image_read(v, 3, &im) == MS_OK;
+        check(ok && im.w == 64 && im.h == 64, "validation image (alpha 0.7, the official file name) %s", v);
+        if (ok) ms_image_free(&im);
+        FILE *f = fopen("build/test_train_run_a/loss.svg", "rb");
+        check(f != NULL, "loss.svg written");
+        if (f) fclose(f);
+    }
     check(files_equal("build/test_train_run_a/models/edlora_model-latest.safetensors",
                       "build/test_train_run_c/models/edlora_model-latest.safetensors"),
           "resume from step 1 gives the same ED-LoRA as the uninterrupted run, bit for bit");

@@ -167,6 +167,20 @@ static void sample_usage(FILE *f) {
         "                  configs' value), the prompt's concept words bound per cross-attention layer\n"
         "                  (the negative prompt is not bound). Plain LoRA files (1 token per word):\n"
         "                  merged and the tokens added, prompt used as given. Needs f32 weights.\n"
+        "Regionally controllable sampling (Mix-of-Show regionally_controlable_sampling.py, same option\n"
+        "names; any of them selects it; `--x=v` or `--x v`):\n"
+        "  --pretrained_model DIR   a fused model (new_concept_cfg.json + added tokens) or a base model\n"
+        "  --prompt P, --negative_prompt N   the global prompt and negative prompt\n"
+        "  --prompt_rewrite '[<prompt>]-*-[<negative>]-*-[t, l, b, r]|...'   regions, boxes in pixels\n"
+        "  --keypose_condition IMG, --keypose_adaptor_weight W, --region_keypose_adaptor_weight\n"
+        "                           '[t, l, b, r]-w|...'   (per-region weights: the paper's, the official\n"
+        "                           pipeline crashes on them); --sketch_* the same for the sketch adapter\n"
+        "  --adapter-keypose DIR, --adapter-sketch DIR   adapter weights (default MODEL/t2iadapter_openpose,\n"
+        "                           MODEL/t2iadapter_sketch, then models/t2iadapter_*_sd14v1)\n"
+        "  --save_dir D, --suffix S, --seed N   output D/seed_N/<prompt>---<S>---<sha8>.png (+ .txt)\n"
+        "  --overlay                also write the boxes and region prompts drawn over the image\n"
+        "  --trace OUT.safetensors  latents_init [1,4,h,w], step{i}.eps [2,4,h,w] (uncond, cond),\n"
+        "                           step{i}.latents [1,4,h,w]: the fixed verification interface\n"
         "Progress goes to stderr when it is a terminal.\n");
 }
 

@@ -18,6 +18,7 @@
 static void train_usage(FILE *f) {
     fprintf(f,
         "usage: mixshow train --config X.yml [options]\n"
+        "       mixshow train --model M --concept-list C.json --words \"<w1>+<w2>\" [options]\n"
         "Trains one concept as ED-LoRA (layer-wise token embeddings + rank-4 LoRA on every attention\n"
         "Linear of text encoder and UNet), exactly as Mix-of-Show's train_edlora.py does with the same\n"
         "options file (float32 everywhere; mixed_precision is read and ignored).\n\n"
@@ -29,12 +30,24 @@ static void train_usage(FILE *f) {
         "  --model-config DIR    a diffusers folder whose configs describe a single-file model\n"
         "                        (default: the file's metadata, else inferred from its shapes)\n"
         "  --set key.sub=VALUE   override any option (VALUE in YAML flow syntax); repeatable\n"
+        "plain flags (no --config needed; defaults = the paper's human-concept settings):\n"
+        "  --concept-list FILE   datasets.train.concept_list (instance_prompt <TOK>, folders)\n"
+        "  --words W1+W2         models.new_concept_token; <TOK> becomes \"W1 W2\" (default\n"
+        "                        <concept1>+<concept2>)\n"
+        "  --init I1+I2          models.initializer_token (default <rand-0.013>+man)\n"
+        "  --name N, --batch B, --repeat R   name, batch_size_per_gpu, dataset_enlarge_ratio\n"
         "  --out DIR             output folder (default experiments/<name>/)\n"
         "  --seed S              manual_seed (default: the config's)\n"
         "  --steps N             stop after N steps (default: the config's length)\n"
         "  --checkpoint-every N  write DIR/checkpoint.safetensors every N steps (default 100)\n"
         "  --resume FILE         continue from a checkpoint, bit-identically\n"
         "  --threads N           worker threads (results do not depend on it)\n"
+        "  --weights f16         keep the frozen weights 16-bit in memory (converted per op; the\n"
+        "                        numbers of float32 on the 16-bit-rounded weights): SD 1.5 at\n"
+        "                        512² then trains in about 4 GB instead of 6.3\n"
+        "  --no-val              no validation images (official: val.val_during_save, at every\n"
+        "                        save: each alpha of val.alpha_list, the val_vis prompts)\n"
+        "  --val-samples N       validation images per prompt (default num_samples_per_prompt)\n"
         "  --replay DUMP         take every random draw, the data and the initial parameters from\n"
         "                        DUMP (keys step1.param_in.<name>, step{k}.images [B,3,H,W],\n"
         "                        step{k}.masks / step{k}.img_masks [B,1,H/8,W/8] F64,\n"
@@ -160,7 +173,9 @@ typedef struct {
     const char *config, *model, *out, *replay, *trace, *resume, *tokenizer, *model_config;
     const char *sets[64];
     int n_sets;
-    int has_seed, quiet, threads;
+    char flag_sets[16][1100];        /* --set equivalents of the plain flags */
+    int n_flag_sets;
+    int has_seed, quiet, threads, no_val, val_samples, keep_half;
     uint64_t seed;
     int64_t max_steps, checkpoint_every;
     char config_dir[1024];          /* folder of the .yml (relative data paths fall back to it) */
@@ -288,6 +303,63 @@ done:
     return s;
 }
 
+
+
+/* Without --config: mixshow's defaults, the values of the paper's human-concept runs (the
+ * official options 8101_EDLoRA_potter: ED-LoRA, rank 4, lr 1e-3 / 1e-5 / 1e-4, attention
+ * regularisation 0.01 with masks, noise offset 0.01, 500 repeats, batch 2, 512² crops),
+ * completed by the plain flags (--concept-list, --words, --init, ...) as --set would. */
+static const char TRAIN_DEFAULT_YML[] =
+    "name: edlora\n"
+    "manual_seed: 0\n"
+    "mixed_precision: 'no'\n"
+    "gradient_accumulation_steps: 1\n"
+    "datasets:\n"
+    "  train:\n"
+    "    name: LoraDataset\n"
+    "    concept_list: ~\n"
+    "    use_caption: true\n"
+    "    use_mask: true\n"
+    "    instance_transform:\n"
+    "      - { type: HumanResizeCropFinalV3, size: 512, crop_p: 0.5 }\n"
+    "      - { type: ToTensor }\n"
+    "      - { type: Normalize, mean: [ 0.5 ], std: [ 0.5 ] }\n"
+    "      - { type: ShuffleCaption, keep_token_num: 1 }\n"
+    "      - { type: EnhanceText, enhance_type: human }\n"
+    "    replace_mapping:\n"
+    "      <TOK>: <concept1> <concept2>\n"
+    "    batch_size_per_gpu: 2\n"
+    "    dataset_enlarge_ratio: 500\n"
+    "models:\n"
+    "  pretrained_path: ''\n"
+    "  enable_edlora: true\n"
+    "  finetune_cfg:\n"
+    "    text_embedding: { enable_tuning: true, lr: !!float 1e-3 }\n"
+    "    text_encoder: { enable_tuning: true, lora_cfg: { rank: 4, alpha: 1.0, where: CLIPAttention }, lr: !!float 1e-5 }\n"
+    "    unet: { enable_tuning: true, lora_cfg: { rank: 4, alpha: 1.0, where: Attention }, lr: !!float 1e-4 }\n"
+    "  new_concept_token: <concept1>+<concept2>\n"
+    "  initializer_token: <rand-0.013>+man\n"
+    "  noise_offset: 0.01\n"
+    "  attn_reg_weight: 0.01\n"
+    "  reg_full_identity: false\n"
+    "  use_mask_loss: true\n"
+    "  gradient_checkpoint: false\n"
+    "  enable_xformers: false\n"
+    "path:\n"
+    "  pretrain_network: ~\n"
+    "train:\n"
+    "  optim_g: { type: AdamW, lr: 0.0, weight_decay: 0.01, betas: [ 0.9, 0.999 ] }\n"
+    "  unet_kv_drop_rate: 0\n"
+    "  scheduler: linear\n"
+    "  emb_norm_threshold: !!float 5.5e-1\n"
+    "val:\n"
+    "  val_during_save: false\n"
+    "  compose_visualize: false\n"
+    "  alpha_list: [ 0, 0.7, 1.0 ]\n"
+    "  sample: { num_inference_steps: 50, guidance_scale: 7.5 }\n"
+    "logger:\n"
+    "  print_freq: 10\n"
+    "  save_checkpoint_freq: !!float 10000\n";
 
 /* ---- the normal run: options, data, steps, checkpoints, outputs ---- */
 static int ensure_dir(const char *path) {
@@ -491,6 +563,111 @@ done:
     return s;
 }
 
+
+/* save_and_validation's visual_validation (train_edlora.py, test_edlora.py): for every alpha of
+ * val.alpha_list, the base model with the ED-LoRA merged at alpha (convert_edlora), sampled as
+ * EDLoRAPipeline with DPM-Solver++ on the PromptDataset items: prompt lines (replace_mapping,
+ * stripped, runs of spaces collapsed), num_samples_per_prompt each, in the order
+ * [(p, i) for i in 1..N for p in prompts], initial latents torch.randn(latent_size,
+ * generator=torch.manual_seed(i)) -- which reseeds the GLOBAL generator, so g is reseeded here
+ * exactly so (it matters when validation runs in the middle of training) -- the negative prompt
+ * NEGATIVE_PROMPT of mixofshow/utils/util.py, val.sample steps and guidance.
+ * Files: <out>/visualization/PromptDataset/Iters-<it>_Alpha-<a>/<prompt_with_underscores>---
+ * G_<g>_S_<steps>---<i>---Iters-<it>_Alpha-<a>.png. (compose_visualize's grid is not made.) */
+static const char *const TRAIN_NEGATIVE_PROMPT = "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, "
+                                                 "fewer digits, cropped, worst quality, low quality";
+
+static void py_float(char *buf, size_t cap, double x) {     /* str() of a YAML number as Python prints it */
+    if (x == floor(x) && fabs(x) < 1e15) {
+        if (x == 0.0) snprintf(buf, cap, "0");                /* alpha_list: [0, 0.7, 1.0]: 0 is an int there */
+        else snprintf(buf, cap, "%.1f", x);
+    } else {
+        for (int p = 1; p <= 17; p++) {                       /* shortest repr that reads back */
+            snprintf(buf, cap, "%.*g", p, x);
+            if (strtod(buf, NULL) == x) break;
+        }
+    }
+}
+
+static MsStatus train_validate(const TrainArgs *a, const TrainDataConfig *dc, const char *pth, const char *out,
+                               const char *label, MsTorchRng *g) {
+    MsStatus s = MS_OK;
+    char *text = NULL, *lines[256];
+    int n_lines = 0;
+    FILE *f;
+    if (a->no_val || !dc->val_during_save || !dc->val_prompts[0] || dc->n_alpha == 0) return MS_OK;
+    if (!(f = fopen(dc->val_prompts, "rb"))) return ms_errorf(MS_ERR_IO, "%s: cannot open the validation prompts", dc->val_prompts);
+    {
+        char buf[4096];
+        while (n_lines < 256 && fgets(buf, sizeof buf, f)) {
+            char *p = train_process_text(buf, dc->n_val_replace, (const char (*)[64])dc->val_replace_from,
+                                         (const char (*)[256])dc->val_replace_to);
+            if (!p) { fclose(f); s = ms_errorf(MS_ERR_NOMEM, "validation: out of memory"); goto done; }
+            if (!p[0]) { free(p); continue; }
+            lines[n_lines++] = p;
+        }
+        fclose(f);
+    }
+    const int N = a->val_samples > 0 ? a->val_samples : dc->val_samples_per_prompt;
+    for (int ai = 0; !s && ai < dc->n_alpha; ai++) {
+        MsModel m;
+        ClipTokenizer tok;
+        MsOpenOptions oo;
+        EdloraFile ef;
+        EdloraPrompt ep;
+        MsTxt2ImgOptions o;
+        char alpha_s[32], g_s[32], dir[3000], it[96];
+        float *lat = NULL, *image = NULL;
+        uint8_t *px = NULL;
+        int have = 0;
+        memset(&oo, 0, sizeof oo); memset(&ef, 0, sizeof ef); memset(&ep, 0, sizeof ep); memset(&o, 0, sizeof o);
+        oo.tokenizer_dir = a->tokenizer; oo.config_dir = a->model_config; oo.quiet = 1;
+        py_float(alpha_s, sizeof alpha_s, dc->alpha_list[ai]);
+        py_float(g_s, sizeof g_s, dc->val_guidance);
+        snprintf(it, sizeof it, "Iters-%s_Alpha-%s", label, alpha_s);
+        snprintf(dir, sizeof dir, "%s/visualization/PromptDataset/%s", out, it);
+        if (!ensure_dir(dir)) { s = ms_errorf(MS_ERR_IO, "%s: cannot create", dir); break; }
+        s = ms_open_model(a->model ? a->model : dc->pretrained_path, &oo, &m, &tok, NULL, 0);
+        if (!s) have = 1;
+        if (!s) s = edlora_read(pth, &ef);
+        if (!s) s = edlora_merge(&m, &ef, (float)dc->alpha_list[ai]);
+        if (!s) s = edlora_prepare(&ef, &tok, &m, &ep, &o);
+        const int h = dc->val_latent_size[1], w = dc->val_latent_size[2], f8 = have ? 1 << (m.vae_config.n_blocks - 1) : 8;
+        const size_t nl = (size_t)dc->val_latent_size[0] * h * w, np_ = (size_t)3 * h * f8 * w * f8;
+        if (!s && dc->val_latent_size[0] != m.unet_config.in_channels)
+            s = ms_errorf(MS_ERR_ARG, "validation: latent_size[0] %d != the UNet's %d input channels", dc->val_latent_size[0],
+                          m.unet_config.in_channels);
+        if (!s && (!(lat = (float *)malloc(nl * sizeof(float))) || !(image = (float *)ms_alloc_aligned(np_, sizeof(float))) ||
+                   !(px = (uint8_t *)malloc(np_))))
+            s = ms_errorf(MS_ERR_NOMEM, "validation: out of memory");
+        o.width = w * f8; o.height = h * f8; o.steps = dc->val_steps; o.guidance_scale = (float)dc->val_guidance;
+        o.sampler = MS_SCHED_DPMSOLVER; o.torch_cpu = MS_TORCH_CPU_AVX2; o.batch = 1; o.negative = TRAIN_NEGATIVE_PROMPT;
+        for (int i = 1; !s && i <= N; i++)
+            for (int pi = 0; !s && pi < n_lines; pi++) {
+                char name[4096], path[8200];
+                ms_torch_seed(g, (uint64_t)i);                     /* torch.manual_seed(seed): the global generator */
+                ms_torch_randn(g, lat, nl, MS_TORCH_CPU_AVX2);
+                o.prompt = lines[pi];
+                o.init_noise = lat;
+                if ((s = ms_txt2img(&m, &tok, &o, image))) break;
+                ms_image_to_u8(px, image, 3, o.height, o.width);
+                snprintf(name, sizeof name, "%s", lines[pi]);
+                for (char *c = name; *c; c++) if (*c == ' ') *c = '_';
+                snprintf(path, sizeof path, "%s/%s---G_%s_S_%d---%d---%s.png", dir, name, g_s, dc->val_steps, i, it);
+                s = ms_png_write(path, px, o.width, o.height, 3);
+            }
+        if (!s && !a->quiet) fprintf(stderr, "train: validation images (alpha %s) in %s\n", alpha_s, dir);
+        free(lat); ms_free_aligned(image); free(px);
+        edlora_prompt_free(&ep);
+        edlora_free(&ef);
+        if (have) { clip_tokenizer_free(&tok); ms_model_free(&m); }
+    }
+done:
+    for (int i = 0; i < n_lines; i++) free(lines[i]);
+    free(text);
+    return s;
+}
+
 static MsStatus train_run(const TrainArgs *a, const TrainDataConfig *dc, MsTrainConfig *mc, MsModel *m,
                           ClipTokenizer *tok) {
     MsTorchRng *g = (MsTorchRng *)malloc(sizeof *g);
@@ -578,6 +755,9 @@ static MsStatus train_run(const TrainArgs *a, const TrainDataConfig *dc, MsTrain
             if (dc->save_checkpoint_freq > 0 && k % dc->save_checkpoint_freq == 0) {
                 snprintf(path, sizeof path, "%s/%s_model-%lld.pth", models_dir, mc->enable_edlora ? "edlora" : "lora", (long long)k);
                 if ((s = save_edlora(t, mc, path))) goto done;
+                char lab[32];
+                snprintf(lab, sizeof lab, "%lld", (long long)k);
+                if ((s = train_validate(a, dc, path, out, lab, g))) goto done;
             }
             if (a->checkpoint_every > 0 && k % a->checkpoint_every == 0 && k < total) {
                 snprintf(path, sizeof path, "%s/checkpoint.safetensors", out);
@@ -588,12 +768,18 @@ static MsStatus train_run(const TrainArgs *a, const TrainDataConfig *dc, MsTrain
         /* save_and_validation(..., 'latest'): the .pth and the same content as .safetensors */
         snprintf(path, sizeof path, "%s/%s_model-latest.pth", models_dir, mc->enable_edlora ? "edlora" : "lora");
         if ((s = save_edlora(t, mc, path))) goto done;
-        fprintf(stderr, "train: wrote %s\n", path);
+        fprintf(stderr, "train: wrote %s (and .safetensors)\n", path);
         snprintf(path, sizeof path, "%s/%s_model-latest.safetensors", models_dir, mc->enable_edlora ? "edlora" : "lora");
         if ((s = save_edlora(t, mc, path))) goto done;
         snprintf(path, sizeof path, "%s/loss.svg", out);
         if ((s = write_svg(path, losses, ms_trainer_step_count(t)))) goto done;
-        fprintf(stderr, "train: wrote %s (and .safetensors), %s/loss.csv, %s\n", models_dir, out, path);
+        fprintf(stderr, "train: wrote %s/loss.csv, %s\n", out, path);
+        /* the training state is done with: give its memory back before the validation models */
+        ms_trainer_free(t);
+        t = NULL;
+        ms_model_free(m);
+        snprintf(path, sizeof path, "%s/%s_model-latest.pth", models_dir, mc->enable_edlora ? "edlora" : "lora");
+        if ((s = train_validate(a, dc, path, out, "latest", g))) goto done;
     }
 done:
     for (int b = 0; b < 64; b++) free(prompts[b]);
@@ -622,6 +808,7 @@ int cmd_train(int argc, char **argv) {
         char *end = NULL;
         if (!strcmp(o, "--help") || !strcmp(o, "-h")) { train_usage(stdout); return 0; }
         if (!strcmp(o, "--quiet")) { a.quiet = 1; continue; }
+        if (!strcmp(o, "--no-val")) { a.no_val = 1; continue; }
         if (!v) { fprintf(stderr, "mixshow train: %s needs a value (or is unknown; see --help)\n", o); return 2; }
         i++;
         if (!strcmp(o, "--config")) a.config = v;
@@ -632,6 +819,27 @@ int cmd_train(int argc, char **argv) {
         else if (!strcmp(o, "--resume")) a.resume = v;
         else if (!strcmp(o, "--tokenizer")) a.tokenizer = v;
         else if (!strcmp(o, "--model-config")) a.model_config = v;
+        else if (!strcmp(o, "--concept-list") || !strcmp(o, "--words") || !strcmp(o, "--init") || !strcmp(o, "--name") ||
+                 !strcmp(o, "--batch") || !strcmp(o, "--repeat")) {
+            /* plain flags: the same as --set on the defaults (or on --config) */
+            char q[1024];
+            size_t k = 0;
+            for (const char *c = v; *c && k + 2 < sizeof q; c++) { if (*c == '\'' ) q[k++] = '\''; q[k++] = *c; }
+            q[k] = '\0';
+            if (a.n_flag_sets >= 15) { fprintf(stderr, "mixshow train: too many flags\n"); return 2; }
+            char *fs = a.flag_sets[a.n_flag_sets++];
+            if (!strcmp(o, "--concept-list")) snprintf(fs, 1100, "datasets.train.concept_list='%s'", q);
+            else if (!strcmp(o, "--init")) snprintf(fs, 1100, "models.initializer_token='%s'", q);
+            else if (!strcmp(o, "--name")) snprintf(fs, 1100, "name='%s'", q);
+            else if (!strcmp(o, "--batch")) snprintf(fs, 1100, "datasets.train.batch_size_per_gpu=%s", v);
+            else if (!strcmp(o, "--repeat")) snprintf(fs, 1100, "datasets.train.dataset_enlarge_ratio=%s", v);
+            else {                                  /* --words A+B: new_concept_token, and <TOK> -> "A B" */
+                snprintf(fs, 1100, "models.new_concept_token='%s'", q);
+                char *sp = a.flag_sets[a.n_flag_sets++];
+                snprintf(sp, 1100, "datasets.train.replace_mapping={'<TOK>': '%s'}", q);
+                for (char *c = sp + strlen("datasets.train.replace_mapping={'<TOK>': '"); *c; c++) if (*c == '+') *c = ' ';
+            }
+        }
         else if (!strcmp(o, "--set")) {
             if (a.n_sets == 64) { fprintf(stderr, "mixshow train: more than 64 --set\n"); return 2; }
             a.sets[a.n_sets++] = v;
@@ -640,6 +848,12 @@ int cmd_train(int argc, char **argv) {
         else if (!strcmp(o, "--steps")) a.max_steps = strtoll(v, &end, 10);
         else if (!strcmp(o, "--checkpoint-every")) a.checkpoint_every = strtoll(v, &end, 10);
         else if (!strcmp(o, "--threads")) a.threads = (int)strtol(v, &end, 10);
+        else if (!strcmp(o, "--val-samples")) a.val_samples = (int)strtol(v, &end, 10);
+        else if (!strcmp(o, "--weights")) {
+            if (!strcmp(v, "f16") || !strcmp(v, "half")) a.keep_half = 1;
+            else if (!strcmp(v, "f32")) a.keep_half = 0;
+            else { fprintf(stderr, "mixshow train: --weights %s: expected f32 or f16\n", v); return 2; }
+        }
         else { fprintf(stderr, "mixshow train: unknown option '%s'\n\n", o); train_usage(stderr); return 2; }
         if (end && (*end || end == v)) { fprintf(stderr, "mixshow train: %s %s: not a number\n", o, v); return 2; }
     }
@@ -652,9 +866,22 @@ int cmd_train(int argc, char **argv) {
     memset(&m, 0, sizeof m);
     memset(&tok, 0, sizeof tok);
 
-    /* options: the .yml, else (replay) the dump's metadata "config" */
-    if (a.config) {
-        if ((s = train_config_load(a.config, a.sets, a.n_sets, &dc, &mc))) goto fail;
+    /* options: the .yml (or the defaults) + plain flags + --set, else (replay) the dump's "config" */
+    if (a.config || !a.replay) {
+        JsonValue *root = NULL;
+        const char *all[64 + 16];
+        int n = 0;
+        for (int i = 0; i < a.n_flag_sets; i++) all[n++] = a.flag_sets[i];
+        for (int i = 0; i < a.n_sets; i++) all[n++] = a.sets[i];
+        if (a.config) s = train_config_load(a.config, all, n, &dc, &mc);
+        else {
+            s = yaml_parse(TRAIN_DEFAULT_YML, strlen(TRAIN_DEFAULT_YML), "(mixshow defaults)", &root);
+            for (int i = 0; !s && i < n; i++) s = yaml_apply_set(root, all[i]);
+            if (!s) s = train_config_from_yaml(root, &dc, &mc);
+            json_free(root);
+            if (!s && !dc.concept_list[0]) s = ms_errorf(MS_ERR_ARG, "train: no --config and no --concept-list (see --help)");
+        }
+        if (s) goto fail;
     } else if (a.replay) {
         StFile f;
         JsonValue *root = NULL;
@@ -675,9 +902,6 @@ int cmd_train(int argc, char **argv) {
         json_free(root);
         st_close(&f);
         if (s) goto fail;
-    } else {
-        fprintf(stderr, "mixshow train: --config X.yml is required (see --help)\n");
-        return 2;
     }
     if (a.has_seed) mc.seed = a.seed;
     {
@@ -685,7 +909,7 @@ int cmd_train(int argc, char **argv) {
         if (!path[0]) { s = ms_errorf(MS_ERR_ARG, "train: no model (--model or models.pretrained_path)"); goto fail; }
         MsOpenOptions oo;
         memset(&oo, 0, sizeof oo);
-        oo.tokenizer_dir = a.tokenizer; oo.config_dir = a.model_config;
+        oo.tokenizer_dir = a.tokenizer; oo.config_dir = a.model_config; oo.keep_half = a.keep_half;
         if ((s = ms_open_model(path, &oo, &m, &tok, NULL, 0))) goto fail;
         have_model = have_tok = 1;
     }
