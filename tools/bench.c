@@ -907,7 +907,252 @@ done:
     return ok;
 }
 
-enum { NET_TEXT = 1, NET_VAE = 2, NET_UNET = 4, NET_ALL = 7, NET_TRAIN = 8 };   /* train: only when named */
+/* --- Regional sampling (issue 12, Speed; only when named): one CFG UNet step (B = 2: uncond +
+ * cond) at 64x64 latents with 16 layer-wise contexts (as Mix-of-Show binds concepts), plain and
+ * with 3 overlapping regions (UNetRegions: each region its own 16 layer-wise contexts), timed
+ * interleaved (plain, regional, ...: a loaded machine drifts less between the two); the ratio
+ * is regional / plain of the medians. Peak RSS of one step of each (scratch freed and the peak
+ * reset before both; the region contexts and work are live only for the second), so the
+ * difference is what the regions cost. Then two emulations: the extra work they would do on top
+ * of the regional step, per attn2 layer at its shape (random data: the kernels' time does not
+ * depend on the values), timed alone and added to the regional median:
+ *   official: pipeline_regionally_t2iadapter.py region_rewrite (51270fd) computes the global
+ *     attention for every query and then overwrites the ones inside boxes (each region attends
+ *     only with its box's queries, as here): + the global attention of the covered queries, and
+ *     the zeros_like + masked copies (a clear and a copy of the layer's (N,T,C) output);
+ *   full-per-region: the cost model "one full attention pass per region" (every region attends
+ *     with all queries, then masks): + the queries outside each box as well.
+ * Boxes (top, left, bottom, right) in pixels of 512x512: three figures side by side, 40 px
+ * overlaps. The tiny model (models/tiny-sd, its own weights, 32x32 latents) runs first: a quick
+ * check. Each thread count as the other cases (1 and all). --- */
+typedef struct {
+    UNetActs a;
+    const UNetParams *p;
+    const float *x, *t;
+    float *eps;
+    const float **lctx;
+    const UNetRegions *reg;             /* NULL: plain */
+    int emulate;                        /* for reg_emulate: 1 official, 2 full-per-region */
+    float *q, *k, *v, *o;               /* emulation buffers, the largest layer's size */
+    int Tk;
+} RegCtx;
+
+static void reg_emulate(void *v, int layer, int which, const float *x, size_t rows, int C) {
+    RegCtx *u = (RegCtx *)v;
+    int heads, h, w;
+    (void)x; (void)rows;
+    if (which != 3 || unet_probe_shape(&u->a, layer, &heads, &h, &w)) return;
+    const size_t T = (size_t)h * w, N = 2;
+    const int Dh = C / heads;
+    size_t covered = 0, extra;
+    unsigned char *in = (unsigned char *)calloc(T, 1);
+    if (!in) return;
+    size_t outside = 0;
+    for (int r = 0; r < u->reg->n; r++) {
+        int r0, c0, r1, c1;
+        unet_region_rows(u->reg->box[r], h, w, &r0, &c0, &r1, &c1);
+        for (int y = r0; y < r1; y++)
+            for (int xx = c0; xx < c1; xx++) in[(size_t)y * w + xx] = 1;
+        outside += T - (size_t)(r1 - r0) * (size_t)(c1 - c0);
+    }
+    for (size_t t = 0; t < T; t++) covered += in[t];
+    free(in);
+    extra = covered + (u->emulate == 2 ? outside : 0);
+    for (size_t done = 0; done < extra; done += T) {     /* chunks of at most T queries */
+        size_t nq = extra - done < T ? extra - done : T;
+        attention_forward(u->o, NULL, u->q, u->k, u->v, (int)N, (int)nq, u->Tk, heads, Dh, 0,
+                          1.0f / sqrtf((float)Dh));
+    }
+    memset(u->o, 0, N * T * (size_t)C * sizeof(float)); /* new_hidden_state = zeros_like(...) */
+    memcpy(u->o, u->q, N * T * (size_t)C * sizeof(float));   /* ... [mask == 0] = hidden[mask == 0] */
+}
+
+static MsStatus run_reg(void *v) {
+    RegCtx *u = (RegCtx *)v;
+    u->a.regions = u->reg;
+    return unet_forward(u->eps, &u->a, u->x, u->t, NULL, (const float *const *)u->lctx, NULL, u->p, NULL);
+}
+
+static double median_of(double *x, int n) {
+    qsort(x, (size_t)n, sizeof x[0], cmp_double);
+    return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
+}
+
+/* One step of the current variant for the memory figure: scratch freed, peak reset. */
+static double reg_peak(RegCtx *u) {
+    ms_gemm_scratch_free();
+    ops_scratch_free();
+    rss_peak_reset();
+    if (run_reg(u)) return -2.0;
+    return rss_peak_mib();
+}
+
+static int bench_regional(const Bench *b, MsRng *r, int tiny) {
+    enum { R = 3, NV = 4 };
+    static const double px[R][4] = { { 16, 8, 512, 200 }, { 24, 160, 512, 360 }, { 40, 320, 512, 504 } };
+    static const char *const vname[NV] = { "plain", "regional", "official (emulated)", "full-per-region (emulated)" };
+    const int N = 2, h = tiny ? 32 : 64, w = h, Tk = 77;
+    const char *mname = tiny ? "tiny" : "sd15";
+    char label[96];
+    MsModel m;
+    UNetConfig c;
+    MsParamTable t;
+    UNetParams p;
+    UNetSizes sz;
+    UNetRegions reg;
+    RegCtx u;
+    Arena acts, scratch;
+    double box[R][4];
+    float *ctx = NULL, *rctx = NULL, *work = NULL, *eps_plain = NULL, *x = NULL, *tt = NULL;
+    const float **lctx = NULL, **rptr = NULL;
+    int ok = 0, p_ok = 0, a_ok = 0;
+    memset(&m, 0, sizeof m); memset(&t, 0, sizeof t); memset(&p, 0, sizeof p); memset(&u, 0, sizeof u);
+    memset(&acts, 0, sizeof acts); memset(&scratch, 0, sizeof scratch); memset(&reg, 0, sizeof reg);
+    snprintf(label, sizeof label, "regional %s B=2 %dx%d regions=%d", mname, h, w, R);
+    if (tiny) {
+        MsOpenOptions oo;
+        memset(&oo, 0, sizeof oo);
+        oo.quiet = 1;
+        if (ms_open_model(NULL, &oo, &m, NULL, NULL, 0)) {
+            fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error());
+            return 0;
+        }
+        c = m.unet_config;
+    } else {
+        ms_unet_config_sd15(&c);
+        fprintf(stderr, "%s: random weights...\n", label);
+        if (ms_param_table_unet(&c, &t) || table_random(&t, 15)) {
+            fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error());
+            goto done;
+        }
+    }
+    const MsParamTable *pt = tiny ? &m.unet : &t;
+    const int L = ms_unet_cross_attn_layers(&c), D = c.cross_attention_dim;
+    if (unet_params_init(&p, &c, pt)) { fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error()); goto done; }
+    p_ok = 1;
+    if (unet_sizes(&c, N, h, w, Tk, 0, &sz) || arena_init(&acts, sz.acts_bytes) || arena_init(&scratch, sz.scratch_bytes) ||
+        unet_acts_init(&u.a, &c, N, h, w, Tk, 0, &acts, &scratch)) {
+        fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error());
+        goto done;
+    }
+    a_ok = 1;
+    const size_t nx = (size_t)N * c.in_channels * h * w, ne = (size_t)N * c.out_channels * h * w;
+    const size_t one = (size_t)N * Tk * D, nwork = unet_regions_work_floats(&c, N, h, w, Tk);
+    if (!(x = net_buf(r, nx, 1.0f)) || !(u.eps = net_buf(r, ne, 0.0f)) || !(eps_plain = net_buf(r, ne, 0.0f)) ||
+        !(tt = net_buf(r, (size_t)N, 0.0f)) || !(ctx = net_buf(r, (size_t)L * one, 1.0f)) ||
+        !(lctx = (const float **)malloc((size_t)L * sizeof *lctx)))
+        goto done;
+    tt[0] = tt[1] = 999.0f;                             /* the first step of a sampler */
+    for (int i = 0; i < L; i++) lctx[i] = ctx + (size_t)i * one;
+    u.p = &p; u.x = x; u.t = tt; u.lctx = lctx; u.Tk = Tk;
+
+    /* plain: its peak first, while no region buffer exists */
+    double rss_plain = reg_peak(&u), rss_reg;
+    if (rss_plain < -1.5) { fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error()); goto done; }
+    memcpy(eps_plain, u.eps, ne * sizeof(float));
+    /* the regions: R x L contexts (N,Tk,D), boxes as fractions, the work */
+    if (!(rctx = net_buf(r, (size_t)R * L * one, 1.0f)) || !(rptr = (const float **)malloc((size_t)R * L * sizeof *rptr)) ||
+        !(work = (float *)ms_alloc_aligned(nwork, sizeof(float))))
+        goto done;
+    for (int k = 0; k < R * L; k++) rptr[k] = rctx + (size_t)k * one;
+    for (int k = 0; k < R; k++)
+        for (int j = 0; j < 4; j++) box[k][j] = px[k][j] / 512.0;
+    reg.n = R; reg.box = (const double (*)[4])box; reg.n_layer_ctx = L; reg.ctx = rptr; reg.work = work;
+    u.reg = &reg;
+    rss_reg = reg_peak(&u);
+    if (rss_reg < -1.5) { fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error()); goto done; }
+    {
+        double d = 0.0;
+        for (size_t k = 0; k < ne; k++) d += fabs((double)u.eps[k] - eps_plain[k]);
+        if (!check_finite(label, u.eps, ne) || !check_finite("plain", eps_plain, ne)) goto done;
+        fprintf(stderr, "  %s: mean |eps_regional - eps_plain| %.4g (the regions are in effect)\n", label, d / (double)ne);
+        if (!(d > 0.0)) { fprintf(stderr, "mixshow bench: %s: the regions changed nothing\n", label); goto done; }
+    }
+    /* the emulation buffers (after the memory figures): the largest layer's (N,T,C) and (N,Tk,C) */
+    {
+        size_t big = 0, kbig = 0;
+        const int pad = c.downsample_padding, ex = pad == 0 ? 1 : 2 * pad;   /* as unet_regions_work_floats */
+        for (int i = 0, lh = h, lw = w; i < c.n_blocks; i++) {
+            size_t T = (size_t)lh * lw, C = (size_t)c.block_out_channels[i];
+            if ((size_t)N * T * C > big) big = (size_t)N * T * C;
+            if ((size_t)N * Tk * C > kbig) kbig = (size_t)N * Tk * C;
+            lh = (lh + ex - 3) / 2 + 1; lw = (lw + ex - 3) / 2 + 1;
+        }
+        if (!(u.q = net_buf(r, big, 1.0f)) || !(u.o = net_buf(r, big, 0.0f)) || !(u.k = net_buf(r, kbig, 1.0f)) ||
+            !(u.v = net_buf(r, kbig, 1.0f)))
+            goto done;
+    }
+
+    /* timing, per thread count: b->runs rounds of (plain, regional), then the emulated extras
+     * alone (every cross-attention layer's extra work, rounds of both kinds) */
+    for (int ti = 0; ti < 2; ti++) {
+        if (ti == 1 && b->threads[1] == b->threads[0]) break;
+        const int th = b->threads[ti], n = b->runs < 64 ? b->runs : 64;
+        double sec[NV][64], cpu[NV][64], med[NV], cmed[NV], lo[NV], hi[NV], load = load_avg1();
+        ms_set_threads(th);
+        for (int i = tiny ? -1 : 0; i < n; i++)         /* tiny: one untimed round first */
+            for (int vi = 0; vi < NV; vi++) {
+                double t0 = ms_time();
+                clock_t c0 = clock();
+                if (vi < 2) {
+                    u.reg = vi ? &reg : NULL;
+                    if (run_reg(&u)) { fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error()); ms_set_threads(0); goto done; }
+                } else {
+                    u.reg = &reg; u.emulate = vi - 1;
+                    for (int l = 0; l < L; l++) {
+                        int heads, lh, lw, C = 0;
+                        if (unet_probe_shape(&u.a, l, &heads, &lh, &lw)) { ms_set_threads(0); goto done; }
+                        for (int k = 0; k < c.n_blocks; k++) if (u.a.lh[k] == lh && u.a.lw[k] == lw) { C = c.block_out_channels[k]; break; }
+                        reg_emulate(&u, l, 3, NULL, (size_t)N * lh * lw, C);
+                    }
+                }
+                double s = ms_time() - t0, cs = (double)(clock() - c0) / CLOCKS_PER_SEC;
+                if (i >= 0) { sec[vi][i] = s; cpu[vi][i] = cs; }
+                fprintf(stderr, "  %s threads=%d %s%s %s: %.3f s (cpu %.3f s)\n", label, th, vname[vi], vi >= 2 ? " extra" : "",
+                        i < 0 ? "warm-up" : "run", s, cs);
+            }
+        ms_set_threads(0);
+        for (int vi = 0; vi < NV; vi++) {
+            med[vi] = median_of(sec[vi], n); lo[vi] = sec[vi][0]; hi[vi] = sec[vi][n - 1];
+            cmed[vi] = median_of(cpu[vi], n);
+        }
+        printf("%s threads=%d: %.3f s/step (plain %.3f s/step, ratio %.3f)  (%d runs %.3f..%.3f, plain %.3f..%.3f; "
+               "cpu %.3f / %.3f s, ratio %.3f", label, th, med[1], med[0], med[1] / med[0], n, lo[1], hi[1], lo[0],
+               hi[0], cmed[1], cmed[0], cmed[1] / cmed[0]);
+        if (load >= 0) printf("; load %.2f", load);
+        printf(")\n");
+        for (int vi = 2; vi < NV; vi++)
+            printf("%s threads=%d %s: %.3f s/step (regional + %.3f s; ratio %.3f, cpu ratio %.3f)\n", label, th,
+                   vname[vi], med[1] + med[vi], med[vi], (med[1] + med[vi]) / med[0], (cmed[1] + cmed[vi]) / cmed[0]);
+        fflush(stdout);
+    }
+    {
+        const size_t extra = ((size_t)R * L * one + nwork) * sizeof(float);
+        printf("%s memory: regions' contexts %d x %d x (2,77,%d) %.1f + work %.1f = %.1f MiB planned on top of plain "
+               "(weights %.1f + acts %.1f + scratch %.1f + contexts %.1f MiB)", label, R, L, D, MIB((size_t)R * L * one * sizeof(float)),
+               MIB(nwork * sizeof(float)), MIB(extra), MIB(pt->mem_bytes), MIB(sz.acts_bytes), MIB(sz.scratch_bytes),
+               MIB((size_t)L * one * sizeof(float)));
+        if (rss_plain >= 0 && rss_reg >= 0)
+            printf(", peak RSS %.1f MiB (plain %.1f, +%.1f)", rss_reg, rss_plain, rss_reg - rss_plain);
+        printf("\n");
+        fflush(stdout);
+    }
+    ok = 1;
+done:
+    ms_free_aligned(x); ms_free_aligned(u.eps); ms_free_aligned(eps_plain); ms_free_aligned(tt);
+    ms_free_aligned(ctx); ms_free_aligned(rctx); ms_free_aligned(work);
+    ms_free_aligned(u.q); ms_free_aligned(u.k); ms_free_aligned(u.v); ms_free_aligned(u.o);
+    free(lctx); free(rptr);
+    if (a_ok) unet_acts_free(&u.a);
+    arena_free(&acts); arena_free(&scratch);
+    if (p_ok) unet_params_free(&p);
+    ms_param_table_free(&t);
+    ms_model_free(&m);
+    return ok;
+}
+
+enum { NET_TEXT = 1, NET_VAE = 2, NET_UNET = 4, NET_ALL = 7, NET_TRAIN = 8,   /* train: only when named */
+       NET_REGIONAL_TINY = 16, NET_REGIONAL = 32 };                              /* regional: likewise */
 
 /* Smallest first, so each case's peak RSS is its own (the reset cannot go below what is live). */
 static int bench_nets(const Bench *b, int which, int train_batch, int train_f16) {
@@ -917,12 +1162,13 @@ static int bench_nets(const Bench *b, int which, int train_batch, int train_f16)
     printf("mixshow bench: networks, SD 1.5 shapes, random weights, threads 1 and %d, median of %d runs\n",
            b->threads[1], b->runs);
     fflush(stdout);
-    const int order[4] = { NET_TEXT, NET_VAE, NET_UNET, NET_TRAIN };
-    for (int i = 0; i < 4; i++) {
+    const int order[6] = { NET_TEXT, NET_VAE, NET_UNET, NET_TRAIN, NET_REGIONAL_TINY, NET_REGIONAL };
+    for (int i = 0; i < 6; i++) {
         if (!(which & order[i])) continue;
         ms_gemm_scratch_free();
         ops_scratch_free();
         rss_peak_reset();
+        if (order[i] >= NET_REGIONAL_TINY) { ok &= bench_regional(b, &r, order[i] == NET_REGIONAL_TINY); continue; }
         ok &= order[i] == NET_TEXT ? bench_text(b, &r) : order[i] == NET_VAE ? bench_vae(b, &r) :
               order[i] == NET_UNET ? bench_unet(b, &r) : bench_train(b, &r, train_batch, train_f16);
     }
@@ -954,6 +1200,12 @@ static void usage(FILE *f) {
                "a memory line, and the step's parts timed alone (VAE encode, text encoder forward +\n"
                "backward over 16 prompts, UNet forward, UNet backward, AdamW; rest = step - parts).\n"
                "Median of 3 runs unless --runs is given.\n"
+               "--nets=regional (only when named; minutes): one CFG UNet step with 16 layer-wise contexts, plain\n"
+               "and with 3 overlapping regions (issue 12), interleaved, at all threads; tiny model first:\n"
+               "  regional sd15 B=2 64x64 regions=3 threads=2: 9.9 s/step (plain 9.5 s/step, ratio 1.04)  (...)\n"
+               "then the official region_rewrite (global attention for every query) and 'one full attention\n"
+               "pass per region' emulated on top, and a memory line (planned extra, peak RSS of each).\n"
+               "--nets=regional-tiny: the tiny model only (seconds).\n"
                "tools/ref/bench_torch.py prints the same lines for PyTorch.\n\n"
                "  --quick         3 runs per kernel case (smoke test)\n"
                "  --runs K        K timed runs per case (kernels: after a warm-up)\n"
@@ -985,7 +1237,9 @@ int cmd_bench(int argc, char **argv) {
                 else if (n == 3 && !strncmp(s, "vae", 3)) nets |= NET_VAE;
                 else if (n == 4 && !strncmp(s, "text", 4)) nets |= NET_TEXT;
                 else if (n == 5 && !strncmp(s, "train", 5)) nets |= NET_TRAIN;
-                else { fprintf(stderr, "mixshow bench: --nets: unknown network '%.*s' (unet, vae, text, train)\n", (int)n, s); return 2; }
+                else if (n == 8 && !strncmp(s, "regional", 8)) nets |= NET_REGIONAL_TINY | NET_REGIONAL;
+                else if (n == 13 && !strncmp(s, "regional-tiny", 13)) nets |= NET_REGIONAL_TINY;
+                else { fprintf(stderr, "mixshow bench: --nets: unknown network '%.*s' (unet, vae, text, train, regional, regional-tiny)\n", (int)n, s); return 2; }
                 s += n + (s[n] == ',');
             }
         } else if (!strcmp(argv[i], "--runs")) {
