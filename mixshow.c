@@ -398,8 +398,8 @@ MsStatus ms_trainer_create(MsTrainer **out, const MsModel *m, ClipTokenizer *tok
             t->cols = (int32_t *)q; q += 2 * (size_t)B;
         }
         /* arenas: text encoder (B*L prompts), UNet training activations, VAE encode */
-        if ((s = arena_init(&t->text_ar, clip_text_sizes(tc, B * t->L, TRAIN_T, t->te_on ? c->te_rank : 0, 1)))) goto fail;
-        if ((s = clip_text_acts_alloc(&t->ta, &t->text_ar, tc, B * t->L, TRAIN_T, t->te_on ? c->te_rank : 0, 1))) goto fail;
+        if ((s = arena_init(&t->text_ar, clip_text_sizes(tc, B * t->L, TRAIN_T, t->te_on ? c->te_rank : 0, CLIP_TRAIN_RECOMPUTE)))) goto fail;
+        if ((s = clip_text_acts_alloc(&t->ta, &t->text_ar, tc, B * t->L, TRAIN_T, t->te_on ? c->te_rank : 0, CLIP_TRAIN_RECOMPUTE))) goto fail;
         {
             UNetSizes us;
             VaeSizes vz;

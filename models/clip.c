@@ -748,7 +748,9 @@ static int clip_acts_layout(ClipTextActs *a, Arena *ar, const ClipTextConfig *c,
     int fail = 0;
     memset(a, 0, sizeof *a);
     a->B = B; a->T = T; a->rank = rank; a->training = training; a->n_layers = c->num_hidden_layers;
-    int nl = training ? c->num_hidden_layers : 1;
+    /* CLIP_TRAIN_KEEP: a full set per layer; inference and CLIP_TRAIN_RECOMPUTE: one set that
+     * every layer shares (recompute: plus each layer's own input x, see clip_text_backward) */
+    int nl = training == CLIP_TRAIN_KEEP ? c->num_hidden_layers : 1;
     for (int l = 0; l < nl; l++) {
         ClipLayerActs *L = &a->l[l];
         L->x = take(ar, N * D, bytes, &fail);
@@ -766,7 +768,10 @@ static int clip_acts_layout(ClipTextActs *a, Arena *ar, const ClipTextConfig *c,
         L->ln2_rstd = take(ar, N, bytes, &fail);
         L->fc1 = take(ar, N * I, bytes, &fail);
     }
-    for (int l = nl; l < c->num_hidden_layers; l++) a->l[l] = a->l[0];
+    for (int l = nl; l < c->num_hidden_layers; l++) {
+        a->l[l] = a->l[0];
+        if (training == CLIP_TRAIN_RECOMPUTE) a->l[l].x = take(ar, N * D, bytes, &fail);
+    }
     a->xf = training ? take(ar, N * D, bytes, &fail) : a->l[0].x;
     a->lnf_mean = take(ar, N, bytes, &fail);
     a->lnf_rstd = take(ar, N, bytes, &fail);
@@ -787,7 +792,7 @@ static int clip_acts_layout(ClipTextActs *a, Arena *ar, const ClipTextConfig *c,
         a->dq = take(ar, N * D, bytes, &fail);
         a->dk = take(ar, N * D, bytes, &fail);
         a->dv = take(ar, N * D, bytes, &fail);
-        a->dg = take(ar, N * I, bytes, &fail);
+        a->dg = a->gelu;                    /* quick_gelu's output is forward-only scratch */
         a->df = take(ar, N * I, bytes, &fail);
         if (rank > 0) a->du = take(ar, N * (size_t)rank, bytes, &fail);
     }
@@ -804,9 +809,11 @@ size_t clip_text_sizes(const ClipTextConfig *c, int B, int T, int rank, int trai
 MsStatus clip_text_acts_alloc(ClipTextActs *a, Arena *ar, const ClipTextConfig *c, int B, int T,
                               int rank, int training) {
     size_t bytes = 0;
-    if (B <= 0 || T <= 0 || T > c->max_position_embeddings || rank < 0 || c->num_hidden_layers > CLIP_MAX_LAYERS)
-        return ms_errorf(MS_ERR_ARG, "text encoder: batch %d, length %d (max %d), rank %d, %d layers (max %d)",
-                         B, T, c->max_position_embeddings, rank, c->num_hidden_layers, CLIP_MAX_LAYERS);
+    if (B <= 0 || T <= 0 || T > c->max_position_embeddings || rank < 0 || c->num_hidden_layers > CLIP_MAX_LAYERS ||
+        training < CLIP_INFER || training > CLIP_TRAIN_RECOMPUTE)
+        return ms_errorf(MS_ERR_ARG, "text encoder: batch %d, length %d (max %d), rank %d, %d layers (max %d), "
+                         "mode %d (0..2)", B, T, c->max_position_embeddings, rank, c->num_hidden_layers,
+                         CLIP_MAX_LAYERS, training);
     if (!clip_acts_layout(a, ar, c, B, T, rank, training, &bytes))
         return ms_errorf(MS_ERR_NOMEM, "text encoder: arena too small (need %zu bytes; clip_text_sizes)",
                          clip_text_sizes(c, B, T, rank, training));
@@ -854,12 +861,41 @@ static void lora_linear_backward(float *dx, float *ddown, float *dup, float *du,
     }
 }
 
-MsStatus clip_text_forward(ClipTextActs *a, const ClipTextParams *p, const ClipLora *lora,
-                           const int32_t *ids, const float *new_emb, int n_new, const ClipTextConfig *c) {
+/* Encoder layer l on a->l[l].x:
+ *   h  = x + out_proj(self_attn(layer_norm1(x)))
+ *   x' = h + fc2(quick_gelu(fc1(layer_norm2(h))))   into xout
+ * xout NULL: stop once fc1 is done (what backward needs): clip_text_backward's recomputation in
+ * CLIP_TRAIN_RECOMPUTE, which thereby repeats the very ops of the forward, in the same order. */
+static void clip_layer_forward(ClipTextActs *a, const ClipLayerParams *P, const ClipLora *lora, int l, float *xout,
+                               const ClipTextConfig *c) {
     const int B = a->B, T = a->T, N = B * T, D = c->hidden_size, I = c->intermediate_size;
-    const int H = c->num_attention_heads, Dh = D / H, V = c->vocab_size;
+    const int H = c->num_attention_heads, Dh = D / H;
     const int r = lora ? lora->rank : 0;
     const float alpha = lora ? lora->alpha : 0.0f, eps = c->layer_norm_eps, scale = 1.0f / sqrtf((float)Dh);
+    ClipLayerActs *L = &a->l[l];
+    const float *dn[4] = { 0, 0, 0, 0 }, *up[4] = { 0, 0, 0, 0 };
+    for (int j = 0; j < 4 && r; j++) { dn[j] = lora->down[l][j]; up[j] = lora->up[l][j]; }
+    /* h = x + out_proj(self_attn(layer_norm1(x))) */
+    layernorm_forward(L->ln1, L->ln1_mean, L->ln1_rstd, L->x, WT(a, P->ln1_w, 1), WT(a, P->ln1_b, 2), N, D, eps);
+    lora_linear_forward(L->q, L->u[CLIP_Q], L->ln1, WT(a, P->q_w, 0), WT(a, P->q_b, 1), dn[0], up[0], alpha, N, D, D, r);
+    lora_linear_forward(L->k, L->u[CLIP_K], L->ln1, WT(a, P->k_w, 0), WT(a, P->k_b, 1), dn[1], up[1], alpha, N, D, D, r);
+    lora_linear_forward(L->v, L->u[CLIP_V], L->ln1, WT(a, P->v_w, 0), WT(a, P->v_b, 1), dn[2], up[2], alpha, N, D, D, r);
+    attention_forward(L->attn, a->training ? L->lse : NULL, L->q, L->k, L->v, B, T, T, H, Dh, /*causal*/1, scale);
+    lora_linear_forward(a->tmp, L->u[CLIP_O], L->attn, WT(a, P->o_w, 0), WT(a, P->o_b, 1), dn[3], up[3], alpha, N, D, D, r);
+    add_forward(L->h, L->x, a->tmp, (size_t)N * D);
+    /* x' = h + fc2(quick_gelu(fc1(layer_norm2(h)))) */
+    layernorm_forward(a->ln2, L->ln2_mean, L->ln2_rstd, L->h, WT(a, P->ln2_w, 1), WT(a, P->ln2_b, 2), N, D, eps);
+    linear_forward(L->fc1, a->ln2, WT(a, P->fc1_w, 0), WT(a, P->fc1_b, 1), N, D, I);
+    if (!xout) return;
+    quick_gelu_forward(a->gelu, L->fc1, (size_t)N * I);
+    linear_forward(a->tmp, a->gelu, WT(a, P->fc2_w, 0), WT(a, P->fc2_b, 1), N, I, D);
+    add_forward(xout, L->h, a->tmp, (size_t)N * D);
+}
+
+MsStatus clip_text_forward(ClipTextActs *a, const ClipTextParams *p, const ClipLora *lora,
+                           const int32_t *ids, const float *new_emb, int n_new, const ClipTextConfig *c) {
+    const int B = a->B, T = a->T, N = B * T, D = c->hidden_size, V = c->vocab_size;
+    const int r = lora ? lora->rank : 0;
     if (r > a->rank || (lora && (lora->n_layers != c->num_hidden_layers || lora->dim != D)))
         return ms_errorf(MS_ERR_ARG, "text encoder: LoRA rank %d / %d layers / dim %d do not fit (acts rank %d)",
                          r, lora ? lora->n_layers : 0, lora ? lora->dim : 0, a->rank);
@@ -874,28 +910,9 @@ MsStatus clip_text_forward(ClipTextActs *a, const ClipTextParams *p, const ClipL
         float *xr = x + (size_t)n * D;
         for (int j = 0; j < D; j++) xr[j] = e[j] + pe[j];
     }
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        const ClipLayerParams *P = &p->layers[l];
-        ClipLayerActs *L = &a->l[l];
-        float *xout = l + 1 < c->num_hidden_layers ? a->l[l + 1].x : a->xf;   /* inference: == L->x */
-        const float *dn[4] = { 0, 0, 0, 0 }, *up[4] = { 0, 0, 0, 0 };
-        for (int j = 0; j < 4 && r; j++) { dn[j] = lora->down[l][j]; up[j] = lora->up[l][j]; }
-        /* h = x + out_proj(self_attn(layer_norm1(x))) */
-        layernorm_forward(L->ln1, L->ln1_mean, L->ln1_rstd, L->x, WT(a, P->ln1_w, 1), WT(a, P->ln1_b, 2), N, D, eps);
-        lora_linear_forward(L->q, L->u[CLIP_Q], L->ln1, WT(a, P->q_w, 0), WT(a, P->q_b, 1), dn[0], up[0], alpha, N, D, D, r);
-        lora_linear_forward(L->k, L->u[CLIP_K], L->ln1, WT(a, P->k_w, 0), WT(a, P->k_b, 1), dn[1], up[1], alpha, N, D, D, r);
-        lora_linear_forward(L->v, L->u[CLIP_V], L->ln1, WT(a, P->v_w, 0), WT(a, P->v_b, 1), dn[2], up[2], alpha, N, D, D, r);
-        attention_forward(L->attn, a->training ? L->lse : NULL, L->q, L->k, L->v, B, T, T, H, Dh, /*causal*/1, scale);
-        lora_linear_forward(a->tmp, L->u[CLIP_O], L->attn, WT(a, P->o_w, 0), WT(a, P->o_b, 1), dn[3], up[3], alpha, N, D, D, r);
-        add_forward(L->h, L->x, a->tmp, (size_t)N * D);
-        /* x' = h + fc2(quick_gelu(fc1(layer_norm2(h)))) */
-        layernorm_forward(a->ln2, L->ln2_mean, L->ln2_rstd, L->h, WT(a, P->ln2_w, 1), WT(a, P->ln2_b, 2), N, D, eps);
-        linear_forward(L->fc1, a->ln2, WT(a, P->fc1_w, 0), WT(a, P->fc1_b, 1), N, D, I);
-        quick_gelu_forward(a->gelu, L->fc1, (size_t)N * I);
-        linear_forward(a->tmp, a->gelu, WT(a, P->fc2_w, 0), WT(a, P->fc2_b, 1), N, I, D);
-        add_forward(xout, L->h, a->tmp, (size_t)N * D);
-    }
-    layernorm_forward(a->out, a->lnf_mean, a->lnf_rstd, a->xf, WT(a, p->lnf_w, 1), WT(a, p->lnf_b, 2), N, D, eps);
+    for (int l = 0; l < c->num_hidden_layers; l++)     /* inference: xout == a->l[l].x (in place) */
+        clip_layer_forward(a, &p->layers[l], lora, l, l + 1 < c->num_hidden_layers ? a->l[l + 1].x : a->xf, c);
+    layernorm_forward(a->out, a->lnf_mean, a->lnf_rstd, a->xf, WT(a, p->lnf_w, 1), WT(a, p->lnf_b, 2), N, D, c->layer_norm_eps);
     return MS_OK;
 }
 
@@ -904,7 +921,9 @@ MsStatus clip_text_forward(ClipTextActs *a, const ClipTextParams *p, const ClipL
  *   MLP:        dg  = dx W2 ; df = quick_gelu'(fc1) * dg ; dx += LN2'(df W1)       (dx is now dL/dh)
  *   attention:  dt  = dL/d(attn) through out_proj (+LoRA) ; dq, dk, dv = attention'(dt)
  *               dt  = dq Wq + dk Wk + dv Wv (+LoRA paths) ; dx += LN1'(dt)          (dL/dx)
- *   embeddings: dnew_emb[id - V] += dx[row] for rows whose id >= V (position table frozen). */
+ *   embeddings: dnew_emb[id - V] += dx[row] for rows whose id >= V (position table frozen).
+ * CLIP_TRAIN_RECOMPUTE: each layer's activations are recomputed here from its saved input x
+ * (clip_layer_forward up to fc1: bit-identical to the forward's), into the one shared set. */
 void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, ClipTextActs *a,
                         const ClipTextParams *p, const ClipLora *lora, const int32_t *ids, int n_new,
                         const ClipTextConfig *c) {
@@ -924,6 +943,7 @@ void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, Cli
             dn[j] = lora->down[l][j]; up[j] = lora->up[l][j];
             if (dlora) { ddn[j] = dlora->down[l][j]; dup[j] = dlora->up[l][j]; }
         }
+        if (a->training == CLIP_TRAIN_RECOMPUTE) clip_layer_forward(a, P, lora, l, NULL, c);
         /* MLP branch (fc1, fc2 frozen: their inputs are not needed) */
         memset(a->dg, 0, NI * sizeof(float));
         linear_backward(a->dg, NULL, NULL, a->dx, NULL, WT(a, P->fc2_w, 0), N, I, D);

@@ -213,6 +213,27 @@ static void golden_case(const char *pre, const ClipTextConfig *c, const ClipText
             }
         }
     check(all, "%severy LoRA gradient tensor within 1e-4", pre);
+    /* CLIP_TRAIN_RECOMPUTE (each layer recomputed from its input in backward) gives the very
+     * same output and gradients, bit for bit, in a smaller arena */
+    {
+        ClipTextActs ar2;
+        float *lg2 = test_zeros(ln), *dnew2 = test_zeros(nn);
+        ClipLora dL2;
+        clip_lora_bind(&dL2, lg2, c, rank, alpha);
+        size_t keep = clip_text_sizes(c, B, T, rank, CLIP_TRAIN_KEEP), rec = clip_text_sizes(c, B, T, rank, CLIP_TRAIN_RECOMPUTE);
+        check(c->num_hidden_layers < 2 || rec < keep, "%srecompute plans less: %zu < %zu bytes", pre, rec, keep);
+        if (!clip_text_acts_alloc(&ar2, ar, c, B, T, rank, CLIP_TRAIN_RECOMPUTE) &&
+            !clip_text_forward(&ar2, p, &L, ids, new_emb, n_new, c)) {
+            snprintf(k, sizeof k, "%srecompute: forward == keep", pre);
+            check_bitwise(k, ar2.out, a.out, (size_t)B * T * D);
+            clip_text_backward(&dL2, dnew2, R, &ar2, p, &L, ids, n_new, c);
+            snprintf(k, sizeof k, "%srecompute: d LoRA == keep (bitwise)", pre);
+            check_bitwise(k, lg2, lg, ln);
+            snprintf(k, sizeof k, "%srecompute: d new embedding rows == keep (bitwise)", pre);
+            check_bitwise(k, dnew2, dnew, nn);
+        } else check(0, "%srecompute forward: %s", pre, ms_last_error());
+        ms_free_aligned(lg2); ms_free_aligned(dnew2);
+    }
     /* inference mode gives the same numbers (bitwise: same ops in the same order) */
     ClipTextActs ai;
     if (!clip_text_acts_alloc(&ai, ar, c, B, T, rank, 0) && !clip_text_forward(&ai, p, &L, ids, new_emb, n_new, c))
@@ -317,6 +338,18 @@ int main(void) {
     if (arena_init(&ar, 2 * clip_text_sizes(&sd, 2, 77, 4, 1) + ((size_t)16 << 20))) { check(0, "arena"); return 1; }
     test_tiny(dir, &ar);
     test_big(&ar);
+    {   /* the plan at SD 1.5 shapes: 16 prompts x 77 (an ED-LoRA step at batch 1), rank 4 */
+        ClipTextConfig c15;
+        ms_clip_text_config_sd15(&c15);
+        size_t keep = clip_text_sizes(&c15, 16, 77, 4, CLIP_TRAIN_KEEP);
+        size_t rec = clip_text_sizes(&c15, 16, 77, 4, CLIP_TRAIN_RECOMPUTE);
+        size_t inf = clip_text_sizes(&c15, 16, 77, 0, CLIP_INFER);
+        printf("  SD 1.5 text acts at 16x77, rank 4: keep %.1f MiB, recompute %.1f MiB (inference %.1f MiB)\n",
+               keep / 1048576.0, rec / 1048576.0, inf / 1048576.0);
+        check(rec < keep / 3, "SD 1.5: recompute plans under a third of keep (%zu vs %zu bytes)", rec, keep);
+        ClipTextActs bad;
+        check(clip_text_acts_alloc(&bad, &ar, &c15, 1, 77, 0, 3) == MS_ERR_ARG, "mode 3 -> MS_ERR_ARG: %s", ms_last_error());
+    }
     printf("  time: tokenizer %.2f s, encoder %.2f s\n", t1 - t0, ms_time() - t1);
     arena_free(&ar);
     st_close(&G);

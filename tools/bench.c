@@ -685,8 +685,8 @@ static MsStatus parts_init(Parts *q, const MsModel *m, int B, int L, int n_tok, 
         return s;
     q->ua_ok = 1;
     if ((s = clip_text_params(q->tp, &m->text, tc))) return s;
-    if ((s = arena_init(&q->text_ar, clip_text_sizes(tc, B * L, T, rank, 1))) ||
-        (s = clip_text_acts_alloc(&q->ta, &q->text_ar, tc, B * L, T, rank, 1)))
+    if ((s = arena_init(&q->text_ar, clip_text_sizes(tc, B * L, T, rank, CLIP_TRAIN_RECOMPUTE))) ||
+        (s = clip_text_acts_alloc(&q->ta, &q->text_ar, tc, B * L, T, rank, CLIP_TRAIN_RECOMPUTE)))
         return s;
     q->n_train = (size_t)n_tok * D + nte + nul;
     if (!(q->img = net_buf(r, (size_t)B * 3 * H * W, 0.5f)) || !(q->mean = net_buf(r, nlat, 0.0f)) ||
@@ -870,7 +870,7 @@ static int bench_train(const Bench *b, MsRng *r, int B, int f16) {
         const ClipTextConfig *tc = &m.text_config;
         UNetSizes us;
         VaeSizes vz;
-        size_t text = clip_text_sizes(tc, B * L, T, rank, 1), train = 0;
+        size_t text = clip_text_sizes(tc, B * L, T, rank, CLIP_TRAIN_RECOMPUTE), train = 0;   /* as the trainer */
         if (unet_sizes(&m.unet_config, B, h, w, T, 1, &us) || vae_sizes(&m.vae_config, H, W, -1, &vz)) {
             fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error());
             goto done;
