@@ -1026,7 +1026,8 @@ typedef struct {            /* BasicTransformerBlock */
     float *h1, *h2;         /* (N,T,C) x + attn1, h1 + attn2 */
     float *mean[3], *rstd[3]; /* (N*T) norm1..3 statistics */
     UNetAttnActs a1, a2;
-    float *g;               /* (N,T,8C) ff.net.0.proj output (GEGLU input) */
+    float *g;               /* (N,T,8C) ff.net.0.proj output (GEGLU input); shared scratch, not
+                             * kept: training recomputes it in backward */
     float *out;             /* (N,T,C) h2 + ff */
 } UNetBlockActs;
 typedef struct {            /* Transformer2DModel */
@@ -1064,6 +1065,7 @@ typedef struct {
     const float *const *layer_ctx;
     /* shared scratch (see unet.c) */
     float *sx[3], *st[3], *sq, *sk, *sv, *so, *sf0, *sf1, *su, *sdu, *stime, *sstat[4], *rot[3];
+    float *sg;                       /* training: (N,HW,8C) GEGLU input, recomputed in backward */
     float **dskip;                   /* training: gradient of each skip tensor */
     void *mem;                       /* res, tf, blk, skip, cat, dskip arrays (one malloc) */
     /* Attention probe (Mix-of-Show's attention regularisation, trainer_edlora.py cal_attn_reg),

@@ -663,8 +663,9 @@ static void unet_block_forward(UNetBlockActs *a, const float *x, const float *ct
  *   ff:    dg = GEGLU^T(ff.net.2^T dout),   R += LN3^T(ff.net.0.proj^T dg)
  *   attn2: R += LN2^T(attn2^T_x R)          (dctx += attn2^T_ctx R, LoRA grads)
  *   attn1: R += LN1^T(attn1^T_x R)          (x feeds q, k and v)
- * norm1..3 outputs are recomputed from x, h1, h2 and the saved statistics.
- * Scratch: st[0] = R, st[1] = d(norm output), st[2] = norm output, sf0/sf1, so/sq/sk/sv, su/sdu. */
+ * norm1..3 outputs are recomputed from x, h1, h2 and the saved statistics; so is the GEGLU
+ * input g = ff.net.0.proj(norm3 h2) (not kept: the forward's own ops, so bit-identical).
+ * Scratch: st[0] = R, st[1] = d(norm output), st[2] = norm output, sg = g, sf0/sf1, so/sq/sk/sv, su/sdu. */
 static void unet_block_backward(float *dx, float *dctx, UNetLoraLinear *dlora, const float *dout,
                                 const UNetBlockActs *a, const float *ctx, const UNetBlockParams *p,
                                 const UNetLoraLinear *lora, float alpha, int rank, int N, int T, int Tk,
@@ -673,6 +674,8 @@ static void unet_block_backward(float *dx, float *dctx, UNetLoraLinear *dlora, c
     const size_t n = (size_t)M * C;
     float *R = S->st[0], *dn = S->st[1], *nrm = S->st[2];
     memcpy(R, dout, n * sizeof(float));
+    layernorm_forward(nrm, NULL, NULL, a->h2, WT(p, norm3_w, 1), WT(p, norm3_b, 2), M, C, UNET_LN_EPS);
+    linear_forward(a->g, nrm, WT(p, ff1_w, 0), WT(p, ff1_b, 1), M, C, 8 * C);    /* g, as the forward made it */
     zero(S->sf1, (size_t)M * 4 * C);
     linear_backward(S->sf1, NULL, NULL, dout, NULL, WT(p, ff2_w, 0), M, 4 * C, C);
     zero(S->sf0, (size_t)M * 8 * C);
@@ -829,7 +832,7 @@ static void lay_transformer(Lay *L, UNetTfActs *t, UNetBlockActs *ba, int C, int
         for (int m = 0; m < 3; m++) { b->mean[m] = lay_save(L, M, a->sstat[m]); b->rstd[m] = lay_save(L, M, a->sstat[m] + M); }
         lay_attn(L, &b->a1, M, M, C, heads);
         lay_attn(L, &b->a2, M, N * a->Tk, C, heads);
-        b->g = lay_save(L, M * 8 * C, a->sf0);
+        b->g = a->training ? a->sg : a->sf0;      /* training: recomputed in backward, not kept */
         b->out = lay_save(L, n, other);
         x = b->out;
     }
@@ -886,6 +889,7 @@ static MsStatus unet_layout(UNetActs *a, Arena *acts, Arena *scratch, size_t *ac
     a->sq = carve(&ks, sp.QKV); a->sk = carve(&ks, sp.QKV); a->sv = carve(&ks, sp.QKV); a->so = carve(&ks, sp.QKV);
     a->su = carve(&ks, sp.QKV); a->sdu = carve(&ks, sp.QKV);
     a->sf0 = carve(&ks, sp.F); a->sf1 = carve(&ks, sp.F / 2);
+    a->sg = a->training ? carve(&ks, sp.F) : NULL;          /* the GEGLU input, recomputed in backward */
     a->stime = carve(&ks, sp.time);
     for (int k = 0; k < 4; k++) a->sstat[k] = carve(&ks, sp.stat);
 

@@ -122,6 +122,7 @@ static void cmp_lora_grads(const UNetLora *d, const UNetParams *p, double tol) {
 }
 
 static const UNetParams *GP;
+static const UNetConfig *GPC;   /* tiny-sd's config (test_plan_sd15) */
 
 /* ---- goldens ---- */
 static void test_goldens(const UNetParams *p, const UNetConfig *c) {
@@ -453,6 +454,27 @@ static void test_probe(const UNetParams *p, const UNetConfig *c) {
     st_close(&PG);
 }
 
+/* The training plan at SD 1.5 shapes (512², batch 1): the GEGLU input g (8C per token) is
+ * recomputed in backward, so every block shares one scratch g and the acts stay under budget. */
+static void test_plan_sd15(void) {
+    UNetConfig c;
+    UNetSizes s, si;
+    ms_unet_config_sd15(&c);
+    if (!check(unet_sizes(&c, 1, 64, 64, 77, 1, &s) == MS_OK && unet_sizes(&c, 1, 64, 64, 77, 0, &si) == MS_OK,
+               "unet_sizes SD 1.5 512² (training, inference)"))
+        return;
+    printf("  SD 1.5 512² batch 1: training acts %.1f MiB + scratch %.1f MiB (inference %.1f + %.1f)\n",
+           s.acts_bytes / 1048576.0, s.scratch_bytes / 1048576.0, si.acts_bytes / 1048576.0, si.scratch_bytes / 1048576.0);
+    check(s.acts_bytes < (size_t)700 << 20, "SD 1.5 training acts under 700 MiB (g not kept: 1047 MiB when it was)");
+    /* tiny-sd: every block's g is the one recomputation buffer (training), sf0 (inference) */
+    Run r, ri;
+    if (!run_init(&r, GPC, 1, 8, 8, 77, 1) || !run_init(&ri, GPC, 1, 8, 8, 77, 0)) return;
+    int shared = r.a.sg != NULL && ri.a.sg == NULL, nb = ms_unet_cross_attn_layers(GPC);
+    for (int b = 0; b < nb; b++) shared &= r.a.blk[b].g == r.a.sg && ri.a.blk[b].g == ri.a.sf0;
+    check(shared, "GEGLU input: one shared buffer per mode (%d blocks)", nb);
+    run_free(&r); run_free(&ri);
+}
+
 int main(void) {
     char dir[1024];
     MsModel m;
@@ -480,6 +502,8 @@ int main(void) {
     test_gradcheck(&p, &m.unet_config);
     double t3 = ms_time();
     test_probe(&p, &m.unet_config);
+    GPC = &m.unet_config;
+    test_plan_sd15();
     printf("  time: load %.2f s, goldens %.2f s, gradcheck %.2f s, probe %.2f s\n", t1 - t0, t2 - t1, t3 - t2, ms_time() - t3);
     unet_params_free(&p);
     ms_model_free(&m);
