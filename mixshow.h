@@ -1082,6 +1082,14 @@ typedef struct {
     /* Regionally controllable sampling (Mix-of-Show RegionT2I_AttnProcessor), inference mode
      * only; NULL (unet_acts_init's value): plain cross-attention. See UNetRegions. */
     const struct UNetRegions *regions;
+    /* Gradient fusion's recorder (mixshow_fuse.c), inference or training; NULL (unet_acts_init's
+     * value): off. In every BasicTransformerBlock `block` (0.. in named_modules order) it is
+     * handed the input rows x (rows = N*h*w, C) of the attention Linears: which 0 = norm1
+     * output (attn1.to_q/to_k/to_v), 1 = attn1's attention output (attn1.to_out.0), 2 = norm2
+     * output (attn2.to_q), 3 = attn2's attention output (attn2.to_out.0). x is valid only
+     * during the call. */
+    void (*record)(void *ctx, int block, int which, const float *x, size_t rows, int C);
+    void *record_ctx;
 } UNetActs;
 
 /* Plans arena sizes for batch N, latent h x w, context length Tk; training 0 or 1. */
@@ -1397,6 +1405,13 @@ typedef struct {
     int te_iters, unet_iters;        /* lbfgs: 500, 50 */
     double rcond;                    /* gram cut-off (<= 0: MS_FUSE_RCOND) */
     int verbose;                     /* one line per layer on stderr */
+    /* spatial stage (ms_fuse_spatial) */
+    uint64_t seed;                   /* torch.manual_seed(seed) before the official draws */
+    int sp_size, sp_steps;           /* sampling size and steps (<= 0: 512, 20 as the official) */
+    /* called for every concept c and recorded input (block, which as UNetActs.record) with
+     * G_c = X_c^T X_c (C,C) of its rows; NULL: none (tests compare it with the official X) */
+    void (*on_gram)(void *ctx, int concept, int block, int which, const double *G, size_t rows, int C);
+    void *on_gram_ctx;
 } MsFuseOptions;
 typedef struct {
     char layer[MS_KEY_MAX];          /* state-dict key */
@@ -1412,6 +1427,12 @@ void ms_fuse_report_free(MsFuseReport *rep);
 /* Text encoder q/k/v/out_proj, then cross-attention to_k/to_v; fused weights are written into
  * m's f32 tables in place. up: UNetParams of m (module names). tok must hold the added tokens. */
 MsStatus ms_fuse_text_kv(MsModel *m, const UNetParams *up, const ClipTokenizer *tok, const MsFuseTokens *tk,
+                         const MsFuseConcept *cs, int n, const MsFuseOptions *o, MsFuseReport *rep);
+/* Step 6 after ms_fuse_text_kv (m holds the fused text encoder and K/V): every other attention
+ * Linear some concept's UNet LoRA touches, from the inputs recorded while sampling each concept
+ * (20 DPM-Solver++ steps at 512x512, no guidance, latents from the generator seeded with
+ * o->seed in the official order), streamed into Gram statistics (no row is kept). */
+MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *tok, const MsFuseTokens *tk,
                          const MsFuseConcept *cs, int n, const MsFuseOptions *o, MsFuseReport *rep);
 
 /* ==========================================================================================

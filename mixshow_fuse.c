@@ -605,3 +605,390 @@ done:
     arena_free(&ar);
     return s;
 }
+
+/* ==========================================================================================
+ * Step 6 (merge_spatial_attention): every other attention Linear of the UNet
+ * ==========================================================================================
+ * gradient_fusion.py samples each concept once: the prompt "photo of a {concept_name}" bound to
+ * the 16 layer tokens, encoded (padded to 77) by the FUSED text encoder, a UNet whose attention
+ * layers carry that concept's LoRA merged (attn2 to_k/to_v stay at their fused values: the
+ * stage's base state dict is taken after step 5), 20 DPM-Solver++ steps at 512x512, batch 1, no
+ * guidance, initial latents torch.randn((1, 4, 64, 64)) from the global generator. Forward hooks
+ * keep every input row of the hooked Linears at every step (20 * h*w rows per layer and concept:
+ * gigabytes at SD 1.5 sizes: the official memory problem).
+ *
+ * Here no row is kept. The recorder folds each call into G_c = X_c^T X_c of the current concept
+ * (double, one per distinct input: attn1's q, k and v share norm1's output). When concept c is
+ * done, every layer that reads that input takes, with D_c = W_c - W0 (the float32 merge minus W0,
+ * exactly the change the official targets V_c = X_c W_c^T carry):
+ *     B += D_c G_c,   e += <D_c G_c, D_c>,   G += G_c,   n += n_c.
+ * The objective in terms of D = W - W0 needs nothing else and keeps no cancellation of W0's size:
+ *     f(W) = (<D G, D> - 2 <D, B> + e) / (n d_out),
+ * the gram minimiser nearest to W0 is W = W0 + B G+, and the absolute statistics for L-BFGS's
+ * closure are C = W0 G + B, sum||V||^2 = <W0 G, W0> + 2 <W0, B> + e.
+ *
+ * The generator: the reference runs seed torch.manual_seed(S) after loading the pipeline; the
+ * official order then draws, for every concept word w = 1, 2, .. (merge_new_concepts_), an
+ * nn.Embedding(V0 + 16 w, D) whose init normal_ takes (V0 + 16 w) * D normals, then one
+ * torch.randn((1, 4, 64, 64)) per concept in order. We skip the first and draw the second. */
+#define FUSE_SP_STEPS 20
+
+typedef struct {
+    int C, need;
+    size_t n_cur, n;
+    double *Gc, *G;          /* (C,C): current concept (upper triangle while recording); sum */
+} FuseSpInput;
+typedef struct {
+    int blk, am, w;          /* transformer block, attention module (2 blk + 0|1), Linear (0..3) */
+    int input;               /* index into the inputs: 4 blk + which */
+    MsParam *W;
+    int d_out, d_in;
+    double *B, e;            /* sum_c D_c G_c (d_out,d_in); sum_c <D_c G_c, D_c> */
+} FuseSpLayer;
+
+/* G (upper triangle) += X^T X for rows of X (rows, d); rows in chunks that stay in cache, four
+ * at a time (products of floats are exact in double). Each G row belongs to one thread and sums
+ * in row order: the result does not depend on the thread count. */
+static void fuse_gram_add(double *G, const float *X, size_t rows, int d) {
+    const size_t CH = 128;
+    for (size_t r0 = 0; r0 < rows; r0 += CH) {
+        const size_t r1 = r0 + CH < rows ? r0 + CH : rows;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 4) if (d >= 64)
+#endif
+        for (int i = 0; i < d; i++) {
+            double *g = G + (size_t)i * d;
+            size_t r = r0;
+            for (; r + 4 <= r1; r += 4) {
+                const float *x0 = X + r * (size_t)d, *x1 = x0 + d, *x2 = x1 + d, *x3 = x2 + d;
+                const double a0 = x0[i], a1 = x1[i], a2 = x2[i], a3 = x3[i];
+                for (int j = i; j < d; j++)
+                    g[j] += (a0 * x0[j] + a1 * x1[j]) + (a2 * x2[j] + a3 * x3[j]);
+            }
+            for (; r < r1; r++) {
+                const float *x0 = X + r * (size_t)d;
+                const double a0 = x0[i];
+                for (int j = i; j < d; j++) g[j] += a0 * x0[j];
+            }
+        }
+    }
+}
+
+typedef struct { FuseSpInput *in; int n_in; } FuseSpRec;
+
+static void fuse_sp_record(void *ctx, int block, int which, const float *x, size_t rows, int C) {
+    FuseSpRec *r = (FuseSpRec *)ctx;
+    int k = 4 * block + which;
+    if (k < 0 || k >= r->n_in || !r->in[k].need || r->in[k].C != C) return;
+    fuse_gram_add(r->in[k].Gc, x, rows, C);
+    r->in[k].n_cur += rows;
+}
+
+/* f(W) from the delta statistics (D = W - W0 in double). */
+static double fuse_sp_objective(const FuseSpLayer *L, const FuseSpInput *in, const float *W0, const float *W) {
+    const int di = L->d_in;
+    double *d = (double *)malloc((size_t)di * sizeof(double)), f = L->e;
+    if (!d) return NAN;
+    for (int o = 0; o < L->d_out; o++) {
+        const float *w = W + (size_t)o * di, *w0 = W0 + (size_t)o * di;
+        const double *b = L->B + (size_t)o * di;
+        double dgd = 0.0, db = 0.0;
+        for (int i = 0; i < di; i++) d[i] = (double)w[i] - (double)w0[i];
+        for (int i = 0; i < di; i++) {
+            if (d[i] == 0.0) continue;
+            const double *g = in->G + (size_t)i * di;
+            double gd = 0.0;
+            for (int j = 0; j < di; j++) gd += g[j] * d[j];
+            dgd += d[i] * gd;
+            db += d[i] * b[i];
+        }
+        f += dgd - 2.0 * db;
+    }
+    free(d);
+    return in->n ? f / ((double)in->n * L->d_out) : 0.0;
+}
+
+/* Folds concept c's G_c into every layer reading input k (see above), then into G. */
+static MsStatus fuse_sp_fold(FuseSpInput *in, FuseSpLayer *ls, int nl, int k, const MsFuseConcept *c) {
+    const int d = in->C;
+    for (int i = 0; i < d; i++)
+        for (int j = 0; j < i; j++) in->Gc[(size_t)i * d + j] = in->Gc[(size_t)j * d + i];
+    for (int l = 0; l < nl; l++) {
+        FuseSpLayer *L = &ls[l];
+        if (L->input != k) continue;
+        int has = c->unet && c->unet_has && c->unet_has[4 * L->am + L->w];
+        if (!has) continue;
+        const size_t m = (size_t)L->d_out * d;
+        const UNetLoraLinear *ll = &c->unet->lin[4 * L->am + L->w];
+        MsFuseDelta dl = { c->unet->alpha, c->unet->rank, ll->down, ll->up };
+        float *Wc = (float *)malloc(m * sizeof(float));
+        double *D = (double *)malloc(m * sizeof(double)), *t = (double *)malloc((size_t)d * sizeof(double));
+        if (!Wc || !D || !t) { free(Wc); free(D); free(t); return ms_errorf(MS_ERR_NOMEM, "fuse: spatial statistics"); }
+        ms_fuse_merged_weight(Wc, L->W->f32, &dl, L->d_out, d);
+        for (size_t q = 0; q < m; q++) D[q] = (double)Wc[q] - (double)L->W->f32[q];
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (L->d_out >= 64)
+#endif
+        for (int o = 0; o < L->d_out; o++) {          /* B[o] += D[o] G_c; e += D[o] G_c D[o]^T */
+            const double *dr = D + (size_t)o * d;
+            double *b = L->B + (size_t)o * d;
+            for (int i = 0; i < d; i++) {
+                const double a = dr[i];
+                if (a == 0.0) continue;
+                const double *g = in->Gc + (size_t)i * d;
+                for (int j = 0; j < d; j++) b[j] += a * g[j];
+            }
+        }
+        double e = 0.0;                                /* in row order, independent of threads */
+        for (int o = 0; o < L->d_out; o++) {
+            const double *dr = D + (size_t)o * d;
+            for (int j = 0; j < d; j++) {
+                const double *g = in->Gc + (size_t)j * d;
+                double acc = 0.0;
+                for (int i = 0; i < d; i++) acc += g[i] * dr[i];
+                t[j] = acc;
+            }
+            for (int j = 0; j < d; j++) e += t[j] * dr[j];
+        }
+        L->e += e;
+        free(Wc); free(D); free(t);
+    }
+    const size_t dd = (size_t)d * d;
+    for (size_t q = 0; q < dd; q++) { in->G[q] += in->Gc[q]; in->Gc[q] = 0.0; }
+    in->n += in->n_cur;
+    in->n_cur = 0;
+    return MS_OK;
+}
+
+static void fuse_eta(const char *stage, int done, int total, double t0, const char *what) {
+    double el = ms_time() - t0, eta = done > 0 ? el / done * (total - done) : 0.0;
+    fprintf(stderr, "\r  [%s] %d/%d %-48.48s %6.1f s elapsed, ETA %6.1f s ", stage, done, total, what, el, eta);
+    if (done == total) fputc('\n', stderr);
+    fflush(stderr);
+}
+
+MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *tok, const MsFuseTokens *tk,
+                         const MsFuseConcept *cs, int n, const MsFuseOptions *o, MsFuseReport *rep) {
+    const UNetConfig *uc = &m->unet_config;
+    const ClipTextConfig *tc = &m->text_config;
+    const int NB = up->n_blk, NL = ms_unet_cross_attn_layers(uc), D = tc->hidden_size, T = 77;
+    const int size = o->sp_size > 0 ? o->sp_size : 512, steps = o->sp_steps > 0 ? o->sp_steps : FUSE_SP_STEPS;
+    const int h = size / 8, w = size / 8, Lc = uc->in_channels;      /* the official: height // 8 */
+    const size_t nl = (size_t)Lc * h * w;
+    FuseSpInput *in = NULL;
+    FuseSpLayer *ls = NULL;
+    int n_layers = 0;
+    MsStatus s = MS_OK;
+    double t_start = ms_time();
+    if (tk->n_layers != NL || NB != NL) return ms_errorf(MS_ERR_ARG, "fuse: %d token variants, %d blocks, %d cross-attention layers", tk->n_layers, NB, NL);
+    if (size % 8 || size < 8) return ms_errorf(MS_ERR_ARG, "fuse: spatial sampling size %d (a multiple of 8)", size);
+    /* the layers: every attention Linear but attn2 to_k/to_v that some concept's LoRA touches */
+    in = (FuseSpInput *)calloc((size_t)4 * NB, sizeof *in);
+    ls = (FuseSpLayer *)calloc((size_t)6 * NB, sizeof *ls);
+    if (!in || !ls) { free(in); free(ls); return ms_errorf(MS_ERR_NOMEM, "fuse: out of memory"); }
+    for (int b = 0; b < NB && !s; b++)
+        for (int am = 2 * b; am <= 2 * b + 1 && !s; am++)
+            for (int wi = 0; wi < 4 && !s; wi++) {
+                if ((am & 1) && (wi == 1 || wi == 2)) continue;     /* cross K/V: step 5 */
+                int touched = 0;
+                for (int c = 0; c < n; c++) touched |= cs[c].unet && cs[c].unet_has && cs[c].unet_has[4 * am + wi];
+                if (!touched) continue;
+                FuseSpLayer *L = &ls[n_layers++];
+                char name[MS_KEY_MAX], key[MS_KEY_MAX + 8];
+                unet_lora_module_name(up, am, wi, name, sizeof name);
+                snprintf(key, sizeof key, "%s.weight", name);
+                int pi = ms_param_find(&m->unet, key);
+                if (pi < 0 || !m->unet.p[pi].f32 || m->unet.p[pi].ndim != 2) { s = ms_errorf(MS_ERR_ARG, "fuse: the UNet has no f32 matrix %s", key); break; }
+                L->blk = b; L->am = am; L->w = wi; L->W = &m->unet.p[pi];
+                L->input = 4 * b + ((am & 1) ? 2 : 0) + (wi == 3);
+                L->d_out = (int)L->W->shape[0]; L->d_in = (int)L->W->shape[1];
+                FuseSpInput *x = &in[L->input];
+                if (!x->need) {
+                    x->need = 1; x->C = L->d_in;
+                    x->Gc = (double *)calloc((size_t)x->C * x->C, sizeof(double));
+                    x->G = (double *)calloc((size_t)x->C * x->C, sizeof(double));
+                    if (!x->Gc || !x->G) { s = ms_errorf(MS_ERR_NOMEM, "fuse: statistics of %s", key); break; }
+                } else if (x->C != L->d_in) { s = ms_errorf(MS_ERR_SHAPE, "fuse: %s has %d inputs, expected %d", key, L->d_in, x->C); break; }
+                L->B = (double *)calloc((size_t)L->d_out * L->d_in, sizeof(double));
+                if (!L->B) { s = ms_errorf(MS_ERR_NOMEM, "fuse: statistics of %s", key); break; }
+            }
+    if (!s && n_layers == 0) goto done;
+    for (int c = 0; c < n && !s; c++)
+        if (!cs[c].unet) s = ms_errorf(MS_ERR_ARG, "fuse: concept %d (%s) has no UNet LoRA; the spatial stage samples every concept with its own", c, cs[c].name);
+    if (s) goto done;
+
+    /* ---- sampling with the hooks, concept by concept ---- */
+    {
+        MsScheduler *sch = (MsScheduler *)malloc(sizeof *sch);
+        MsTorchRng *rng = (MsTorchRng *)malloc(sizeof *rng);
+        ClipTextParams tp;
+        Arena ar = { 0 }, acts = { 0 };
+        UNetActs ua;
+        int ua_ok = 0;
+        float *lat = (float *)ms_alloc_aligned(nl, sizeof(float)), *xin = (float *)ms_alloc_aligned(nl, sizeof(float));
+        float *eps = (float *)ms_alloc_aligned(nl, sizeof(float)), *work = (float *)ms_alloc_aligned(nl, sizeof(float));
+        float *ctx = (float *)ms_alloc_aligned((size_t)NL * T * D, sizeof(float));
+        const float **lctx = (const float **)malloc((size_t)NL * sizeof *lctx);
+        UNetLoraLinear *lin = (UNetLoraLinear *)malloc((size_t)8 * NB * sizeof *lin);
+        float *zero_up = NULL;
+        FuseSpRec rec = { in, 4 * NB };
+        if (!sch || !rng || !lat || !xin || !eps || !work || !ctx || !lctx || !lin) s = ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
+        if (!s) s = ms_scheduler_init(sch, MS_SCHED_DPMSOLVER, &m->scheduler_config, MS_TORCH_CPU_AVX2);
+        if (!s) s = clip_text_params(&tp, &m->text, tc);
+        if (!s) {
+            UNetSizes us;
+            s = unet_sizes(uc, 1, h, w, T, 0, &us);
+            size_t need = clip_text_sizes(tc, 1, T, 0, 0);
+            if (!s && us.scratch_bytes > need) need = us.scratch_bytes;
+            if (!s) s = arena_init(&ar, need);
+            if (!s) s = arena_init(&acts, us.acts_bytes);
+        }
+        /* the official order of draws: the resized embeddings, then one randn per concept */
+        if (!s) {
+            ms_torch_seed(rng, o->seed);
+            for (int wd = 1; wd <= tk->n_bind; wd++)
+                ms_torch_randn_skip(rng, ((size_t)tc->vocab_size + (size_t)tk->n_layers * wd) * D);
+        }
+        double t0 = ms_time();
+        for (int c = 0; c < n && !s; c++) {
+            /* the prompt bound for every layer, encoded by the fused text encoder */
+            char base[1200];
+            snprintf(base, sizeof base, FUSE_TEMPLATE "%s", cs[c].name);
+            for (int i = 0; i < NL && !s; i++) {
+                char *p = fuse_bind(base, tk, i);
+                int32_t ids[77];
+                ClipTextActs a;
+                if (!p) { s = ms_errorf(MS_ERR_NOMEM, "fuse: prompt"); break; }
+                s = clip_tokenize(tok, p, strlen(p), ids, T);
+                free(p);
+                arena_reset(&ar, 0);
+                if (!s) s = clip_text_acts_alloc(&a, &ar, tc, 1, T, 0, 0);
+                if (!s) s = clip_text_forward(&a, &tp, NULL, ids, tk->new_emb, tk->n_new, tc);
+                if (!s) memcpy(ctx + (size_t)i * T * D, a.out, (size_t)T * D * sizeof(float));
+                lctx[i] = ctx + (size_t)i * T * D;
+            }
+            arena_reset(&ar, 0);
+            /* this concept's LoRA on the spatial layers only (cross K/V are fused already) */
+            UNetLora lora = *cs[c].unet;
+            if (!s && !zero_up) {
+                size_t mx = 0;
+                for (int b = 0; b < NB; b++) for (int k = 1; k <= 2; k++) {
+                    size_t q = (size_t)cs[c].unet->lin[4 * (2 * b + 1) + k].out * cs[c].unet->rank;
+                    if (q > mx) mx = q;
+                }
+                zero_up = (float *)calloc(mx ? mx : 1, sizeof(float));
+                if (!zero_up) s = ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
+            }
+            if (s) break;
+            if (lora.rank <= 0 || lora.n_attn != 2 * NB) { s = ms_errorf(MS_ERR_SHAPE, "fuse: %s: UNet LoRA of %d modules, rank %d", cs[c].name, lora.n_attn, lora.rank); break; }
+            memcpy(lin, cs[c].unet->lin, (size_t)8 * NB * sizeof *lin);
+            for (int b = 0; b < NB; b++) for (int k = 1; k <= 2; k++) lin[4 * (2 * b + 1) + k].up = zero_up;
+            for (int am = 0; am < 2 * NB; am++)      /* modules the file lacks add nothing */
+                for (int k = 0; k < 4; k++)
+                    if (!cs[c].unet_has || !cs[c].unet_has[4 * am + k]) lin[4 * am + k].up = zero_up;
+            lora.lin = lin;
+            /* the latents and the loop */
+            ms_torch_randn(rng, lat, nl, MS_TORCH_CPU_AVX2);
+            if (!s) s = ms_scheduler_set_timesteps(sch, steps);
+            if (s) break;
+            for (size_t k = 0; k < nl; k++) lat[k] = lat[k] * sch->init_noise_sigma;
+            if (!ua_ok) { s = unet_acts_init(&ua, uc, 1, h, w, T, 0, &acts, &ar); ua_ok = !s; }
+            ua.record = fuse_sp_record;
+            ua.record_ctx = &rec;
+            for (int i = 0; i < sch->num_steps && !s; i++) {
+                float t = (float)sch->timesteps[i];
+                ms_scheduler_scale_model_input(sch, i, xin, lat, nl);
+                s = unet_forward(eps, &ua, xin, &t, NULL, (const float *const *)lctx, NULL, up, &lora);
+                if (!s) s = ms_scheduler_step(sch, i, eps, lat, work, nl, NULL);
+                if (o->verbose) {
+                    char what[64];
+                    snprintf(what, sizeof what, "concept %d/%d step %d/%d", c + 1, n, i + 1, sch->num_steps);
+                    fuse_eta("sp", c * sch->num_steps + i + 1, n * sch->num_steps, t0, what);
+                }
+            }
+            for (int k = 0; k < 4 * NB && !s; k++) {
+                if (!in[k].need) continue;
+                if (o->on_gram) {
+                    for (int i = 0; i < in[k].C; i++)
+                        for (int j = 0; j < i; j++) in[k].Gc[(size_t)i * in[k].C + j] = in[k].Gc[(size_t)j * in[k].C + i];
+                    o->on_gram(o->on_gram_ctx, c, k / 4, k % 4, in[k].Gc, in[k].n_cur, in[k].C);
+                }
+                s = fuse_sp_fold(&in[k], ls, n_layers, k, &cs[c]);
+            }
+        }
+        if (ua_ok) unet_acts_free(&ua);
+        arena_free(&ar); arena_free(&acts);
+        ms_free_aligned(lat); ms_free_aligned(xin); ms_free_aligned(eps); ms_free_aligned(work); ms_free_aligned(ctx);
+        free(lctx); free(lin); free(zero_up); free(sch); free(rng);
+    }
+
+    /* ---- solve every layer ---- */
+    double t1 = ms_time();
+    for (int l = 0; l < n_layers && !s; l++) {
+        FuseSpLayer *L = &ls[l];
+        FuseSpInput *x = &in[L->input];
+        const size_t m = (size_t)L->d_out * L->d_in;
+        const float *W0 = L->W->f32;
+        float *W = (float *)malloc(m * sizeof(float)), *Ww = (float *)malloc(m * sizeof(float));
+        double *trace = NULL, lt0 = ms_time();
+        int rank = 0, n_trace = 0;
+        MsFuseDelta d[64];
+        if (!W || !Ww) s = ms_errorf(MS_ERR_NOMEM, "fuse: %s", L->W->name);
+        if (n > 64) s = ms_errorf(MS_ERR_ARG, "fuse: at most 64 concepts");
+        for (int c = 0; c < n && !s; c++) {
+            int has = cs[c].unet && cs[c].unet_has && cs[c].unet_has[4 * L->am + L->w];
+            const UNetLoraLinear *ll = has ? &cs[c].unet->lin[4 * L->am + L->w] : NULL;
+            d[c].alpha = has ? cs[c].unet->alpha : 0.0f;
+            d[c].rank = has ? cs[c].unet->rank : 0;
+            d[c].down = ll ? ll->down : NULL;
+            d[c].up = ll ? ll->up : NULL;
+        }
+        if (!s) s = ms_fuse_weight(Ww, W0, d, n, L->d_out, L->d_in);
+        if (!s && o->method == MS_FUSE_WEIGHT) memcpy(W, Ww, m * sizeof(float));
+        else if (!s && o->method == MS_FUSE_GRAM) {
+            MsFuseStats S = { L->d_in, L->d_out, x->n, x->G, L->B, L->e };
+            float *Z = (float *)calloc(m, sizeof(float));
+            if (!Z) s = ms_errorf(MS_ERR_NOMEM, "fuse: %s", L->W->name);
+            if (!s) s = ms_fuse_solve_gram(&S, Z, W, o->rcond, &rank);     /* W = B G+ = the change */
+            for (size_t q = 0; q < m && !s; q++) W[q] = W0[q] + W[q];
+            free(Z);
+        } else if (!s) {
+            const int di = L->d_in;
+            double *Cabs = (double *)malloc(m * sizeof(double)), vv = L->e;
+            int cap = o->unet_iters * 5 / 4 + 64;
+            trace = (double *)malloc((size_t)cap * sizeof(double));
+            if (!Cabs || !trace) s = ms_errorf(MS_ERR_NOMEM, "fuse: %s", L->W->name);
+            for (int oo = 0; oo < L->d_out && !s; oo++) {
+                const float *w0 = W0 + (size_t)oo * di;
+                for (int j = 0; j < di; j++) {
+                    double acc = 0.0;
+                    for (int i = 0; i < di; i++) acc += (double)w0[i] * x->G[(size_t)i * di + j];
+                    Cabs[(size_t)oo * di + j] = acc + L->B[(size_t)oo * di + j];
+                    vv += acc * w0[j] + 2.0 * (double)w0[j] * L->B[(size_t)oo * di + j];
+                }
+            }
+            if (!s) {
+                MsFuseStats S = { di, L->d_out, x->n, x->G, Cabs, vv };
+                MsLbfgsResult res;
+                s = ms_fuse_solve_lbfgs(&S, W0, W, o->unet_iters, trace, cap, &res);
+                n_trace = res.n_evals < cap ? res.n_evals : cap;
+            }
+            free(Cabs);
+        }
+        if (!s) {
+            double f0 = fuse_sp_objective(L, x, W0, W0), fw = fuse_sp_objective(L, x, W0, Ww), ff = fuse_sp_objective(L, x, W0, W);
+            char key[MS_KEY_MAX];
+            snprintf(key, sizeof key, "%s", L->W->name);
+            memcpy(L->W->f32, W, m * sizeof(float));
+            s = report_add(rep, key, "sp", x->n, f0, fw, ff, rank, trace, n_trace, ms_time() - lt0);
+            if (o->verbose) fuse_eta("sp", l + 1, n_layers, t1, key);
+        }
+        free(W); free(Ww); free(trace);
+    }
+done:
+    if (rep) rep->seconds[2] = ms_time() - t_start;
+    for (int k = 0; in && k < 4 * NB; k++) { free(in[k].Gc); free(in[k].G); }
+    for (int l = 0; ls && l < 6 * NB; l++) free(ls[l].B);
+    free(in); free(ls);
+    return s;
+}

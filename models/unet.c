@@ -643,11 +643,15 @@ static void unet_block_forward(UNetBlockActs *a, const float *x, const float *ct
     const size_t n = (size_t)M * C;
     float *nrm = S->st[0];
     layernorm_forward(nrm, a->mean[0], a->rstd[0], x, WT(p, norm1_w, 1), WT(p, norm1_b, 2), M, C, UNET_LN_EPS);
+    if (S->record) S->record(S->record_ctx, layer, 0, nrm, (size_t)M, C);   /* gradient fusion's hooks */
     unet_attention_forward(a->h1, &a->a1, nrm, nrm, &p->attn1, lora, alpha, rank, S->su, N, T, T, C, C, heads);
+    if (S->record) S->record(S->record_ctx, layer, 1, a->a1.o, (size_t)M, C);
     add_forward(a->h1, a->h1, x, n);                       /* attn_output + hidden_states */
     layernorm_forward(nrm, a->mean[1], a->rstd[1], a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), M, C, UNET_LN_EPS);
+    if (S->record) S->record(S->record_ctx, layer, 2, nrm, (size_t)M, C);
     unet_cross_attention(a->h2, &a->a2, nrm, ctx, &p->attn2, lora ? lora + 4 : NULL, alpha, rank, S->su,
                          N, h, w, Tk, C, D, heads, layer, S->regions);
+    if (S->record) S->record(S->record_ctx, layer, 3, a->a2.o, (size_t)M, C);
     if (S->probe_ncol > 0 && S->probe && S->probe[layer])  /* the softmax at the probed keys (training) */
         attention_probs_cols_forward(S->probe[layer], a->a2.q, a->a2.k, a->a2.lse, S->probe_cols, N, T, Tk, heads,
                                      C / heads, S->probe_ncol, (float)(1.0 / sqrt((double)(C / heads))));

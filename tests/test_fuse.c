@@ -139,7 +139,8 @@ static void rm_folder(const char *d) {
 
 static int run_fuse(const char *method, const char *cfg, const char *out, const char *report) {
     char *argv[] = { "fuse", "--model", "models/tiny-sd", "--concepts", (char *)cfg, "--out", (char *)out,
-                     "--method", (char *)method, "--report", (char *)report, "--textenc-iters", "100" };
+                     "--method", (char *)method, "--report", (char *)report, "--textenc-iters", "100",
+                     "--spatial-size", "16", "--spatial-steps", "4" };   /* spatial stage: a quick run */
     rm_folder(out);
     return cmd_fuse((int)(sizeof argv / sizeof argv[0]), argv);
 }
@@ -158,7 +159,7 @@ static void test_end_to_end(void) {
     if (rep[0] && rep[1] && rep[2]) {
         const JsonValue *L[3] = { json_get(rep[0], "layers"), json_get(rep[1], "layers"), json_get(rep[2], "layers") };
         size_t n = json_len(L[0]);
-        int n_te = 0, n_kv = 0, bad_te = 0, bad_kv = 0, bad_w = 0, bad_trace = 0;
+        int n_te = 0, n_kv = 0, bad_te = 0, bad_kv = 0, bad_w = 0, bad_trace = 0, n_sp = 0, bad_sp = 0;
         double worst_kv = 0;
         for (size_t i = 0; i < n; i++) {
             const JsonValue *g = json_at(L[0], i), *l = json_at(L[1], i), *w = json_at(L[2], i);
@@ -171,6 +172,9 @@ static void test_end_to_end(void) {
                 n_te++;
                 bad_te += !(gf <= lf * (1 + 1e-9) + 1e-15 * g0);
                 bad_w += !(gf <= gw) || !(fabs(wf - gw) <= 1e-12 * gw);
+            } else if (!strcmp(st, "sp")) {   /* gram minimises its own statistics */
+                n_sp++;
+                bad_sp += !(gf <= gw * (1 + 1e-9)) || !(gf <= g0 * (1 + 1e-9));
             } else if (!strcmp(st, "kv")) {   /* underdetermined: exact interpolation */
                 n_kv++;
                 worst_kv = fmax(worst_kv, gf / g0);
@@ -182,6 +186,8 @@ static void test_end_to_end(void) {
         check(bad_te == 0 && bad_w == 0, "fuse: text encoder, gram <= lbfgs and <= weight on every layer (%d, %d bad)", bad_te, bad_w);
         check(bad_kv == 0, "fuse: K/V gram reaches f/f(W0) <= 1e-10 on every layer (worst %.2e)", worst_kv);
         check(bad_trace == 0, "fuse: lbfgs reports a loss trace per layer");
+        check(n_sp == 96 && bad_sp == 0, "fuse: %d spatial layers reported (want 96), gram f <= f(W0) and <= weight on each (%d bad)",
+              n_sp, bad_sp);
     }
     /* the folder loads, with the stacked embeddings */
     MsModel m;

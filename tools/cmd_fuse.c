@@ -7,9 +7,10 @@
  * Order of work (all input errors come before any of it): read the JSON and every LoRA file, check
  * ranks and shapes against the base model, stack the embeddings into one tokenizer (<new0>..,
  * 16 per word, words remapped on collision), then fuse (mixshow_fuse.c) and write DIR.tmp,
- * renamed to DIR when complete. Stages done: text encoder q/k/v/out_proj and cross-attention
- * to_k/to_v. The spatial stage (UNet self-attention and attn2 to_q/to_out, recorded during
- * 20-step DPM-Solver sampling) is not done yet: those layers keep W0 + nothing (see report). */
+ * renamed to DIR when complete. Stages: text encoder q/k/v/out_proj, cross-attention to_k/to_v,
+ * then the spatial stage (attn1 q/k/v/out, attn2 q/out, from inputs recorded during each
+ * concept's 20-step DPM-Solver sampling at 512x512; --spatial-size/--spatial-steps change that
+ * for quick runs, --no-spatial leaves those layers at W0). */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L         /* mkdir, getrusage */
 #endif
@@ -274,43 +275,127 @@ static MsStatus write_report(const char *path, const MsFuseReport *r, MsFuseMeth
     return MS_OK;
 }
 
+/* --dump-grams FILE: every concept's G_c = X_c^T X_c of every recorded spatial input, under the
+ * official hooked module's name (sp.<c>.<module>.G float32, .rows int64), as
+ * tools/ref/gen_fuse_official.py writes the official ones. */
+typedef struct {
+    const UNetParams *up;
+    StEntry *e;
+    char (*names)[MS_KEY_MAX + 64];
+    float **g;
+    int64_t *rows;
+    size_t n, cap;
+    int failed;
+} GramDump;
+
+static void dump_gram(void *ctx, int c, int block, int which, const double *G, size_t rows, int C) {
+    static const char *const mod[4] = { "attn1.to_q", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0" };
+    GramDump *d = (GramDump *)ctx;
+    if (d->failed) return;
+    if (d->n + 6 > d->cap) {                  /* room for 3 modules x (G, rows) */
+        size_t cap = d->cap ? 2 * d->cap : 256;
+        StEntry *e = (StEntry *)realloc(d->e, cap * sizeof *e);
+        if (e) d->e = e;
+        char (*nm)[MS_KEY_MAX + 64] = realloc(d->names, cap * sizeof *nm);
+        if (nm) d->names = nm;
+        float **g = (float **)realloc(d->g, cap * sizeof *g);
+        if (g) d->g = g;
+        int64_t *r = (int64_t *)realloc(d->rows, cap * sizeof *r);
+        if (r) d->rows = r;
+        if (!e || !nm || !g || !r) { d->failed = 1; return; }
+        d->cap = cap;
+    }
+    const int copies = which == 0 ? 3 : 1;    /* attn1 q, k, v share norm1's output */
+    for (int k = 0; k < copies; k++) {
+        char m[16];
+        snprintf(m, sizeof m, "%.15s", mod[which]);
+        if (which == 0) m[9] = "qkv"[k];
+        float *g = (float *)malloc((size_t)C * C * sizeof(float));
+        if (!g) { d->failed = 1; return; }
+        for (size_t q = 0; q < (size_t)C * C; q++) g[q] = (float)G[q];
+        StEntry *e = &d->e[d->n];
+        memset(e, 0, 2 * sizeof *e);
+        snprintf(d->names[d->n], sizeof d->names[0], "sp.%d.%s.%s.G", c, d->up->blk[block].name, m);
+        e[0].name = d->names[d->n]; e[0].dtype = ST_F32; e[0].ndim = 2; e[0].shape[0] = e[0].shape[1] = C; e[0].f32 = g;
+        d->g[d->n] = g;
+        d->rows[d->n + 1] = (int64_t)rows;
+        snprintf(d->names[d->n + 1], sizeof d->names[0], "sp.%d.%s.%s.rows", c, d->up->blk[block].name, m);
+        e[1].name = d->names[d->n + 1]; e[1].dtype = ST_I64; e[1].ndim = 1; e[1].shape[0] = 1;
+        d->g[d->n + 1] = NULL;
+        d->n += 2;
+    }
+}
+
+static MsStatus dump_grams_write(GramDump *d, const char *path) {
+    MsStatus s = MS_OK;
+    if (d->failed) s = ms_errorf(MS_ERR_NOMEM, "%s: out of memory", path);
+    for (size_t k = 0; k < d->n && !s; k++) {      /* the arrays moved while growing: point now */
+        d->e[k].name = d->names[k];
+        if (d->e[k].dtype == ST_I64) d->e[k].raw = &d->rows[k];
+    }
+    if (!s) s = st_write(path, d->e, d->n, NULL, 0);
+    for (size_t k = 0; k < d->n; k++) free(d->g[k]);
+    free(d->e); free(d->names); free(d->g); free(d->rows);
+    memset(d, 0, sizeof *d);
+    return s;
+}
+
 static void usage(void) {
     fprintf(stderr,
             "usage: mixshow fuse --model BASE --concepts CFG.json --out DIR [--method gram|lbfgs|weight]\n"
-            "                    [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-v]\n\n"
+            "                    [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-v]\n"
+            "                    [--spatial-size 512] [--spatial-steps 20] [--no-spatial] [--dump-grams FILE]\n\n"
             "Gradient fusion (Mix-of-Show gradient_fusion.py) of the ED-LoRAs in CFG.json (the official\n"
             "multi-concept JSON: lora_path, unet_alpha, text_encoder_alpha, concept_name) into BASE (a\n"
             "diffusers folder). DIR gets the fused diffusers folder, tokenizer/added_tokens.json and\n"
             "new_concept_cfg.json. Methods: gram (default: exact least squares nearest to W0), lbfgs\n"
             "(the official optimizer), weight (W0 + sum alpha dW). Stages: text encoder and\n"
-            "cross-attention K/V (the spatial stage is not implemented yet).\n");
+            "cross-attention K/V, spatial attention (sampling each concept: --seed S draws its latents\n"
+            "as the official script after torch.manual_seed(S)).\n");
 }
 
 int cmd_fuse(int argc, char **argv) {
-    const char *model = NULL, *cfg = NULL, *out = NULL, *report = NULL;
-    MsFuseOptions o = { MS_FUSE_GRAM, 500, 50, 0.0, 0 };
+    const char *model = NULL, *cfg = NULL, *out = NULL, *report = NULL, *dump = NULL, *te_kv_from = NULL;
+    GramDump gd;
+    MsFuseOptions o;
+    memset(&o, 0, sizeof o);
+    o.method = MS_FUSE_GRAM;
+    o.te_iters = 500;
+    o.unet_iters = 50;
     static Concept cs[MAXC];
-    int n = 0, rc = 1;
+    int n = 0, rc = 1, no_spatial = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(); return 0; }
         if (!strcmp(a, "-v")) { o.verbose = 1; continue; }
+        if (!strcmp(a, "--no-spatial")) { no_spatial = 1; continue; }
         if (!v) { fprintf(stderr, "mixshow fuse: %s needs a value\n", a); return 2; }
         i++;
         if (!strcmp(a, "--model")) model = v;
         else if (!strcmp(a, "--concepts")) cfg = v;
         else if (!strcmp(a, "--out")) out = v;
         else if (!strcmp(a, "--report")) report = v;
+        else if (!strcmp(a, "--dump-grams")) dump = v;
+        else if (!strcmp(a, "--te-kv-from")) te_kv_from = v;
         else if (!strcmp(a, "--method")) {
             if (!strcmp(v, "gram")) o.method = MS_FUSE_GRAM;
             else if (!strcmp(v, "lbfgs")) o.method = MS_FUSE_LBFGS;
             else if (!strcmp(v, "weight")) o.method = MS_FUSE_WEIGHT;
             else { fprintf(stderr, "mixshow fuse: --method %s: expected gram, lbfgs or weight\n", v); return 2; }
-        } else if (!strcmp(a, "--textenc-iters") || !strcmp(a, "--unet-iters") || !strcmp(a, "--seed")) {
+        } else if (!strcmp(a, "--seed")) {
+            char *end;
+            unsigned long long x = strtoull(v, &end, 10);
+            if (*end || v[0] == '-' || !v[0]) { fprintf(stderr, "mixshow fuse: --seed %s: expected a non-negative integer\n", v); return 2; }
+            o.seed = (uint64_t)x;
+        } else if (!strcmp(a, "--textenc-iters") || !strcmp(a, "--unet-iters") || !strcmp(a, "--spatial-size") ||
+                   !strcmp(a, "--spatial-steps")) {
             char *end;
             long x = strtol(v, &end, 10);
             if (*end || x < 0 || x > 1000000) { fprintf(stderr, "mixshow fuse: %s %s: expected a count\n", a, v); return 2; }
-            if (a[2] == 't') o.te_iters = (int)x; else if (a[2] == 'u') o.unet_iters = (int)x;
+            if (a[2] == 't') o.te_iters = (int)x;
+            else if (a[2] == 'u') o.unet_iters = (int)x;
+            else if (!strcmp(a, "--spatial-size")) o.sp_size = (int)x;
+            else o.sp_steps = (int)x;
         } else { fprintf(stderr, "mixshow fuse: unknown option %s\n", a); usage(); return 2; }
     }
     if (!model || !cfg || !out) { usage(); return 2; }
@@ -449,6 +534,28 @@ int cmd_fuse(int argc, char **argv) {
         }
         fprintf(stderr, "mixshow fuse: %d concepts, %d words, method %s\n", n, n_words, ms_fuse_method_name(o.method));
         s = ms_fuse_text_kv(&m, &up, &tok, &tk, fc, n, &o, &rep);
+        memset(&gd, 0, sizeof gd);
+        gd.up = &up;
+        if (dump) { o.on_gram = dump_gram; o.on_gram_ctx = &gd; }
+        if (!s && te_kv_from) {  /* the text-encoder and K/V results of another run (<key>.best_W) */
+            StFile f;
+            s = st_open(&f, te_kv_from);
+            int opened = !s;
+            for (int t = 0; t < 2 && !s; t++) {
+                MsParamTable *tb = t ? &m.unet : &m.text;
+                for (int i = 0; i < tb->n && !s; i++) {
+                    char key[MS_KEY_MAX + 16];
+                    snprintf(key, sizeof key, "%s.best_W", tb->p[i].name);
+                    const StTensor *x = st_find(&f, key);
+                    if (!x || (t && !strstr(key, "attn2.to_k.") && !strstr(key, "attn2.to_v."))) continue;
+                    if (!tb->p[i].f32 || x->numel != tb->p[i].numel) { s = ms_errorf(MS_ERR_SHAPE, "%s: %s does not fit", te_kv_from, key); break; }
+                    s = st_to_f32(&f, x, tb->p[i].f32, tb->p[i].numel);
+                }
+            }
+            if (opened) st_close(&f);
+        }
+        if (!s && !no_spatial) s = ms_fuse_spatial(&m, &up, &tok, &tk, fc, n, &o, &rep);
+        if (dump) { MsStatus s2 = dump_grams_write(&gd, dump); if (!s) s = s2; }
     }
     if (!s) s = write_folder(model, out, &m, &tok, new_emb, n_words * T, ncfg);
     double total = ms_time() - t_start;
