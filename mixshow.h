@@ -244,6 +244,10 @@ void ops_scratch_free(void);
 /* Caps that scratch (bytes per thread; 0 = no cap, the default). Above the cap attention runs a
  * streaming row-at-a-time path that needs no scratch (slower, same results to rounding). */
 void ops_scratch_limit(size_t max_bytes_per_thread);
+/* y = e^x, elementwise, with the exp of the attention kernels at the current SIMD level
+ * (Cody-Waite reduction + degree-6 polynomial, error < 1.5 ulp on [-87.3, 88]; 0 below
+ * -87.33654, e^88 above 88). Scalar twin: the same definition without FMA. */
+void ms_expf_vec(float *y, const float *x, size_t n);
 
 /* Attention probabilities at chosen key columns (Mix-of-Show's attention regularisation reads
  * the attn2 maps at the concept tokens), rebuilt from q, k (layout as attention_forward) and

@@ -13,7 +13,7 @@
 #include <string.h>
 #include <time.h>
 
-typedef struct { int runs; double peak[2]; int threads[2]; } Bench;
+typedef struct { int runs; double peak[2]; int threads[2]; int attention_only; } Bench;
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -22,11 +22,13 @@ static int cmp_double(const void *a, const void *b) {
 
 /* The kernels a bench case runs: one function per kind, arguments in a small struct. */
 typedef struct {
-    int kind;                             /* 0 gemm, 1 conv, 2 conv explicit im2col, 3 attention */
+    int kind;                             /* 0 gemm, 1 conv, 2 conv explicit im2col, 3 attention,
+                                             4 attention backward */
     int M, N, K;                          /* gemm */
     int C, Co, H, W;                      /* conv 3x3 stride 1 pad 1, N = 1 */
-    int BH, T, Dh;                        /* attention */
+    int BH, T, Tk, Dh;                    /* attention: BH heads, T queries, Tk keys */
     float *a, *b, *c, *d, *e;
+    float *lse, *dout, *dq, *dk, *dv;     /* attention backward */
 } Case;
 
 static void run_case(const Case *c) {
@@ -34,7 +36,9 @@ static void run_case(const Case *c) {
     case 0: ms_gemm(0, 1, c->M, c->N, c->K, 1.0f, c->a, c->K, c->b, c->K, 0.0f, c->c, c->N); break;
     case 1: conv2d_forward(c->c, c->a, c->b, c->d, 1, c->C, c->Co, c->H, c->W, 3, 1, 1); break;
     case 2: ms_bench_conv2d_explicit(c->c, c->e, c->a, c->b, 1, c->C, c->Co, c->H, c->W, 3, 1, 1); break;
-    case 3: attention_forward(c->c, NULL, c->a, c->b, c->d, 1, c->T, c->T, c->BH, c->Dh, 0, 1.0f / sqrtf((float)c->Dh)); break;
+    case 3: attention_forward(c->c, NULL, c->a, c->b, c->d, 1, c->T, c->Tk, c->BH, c->Dh, 0, 1.0f / sqrtf((float)c->Dh)); break;
+    case 4: attention_backward(c->dq, c->dk, c->dv, c->dout, c->a, c->b, c->d, c->c, c->lse, 1, c->T, c->Tk, c->BH,
+                               c->Dh, 0, 1.0f / sqrtf((float)c->Dh)); break;
     }
 }
 
@@ -42,7 +46,8 @@ static double case_flops(const Case *c) {
     switch (c->kind) {
     case 0: return 2.0 * c->M * c->N * c->K;
     case 1: case 2: return 2.0 * c->Co * c->C * 9.0 * c->H * c->W;
-    default: return 4.0 * c->BH * (double)c->T * c->T * c->Dh;   /* q k^T and p v */
+    case 3: return 4.0 * c->BH * (double)c->T * c->Tk * c->Dh;   /* q k^T and p v */
+    default: return 10.0 * c->BH * (double)c->T * c->Tk * c->Dh;  /* q k^T again, dV, dP, dQ, dK */
     }
 }
 
@@ -101,7 +106,7 @@ static void bench_kernels(Bench *b) {
     ms_rng_seed(&r, 1);
     static const int gemms[][3] = { { 4096, 320, 320 }, { 4096, 320, 1280 }, { 1024, 640, 640 },
                                     { 77, 768, 768 }, { 4096, 1280, 320 } };
-    for (size_t i = 0; i < sizeof gemms / sizeof gemms[0]; i++) {
+    for (size_t i = 0; i < sizeof gemms / sizeof gemms[0] && !b->attention_only; i++) {
         Case c;
         memset(&c, 0, sizeof c);
         c.M = gemms[i][0]; c.K = gemms[i][1]; c.N = gemms[i][2];
@@ -112,7 +117,7 @@ static void bench_kernels(Bench *b) {
         ms_free_aligned(c.a); ms_free_aligned(c.b); ms_free_aligned(c.c);
     }
     static const int convs[][3] = { { 64, 320, 320 }, { 32, 640, 640 } };
-    for (size_t i = 0; i < sizeof convs / sizeof convs[0]; i++) {
+    for (size_t i = 0; i < sizeof convs / sizeof convs[0] && !b->attention_only; i++) {
         Case c;
         memset(&c, 0, sizeof c);
         c.kind = 1; c.H = c.W = convs[i][0]; c.C = convs[i][1]; c.Co = convs[i][2];
@@ -131,15 +136,30 @@ static void bench_kernels(Bench *b) {
         }
         ms_free_aligned(c.a); ms_free_aligned(c.b); ms_free_aligned(c.c); ms_free_aligned(c.d);
     }
-    {
+    /* SD 1.5 attention at 64x64 latents: self (T = Tk = 4096) and cross (Tk = 77), B*H = 16 (a CFG
+     * batch of 2 x 8 heads), Dh = 40; forward, then backward (dq, dk, dv; FLOPs of its 5 products) */
+    static const int atts[][2] = { { 4096, 4096 }, { 4096, 77 } };
+    for (size_t i = 0; i < sizeof atts / sizeof atts[0]; i++) {
         Case c;
         memset(&c, 0, sizeof c);
-        c.kind = 3; c.BH = 8; c.T = 4096; c.Dh = 40;
-        size_t n = (size_t)c.T * c.BH * c.Dh;
-        c.a = bench_buf(&r, n); c.b = bench_buf(&r, n); c.d = bench_buf(&r, n); c.c = bench_buf(&r, n);
-        report(b, &c, "attention B*H=8 T=4096 Dh=40");
+        c.kind = 3; c.BH = 16; c.T = atts[i][0]; c.Tk = atts[i][1]; c.Dh = 40;
+        size_t nq = (size_t)c.T * c.BH * c.Dh, nk = (size_t)c.Tk * c.BH * c.Dh;
+        c.a = bench_buf(&r, nq); c.b = bench_buf(&r, nk); c.d = bench_buf(&r, nk); c.c = bench_buf(&r, nq);
+        c.lse = bench_buf(&r, (size_t)c.BH * c.T); c.dout = bench_buf(&r, nq);
+        c.dq = bench_buf(&r, nq); c.dk = bench_buf(&r, nk); c.dv = bench_buf(&r, nk);
+        char label[96];
+        if (c.Tk == c.T) snprintf(label, sizeof label, "attention B*H=%d T=%d Dh=%d", c.BH, c.T, c.Dh);
+        else snprintf(label, sizeof label, "attention B*H=%d T=%dx%d Dh=%d", c.BH, c.T, c.Tk, c.Dh);
+        report(b, &c, label);
+        attention_forward(c.c, c.lse, c.a, c.b, c.d, 1, c.T, c.Tk, c.BH, c.Dh, 0, 1.0f / sqrtf((float)c.Dh));
+        c.kind = 4;
+        if (c.Tk == c.T) snprintf(label, sizeof label, "attention-backward B*H=%d T=%d Dh=%d", c.BH, c.T, c.Dh);
+        else snprintf(label, sizeof label, "attention-backward B*H=%d T=%dx%d Dh=%d", c.BH, c.T, c.Tk, c.Dh);
+        report(b, &c, label);
         ms_free_aligned(c.a); ms_free_aligned(c.b); ms_free_aligned(c.c); ms_free_aligned(c.d);
+        ms_free_aligned(c.lse); ms_free_aligned(c.dout); ms_free_aligned(c.dq); ms_free_aligned(c.dk); ms_free_aligned(c.dv);
     }
+    ops_scratch_free();
     ms_gemm_scratch_free();
 }
 
@@ -1178,7 +1198,7 @@ static int bench_nets(const Bench *b, int which, int train_batch, int train_f16)
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: mixshow bench [--quick] [--runs K] [--nets[=unet,vae,text,train] | --all] [--train-batch B]\n"
+    fprintf(f, "usage: mixshow bench [--quick] [--attention] [--runs K] [--nets[=unet,vae,text,train] | --all] [--train-batch B]\n"
                "                     [--train-weights f32|f16] [--compare-blas]\n\n"
                "Measures the FMA peak of this machine (register-only loop, per SIMD level, 1 thread\n"
                "and all threads), then prints one line per case and thread count:\n"
@@ -1208,6 +1228,7 @@ static void usage(FILE *f) {
                "--nets=regional-tiny: the tiny model only (seconds).\n"
                "tools/ref/bench_torch.py prints the same lines for PyTorch.\n\n"
                "  --quick         3 runs per kernel case (smoke test)\n"
+               "  --attention     the peak and the attention cases only\n"
                "  --runs K        K timed runs per case (kernels: after a warm-up)\n"
                "  --nets          the network cases only; --nets=unet,vae,text,train picks some\n"
                "  --train-batch B batch size of the train case (1..8; the official configs use 2)\n"
@@ -1223,9 +1244,11 @@ int cmd_bench(int argc, char **argv) {
     Bench b;
     int runs = 0, kernels = 1, nets = 0, train_batch = 1, train_f16 = 0;
     b.runs = 7;
+    b.attention_only = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(stdout); return 0; }
         else if (!strcmp(argv[i], "--quick")) b.runs = 3;
+        else if (!strcmp(argv[i], "--attention")) b.attention_only = 1;
         else if (!strcmp(argv[i], "--all")) { kernels = 1; nets = NET_ALL; }
         else if (!strcmp(argv[i], "--nets")) { kernels = 0; nets = NET_ALL; }
         else if (!strncmp(argv[i], "--nets=", 7)) {

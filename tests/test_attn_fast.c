@@ -1,0 +1,108 @@
+/* tests/test_attn_fast.c — the attention fast paths (tensor.c "Attention fast path") at every
+ * SIMD level this CPU has: forward and backward against the double definitions
+ * (attention_ref / attention_backward_ref), 1 vs 2 threads bitwise (the forward also with a
+ * single head, where the query rows of a head are split across tasks), Dh = 16/40/64/80/160,
+ * causal and cross shapes, SIMD tails; and ms_expf_vec's error in ulp against exp in double. */
+#include "tests/test.h"
+
+static MsRng rng;
+static float *randn(size_t n, float std) { return test_track(test_randn(&rng, n, std)); }
+static float *zeros(size_t n) { return test_track(test_zeros(n)); }
+
+/* |got - want| in units of the float spacing at want (want rounded to float, > 0). */
+static double ulps(float got, double want) {
+    float w = (float)want;
+    if (w == 0.0f) return got == 0.0f ? 0.0 : INFINITY;
+    int e;
+    frexpf(w, &e);
+    double u = ldexp(1.0, e - 24);                    /* spacing of floats in [2^(e-1), 2^e) */
+    if (w < ldexpf(1.0f, -126)) u = ldexp(1.0, -149); /* subnormal results */
+    return fabs((double)got - want) / u;
+}
+
+static void test_exp(void) {
+    const size_t n = 1 << 20;
+    float *x = zeros(n), *y = zeros(n);
+    for (size_t i = 0; i < n; i++) x[i] = (float)(-87.3 + (88.0 + 87.3) * (double)i / (double)(n - 1));
+    ms_expf_vec(y, x, n);
+    double worst = 0.0, wx = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double u = ulps(y[i], exp((double)x[i]));
+        if (u > worst) { worst = u; wx = x[i]; }
+    }
+    /* near 0, where softmax spends its time: every float in [-1, 0] step 2^-20 */
+    for (float t = -1.0f; t <= 0.0f; t += 1.0f / 1048576.0f) {
+        float yy;
+        ms_expf_vec(&yy, &t, 1);
+        double u = ulps(yy, exp((double)t));
+        if (u > worst) { worst = u; wx = t; }
+    }
+    check(worst < 1.5, "exp %s: max error %.3f ulp (at x = %.7g) < 1.5 ulp on [-87.3, 88]", ms_simd_name(ms_simd()), worst, wx);
+    float sp[6] = { -87.34f, -100.0f, -INFINITY, 0.0f, 88.0f, 1000.0f }, ys[6];
+    ms_expf_vec(ys, sp, 6);
+    check(ys[0] == 0.0f && ys[1] == 0.0f && ys[2] == 0.0f && ys[3] == 1.0f && ys[4] == ys[5] && isfinite(ys[5]),
+          "exp %s: 0 below -87.33654 and at -inf, e^0 = 1, clamped at 88 (%g %g %g %g %g %g)", ms_simd_name(ms_simd()),
+          (double)ys[0], (double)ys[1], (double)ys[2], (double)ys[3], (double)ys[4], (double)ys[5]);
+}
+
+static void run_att(int ref, int B, int Tq, int Tk, int H, int Dh, int causal, float scale, const float *q, const float *k,
+                    const float *v, const float *dy, float *out, float *lse, float *dq, float *dk, float *dv,
+                    const float *d0, size_t nq, size_t nk) {
+    memcpy(dq, d0, nq * sizeof(float));
+    memcpy(dk, d0, nk * sizeof(float));
+    memcpy(dv, d0, nk * sizeof(float));
+    (ref ? attention_ref : attention_forward)(out, lse, q, k, v, B, Tq, Tk, H, Dh, causal, scale);
+    (ref ? attention_backward_ref : attention_backward)(dq, dk, dv, dy, q, k, v, out, lse, B, Tq, Tk, H, Dh, causal, scale);
+}
+
+static void test_att(int B, int Tq, int Tk, int H, int Dh, int causal) {
+    size_t nq = (size_t)B * Tq * H * Dh, nk = (size_t)B * Tk * H * Dh, nl = (size_t)B * H * Tq;
+    size_t nmax = nq > nk ? nq : nk;
+    float scale = (float)(1.0 / sqrt((double)Dh));
+    float *q = randn(nq, 1.0f), *k = randn(nk, 1.0f), *v = randn(nk, 1.0f), *dy = randn(nq, 1.0f), *d0 = randn(nmax, 1.0f);
+    float *o[3], *l[3], *gq[3], *gk[3], *gv[3];
+    for (int i = 0; i < 3; i++) { o[i] = zeros(nq); l[i] = zeros(nl); gq[i] = zeros(nq); gk[i] = zeros(nk); gv[i] = zeros(nk); }
+    run_att(1, B, Tq, Tk, H, Dh, causal, scale, q, k, v, dy, o[0], l[0], gq[0], gk[0], gv[0], d0, nq, nk);
+    for (int t = 1; t <= 2; t++) {
+        ms_set_threads(t);
+        run_att(0, B, Tq, Tk, H, Dh, causal, scale, q, k, v, dy, o[t], l[t], gq[t], gk[t], gv[t], d0, nq, nk);
+    }
+    ms_set_threads(0);
+    char op[128], lb[160];
+    snprintf(op, sizeof op, "attention %s B%d Tq%d Tk%d H%d Dh%d%s", ms_simd_name(ms_simd()), B, Tq, Tk, H, Dh, causal ? " causal" : "");
+    const char *names[5] = { "out", "lse", "dq", "dk", "dv" };
+    float *got[5] = { o[1], l[1], gq[1], gk[1], gv[1] }, *two[5] = { o[2], l[2], gq[2], gk[2], gv[2] };
+    float *want[5] = { o[0], l[0], gq[0], gk[0], gv[0] };
+    size_t ns[5] = { nq, nl, nq, nk, nk };
+    for (int i = 0; i < 5; i++) {
+        /* as tests/test_ops.c: float32 dot products of length <= 160 (Tk <= 300), relative
+         * error ~1e-7 sqrt(length), absolute a few ulp(5) sqrt(length) */
+        snprintf(lb, sizeof lb, "%s %s vs ref", op, names[i]);
+        check_close(lb, got[i], want[i], ns[i], 1e-5, 2e-5);
+        snprintf(lb, sizeof lb, "%s %s 1 vs 2 threads", op, names[i]);
+        check_bitwise(lb, got[i], two[i], ns[i]);
+    }
+}
+
+int main(void) {
+    MsSimd hw = ms_simd_detected();
+    ms_rng_seed(&rng, 14);
+    printf("test_attn_fast: SIMD detected %s\n", ms_simd_name(hw));
+    for (int lv = MS_SIMD_SCALAR; lv <= (int)MS_SIMD_AVX512; lv++) {
+        ms_set_simd((MsSimd)lv);
+        if (ms_simd() != (MsSimd)lv) continue;
+        test_exp();
+        test_att(1, 130, 77, 2, 40, 0);      /* cross-attention: Tk = 77 (a tail of every key panel) */
+        test_att(2, 70, 70, 3, 16, 1);       /* causal, Tq not a multiple of the query block */
+        test_att(1, 77, 77, 2, 64, 1);       /* CLIP's heads */
+        test_att(1, 33, 150, 1, 80, 0);      /* Dh 80: 48 + 32 channels in dK/dV */
+        test_att(1, 40, 45, 1, 160, 0);      /* Dh 160 */
+        test_att(1, 200, 90, 1, 40, 0);      /* one head: the forward splits its rows across tasks */
+        test_att(1, 130, 50, 2, 16, 1);      /* causal with Tq > Tk */
+        test_att(2, 1, 3, 1, 8, 0);          /* one query, three keys */
+    }
+    ms_set_simd(hw);
+    test_free_tracked();
+    ops_scratch_free();
+    return test_summary("test_attn_fast");
+}
