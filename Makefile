@@ -38,7 +38,7 @@ ifeq ($(shell printf '' | $(CC) $(CSTD) -dM -E -x c - 2>/dev/null | grep -c '__F
 CFLAGS  += -fexcess-precision=fast
 endif
 
-LIB_SRC   = tensor.c mixshow.c $(wildcard mixshow_*.c) $(wildcard models/*.c) $(filter-out tools/main.c tools/fuzz_%.c,$(wildcard tools/*.c))
+LIB_SRC   = tensor.c mixshow.c $(wildcard models/*.c) $(filter-out tools/main.c tools/fuzz_%.c,$(wildcard tools/*.c))
 LIB_OBJ   = $(LIB_SRC:%.c=$(BUILD)/%.o)
 TEST_SRC  = $(wildcard tests/test_*.c)
 TEST_BIN  = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)

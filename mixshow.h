@@ -248,6 +248,11 @@ void ops_scratch_limit(size_t max_bytes_per_thread);
  * (Cody-Waite reduction + degree-6 polynomial, error < 1.5 ulp on [-87.3, 88]; 0 below
  * -87.33654, e^88 above 88). Scalar twin: the same definition without FMA. */
 void ms_expf_vec(float *y, const float *x, size_t n);
+/* Double-precision accumulations (threads split output rows; results independent of the count):
+ *   ms_gram_f64_acc: G (d,d) upper triangle (j >= i) += X^T X, X (rows,d) float;
+ *   ms_gemm_f64_acc: C (M,N) += A (M,K) B (K,N). */
+void ms_gram_f64_acc(double *G, const float *X, size_t rows, int d);
+void ms_gemm_f64_acc(double *C, const double *A, const double *B, int M, int N, int K);
 
 /* Attention probabilities at chosen key columns (Mix-of-Show's attention regularisation reads
  * the attn2 maps at the concept tokens), rebuilt from q, k (layout as attention_forward) and
@@ -1086,7 +1091,7 @@ typedef struct {
     /* Regionally controllable sampling (Mix-of-Show RegionT2I_AttnProcessor), inference mode
      * only; NULL (unet_acts_init's value): plain cross-attention. See UNetRegions. */
     const struct UNetRegions *regions;
-    /* Gradient fusion's recorder (mixshow_fuse.c), inference or training; NULL (unet_acts_init's
+    /* Gradient fusion's recorder (mixshow.c, gradient fusion), inference or training; NULL (unet_acts_init's
      * value): off. In every BasicTransformerBlock `block` (0.. in named_modules order) it is
      * handed the input rows x (rows = N*h*w, C) of the attention Linears: which 0 = norm1
      * output (attn1.to_q/to_k/to_v), 1 = attn1's attention output (attn1.to_out.0), 2 = norm2
@@ -1177,7 +1182,7 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
 void ms_image_to_u8(uint8_t *out, const float *img, int C, int H, int W);
 
 /* ==========================================================================================
- * The method: regionally controllable sampling (mixshow_regional.c; helper "regional").
+ * The method: regionally controllable sampling (mixshow.c).
  * Mix-of-Show regionally_controlable_sampling.py + RegionallyT2IAdapterPipeline (commit 51270fd):
  * a global prompt and per region a prompt, a negative prompt and a box; every cross-attention
  * layer runs the regional attention of UNetRegions; T2I-Adapter features (keypose, sketch) are
@@ -1339,7 +1344,7 @@ size_t ms_trainer_state_floats(const MsTrainer *t);
 void ms_trainer_state_io(MsTrainer *t, float *buf, int store, int64_t *step, int *stop_emb);
 
 /* ==========================================================================================
- * The method: gradient fusion (helper "fuse"; mixshow_fuse.c, to be folded into mixshow.c).
+ * The method: gradient fusion (mixshow.c).
  * For a linear layer with base weight W0 (d_out, d_in) and concepts i = 1..N with merged
  * weights W_i = W0 + a_i up_i down_i, recorded input rows X_i (n_i, d_in) and targets
  * V_i = X_i W_i^T (bias removed), find W minimising

@@ -1905,6 +1905,55 @@ static void ops_expf_vec_avx2(float *y, const float *x, size_t n) {
 }
 #endif
 
+/* ---------------------------------------------------------------------------------------- */
+/* Double-precision accumulations (gradient fusion's streamed statistics)                   */
+/* ---------------------------------------------------------------------------------------- */
+/* G (d,d), upper triangle j >= i, += X^T X for X (rows, d) float: rows in chunks of 128 that
+ * stay in cache, four at a time (products of floats are exact in double). Each row i of G
+ * belongs to one thread and sums in row order: the result does not depend on the thread count. */
+void ms_gram_f64_acc(double *G, const float *X, size_t rows, int d) {
+    const size_t CH = 128;
+    for (size_t r0 = 0; r0 < rows; r0 += CH) {
+        const size_t r1 = r0 + CH < rows ? r0 + CH : rows;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 4) if (d >= 64)
+#endif
+        for (int i = 0; i < d; i++) {
+            double *g = G + (size_t)i * d;
+            size_t r = r0;
+            for (; r + 4 <= r1; r += 4) {
+                const float *x0 = X + r * (size_t)d, *x1 = x0 + d, *x2 = x1 + d, *x3 = x2 + d;
+                const double a0 = x0[i], a1 = x1[i], a2 = x2[i], a3 = x3[i];
+                for (int j = i; j < d; j++)
+                    g[j] += (a0 * x0[j] + a1 * x1[j]) + (a2 * x2[j] + a3 * x3[j]);
+            }
+            for (; r < r1; r++) {
+                const float *x0 = X + r * (size_t)d;
+                const double a0 = x0[i];
+                for (int j = i; j < d; j++) g[j] += a0 * x0[j];
+            }
+        }
+    }
+}
+
+/* C (M,N) += A (M,K) B (K,N), all double, row-major; zeros of A skipped. Each row of C belongs
+ * to one thread and sums over k in order: independent of the thread count. */
+void ms_gemm_f64_acc(double *C, const double *A, const double *B, int M, int N, int K) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (M >= 64)
+#endif
+    for (int o = 0; o < M; o++) {
+        const double *ar = A + (size_t)o * K;
+        double *c = C + (size_t)o * N;
+        for (int i = 0; i < K; i++) {
+            const double a = ar[i];
+            if (a == 0.0) continue;
+            const double *b = B + (size_t)i * N;
+            for (int j = 0; j < N; j++) c[j] += a * b[j];
+        }
+    }
+}
+
 void ms_expf_vec(float *y, const float *x, size_t n) {
 #if defined(MS_X86_KERNELS)
     MsSimd l = ms_simd();

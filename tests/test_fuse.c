@@ -1,4 +1,4 @@
-/* tests/test_fuse.c — gradient fusion (mixshow_fuse.c) and L-BFGS (models/optim.c):
+/* tests/test_fuse.c — gradient fusion (mixshow.c) and L-BFGS (models/optim.c):
  *   - the symmetric eigen-decomposition (reconstruction, orthonormality, order);
  *   - the objective from statistics == from rows; the gram solution is a minimiser (gradient 0)
  *     and the one nearest to W0 (its change lies in range(G));
