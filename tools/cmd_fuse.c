@@ -12,7 +12,7 @@
  * concept's 20-step DPM-Solver sampling at 512x512; --spatial-size/--spatial-steps change that
  * for quick runs, --no-spatial leaves those layers at W0). */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
-#define _POSIX_C_SOURCE 200809L         /* mkdir, getrusage */
+#define _POSIX_C_SOURCE 200809L         /* mkdir */
 #endif
 #include "mixshow.h"
 #include "tools/tools.h"
@@ -27,13 +27,17 @@
 static int make_dir(const char *p) { return _mkdir(p); }
 static size_t peak_rss(void) { return 0; }
 #else
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 static int make_dir(const char *p) { return mkdir(p, 0777); }
-static size_t peak_rss(void) {                  /* bytes (Linux reports KiB) */
-    struct rusage u;
-    return getrusage(RUSAGE_SELF, &u) ? 0 : (size_t)u.ru_maxrss * 1024;
+static size_t peak_rss(void) {                  /* bytes: Linux's VmHWM (kB); 0 elsewhere */
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    size_t kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmHWM:", 6)) { kb = (size_t)strtoull(line + 6, NULL, 10); break; }
+    if (f) fclose(f);
+    return kb * 1024;
 }
 #endif
 
