@@ -2016,64 +2016,22 @@ done:
  * strings overwrite the variable that holds the encoded region prompts); here they work as the
  * paper describes (tests/test_regional.c checks the three properties of the issue). */
 
-/* bind_concept_prompt for layer i (the same as mixshow.c's bind_prompt; str.replace per word). */
-static char *rs_bind(const char *prompt, int n_words, const char *const *word, const char *const *token,
-                     int n_layers, int i) {
-    size_t len = strlen(prompt);
-    char *cur = (char *)malloc(len + 1);
-    if (!cur) return NULL;
-    memcpy(cur, prompt, len + 1);
-    for (int w = 0; w < n_words; w++) {
-        const char *from = word[w], *to = token[(size_t)w * n_layers + i], *q;
-        size_t fl = strlen(from), tl = strlen(to), n = 0;
-        if (!fl) continue;
-        for (q = strstr(cur, from); q; q = strstr(q + fl, from)) n++;
-        if (!n) continue;
-        char *out = (char *)malloc(strlen(cur) - n * fl + n * tl + 1), *o = out;
-        const char *r = cur;
-        if (!out) { free(cur); return NULL; }
-        for (; (q = strstr(r, from)) != NULL; r = q + fl) {
-            memcpy(o, r, (size_t)(q - r)); o += q - r;
-            memcpy(o, to, tl); o += tl;
-        }
-        strcpy(o, r);
-        free(cur);
-        cur = out;
-    }
-    return cur;
-}
-
-/* text -> out (77, D) = CLIPTextModel(tokenizer(text)).last_hidden_state */
-static MsStatus rs_encode(const ClipTextParams *p, const ClipTextConfig *c, const ClipTokenizer *tok,
-                          const char *text, float *out, Arena *ar, const float *new_emb, int n_new) {
-    int32_t ids[77];
-    size_t mark = arena_mark(ar);
-    ClipTextActs a;
-    MsStatus s = clip_tokenize(tok, text, strlen(text), ids, 77);
-    if (s) return s;
-    if ((s = clip_text_acts_alloc(&a, ar, c, 1, 77, 0, 0))) return s;
-    s = clip_text_forward(&a, p, NULL, ids, new_emb, n_new, c);
-    if (!s) memcpy(out, a.out, (size_t)77 * c->hidden_size * sizeof(float));
-    arena_reset(ar, mark);
-    return s;
-}
-
 /* One (negative, positive) pair for n_ctx layers: out (n_ctx, 2, 77, D) = [neg, bound pos_i]. */
 static MsStatus rs_encode_pair(const ClipTextParams *tp, const ClipTextConfig *tc, const ClipTokenizer *tok,
                                const MsTxt2ImgOptions *b, const char *pos, const char *neg, int n_ctx, float *out,
                                Arena *ar) {
     const size_t one = (size_t)77 * tc->hidden_size;
-    MsStatus s = rs_encode(tp, tc, tok, neg ? neg : "", out, ar, b->new_emb, b->n_new);
+    MsStatus s = encode_prompt(tp, tc, tok, neg ? neg : "", out, 1, ar, b->new_emb, b->n_new);
     for (int i = 0; !s && i < n_ctx; i++) {
         float *ci = out + (size_t)i * 2 * one;
         if (i) memcpy(ci, out, one * sizeof(float));            /* negative: encoded once, repeated */
         if (b->n_layer_ctx && b->n_bind) {
-            char *bound = rs_bind(pos, b->n_bind, b->bind_word, b->bind_token, b->n_layer_ctx, i);
+            char *bound = bind_prompt(pos, b->n_bind, b->bind_word, b->bind_token, b->n_layer_ctx, i);
             if (!bound) return ms_errorf(MS_ERR_NOMEM, "regional: out of memory");
-            s = rs_encode(tp, tc, tok, bound, ci + one, ar, b->new_emb, b->n_new);
+            s = encode_prompt(tp, tc, tok, bound, ci + one, 1, ar, b->new_emb, b->n_new);
             free(bound);
         } else if (i == 0) {
-            s = rs_encode(tp, tc, tok, pos, ci + one, ar, b->new_emb, b->n_new);
+            s = encode_prompt(tp, tc, tok, pos, ci + one, 1, ar, b->new_emb, b->n_new);
         } else {
             memcpy(ci + one, out + one, one * sizeof(float));   /* nothing to bind: every layer alike */
         }
