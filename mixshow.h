@@ -1000,8 +1000,9 @@ void unet_lora_module_name(const UNetParams *p, int a, int which, char *buf, siz
  *   per layer the box [t, l, b, r] (fractions of the image) covers rows ceil(t*fh) .. floor(b*fh)-1
  *   and columns ceil(l*fw) .. floor(r*fw)-1 of the fh x fw query grid; cnt(pixel) = boxes over it;
  *   inside any box: o = sum over regions, in order, of softmax(q_box k_r^T * scale) v_r / cnt,
- *   with k_r, v_r from region r's context (its keys and values; the official code attends with
- *   every query and masks, here only the queries inside the box are computed: same numbers).
+ *   with k_r, v_r from region r's context (its keys and values). The official code also attends
+ *   each region with its box's queries only, but computes the global attention for every query
+ *   and then overwrites the boxes; here the global attention skips queries inside boxes.
  * Then to_out as usual. Both CFG halves: sample n of the batch uses row n of each region context. */
 typedef struct UNetRegions {
     int n;                           /* regions (>= 1) */
