@@ -905,12 +905,15 @@ static int bench_train(const Bench *b, MsRng *r, int B, int f16) {
          * gradients; ids */
         size_t io = 4 * train * sizeof(float) +
                     ((size_t)7 * nlat + (size_t)B * L * T * tc->hidden_size + 2 * 16 * (size_t)B * T * tc->hidden_size) * sizeof(float);
+        /* the trainer lends the UNet activation arena to the VAE encode when it is large enough */
+        const size_t vae_own = us.acts_bytes >= vz.encode_bytes ? 0 : vz.encode_bytes;
         net_memory(label, m.unet.mem_bytes + m.vae.mem_bytes + m.text.mem_bytes, us.acts_bytes + text,
-                   us.scratch_bytes + vz.encode_bytes, io);
+                   us.scratch_bytes + vae_own, io);
         printf("%s memory parts: weights unet %.1f + vae %.1f + text %.1f; unet training acts %.1f + scratch %.1f; "
-               "text encoder acts [%dx77] %.1f; vae encode scratch %.1f; trainable floats %zu (x4: %.1f) MiB\n",
+               "text encoder acts [%dx77] %.1f; vae encode scratch %.1f (%s); trainable floats %zu (x4: %.1f) MiB\n",
                label, MIB(m.unet.mem_bytes), MIB(m.vae.mem_bytes), MIB(m.text.mem_bytes), MIB(us.acts_bytes),
-               MIB(us.scratch_bytes), B * L, MIB(text), MIB(vz.encode_bytes), train, MIB(4 * train * sizeof(float)));
+               MIB(us.scratch_bytes), B * L, MIB(text), MIB(vz.encode_bytes), vae_own ? "own arena" : "in the unet acts arena",
+               train, MIB(4 * train * sizeof(float)));
         fflush(stdout);
     }
     ms_trainer_free(tr);
