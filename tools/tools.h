@@ -509,7 +509,7 @@ void ms_torch_randperm(MsTorchRng *g, int64_t *out, int64_t n);       /* torch.r
 /* Pillow 9.4 Image.resize on 8-bit interleaved pixels, bit-exact: PIL_NEAREST (ImagingScaleAffine)
  * or PIL_BILINEAR (Resample.c, antialiased: support scales with the reduction, 22-bit fixed
  * point). Same size: a copy. in (h,w,C) -> out (oh,ow,C), C 1..4. */
-enum { PIL_NEAREST = 0, PIL_BILINEAR = 2 };
+enum { PIL_NEAREST = 0, PIL_LANCZOS = 1, PIL_BILINEAR = 2 };   /* Pillow's Image.Resampling values */
 MsStatus pil_resize(uint8_t *out, int ow, int oh, const uint8_t *in, int w, int h, int C, int resample);
 /* torchvision 0.14 F.resize output size for an int size (short side = size, long side =
  * int(size * long / short), then the max_size rule; max_size 0: none). MS_ERR_ARG when

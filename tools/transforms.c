@@ -34,15 +34,25 @@ static double pil_bilinear_filter(double x) {     /* support 1 */
     if (x < 1.0) return 1.0 - x;
     return 0.0;
 }
+static double pil_sinc_filter(double x) {
+    if (x == 0.0) return 1.0;
+    x = x * MS_PI;
+    return sin(x) / x;
+}
+static double pil_lanczos_filter(double x) {      /* support 3 */
+    if (-3.0 <= x && x < 3.0) return pil_sinc_filter(x) * pil_sinc_filter(x / 3);
+    return 0.0;
+}
+typedef struct { double (*f)(double); double support; } PilFilter;
 
-/* precompute_coeffs + normalize_coeffs_8bpc for the bilinear filter: output pixel xx uses
- * source pixels bounds[2xx] .. + bounds[2xx+1] with fixed-point weights kk[xx*ksize ..].
- * Returns ksize, 0 when out of memory. */
-static int pil_bilinear_coeffs(int in_size, int out_size, int **boundsp, int32_t **kkp) {
+/* precompute_coeffs + normalize_coeffs_8bpc for filter flt: output pixel xx uses source pixels
+ * bounds[2xx] .. + bounds[2xx+1] with fixed-point weights kk[xx*ksize ..]. Returns ksize, 0
+ * when out of memory. */
+static int pil_coeffs(const PilFilter *flt, int in_size, int out_size, int **boundsp, int32_t **kkp) {
     double scale, filterscale, support;
     filterscale = scale = (double)in_size / out_size;
     if (filterscale < 1.0) filterscale = 1.0;
-    support = 1.0 * filterscale;
+    support = flt->support * filterscale;
     int ksize = (int)ceil(support) * 2 + 1;
     double *pre = (double *)malloc((size_t)out_size * ksize * sizeof *pre);
     int32_t *kk = (int32_t *)malloc((size_t)out_size * ksize * sizeof *kk);
@@ -57,7 +67,7 @@ static int pil_bilinear_coeffs(int in_size, int out_size, int **boundsp, int32_t
         xmax -= xmin;
         double *k = &pre[(size_t)xx * ksize];
         for (x = 0; x < xmax; x++) {
-            double wgt = pil_bilinear_filter((x + xmin - center + 0.5) * ss);
+            double wgt = flt->f((x + xmin - center + 0.5) * ss);
             k[x] = wgt;
             ww += wgt;
         }
@@ -82,10 +92,10 @@ static uint8_t pil_clip8(int32_t v) {
 }
 
 /* ImagingResampleInner: horizontal pass over the rows the vertical pass needs, then vertical. */
-static MsStatus pil_resample_bilinear(uint8_t *out, int ow, int oh, const uint8_t *in, int w, int h, int C) {
+static MsStatus pil_resample(const PilFilter *flt, uint8_t *out, int ow, int oh, const uint8_t *in, int w, int h, int C) {
     int *bh = NULL, *bv = NULL;
     int32_t *kh = NULL, *kv = NULL;
-    int ksh = pil_bilinear_coeffs(w, ow, &bh, &kh), ksv = pil_bilinear_coeffs(h, oh, &bv, &kv);
+    int ksh = pil_coeffs(flt, w, ow, &bh, &kh), ksv = pil_coeffs(flt, h, oh, &bv, &kv);
     int y_first = bv ? bv[0] : 0, y_last = bv ? bv[oh * 2 - 2] + bv[oh * 2 - 1] : 0;
     uint8_t *tmp = (uint8_t *)malloc((size_t)ow * (size_t)(y_last - y_first + 1) * C);
     if (!ksh || !ksv || !tmp) {
@@ -156,8 +166,9 @@ MsStatus pil_resize(uint8_t *out, int ow, int oh, const uint8_t *in, int w, int 
         return ms_errorf(MS_ERR_ARG, "resize %dx%d -> %dx%d, %d channels: bad size", w, h, ow, oh, C);
     if (ow == w && oh == h) { memcpy(out, in, (size_t)w * h * C); return MS_OK; }   /* Image.resize: copy */
     if (resample == PIL_NEAREST) return pil_resize_nearest(out, ow, oh, in, w, h, C);
-    if (resample == PIL_BILINEAR) return pil_resample_bilinear(out, ow, oh, in, w, h, C);
-    return ms_errorf(MS_ERR_ARG, "resize: resample %d is not NEAREST (0) or BILINEAR (2)", resample);
+    if (resample == PIL_BILINEAR) { static const PilFilter f = { pil_bilinear_filter, 1.0 }; return pil_resample(&f, out, ow, oh, in, w, h, C); }
+    if (resample == PIL_LANCZOS) { static const PilFilter f = { pil_lanczos_filter, 3.0 }; return pil_resample(&f, out, ow, oh, in, w, h, C); }
+    return ms_errorf(MS_ERR_ARG, "resize: resample %d is not NEAREST (0), LANCZOS (1) or BILINEAR (2)", resample);
 }
 
 /* ---- torchvision 0.14 F.resize output size (functional._compute_resized_output_size) ---- */
