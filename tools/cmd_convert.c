@@ -250,7 +250,8 @@ static MsStatus write_table(const char *path, const MsParamTable *t, int half) {
     return s;
 }
 
-static MsStatus copy_file(const char *from, const char *to) {
+/* Byte copy of a file (tokenizer and config files of written model folders). */
+MsStatus ms_copy_file(const char *from, const char *to) {
     FILE *a = fopen(from, "rb"), *b = a ? fopen(to, "wb") : NULL;
     unsigned char buf[65536];
     size_t n;
@@ -263,7 +264,7 @@ static MsStatus copy_file(const char *from, const char *to) {
 }
 
 static MsStatus write_folder(const MsModel *m, const char *tokdir, const char *out, int half) {
-    char tmp[2048], p[2300], q[2300];
+    char tmp[2048], p[2300], q[4300];
     static const char *const subs[] = { "unet", "vae", "text_encoder", "scheduler", "tokenizer" };
     static const char *const tok[] = { "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json" };
     MsStatus s;
@@ -289,7 +290,7 @@ static MsStatus write_folder(const MsModel *m, const char *tokdir, const char *o
         if (!(f = fopen(q, "rb"))) continue;
         fclose(f);
         snprintf(p, sizeof p, "%s/tokenizer/%s", tmp, tok[i]);
-        W(copy_file(q, p));
+        W(ms_copy_file(q, p));
     }
 #undef W
     if (rename(tmp, out)) return ms_errorf(MS_ERR_IO, "cannot rename %s to %s", tmp, out);

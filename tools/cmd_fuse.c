@@ -54,17 +54,6 @@ typedef struct {
 
 static int file_exists(const char *p) { FILE *f = fopen(p, "rb"); if (f) fclose(f); return f != NULL; }
 
-static MsStatus copy_file(const char *from, const char *to) {
-    FILE *a = fopen(from, "rb"), *b = a ? fopen(to, "wb") : NULL;
-    unsigned char buf[65536];
-    size_t n;
-    int ok = a && b;
-    while (ok && (n = fread(buf, 1, sizeof buf, a)) > 0) ok = fwrite(buf, 1, n, b) == n;
-    if (a && ferror(a)) ok = 0;
-    if (a) fclose(a);
-    if (b && fclose(b)) ok = 0;
-    return ok ? MS_OK : ms_errorf(MS_ERR_IO, "cannot copy %s to %s", from, to);
-}
 
 /* ---- the multi-concept JSON: [{lora_path, unet_alpha, text_encoder_alpha, concept_name}, ...] ---- */
 static MsStatus read_concepts(const char *cfg, Concept *cs, int *n) {
@@ -159,7 +148,7 @@ static MsStatus write_folder(const char *base, const char *out, const MsModel *m
     for (size_t i = 0; i < sizeof copies / sizeof copies[0] && !s; i++) {
         snprintf(q, sizeof q, "%s/%s", base, copies[i]);
         snprintf(p, sizeof p, "%s/%s", tmp, copies[i]);
-        if (file_exists(q)) s = copy_file(q, p);
+        if (file_exists(q)) s = ms_copy_file(q, p);
     }
     /* text_encoder/config.json with vocab_size + n_new (resize_token_embeddings) */
     snprintf(q, sizeof q, "%s/text_encoder/config.json", base);

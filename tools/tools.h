@@ -379,6 +379,7 @@ MsStatus ms_table_fill_file(MsParamTable *t, const char *path, int ldm, const ch
 /* Subcommands (tools/cmd_inspect.c, tools/cmd_convert.c). */
 int cmd_inspect(int argc, char **argv);   /* mixshow inspect FILE [--json] */
 int cmd_convert(int argc, char **argv);   /* mixshow convert IN OUT [--config DIR] [--half] */
+MsStatus ms_copy_file(const char *from, const char *to);   /* byte copy (tools/cmd_convert.c) */
 /* The same from a safetensors image in memory (origin names it in messages). */
 MsStatus ms_table_fill_memory(MsParamTable *t, const void *data, size_t size, const char *origin, int ldm,
                               const char *what, const MsLoadOptions *opt);
