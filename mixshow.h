@@ -250,9 +250,26 @@ void ops_scratch_limit(size_t max_bytes_per_thread);
 void ms_expf_vec(float *y, const float *x, size_t n);
 /* Double-precision accumulations (threads split output rows; results independent of the count):
  *   ms_gram_f64_acc: G (d,d) upper triangle (j >= i) += X^T X, X (rows,d) float;
- *   ms_gemm_f64_acc: C (M,N) += A (M,K) B (K,N). */
+ *   ms_gemm_f64_acc: C (M,N) += A (M,K) B (K,N), blocked + SIMD, the bits of its _ref twin
+ *     (every element sums over k in order, no FMA). */
 void ms_gram_f64_acc(double *G, const float *X, size_t rows, int d);
 void ms_gemm_f64_acc(double *C, const double *A, const double *B, int M, int N, int K);
+void ms_gemm_f64_acc_ref(double *C, const double *A, const double *B, int M, int N, int K);
+/* Kernels of the symmetric eigen-solver (mixshow.c ms_sym_eigen); A, Q, Z row-major, vectors
+ * indexed absolutely (entries below r0 unused); threads over rows or column chunks:
+ *   ms_tridiag_update_f64: rows i >= r0: A[i][j] -= v_i w_j + w_i v_j (j >= r0) when v, then
+ *     p_i = sum_{j >= r0} A[i][j] u_j when u (Householder tridiagonalisation's rank-2 update
+ *     fused with the next step's matrix-vector product);
+ *   ms_house_accumulate_f64: Q <- Q H_{n-3} ... H_0 applied to rows (Q^T's backward
+ *     accumulation), H_k = I - beta_k v_k v_k^T on indices > k, v_k = row k of Vh beyond the
+ *     diagonal, beta_k = 0 skipped: row i -= beta_k (row i . v_k) v_k over columns > k;
+ *   ms_rot_rows_f64: sweeps q = 0 .. n_sweeps-1 in order, each for i = hi_q-1 down to lo_q on
+ *     rows (i, i+1) of Z (n_cols used, stride ld) with (c, s) = (c, s)[off_q + i - lo_q]:
+ *     row_{i+1} <- s row_i + c row_{i+1}, row_i <- c row_i - s row_{i+1}. */
+void ms_tridiag_update_f64(double *A, int n, int r0, const double *v, const double *w, const double *u, double *p);
+void ms_house_accumulate_f64(double *Q, int n, const double *Vh, const double *beta);
+void ms_rot_rows_f64(double *Z, int n_cols, int ld, const int *lo, const int *hi, const size_t *off, int n_sweeps,
+                     const double *c, const double *s);
 
 /* Attention probabilities at chosen key columns (Mix-of-Show's attention regularisation reads
  * the attn2 maps at the concept tokens), rebuilt from q, k (layout as attention_forward) and
@@ -1380,13 +1397,25 @@ void ms_fuse_merged_weight(float *Wc, const float *W0, const MsFuseDelta *d, int
 double ms_fuse_objective_stats(const MsFuseStats *s, const float *W);
 /* f(W) exactly from rows (double): sum over rows of concept i of ||x (W - W_i)^T||^2 / (n d_out). */
 double ms_fuse_objective_rows(const MsFuseRows *r, const float *W0, const MsFuseDelta *d, int d_out, const float *W);
-/* Symmetric eigen-decomposition (cyclic Jacobi, double): A (n,n) symmetric is destroyed;
- * w (n) eigenvalues ascending, V (n,n) row-major with eigenvector k in column k. */
+/* Symmetric eigen-decomposition (double): A (n,n) symmetric is destroyed; w (n) eigenvalues
+ * ascending, V (n,n) row-major with eigenvector k in column k. ms_sym_eigen: Householder
+ * tridiagonalisation + implicit QL (tred2/tql2), threaded, bits independent of the thread
+ * count; ms_sym_eigen_ref: cyclic Jacobi, the slow accurate twin the tests compare with. */
 MsStatus ms_sym_eigen(double *A, int n, double *w, double *V);
+MsStatus ms_sym_eigen_ref(double *A, int n, double *w, double *V);
+/* One decomposition G = V diag(l) V^T kept for every layer that reads the same G:
+ * l ascending, V (n,n) eigenvectors in columns, Vt = V^T (eigenvectors in rows). */
+typedef struct { int n; double *l, *V, *Vt; } MsSymEig;
+MsStatus ms_sym_eig_init(MsSymEig *e, const double *G, int n);     /* G is not modified */
+void ms_sym_eig_free(MsSymEig *e);
 #define MS_FUSE_RCOND 1e-12
 /* gram: W = W0 + (C - W0 G) G+, G+ the pseudo-inverse with eigenvalues <= rcond * max dropped
- * (rcond <= 0: MS_FUSE_RCOND). The minimiser of f nearest to W0. *rank (NULL ok): kept. */
+ * (rcond <= 0: MS_FUSE_RCOND). The minimiser of f nearest to W0. *rank (NULL ok): kept.
+ * ms_fuse_solve_gram_eig: the same with e = the decomposition of s->G made once; W0 NULL
+ * means W0 = 0 (then W is the change (C) G+ alone). */
 MsStatus ms_fuse_solve_gram(const MsFuseStats *s, const float *W0, float *W, double rcond, int *rank);
+MsStatus ms_fuse_solve_gram_eig(const MsSymEig *e, const MsFuseStats *s, const float *W0, float *W, double rcond,
+                                int *rank);
 /* lbfgs: the official update_quasi_newton on the same objective (gradient 2 (W G - C)/(n d_out)),
  * torch.optim.LBFGS(lr 1, max_iter iters, history 25, strong Wolfe, tolerances 1e-16), returning
  * the best W seen. trace: closure values (trace_cap; res->n_evals written). */

@@ -1936,20 +1936,280 @@ void ms_gram_f64_acc(double *G, const float *X, size_t rows, int d) {
     }
 }
 
-/* C (M,N) += A (M,K) B (K,N), all double, row-major; zeros of A skipped. Each row of C belongs
- * to one thread and sums over k in order: independent of the thread count. */
-void ms_gemm_f64_acc(double *C, const double *A, const double *B, int M, int N, int K) {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (M >= 64)
-#endif
+/* C (M,N) += A (M,K) B (K,N), all double, row-major. Every C element sums c += a_ik b_kj over k
+ * in ascending order, one rounding per product and per sum (no FMA): the blocked and SIMD paths
+ * give the bits of ms_gemm_f64_acc_ref whatever the blocking, SIMD level or thread count.
+ * Blocking: B in KC x NC panels (256 x 256 doubles = 512 KiB, the L2), C in 4 x 16 register
+ * tiles (8 AVX-512 accumulators); threads take 4-row blocks of C. */
+void ms_gemm_f64_acc_ref(double *C, const double *A, const double *B, int M, int N, int K) {
     for (int o = 0; o < M; o++) {
         const double *ar = A + (size_t)o * K;
         double *c = C + (size_t)o * N;
         for (int i = 0; i < K; i++) {
-            const double a = ar[i];
-            if (a == 0.0) continue;
-            const double *b = B + (size_t)i * N;
+            const double a = ar[i], *b = B + (size_t)i * N;
             for (int j = 0; j < N; j++) c[j] += a * b[j];
+        }
+    }
+}
+
+#define F64_MR 4
+#define F64_NR 16
+#define F64_KC 256
+#define F64_NC 256
+
+/* C[0..mr)[0..nr) += A[0..mr)[k0..k1) B[k0..k1)[0..nr): the scalar tile (edges, no SIMD). */
+static void f64_tile_ref(double *C, int ldc, const double *A, int lda, const double *B, int ldb,
+                         int mr, int nr, int k0, int k1) {
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < nr; j++) {
+            double c = C[(size_t)r * ldc + j];
+            for (int k = k0; k < k1; k++) c += A[(size_t)r * lda + k] * B[(size_t)k * ldb + j];
+            C[(size_t)r * ldc + j] = c;
+        }
+}
+
+#if defined(MS_X86_KERNELS)
+MS_TARGET_AVX512
+static void f64_tile_avx512(double *C, int ldc, const double *A, int lda, const double *B, int ldb, int k0, int k1) {
+    __m512d c00 = _mm512_loadu_pd(C), c01 = _mm512_loadu_pd(C + 8);
+    __m512d c10 = _mm512_loadu_pd(C + ldc), c11 = _mm512_loadu_pd(C + ldc + 8);
+    __m512d c20 = _mm512_loadu_pd(C + 2 * (size_t)ldc), c21 = _mm512_loadu_pd(C + 2 * (size_t)ldc + 8);
+    __m512d c30 = _mm512_loadu_pd(C + 3 * (size_t)ldc), c31 = _mm512_loadu_pd(C + 3 * (size_t)ldc + 8);
+    for (int k = k0; k < k1; k++) {
+        const double *b = B + (size_t)k * ldb;
+        const __m512d b0 = _mm512_loadu_pd(b), b1 = _mm512_loadu_pd(b + 8);
+        __m512d a = _mm512_set1_pd(A[k]);
+        c00 = _mm512_add_pd(c00, _mm512_mul_pd(a, b0)); c01 = _mm512_add_pd(c01, _mm512_mul_pd(a, b1));
+        a = _mm512_set1_pd(A[(size_t)lda + k]);
+        c10 = _mm512_add_pd(c10, _mm512_mul_pd(a, b0)); c11 = _mm512_add_pd(c11, _mm512_mul_pd(a, b1));
+        a = _mm512_set1_pd(A[2 * (size_t)lda + k]);
+        c20 = _mm512_add_pd(c20, _mm512_mul_pd(a, b0)); c21 = _mm512_add_pd(c21, _mm512_mul_pd(a, b1));
+        a = _mm512_set1_pd(A[3 * (size_t)lda + k]);
+        c30 = _mm512_add_pd(c30, _mm512_mul_pd(a, b0)); c31 = _mm512_add_pd(c31, _mm512_mul_pd(a, b1));
+    }
+    _mm512_storeu_pd(C, c00); _mm512_storeu_pd(C + 8, c01);
+    _mm512_storeu_pd(C + ldc, c10); _mm512_storeu_pd(C + ldc + 8, c11);
+    _mm512_storeu_pd(C + 2 * (size_t)ldc, c20); _mm512_storeu_pd(C + 2 * (size_t)ldc + 8, c21);
+    _mm512_storeu_pd(C + 3 * (size_t)ldc, c30); _mm512_storeu_pd(C + 3 * (size_t)ldc + 8, c31);
+}
+
+MS_TARGET_AVX2
+static void f64_tile_avx2(double *C, int ldc, const double *A, int lda, const double *B, int ldb, int k0, int k1) {
+    for (int h = 0; h < F64_NR; h += 8) {        /* two 4 x 8 halves: 8 accumulators each */
+        __m256d c[4][2];
+        for (int r = 0; r < 4; r++) {
+            c[r][0] = _mm256_loadu_pd(C + (size_t)r * ldc + h);
+            c[r][1] = _mm256_loadu_pd(C + (size_t)r * ldc + h + 4);
+        }
+        for (int k = k0; k < k1; k++) {
+            const double *b = B + (size_t)k * ldb + h;
+            const __m256d b0 = _mm256_loadu_pd(b), b1 = _mm256_loadu_pd(b + 4);
+            for (int r = 0; r < 4; r++) {
+                const __m256d a = _mm256_set1_pd(A[(size_t)r * lda + k]);
+                c[r][0] = _mm256_add_pd(c[r][0], _mm256_mul_pd(a, b0));
+                c[r][1] = _mm256_add_pd(c[r][1], _mm256_mul_pd(a, b1));
+            }
+        }
+        for (int r = 0; r < 4; r++) {
+            _mm256_storeu_pd(C + (size_t)r * ldc + h, c[r][0]);
+            _mm256_storeu_pd(C + (size_t)r * ldc + h + 4, c[r][1]);
+        }
+    }
+}
+#endif
+
+void ms_gemm_f64_acc(double *C, const double *A, const double *B, int M, int N, int K) {
+    int level = 0;
+#if defined(MS_X86_KERNELS)
+    level = ms_simd() >= MS_SIMD_AVX512 ? 5 : ms_simd() >= MS_SIMD_AVX2 ? 2 : 0;
+#endif
+    const int nblk = (M + F64_MR - 1) / F64_MR;
+    for (int jc = 0; jc < N; jc += F64_NC) {
+        const int jn = N - jc < F64_NC ? N - jc : F64_NC;
+        for (int kc = 0; kc < K; kc += F64_KC) {
+            const int k1 = K - kc < F64_KC ? K : kc + F64_KC;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (M >= 32 && (double)M * N * K >= 1e6)
+#endif
+            for (int bi = 0; bi < nblk; bi++) {
+                const int i0 = bi * F64_MR, mr = M - i0 < F64_MR ? M - i0 : F64_MR;
+                double *c = C + (size_t)i0 * N + jc;
+                const double *a = A + (size_t)i0 * K;
+                int j = 0;
+                for (; level && mr == F64_MR && j + F64_NR <= jn; j += F64_NR) {
+#if defined(MS_X86_KERNELS)
+                    if (level == 5) f64_tile_avx512(c + j, N, a, K, B + jc + j, N, kc, k1);
+                    else f64_tile_avx2(c + j, N, a, K, B + jc + j, N, kc, k1);
+#endif
+                }
+                if (j < jn) f64_tile_ref(c + j, N, a, K, B + jc + j, N, mr, jn - j, kc, k1);
+            }
+        }
+    }
+}
+
+/* ---- kernels of the symmetric eigen-solver (mixshow.c, ms_sym_eigen) ----
+ * All loops in a fixed order per output; threads take whole rows or whole column chunks, and
+ * the AVX-512 paths do the scalar operations lane by lane (separate multiply and add): every
+ * path and thread count gives the same bits. Parallel regions are few and large: on a loaded
+ * machine every barrier may wait for a time slice. */
+
+/* sum_j x[j] y[j] for j in [0, n): eight partial sums (j mod 8) in order, then combined as
+ * ((s0+s4)+(s2+s6))+((s1+s5)+(s3+s7)); the same order on every path. */
+static double f64_dot8_combine(const double s[8]) {
+    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+}
+static double f64_dot(const double *x, const double *y, int n) {
+    double s[8] = { 0, 0, 0, 0, 0, 0, 0, 0 };
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int q = 0; q < 8; q++) s[q] += x[j + q] * y[j + q];
+    for (; j < n; j++) s[j & 7] += x[j] * y[j];
+    return f64_dot8_combine(s);
+}
+/* a[j] -= vi w[j] + wi v[j] (when v), then returns sum_j a[j] u[j] (when u; else 0). */
+static double f64_rank2_dot(double *a, int n, double vi, double wi, const double *v, const double *w, const double *u) {
+    if (v) for (int j = 0; j < n; j++) a[j] -= vi * w[j] + wi * v[j];
+    return u ? f64_dot(a, u, n) : 0.0;
+}
+/* q[j] -= t v[j] with t = beta (q . v). */
+static void f64_house_row(double *q, int n, const double *v, double beta) {
+    const double t = beta * f64_dot(q, v, n);
+    for (int j = 0; j < n; j++) q[j] -= t * v[j];
+}
+#if defined(MS_X86_KERNELS)
+MS_TARGET_AVX512
+static double f64_dot_avx512(const double *x, const double *y, int n) {
+    __m512d acc = _mm512_setzero_pd();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) acc = _mm512_add_pd(acc, _mm512_mul_pd(_mm512_loadu_pd(x + j), _mm512_loadu_pd(y + j)));
+    if (j < n) {
+        const __mmask8 m = (__mmask8)((1u << (n - j)) - 1u);
+        acc = _mm512_mask_add_pd(acc, m, acc, _mm512_mul_pd(_mm512_maskz_loadu_pd(m, x + j), _mm512_maskz_loadu_pd(m, y + j)));
+    }
+    double s[8];
+    _mm512_storeu_pd(s, acc);
+    return f64_dot8_combine(s);
+}
+MS_TARGET_AVX512
+static double f64_rank2_dot_avx512(double *a, int n, double vi, double wi, const double *v, const double *w, const double *u) {
+    if (v) {
+        const __m512d bv = _mm512_set1_pd(vi), bw = _mm512_set1_pd(wi);
+        int j = 0;
+        for (; j + 8 <= n; j += 8) {
+            const __m512d t = _mm512_add_pd(_mm512_mul_pd(bv, _mm512_loadu_pd(w + j)), _mm512_mul_pd(bw, _mm512_loadu_pd(v + j)));
+            _mm512_storeu_pd(a + j, _mm512_sub_pd(_mm512_loadu_pd(a + j), t));
+        }
+        for (; j < n; j++) a[j] -= vi * w[j] + wi * v[j];
+    }
+    return u ? f64_dot_avx512(a, u, n) : 0.0;
+}
+MS_TARGET_AVX512
+static void f64_house_row_avx512(double *q, int n, const double *v, double beta) {
+    const double t = beta * f64_dot_avx512(q, v, n);
+    const __m512d bt = _mm512_set1_pd(t);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) _mm512_storeu_pd(q + j, _mm512_sub_pd(_mm512_loadu_pd(q + j), _mm512_mul_pd(bt, _mm512_loadu_pd(v + j))));
+    for (; j < n; j++) q[j] -= t * v[j];
+}
+#endif
+static int f64_avx512(void) {
+#if defined(MS_X86_KERNELS)
+    return ms_simd() >= MS_SIMD_AVX512;
+#else
+    return 0;
+#endif
+}
+
+void ms_tridiag_update_f64(double *A, int n, int r0, const double *v, const double *w, const double *u, double *p) {
+    const int len = n - r0, simd = f64_avx512();
+    (void)simd;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if ((double)len * len >= 409600.0)
+#endif
+    for (int i = r0; i < n; i++) {
+        double *a = A + (size_t)i * n + r0;
+        const double vi = v ? v[i] : 0.0, wi = v ? w[i] : 0.0;
+        double d;
+#if defined(MS_X86_KERNELS)
+        if (simd) d = f64_rank2_dot_avx512(a, len, vi, wi, v ? v + r0 : NULL, w + r0, u ? u + r0 : NULL);
+        else
+#endif
+        d = f64_rank2_dot(a, len, vi, wi, v ? v + r0 : NULL, w + r0, u ? u + r0 : NULL);
+        if (u) p[i] = d;
+    }
+}
+
+/* Rows of Q in blocks of 16 (they stay in L2 while every v_k streams past once per block);
+ * each row takes the reflectors k = n-3 .. 0 in order. */
+void ms_house_accumulate_f64(double *Q, int n, const double *Vh, const double *beta) {
+    const int nb = (n + 15) / 16, simd = f64_avx512();
+    (void)simd;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) if (n >= 128)
+#endif
+    for (int b = nb - 1; b >= 0; b--) {
+        const int i0 = b * 16, i1 = i0 + 16 < n ? i0 + 16 : n;
+        for (int k = n - 3; k >= 0; k--) {
+            if (beta[k] == 0.0) continue;
+            const int r0 = k + 1, len = n - r0;
+            const double *v = Vh + (size_t)k * n + r0;
+            for (int i = i0 > r0 ? i0 : r0; i < i1; i++) {
+#if defined(MS_X86_KERNELS)
+                if (simd) { f64_house_row_avx512(Q + (size_t)i * n + r0, len, v, beta[k]); continue; }
+#endif
+                f64_house_row(Q + (size_t)i * n + r0, len, v, beta[k]);
+            }
+        }
+    }
+}
+
+/* Plane rotations of rows, sweep after sweep (see mixshow.h). Columns are independent: threads
+ * take chunks of 64 columns and run every sweep on them; the chunk of all rows (n x 512 B)
+ * stays in L2 across the sweeps. */
+#define ROT_CH 64
+static void f64_rot_sweep(double *Z, size_t ld, int k0, int k1, int lo, int hi, const double *c, const double *s) {
+    for (int i = hi - 1; i >= lo; i--) {
+        double *restrict zi = Z + (size_t)i * ld, *restrict z1 = zi + ld;
+        const double ci = c[i - lo], si = s[i - lo];
+        for (int k = k0; k < k1; k++) {
+            const double h = z1[k];
+            z1[k] = si * zi[k] + ci * h;
+            zi[k] = ci * zi[k] - si * h;
+        }
+    }
+}
+#if defined(MS_X86_KERNELS)
+MS_TARGET_AVX512
+static void f64_rot_sweep_avx512(double *Z, size_t ld, int k0, int lo, int hi, const double *c, const double *s) {
+    for (int i = hi - 1; i >= lo; i--) {
+        double *zi = Z + (size_t)i * ld + k0, *z1 = zi + ld;
+        const __m512d ci = _mm512_set1_pd(c[i - lo]), si = _mm512_set1_pd(s[i - lo]);
+        for (int k = 0; k < ROT_CH; k += 8) {
+            const __m512d h = _mm512_loadu_pd(z1 + k), x = _mm512_loadu_pd(zi + k);
+            _mm512_storeu_pd(z1 + k, _mm512_add_pd(_mm512_mul_pd(si, x), _mm512_mul_pd(ci, h)));
+            _mm512_storeu_pd(zi + k, _mm512_sub_pd(_mm512_mul_pd(ci, x), _mm512_mul_pd(si, h)));
+        }
+    }
+}
+#endif
+
+void ms_rot_rows_f64(double *Z, int n_cols, int ld, const int *lo, const int *hi, const size_t *off, int n_sweeps,
+                     const double *c, const double *s) {
+    const int nch = (n_cols + ROT_CH - 1) / ROT_CH, simd = f64_avx512();
+    size_t work = 0;
+    (void)simd;
+    for (int q = 0; q < n_sweeps; q++) work += (size_t)(hi[q] - lo[q]);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if ((double)work * n_cols >= 131072.0)
+#endif
+    for (int ch = 0; ch < nch; ch++) {
+        const int k0 = ch * ROT_CH, k1 = n_cols - k0 < ROT_CH ? n_cols : k0 + ROT_CH;
+        for (int q = 0; q < n_sweeps; q++) {
+#if defined(MS_X86_KERNELS)
+            if (simd && k1 - k0 == ROT_CH) { f64_rot_sweep_avx512(Z, (size_t)ld, k0, lo[q], hi[q], c + off[q], s + off[q]); continue; }
+#endif
+            f64_rot_sweep(Z, (size_t)ld, k0, k1, lo[q], hi[q], c + off[q], s + off[q]);
         }
     }
 }
