@@ -1890,27 +1890,23 @@ static void fuse_sp_record(void *ctx, int block, int which, const float *x, size
     r->in[k].n_cur += rows;
 }
 
-/* f(W) from the delta statistics (D = W - W0 in double). */
+/* f(W) from the delta statistics (D = W - W0 in double): T = D G by the threaded double GEMM
+ * (tensor.c), then the two inner products row by row in order. NAN when out of memory. */
 static double fuse_sp_objective(const FuseSpLayer *L, const FuseSpInput *in, const float *W0, const float *W) {
     const int di = L->d_in;
-    double *d = (double *)malloc((size_t)di * sizeof(double)), f = L->e;
-    if (!d) return NAN;
-    for (int o = 0; o < L->d_out; o++) {
-        const float *w = W + (size_t)o * di, *w0 = W0 + (size_t)o * di;
-        const double *b = L->B + (size_t)o * di;
-        double dgd = 0.0, db = 0.0;
-        for (int i = 0; i < di; i++) d[i] = (double)w[i] - (double)w0[i];
-        for (int i = 0; i < di; i++) {
-            if (d[i] == 0.0) continue;
-            const double *g = in->G + (size_t)i * di;
-            double gd = 0.0;
-            for (int j = 0; j < di; j++) gd += g[j] * d[j];
-            dgd += d[i] * gd;
-            db += d[i] * b[i];
-        }
-        f += dgd - 2.0 * db;
-    }
-    free(d);
+    const size_t m = (size_t)L->d_out * di;
+    double f = L->e, dgd = 0.0, db = 0.0;
+    int zero = 1;
+    for (size_t q = 0; q < m && zero; q++) zero = W[q] == W0[q];
+    if (zero) return in->n ? f / ((double)in->n * L->d_out) : 0.0;
+    double *D = (double *)malloc(2 * m * sizeof(double));
+    if (!D) return NAN;
+    double *T = D + m;
+    for (size_t q = 0; q < m; q++) { D[q] = (double)W[q] - (double)W0[q]; T[q] = 0.0; }
+    ms_gemm_f64_acc(T, D, in->G, L->d_out, di, di);
+    for (size_t q = 0; q < m; q++) { dgd += T[q] * D[q]; db += D[q] * L->B[q]; }
+    f += dgd - 2.0 * db;
+    free(D);
     return in->n ? f / ((double)in->n * L->d_out) : 0.0;
 }
 
@@ -1928,24 +1924,15 @@ static MsStatus fuse_sp_fold(FuseSpInput *in, FuseSpLayer *ls, int nl, int k, co
         const UNetLoraLinear *ll = &c->unet->lin[4 * L->am + L->w];
         MsFuseDelta dl = { c->unet->alpha, c->unet->rank, ll->down, ll->up };
         float *Wc = (float *)malloc(m * sizeof(float));
-        double *D = (double *)malloc(m * sizeof(double)), *t = (double *)malloc((size_t)d * sizeof(double));
-        if (!Wc || !D || !t) { free(Wc); free(D); free(t); return ms_errorf(MS_ERR_NOMEM, "fuse: spatial statistics"); }
+        double *D = (double *)malloc(2 * m * sizeof(double)), *T = D ? D + m : NULL;
+        if (!Wc || !D) { free(Wc); free(D); return ms_errorf(MS_ERR_NOMEM, "fuse: spatial statistics"); }
         ms_fuse_merged_weight(Wc, L->W->f32, &dl, L->d_out, d);
-        for (size_t q = 0; q < m; q++) D[q] = (double)Wc[q] - (double)L->W->f32[q];
-        ms_gemm_f64_acc(L->B, D, in->Gc, L->d_out, d, d);   /* B += D G_c (tensor.c) */
-        double e = 0.0;                                /* in row order, independent of threads */
-        for (int o = 0; o < L->d_out; o++) {
-            const double *dr = D + (size_t)o * d;
-            for (int j = 0; j < d; j++) {
-                const double *g = in->Gc + (size_t)j * d;
-                double acc = 0.0;
-                for (int i = 0; i < d; i++) acc += g[i] * dr[i];
-                t[j] = acc;
-            }
-            for (int j = 0; j < d; j++) e += t[j] * dr[j];
-        }
+        for (size_t q = 0; q < m; q++) { D[q] = (double)Wc[q] - (double)L->W->f32[q]; T[q] = 0.0; }
+        ms_gemm_f64_acc(T, D, in->Gc, L->d_out, d, d);     /* T = D G_c (tensor.c) */
+        double e = 0.0;                                /* in order, independent of threads */
+        for (size_t q = 0; q < m; q++) { L->B[q] += T[q]; e += T[q] * D[q]; }
         L->e += e;
-        free(Wc); free(D); free(t);
+        free(Wc); free(D);
     }
     const size_t dd = (size_t)d * d;
     for (size_t q = 0; q < dd; q++) { in->G[q] += in->Gc[q]; in->Gc[q] = 0.0; }
@@ -2118,6 +2105,9 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
 
     /* ---- solve every layer ---- */
     double t1 = ms_time();
+    MsSymEig eig;
+    int eig_in = -1;
+    memset(&eig, 0, sizeof eig);
     for (int l = 0; l < n_layers && !s; l++) {
         FuseSpLayer *L = &ls[l];
         FuseSpInput *x = &in[L->input];
@@ -2141,11 +2131,14 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
         if (!s && o->method == MS_FUSE_WEIGHT) memcpy(W, Ww, m * sizeof(float));
         else if (!s && o->method == MS_FUSE_GRAM) {
             MsFuseStats S = { L->d_in, L->d_out, x->n, x->G, L->B, L->e };
-            float *Z = (float *)calloc(m, sizeof(float));
-            if (!Z) s = ms_errorf(MS_ERR_NOMEM, "fuse: %s", L->W->name);
-            if (!s) s = ms_fuse_solve_gram(&S, Z, W, o->rcond, &rank);     /* W = B G+ = the change */
+            if (eig_in != L->input) {          /* one decomposition per distinct G (attn1 q, k, v share one) */
+                ms_sym_eig_free(&eig);
+                eig_in = -1;
+                s = ms_sym_eig_init(&eig, x->G, L->d_in);
+                if (!s) eig_in = L->input;
+            }
+            if (!s) s = ms_fuse_solve_gram_eig(&eig, &S, NULL, W, o->rcond, &rank);   /* W = B G+ = the change */
             for (size_t q = 0; q < m && !s; q++) W[q] = W0[q] + W[q];
-            free(Z);
         } else if (!s) {
             const int di = L->d_in;
             double *Cabs = (double *)malloc(m * sizeof(double)), vv = L->e;
@@ -2179,6 +2172,7 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
         }
         free(W); free(Ww); free(trace);
     }
+    ms_sym_eig_free(&eig);
 done:
     if (rep) rep->seconds[2] = ms_time() - t_start;
     for (int k = 0; in && k < 4 * NB; k++) { free(in[k].Gc); free(in[k].G); }
