@@ -114,6 +114,25 @@ double ms_rng_normal(MsRng *r);
 void ms_rng_fill_normal(MsRng *r, float *x, size_t n, float mean, float std);
 void ms_rng_fill_uniform(MsRng *r, float *x, size_t n, float lo, float hi);
 
+/* 16-bit weights -> f32 (tensor.c; F16C / AVX-512 / NEON, scalar _ref): exact, NaN payloads and
+ * signalling NaNs kept bit for bit, as the scalar definition ms_f16_to_f32_vec_ref. */
+void ms_f16_to_f32_vec(float *out, const uint16_t *h, size_t n);
+void ms_f16_to_f32_vec_ref(float *out, const uint16_t *h, size_t n);
+void ms_bf16_to_f32_vec(float *out, const uint16_t *h, size_t n);
+/* The kernels of torch's CPU randn (tensor.c; the generator is MsTorchRng, models/schedulers.c),
+ * SIMD paths bit-identical to the scalar _ref definitions:
+ *   ms_mt19937_twist: the mt19937 state refill (624 words, in place);
+ *   ms_mt_uniform24: n state words -> tempered output -> uniform_real_distribution<float>(0,1);
+ *   ms_torch_normal16: normal_fill_16 on nblocks blocks of 16 uniforms in place (Box-Muller,
+ *     cos half first); avx_mathfun 1: torch's AVX2 kernel (avx_mathfun.h log/sincos with FMA,
+ *     what stock x86-64 torch runs), 0: its default kernel (libm logf/sinf/cosf). */
+void ms_mt19937_twist(uint32_t *mt);
+void ms_mt19937_twist_ref(uint32_t *mt);
+void ms_mt_uniform24(float *out, const uint32_t *state, size_t n);
+void ms_mt_uniform24_ref(float *out, const uint32_t *state, size_t n);
+void ms_torch_normal16(float *data, size_t nblocks, int avx_mathfun);
+void ms_torch_normal16_ref(float *data, size_t nblocks, int avx_mathfun);
+
 /* ==========================================================================================
  * Ops: GEMM, linear, convolution (tensor.c)
  * ======================================================================================== */

@@ -3276,3 +3276,418 @@ void timestep_embedding_ref(float *out, const float *t, int N, int dim, int flip
     for (int n = 0; n < N && dim % 2; n++) out[(size_t)n * dim + dim - 1] = 0.0f;
 }
 
+
+/* ========================================================================================== */
+/* 16-bit weights -> f32; torch-identical uniform and normal fills (F16C / AVX2 / AVX-512 / NEON) */
+/* ========================================================================================== */
+/* F16 -> f32 is exact (every binary16 value is a binary32 value), so every path gives the bits
+ * of the scalar definition ms_f16_to_f32_vec_ref, signalling NaNs included: the hardware
+ * converters (VCVTPH2PS, FCVTL) quiet them (set the f32 quiet bit 22), the definition keeps
+ * the payload as it is (m << 13), and the fast paths clear bit 22 again in those lanes.
+ * Signalling NaN in binary16: exponent 31, quiet bit 9 clear, payload bits 0..8 not all zero. */
+void ms_f16_to_f32_vec_ref(float *out, const uint16_t *h, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t sign = (uint32_t)(h[i] & 0x8000u) << 16, e = (h[i] >> 10) & 0x1fu, m = h[i] & 0x3ffu, bits;
+        if (e == 0x1f) bits = sign | 0x7f800000u | (m << 13);                 /* inf, NaN */
+        else if (e != 0) bits = sign | ((e + 112) << 23) | (m << 13);         /* normal: bias 15 -> 127 */
+        else if (m == 0) bits = sign;                                         /* +-0 */
+        else {                                                                /* subnormal: m 2^-24 */
+            e = 113;
+            while (!(m & 0x400u)) { m <<= 1; e--; }
+            bits = sign | (e << 23) | ((m & 0x3ffu) << 13);
+        }
+        memcpy(&out[i], &bits, 4);
+    }
+}
+
+/* Scalar fast path, branch-free: the 15 magnitude bits shifted into an f32's exponent/mantissa
+ * give 2^-112 times the value (normal and subnormal alike; the product by 2^112 below is exact),
+ * exponent 31 (inf, NaN) maps to 255 with the payload kept, the sign is copied. */
+static void f16_to_f32_scalar(float *out, const uint16_t *h, size_t n) {
+    const float two112 = 5.192296858534828e33f;    /* 2^112, exact */
+    for (size_t i = 0; i < n; i++) {
+        uint32_t x = h[i], mag = (x & 0x7fffu) << 13, b;
+        uint32_t special = 0u - (uint32_t)((x & 0x7c00u) == 0x7c00u);   /* all ones for inf, NaN */
+        float f;
+        memcpy(&f, &mag, 4);
+        f *= two112;
+        memcpy(&b, &f, 4);
+        b = (b & ~special) | ((0x7f800000u | mag) & special);
+        b |= (x & 0x8000u) << 16;
+        memcpy(&out[i], &b, 4);
+    }
+}
+
+#if defined(MS_X86_KERNELS)
+#include <cpuid.h>
+/* 16 values: VCVTPH2PS, then bit 22 cleared again in the signalling-NaN lanes. */
+MS_TARGET_AVX512
+static __m512 f16x16_avx512(__m256i x) {
+    __m512i w = _mm512_cvtepu16_epi32(x), f = _mm512_castps_si512(_mm512_cvtph_ps(x));
+    __mmask16 snan = _mm512_cmpeq_epi32_mask(_mm512_and_epi32(w, _mm512_set1_epi32(0x7e00)), _mm512_set1_epi32(0x7c00)) &
+                     _mm512_test_epi32_mask(w, _mm512_set1_epi32(0x1ff));
+    return _mm512_castsi512_ps(_mm512_mask_and_epi32(f, snan, f, _mm512_set1_epi32(~0x00400000)));
+}
+/* Outputs larger than the caches (a big weight staged right before its GEMM) go out with
+ * streaming stores: no read-for-ownership of lines that are overwritten whole. */
+#define F16_STREAM_MIN ((size_t)4 << 20)
+MS_TARGET_AVX512
+static void f16_to_f32_avx512(float *out, const uint16_t *h, size_t n) {
+    size_t i = 0;
+    if (n >= F16_STREAM_MIN) {
+        for (; i < n && ((uintptr_t)(out + i) & 63); i++) f16_to_f32_scalar(out + i, h + i, 1);
+        for (; i + 16 <= n; i += 16)
+            _mm512_stream_ps(out + i, f16x16_avx512(_mm256_loadu_si256((const __m256i *)(const void *)(h + i))));
+        _mm_sfence();
+    }
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, f16x16_avx512(_mm256_loadu_si256((const __m256i *)(const void *)(h + i))));
+    if (i < n) {                                    /* the tail, zero-padded */
+        uint16_t t[16] = { 0 };
+        memcpy(t, h + i, (n - i) * sizeof *t);
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(out + i, m, f16x16_avx512(_mm256_loadu_si256((const __m256i *)(const void *)t)));
+    }
+}
+#define MS_TARGET_F16C __attribute__((target("avx2,f16c")))
+MS_TARGET_F16C
+static void f16_to_f32_f16c(float *out, const uint16_t *h, size_t n) {
+    const __m256i e31 = _mm256_set1_epi32(0x7c00), qmask = _mm256_set1_epi32(0x7e00), pay = _mm256_set1_epi32(0x1ff);
+    const __m256i zero = _mm256_setzero_si256(), quiet = _mm256_set1_epi32(0x00400000);
+    size_t i = 0;
+    int stream = n >= F16_STREAM_MIN;
+    if (stream) for (; i < n && ((uintptr_t)(out + i) & 31); i++) f16_to_f32_scalar(out + i, h + i, 1);
+    for (; i + 8 <= n; i += 8) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(const void *)(h + i));
+        __m256i w = _mm256_cvtepu16_epi32(x);
+        __m256i f = _mm256_castps_si256(_mm256_cvtph_ps(x));
+        __m256i snan = _mm256_andnot_si256(_mm256_cmpeq_epi32(_mm256_and_si256(w, pay), zero),
+                                           _mm256_cmpeq_epi32(_mm256_and_si256(w, qmask), e31));
+        f = _mm256_andnot_si256(_mm256_and_si256(snan, quiet), f);
+        if (stream) _mm256_stream_si256((__m256i *)(void *)(out + i), f);
+        else _mm256_storeu_si256((__m256i *)(void *)(out + i), f);
+    }
+    if (stream) _mm_sfence();
+    f16_to_f32_scalar(out + i, h + i, n - i);
+}
+/* F16C: CPUID leaf 1, ECX bit 29 (every AVX2 CPU made has it; asked anyway). clang 14's
+ * __builtin_cpu_supports does not know "f16c". The AVX state is checked with the AVX2 level. */
+static int ms_has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && ((c >> 29) & 1u);
+}
+#endif
+
+#if defined(MS_NEON_KERNELS)
+static void f16_to_f32_neon(float *out, const uint16_t *h, size_t n) {
+    const uint32x4_t e31 = vdupq_n_u32(0x7c00), qmask = vdupq_n_u32(0x7e00), pay = vdupq_n_u32(0x1ff);
+    const uint32x4_t quiet = vdupq_n_u32(0x00400000);
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        uint16x4_t x = vld1_u16(h + i);
+        uint32x4_t w = vmovl_u16(x);
+        uint32x4_t f = vreinterpretq_u32_f32(vcvt_f32_f16(vreinterpret_f16_u16(x)));
+        uint32x4_t snan = vandq_u32(vceqq_u32(vandq_u32(w, qmask), e31), vtstq_u32(w, pay));
+        f = vbicq_u32(f, vandq_u32(snan, quiet));
+        vst1q_u32((uint32_t *)(void *)(out + i), f);
+    }
+    f16_to_f32_scalar(out + i, h + i, n - i);
+}
+#endif
+
+void ms_f16_to_f32_vec(float *out, const uint16_t *h, size_t n) {
+#if defined(MS_X86_KERNELS)
+    MsSimd l = ms_simd();
+    if (l >= MS_SIMD_AVX512) { f16_to_f32_avx512(out, h, n); return; }
+    if (l >= MS_SIMD_AVX2 && ms_has_f16c()) { f16_to_f32_f16c(out, h, n); return; }
+#elif defined(MS_NEON_KERNELS)
+    if (ms_simd() >= MS_SIMD_NEON) { f16_to_f32_neon(out, h, n); return; }
+#endif
+    f16_to_f32_scalar(out, h, n);
+}
+
+void ms_bf16_to_f32_vec(float *out, const uint16_t *h, size_t n) {
+    for (size_t i = 0; i < n; i++) {                 /* a shift: compilers vectorize it */
+        uint32_t b = (uint32_t)h[i] << 16;
+        memcpy(&out[i], &b, 4);
+    }
+}
+
+/* --- torch.randn on the CPU: mt19937 words -> uniforms -> Box-Muller in blocks of 16 ------- */
+/* (torch 1.13 aten/src/ATen/core/{MT19937RNGEngine.h, TransformationHelper.h},
+ * native/cpu/DistributionTemplates.h normal_fill / normal_fill_16_AVX2, native/cpu/avx_mathfun.h;
+ * the generator itself, seeding and the n < 16 path are in models/schedulers.c.)
+ * Every function here is elementwise: the SIMD paths run the scalar definition's operations lane
+ * by lane (the same roundings, the same FMAs), so they give its bits. No a*b+c may become an
+ * FMA behind our back (the Makefile passes -ffp-contract=off; this covers builds without it). */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+/* One mt19937 state word -> the generator's output (the standard tempering) -> torch's
+ * uniform_real_distribution<float>(0, 1): the low 24 bits times 2^-24 (exact, in [0, 1)). */
+void ms_mt_uniform24_ref(float *out, const uint32_t *state, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t y = state[i];
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c5680u;
+        y ^= (y << 15) & 0xefc60000u;
+        y ^= y >> 18;
+        out[i] = (float)(y & 0xffffffu) * (1.0f / 16777216.0f);
+    }
+}
+
+/* MT19937 state refill (Matsumoto & Nishimura 1998; at::mt19937::next_state): word k becomes
+ * mt[k + M] ^ (y >> 1) ^ (y odd ? 0x9908b0df : 0), y = upper bit of mt[k] | lower 31 of mt[k + 1],
+ * indices mod N, in increasing k (so for k >= N - M, mt[k + M - N] is already the new word). */
+void ms_mt19937_twist_ref(uint32_t *mt) {
+    for (int k = 0; k < 624; k++) {
+        uint32_t y = (mt[k] & 0x80000000u) | (mt[(k + 1) % 624] & 0x7fffffffu);
+        mt[k] = mt[(k + 397) % 624] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+    }
+}
+
+/* avx_mathfun.h's log256_ps (Pommier's sse_mathfun after Cephes logf) one lane at a time: x =
+ * m 2^e with m in [sqrt(1/2), sqrt(2)), log1p(m - 1) by the degree-9 polynomial x - x^2/2 +
+ * x^3 P(x), plus e ln 2 with ln 2 = 0.693359375 - 2.12194440e-4. Debian's libtorch builds its
+ * AVX2 kernels with -mfma and contraction on: gcc fuses every multiply whose only use is an add
+ * into an FMA, marked fmaf here (without them 1% of the values move by 1-2 ulp). */
+static float rn_bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static uint32_t rn_f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static float cephes_logf_lane(float x) {
+    int invalid = x <= 0.0f;                              /* _CMP_LE_OS; NaN compares false */
+    if (!(x >= 1.17549435e-38f)) x = 1.17549435e-38f;    /* max_ps(x, min_norm_pos) */
+    uint32_t bits = rn_f_bits(x);
+    int32_t imm0 = (int32_t)(bits >> 23) - 0x7f;
+    x = rn_bits_f((bits & ~0x7f800000u) | rn_f_bits(0.5f));
+    float e = (float)imm0 + 1.0f;
+    float tmp = x < 0.707106781186547524f ? x : 0.0f;
+    float one_m = x < 0.707106781186547524f ? 1.0f : 0.0f;
+    x = x - 1.0f;
+    e = e - one_m;
+    x = x + tmp;
+    float z = x * x;
+    float y = 7.0376836292E-2f;
+    y = fmaf(y, x, -1.1514610310E-1f);
+    y = fmaf(y, x, 1.1676998740E-1f);
+    y = fmaf(y, x, -1.2420140846E-1f);
+    y = fmaf(y, x, 1.4249322787E-1f);
+    y = fmaf(y, x, -1.6668057665E-1f);
+    y = fmaf(y, x, 2.0000714765E-1f);
+    y = fmaf(y, x, -2.4999993993E-1f);
+    y = fmaf(y, x, 3.3333331174E-1f);
+    y = y * x;
+    tmp = e * -2.12194440e-4f;
+    y = fmaf(y, z, tmp);
+    y = fmaf(-z, 0.5f, y);                                /* z * 0.5 is exact: fused or not */
+    x = x + y;
+    x = fmaf(e, 0.693359375f, x);
+    return invalid ? rn_bits_f(0xffffffffu) : x;          /* or_ps with an all-ones mask: NaN */
+}
+
+/* sincos256_ps: |x| reduced by j pi/4 (j even, pi/4 in three parts), then Cephes' sin and cos
+ * polynomials on [-pi/4, pi/4]; bit 2 of j swaps them, bits 4 and (j-2)&4 set the signs. */
+static void cephes_sincosf_lane(float x, float *s, float *c) {
+    uint32_t sign_sin = rn_f_bits(x) & 0x80000000u;
+    x = rn_bits_f(rn_f_bits(x) & 0x7fffffffu);
+    float y = x * 1.27323954473516f;                      /* 4 / pi */
+    int32_t j = (int32_t)y;                               /* cvttps: truncate */
+    j = (j + 1) & ~1;
+    y = (float)j;
+    uint32_t swap_sin = ((uint32_t)j & 4u) << 29;
+    int poly_sin = (j & 2) == 0;                          /* first polynomial for sin? */
+    x = fmaf(y, -0.78515625f, x);                         /* extended-precision reduction */
+    x = fmaf(y, -2.4187564849853515625e-4f, x);
+    x = fmaf(y, -3.77489497744594108e-8f, x);
+    uint32_t sign_cos = ((uint32_t)~(j - 2) & 4u) << 29;
+    sign_sin ^= swap_sin;
+    float z = x * x;
+    float yc = 2.443315711809948E-005f;                   /* cos polynomial on [0, pi/4] */
+    yc = fmaf(yc, z, -1.388731625493765E-003f);
+    yc = fmaf(yc, z, 4.166664568298827E-002f);
+    yc = yc * z;
+    yc = fmaf(yc, z, -(z * 0.5f));
+    yc = yc + 1.0f;
+    float ys = -1.9515295891E-4f;                         /* sin polynomial on [0, pi/4] */
+    ys = fmaf(ys, z, 8.3321608736E-3f);
+    ys = fmaf(ys, z, -1.6666654611E-1f);
+    ys = ys * z;
+    ys = fmaf(ys, x, x);
+    float sv = poly_sin ? ys : yc, cv = poly_sin ? yc : ys;
+    *s = rn_bits_f(rn_f_bits(sv) ^ sign_sin);
+    *c = rn_bits_f(rn_f_bits(cv) ^ sign_cos);
+}
+
+/* normal_fill_16: eight Box-Muller pairs from 16 uniforms, u1 = 1 - d[j] (log never sees 0),
+ * u2 = d[j + 8]; the cos half to j, the sin half to j + 8. avx_mathfun: the AVX2 kernel
+ * (avx_mathfun log/sincos, theta = (float)(2 pi) * u2 in float); else the default kernel (libm
+ * logf/cosf/sinf, theta = 2 pi u2 in double rounded to float). `* 1 + 0` is torch's
+ * `* std + mean` (it turns -0 into +0). */
+void ms_torch_normal16_ref(float *data, size_t nblocks, int avx_mathfun) {
+    for (size_t b = 0; b < nblocks; b++) {
+        float *d = data + 16 * b;
+        for (int j = 0; j < 8; j++) {
+            float u1 = 1.0f - d[j], u2 = d[j + 8], radius, s, c;
+            if (avx_mathfun) {
+                radius = sqrtf(-2.0f * cephes_logf_lane(u1));
+                cephes_sincosf_lane((float)(2.0 * MS_PI) * u2, &s, &c);
+            } else {
+                radius = sqrtf(-2.0f * logf(u1));
+                float theta = (float)(2.0 * MS_PI * (double)u2);
+                c = cosf(theta);
+                s = sinf(theta);
+            }
+            d[j] = radius * c * 1.0f + 0.0f;
+            d[j + 8] = radius * s * 1.0f + 0.0f;
+        }
+    }
+}
+
+#if defined(MS_X86_KERNELS)
+/* The same lanes, eight at a time: this is normal_fill_16_AVX2 itself. */
+MS_TARGET_AVX2
+static __m256 rn_log_avx2(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 invalid = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LE_OS);
+    x = _mm256_max_ps(x, _mm256_set1_ps(1.17549435e-38f));
+    __m256i imm0 = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(x), 23), _mm256_set1_epi32(0x7f));
+    x = _mm256_or_ps(_mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(~0x7f800000))), _mm256_set1_ps(0.5f));
+    __m256 e = _mm256_add_ps(_mm256_cvtepi32_ps(imm0), one);
+    __m256 mask = _mm256_cmp_ps(x, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OS);
+    __m256 tmp = _mm256_and_ps(x, mask);
+    x = _mm256_sub_ps(x, one);
+    e = _mm256_sub_ps(e, _mm256_and_ps(one, mask));
+    x = _mm256_add_ps(x, tmp);
+    __m256 z = _mm256_mul_ps(x, x);
+    __m256 y = _mm256_set1_ps(7.0376836292E-2f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.1514610310E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.1676998740E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.2420140846E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.4249322787E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.6668057665E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(2.0000714765E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-2.4999993993E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(3.3333331174E-1f));
+    y = _mm256_mul_ps(y, x);
+    tmp = _mm256_mul_ps(e, _mm256_set1_ps(-2.12194440e-4f));
+    y = _mm256_fmadd_ps(y, z, tmp);
+    y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+    x = _mm256_add_ps(x, y);
+    x = _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), x);
+    return _mm256_or_ps(x, invalid);
+}
+
+MS_TARGET_AVX2
+static void rn_sincos_avx2(__m256 x, __m256 *s, __m256 *c) {
+    const __m256i i4 = _mm256_set1_epi32(4), i2 = _mm256_set1_epi32(2);
+    __m256i sign_sin = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32((int)0x80000000u));
+    x = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
+    __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(1.27323954473516f));
+    __m256i j = _mm256_cvttps_epi32(y);
+    j = _mm256_and_si256(_mm256_add_epi32(j, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));
+    y = _mm256_cvtepi32_ps(j);
+    __m256i swap_sin = _mm256_slli_epi32(_mm256_and_si256(j, i4), 29);
+    __m256 poly_sin = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(j, i2), _mm256_setzero_si256()));
+    x = _mm256_fmadd_ps(y, _mm256_set1_ps(-0.78515625f), x);
+    x = _mm256_fmadd_ps(y, _mm256_set1_ps(-2.4187564849853515625e-4f), x);
+    x = _mm256_fmadd_ps(y, _mm256_set1_ps(-3.77489497744594108e-8f), x);
+    __m256i sign_cos = _mm256_slli_epi32(_mm256_andnot_si256(_mm256_sub_epi32(j, i2), i4), 29);
+    sign_sin = _mm256_xor_si256(sign_sin, swap_sin);
+    __m256 z = _mm256_mul_ps(x, x);
+    __m256 yc = _mm256_set1_ps(2.443315711809948E-005f);
+    yc = _mm256_fmadd_ps(yc, z, _mm256_set1_ps(-1.388731625493765E-003f));
+    yc = _mm256_fmadd_ps(yc, z, _mm256_set1_ps(4.166664568298827E-002f));
+    yc = _mm256_mul_ps(yc, z);
+    yc = _mm256_fmsub_ps(yc, z, _mm256_mul_ps(z, _mm256_set1_ps(0.5f)));
+    yc = _mm256_add_ps(yc, _mm256_set1_ps(1.0f));
+    __m256 ys = _mm256_set1_ps(-1.9515295891E-4f);
+    ys = _mm256_fmadd_ps(ys, z, _mm256_set1_ps(8.3321608736E-3f));
+    ys = _mm256_fmadd_ps(ys, z, _mm256_set1_ps(-1.6666654611E-1f));
+    ys = _mm256_mul_ps(ys, z);
+    ys = _mm256_fmadd_ps(ys, x, x);
+    __m256 sv = _mm256_blendv_ps(yc, ys, poly_sin), cv = _mm256_blendv_ps(ys, yc, poly_sin);
+    *s = _mm256_xor_ps(sv, _mm256_castsi256_ps(sign_sin));
+    *c = _mm256_xor_ps(cv, _mm256_castsi256_ps(sign_cos));
+}
+
+MS_TARGET_AVX2
+static void torch_normal16_avx2(float *data, size_t nblocks) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (size_t b = 0; b < nblocks; b++) {
+        float *d = data + 16 * b;
+        __m256 u1 = _mm256_sub_ps(one, _mm256_loadu_ps(d)), u2 = _mm256_loadu_ps(d + 8), s, c;
+        __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), rn_log_avx2(u1)));
+        rn_sincos_avx2(_mm256_mul_ps(_mm256_set1_ps((float)(2.0 * MS_PI)), u2), &s, &c);
+        _mm256_storeu_ps(d, _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(radius, c), one), zero));
+        _mm256_storeu_ps(d + 8, _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(radius, s), one), zero));
+    }
+}
+
+MS_TARGET_AVX2
+static void mt_uniform24_avx2(float *out, const uint32_t *state, size_t n) {
+    const __m256i m1 = _mm256_set1_epi32((int)0x9d2c5680u), m2 = _mm256_set1_epi32((int)0xefc60000u);
+    const __m256i low = _mm256_set1_epi32(0xffffff);
+    const __m256 scale = _mm256_set1_ps(1.0f / 16777216.0f);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i y = _mm256_loadu_si256((const __m256i *)(const void *)(state + i));
+        y = _mm256_xor_si256(y, _mm256_srli_epi32(y, 11));
+        y = _mm256_xor_si256(y, _mm256_and_si256(_mm256_slli_epi32(y, 7), m1));
+        y = _mm256_xor_si256(y, _mm256_and_si256(_mm256_slli_epi32(y, 15), m2));
+        y = _mm256_xor_si256(y, _mm256_srli_epi32(y, 18));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(y, low)), scale));
+    }
+    ms_mt_uniform24_ref(out + i, state + i, n - i);
+}
+
+/* The refill eight words at a time where the words read are all old (k + 8 <= 227: mt[k + 397]
+ * not yet rewritten) or all new (k >= 227: mt[k - 227] rewritten at least 8 words earlier);
+ * the words in between and the last one (which reads the new mt[0]) one at a time. */
+MS_TARGET_AVX2
+static void mt19937_twist_avx2(uint32_t *mt) {
+    const __m256i up = _mm256_set1_epi32((int)0x80000000u), lo = _mm256_set1_epi32(0x7fffffff);
+    const __m256i one = _mm256_set1_epi32(1), mag = _mm256_set1_epi32((int)0x9908b0dfu);
+    int k = 0;
+    for (;;) {
+        int stop = k < 227 ? 227 : 623;                   /* blocks must not straddle 227 or reach 623 */
+        for (; k + 8 <= stop; k += 8) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(const void *)(mt + k));
+            __m256i b = _mm256_loadu_si256((const __m256i *)(const void *)(mt + k + 1));
+            __m256i c = _mm256_loadu_si256((const __m256i *)(const void *)(mt + (k < 227 ? k + 397 : k - 227)));
+            __m256i y = _mm256_or_si256(_mm256_and_si256(a, up), _mm256_and_si256(b, lo));
+            __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(y, one), one);
+            __m256i r = _mm256_xor_si256(_mm256_xor_si256(c, _mm256_srli_epi32(y, 1)), _mm256_and_si256(odd, mag));
+            _mm256_storeu_si256((__m256i *)(void *)(mt + k), r);
+        }
+        for (; k < stop; k++) {
+            uint32_t y = (mt[k] & 0x80000000u) | (mt[k + 1] & 0x7fffffffu);
+            mt[k] = mt[k < 227 ? k + 397 : k - 227] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+        }
+        if (stop == 623) break;
+    }
+    uint32_t y = (mt[623] & 0x80000000u) | (mt[0] & 0x7fffffffu);
+    mt[623] = mt[396] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+}
+#endif
+
+void ms_mt_uniform24(float *out, const uint32_t *state, size_t n) {
+#if defined(MS_X86_KERNELS)
+    if (ms_simd() >= MS_SIMD_AVX2) { mt_uniform24_avx2(out, state, n); return; }
+#endif
+    ms_mt_uniform24_ref(out, state, n);
+}
+
+void ms_mt19937_twist(uint32_t *mt) {
+#if defined(MS_X86_KERNELS)
+    if (ms_simd() >= MS_SIMD_AVX2) { mt19937_twist_avx2(mt); return; }
+#endif
+    ms_mt19937_twist_ref(mt);
+}
+
+void ms_torch_normal16(float *data, size_t nblocks, int avx_mathfun) {
+#if defined(MS_X86_KERNELS)
+    if (avx_mathfun && ms_simd() >= MS_SIMD_AVX2) { torch_normal16_avx2(data, nblocks); return; }
+#endif
+    ms_torch_normal16_ref(data, nblocks, avx_mathfun);
+}

@@ -41,10 +41,7 @@ void ms_torch_seed(MsTorchRng *g, uint64_t seed) {
 }
 
 static void mt_twist(MsTorchRng *g) {
-    for (int k = 0; k < MT_N; k++) {
-        uint32_t y = (g->mt[k] & 0x80000000u) | (g->mt[(k + 1) % MT_N] & 0x7fffffffu);
-        g->mt[k] = g->mt[(k + MT_M) % MT_N] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
-    }
+    ms_mt19937_twist(g->mt);                 /* tensor.c: SIMD, the bits of the definition */
     g->next = 0;
 }
 
@@ -65,11 +62,8 @@ uint64_t ms_torch_random64(MsTorchRng *g) {
     return (hi << 32) | lo;
 }
 
-/* at::uniform_real_distribution<float>(0, 1): the low 24 bits of one 32-bit draw times 2^-24
- * (exact; [0, 1)). The double version takes the low 53 bits of random64(). */
-static float torch_uniform_float(MsTorchRng *g) {
-    return (float)(ms_torch_random(g) & 0xffffffu) * (1.0f / 16777216.0f);
-}
+/* at::uniform_real_distribution<double>(0, 1): the low 53 bits of random64() times 2^-53 (the
+ * float version, the low 24 bits of one draw times 2^-24, is ms_mt_uniform24 in tensor.c). */
 static double torch_uniform_double(MsTorchRng *g) {
     return (double)(ms_torch_random64(g) & 0x1fffffffffffffu) * (1.0 / 9007199254740992.0);
 }
@@ -88,124 +82,51 @@ static double torch_normal_double(MsTorchRng *g) {
     return r * cos(theta) * 1.0 + 0.0;
 }
 
-/* --- the AVX2 kernel's log and sincos, one lane at a time -------------------------------- */
-/* torch's normal_fill_16_AVX2 calls log256_ps and sincos256_ps of avx_mathfun.h (Pommier's
- * sse_mathfun, after Cephes logf/sinf/cosf). Their polynomials differ from libm in the last
- * bits, so x86 torch draws other latents than ARM torch from the same seed. This is the same
- * arithmetic per lane. The AVX2 kernels of Debian's libtorch are compiled by gcc with -mfma and
- * contraction on, which fuses every multiply whose only use is an add into an FMA: MT_FMA marks
- * those places (fmaf). Without the fusion 1% of the values move by 1-2 ulp. */
-#define MT_FMA(a, b, c) fmaf((a), (b), (c))
-
-static float f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-
-/* log256_ps: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log x = log1p(m - 1) by Cephes' degree-9
- * polynomial (x - x^2/2 + x^3 P(x)), plus e ln 2 with ln 2 split as 0.693359375 - 2.12194440e-4. */
-static float cephes_logf_lane(float x) {
-    int invalid = x <= 0.0f;                              /* _CMP_LE_OS; NaN compares false */
-    if (!(x >= 1.17549435e-38f)) x = 1.17549435e-38f;    /* max_ps(x, min_norm_pos) */
-    uint32_t bits = f32_bits(x);
-    int32_t imm0 = (int32_t)(bits >> 23) - 0x7f;
-    x = f32_from_bits((bits & ~0x7f800000u) | f32_bits(0.5f));
-    float e = (float)imm0 + 1.0f;
-    float tmp = x < 0.707106781186547524f ? x : 0.0f;
-    float one_m = x < 0.707106781186547524f ? 1.0f : 0.0f;
-    x = x - 1.0f;
-    e = e - one_m;
-    x = x + tmp;
-    float z = x * x;
-    float y = 7.0376836292E-2f;
-    y = MT_FMA(y, x, -1.1514610310E-1f);
-    y = MT_FMA(y, x, 1.1676998740E-1f);
-    y = MT_FMA(y, x, -1.2420140846E-1f);
-    y = MT_FMA(y, x, 1.4249322787E-1f);
-    y = MT_FMA(y, x, -1.6668057665E-1f);
-    y = MT_FMA(y, x, 2.0000714765E-1f);
-    y = MT_FMA(y, x, -2.4999993993E-1f);
-    y = MT_FMA(y, x, 3.3333331174E-1f);
-    y = y * x;
-    tmp = e * -2.12194440e-4f;
-    y = MT_FMA(y, z, tmp);
-    y = MT_FMA(-z, 0.5f, y);                              /* z * 0.5 is exact: fused or not */
-    x = x + y;
-    x = MT_FMA(e, 0.693359375f, x);
-    return invalid ? f32_from_bits(0xffffffffu) : x;      /* or_ps with an all-ones mask: NaN */
-}
-
-/* sincos256_ps: reduce |x| by j pi/4 (j even, pi/4 in three parts), then Cephes' sin and cos
- * polynomials on [-pi/4, pi/4]; bit 2 of j swaps them, bits 4 and (j-2)&4 set the signs. */
-static void cephes_sincosf_lane(float x, float *s, float *c) {
-    uint32_t sign_sin = f32_bits(x) & 0x80000000u;
-    x = f32_from_bits(f32_bits(x) & 0x7fffffffu);
-    float y = x * 1.27323954473516f;                      /* 4 / pi */
-    int32_t j = (int32_t)y;                               /* cvttps: truncate */
-    j = (j + 1) & ~1;
-    y = (float)j;
-    uint32_t swap_sin = ((uint32_t)j & 4u) << 29;
-    int poly_sin = (j & 2) == 0;                          /* first polynomial for sin? */
-    x = MT_FMA(y, -0.78515625f, x);                       /* extended-precision reduction */
-    x = MT_FMA(y, -2.4187564849853515625e-4f, x);
-    x = MT_FMA(y, -3.77489497744594108e-8f, x);
-    uint32_t sign_cos = ((uint32_t)~(j - 2) & 4u) << 29;
-    sign_sin ^= swap_sin;
-    float z = x * x;
-    float yc = 2.443315711809948E-005f;                   /* cos polynomial on [0, pi/4] */
-    yc = MT_FMA(yc, z, -1.388731625493765E-003f);
-    yc = MT_FMA(yc, z, 4.166664568298827E-002f);
-    yc = yc * z;
-    yc = MT_FMA(yc, z, -(z * 0.5f));
-    yc = yc + 1.0f;
-    float ys = -1.9515295891E-4f;                         /* sin polynomial on [0, pi/4] */
-    ys = MT_FMA(ys, z, 8.3321608736E-3f);
-    ys = MT_FMA(ys, z, -1.6666654611E-1f);
-    ys = ys * z;
-    ys = MT_FMA(ys, x, x);
-    float sv = poly_sin ? ys : yc, cv = poly_sin ? yc : ys;
-    *s = f32_from_bits(f32_bits(sv) ^ sign_sin);
-    *c = f32_from_bits(f32_bits(cv) ^ sign_cos);
-}
-
-/* normal_fill_16 (torch's DistributionTemplates.h): eight Box-Muller pairs from 16 uniforms,
- * u1 = 1 - data[j] (so log never sees 0), u2 = data[j + 8]; cos half to j, sin half to j + 8.
- * The default kernel forms theta in double (2.0f * pi<double> * u2) and rounds it to float;
- * the AVX2 kernel multiplies by (float)(2 pi) in float. `* 1 + 0` is torch's `* std + mean`
- * (it turns -0 into +0). */
-static void normal_fill_16(float *d, MsTorchCpu cpu) {
-    for (int j = 0; j < 8; j++) {
-        float u1 = 1.0f - d[j], u2 = d[j + 8], radius, s, c;
-        if (cpu == MS_TORCH_CPU_AVX2) {
-            radius = sqrtf(-2.0f * cephes_logf_lane(u1));
-            cephes_sincosf_lane((float)(2.0 * MS_PI) * u2, &s, &c);
-        } else {
-            radius = sqrtf(-2.0f * logf(u1));
-            float theta = (float)(2.0 * MS_PI * (double)u2);
-            c = cosf(theta);
-            s = sinf(theta);
-        }
-        d[j] = radius * c * 1.0f + 0.0f;
-        d[j + 8] = radius * s * 1.0f + 0.0f;
+/* n uniform floats (uniform_real_distribution<float>), one per state word, in runs up to the
+ * next refill. */
+static void torch_uniform_fill(MsTorchRng *g, float *out, size_t n) {
+    while (n) {
+        if (g->next >= MT_N) mt_twist(g);
+        size_t k = (size_t)(MT_N - g->next);
+        if (k > n) k = n;
+        ms_mt_uniform24(out, g->mt + g->next, k);
+        g->next += (int)k;
+        out += k;
+        n -= k;
     }
 }
 
+/* torch.randn, n >= 16 (DistributionTemplates.h normal_fill): n uniforms, then normal_fill_16
+ * on each whole block of 16 (tensor.c: the AVX2 kernel's avx_mathfun log/sincos, or the
+ * default kernel's libm); when 16 does not divide n, the last 16 values are drawn anew and
+ * computed again (torch's tail). */
 void ms_torch_randn(MsTorchRng *g, float *out, size_t n, MsTorchCpu cpu) {
+    const int avx = cpu == MS_TORCH_CPU_AVX2;
     if (n < 16) {                                         /* scalar normal_distribution<double> */
         for (size_t i = 0; i < n; i++) out[i] = (float)torch_normal_double(g);
         return;
     }
-    for (size_t i = 0; i < n; i++) out[i] = torch_uniform_float(g);
-    for (size_t i = 0; i + 16 <= n; i += 16) normal_fill_16(out + i, cpu);
-    if (n % 16 != 0) {                      /* the last 16 values are drawn and computed again */
+    torch_uniform_fill(g, out, n);
+    ms_torch_normal16(out, n / 16, avx);
+    if (n % 16 != 0) {
         float *tail = out + n - 16;
-        for (int i = 0; i < 16; i++) tail[i] = torch_uniform_float(g);
-        normal_fill_16(tail, cpu);
+        torch_uniform_fill(g, tail, 16);
+        ms_torch_normal16(tail, 1, avx);
     }
 }
 
+/* The same draws without the values: only the state advances (n + 16 words when 16 does not
+ * divide n, as above; n < 16: the double path, which may use the cached sample). */
 void ms_torch_randn_skip(MsTorchRng *g, size_t n) {
     if (n < 16) { for (size_t i = 0; i < n; i++) (void)torch_normal_double(g); return; }
     size_t draws = n + (n % 16 ? 16 : 0);
-    for (size_t i = 0; i < draws; i++) (void)ms_torch_random(g);
+    while (draws) {
+        if (g->next >= MT_N) mt_twist(g);
+        size_t k = (size_t)(MT_N - g->next);
+        if (k > draws) k = draws;
+        g->next += (int)k;
+        draws -= k;
+    }
 }
 
 /* ---------------------------------------------------------------------------------------- */

@@ -237,11 +237,68 @@ static void test_convert(void) {
     check(ms_weight_f32(&p, NULL) == data, "ms_weight_f32 returns the f32 data itself");
 }
 
+/* The vectorised converter (F16C / AVX-512 / NEON / branch-free scalar) against its definition
+ * ms_f16_to_f32_vec_ref, bit for bit in memory (signalling NaNs too: the hardware quiets them,
+ * the fast paths must undo that), at every SIMD level this CPU has, over all 65536 patterns at
+ * several start offsets (unaligned loads) and lengths (vector tails); the definition against the
+ * loader's ms_f16_to_f32 (quiet bit aside, see bits_q). */
+static void test_convert_simd(void) {
+    uint16_t *h = (uint16_t *)malloc((65536 + 64) * sizeof *h);
+    float *ref = (float *)malloc((65536 + 64) * sizeof *ref), *got = (float *)malloc((65536 + 64) * sizeof *got);
+    if (!check(h && ref && got, "memory")) { free(h); free(ref); free(got); return; }
+    for (uint32_t v = 0; v < 65536 + 64; v++) h[v] = (uint16_t)(v * 40503u);   /* odd multiplier: all patterns */
+    ms_f16_to_f32_vec_ref(ref, h, 65536 + 64);
+    size_t bad = 0;
+    for (uint32_t v = 0; v < 65536; v++) bad += bits_q(ref[v]) != bits_q(ms_f16_to_f32(h[v]));
+    check(bad == 0, "ms_f16_to_f32_vec_ref == ms_f16_to_f32 on all 65536 patterns (%zu differ)", bad);
+    size_t nsnan = 0;
+    for (uint32_t v = 0; v < 65536; v++) nsnan += (h[v] & 0x7e00u) == 0x7c00u && (h[v] & 0x1ffu);
+    check(nsnan == 1022, "the patterns include the 1022 signalling NaNs");
+    MsSimd top = ms_simd();
+    for (int l = MS_SIMD_SCALAR; l <= (int)top; l++) {
+        ms_set_simd((MsSimd)l);
+        if (ms_simd() != (MsSimd)l) continue;
+        static const size_t offs[] = { 0, 1, 3, 7, 8, 15, 17 }, lens[] = { 65536, 65535, 1, 7, 8, 9, 15, 16, 17, 33 };
+        bad = 0;
+        for (size_t a = 0; a < sizeof offs / sizeof offs[0]; a++)
+            for (size_t b = 0; b < sizeof lens / sizeof lens[0]; b++) {
+                size_t o = offs[a], n = lens[b] >= 65535 ? lens[b] : lens[b] + 1000 * a;
+                memset(got, 0xff, (65536 + 64) * sizeof *got);      /* NaN all around */
+                ms_f16_to_f32_vec(got + o, h + o, n);
+                bad += memcmp(got + o, ref + o, n * sizeof *got) != 0;
+                bad += got[o + n] == got[o + n] || (o && got[o - 1] == got[o - 1]);  /* untouched around */
+            }
+        check(bad == 0, "ms_f16_to_f32_vec at %s == _ref bitwise, all patterns, offsets and tails (%zu runs differ)",
+              ms_simd_name((MsSimd)l), bad);
+    }
+    ms_set_simd(top);
+    free(h); free(ref); free(got);
+    /* large outputs take the streaming-store path (4 Mi values and more): 4 Mi + 37 from an
+     * odd start, every pattern 64 times */
+    const size_t nbig = ((size_t)4 << 20) + 37;
+    h = (uint16_t *)malloc((nbig + 1) * sizeof *h);
+    ref = (float *)malloc((nbig + 1) * sizeof *ref);
+    got = (float *)malloc((nbig + 1) * sizeof *got);
+    if (!check(h && ref && got, "memory")) { free(h); free(ref); free(got); return; }
+    for (size_t v = 0; v <= nbig; v++) h[v] = (uint16_t)(v * 40503u);
+    ms_f16_to_f32_vec_ref(ref + 1, h + 1, nbig);
+    for (int l = MS_SIMD_SCALAR; l <= (int)top; l++) {
+        ms_set_simd((MsSimd)l);
+        if (ms_simd() != (MsSimd)l) continue;
+        ms_f16_to_f32_vec(got + 1, h + 1, nbig);
+        check(!memcmp(got + 1, ref + 1, nbig * sizeof *got), "ms_f16_to_f32_vec at %s == _ref bitwise on %zu values (streaming stores)",
+              ms_simd_name((MsSimd)l), nbig);
+    }
+    ms_set_simd(top);
+    free(h); free(ref); free(got);
+}
+
 int main(void) {
     char dir[1024];
     MsModel m;
     snprintf(dir, sizeof dir, "%s", test_tiny_dir());
     test_convert();
+    test_convert_simd();
     if (!check(ms_model_load(dir, NULL, &m) == MS_OK, "load %s: %s", dir, ms_last_error())) return test_summary("test_half");
     {
         UNetParams p;

@@ -153,6 +153,82 @@ static void test_torch_randn(int c) {
     ms_free_aligned(x);
 }
 
+/* The SIMD kernels of torch.randn (tensor.c) against their scalar definitions, bit for bit, at
+ * every SIMD level this CPU has: the mt19937 refill over 64 rounds from a random state; the
+ * tempering + 24-bit uniform at odd lengths and offsets; normal_fill_16 (both torch kernels)
+ * with every 31st of the 2^24 possible uniforms in the log position and in the sincos position
+ * (u = 0 and the largest u included); then long streams of ms_torch_randn (sizes under 16, odd
+ * sizes, the tail path, more than one refill; in a row, from 3 seeds) against the scalar level. */
+static void test_randn_simd(void) {
+    MsSimd top = ms_simd();
+    MsRng r; ms_rng_seed(&r, 77);
+    const size_t NU = 1 << 24, step = 31, nb = (NU / step + 7) / 8;
+    float *d0 = (float *)malloc(nb * 16 * sizeof(float)), *d1 = (float *)malloc(nb * 16 * sizeof(float));
+    float *x0 = test_zeros(70000), *x1 = test_zeros(70000);
+    uint32_t st0[624], st1[624], words[1100];
+    if (!check(d0 && d1, "memory")) { free(d0); free(d1); return; }
+    for (int l = MS_SIMD_SCALAR; l <= (int)top; l++) {
+        ms_set_simd((MsSimd)l);
+        if (ms_simd() != (MsSimd)l) continue;
+        const char *ln = ms_simd_name((MsSimd)l);
+        int bad = 0;
+        for (int i = 0; i < 624; i++) st0[i] = st1[i] = (uint32_t)ms_rng_u64(&r);
+        for (int k = 0; k < 64; k++) {
+            ms_mt19937_twist(st0); ms_mt19937_twist_ref(st1);
+            bad += memcmp(st0, st1, sizeof st0) != 0;
+        }
+        check(bad == 0, "%s: mt19937 refill == _ref over 64 rounds (%d differ)", ln, bad);
+        bad = 0;
+        for (int i = 0; i < 1100; i++) words[i] = (uint32_t)ms_rng_u64(&r);
+        static const size_t offs[] = { 0, 1, 5, 8 }, lens[] = { 1, 7, 8, 9, 16, 17, 624, 1001 };
+        for (size_t a = 0; a < 4; a++)
+            for (size_t b = 0; b < 8; b++) {
+                ms_mt_uniform24(x0, words + offs[a], lens[b]);
+                ms_mt_uniform24_ref(x1, words + offs[a], lens[b]);
+                bad += memcmp(x0, x1, lens[b] * sizeof(float)) != 0;
+            }
+        check(bad == 0, "%s: tempering + uniform24 == _ref at odd lengths and offsets (%d differ)", ln, bad);
+        for (int avx = 0; avx < 2; avx++)
+            for (int pos = 0; pos < 2; pos++) {          /* the uniforms in d[0..8) (log) or d[8..16) (sincos) */
+                for (size_t b = 0; b < nb; b++)
+                    for (int j = 0; j < 8; j++) {
+                        size_t u = (b * 8 + (size_t)j) * step;
+                        float uv = (float)(u < NU ? u : NU - 1) * (1.0f / 16777216.0f), other = (float)((b * 8 + j) % 997) / 997.0f;
+                        d0[b * 16 + j + 8 * pos] = uv;
+                        d0[b * 16 + j + 8 * (1 - pos)] = other;
+                    }
+                memcpy(d1, d0, nb * 16 * sizeof(float));
+                ms_torch_normal16(d0, nb, avx);
+                ms_torch_normal16_ref(d1, nb, avx);
+                size_t diff = 0;
+                for (size_t i = 0; i < nb * 16; i++) diff += memcmp(&d0[i], &d1[i], 4) != 0;
+                check(diff == 0, "%s: normal_fill_16 (%s kernel) == _ref, every 31st uniform as %s (%zu differ)", ln,
+                      avx ? "avx2" : "default", pos ? "u2 (sincos)" : "u1 (log)", diff);
+            }
+        static const size_t sizes[] = { 1, 2, 3, 15, 16, 17, 31, 33, 100, 623, 624, 625, 1000, 1247, 16384, 65537 };
+        for (int c = 0; c < 2; c++)
+            for (uint64_t seed = 0; seed < 3; seed++) {
+                MsTorchRng g0, g1;
+                ms_torch_seed(&g0, seed * 1000003u); ms_torch_seed(&g1, seed * 1000003u);
+                bad = 0;
+                for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+                    size_t n = sizes[(i + (size_t)seed * 5) % (sizeof sizes / sizeof sizes[0])];
+                    ms_torch_randn(&g0, x0, n, CPU[c]);
+                    ms_set_simd(MS_SIMD_SCALAR);
+                    ms_torch_randn(&g1, x1, n, CPU[c]);
+                    ms_set_simd((MsSimd)l);
+                    bad += memcmp(x0, x1, n * sizeof(float)) != 0;
+                }
+                bad += memcmp(g0.mt, g1.mt, sizeof g0.mt) != 0 || g0.next != g1.next || g0.has_normal != g1.has_normal;
+                check(bad == 0, "%s: %s randn stream of 16 sizes (1..65537), seed %d == scalar level (%d differ)", ln,
+                      CAP[c], (int)seed, bad);
+            }
+    }
+    ms_set_simd(top);
+    free(d0); free(d1);
+    ms_free_aligned(x0); ms_free_aligned(x1);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 static void test_schedule(int c) {
     SchedulerConfig cfg; ms_scheduler_config_sd15(&cfg);
@@ -339,7 +415,14 @@ int main(void) {
         check(0, "open %s: %s", path, ms_last_error());
         return test_summary("test_schedulers");
     }
+    test_randn_simd();
     for (int c = 0; c < 2; c++) {
+        MsSimd top = ms_simd();                    /* the goldens at every SIMD level */
+        for (int l = MS_SIMD_SCALAR; l < (int)top; l++) {
+            ms_set_simd((MsSimd)l);
+            if (ms_simd() == (MsSimd)l) test_torch_randn(c);
+        }
+        ms_set_simd(top);
         test_torch_randn(c);
         test_schedule(c);
         test_timesteps(c);

@@ -83,6 +83,68 @@ static float *bench_buf(MsRng *r, size_t n) {
     return x;
 }
 
+/* Median seconds of b->runs calls of fn(ctx) after one warm-up, at the SIMD level given. */
+static double time_fn(const Bench *b, MsSimd level, void (*fn)(void *), void *ctx) {
+    double t[64];
+    int n = b->runs < 64 ? b->runs : 64;
+    MsSimd keep = ms_simd();
+    ms_set_simd(level);
+    fn(ctx);
+    for (int i = 0; i < n; i++) {
+        double t0 = ms_time();
+        fn(ctx);
+        t[i] = ms_time() - t0;
+    }
+    ms_set_simd(keep);
+    qsort(t, (size_t)n, sizeof t[0], cmp_double);
+    return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+}
+
+typedef struct { MsTorchRng g; float *x; size_t n; uint16_t *h; } RandnCase;
+static void run_randn(void *v) {
+    RandnCase *c = (RandnCase *)v;
+    ms_torch_randn(&c->g, c->x, c->n, MS_TORCH_CPU_AVX2);
+}
+static void run_f16(void *v) {
+    RandnCase *c = (RandnCase *)v;
+    ms_f16_to_f32_vec(c->x, c->h, c->n);
+}
+
+/* torch.randn of SD 1.5's initial latents (1x4x64x64, torch's AVX2 kernel, as `sample` draws
+ * them) and the f16 -> f32 staging of the largest SD 1.5 UNet weight (1280x2560x3x3), one
+ * thread, each at the kernel level in use and at the scalar level (the _ref definitions, the
+ * previous code), same run:
+ *   "randn 1x4x64x64 <level>: X ns/value (scalar Y ns/value: Z x)"
+ *   "f16-staging 29491200 <level>: X GB/s of f32 written, X ns/value (scalar ...: Z x)" */
+static void bench_randn_f16(const Bench *b, MsSimd level) {
+    RandnCase c;
+    memset(&c, 0, sizeof c);
+    ms_set_threads(1);
+    c.n = 4 * 64 * 64;
+    if ((c.x = (float *)ms_alloc_aligned(c.n, sizeof(float))) != NULL) {
+        ms_torch_seed(&c.g, 0);
+        double tf = time_fn(b, level, run_randn, &c), ts = time_fn(b, MS_SIMD_SCALAR, run_randn, &c);
+        printf("randn 1x4x64x64 %s: %.2f ns/value (scalar %.2f ns/value: %.1fx)\n", ms_simd_name(level),
+               tf / (double)c.n * 1e9, ts / (double)c.n * 1e9, ts / tf);
+        ms_free_aligned(c.x);
+    }
+    c.n = (size_t)1280 * 2560 * 9;
+    c.x = (float *)ms_alloc_aligned(c.n, sizeof(float));
+    c.h = (uint16_t *)ms_alloc_aligned(c.n, sizeof(uint16_t));
+    if (c.x && c.h) {
+        MsRng r;
+        ms_rng_seed(&r, 3);
+        for (size_t i = 0; i < c.n; i++) c.h[i] = (uint16_t)(0x2000u + (ms_rng_u64(&r) % 0x3000u) + (i & 1) * 0x8000u);
+        double tf = time_fn(b, level, run_f16, &c), ts = time_fn(b, MS_SIMD_SCALAR, run_f16, &c);
+        printf("f16-staging %zu %s: %.1f GB/s of f32 written, %.3f ns/value (scalar %.3f ns/value: %.1fx)\n", c.n,
+               ms_simd_name(level), (double)c.n * 4.0 / tf * 1e-9, tf / (double)c.n * 1e9, ts / (double)c.n * 1e9, ts / tf);
+    }
+    ms_free_aligned(c.x);
+    ms_free_aligned(c.h);
+    ms_set_threads(0);
+    fflush(stdout);
+}
+
 static void bench_kernels(Bench *b) {
     MsSimd level = ms_simd();
     double secs = b->runs > 3 ? 0.3 : 0.1;
@@ -104,6 +166,7 @@ static void bench_kernels(Bench *b) {
 
     MsRng r;
     ms_rng_seed(&r, 1);
+    if (!b->attention_only) bench_randn_f16(b, level);
     static const int gemms[][3] = { { 4096, 320, 320 }, { 4096, 320, 1280 }, { 1024, 640, 640 },
                                     { 77, 768, 768 }, { 4096, 1280, 320 } };
     for (size_t i = 0; i < sizeof gemms / sizeof gemms[0] && !b->attention_only; i++) {
