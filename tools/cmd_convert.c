@@ -204,6 +204,17 @@ static MsStatus text_cb(const void *c, JsonValue *o) { return text_json((const C
 static MsStatus sched_cb(const void *c, JsonValue *o) { return sched_json((const SchedulerConfig *)c, o); }
 static MsStatus index_cb(const void *c, JsonValue *o) { (void)c; return index_json(o); }
 
+MsStatus ms_write_model_configs(const MsModel *m, const char *dir) {
+    char p[4300];
+    MsStatus s = MS_OK;
+    snprintf(p, sizeof p, "%s/model_index.json", dir);                if (!s) s = write_json(p, index_cb, NULL);
+    snprintf(p, sizeof p, "%s/unet/config.json", dir);                if (!s) s = write_json(p, unet_cb, &m->unet_config);
+    snprintf(p, sizeof p, "%s/vae/config.json", dir);                 if (!s) s = write_json(p, vae_cb, &m->vae_config);
+    snprintf(p, sizeof p, "%s/text_encoder/config.json", dir);        if (!s) s = write_json(p, text_cb, &m->text_config);
+    snprintf(p, sizeof p, "%s/scheduler/scheduler_config.json", dir); if (!s) s = write_json(p, sched_cb, &m->scheduler_config);
+    return s;
+}
+
 /* ---- tensors -> safetensors ---- */
 typedef struct { StEntry *e; size_t n, cap; int64_t *ids; } Entries;
 
@@ -277,11 +288,7 @@ static MsStatus write_folder(const MsModel *m, const char *tokdir, const char *o
         if (make_dir(p)) return ms_errorf(MS_ERR_IO, "%s: cannot create", p);
     }
 #define W(expr) do { if ((s = (expr))) return s; } while (0)
-    snprintf(p, sizeof p, "%s/model_index.json", tmp);             W(write_json(p, index_cb, NULL));
-    snprintf(p, sizeof p, "%s/unet/config.json", tmp);             W(write_json(p, unet_cb, &m->unet_config));
-    snprintf(p, sizeof p, "%s/vae/config.json", tmp);              W(write_json(p, vae_cb, &m->vae_config));
-    snprintf(p, sizeof p, "%s/text_encoder/config.json", tmp);     W(write_json(p, text_cb, &m->text_config));
-    snprintf(p, sizeof p, "%s/scheduler/scheduler_config.json", tmp); W(write_json(p, sched_cb, &m->scheduler_config));
+    W(ms_write_model_configs(m, tmp));
     snprintf(p, sizeof p, "%s/unet/diffusion_pytorch_model.safetensors", tmp); W(write_table(p, &m->unet, half));
     snprintf(p, sizeof p, "%s/vae/diffusion_pytorch_model.safetensors", tmp);  W(write_table(p, &m->vae, half));
     snprintf(p, sizeof p, "%s/text_encoder/model.safetensors", tmp);           W(write_table(p, &m->text, half));
@@ -309,20 +316,24 @@ static MsStatus config_text(MsStatus (*fill)(const void *, JsonValue *), const v
     return s ? ms_errorf(s, "convert: cannot build the config metadata") : MS_OK;
 }
 
-static MsStatus write_ldm(const MsModel *m, const char *out, int half, int with_configs) {
+MsStatus ms_write_ldm(const MsModel *m, const char *out, int half, int with_configs, const char *const *extra,
+                      int n_extra) {
     Entries E = { NULL, 0, 0, NULL };
     JsonBuf jb[4];
-    const char *meta[10] = { "format", "pt", "mixshow.unet_config", NULL, "mixshow.vae_config", NULL,
-                             "mixshow.text_encoder_config", NULL, "mixshow.scheduler_config", NULL };
+    const char *meta[10 + 2 * MS_LDM_EXTRA_META] = { "format", "pt", "mixshow.unet_config", NULL, "mixshow.vae_config", NULL,
+                                                     "mixshow.text_encoder_config", NULL, "mixshow.scheduler_config", NULL };
     MsStatus (*const cb[4])(const void *, JsonValue *) = { unet_cb, vae_cb, text_cb, sched_cb };
     const void *cfg[4] = { &m->unet_config, &m->vae_config, &m->text_config, &m->scheduler_config };
+    int n_meta = with_configs ? 5 : 1;
+    if (n_extra < 0 || n_extra > MS_LDM_EXTRA_META) return ms_errorf(MS_ERR_ARG, "%s: %d extra metadata entries", out, n_extra);
+    for (int k = 0; k < n_extra; k++, n_meta++) { meta[2 * n_meta] = extra[2 * k]; meta[2 * n_meta + 1] = extra[2 * k + 1]; }
     memset(jb, 0, sizeof jb);
     MsStatus s = add_table(&E, &m->unet, 1, half);
     if (!s) s = add_table(&E, &m->vae, 1, half);
     if (!s) s = add_table(&E, &m->text, 1, half);
     for (int k = 0; k < 4 && !s && with_configs; k++)
         if (!(s = config_text(cb[k], cfg[k], &jb[k]))) meta[3 + 2 * k] = jb[k].data;
-    if (!s) s = st_write(out, E.e, E.n, meta, with_configs ? 5 : 1);
+    if (!s) s = st_write(out, E.e, E.n, meta, n_meta);
     for (int k = 0; k < 4; k++) jbuf_free(&jb[k]);
     free(E.e); free(E.ids);
     return s;
@@ -377,7 +388,7 @@ int cmd_convert(int argc, char **argv) {
         if (!s && shipped) fprintf(stderr, "mixshow: %s: no tokenizer/: %s/tokenizer gets the CLIP BPE files shipped "
                                    "with mixshow (%s)\n", in, out, tokdir);
     }
-    if (!s) s = folder ? write_folder(&m, tokdir, out, half) : write_ldm(&m, out, half, with_configs);
+    if (!s) s = folder ? write_folder(&m, tokdir, out, half) : ms_write_ldm(&m, out, half, with_configs, NULL, 0);
     ms_model_free(&m);                          /* zeroed when the load failed: a no-op */
     if (s) { fprintf(stderr, "mixshow convert: %s\n", ms_last_error()); return 1; }
     printf("%s -> %s\n", in, out);

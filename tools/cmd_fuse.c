@@ -127,14 +127,44 @@ static MsStatus write_table(const char *path, const MsParamTable *t, const float
     return s;
 }
 
+/* the text encoder's token embedding with the new rows appended: (V + n_new, D), malloc'ed */
+static float *fused_token_embedding(const MsModel *m, const float *new_emb, int n_new) {
+    const int V = m->text_config.vocab_size, D = m->text_config.hidden_size;
+    int ie = ms_param_find(&m->text, "text_model.embeddings.token_embedding.weight");
+    float *emb = ie >= 0 && m->text.p[ie].f32 ? (float *)malloc(((size_t)V + n_new) * D * sizeof(float)) : NULL;
+    if (!emb) { ms_errorf(MS_ERR_NOMEM, "fuse: token embedding (f32, %d x %d)", V + n_new, D); return NULL; }
+    memcpy(emb, m->text.p[ie].f32, (size_t)V * D * sizeof(float));
+    if (n_new) memcpy(emb + (size_t)V * D, new_emb, (size_t)n_new * D * sizeof(float));
+    return emb;
+}
+
+/* tokenizer/added_tokens.json's object {token: id} */
+static MsStatus added_tokens_object(const ClipTokenizer *tok, JsonValue **out) {
+    JsonValue *add = json_new(JSON_OBJECT);
+    MsStatus s = add ? MS_OK : ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
+    for (int k = 0; k < tok->n_added && !s; k++) {
+        int id = tok->n_vocab + k;
+        JsonValue *v = json_new_number(id);
+        char name[256];
+        size_t len = tok->tok_len[id] < sizeof name ? tok->tok_len[id] : sizeof name - 1;
+        memcpy(name, tok->tok[id], len);
+        name[len] = '\0';
+        s = v ? json_set(add, name, v) : MS_ERR_NOMEM;
+    }
+    if (s) { json_free(add); add = NULL; }
+    *out = add;
+    return s;
+}
+
 static MsStatus write_folder(const char *base, const char *out, const MsModel *m, const ClipTokenizer *tok,
                              const float *new_emb, int n_new, const JsonValue *cfg) {
     char tmp[4200], p[4400], q[4400];
     static const char *const subs[] = { "unet", "vae", "text_encoder", "scheduler", "tokenizer" };
     static const char *const copies[] = { "model_index.json", "unet/config.json", "vae/config.json",
-                                          "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-                                          "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json" };
-    const int V = m->text_config.vocab_size, D = m->text_config.hidden_size;
+                                          "scheduler/scheduler_config.json" };
+    static const char *const tokfiles[] = { "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json" };
+    const int V = m->text_config.vocab_size;
+    char tokdir[4200];
     MsStatus s = MS_OK;
     JsonValue *tc = NULL, *add = NULL;
     float *emb = NULL;
@@ -145,27 +175,32 @@ static MsStatus write_folder(const char *base, const char *out, const MsModel *m
         snprintf(p, sizeof p, "%s/%s", tmp, subs[i]);
         if (make_dir(p)) s = ms_errorf(MS_ERR_IO, "%s: cannot create", p);
     }
-    for (size_t i = 0; i < sizeof copies / sizeof copies[0] && !s; i++) {
-        snprintf(q, sizeof q, "%s/%s", base, copies[i]);
-        snprintf(p, sizeof p, "%s/%s", tmp, copies[i]);
+    snprintf(q, sizeof q, "%s/model_index.json", base);
+    if (!file_exists(q)) {   /* a single-file base: configs written from the loaded ones, vocab_size + n_new */
+        MsModel mc = *m;
+        mc.text_config.vocab_size = V + n_new;
+        if (!s) s = ms_write_model_configs(&mc, tmp);
+    } else {                 /* a folder: its configs as they are, text_encoder's vocab_size + n_new */
+        for (size_t i = 0; i < sizeof copies / sizeof copies[0] && !s; i++) {
+            snprintf(q, sizeof q, "%s/%s", base, copies[i]);
+            snprintf(p, sizeof p, "%s/%s", tmp, copies[i]);
+            if (file_exists(q)) s = ms_copy_file(q, p);
+        }
+        snprintf(q, sizeof q, "%s/text_encoder/config.json", base);
+        if (!s) s = json_parse_file(q, &tc);
+        if (!s) { JsonValue *v = json_new_number((double)(V + n_new)); s = v ? json_set(tc, "vocab_size", v) : MS_ERR_NOMEM; }
+        snprintf(p, sizeof p, "%s/text_encoder/config.json", tmp);
+        if (!s) s = json_write_file(p, tc, 2);
+    }
+    /* the tokenizer the model was opened with (the folder's, or the shipped CLIP BPE files) */
+    if (!s) s = ms_find_tokenizer(base, NULL, tokdir, sizeof tokdir, NULL);
+    for (size_t i = 0; i < sizeof tokfiles / sizeof tokfiles[0] && !s; i++) {
+        snprintf(q, sizeof q, "%s/%s", tokdir, tokfiles[i]);
+        snprintf(p, sizeof p, "%s/tokenizer/%s", tmp, tokfiles[i]);
         if (file_exists(q)) s = ms_copy_file(q, p);
     }
-    /* text_encoder/config.json with vocab_size + n_new (resize_token_embeddings) */
-    snprintf(q, sizeof q, "%s/text_encoder/config.json", base);
-    if (!s) s = json_parse_file(q, &tc);
-    if (!s) { JsonValue *v = json_new_number((double)(V + n_new)); s = v ? json_set(tc, "vocab_size", v) : MS_ERR_NOMEM; }
-    snprintf(p, sizeof p, "%s/text_encoder/config.json", tmp);
-    if (!s) s = json_write_file(p, tc, 2);
     /* weights */
-    if (!s) {
-        emb = (float *)malloc(((size_t)V + n_new) * D * sizeof(float));
-        int ie = ms_param_find(&m->text, "text_model.embeddings.token_embedding.weight");
-        if (!emb || ie < 0 || !m->text.p[ie].f32) s = ms_errorf(MS_ERR_NOMEM, "fuse: token embedding");
-        else {
-            memcpy(emb, m->text.p[ie].f32, (size_t)V * D * sizeof(float));
-            if (n_new) memcpy(emb + (size_t)V * D, new_emb, (size_t)n_new * D * sizeof(float));
-        }
-    }
+    if (!s && !(emb = fused_token_embedding(m, new_emb, n_new))) s = MS_ERR_NOMEM;
     snprintf(p, sizeof p, "%s/unet/diffusion_pytorch_model.safetensors", tmp);
     if (!s) s = write_table(p, &m->unet, NULL, 0);
     snprintf(p, sizeof p, "%s/vae/diffusion_pytorch_model.safetensors", tmp);
@@ -173,16 +208,7 @@ static MsStatus write_folder(const char *base, const char *out, const MsModel *m
     snprintf(p, sizeof p, "%s/text_encoder/model.safetensors", tmp);
     if (!s) s = write_table(p, &m->text, emb, (int64_t)V + n_new);
     /* tokenizer/added_tokens.json {token: id}, new_concept_cfg.json */
-    if (!s && !(add = json_new(JSON_OBJECT))) s = ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
-    for (int k = 0; k < tok->n_added && !s; k++) {
-        int id = tok->n_vocab + k;
-        JsonValue *v = json_new_number(id);
-        char name[256];
-        size_t len = tok->tok_len[id] < sizeof name ? tok->tok_len[id] : sizeof name - 1;
-        memcpy(name, tok->tok[id], len);
-        name[len] = '\0';
-        s = v ? json_set(add, name, v) : MS_ERR_NOMEM;
-    }
+    if (!s) s = added_tokens_object(tok, &add);
     snprintf(p, sizeof p, "%s/tokenizer/added_tokens.json", tmp);
     if (!s) s = json_write_file(p, add, 0);
     snprintf(p, sizeof p, "%s/new_concept_cfg.json", tmp);
@@ -191,6 +217,47 @@ static MsStatus write_folder(const char *base, const char *out, const MsModel *m
     json_free(tc);
     json_free(add);
     free(emb);
+    return s;
+}
+
+/* --ldm-out FILE.safetensors: the fused model as an original-layout single file (cmd_convert.c's
+ * writer, configs in its metadata), the new rows appended to the token embedding (vocab_size
+ * V + n_new). An LDM file has no tokenizer: the added tokens ({token: id}) and new_concept_cfg.json
+ * go into its metadata (mixshow.added_tokens, mixshow.new_concept_cfg), which ms_open_model and
+ * `mixshow sample --pretrained_model FILE` read; new_concept_cfg.json is also written beside it
+ * as <FILE without .safetensors>.new_concept_cfg.json (the official format, for other tools). */
+static MsStatus write_ldm_out(const char *out, const MsModel *m, const ClipTokenizer *tok, const float *new_emb,
+                              int n_new, const JsonValue *cfg) {
+    MsModel mc = *m;                        /* a shallow copy: only the token embedding differs */
+    MsParam *p = NULL;
+    JsonValue *add = NULL;
+    JsonBuf ja = { 0 }, jc = { 0 };
+    char side[4200];
+    float *emb = fused_token_embedding(m, new_emb, n_new);
+    int ie = ms_param_find(&m->text, "text_model.embeddings.token_embedding.weight");
+    MsStatus s = emb ? MS_OK : MS_ERR_NOMEM;
+    if (!s && !(p = (MsParam *)malloc((size_t)m->text.n * sizeof *p))) s = ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
+    if (!s) {
+        memcpy(p, m->text.p, (size_t)m->text.n * sizeof *p);
+        p[ie].f32 = emb;
+        p[ie].shape[0] = (int64_t)m->text_config.vocab_size + n_new;
+        p[ie].numel = (size_t)p[ie].shape[0] * (size_t)m->text_config.hidden_size;
+        mc.text.p = p;
+        mc.text_config.vocab_size += n_new;
+        s = added_tokens_object(tok, &add);
+    }
+    if (!s) s = json_write(&ja, add, 0);
+    if (!s) s = json_write(&jc, cfg, 0);
+    if (!s) {
+        const char *extra[4] = { "mixshow.added_tokens", ja.data, "mixshow.new_concept_cfg", jc.data };
+        s = ms_write_ldm(&mc, out, 0, 1, extra, 2);
+    }
+    size_t L = strlen(out);
+    snprintf(side, sizeof side, "%.*s.new_concept_cfg.json", (int)(L > 12 ? L - 12 : L), out);
+    if (!s) s = json_write_file(side, cfg, 0);
+    json_free(add);
+    jbuf_free(&ja); jbuf_free(&jc);
+    free(p); free(emb);
     return s;
 }
 
@@ -337,18 +404,22 @@ static void usage(void) {
     fprintf(stderr,
             "usage: mixshow fuse --model BASE --concepts CFG.json --out DIR [--method gram|lbfgs|weight]\n"
             "                    [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-v]\n"
-            "                    [--spatial-size 512] [--spatial-steps 20] [--no-spatial] [--dump-grams FILE]\n\n"
+            "                    [--spatial-size 512] [--spatial-steps 20] [--no-spatial] [--dump-grams FILE]\n"
+            "                    [--ldm-out FILE.safetensors]\n\n"
             "Gradient fusion (Mix-of-Show gradient_fusion.py) of the ED-LoRAs in CFG.json (the official\n"
             "multi-concept JSON: lora_path, unet_alpha, text_encoder_alpha, concept_name) into BASE (a\n"
             "diffusers folder). DIR gets the fused diffusers folder, tokenizer/added_tokens.json and\n"
             "new_concept_cfg.json. Methods: gram (default: exact least squares nearest to W0), lbfgs\n"
-            "(the official optimizer), weight (W0 + sum alpha dW). Stages: text encoder and\n"
+            "(the official optimizer), weight (W0 + sum alpha dW). --ldm-out also writes the fused model\n"
+            "as an original-layout single file (added tokens and new_concept_cfg in its metadata, which\n"
+            "`mixshow sample --pretrained_model FILE` reads; FILE's stem + .new_concept_cfg.json beside\n"
+            "it). BASE may be a single file too. Stages: text encoder and\n"
             "cross-attention K/V, spatial attention (sampling each concept: --seed S draws its latents\n"
             "as the official script after torch.manual_seed(S)).\n");
 }
 
 int cmd_fuse(int argc, char **argv) {
-    const char *model = NULL, *cfg = NULL, *out = NULL, *report = NULL, *dump = NULL, *te_kv_from = NULL;
+    const char *model = NULL, *cfg = NULL, *out = NULL, *report = NULL, *dump = NULL, *te_kv_from = NULL, *ldm_out = NULL;
     GramDump gd;
     MsFuseOptions o;
     memset(&o, 0, sizeof o);
@@ -370,6 +441,7 @@ int cmd_fuse(int argc, char **argv) {
         else if (!strcmp(a, "--report")) report = v;
         else if (!strcmp(a, "--dump-grams")) dump = v;
         else if (!strcmp(a, "--te-kv-from")) te_kv_from = v;
+        else if (!strcmp(a, "--ldm-out")) ldm_out = v;
         else if (!strcmp(a, "--method")) {
             if (!strcmp(v, "gram")) o.method = MS_FUSE_GRAM;
             else if (!strcmp(v, "lbfgs")) o.method = MS_FUSE_LBFGS;
@@ -392,6 +464,10 @@ int cmd_fuse(int argc, char **argv) {
         } else { fprintf(stderr, "mixshow fuse: unknown option %s\n", a); usage(); return 2; }
     }
     if (!model || !cfg || !out) { usage(); return 2; }
+    if (ldm_out && (strlen(ldm_out) <= 12 || strcmp(ldm_out + strlen(ldm_out) - 12, ".safetensors"))) {
+        fprintf(stderr, "mixshow fuse: --ldm-out %s: expected a FILE.safetensors\n", ldm_out);
+        return 2;
+    }
     double t_start = ms_time();
     MsModel m;
     ClipTokenizer tok;
@@ -551,6 +627,7 @@ int cmd_fuse(int argc, char **argv) {
         if (dump) { MsStatus s2 = dump_grams_write(&gd, dump); if (!s) s = s2; }
     }
     if (!s) s = write_folder(model, out, &m, &tok, new_emb, n_words * T, ncfg);
+    if (!s && ldm_out) s = write_ldm_out(ldm_out, &m, &tok, new_emb, n_words * T, ncfg);
     double total = ms_time() - t_start;
     size_t peak = peak_rss();
     if (!s && report) s = write_report(report, &rep, o.method, total, peak);

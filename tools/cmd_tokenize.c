@@ -89,6 +89,9 @@ MsStatus ms_clip_tokenizer_load(const char *dir, ClipTokenizer *t) {
     if (pad) strcpy(pad, padtok);
     if (n > (size_t)(1 << 24)) { s = ms_errorf(MS_ERR_FORMAT, "%s/vocab.json: %zu entries", d, n); goto done; }
     s = clip_tokenizer_init(t, toks, lens, ids, (int)n, merges, mlen, pad, d);
+    /* a fused model's added tokens, as transformers' from_pretrained reads them */
+    snprintf(p, sizeof p, "%s/added_tokens.json", d);
+    if (!s && file_exists(p) && (s = ms_clip_added_tokens_json(p, t))) clip_tokenizer_free(t);
 done:
     json_free(vocab); json_free(stm); json_free(cfg);
     free(merges); free(pad); free(toks); free(lens); free(ids);
@@ -165,13 +168,10 @@ int cmd_tokenize(int argc, char **argv) {
         return help ? 0 : 2;
     }
     ClipTokenizer t;
-    char dir[4200];
-    int shipped = 0, have_t = 0;
-    MsStatus s = ms_find_tokenizer(model, tokdir, dir, sizeof dir, &shipped);
-    if (!s && shipped)
-        fprintf(stderr, "mixshow: %s%sthe CLIP BPE files shipped with mixshow (%s)\n", model ? model : "",
-                model ? ": no tokenizer/: " : "", dir);
-    if (!s) s = ms_clip_tokenizer_load(dir, &t);
+    int have_t = 0;
+    MsOpenOptions oo = { tokdir, NULL, 0, 0 };
+    /* the tokenizer only (with a fused model's added tokens, also those in a single file's metadata) */
+    MsStatus s = ms_open_model(model, &oo, NULL, &t, NULL, 0);
     if (!s) have_t = 1;
     if (!s && added) s = ms_clip_added_tokens_load(added, &t, NULL);
     int32_t *ids = s ? NULL : (int32_t *)malloc((size_t)max_len * sizeof *ids);

@@ -931,6 +931,47 @@ MsStatus ms_find_tokenizer(const char *model_path, const char *tokenizer_dir, ch
                      );
 }
 
+static MsStatus added_tokens_add(const JsonValue *add, const char *path, ClipTokenizer *t) {
+    MsStatus s = MS_OK;
+    if (add->type != JSON_OBJECT) return ms_errorf(MS_ERR_FORMAT, "%s: expected an object {token: id}", path);
+    for (size_t j = 0; j < add->count && !s; j++) {          /* every id an integer first */
+        int64_t id;
+        char what[300];
+        snprintf(what, sizeof what, "%.200s: token '%.60s'", path, add->items[j].key);
+        s = json_as_int(&add->items[j], what, &id);
+    }
+    for (size_t k = 0; k < add->count && !s; k++) {          /* id order: n_vocab, n_vocab + 1, ... */
+        const int64_t want = (int64_t)t->n_vocab + (int64_t)k;
+        const JsonValue *e = NULL;
+        for (size_t j = 0; j < add->count && !e; j++) {
+            int64_t id = 0;
+            json_as_int(&add->items[j], "", &id);
+            if (id == want) e = &add->items[j];
+        }
+        if (!e) { s = ms_errorf(MS_ERR_FORMAT, "%s: non-consecutive added tokens: none has id %lld (ids must follow the "
+                                "vocabulary of %d)", path, (long long)want, t->n_vocab); break; }
+        size_t len = strlen(e->key);
+        int have = clip_tokenizer_find(t, e->key, len);
+        if (have == want) continue;                            /* read before */
+        if (have >= 0 || want != (int64_t)t->n_vocab + t->n_added) {
+            s = ms_errorf(MS_ERR_FORMAT, "%s: token '%s' (id %lld) is already in the tokenizer as id %d", path, e->key,
+                          (long long)want, have >= 0 ? have : t->n_vocab + t->n_added);
+            break;
+        }
+        const char *one = e->key;
+        s = clip_tokenizer_add_tokens(t, &one, 1, NULL);
+    }
+    return s;
+}
+
+MsStatus ms_clip_added_tokens_json(const char *path, ClipTokenizer *t) {
+    JsonValue *add = NULL;
+    MsStatus s = json_parse_file(path, &add);
+    if (!s) s = added_tokens_add(add, path, t);
+    json_free(add);
+    return s;
+}
+
 static void add_note(char *notes, size_t cap, size_t *len, const char *path, const char *text) {
     /* one "path: " prefix per line */
     while (notes && *text && *len + 1 < cap) {
@@ -941,6 +982,29 @@ static void add_note(char *notes, size_t cap, size_t *len, const char *path, con
         *len += (size_t)k < cap - *len ? (size_t)k : cap - *len - 1;
         text += n + (nl ? 1 : 0);
     }
+}
+
+/* A fused model's added tokens: a folder's tokenizer/added_tokens.json is read with the tokenizer
+ * (ms_clip_tokenizer_load); a single .safetensors file (`mixshow fuse --ldm-out`) carries them as
+ * metadata mixshow.added_tokens (the same JSON object), since an LDM file has no tokenizer. */
+static MsStatus added_tokens_of(const char *path, ClipTokenizer *tok) {
+    char p[4300];
+    MsStatus s = MS_OK;
+    if (strlen(path) > 12 && !strcmp(path + strlen(path) - 12, ".safetensors") && file_exists(path)) {
+        StFile f;
+        const char *txt;
+        if ((s = st_open(&f, path))) { clip_tokenizer_free(tok); return s; }
+        if ((txt = st_meta(&f, "mixshow.added_tokens"))) {
+            JsonValue *j = NULL;
+            snprintf(p, sizeof p, "%.4000s: metadata mixshow.added_tokens", path);
+            s = json_parse(txt, strlen(txt), p, &j);
+            if (!s) s = added_tokens_add(j, p, tok);
+            json_free(j);
+        }
+        st_close(&f);
+    }
+    if (s) clip_tokenizer_free(tok);
+    return s;
 }
 
 MsStatus ms_open_model(const char *path, const MsOpenOptions *o, MsModel *m, ClipTokenizer *tok, char *notes,
@@ -969,7 +1033,8 @@ MsStatus ms_open_model(const char *path, const MsOpenOptions *o, MsModel *m, Cli
     }
     if (tok) {
         if ((s = ms_find_tokenizer(path, o->tokenizer_dir, tdir, sizeof tdir, &shipped)) ||
-            (s = ms_clip_tokenizer_load(tdir, tok))) {
+            (s = ms_clip_tokenizer_load(tdir, tok)) ||
+            (s = added_tokens_of(path, tok))) {
             if (m) ms_model_free(m);
             return s;
         }

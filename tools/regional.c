@@ -177,38 +177,32 @@ void regional_concepts_free(RegionalConcepts *c) {
 
 MsStatus regional_concepts_load(const char *dir, ClipTokenizer *tok, int n_layers, RegionalConcepts *c) {
     char p[4200];
-    JsonValue *cfg = NULL, *add = NULL;
+    JsonValue *cfg = NULL;
     MsStatus s = MS_OK;
     memset(c, 0, sizeof *c);
-    /* added tokens first (from_pretrained: tokenizer/added_tokens.json, {token: id}), in id order */
+    /* added tokens first (from_pretrained: tokenizer/added_tokens.json, {token: id}), in id order;
+     * ms_open_model has read them already (then nothing is added) */
     snprintf(p, sizeof p, "%s/tokenizer/added_tokens.json", dir);
     FILE *f = fopen(p, "rb");
     if (f) {
         fclose(f);
-        if ((s = json_parse_file(p, &add))) return s;
-        if (add->type != JSON_OBJECT) { s = ms_errorf(MS_ERR_FORMAT, "%s: expected an object {token: id}", p); goto done; }
-        for (size_t k = 0; k < add->count && !s; k++) {
-            int64_t want = (int64_t)tok->n_vocab + tok->n_added;
-            const JsonValue *best = NULL;
-            for (size_t j = 0; j < add->count; j++) {
-                int64_t id;
-                char what[300];
-                snprintf(what, sizeof what, "%.200s: token '%.60s'", p, add->items[j].key);
-                if ((s = json_as_int(&add->items[j], what, &id))) goto done;
-                if (id == want) best = &add->items[j];
-            }
-            if (!best) { s = ms_errorf(MS_ERR_FORMAT, "%s: no token has id %lld (ids must follow the vocabulary)", p, (long long)want); goto done; }
-            const char *one = best->key;
-            int na = 0;
-            if ((s = clip_tokenizer_add_tokens(tok, &one, 1, &na))) goto done;
-            if (na != 1) { s = ms_errorf(MS_ERR_FORMAT, "%s: token '%s' is already in the vocabulary", p, one); goto done; }
-        }
+        if ((s = ms_clip_added_tokens_json(p, tok))) return s;
     }
     snprintf(p, sizeof p, "%s/new_concept_cfg.json", dir);
     f = fopen(p, "rb");
-    if (!f) goto done;                                      /* a plain model: no concepts */
-    fclose(f);
-    if ((s = json_parse_file(p, &cfg))) goto done;
+    if (f) {
+        fclose(f);
+        if ((s = json_parse_file(p, &cfg))) goto done;
+    } else {                  /* a single file from `mixshow fuse --ldm-out`: its metadata holds the cfg */
+        StFile sf;
+        const char *txt;
+        if (st_open(&sf, dir) != MS_OK) { ms_clear_error(); goto done; }   /* a plain model: no concepts */
+        snprintf(p, sizeof p, "%.4000s: metadata mixshow.new_concept_cfg", dir);
+        txt = st_meta(&sf, "mixshow.new_concept_cfg");
+        if (txt) s = json_parse(txt, strlen(txt), p, &cfg);
+        st_close(&sf);
+        if (!txt || s) goto done;
+    }
     if (cfg->type != JSON_OBJECT) { s = ms_errorf(MS_ERR_FORMAT, "%s: expected an object {concept word: {...}}", p); goto done; }
     c->n_words = (int)cfg->count;
     c->n_layers = n_layers;
@@ -242,7 +236,6 @@ MsStatus regional_concepts_load(const char *dir, ClipTokenizer *tok, int n_layer
     }
 done:
     json_free(cfg);
-    json_free(add);
     if (s) regional_concepts_free(c);
     return s;
 }

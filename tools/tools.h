@@ -380,6 +380,15 @@ MsStatus ms_table_fill_file(MsParamTable *t, const char *path, int ldm, const ch
 int cmd_inspect(int argc, char **argv);   /* mixshow inspect FILE [--json] */
 int cmd_convert(int argc, char **argv);   /* mixshow convert IN OUT [--config DIR] [--half] */
 MsStatus ms_copy_file(const char *from, const char *to);   /* byte copy (tools/cmd_convert.c) */
+/* The configs of a diffusers folder written from m's: DIR/model_index.json, unet/config.json,
+ * vae/config.json, text_encoder/config.json, scheduler/scheduler_config.json (subfolders exist). */
+MsStatus ms_write_model_configs(const MsModel *m, const char *dir);
+/* m as an original LDM single .safetensors file (out.tmp, renamed): F16 tensors when half; with
+ * with_configs the four configs as metadata mixshow.{unet,vae,text_encoder,scheduler}_config
+ * (ms_open_model reads them back); extra: n_extra more (key, value) metadata pairs. */
+#define MS_LDM_EXTRA_META 4
+MsStatus ms_write_ldm(const MsModel *m, const char *out, int half, int with_configs, const char *const *extra,
+                      int n_extra);
 /* The same from a safetensors image in memory (origin names it in messages). */
 MsStatus ms_table_fill_memory(MsParamTable *t, const void *data, size_t size, const char *origin, int ldm,
                               const char *what, const MsLoadOptions *opt);
@@ -390,6 +399,11 @@ MsStatus ms_table_fill_memory(MsParamTable *t, const void *data, size_t size, co
 MsStatus ms_clip_tokenizer_load(const char *dir, ClipTokenizer *t);
 /* Added tokens from a file: one per line, or a JSON array of strings (clip_tokenizer_add_tokens). */
 MsStatus ms_clip_added_tokens_load(const char *path, ClipTokenizer *t, int *n_added);
+/* A tokenizer folder's added_tokens.json ({token: id}, what `mixshow fuse` and transformers'
+ * save_pretrained write) as transformers 4.31 from_pretrained reads it: tokens in id order, each
+ * id must be the next one ("non-consecutive added token" otherwise). A token already in t at
+ * that id is kept (reading the file twice adds nothing). ms_open_model calls it. */
+MsStatus ms_clip_added_tokens_json(const char *path, ClipTokenizer *t);
 int cmd_tokenize(int argc, char **argv);  /* mixshow tokenize --model DIR [--added-tokens FILE] "prompt" */
 
 /* ---- text-to-image pipeline, `mixshow sample`, `mixshow dump` ---- */

@@ -114,9 +114,10 @@ if __name__ == "__main__" and "--edloras" not in sys.argv:
 # ---------------------------------------------------------------------------------------------
 # Random ED-LoRAs for the tiny model (tests/data/fuse/concept_*.pth + multi.json), saved as the
 # official trainer saves them: torch.save({'params': {'new_concept_embedding', 'text_encoder',
-# 'unet'}}), rank 4, LoRA on text q/k/v/out_proj and every UNet attention to_q/k/v/out.0.
+# 'unet'}}), `tokens` (16) rows per word, rank 4, LoRA on text q/k/v/out_proj and every UNet
+# attention to_q/k/v/out.0.
 # ---------------------------------------------------------------------------------------------
-def make_edloras(model_dir, out_dir, names, seed=7):
+def make_edloras(model_dir, out_dir, names, seed=7, tokens=16):
     from common import read_safetensors
     te, _ = read_safetensors(os.path.join(model_dir, "text_encoder/model.safetensors"))
     un, _ = read_safetensors(os.path.join(model_dir, "unet/diffusion_pytorch_model.safetensors"))
@@ -124,7 +125,7 @@ def make_edloras(model_dir, out_dir, names, seed=7):
     D = te["text_model.embeddings.token_embedding.weight"].shape[1]
     entries = []
     for ci, (words, alpha_u, alpha_t) in enumerate(names):
-        emb = {w: (torch.randn(16, D, generator=g) * 0.3) for w in words}
+        emb = {w: (torch.randn(tokens, D, generator=g) * 0.3) for w in words}
         def lora(keys):
             d = {}
             for k in keys:
