@@ -147,6 +147,17 @@ void ms_gemm_ref(int transA, int transB, int M, int N, int K, float alpha, const
 /* ms_gemm and the convolutions pack into a per-thread workspace that is allocated on first use
  * and grown only when a larger size is first needed; this frees the calling thread's copy. */
 void ms_gemm_scratch_free(void);
+/* Which fast paths ms_gemm and the convolutions may take (default MS_GEMM_FAST_ALL; 0 = the
+ * plain packed driver). Every combination gives the same bits (tests/test_kernels.c); the
+ * switch exists for those tests and for `mixshow bench`. Set it outside parallel work. */
+enum {
+    MS_GEMM_FAST_INPLACE_A = 1,   /* a dense, untransposed A is read where it lies, not packed */
+    MS_GEMM_FAST_HALF = 2,        /* half-width register tiles for narrow column tails */
+    MS_GEMM_FAST_PACK = 4,        /* SIMD packing: transposed B, stride-1 im2col (AVX-512) */
+    MS_GEMM_FAST_SMALL_M = 8,     /* M <= 256, B transposed: C^T = B A^T, the weight read in place */
+    MS_GEMM_FAST_ALL = 15
+};
+void ms_gemm_set_fast(int flags);
 
 /* out (N,O) = x (N,I) @ w^T + b ; w (O,I) PyTorch layout ; b (O) or NULL */
 void linear_forward(float *out, const float *x, const float *w, const float *b, int N, int I, int O);

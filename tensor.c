@@ -304,6 +304,11 @@ const char *ms_simd_name(MsSimd level) {
 typedef struct { float *p; size_t cap; } MsWork;
 static MS_THREAD_LOCAL MsWork ms_work_gemm;    /* packed B slice + one packed A block per thread */
 static MS_THREAD_LOCAL MsWork ms_work_conv;    /* column chunk of the strided conv backward */
+static MS_THREAD_LOCAL MsWork ms_work_tr;      /* C^T of the small-M path (ms_gemm_small_m) */
+
+/* MS_GEMM_FAST_* flags (mixshow.h); 0 is the plain packed driver. */
+static int ms_gemm_fast = MS_GEMM_FAST_ALL;
+void ms_gemm_set_fast(int flags) { ms_gemm_fast = flags & MS_GEMM_FAST_ALL; }
 
 /* Returns at least n floats (64-byte aligned), reallocating only when n exceeds what this
  * thread has already; NULL when the allocation fails. */
@@ -319,6 +324,7 @@ static float *ms_work_get(MsWork *w, size_t n) {
 void ms_gemm_scratch_free(void) {
     ms_free_aligned(ms_work_gemm.p); ms_work_gemm.p = NULL; ms_work_gemm.cap = 0;
     ms_free_aligned(ms_work_conv.p); ms_work_conv.p = NULL; ms_work_conv.cap = 0;
+    ms_free_aligned(ms_work_tr.p); ms_work_tr.p = NULL; ms_work_tr.cap = 0;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -346,6 +352,135 @@ static MsOperand ms_dense(const float *p, size_t ld, int trans) {
     o.kind = MS_OPD_DENSE; o.p = p; o.ld = ld; o.trans = trans;
     return o;
 }
+
+#if defined(MS_X86_KERNELS)
+/* Transposes 16 zmm rows r0..r15 in place (64 shuffles): unpack 32-bit and 64-bit pairs within
+ * 128-bit lanes, then two rounds of 128-bit lane shuffles. */
+#define MS_TR16_PAIR(a, b, x, y) { __m512 u_ = _mm512_unpacklo_ps(a, b), v_ = _mm512_unpackhi_ps(a, b); \
+    x = u_; y = v_; }
+#define MS_TR16_PD(a, b, x, y) { __m512d a_ = _mm512_castps_pd(a), b_ = _mm512_castps_pd(b); \
+    x = _mm512_castpd_ps(_mm512_unpacklo_pd(a_, b_)); y = _mm512_castpd_ps(_mm512_unpackhi_pd(a_, b_)); }
+#define MS_TR16(r) { __m512 t_[16]; \
+    MS_TR16_PAIR(r[0], r[1], t_[0], t_[1]) MS_TR16_PAIR(r[2], r[3], t_[2], t_[3]) \
+    MS_TR16_PAIR(r[4], r[5], t_[4], t_[5]) MS_TR16_PAIR(r[6], r[7], t_[6], t_[7]) \
+    MS_TR16_PAIR(r[8], r[9], t_[8], t_[9]) MS_TR16_PAIR(r[10], r[11], t_[10], t_[11]) \
+    MS_TR16_PAIR(r[12], r[13], t_[12], t_[13]) MS_TR16_PAIR(r[14], r[15], t_[14], t_[15]) \
+    MS_TR16_PD(t_[0], t_[2], r[0], r[1]) MS_TR16_PD(t_[1], t_[3], r[2], r[3]) \
+    MS_TR16_PD(t_[4], t_[6], r[4], r[5]) MS_TR16_PD(t_[5], t_[7], r[6], r[7]) \
+    MS_TR16_PD(t_[8], t_[10], r[8], r[9]) MS_TR16_PD(t_[9], t_[11], r[10], r[11]) \
+    MS_TR16_PD(t_[12], t_[14], r[12], r[13]) MS_TR16_PD(t_[13], t_[15], r[14], r[15]) \
+    t_[0] = _mm512_shuffle_f32x4(r[0], r[4], 0x88); t_[1] = _mm512_shuffle_f32x4(r[1], r[5], 0x88); \
+    t_[2] = _mm512_shuffle_f32x4(r[2], r[6], 0x88); t_[3] = _mm512_shuffle_f32x4(r[3], r[7], 0x88); \
+    t_[4] = _mm512_shuffle_f32x4(r[0], r[4], 0xdd); t_[5] = _mm512_shuffle_f32x4(r[1], r[5], 0xdd); \
+    t_[6] = _mm512_shuffle_f32x4(r[2], r[6], 0xdd); t_[7] = _mm512_shuffle_f32x4(r[3], r[7], 0xdd); \
+    t_[8] = _mm512_shuffle_f32x4(r[8], r[12], 0x88); t_[9] = _mm512_shuffle_f32x4(r[9], r[13], 0x88); \
+    t_[10] = _mm512_shuffle_f32x4(r[10], r[14], 0x88); t_[11] = _mm512_shuffle_f32x4(r[11], r[15], 0x88); \
+    t_[12] = _mm512_shuffle_f32x4(r[8], r[12], 0xdd); t_[13] = _mm512_shuffle_f32x4(r[9], r[13], 0xdd); \
+    t_[14] = _mm512_shuffle_f32x4(r[10], r[14], 0xdd); t_[15] = _mm512_shuffle_f32x4(r[11], r[15], 0xdd); \
+    r[0] = _mm512_shuffle_f32x4(t_[0], t_[8], 0x88); r[1] = _mm512_shuffle_f32x4(t_[1], t_[9], 0x88); \
+    r[2] = _mm512_shuffle_f32x4(t_[2], t_[10], 0x88); r[3] = _mm512_shuffle_f32x4(t_[3], t_[11], 0x88); \
+    r[4] = _mm512_shuffle_f32x4(t_[4], t_[12], 0x88); r[5] = _mm512_shuffle_f32x4(t_[5], t_[13], 0x88); \
+    r[6] = _mm512_shuffle_f32x4(t_[6], t_[14], 0x88); r[7] = _mm512_shuffle_f32x4(t_[7], t_[15], 0x88); \
+    r[8] = _mm512_shuffle_f32x4(t_[0], t_[8], 0xdd); r[9] = _mm512_shuffle_f32x4(t_[1], t_[9], 0xdd); \
+    r[10] = _mm512_shuffle_f32x4(t_[2], t_[10], 0xdd); r[11] = _mm512_shuffle_f32x4(t_[3], t_[11], 0xdd); \
+    r[12] = _mm512_shuffle_f32x4(t_[4], t_[12], 0xdd); r[13] = _mm512_shuffle_f32x4(t_[5], t_[13], 0xdd); \
+    r[14] = _mm512_shuffle_f32x4(t_[6], t_[14], 0xdd); r[15] = _mm512_shuffle_f32x4(t_[7], t_[15], 0xdd); }
+#define MS_R16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+
+static __mmask16 ms_mask16(int n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u); }
+
+/* dst[j*ldd + i] = i < rv ? src[i*lds + j] : 0, for i < rs and j < cols (rv <= rs): a copy,
+ * 16 x 16 blocks through registers, masked at the edges (masked-off lanes are never read). */
+MS_TARGET_AVX512
+static void ms_transpose_avx512(float *dst, size_t ldd, const float *src, size_t lds, int rv, int rs, int cols) {
+    for (int i0 = 0; i0 < rs; i0 += 16) {
+        int nv = rv - i0;
+        __mmask16 sm = ms_mask16(rs - i0);
+        for (int j0 = 0; j0 < cols; j0 += 16) {
+            int nj = cols - j0;
+            __mmask16 jm = ms_mask16(nj);
+            __m512 r[16];
+#define MS_TR_LD(i) r[i] = (i) < nv ? _mm512_maskz_loadu_ps(jm, src + (size_t)(i0 + (i)) * lds + j0) : _mm512_setzero_ps();
+#define MS_TR_ST(i) if ((i) < nj) _mm512_mask_storeu_ps(dst + (size_t)(j0 + (i)) * ldd + i0, sm, r[i]);
+            MS_R16(MS_TR_LD)
+            MS_TR16(r)
+            MS_R16(MS_TR_ST)
+#undef MS_TR_LD
+#undef MS_TR_ST
+        }
+    }
+}
+
+/* One row (k) of an IM2COL panel, stride 1: dk[c] = img[iy, ix0 + c] or 0 outside the image,
+ * for c < n. Masked loads read only pixels inside the row; the expand-load fills the lanes to
+ * the right of the left border from the row's first pixel on. */
+MS_TARGET_AVX512
+static void ms_im2col_run_avx512(float *dk, const float *srow, int W, int ix0, int n) {
+    for (int t = 0; t < n; t += 16) {
+        int ix = ix0 + t, lo = ix < 0 ? -ix : 0, hi = W - ix;
+        int nn = n - t < 16 ? n - t : 16;
+        if (hi > nn) hi = nn;
+        __m512 v = _mm512_setzero_ps();
+        if (lo < hi) {
+            __mmask16 m = (__mmask16)(ms_mask16(hi) & ~ms_mask16(lo));
+            v = lo ? _mm512_maskz_expandloadu_ps(m, srow) : _mm512_maskz_loadu_ps(m, srow + ix);
+        }
+        _mm512_mask_storeu_ps(dk + t, ms_mask16(nn), v);
+    }
+}
+#endif /* MS_X86_KERNELS */
+
+#ifndef MS_IM2COL_PF
+#define MS_IM2COL_PF 3
+#endif
+#if defined(MS_X86_KERNELS)
+/* An IM2COL panel (stride 1) whose columns lie in one output row: row k of the panel is a
+ * shifted piece of one input row, zero outside it. The masks and shifts depend only on kx, so
+ * they are set up once; then each row is NR/16 masked loads (+ a lane shift at the left border)
+ * and full stores. Returns 0 (nothing written) for other panels. */
+MS_TARGET_AVX512
+static int ms_im2col_row_avx512(float *d, const MsOperand *B, int k0, int kc, int j0, int nc, int NR) {
+    enum { MAXK = 5, MAXV = 4 };
+    int oy0 = j0 / B->Wo, ox0 = j0 % B->Wo, nv = NR / 16;
+    if (ox0 + nc > B->Wo || B->k > MAXK || nv > MAXV || NR % 16) return 0;
+    __mmask16 lm[MAXK][MAXV];
+    int off[MAXK][MAXV], sh[MAXK][MAXV];
+    for (int kx = 0; kx < B->k; kx++)
+        for (int v = 0; v < nv; v++) {
+            int ix = ox0 - B->pl + kx + 16 * v, lo = ix < 0 ? -ix : 0, hi = B->W - ix, n = nc - 16 * v;
+            if (hi > n) hi = n;
+            if (hi > 16) hi = 16;
+            if (lo > 16) lo = 16;
+            lm[kx][v] = lo < hi ? ms_mask16(hi - lo) : 0;   /* pixels ix+lo .. ix+hi-1 */
+            off[kx][v] = lo < hi ? ix + lo : 0;
+            sh[kx][v] = lo;                                 /* they go to lanes lo .. hi-1 */
+        }
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    int kk2 = B->k * B->k, ci = k0 / kk2, ky = (k0 % kk2) / B->k, kx = k0 % B->k;
+    for (int k = 0; k < kc; k++) {
+        float *dk = d + (size_t)k * NR;
+        int iy = oy0 - B->pt + ky;
+        if (iy < 0 || iy >= B->H) {
+            for (int v = 0; v < nv; v++) _mm512_storeu_ps(dk + 16 * v, _mm512_setzero_ps());
+        } else {
+            const float *srow = B->p + ((size_t)ci * B->H + iy) * B->W;
+            for (int v = 0; v < nv; v++) {
+                __m512 x = _mm512_maskz_loadu_ps(lm[kx][v], srow + off[kx][v]);
+                if (sh[kx][v]) x = _mm512_maskz_permutexvar_ps((__mmask16)(lm[kx][v] << sh[kx][v]),
+                                                               _mm512_sub_epi32(iota, _mm512_set1_epi32(sh[kx][v])), x);
+                _mm512_storeu_ps(dk + 16 * v, x);
+            }
+            if (kx == 0 && ci + MS_IM2COL_PF < B->C) {  /* a later channel's row: a jump the
+                                                           hardware prefetcher does not follow */
+                const char *q = (const char *)(srow + (size_t)MS_IM2COL_PF * B->H * B->W + off[0][0]);
+                for (int t = 0; t <= nc; t += 16) _mm_prefetch(q + 4 * t, _MM_HINT_T0);
+            }
+        }
+        if (++kx == B->k) { kx = 0; if (++ky == B->k) { ky = 0; ci++; } }
+    }
+    return 1;
+}
+#endif
 
 /* Packs rows i0..i0+mc of op(A), columns k0..k0+kc, into MR-tall k-major panels
  * (dst[panel][k][r]); rows past mc are zero. */
@@ -391,6 +526,42 @@ static void ms_pack_a(float *dst, const MsOperand *A, int i0, int mc, int k0, in
 /* One NR-wide panel of op(B): rows k0..k0+kc, columns j0..j0+nc (nc <= NR), dst[k][c],
  * columns past nc are zero. */
 static void ms_pack_b(float *d, const MsOperand *B, int k0, int kc, int j0, int nc, int NR) {
+#if defined(MS_X86_KERNELS)
+    if ((ms_gemm_fast & MS_GEMM_FAST_PACK) && NR % 16 == 0 && ms_simd() >= MS_SIMD_AVX512) {
+        if (B->kind == MS_OPD_DENSE && B->trans) {
+            ms_transpose_avx512(d, (size_t)NR, B->p + (size_t)j0 * B->ld + k0, B->ld, nc, NR, kc);
+            return;
+        }
+        if (B->kind == MS_OPD_IM2COL && B->s == 1 && ms_im2col_row_avx512(d, B, k0, kc, j0, nc, NR)) return;
+        if (B->kind == MS_OPD_IM2COL && B->s == 1) {
+            int kk2 = B->k * B->k, ci = k0 / kk2, ky = (k0 % kk2) / B->k, kx = k0 % B->k;
+            int oy0 = j0 / B->Wo, ox0 = j0 % B->Wo;
+            for (int k = 0; k < kc; k++) {             /* (ci, ky, kx) of row k0 + k */
+                const float *plane = B->p + (size_t)ci * B->H * B->W;
+                float *dk = d + (size_t)k * NR;
+                int oy = oy0, ox = ox0, c = 0;
+                while (c < nc) {
+                    int run = B->Wo - ox < nc - c ? B->Wo - ox : nc - c, iy = oy - B->pt + ky;
+                    if (iy < 0 || iy >= B->H) memset(dk + c, 0, (size_t)run * sizeof(float));
+                    else {
+                        const float *srow = plane + (size_t)iy * B->W;
+                        int ix = ox - B->pl + kx;
+                        ms_im2col_run_avx512(dk + c, srow, B->W, ix, run);
+                        if (kx == 0 && ci + 1 < B->C) {  /* the next channel's row: a jump the
+                                                            hardware prefetcher does not follow */
+                            const char *q = (const char *)(srow + (size_t)B->H * B->W + (ix < 0 ? 0 : ix));
+                            for (int t = 0; t <= run; t += 16) _mm_prefetch(q + 4 * t, _MM_HINT_T0);
+                        }
+                    }
+                    c += run; ox = 0; oy++;
+                }
+                if (nc < NR) memset(dk + nc, 0, (size_t)(NR - nc) * sizeof(float));
+                if (++kx == B->k) { kx = 0; if (++ky == B->k) { ky = 0; ci++; } }
+            }
+            return;
+        }
+    }
+#endif
     if (nc < NR)
         for (int k = 0; k < kc; k++)
             for (int c = nc; c < NR; c++) d[(size_t)k * NR + c] = 0.0f;
@@ -452,6 +623,10 @@ static void ms_pack_b(float *d, const MsOperand *B, int k0, int kc, int j0, int 
 /* Every kernel computes acc = sum_k a[k] * b[k] in k order with one rounding per FMA (scalar:
  * per multiply and add), then C = alpha*acc (beta == 0) or fma(alpha, acc, beta*C). */
 typedef void (*MsUkr)(int kc, const float *a, const float *b, float *c, size_t ldc, float alpha, float beta);
+/* The same tile with A read where it lies (lda != 0: row i at a + i*lda, k contiguous; no
+ * packing), or, for the half-width kernels, from a packed panel when lda == 0. The half-width
+ * kernels compute columns 0..NR/2 of the tile (B panels keep their NR stride): narrow tails. */
+typedef void (*MsUkrD)(int kc, const float *a, size_t lda, const float *b, float *c, size_t ldc, float alpha, float beta);
 
 #define MS_SC_MR 4
 #define MS_SC_NR 16
@@ -494,6 +669,38 @@ static void ms_ukr_avx2(int kc, const float *a, const float *b, float *c, size_t
     if (beta == 0.0f) { MS_R6(MS_A2_ST0) } else { MS_R6(MS_A2_ST1) }
 }
 
+#define MS_A2_STEPD(i) { __m256 ai = _mm256_broadcast_ss(a + (size_t)(i) * lda); \
+    c##i##a = _mm256_fmadd_ps(ai, b0, c##i##a); c##i##b = _mm256_fmadd_ps(ai, b1, c##i##b); }
+MS_TARGET_AVX2
+static void ms_ukr_avx2_d(int kc, const float *a, size_t lda, const float *b, float *c, size_t ldc, float alpha, float beta) {
+    MS_R6(MS_A2_DECL)
+    MS_R6(MS_A2_PF)
+    for (int k = 0; k < kc; k++, a++, b += 16) {
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        MS_R6(MS_A2_STEPD)
+    }
+    __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+    if (beta == 0.0f) { MS_R6(MS_A2_ST0) } else { MS_R6(MS_A2_ST1) }
+}
+
+#define MS_A2H_DECL(i) __m256 c##i##a = _mm256_setzero_ps();
+#define MS_A2H_STEP(i) c##i##a = _mm256_fmadd_ps(_mm256_broadcast_ss(a + (i)), b0, c##i##a);
+#define MS_A2H_STEPD(i) c##i##a = _mm256_fmadd_ps(_mm256_broadcast_ss(a + (size_t)(i) * lda), b0, c##i##a);
+#define MS_A2H_ST0(i) _mm256_storeu_ps(c + (size_t)i * ldc, _mm256_mul_ps(va, c##i##a));
+#define MS_A2H_ST1(i) { float *ci = c + (size_t)i * ldc; \
+    _mm256_storeu_ps(ci, _mm256_fmadd_ps(va, c##i##a, _mm256_mul_ps(vb, _mm256_loadu_ps(ci)))); }
+MS_TARGET_AVX2
+static void ms_ukr_avx2_h(int kc, const float *a, size_t lda, const float *b, float *c, size_t ldc, float alpha, float beta) {
+    MS_R6(MS_A2H_DECL)
+    if (lda) {
+        for (int k = 0; k < kc; k++, a++, b += 16) { __m256 b0 = _mm256_loadu_ps(b); MS_R6(MS_A2H_STEPD) }
+    } else {
+        for (int k = 0; k < kc; k++, a += 6, b += 16) { __m256 b0 = _mm256_loadu_ps(b); MS_R6(MS_A2H_STEP) }
+    }
+    __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+    if (beta == 0.0f) { MS_R6(MS_A2H_ST0) } else { MS_R6(MS_A2H_ST1) }
+}
+
 /* AVX-512: 14x32 tile = 28 zmm accumulators + 2 B vectors + 1 broadcast (of 32 registers);
  * the broadcast folds into the FMA's memory operand ({1to16}). */
 #define MS_R14(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13)
@@ -517,6 +724,38 @@ static void ms_ukr_avx512(int kc, const float *a, const float *b, float *c, size
     }
     __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
     if (beta == 0.0f) { MS_R14(MS_A5_ST0) } else { MS_R14(MS_A5_ST1) }
+}
+
+#define MS_A5_STEPD(i) { __m512 ai = _mm512_set1_ps(a[(size_t)(i) * lda]); \
+    c##i##a = _mm512_fmadd_ps(ai, b0, c##i##a); c##i##b = _mm512_fmadd_ps(ai, b1, c##i##b); }
+MS_TARGET_AVX512
+static void ms_ukr_avx512_d(int kc, const float *a, size_t lda, const float *b, float *c, size_t ldc, float alpha, float beta) {
+    MS_R14(MS_A5_DECL)
+    MS_R14(MS_A5_PF)
+    for (int k = 0; k < kc; k++, a++, b += 32) {
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+        MS_R14(MS_A5_STEPD)
+    }
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    if (beta == 0.0f) { MS_R14(MS_A5_ST0) } else { MS_R14(MS_A5_ST1) }
+}
+
+#define MS_A5H_DECL(i) __m512 c##i##a = _mm512_setzero_ps();
+#define MS_A5H_STEP(i) c##i##a = _mm512_fmadd_ps(_mm512_set1_ps(a[i]), b0, c##i##a);
+#define MS_A5H_STEPD(i) c##i##a = _mm512_fmadd_ps(_mm512_set1_ps(a[(size_t)(i) * lda]), b0, c##i##a);
+#define MS_A5H_ST0(i) _mm512_storeu_ps(c + (size_t)i * ldc, _mm512_mul_ps(va, c##i##a));
+#define MS_A5H_ST1(i) { float *ci = c + (size_t)i * ldc; \
+    _mm512_storeu_ps(ci, _mm512_fmadd_ps(va, c##i##a, _mm512_mul_ps(vb, _mm512_loadu_ps(ci)))); }
+MS_TARGET_AVX512
+static void ms_ukr_avx512_h(int kc, const float *a, size_t lda, const float *b, float *c, size_t ldc, float alpha, float beta) {
+    MS_R14(MS_A5H_DECL)
+    if (lda) {
+        for (int k = 0; k < kc; k++, a++, b += 32) { __m512 b0 = _mm512_loadu_ps(b); MS_R14(MS_A5H_STEPD) }
+    } else {
+        for (int k = 0; k < kc; k++, a += 14, b += 32) { __m512 b0 = _mm512_loadu_ps(b); MS_R14(MS_A5H_STEP) }
+    }
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    if (beta == 0.0f) { MS_R14(MS_A5H_ST0) } else { MS_R14(MS_A5H_ST1) }
 }
 #endif /* MS_X86_KERNELS */
 
@@ -547,7 +786,7 @@ static void ms_ukr_neon(int kc, const float *a, const float *b, float *c, size_t
 /* mr x nr register tile; mc rows of A per packed block (multiple of mr), kc = deepest K slice,
  * nc = columns of B per packed slice (multiple of nr): kc*nc floats stay in L2 while the
  * mr*kc A panel in use stays in L1 (loop order ir outer, jr inner). */
-typedef struct { int mr, nr, mc, kc, nc; MsUkr ukr; MsSimd level; } MsGemmKernel;
+typedef struct { int mr, nr, mc, kc, nc; MsUkr ukr; MsUkrD ukd, ukh; MsSimd level; } MsGemmKernel;
 
 #ifndef MS_MC5
 #define MS_MC5 (14 * 12)
@@ -562,11 +801,14 @@ static MsGemmKernel ms_gemm_kernel(void) {
     MsGemmKernel g;
     MsSimd l = ms_simd();
     g.level = MS_SIMD_SCALAR; g.mr = MS_SC_MR; g.nr = MS_SC_NR; g.mc = 64; g.kc = 256; g.nc = 512; g.ukr = ms_ukr_scalar;
+    g.ukd = g.ukh = NULL;
 #if defined(MS_X86_KERNELS)
     if (l >= MS_SIMD_AVX512) {
         g.level = MS_SIMD_AVX512; g.mr = 14; g.nr = 32; g.mc = MS_MC5; g.kc = MS_KC5; g.nc = MS_NC5; g.ukr = ms_ukr_avx512;
+        g.ukd = ms_ukr_avx512_d; g.ukh = ms_ukr_avx512_h;
     } else if (l >= MS_SIMD_AVX2) {
         g.level = MS_SIMD_AVX2; g.mr = 6; g.nr = 16; g.mc = 6 * 24; g.kc = 384; g.nc = 320; g.ukr = ms_ukr_avx2;
+        g.ukd = ms_ukr_avx2_d; g.ukh = ms_ukr_avx2_h;
     }
 #elif defined(MS_NEON_KERNELS)
     if (l >= MS_SIMD_NEON) {
@@ -574,31 +816,51 @@ static MsGemmKernel ms_gemm_kernel(void) {
     }
 #endif
     (void)l;
+    if (!(ms_gemm_fast & MS_GEMM_FAST_INPLACE_A)) g.ukd = NULL;
+    if (!(ms_gemm_fast & MS_GEMM_FAST_HALF)) g.ukh = NULL;
     return g;
 }
 
-/* The register tiles of rows [ic, ic+mc) x columns [jc, jc+nc) for one K slice, from packed
- * A (Ap: mc x kc) and packed B (Bp: kc x nc). */
+/* The register tiles of rows [ic, ic+mc) x columns [jc, jc+nc) for one K slice. A comes packed
+ * (Ap: mc x kc) or, when Ad is set, in place (row ic+ir at Ad + ir*lda; a partial last row
+ * panel is still packed, at Ap); B packed (Bp: kc x nc). Every C element gets the same FMA
+ * sequence whichever kernel (full, in-place A, half width) or edge copy computes it. */
 static void ms_gemm_tiles(const MsGemmKernel *g, int ic, int mc, int jc, int nc, int kc, float alpha,
-                          float beta_k, float *C, size_t ldc, const float *Ap, const float *Bp, float *tile) {
+                          float beta_k, float *C, size_t ldc, const float *Ap, const float *Ad, size_t lda,
+                          const float *Bp, float *tile) {
     const int MR = g->mr, NR = g->nr;
     for (int ir = 0; ir < mc; ir += MR) {
-        const float *ap = Ap + (size_t)ir * kc;
         int rows = mc - ir < MR ? mc - ir : MR;
+        size_t ld = Ad && rows == MR ? lda : 0;
+        const float *ap = ld ? Ad + (size_t)ir * lda : Ad ? Ap : Ap + (size_t)ir * kc;
         for (int jr = 0; jr < nc; jr += NR) {
             int cols = nc - jr < NR ? nc - jr : NR;
-            float *c = C + (size_t)(ic + ir) * ldc + jc + jr;
+            int half = g->ukh && cols <= NR / 2, w = half ? NR / 2 : NR;
+            float *c = C + (size_t)(ic + ir) * ldc + jc + jr, *cc = c;
             const float *bp = Bp + (size_t)jr * kc;
-            if (rows == MR && cols == NR) {
-                g->ukr(kc, ap, bp, c, ldc, alpha, beta_k);
-            } else {                             /* same kernel on a copy: same bits */
+            size_t ldcc = ldc;
+            if (rows < MR || cols < w) {         /* edge: the same kernel on a copy, same bits */
                 if (beta_k != 0.0f)
                     for (int r = 0; r < rows; r++) memcpy(tile + r * NR, c + (size_t)r * ldc, (size_t)cols * sizeof(float));
-                g->ukr(kc, ap, bp, tile, (size_t)NR, alpha, beta_k);
-                for (int r = 0; r < rows; r++) memcpy(c + (size_t)r * ldc, tile + r * NR, (size_t)cols * sizeof(float));
+                cc = tile; ldcc = (size_t)NR;
             }
+            if (half) g->ukh(kc, ap, ld, bp, cc, ldcc, alpha, beta_k);
+            else if (ld) g->ukd(kc, ap, ld, bp, cc, ldcc, alpha, beta_k);
+            else g->ukr(kc, ap, bp, cc, ldcc, alpha, beta_k);
+            if (cc == tile)
+                for (int r = 0; r < rows; r++) memcpy(c + (size_t)r * ldc, tile + r * NR, (size_t)cols * sizeof(float));
         }
     }
+}
+
+/* A's rows [ic, ic+mc), columns [k0, k0+kc) for ms_gemm_tiles: packed into Ap, or (in place)
+ * only the partial last row panel packed, and *Ad set to A[ic][k0]. */
+static void ms_gemm_prep_a(const MsGemmKernel *g, int inplace, float *Ap, const float **Ad, const MsOperand *A,
+                           int ic, int mc, int k0, int kc) {
+    if (!inplace) { ms_pack_a(Ap, A, ic, mc, k0, kc, g->mr); *Ad = NULL; return; }
+    int full = mc / g->mr * g->mr;
+    if (full < mc) ms_pack_a(Ap, A, ic + full, mc - full, k0, kc, g->mr);
+    *Ad = A->p + (size_t)ic * A->ld + k0;
 }
 
 static void ms_pack_b_slice(float *Bp, const MsOperand *B, int k0, int kc, int jc, int nc, int NR) {
@@ -616,11 +878,13 @@ static void ms_pack_b_slice(float *Bp, const MsOperand *B, int k0, int kc, int j
  *                    with K=1280, N=320), so a C block stays in cache across the K slices */
 enum { MS_ORD_BLOCKED, MS_ORD_A_RESIDENT, MS_ORD_B_RESIDENT };
 
-/* One thread's share: the C rows [i0, i1) x columns [j0, j1). */
-static void ms_gemm_part(const MsGemmKernel *g, int order, int i0, int i1, int j0, int j1, int K, int kcb,
+/* One thread's share: the C rows [i0, i1) x columns [j0, j1). inplace: A is read where it lies
+ * (dense, not transposed; never with MS_ORD_A_RESIDENT). */
+static void ms_gemm_part(const MsGemmKernel *g, int order, int inplace, int i0, int i1, int j0, int j1, int K, int kcb,
                          float alpha, const MsOperand *A, const MsOperand *B, float beta,
                          float *C, size_t ldc, float *Ap, float *Bp) {
     float tile[32 * 32];                          /* edge tiles: MR*NR <= 14*32 */
+    const float *Ad = NULL;
     memset(tile, 0, sizeof tile);
     if (order == MS_ORD_B_RESIDENT) {             /* j1 - j0 <= nc */
         for (int k0 = 0; k0 < K; k0 += kcb)
@@ -629,8 +893,8 @@ static void ms_gemm_part(const MsGemmKernel *g, int order, int i0, int i1, int j
             int mc = i1 - ic < g->mc ? i1 - ic : g->mc;
             for (int k0 = 0; k0 < K; k0 += kcb) {
                 int kc = K - k0 < kcb ? K - k0 : kcb;
-                ms_pack_a(Ap, A, ic, mc, k0, kc, g->mr);
-                ms_gemm_tiles(g, ic, mc, j0, j1 - j0, kc, alpha, k0 == 0 ? beta : 1.0f, C, ldc, Ap,
+                ms_gemm_prep_a(g, inplace, Ap, &Ad, A, ic, mc, k0, kc);
+                ms_gemm_tiles(g, ic, mc, j0, j1 - j0, kc, alpha, k0 == 0 ? beta : 1.0f, C, ldc, Ap, Ad, A->ld,
                               Bp + (size_t)k0 * (j1 - j0 + g->nr), tile);
             }
         }
@@ -646,7 +910,7 @@ static void ms_gemm_part(const MsGemmKernel *g, int order, int i0, int i1, int j
                 for (int ic = i0; ic < i1; ic += g->mc) {
                     int mc = i1 - ic < g->mc ? i1 - ic : g->mc;
                     ms_gemm_tiles(g, ic, mc, jc, nc, kc, alpha, k0 == 0 ? beta : 1.0f, C, ldc,
-                                  Ap + (size_t)(ic - i0) * kc, Bp, tile);
+                                  Ap + (size_t)(ic - i0) * kc, NULL, 0, Bp, tile);
                 }
             }
         }
@@ -660,8 +924,8 @@ static void ms_gemm_part(const MsGemmKernel *g, int order, int i0, int i1, int j
             ms_pack_b_slice(Bp, B, k0, kc, jc, nc, g->nr);
             for (int ic = i0; ic < i1; ic += g->mc) {
                 int mc = i1 - ic < g->mc ? i1 - ic : g->mc;
-                ms_pack_a(Ap, A, ic, mc, k0, kc, g->mr);
-                ms_gemm_tiles(g, ic, mc, jc, nc, kc, alpha, beta_k, C, ldc, Ap, Bp, tile);
+                ms_gemm_prep_a(g, inplace, Ap, &Ad, A, ic, mc, k0, kc);
+                ms_gemm_tiles(g, ic, mc, jc, nc, kc, alpha, beta_k, C, ldc, Ap, Ad, A->ld, Bp, tile);
             }
         }
     }
@@ -710,10 +974,11 @@ static int ms_gemm_op(int M, int N, int K, float alpha, const MsOperand *A, cons
     size_t bsize = (size_t)kcb * ncmax, asize = (size_t)mcmax * kcb;
     /* the loop order (ms_gemm_part) from the largest part's shape */
     int prow = (ru + tr - 1) / tr * MR, pcol = (cu + tc - 1) / tc * NR, order = MS_ORD_BLOCKED;
+    int inplace = g.ukd && A->kind == MS_OPD_DENSE && !A->trans && A->ld > 0;   /* A read where it lies */
     if (prow > g.mc && pcol <= g.nc && nkb > 1 && (size_t)K * (pcol + NR) <= ((size_t)1 << 19)) {
         order = MS_ORD_B_RESIDENT;                /* <= 2 MB of packed B */
         bsize = (size_t)K * (pcol + NR);
-    } else if (pcol > g.nc && (size_t)prow * kcb <= ((size_t)1 << 18)) {
+    } else if (!inplace && pcol > g.nc && (size_t)prow * kcb <= ((size_t)1 << 18)) {
         order = MS_ORD_A_RESIDENT;                /* <= 1 MB of packed A */
         asize = (size_t)prow * kcb;
     }
@@ -731,7 +996,7 @@ static int ms_gemm_op(int M, int N, int K, float alpha, const MsOperand *A, cons
         if (i1 > M) i1 = M;
         if (j1 > N) j1 = N;
         float *Bp = work + (bsize + asize) * (size_t)t, *Ap = Bp + bsize;
-        if (i0 < i1 && j0 < j1) ms_gemm_part(&g, order, i0, i1, j0, j1, K, kcb, alpha, A, B, beta, C, ldc, Ap, Bp);
+        if (i0 < i1 && j0 < j1) ms_gemm_part(&g, order, inplace, i0, i1, j0, j1, K, kcb, alpha, A, B, beta, C, ldc, Ap, Bp);
     }
     return 1;
 }
@@ -754,8 +1019,35 @@ void ms_gemm_ref(int transA, int transB, int M, int N, int K, float alpha, const
         }
 }
 
+/* Small M with B transposed (linear_forward on a few tokens: CLIP's 77, the cross-attention
+ * K/V of the context): C^T (N,M) = B (N,K) A^T (K,M). B (the weight) is then read in place by
+ * the in-place-A kernels instead of being repacked per call, and only the few rows of A are
+ * packed. C^T lives in a per-thread workspace; the two transposes are copies and the kernels
+ * give each element the FMA sequence of the direct product, so the bits are those of the plain
+ * path. Returns 0 (C untouched) when this path does not apply or has no memory. */
+#ifndef MS_SMALL_M
+#define MS_SMALL_M 256
+#endif
+static int ms_gemm_small_m(int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
+                           float beta, float *C, int ldc) {
+#if defined(MS_X86_KERNELS)
+    if (!(ms_gemm_fast & MS_GEMM_FAST_SMALL_M) || ms_simd() < MS_SIMD_AVX512 || M > MS_SMALL_M || N < M || K < 16) return 0;
+    float *ct = ms_work_get(&ms_work_tr, (size_t)N * M);
+    if (!ct) return 0;
+    if (beta != 0.0f) ms_transpose_avx512(ct, (size_t)M, C, (size_t)ldc, M, M, N);
+    MsOperand a = ms_dense(B, (size_t)ldb, 0), b = ms_dense(A, (size_t)lda, 1);
+    if (!ms_gemm_op(N, M, K, alpha, &a, &b, beta, ct, (size_t)M)) return 0;
+    ms_transpose_avx512(C, (size_t)ldc, ct, (size_t)M, N, N, M);
+    return 1;
+#else
+    (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda; (void)B; (void)ldb; (void)beta; (void)C; (void)ldc;
+    return 0;
+#endif
+}
+
 void ms_gemm(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
              const float *B, int ldb, float beta, float *C, int ldc) {
+    if (!transA && transB && ms_gemm_small_m(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
     MsOperand a = ms_dense(A, (size_t)lda, transA), b = ms_dense(B, (size_t)ldb, transB);
     if (!ms_gemm_op(M, N, K, alpha, &a, &b, beta, C, (size_t)ldc))   /* out of memory: slow but right */
         ms_gemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

@@ -257,6 +257,94 @@ static void test_threads(void) {
     ms_free_aligned(x); ms_free_aligned(w); ms_free_aligned(b); ms_free_aligned(g);
 }
 
+/* ---- fast paths vs the plain packed driver, bitwise ---------------------------------------- */
+/* ms_gemm_set_fast() turns each fast path on alone (in-place A, half-width tails, SIMD packing,
+ * the transposed small-M path) and all together; every result must have the bits of the plain
+ * driver: same K slices, same FMA sequence per element. Shapes: odd sizes and tails of every
+ * tile (MR 14/6, NR 32/16), small M (1, 13, 77, 154) with N >= M, padded leading dimensions,
+ * beta 0 (C is NaN and must not be read) and 0.5; convs whose panels lie in one output row
+ * (Wo 32, 64) or straddle rows, with borders, asymmetric padding and k = 1. */
+static int fast_gemm_same(int flags, int ta, int tb, int M, int N, int K, float alpha, float beta, int pad) {
+    int ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+    int lda = ac + pad, ldb = bc + pad, ldc = N + pad;
+    size_t nc = (size_t)M * ldc;
+    float *A = test_randn(&rng, (size_t)ar * lda, 1.0f), *B = test_randn(&rng, (size_t)br * ldb, 1.0f);
+    float *C0 = test_randn(&rng, nc, 1.0f), *C1 = test_zeros(nc);
+    if (beta == 0.0f) for (size_t i = 0; i < nc; i++) C0[i] = NAN;
+    memcpy(C1, C0, nc * sizeof(float));
+    ms_gemm_set_fast(0);
+    ms_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C0, ldc);
+    ms_gemm_set_fast(flags);
+    ms_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C1, ldc);
+    ms_gemm_set_fast(MS_GEMM_FAST_ALL);
+    int same = !memcmp(C0, C1, nc * sizeof(float));
+    ms_free_aligned(A); ms_free_aligned(B); ms_free_aligned(C0); ms_free_aligned(C1);
+    return same;
+}
+
+static int fast_conv_same(int flags, const ConvCase *c) {
+    int Ho = conv_ho(c), Wo = conv_wo(c), same = 1;
+    size_t nx = (size_t)c->N * c->C * c->H * c->W, nw = (size_t)c->Co * c->C * c->k * c->k, no = (size_t)c->N * c->Co * Ho * Wo;
+    float *x = test_randn(&rng, nx, 1.0f), *w = test_randn(&rng, nw, 1.0f), *b = test_randn(&rng, (size_t)c->Co, 1.0f);
+    float *g = test_randn(&rng, no, 1.0f), *q[2][3];
+    for (int f = 0; f < 2; f++) {
+        ms_gemm_set_fast(f ? flags : 0);
+        q[f][0] = test_zeros(no); q[f][1] = test_zeros(nx); q[f][2] = test_zeros(nw);
+        conv2d_forward_pad(q[f][0], x, w, b, c->N, c->C, c->Co, c->H, c->W, c->k, c->s, c->pt, c->pl, c->pb, c->pr);
+        conv2d_backward(q[f][1], q[f][2], NULL, g, x, w, c->N, c->C, c->Co, c->H, c->W, c->k, c->s, c->pt, c->pl, c->pb, c->pr);
+    }
+    ms_gemm_set_fast(MS_GEMM_FAST_ALL);
+    same = !memcmp(q[0][0], q[1][0], no * sizeof(float)) && !memcmp(q[0][1], q[1][1], nx * sizeof(float)) &&
+           !memcmp(q[0][2], q[1][2], nw * sizeof(float));
+    for (int f = 0; f < 2; f++) for (int i = 0; i < 3; i++) ms_free_aligned(q[f][i]);
+    ms_free_aligned(x); ms_free_aligned(w); ms_free_aligned(b); ms_free_aligned(g);
+    return same;
+}
+
+static void test_fast_paths(MsSimd level) {
+    static const int flag_sets[] = { MS_GEMM_FAST_INPLACE_A, MS_GEMM_FAST_HALF, MS_GEMM_FAST_PACK,
+                                     MS_GEMM_FAST_SMALL_M, MS_GEMM_FAST_ALL };
+    static const int sizes[] = { 1, 6, 13, 14, 15, 16, 17, 31, 32, 33, 48, 77, 100 };
+    static const int small[][3] = { { 1, 40, 33 }, { 13, 16, 16 }, { 77, 320, 768 }, { 77, 97, 130 },
+                                    { 154, 160, 400 }, { 77, 1280, 800 } };
+    static const ConvCase convs[] = {
+        { 1, 5, 7, 64, 64, 3, 1, 1, 1, 1, 1 },     /* panels in one output row, both borders */
+        { 2, 9, 20, 32, 32, 3, 1, 1, 1, 1, 1 },    /* one panel per row */
+        { 1, 6, 16, 20, 40, 3, 1, 0, 2, 1, 0 },    /* Wo 40: straddling panels, asymmetric pad */
+        { 1, 41, 30, 8, 8, 3, 1, 1, 1, 1, 1 },     /* 4 output rows per panel, C*9 = 369: 2 K slices */
+        { 1, 7, 9, 33, 64, 1, 1, 0, 0, 0, 0 },     /* 1x1 */
+        { 1, 4, 5, 17, 64, 3, 2, 1, 1, 1, 1 },     /* stride 2 */
+    };
+    ms_set_simd(level);
+    for (size_t f = 0; f < sizeof flag_sets / sizeof flag_sets[0]; f++) {
+        int fl = flag_sets[f], bad = 0, n = 0;
+        for (int t = 0; t < 4; t++)
+            for (size_t im = 0; im < sizeof sizes / sizeof sizes[0]; im++)
+                for (size_t in = 0; in < sizeof sizes / sizeof sizes[0]; in += 2) {
+                    int M = sizes[im], N = sizes[in], K = sizes[(im + in) % 13] * 5 + 3;
+                    if (!fast_gemm_same(fl, t >> 1, t & 1, M, N, K, n % 3 ? 1.0f : 0.75f, n % 2 ? 0.5f : 0.0f, n % 3)) bad++;
+                    n++;
+                }
+        for (size_t i = 0; i < sizeof small / sizeof small[0]; i++, n++)
+            if (!fast_gemm_same(fl, 0, 1, small[i][0], small[i][1], small[i][2], 1.0f, i % 2 ? 1.0f : 0.0f, (int)i % 2)) bad++;
+        for (size_t i = 0; i < sizeof convs / sizeof convs[0]; i++, n++)
+            if (!fast_conv_same(fl, &convs[i])) bad++;
+        check(bad == 0, "gemm/conv %-8s fast paths 0x%x vs plain driver: %d of %d cases bitwise equal",
+              ms_simd_name(level), fl, n - bad, n);
+    }
+    /* the small-M path threads over C^T's grid: 1 vs 2 threads */
+    int M = 77, N = 700, K = 768;
+    float *A = test_randn(&rng, (size_t)M * K, 1.0f), *B = test_randn(&rng, (size_t)N * K, 1.0f);
+    float *C1 = test_zeros((size_t)M * N), *C2 = test_zeros((size_t)M * N);
+    ms_set_threads(1); ms_gemm(0, 1, M, N, K, 1.0f, A, K, B, K, 0.0f, C1, N);
+    ms_set_threads(2); ms_gemm(0, 1, M, N, K, 1.0f, A, K, B, K, 0.0f, C2, N);
+    ms_set_threads(0);
+    char what[64];
+    snprintf(what, sizeof what, "gemm %s small M=77 1 vs 2 threads", ms_simd_name(level));
+    check_bitwise(what, C1, C2, (size_t)M * N);
+    ms_free_aligned(A); ms_free_aligned(B); ms_free_aligned(C1); ms_free_aligned(C2);
+}
+
 /* ---- gradient checks: L = sum(r * f(x)) in double ------------------------------------------ */
 /* linear and conv are linear in each of x, w, b, so the central difference is exact for any
  * step; a large step keeps the float rounding of f (about 1e-7 |f| per output) small next to
@@ -337,6 +425,7 @@ int main(void) {
         for (size_t c = 0; c < sizeof conv_cases / sizeof conv_cases[0]; c++) test_conv(&conv_cases[c], ms_simd_name(l));
         test_linear(33, 65, 17, l & 1);
         test_linear(1, 100, 129, 1);
+        test_fast_paths(l);
         ms_set_simd(MS_SIMD_AVX512);
     }
     test_linear(77, 768, 320, 1);
