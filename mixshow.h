@@ -919,6 +919,16 @@ MsStatus clip_text_forward(ClipTextActs *a, const ClipTextParams *p, const ClipL
 void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, ClipTextActs *a,
                         const ClipTextParams *p, const ClipLora *lora, const int32_t *ids, int n_new,
                         const ClipTextConfig *c);
+/* Full-parameter training (issue 15): clip_text_backward, and in addition, when dp is not NULL,
+ * the gradient of every parameter ACCUMULATED into dp: a ClipTextParams made by clip_text_params
+ * from a gradient table in the weights' own layout (ms_param_table_text + ms_param_table_alloc,
+ * f32, zeroed by the caller). Token-embedding rows of ids < vocab_size and position rows get
+ * their gradients there (ids >= vocab_size still go to dnew_emb). Works with both training modes
+ * (the weight gradients recompute fc1's and fc2's inputs; no extra activation memory).
+ * MS_ERR_UNSUPPORTED when weights or gradients are not f32; MS_ERR_ARG for a mismatched dp. */
+MsStatus clip_text_backward_full(ClipLora *dlora, float *dnew_emb, const ClipTextParams *dp, const float *dout,
+                                 ClipTextActs *a, const ClipTextParams *p, const ClipLora *lora, const int32_t *ids,
+                                 int n_new, const ClipTextConfig *c);
 
 /* ==========================================================================================
  * Models: UNet2DConditionModel, forward and backward (models/unet.c)
@@ -1117,9 +1127,10 @@ typedef struct {
     UNetResnetActs *res;
     UNetTfActs *tf;
     UNetBlockActs *blk;
-    /* what the last forward was given (backward reads them) */
+    /* what the last forward was given (backward reads them; unet_backward_full also xin, tin) */
     const float *ctx;
     const float *const *layer_ctx;
+    const float *xin, *tin;          /* (N,in,h,w) latent, (N) timesteps */
     /* shared scratch (see unet.c) */
     float *sx[3], *st[3], *sq, *sk, *sv, *so, *sf0, *sf1, *su, *sdu, *stime, *sstat[4], *rot[3];
     float *sg;                       /* training: (N,HW,8C) GEGLU input, recomputed in backward */
@@ -1180,6 +1191,17 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
  * timestep get no gradient. */
 MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, UNetLora *dlora,
                        const float *deps, float *dctx, float *const *dlayer_ctx);
+/* Full-parameter training (issue 15): unet_backward, and in addition, when dp is not NULL, the
+ * gradient of every base parameter ACCUMULATED (+=) into dp: a UNetParams of the same config made
+ * by unet_params_init from a gradient table in the weights' own layout (ms_param_table_unet +
+ * ms_param_table_alloc, all f32, zeroed by the caller), so gradient k sits where weight k sits.
+ * The same code as unet_backward (which is this with dp NULL): the weight gradients read what the
+ * LoRA path keeps (layer inputs, h1, tokens, q/k/v/o/lse, statistics) and recompute the rest (norm
+ * and SiLU outputs, GEGLU(g), the resized upsampler input, the time MLP); no extra activation
+ * memory beyond a few (N,E) time buffers in the scratch. The latent x and timesteps t given to
+ * unet_forward must still be valid. MS_ERR_UNSUPPORTED when the weights or gradients are not f32. */
+MsStatus unet_backward_full(UNetActs *a, const UNetParams *p, const UNetLora *lora, UNetLora *dlora,
+                            const UNetParams *dp, const float *deps, float *dctx, float *const *dlayer_ctx);
 
 /* The one place every cross-attention (attn2) goes through, so that regionally controllable
  * sampling can replace it: y (N,T,C) = Attention(x (N,T,C) queries at h*w pixels in row-major

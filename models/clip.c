@@ -826,6 +826,9 @@ MsStatus clip_text_acts_alloc(ClipTextActs *a, Arena *ar, const ClipTextConfig *
  * the activations whatever the dtype. The token embedding (V,D) is never converted whole:
  * row_f32 converts only the rows looked up. */
 #define WT(a, w, slot) ms_stage_f32(&(a)->ws, (w), (slot))
+/* The gradient buffer of a parameter in the gradient ClipTextParams dp (clip_text_backward_full);
+ * NULL when dp is NULL (frozen). */
+#define DW(dp, field) ((dp) ? (dp)->field->f32 : NULL)
 
 /* Row `row` of a (rows, D) table as f32: a pointer into f32 data, or converted into buf (D). */
 static const float *row_f32(const MsParam *t, int row, int D, float *buf) {
@@ -844,15 +847,16 @@ static void lora_linear_forward(float *y, float *u, const float *x, const float 
     }
 }
 
-/* Backward of lora_linear_forward with W, b frozen:
+/* Backward of lora_linear_forward (dw, db NULL: W, b frozen):
  *   du = alpha * dy up                   (N,r)
  *   dup   += alpha * dy^T u              (O,r)
  *   ddown += du^T x                      (r,I)
- *   dx    += dy W + du down              (N,I) */
-static void lora_linear_backward(float *dx, float *ddown, float *dup, float *du, const float *dy, const float *x,
-                                 const float *u, const float *w, const float *down, const float *up, float alpha,
-                                 int N, int I, int O, int r) {
-    linear_backward(dx, NULL, NULL, dy, x, w, N, I, O);
+ *   dx    += dy W + du down              (N,I)
+ *   dw    += dy^T x,  db += sum_n dy     (O,I), (O) */
+static void lora_linear_backward(float *dx, float *dw, float *db, float *ddown, float *dup, float *du, const float *dy,
+                                 const float *x, const float *u, const float *w, const float *down, const float *up,
+                                 float alpha, int N, int I, int O, int r) {
+    linear_backward(dx, dw, db, dy, x, w, N, I, O);
     if (r > 0 && down) {
         ms_gemm(0, 0, N, r, O, alpha, dy, O, up, r, 0.0f, du, r);
         if (dup) ms_gemm(1, 0, O, r, N, alpha, dy, O, u, r, 1.0f, dup, r);
@@ -921,21 +925,73 @@ MsStatus clip_text_forward(ClipTextActs *a, const ClipTextParams *p, const ClipL
  *   MLP:        dg  = dx W2 ; df = quick_gelu'(fc1) * dg ; dx += LN2'(df W1)       (dx is now dL/dh)
  *   attention:  dt  = dL/d(attn) through out_proj (+LoRA) ; dq, dk, dv = attention'(dt)
  *               dt  = dq Wq + dk Wk + dv Wv (+LoRA paths) ; dx += LN1'(dt)          (dL/dx)
- *   embeddings: dnew_emb[id - V] += dx[row] for rows whose id >= V (position table frozen).
+ *   embeddings: dnew_emb[id - V] += dx[row] for rows whose id >= V.
+ * With dp (full-parameter training), also every weight gradient:
+ *   Linear y = x W^T + b:  dW += dy^T x, db += sum_rows dy   (fc2: x = quick_gelu(fc1), recomputed;
+ *                          fc1: x = ln2 output, recomputed; q/k/v: ln1 output; out: attention output)
+ *   LayerNorm: dgamma += sum dy * xhat, dbeta += sum dy (final, ln1, ln2)
+ *   dtoken_embedding[id] += dx[row] (id < V), dposition_embedding[t] += sum_b dx[b, t]
+ *   (rows summed in order: thread-count independent).
  * CLIP_TRAIN_RECOMPUTE: each layer's activations are recomputed here from its saved input x
  * (clip_layer_forward up to fc1: bit-identical to the forward's), into the one shared set. */
+static void clip_backward(ClipLora *dlora, float *dnew_emb, const ClipTextParams *dp, const float *dout,
+                          ClipTextActs *a, const ClipTextParams *p, const ClipLora *lora, const int32_t *ids,
+                          int n_new, const ClipTextConfig *c);
+
 void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, ClipTextActs *a,
                         const ClipTextParams *p, const ClipLora *lora, const int32_t *ids, int n_new,
                         const ClipTextConfig *c) {
+    clip_backward(dlora, dnew_emb, NULL, dout, a, p, lora, ids, n_new, c);
+}
+
+/* Every parameter of p as an array (dp is walked the same way). */
+static int clip_param_list(const ClipTextParams *p, int n_layers, const MsParam **out) {
+    int k = 0;
+    out[k++] = p->tok_emb; out[k++] = p->pos_emb; out[k++] = p->lnf_w; out[k++] = p->lnf_b;
+    for (int l = 0; l < n_layers; l++) {
+        const ClipLayerParams *L = &p->layers[l];
+        const MsParam *v[16] = { L->q_w, L->q_b, L->k_w, L->k_b, L->v_w, L->v_b, L->o_w, L->o_b,
+                                 L->ln1_w, L->ln1_b, L->fc1_w, L->fc1_b, L->fc2_w, L->fc2_b, L->ln2_w, L->ln2_b };
+        for (int j = 0; j < 16; j++) out[k++] = v[j];
+    }
+    return k;
+}
+
+MsStatus clip_text_backward_full(ClipLora *dlora, float *dnew_emb, const ClipTextParams *dp, const float *dout,
+                                 ClipTextActs *a, const ClipTextParams *p, const ClipLora *lora, const int32_t *ids,
+                                 int n_new, const ClipTextConfig *c) {
+    if (!a->training) return ms_errorf(MS_ERR_ARG, "text encoder backward: the activations were planned for inference");
+    if (dp) {
+        const MsParam *w[4 + 16 * CLIP_MAX_LAYERS], *g[4 + 16 * CLIP_MAX_LAYERS];
+        int n = clip_param_list(p, c->num_hidden_layers, w);
+        clip_param_list(dp, c->num_hidden_layers, g);
+        for (int k = 0; k < n; k++) {
+            if (!w[k] || !g[k] || w[k]->numel != g[k]->numel)
+                return ms_errorf(MS_ERR_ARG, "text encoder backward: gradient '%s' does not match its weight",
+                                 g[k] ? g[k]->name : w[k] ? w[k]->name : "?");
+            if (!w[k]->f32 || !g[k]->f32)
+                return ms_errorf(MS_ERR_UNSUPPORTED, "text encoder backward: full-parameter training needs f32 %s "
+                                 "('%s' is %s)", w[k]->f32 ? "gradients" : "weights", w[k]->name,
+                                 w[k]->dtype == MS_DT_BF16 ? "BF16" : "F16");
+        }
+    }
+    clip_backward(dlora, dnew_emb, dp, dout, a, p, lora, ids, n_new, c);
+    return MS_OK;
+}
+
+static void clip_backward(ClipLora *dlora, float *dnew_emb, const ClipTextParams *dp, const float *dout,
+                          ClipTextActs *a, const ClipTextParams *p, const ClipLora *lora, const int32_t *ids,
+                          int n_new, const ClipTextConfig *c) {
     const int B = a->B, T = a->T, N = B * T, D = c->hidden_size, I = c->intermediate_size;
     const int H = c->num_attention_heads, Dh = D / H, V = c->vocab_size;
     const int r = lora ? lora->rank : 0;
     const float alpha = lora ? lora->alpha : 0.0f, scale = 1.0f / sqrtf((float)Dh);
     const size_t ND = (size_t)N * D, NI = (size_t)N * I;
     memset(a->dx, 0, ND * sizeof(float));
-    layernorm_backward(a->dx, NULL, NULL, dout, a->xf, a->lnf_mean, a->lnf_rstd, WT(a, p->lnf_w, 1), N, D);
+    layernorm_backward(a->dx, DW(dp, lnf_w), DW(dp, lnf_b), dout, a->xf, a->lnf_mean, a->lnf_rstd, WT(a, p->lnf_w, 1),
+                       N, D);
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
-        const ClipLayerParams *P = &p->layers[l];
+        const ClipLayerParams *P = &p->layers[l], *dP = dp ? &dp->layers[l] : NULL;
         ClipLayerActs *L = &a->l[l];
         const float *dn[4] = { 0, 0, 0, 0 }, *up[4] = { 0, 0, 0, 0 };
         float *ddn[4] = { 0, 0, 0, 0 }, *dup[4] = { 0, 0, 0, 0 };
@@ -944,34 +1000,50 @@ void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, Cli
             if (dlora) { ddn[j] = dlora->down[l][j]; dup[j] = dlora->up[l][j]; }
         }
         if (a->training == CLIP_TRAIN_RECOMPUTE) clip_layer_forward(a, P, lora, l, NULL, c);
-        /* MLP branch (fc1, fc2 frozen: their inputs are not needed) */
+        else if (dP)     /* CLIP_TRAIN_KEEP keeps one shared ln2 (the last layer's): fc1's input again */
+            layernorm_forward(a->ln2, NULL, NULL, L->h, WT(a, P->ln2_w, 1), WT(a, P->ln2_b, 2), N, D, c->layer_norm_eps);
+        /* MLP branch */
+        if (dP) {        /* fc2's input quick_gelu(fc1), into dg's buffer before dg is formed */
+            quick_gelu_forward(a->gelu, L->fc1, NI);
+            linear_backward(NULL, DW(dP, fc2_w), DW(dP, fc2_b), a->dx, a->gelu, NULL, N, I, D);
+        }
         memset(a->dg, 0, NI * sizeof(float));
         linear_backward(a->dg, NULL, NULL, a->dx, NULL, WT(a, P->fc2_w, 0), N, I, D);
         memset(a->df, 0, NI * sizeof(float));
         quick_gelu_backward(a->df, a->dg, L->fc1, NI);
         memset(a->dt, 0, ND * sizeof(float));
-        linear_backward(a->dt, NULL, NULL, a->df, NULL, WT(a, P->fc1_w, 0), N, D, I);
-        layernorm_backward(a->dx, NULL, NULL, a->dt, L->h, L->ln2_mean, L->ln2_rstd, WT(a, P->ln2_w, 1), N, D);
+        linear_backward(a->dt, DW(dP, fc1_w), DW(dP, fc1_b), a->df, a->ln2, WT(a, P->fc1_w, 0), N, D, I);
+        layernorm_backward(a->dx, DW(dP, ln2_w), DW(dP, ln2_b), a->dt, L->h, L->ln2_mean, L->ln2_rstd,
+                           WT(a, P->ln2_w, 1), N, D);
         /* attention branch */
         memset(a->dt, 0, ND * sizeof(float));
-        lora_linear_backward(a->dt, ddn[3], dup[3], a->du, a->dx, L->attn, L->u[CLIP_O], WT(a, P->o_w, 0), dn[3], up[3],
-                             alpha, N, D, D, r);
+        lora_linear_backward(a->dt, DW(dP, o_w), DW(dP, o_b), ddn[3], dup[3], a->du, a->dx, L->attn, L->u[CLIP_O],
+                             WT(a, P->o_w, 0), dn[3], up[3], alpha, N, D, D, r);
         memset(a->dq, 0, ND * sizeof(float));
         memset(a->dk, 0, ND * sizeof(float));
         memset(a->dv, 0, ND * sizeof(float));
         attention_backward(a->dq, a->dk, a->dv, a->dt, L->q, L->k, L->v, L->attn, L->lse, B, T, T, H, Dh, 1, scale);
         memset(a->dt, 0, ND * sizeof(float));
-        lora_linear_backward(a->dt, ddn[0], dup[0], a->du, a->dq, L->ln1, L->u[CLIP_Q], WT(a, P->q_w, 0), dn[0], up[0], alpha, N, D, D, r);
-        lora_linear_backward(a->dt, ddn[1], dup[1], a->du, a->dk, L->ln1, L->u[CLIP_K], WT(a, P->k_w, 0), dn[1], up[1], alpha, N, D, D, r);
-        lora_linear_backward(a->dt, ddn[2], dup[2], a->du, a->dv, L->ln1, L->u[CLIP_V], WT(a, P->v_w, 0), dn[2], up[2], alpha, N, D, D, r);
-        layernorm_backward(a->dx, NULL, NULL, a->dt, L->x, L->ln1_mean, L->ln1_rstd, WT(a, P->ln1_w, 1), N, D);
+        lora_linear_backward(a->dt, DW(dP, q_w), DW(dP, q_b), ddn[0], dup[0], a->du, a->dq, L->ln1, L->u[CLIP_Q],
+                             WT(a, P->q_w, 0), dn[0], up[0], alpha, N, D, D, r);
+        lora_linear_backward(a->dt, DW(dP, k_w), DW(dP, k_b), ddn[1], dup[1], a->du, a->dk, L->ln1, L->u[CLIP_K],
+                             WT(a, P->k_w, 0), dn[1], up[1], alpha, N, D, D, r);
+        lora_linear_backward(a->dt, DW(dP, v_w), DW(dP, v_b), ddn[2], dup[2], a->du, a->dv, L->ln1, L->u[CLIP_V],
+                             WT(a, P->v_w, 0), dn[2], up[2], alpha, N, D, D, r);
+        layernorm_backward(a->dx, DW(dP, ln1_w), DW(dP, ln1_b), a->dt, L->x, L->ln1_mean, L->ln1_rstd,
+                           WT(a, P->ln1_w, 1), N, D);
     }
-    if (dnew_emb)
-        for (int n = 0; n < N; n++) {
-            int32_t id = ids[n];
-            if (id < V || id >= V + n_new) continue;
-            float *d = dnew_emb + (size_t)(id - V) * D;
-            const float *g = a->dx + (size_t)n * D;
-            for (int j = 0; j < D; j++) d[j] += g[j];
+    /* embeddings: x = token_embedding[ids] + position_embedding[t] */
+    for (int n = 0; n < N; n++) {
+        int32_t id = ids[n];
+        const float *g = a->dx + (size_t)n * D;
+        float *d = NULL;
+        if (id >= V && id < V + n_new && dnew_emb) d = dnew_emb + (size_t)(id - V) * D;
+        else if (id < V && dp) d = dp->tok_emb->f32 + (size_t)id * D;
+        if (d) for (int j = 0; j < D; j++) d[j] += g[j];
+        if (dp) {
+            float *pe = dp->pos_emb->f32 + (size_t)(n % T) * D;
+            for (int j = 0; j < D; j++) pe[j] += g[j];
         }
+    }
 }

@@ -1,5 +1,6 @@
 /* models/unet.c — Stable Diffusion 1.x UNet: diffusers 0.19.3 UNet2DConditionModel, forward and
- * backward (to the context(s) and to LoRA on every attention; base weights frozen).
+ * backward (to the context(s), to LoRA on every attention and, with unet_backward_full, to every
+ * base parameter).
  *
  * Reference modules (diffusers 0.19.3, src/diffusers/models/): unet_2d_condition.py
  * (UNet2DConditionModel.forward), unet_2d_blocks.py (CrossAttnDownBlock2D, DownBlock2D,
@@ -292,6 +293,9 @@ void unet_lora_module_name(const UNetParams *P, int a, int which, char *buf, siz
  * pass over the 16-bit weights per forward (860M values in SD 1.5, about 1 s on one core of a
  * 2020 laptop, against a UNet forward of tens of seconds at 512x512). */
 #define WT(p, field, slot) ms_stage_f32(&(p)->ws, (p)->field, (slot))
+/* The gradient buffer of a parameter in the gradient UNetParams dp (unet_backward_full: the same
+ * type as the weights, f32); NULL when dp is NULL (frozen) or the layer has no such tensor. */
+#define DW(dp, field) ((dp) && (dp)->field ? (dp)->field->f32 : NULL)
 
 /* ---------------------------------------------------------------------------------------- */
 /* Small pieces                                                                              */
@@ -331,6 +335,19 @@ static void proj_out_forward(float *y, const float *tok, const float *w, const f
 static void proj_out_backward(float *dtok, const float *dy, const float *w, int N, int Ci, int C, int P) {
     for (int n = 0; n < N; n++)
         ms_gemm(1, 0, P, Ci, C, 1.0f, dy + (size_t)n * C * P, P, w, Ci, 1.0f, dtok + (size_t)n * P * Ci, Ci);
+}
+/* Weight gradients (samples added in order n = 0..N-1; each GEMM splits outputs over threads):
+ *   proj_in:  dW (C,Ci) += sum_n dtok[n]^T (C,P) x[n]^T (P,Ci),   db (C) += sum_{n,p} dtok[n,p,:]
+ *   proj_out: dW (C,Ci) += sum_n dy[n] (C,P) tok[n] (P,Ci),       db (C) += sum_{n,p} dy[n,:,p] */
+static void proj_in_wgrad(float *dw, float *db, const float *dtok, const float *x, int N, int Ci, int C, int P) {
+    for (int n = 0; n < N; n++)
+        ms_gemm(1, 1, C, Ci, P, 1.0f, dtok + (size_t)n * P * C, C, x + (size_t)n * Ci * P, P, 1.0f, dw, Ci);
+    linear_backward(NULL, NULL, db, dtok, NULL, NULL, N * P, Ci, C);               /* column sums in double */
+}
+static void proj_out_wgrad(float *dw, float *db, const float *dy, const float *tok, int N, int Ci, int C, int P) {
+    for (int n = 0; n < N; n++)
+        ms_gemm(0, 0, C, Ci, P, 1.0f, dy + (size_t)n * C * P, P, tok + (size_t)n * P * Ci, Ci, 1.0f, dw, Ci);
+    conv2d_backward(NULL, NULL, db, dy, NULL, NULL, N, Ci, C, P, 1, 1, 1, 0, 0, 0, 0);   /* per-channel sums */
 }
 
 /* torch nearest interpolation (upsample_nearest2d, size given, scales None), one axis:
@@ -414,13 +431,19 @@ static void unet_resnet_forward(float *out, UNetResnetActs *a, const float *x, c
     a->x = x;
 }
 
-/* Backward to x only (weights frozen; the timestep gets no gradient), g = dout / osf:
- *   dx += shortcut^T g  (or g)
- *   ds2 = conv2^T g;  dn2 = ds2 * silu'(n2);  dh1 = GN2^T dn2
- *   ds1 = conv1^T dh1; dn1 = ds1 * silu'(n1);  dx += GN1^T dn1
- * n1 = norm1(x), n2 = norm2(h1) are recomputed. Scratch s0, s1, s2 (N*max(Cin,Co)*H*W). */
+/* Backward, g = dout / osf, n1 = norm1(x), s1 = silu(n1), n2 = norm2(h1), s2 = silu(n2):
+ *   dx += shortcut^T g  (or g)                      dW_short += g x^T, db_short += sum g
+ *   ds2 = conv2^T g;  dn2 = ds2 * silu'(n2)          dW_conv2 += g s2^T, db_conv2 += sum g
+ *   dh1 = GN2^T dn2                                  (dnorm2 weight/bias: groupnorm_backward)
+ *   dtp[n,c] = sum_hw dh1;  dtemb += dtp W_temb      dW_temb += dtp^T temb, db_temb += sum_n dtp
+ *   ds1 = conv1^T dh1; dn1 = ds1 * silu'(n1)         dW_conv1 += dh1 s1^T, db_conv1 += sum dh1
+ *   dx += GN1^T dn1                                  (dnorm1 weight/bias)
+ * dp NULL: weights frozen, no weight or time-embedding gradients (dtemb, temb, dtp unused).
+ * n1, n2 (and s1, s2 for the weight gradients) are recomputed. Scratch s0, s1, s2
+ * (N*max(Cin,Co)*H*W); dtp (N*Co). */
 static void unet_resnet_backward(float *dx, const float *dout, const UNetResnetActs *a, const UNetResnetParams *p,
-                                 int N, int H, int W, int G, float eps, float *s0, float *s1, float *s2) {
+                                 const UNetResnetParams *dp, float *dtemb, const float *temb, float *dtp,
+                                 int N, int H, int W, int E, int G, float eps, float *s0, float *s1, float *s2) {
     const int Ci = p->cin, Co = p->cout, P = H * W;
     const size_t no = (size_t)N * Co * P, ni = (size_t)N * Ci * P;
     const float *g = dout;
@@ -428,21 +451,35 @@ static void unet_resnet_backward(float *dx, const float *dout, const UNetResnetA
         for (size_t i = 0; i < no; i++) s2[i] = dout[i] / p->out_scale;
         g = s2;
     }
-    if (p->short_w) conv2d_backward(dx, NULL, NULL, g, NULL, WT(p, short_w, 0), N, Ci, Co, H, W, 1, 1, 0, 0, 0, 0);
+    if (p->short_w) conv2d_backward(dx, DW(dp, short_w), DW(dp, short_b), g, a->x, WT(p, short_w, 0), N, Ci, Co, H, W,
+                                    1, 1, 0, 0, 0, 0);
     else add_forward(dx, dx, g, no);
+    groupnorm_forward(s1, NULL, NULL, a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), N, Co, P, G, eps);         /* n2 */
+    if (dp) {
+        silu_forward(s0, s1, no);                                                              /* s2 */
+        conv2d_backward(NULL, DW(dp, conv2_w), DW(dp, conv2_b), g, s0, NULL, N, Co, Co, H, W, 3, 1, 1, 1, 1, 1);
+    }
     zero(s0, no);
     conv2d_backward(s0, NULL, NULL, g, NULL, WT(p, conv2_w, 0), N, Co, Co, H, W, 3, 1, 1, 1, 1, 1);   /* ds2 */
-    groupnorm_forward(s1, NULL, NULL, a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), N, Co, P, G, eps);         /* n2 */
     zero(s2, no);
     silu_backward(s2, s0, s1, no);                                                             /* dn2 */
     zero(s0, no);
-    groupnorm_backward(s0, NULL, NULL, s2, a->h1, a->mean2, a->rstd2, WT(p, norm2_w, 1), N, Co, P, G); /* dh1 */
+    groupnorm_backward(s0, DW(dp, norm2_w), DW(dp, norm2_b), s2, a->h1, a->mean2, a->rstd2, WT(p, norm2_w, 1),
+                       N, Co, P, G);                                                           /* dh1 */
+    groupnorm_forward(s2, NULL, NULL, a->x, WT(p, norm1_w, 1), WT(p, norm1_b, 2), N, Ci, P, G, eps);         /* n1 */
+    if (dp) {
+        zero(dtp, (size_t)N * Co);
+        add_bias_nc_backward(dtp, s0, N, Co, P);
+        linear_backward(dtemb, DW(dp, temb_w), DW(dp, temb_b), dtp, temb, WT(p, temb_w, 0), N, E, Co);
+        silu_forward(s1, s2, ni);                                                              /* s1 */
+        conv2d_backward(NULL, DW(dp, conv1_w), DW(dp, conv1_b), s0, s1, NULL, N, Ci, Co, H, W, 3, 1, 1, 1, 1, 1);
+    }
     zero(s1, ni);
     conv2d_backward(s1, NULL, NULL, s0, NULL, WT(p, conv1_w, 0), N, Ci, Co, H, W, 3, 1, 1, 1, 1, 1);  /* ds1 */
-    groupnorm_forward(s2, NULL, NULL, a->x, WT(p, norm1_w, 1), WT(p, norm1_b, 2), N, Ci, P, G, eps);         /* n1 */
     zero(s0, ni);
     silu_backward(s0, s1, s2, ni);                                                             /* dn1 */
-    groupnorm_backward(dx, NULL, NULL, s0, a->x, a->mean1, a->rstd1, WT(p, norm1_w, 1), N, Ci, P, G);
+    groupnorm_backward(dx, DW(dp, norm1_w), DW(dp, norm1_b), s0, a->x, a->mean1, a->rstd1, WT(p, norm1_w, 1),
+                       N, Ci, P, G);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -472,20 +509,22 @@ static void unet_attention_forward(float *y, UNetAttnActs *sv, const float *x, c
 /* Backward, dy (N,Tq,C):
  *   do = dy Wo (+ LoRA),  (dq, dk, dv) = attention^T(do) (probabilities recomputed from lse),
  *   (dq, dk) += probs_cols^T(dprobe)  when the loss also read the probabilities (the probe),
- *   dx += dq Wq (+ LoRA),  dc += dk Wk + dv Wv (+ LoRA),  LoRA grads as lora_backward.
+ *   dx += dq Wq (+ LoRA),  dc += dk Wk + dv Wv (+ LoRA),  LoRA grads as lora_backward;
+ *   dp (full-parameter training; NULL: frozen): dWo += dy^T o, dbo += sum dy, dWq += dq^T x,
+ *   dWk += dk^T c, dWv += dv^T c.
  * dx and dc may be the same buffer (self-attention, c == x); dc NULL: not wanted.
  * dprobe (N,heads,Tq,ncol) at key positions cols (N,ncol), or NULL.
  * Scratch: sdo, sdq (N*Tq*C), sdk, sdv (N*Tk*C), u, du (N*max(Tq,Tk)*rank). */
-static void unet_attention_backward(float *dx, float *dc, UNetLoraLinear *dlora, const float *dy,
+static void unet_attention_backward(float *dx, float *dc, UNetLoraLinear *dlora, const UNetAttnParams *dp, const float *dy,
                                     const UNetAttnActs *sv, const float *x, const float *c,
                                     const UNetAttnParams *p, const UNetLoraLinear *lora, float alpha, int rank,
                                     int N, int Tq, int Tk, int C, int Dc, int heads,
                                     const float *dprobe, const int32_t *cols, int ncol,
                                     float *sdo, float *sdq, float *sdk, float *sdv, float *u, float *du) {
     const int Mq = N * Tq, Mk = N * Tk, Dh = C / heads;
-    const int want_kv = dc || dlora;
+    const int want_kv = dc || dlora || dp;
     zero(sdo, (size_t)Mq * C);
-    linear_backward(sdo, NULL, NULL, dy, NULL, WT(p, o_w, 0), Mq, C, C);
+    linear_backward(sdo, DW(dp, o_w), DW(dp, o_b), dy, sv->o, WT(p, o_w, 0), Mq, C, C);
     if (lora) lora_backward(sdo, dlora ? &dlora[3] : NULL, dy, sv->o, &lora[3], alpha, rank, Mq, u, du);
     zero(sdq, (size_t)Mq * C);
     if (want_kv) { zero(sdk, (size_t)Mk * C); zero(sdv, (size_t)Mk * C); }
@@ -494,12 +533,12 @@ static void unet_attention_backward(float *dx, float *dc, UNetLoraLinear *dlora,
     if (dprobe)
         attention_probs_cols_backward(sdq, want_kv ? sdk : NULL, dprobe, sv->q, sv->k, sv->lse, cols, N, Tq, Tk,
                                       heads, Dh, ncol, (float)(1.0 / sqrt((double)Dh)));
-    linear_backward(dx, NULL, NULL, sdq, NULL, WT(p, q_w, 0), Mq, C, C);
+    linear_backward(dx, DW(dp, q_w), NULL, sdq, x, WT(p, q_w, 0), Mq, C, C);
     if (lora) lora_backward(dx, dlora ? &dlora[0] : NULL, sdq, x, &lora[0], alpha, rank, Mq, u, du);
     if (!want_kv) return;
-    if (dc) {
-        linear_backward(dc, NULL, NULL, sdk, NULL, WT(p, k_w, 0), Mk, Dc, C);
-        linear_backward(dc, NULL, NULL, sdv, NULL, WT(p, v_w, 0), Mk, Dc, C);
+    if (dc || dp) {
+        linear_backward(dc, DW(dp, k_w), NULL, sdk, c, WT(p, k_w, 0), Mk, Dc, C);
+        linear_backward(dc, DW(dp, v_w), NULL, sdv, c, WT(p, v_w, 0), Mk, Dc, C);
     }
     if (lora) {
         lora_backward(dc, dlora ? &dlora[1] : NULL, sdk, c, &lora[1], alpha, rank, Mk, u, du);
@@ -669,8 +708,9 @@ static void unet_block_forward(UNetBlockActs *a, const float *x, const float *ct
  *   attn1: R += LN1^T(attn1^T_x R)          (x feeds q, k and v)
  * norm1..3 outputs are recomputed from x, h1, h2 and the saved statistics; so is the GEGLU
  * input g = ff.net.0.proj(norm3 h2) (not kept: the forward's own ops, so bit-identical).
+ * dp (NULL: frozen): every weight gradient of the block; ff.net.2's input GEGLU(g) is recomputed.
  * Scratch: st[0] = R, st[1] = d(norm output), st[2] = norm output, sg = g, sf0/sf1, so/sq/sk/sv, su/sdu. */
-static void unet_block_backward(float *dx, float *dctx, UNetLoraLinear *dlora, const float *dout,
+static void unet_block_backward(float *dx, float *dctx, UNetLoraLinear *dlora, const UNetBlockParams *dp, const float *dout,
                                 const UNetBlockActs *a, const float *ctx, const UNetBlockParams *p,
                                 const UNetLoraLinear *lora, float alpha, int rank, int N, int T, int Tk,
                                 int C, int D, int heads, int layer, const UNetActs *S) {
@@ -680,27 +720,32 @@ static void unet_block_backward(float *dx, float *dctx, UNetLoraLinear *dlora, c
     memcpy(R, dout, n * sizeof(float));
     layernorm_forward(nrm, NULL, NULL, a->h2, WT(p, norm3_w, 1), WT(p, norm3_b, 2), M, C, UNET_LN_EPS);
     linear_forward(a->g, nrm, WT(p, ff1_w, 0), WT(p, ff1_b, 1), M, C, 8 * C);    /* g, as the forward made it */
+    if (dp) {
+        geglu_forward(S->sf1, a->g, M, 4 * C);
+        linear_backward(NULL, DW(dp, ff2_w), DW(dp, ff2_b), dout, S->sf1, NULL, M, 4 * C, C);
+    }
     zero(S->sf1, (size_t)M * 4 * C);
     linear_backward(S->sf1, NULL, NULL, dout, NULL, WT(p, ff2_w, 0), M, 4 * C, C);
     zero(S->sf0, (size_t)M * 8 * C);
     geglu_backward(S->sf0, S->sf1, a->g, M, 4 * C);
     zero(dn, n);
-    linear_backward(dn, NULL, NULL, S->sf0, NULL, WT(p, ff1_w, 0), M, C, 8 * C);
-    layernorm_backward(R, NULL, NULL, dn, a->h2, a->mean[2], a->rstd[2], WT(p, norm3_w, 1), M, C);
+    linear_backward(dn, DW(dp, ff1_w), DW(dp, ff1_b), S->sf0, nrm, WT(p, ff1_w, 0), M, C, 8 * C);
+    layernorm_backward(R, DW(dp, norm3_w), DW(dp, norm3_b), dn, a->h2, a->mean[2], a->rstd[2], WT(p, norm3_w, 1), M, C);
 
     layernorm_forward(nrm, NULL, NULL, a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), M, C, UNET_LN_EPS);
     zero(dn, n);
     const float *dprobe = S->probe_ncol > 0 && S->dprobe ? S->dprobe[layer] : NULL;
-    unet_attention_backward(dn, dctx, dlora ? dlora + 4 : NULL, R, &a->a2, nrm, ctx, &p->attn2,
+    unet_attention_backward(dn, dctx, dlora ? dlora + 4 : NULL, dp ? &dp->attn2 : NULL, R, &a->a2, nrm, ctx, &p->attn2,
                             lora ? lora + 4 : NULL, alpha, rank, N, T, Tk, C, D, heads,
                             dprobe, S->probe_cols, S->probe_ncol, S->so, S->sq, S->sk, S->sv, S->su, S->sdu);
-    layernorm_backward(R, NULL, NULL, dn, a->h1, a->mean[1], a->rstd[1], WT(p, norm2_w, 1), M, C);
+    layernorm_backward(R, DW(dp, norm2_w), DW(dp, norm2_b), dn, a->h1, a->mean[1], a->rstd[1], WT(p, norm2_w, 1), M, C);
 
     layernorm_forward(nrm, NULL, NULL, a->x, WT(p, norm1_w, 1), WT(p, norm1_b, 2), M, C, UNET_LN_EPS);
     zero(dn, n);
-    unet_attention_backward(dn, dn, dlora, R, &a->a1, nrm, nrm, &p->attn1, lora, alpha, rank, N, T, T, C, C,
+    unet_attention_backward(dn, dn, dlora, dp ? &dp->attn1 : NULL, R, &a->a1, nrm, nrm, &p->attn1, lora, alpha, rank,
+                            N, T, T, C, C,
                             heads, NULL, NULL, 0, S->so, S->sq, S->sk, S->sv, S->su, S->sdu);
-    layernorm_backward(R, NULL, NULL, dn, a->x, a->mean[0], a->rstd[0], WT(p, norm1_w, 1), M, C);
+    layernorm_backward(R, DW(dp, norm1_w), DW(dp, norm1_b), dn, a->x, a->mean[0], a->rstd[0], WT(p, norm1_w, 1), M, C);
     add_forward(dx, dx, R, n);
 }
 
@@ -734,8 +779,11 @@ static void unet_transformer_forward(UNetTfActs *a, UNetBlockActs *ba, const flo
     add_forward(a->out, a->out, x, (size_t)N * C * P);     /* output = hidden_states + residual */
 }
 
-/* dx += dout + GN^T(proj_in^T(blocks^T(proj_out^T dout))). Scratch: sx[0..2] (and the blocks'). */
+/* dx += dout + GN^T(proj_in^T(blocks^T(proj_out^T dout))). dp, dbp (NULL: frozen): the weight
+ * gradients of the transformer and of its blocks; proj_out's input is the last block's output
+ * (kept), proj_in's the GroupNorm output (recomputed). Scratch: sx[0..2] (and the blocks'). */
 static void unet_transformer_backward(float *dx, float *dctx, float *const *dlayer_ctx, UNetLora *dlora,
+                                      const UNetTransformerParams *dp, const UNetBlockParams *dbp,
                                       const float *dout, const UNetTfActs *a, const UNetBlockActs *ba,
                                       const float *ctx, const float *const *layer_ctx,
                                       const UNetTransformerParams *p, const UNetBlockParams *bp,
@@ -746,10 +794,12 @@ static void unet_transformer_backward(float *dx, float *dctx, float *const *dlay
     add_forward(dx, dx, dout, n);
     zero(dt, n);
     proj_out_backward(dt, dout, WT(p, proj_out_w, 0), N, C, C, P);
+    if (dp) proj_out_wgrad(DW(dp, proj_out_w), DW(dp, proj_out_b), dout, ba[p->n_layers - 1].out, N, C, C, P);
     for (int k = p->n_layers - 1; k >= 0; k--) {
         int b = p->first_block + k;
         zero(dt2, n);
-        unet_block_backward(dt2, dlayer_ctx ? dlayer_ctx[b] : dctx, dlora ? &dlora->lin[8 * b] : NULL, dt, &ba[k],
+        unet_block_backward(dt2, dlayer_ctx ? dlayer_ctx[b] : dctx, dlora ? &dlora->lin[8 * b] : NULL,
+                            dbp ? &dbp[k] : NULL, dt, &ba[k],
                             layer_context(ctx, layer_ctx, b), &bp[k], lora ? &lora->lin[8 * b] : NULL,
                             lora ? lora->alpha : 0.0f, lora ? lora->rank : 0, N, P, Tk, C, D, p->heads, b, S);
         float *tmp = dt; dt = dt2; dt2 = tmp;
@@ -757,7 +807,11 @@ static void unet_transformer_backward(float *dx, float *dctx, float *const *dlay
     float *dgn = S->sx[0];
     zero(dgn, n);
     proj_in_backward(dgn, dt, WT(p, proj_in_w, 0), N, C, C, P);
-    groupnorm_backward(dx, NULL, NULL, dgn, a->x, a->mean, a->rstd, WT(p, norm_w, 1), N, C, P, G);
+    if (dp) {
+        groupnorm_forward(dt2, NULL, NULL, a->x, WT(p, norm_w, 1), WT(p, norm_b, 2), N, C, P, G, UNET_TF_GN_EPS);
+        proj_in_wgrad(DW(dp, proj_in_w), DW(dp, proj_in_b), dt, dt2, N, C, C, P);
+    }
+    groupnorm_backward(dx, DW(dp, norm_w), DW(dp, norm_b), dgn, a->x, a->mean, a->rstd, WT(p, norm_w, 1), N, C, P, G);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -874,7 +928,8 @@ static int plan_scratch(const UNetActs *a, ScratchPlan *sp) {
         }
     }
     sp->stat = zmax(N * (size_t)c->norm_num_groups, 2 * N * P0);
-    sp->time = N * ((size_t)ch[0] + 2 * (size_t)ms_unet_time_embed_dim(c) + cmax);
+    /* forward: e0 (C0), e1 (E), tp (cmax); training also the time backward (unet_time_backward) */
+    sp->time = N * ((size_t)ch[0] + (a->training ? 6 : 2) * (size_t)ms_unet_time_embed_dim(c) + cmax);
     /* every element count must fit the ops' int arguments */
     size_t lim = (size_t)0x7fffffff;
     return sp->X < lim && sp->F < lim && sp->QKV < lim;
@@ -1092,6 +1147,8 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
                          "and contexts for 0 or %d layers", ms_unet_cross_attn_layers(c));
     a->ctx = ctx;
     a->layer_ctx = layer_ctx;
+    a->xin = x;
+    a->tin = t;
 
     /* time: [cos | sin] sinusoidal embedding (float32) -> linear_1 -> SiLU -> linear_2; every
      * resnet then applies its own SiLU before time_emb_proj, done once here */
@@ -1196,8 +1253,38 @@ static float *grad_next(UNetActs *a, int *g, size_t n) {
     return d;
 }
 
+/* The time embedding's backward (full-parameter training). dtemb (N,E) = dL/dtemb summed over
+ * every resnet's time_emb_proj; with e0 = emb(t), e1 = linear_1(e0), s = silu(e1), u = linear_2(s),
+ * temb = silu(u) (recomputed: the forward's own ops):
+ *   du = dtemb * silu'(u);  dW2 += du^T s, db2 += sum du;  ds = du W2
+ *   de1 = ds * silu'(e1);   dW1 += de1^T e0, db1 += sum de1          (t gets no gradient)
+ * w: the scratch after dtemb (4 (N,E) buffers and one (N,C0)). */
+static void unet_time_backward(const UNetParams *p, const UNetParams *dp, const float *dtemb, const float *t,
+                               float *w, int N, int C0, int E, const UNetConfig *c) {
+    const size_t ne = (size_t)N * E;
+    float *e0 = w, *e1 = e0 + (size_t)N * C0, *sl = e1 + ne, *u = sl + ne, *du = u + ne;
+    timestep_embedding_forward(e0, t, N, C0, c->flip_sin_to_cos, (float)c->freq_shift, 10000);
+    linear_forward(e1, e0, WT(p, time1_w, 0), WT(p, time1_b, 1), N, C0, E);
+    silu_forward(sl, e1, ne);
+    linear_forward(u, sl, WT(p, time2_w, 0), WT(p, time2_b, 1), N, E, E);
+    zero(du, ne);
+    silu_backward(du, dtemb, u, ne);
+    float *ds = u;                                       /* u is not needed any more */
+    linear_backward(NULL, DW(dp, time2_w), DW(dp, time2_b), du, sl, NULL, N, E, E);
+    zero(ds, ne);
+    linear_backward(ds, NULL, NULL, du, NULL, WT(p, time2_w, 0), N, E, E);
+    zero(du, ne);
+    silu_backward(du, ds, e1, ne);                       /* de1 */
+    linear_backward(NULL, DW(dp, time1_w), DW(dp, time1_b), du, e0, NULL, N, C0, E);
+}
+
 MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, UNetLora *dlora,
                        const float *deps, float *dctx, float *const *dlayer_ctx) {
+    return unet_backward_full(a, p, lora, dlora, NULL, deps, dctx, dlayer_ctx);
+}
+
+MsStatus unet_backward_full(UNetActs *a, const UNetParams *p, const UNetLora *lora, UNetLora *dlora,
+                            const UNetParams *dp, const float *deps, float *dctx, float *const *dlayer_ctx) {
     const UNetConfig *c = &a->cfg;
     const int n = c->n_blocks, L = c->layers_per_block, N = a->N, G = c->norm_num_groups, Tk = a->Tk;
     const int D = c->cross_attention_dim, *ch = c->block_out_channels;
@@ -1213,6 +1300,20 @@ MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, U
     if ((s = check_lora(dlora, p, "dlora"))) return s;
     if (dlora && dlora->rank != lora->rank) return ms_errorf(MS_ERR_ARG, "unet_backward: dlora rank %d != lora rank %d", dlora->rank, lora->rank);
     if ((s = check_probe(a, "unet_backward"))) return s;
+    if (dp && (memcmp(&dp->cfg, &p->cfg, sizeof p->cfg) || dp->n_res != p->n_res || dp->n_blk != p->n_blk))
+        return ms_errorf(MS_ERR_ARG, "unet_backward_full: the gradients belong to a different config");
+    if (dp && (p->ws.mem || dp->ws.mem))
+        return ms_errorf(MS_ERR_UNSUPPORTED, "unet_backward_full: full-parameter training needs f32 %s (this table "
+                         "keeps F16/BF16 values; load it as f32)", p->ws.mem ? "weights" : "gradients");
+    if (dp && (!a->xin || !a->tin))
+        return ms_errorf(MS_ERR_ARG, "unet_backward_full: the forward's latent and timesteps are gone");
+
+    /* full-parameter training: dL/dtemb (N,E) gathered from every resnet, then the time MLP */
+    const int E = ms_unet_time_embed_dim(c);
+    int cmax = 0;
+    for (int i = 0; i < n; i++) cmax = ch[i] > cmax ? ch[i] : cmax;
+    float *dtemb = a->stime, *dtp = dtemb + (size_t)N * E, *tw = dtp + (size_t)N * cmax;
+    if (dp) zero(dtemb, (size_t)N * E);
 
     int g = 0, ir = p->n_res, it = p->n_tf;
     /* skip gradients start at zero; the up blocks fill them, the down blocks read them */
@@ -1222,22 +1323,31 @@ MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, U
     const int P0 = a->H * a->W;
     const size_t n0 = (size_t)N * ch[0] * P0;
     const float *hl = a->up_out[n - 1];
+    const int ko = c->conv_out_kernel, po = (ko - 1) / 2;
+    groupnorm_forward(a->sx[1], NULL, NULL, hl, WT(p, norm_out_w, 1), WT(p, norm_out_b, 2), N, ch[0], P0, G, eps_n);
+    if (dp) {                                            /* conv_out's input silu(norm_out(h)) */
+        silu_forward(a->sx[2], a->sx[1], n0);
+        conv2d_backward(NULL, DW(dp, conv_out_w), DW(dp, conv_out_b), deps, a->sx[2], NULL, N, ch[0], c->out_channels,
+                        a->H, a->W, ko, 1, po, po, po, po);
+    }
     zero(a->sx[0], n0);
     conv2d_backward(a->sx[0], NULL, NULL, deps, NULL, WT(p, conv_out_w, 0), N, ch[0], c->out_channels, a->H, a->W,
-                    c->conv_out_kernel, 1, (c->conv_out_kernel - 1) / 2, (c->conv_out_kernel - 1) / 2,
-                    (c->conv_out_kernel - 1) / 2, (c->conv_out_kernel - 1) / 2);
-    groupnorm_forward(a->sx[1], NULL, NULL, hl, WT(p, norm_out_w, 1), WT(p, norm_out_b, 2), N, ch[0], P0, G, eps_n);
+                    ko, 1, po, po, po, po);
     zero(a->sx[2], n0);
     silu_backward(a->sx[2], a->sx[0], a->sx[1], n0);
     float *dh = grad_next(a, &g, n0);
-    groupnorm_backward(dh, NULL, NULL, a->sx[2], hl, a->out_mean, a->out_rstd, WT(p, norm_out_w, 1), N, ch[0], P0, G);
+    groupnorm_backward(dh, DW(dp, norm_out_w), DW(dp, norm_out_b), a->sx[2], hl, a->out_mean, a->out_rstd,
+                       WT(p, norm_out_w, 1), N, ch[0], P0, G);
 
     for (int i = n - 1; i >= 0; i--) {                     /* up blocks, last first */
         int lv = n - 1 - i, C = ch[lv], H = a->lh[lv], W = a->lw[lv], P = H * W, cross = is_cross_up(c->up_block_types[i]);
         if (i < n - 1) {
             int Ho = a->lh[lv - 1], Wo = a->lw[lv - 1];
+            if (dp)                                      /* the conv's input: the block output, resized */
+                resize_nearest_forward(a->sx[1], cross ? a->tf[it - 1].out : a->res[ir - 1].out, N, C, H, W, Ho, Wo);
             zero(a->sx[0], (size_t)N * C * Ho * Wo);
-            conv2d_backward(a->sx[0], NULL, NULL, dh, NULL, WT(p, up_w[i], 0), N, C, C, Ho, Wo, 3, 1, 1, 1, 1, 1);
+            conv2d_backward(a->sx[0], DW(dp, up_w[i]), DW(dp, up_b[i]), dh, a->sx[1], WT(p, up_w[i], 0), N, C, C, Ho, Wo,
+                            3, 1, 1, 1, 1, 1);
             dh = grad_next(a, &g, (size_t)N * C * P);
             resize_nearest_backward(dh, a->sx[0], N, C, H, W, Ho, Wo);
         }
@@ -1245,15 +1355,18 @@ MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, U
             if (cross) {
                 it--;
                 float *d = grad_next(a, &g, (size_t)N * C * P);
-                unet_transformer_backward(d, dctx, dlayer_ctx, dlora, dh, &a->tf[it], &a->blk[p->tf[it].first_block],
-                                          ctx, layer_ctx, &p->tf[it], &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
+                unet_transformer_backward(d, dctx, dlayer_ctx, dlora, dp ? &dp->tf[it] : NULL,
+                                          dp ? &dp->blk[p->tf[it].first_block] : NULL, dh, &a->tf[it],
+                                          &a->blk[p->tf[it].first_block], ctx, layer_ctx, &p->tf[it],
+                                          &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
                 dh = d;
             }
             ir--;
             const UNetResnetParams *rp = &p->res[ir];
             int Ch = j == 0 ? (i == 0 ? ch[n - 1] : ch[lv + 1]) : C, Cs = rp->cin - Ch;
             float *dcat = grad_next(a, &g, (size_t)N * rp->cin * P);
-            unet_resnet_backward(dcat, dh, &a->res[ir], rp, N, H, W, G, eps_n, a->sx[0], a->sx[1], a->sx[2]);
+            unet_resnet_backward(dcat, dh, &a->res[ir], rp, dp ? &dp->res[ir] : NULL, dtemb, a->temb, dtp, N, H, W, E,
+                                 G, eps_n, a->sx[0], a->sx[1], a->sx[2]);
             dh = grad_next(a, &g, (size_t)N * Ch * P);
             /* the forward popped skip n_skip - 1 - (i (L+1) + j) for this resnet */
             concat_channels_backward(dh, a->dskip[a->n_skip - 1 - (i * (L + 1) + j)], dcat, N, Ch, Cs, P);
@@ -1266,16 +1379,20 @@ MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, U
         float *d;
         ir--;
         d = grad_next(a, &g, m);
-        unet_resnet_backward(d, dh, &a->res[ir], &p->res[ir], N, H, W, G, eps_n, a->sx[0], a->sx[1], a->sx[2]);
+        unet_resnet_backward(d, dh, &a->res[ir], &p->res[ir], dp ? &dp->res[ir] : NULL, dtemb, a->temb, dtp, N, H, W, E,
+                             G, eps_n, a->sx[0], a->sx[1], a->sx[2]);
         dh = d;
         it--;
         d = grad_next(a, &g, m);
-        unet_transformer_backward(d, dctx, dlayer_ctx, dlora, dh, &a->tf[it], &a->blk[p->tf[it].first_block],
-                                  ctx, layer_ctx, &p->tf[it], &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
+        unet_transformer_backward(d, dctx, dlayer_ctx, dlora, dp ? &dp->tf[it] : NULL,
+                                  dp ? &dp->blk[p->tf[it].first_block] : NULL, dh, &a->tf[it],
+                                  &a->blk[p->tf[it].first_block], ctx, layer_ctx, &p->tf[it],
+                                  &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
         dh = d;
         ir--;
         d = grad_next(a, &g, m);
-        unet_resnet_backward(d, dh, &a->res[ir], &p->res[ir], N, H, W, G, eps_n, a->sx[0], a->sx[1], a->sx[2]);
+        unet_resnet_backward(d, dh, &a->res[ir], &p->res[ir], dp ? &dp->res[ir] : NULL, dtemb, a->temb, dtp, N, H, W, E,
+                             G, eps_n, a->sx[0], a->sx[1], a->sx[2]);
         dh = d;
     }
 
@@ -1285,8 +1402,8 @@ MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, U
             int Ho = a->lh[i + 1], Wo = a->lw[i + 1], pad = c->downsample_padding;
             add_forward(dh, dh, a->dskip[1 + i * (L + 1) + L], (size_t)N * C * Ho * Wo);  /* its skip */
             float *d = grad_next(a, &g, (size_t)N * C * P);
-            conv2d_backward(d, NULL, NULL, dh, NULL, WT(p, down_w[i], 0), N, C, C, H, W, 3, 2, pad, pad,
-                            pad ? pad : 1, pad ? pad : 1);
+            conv2d_backward(d, DW(dp, down_w[i]), DW(dp, down_b[i]), dh, a->skip[i * (L + 1) + L], WT(p, down_w[i], 0),
+                            N, C, C, H, W, 3, 2, pad, pad, pad ? pad : 1, pad ? pad : 1);   /* input: the last layer's output */
             dh = d;
         }
         for (int j = L - 1; j >= 0; j--) {
@@ -1294,17 +1411,33 @@ MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, U
             if (cross) {
                 it--;
                 float *d = grad_next(a, &g, (size_t)N * C * P);
-                unet_transformer_backward(d, dctx, dlayer_ctx, dlora, dh, &a->tf[it], &a->blk[p->tf[it].first_block],
-                                          ctx, layer_ctx, &p->tf[it], &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
+                unet_transformer_backward(d, dctx, dlayer_ctx, dlora, dp ? &dp->tf[it] : NULL,
+                                          dp ? &dp->blk[p->tf[it].first_block] : NULL, dh, &a->tf[it],
+                                          &a->blk[p->tf[it].first_block], ctx, layer_ctx, &p->tf[it],
+                                          &p->blk[p->tf[it].first_block], lora, N, G, Tk, D, a);
                 dh = d;
             }
             ir--;
-            if (it == 0) return MS_OK;     /* nothing trainable feeds this resnet's input */
+            if (it == 0 && !dp) return MS_OK;     /* nothing trainable feeds this resnet's input */
             const UNetResnetParams *rp = &p->res[ir];
             float *d = grad_next(a, &g, (size_t)N * rp->cin * P);
-            unet_resnet_backward(d, dh, &a->res[ir], rp, N, H, W, G, eps_n, a->sx[0], a->sx[1], a->sx[2]);
+            unet_resnet_backward(d, dh, &a->res[ir], rp, dp ? &dp->res[ir] : NULL, dtemb, a->temb, dtp, N, H, W, E, G,
+                                 eps_n, a->sx[0], a->sx[1], a->sx[2]);
             dh = d;
         }
     }
+    if (!dp) return MS_OK;
+    /* conv_in (its output x0 is also skip 0), then the time embedding */
+    const size_t nin = (size_t)N * c->in_channels * P0;
+    const float *in = a->xin;
+    add_forward(dh, dh, a->dskip[0], n0);
+    if (c->center_input_sample) {                          /* the forward's 2 * sample - 1 */
+        for (size_t i = 0; i < nin; i++) a->sx[1][i] = 2.0f * a->xin[i] - 1.0f;
+        in = a->sx[1];
+    }
+    const int ki = c->conv_in_kernel, pi = (ki - 1) / 2;
+    conv2d_backward(NULL, DW(dp, conv_in_w), DW(dp, conv_in_b), dh, in, NULL, N, c->in_channels, ch[0], a->H, a->W,
+                    ki, 1, pi, pi, pi, pi);
+    unet_time_backward(p, dp, dtemb, a->tin, tw, N, ch[0], E, c);
     return MS_OK;
 }

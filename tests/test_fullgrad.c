@@ -1,0 +1,470 @@
+/* tests/test_fullgrad.c — full-parameter backward (issue 15): the gradient of EVERY parameter of
+ * the UNet (unet_backward_full) and of the CLIP text encoder (clip_text_backward_full), on a very
+ * small SD 1.x-topology config (UNet widths 8/16, CrossAttnDown + Down / Up + CrossAttnUp blocks,
+ * 2 resnets per down block, 2 heads, 4 groups, cross-attention width 16; text encoder vocab 64,
+ * width 16, 2 heads, 2 layers). Loss L = sum(R * out), so dout = R. Checked:
+ *   - golden: tests/data/fullgrad_golden.safetensors (tools/ref/gen_fullgrad_golden.py: diffusers
+ *     0.19.3 UNet2DConditionModel and the transformers 4.31 CLIPTextModel stand-in, torch autograd
+ *     in float64) gives the weights, inputs and every parameter's gradient: rel-L2 <= 1e-5 per
+ *     tensor (the worst printed); UNet N = 2, non-square 8x12 latent, Tk = 7; text B = 2, T = 9;
+ *   - central differences (STYLE.md §8) of L summed in double, ~200 coordinates of every
+ *     parameter tensor, on the golden's inputs;
+ *   - 1 vs 2 threads: every gradient bit-identical; CLIP_TRAIN_KEEP vs CLIP_TRAIN_RECOMPUTE
+ *     bit-identical; the LoRA/context gradients unchanged bit for bit when dp is given;
+ *   - 16-bit weights are refused (MS_ERR_UNSUPPORTED), a gradient table of another config too.
+ * Zero by theory: CLIP's k_proj.bias shifts every logit of a query by the same q.b, which the
+ * softmax cancels; its gradient is judged as "0 up to rounding" against the largest gradient. */
+#include "test.h"
+
+#include "tools/tools.h"
+
+#define GOLDEN "tests/data/fullgrad_golden.safetensors"
+#define FD_EPS 3e-2f
+#define FD_NOISE_K 500
+#define FD_TOL 1e-2
+#define GOLD_TOL 1e-5
+
+static StFile G;
+
+static void unet_cfg(UNetConfig *c) {     /* gen_fullgrad_golden.py UNET_CFG */
+    ms_unet_config_sd15(c);
+    c->sample_size = 8;
+    c->n_blocks = 2;
+    c->down_block_types[0] = MS_BLOCK_CROSS_ATTN_DOWN; c->down_block_types[1] = MS_BLOCK_DOWN;
+    c->up_block_types[0] = MS_BLOCK_UP; c->up_block_types[1] = MS_BLOCK_CROSS_ATTN_UP;
+    c->block_out_channels[0] = 8; c->block_out_channels[1] = 16;
+    c->attention_head_dim[0] = c->attention_head_dim[1] = 2;
+    c->transformer_layers_per_block[0] = c->transformer_layers_per_block[1] = 1;
+    c->norm_num_groups = 4;
+    c->cross_attention_dim = 16;
+}
+
+static void text_cfg(ClipTextConfig *c) { /* gen_fullgrad_golden.py TEXT_CFG */
+    ms_clip_text_config_sd15(c);
+    c->vocab_size = 64; c->hidden_size = 16; c->intermediate_size = 64; c->num_hidden_layers = 2;
+    c->num_attention_heads = 2; c->max_position_embeddings = 12;
+}
+
+/* Every parameter of t from the golden file under prefix + name (shape-checked), or all zero. */
+static int table_fill(MsParamTable *t, const char *prefix) {
+    if (!check(ms_param_table_alloc(t, NULL) == MS_OK, "allocate a %s table", prefix)) return 0;
+    memset(t->mem, 0, t->mem_bytes);
+    if (!prefix[0]) return 1;
+    for (int i = 0; i < t->n; i++) {
+        const MsParam *p = &t->p[i];
+        char key[2 * MS_KEY_MAX];
+        if (p->flags & MS_PARAM_BUFFER) continue;
+        snprintf(key, sizeof key, "%s%s", prefix, p->name);
+        if (st_read_f32(&G, key, p->f32, p->numel, p->ndim, p->shape)) {
+            check(0, "golden %s: %s", key, ms_last_error());
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static float *golden(const char *key, size_t n) {
+    float *x = test_zeros(n);
+    if (st_read_f32(&G, key, x, n, -1, NULL)) { check(0, "golden %s: %s", key, ms_last_error()); ms_free_aligned(x); return NULL; }
+    return x;
+}
+
+static double max_abs_table(const MsParamTable *t) {
+    double m = 0.0;
+    for (int i = 0; i < t->n; i++)
+        for (size_t k = 0; t->p[i].f32 && k < t->p[i].numel; k++) m = fmax(m, fabs(t->p[i].f32[k]));
+    return m;
+}
+
+static int zero_by_theory(const char *name) {
+    size_t n = strlen(name), m = strlen("k_proj.bias");
+    return n >= m && !strcmp(name + n - m, "k_proj.bias");
+}
+
+/* Every gradient of g against prefix + name; one check per tensor, the worst printed. */
+static void cmp_golden(const char *net, const MsParamTable *g, const char *prefix) {
+    double worst = 0.0, gmax = max_abs_table(g);
+    const char *wname = "";
+    int n = 0;
+    for (int i = 0; i < g->n; i++) {
+        const MsParam *p = &g->p[i];
+        char key[2 * MS_KEY_MAX];
+        if (p->flags & MS_PARAM_BUFFER) continue;
+        snprintf(key, sizeof key, "%s%s", prefix, p->name);
+        float *want = golden(key, p->numel);
+        if (!want) continue;
+        if (zero_by_theory(p->name)) {
+            TestErr e = test_err_f(p->f32, want, p->numel);
+            check(e.max_abs <= 1e-6 * gmax, "%s %s: 0 up to rounding, max %.2e (largest gradient %.2e)", net, p->name,
+                  e.max_abs, gmax);
+        } else {
+            TestErr e = test_err_f(p->f32, want, p->numel);
+            if (e.rel_l2 > worst || !(e.rel_l2 == e.rel_l2)) { worst = e.rel_l2; wname = p->name; }
+            char what[2 * MS_KEY_MAX];
+            snprintf(what, sizeof what, "%s d%s", net, p->name);
+            check_close(what, p->f32, want, p->numel, GOLD_TOL, 0);
+            n++;
+        }
+        ms_free_aligned(want);
+    }
+    printf("  %s: %d gradient tensors vs torch float64 autograd, worst rel-L2 %.2e (%s; tol %.0e)\n", net, n, worst,
+           wname, GOLD_TOL);
+}
+
+/* Rounding noise of L (the float32 forward sums thousands of rounded terms into it): the rms of
+ * L(x_k + 1 ulp) - L(x) - dx_k ulp over up to 64 coordinates spread over the tensors (the true
+ * change of a 1-ulp move is the linear term; what is left is rounding). */
+static double loss_noise(double (*loss)(void *), void *ctx, MsParamTable *w, const MsParamTable *g) {
+    double l0 = loss(ctx), s2 = 0.0;
+    int cnt = 0;
+    for (int i = 0; i < w->n && cnt < 64; i++) {
+        MsParam *p = &w->p[i];
+        if (!p->f32 || p->numel < 8) continue;
+        for (size_t k = 0; k < p->numel && cnt < 64; k += p->numel / 2 + 1) {
+            float x0 = p->f32[k], x1 = nextafterf(x0, 2.0f * fabsf(x0) + 1.0f);
+            p->f32[k] = x1;
+            double l1 = loss(ctx);
+            p->f32[k] = x0;
+            double r = l1 - l0 - (double)g->p[i].f32[k] * ((double)x1 - (double)x0);
+            s2 += r * r;
+            cnt++;
+        }
+    }
+    return cnt ? sqrt(s2 / cnt) : 0.0;
+}
+
+/* Central differences (STYLE.md §8) at ~per coordinates of x (stride 1 + n / per), the loss summed
+ * in double. Each derivative is Richardson-extrapolated, num = (4 D(h) - D(2h)) / 3 with
+ * D(s) = (L(x + s) - L(x - s)) / 2s: that cancels the s^2 L^(3) / 6 truncation term, so a step
+ * large enough to lift the difference above the rounding noise stays accurate. num then carries
+ * noise of rms sigma_D = sqrt(8/9 + 1/72) sigma_L / h. Error of a coordinate:
+ *   |num - dx| / max(|num| + |dx|, 1e-3 max |dx| (STYLE.md's floor), FD_NOISE_K sigma_D)
+ * so a gradient below what the differences can resolve is judged against that resolution (with
+ * FD_NOISE_K = 500 and tolerance 1e-2: a 5 sigma_D deviation) instead of against itself.
+ * *resolved counts the coordinates with |dx| above the noise floor. */
+static double gradcheck_rich(double (*loss)(void *), void *ctx, float *x, const float *dx, size_t n, int per,
+                             float h, double noise_floor, size_t *resolved) {
+    double gmax = 1e-12, worst = 0.0;
+    for (size_t k = 0; k < n; k++) gmax = fmax(gmax, fabs(dx[k]));
+    for (size_t k = 0; k < n; k += 1 + n / (size_t)per) {
+        float x0 = x[k];
+        double d[2];
+        for (int m = 0; m < 2; m++) {
+            float s = (float)(m + 1) * h;
+            x[k] = x0 + s; double lp = loss(ctx);
+            x[k] = x0 - s; double lm = loss(ctx);
+            x[k] = x0;
+            d[m] = (lp - lm) / (2.0 * (double)s);
+        }
+        double num = (4.0 * d[0] - d[1]) / 3.0;
+        double e = fabs(num - dx[k]) / fmax(fmax(fabs(num) + fabs(dx[k]), 1e-3 * gmax), noise_floor);
+        if (e > worst && test_is_verbose())
+            printf("      k %zu: dx %.6e num %.6e (D(h) %.6e D(2h) %.6e), tensor max %.3e\n", k, dx[k], num, d[0], d[1], gmax);
+        worst = fmax(worst, e);
+        *resolved += fabs(dx[k]) > noise_floor;
+    }
+    return worst;
+}
+
+/* Central differences of every parameter tensor of w (gradients in g); one check per tensor. */
+static void fd_all(const char *net, MsParamTable *w, const MsParamTable *g, double (*loss)(void *), void *ctx, int per) {
+    double worst = 0.0, gmax = max_abs_table(g), t0 = ms_time();
+    const double sigma_l = loss_noise(loss, ctx, w, g);
+    const double floor_abs = FD_NOISE_K * sqrt(8.0 / 9.0 + 1.0 / 72.0) * sigma_l / FD_EPS;
+    const char *wname = "";
+    int n = 0;
+    size_t coords = 0, resolved = 0;
+    for (int i = 0; i < w->n; i++) {
+        MsParam *p = &w->p[i];
+        const MsParam *d = &g->p[i];
+        if (p->flags & MS_PARAM_BUFFER) continue;
+        if (zero_by_theory(p->name)) {   /* FD of a constant: noise; the golden check covers it */
+            double m = 0.0;
+            for (size_t k = 0; k < d->numel; k++) m = fmax(m, fabs(d->f32[k]));
+            check(m <= 1e-6 * gmax, "%s d%s is 0 up to rounding: max %.2e", net, p->name, m);
+            continue;
+        }
+        double e = gradcheck_rich(loss, ctx, p->f32, d->f32, p->numel, per, FD_EPS, floor_abs, &resolved);
+        coords += (p->numel + p->numel / (size_t)per) / (1 + p->numel / (size_t)per);
+        if (e > worst) { worst = e; wname = p->name; }
+        check(e <= FD_TOL, "%s central differences d%s: worst rel err %.2e", net, p->name, e);
+        n++;
+    }
+    printf("  %s: central differences (Richardson, h %.0e) on %d tensors, %zu coordinates (%zu above the noise floor "
+           "%.1e = %d sigma_D; sigma_L %.1e, largest gradient %.2e): worst rel err %.2e (%s; tol %.0e), %.1f s\n",
+           net, (double)FD_EPS, n, coords, resolved, floor_abs, FD_NOISE_K, sigma_l, gmax, worst, wname, FD_TOL,
+           ms_time() - t0);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* UNet                                                                                      */
+/* ---------------------------------------------------------------------------------------- */
+typedef struct {
+    UNetActs a;
+    Arena acts, scratch;
+    UNetConfig c;
+    UNetParams p, dp;
+    MsParamTable w, g;
+    float *x, *t, *ctx, *R, *eps, *dctx;
+    size_t nx, nc;
+} UNetRun;
+
+static double unet_loss(void *v) {
+    UNetRun *u = (UNetRun *)v;
+    unet_forward(u->eps, &u->a, u->x, u->t, u->ctx, NULL, NULL, &u->p, NULL);
+    double s = 0.0;
+    for (size_t i = 0; i < u->nx; i++) s += (double)u->R[i] * u->eps[i];
+    return s;
+}
+
+/* forward, zero the gradients, full backward */
+static MsStatus unet_step(UNetRun *u) {
+    unet_loss(u);
+    memset(u->g.mem, 0, u->g.mem_bytes);
+    memset(u->dctx, 0, u->nc * sizeof(float));
+    return unet_backward_full(&u->a, &u->p, NULL, NULL, &u->dp, u->R, u->dctx, NULL);
+}
+
+static void test_unet(void) {
+    const int N = 2, H = 8, W = 12, Tk = 7;
+    UNetRun u;
+    UNetSizes sz;
+    memset(&u, 0, sizeof u);
+    unet_cfg(&u.c);
+    if (!check(ms_param_table_unet(&u.c, &u.w) == MS_OK && ms_param_table_unet(&u.c, &u.g) == MS_OK, "unet tables"))
+        return;
+    if (!table_fill(&u.w, "unet/w/") || !table_fill(&u.g, "")) return;
+    if (!check(unet_params_init(&u.p, &u.c, &u.w) == MS_OK && unet_params_init(&u.dp, &u.c, &u.g) == MS_OK,
+               "unet params: %s", ms_last_error()))
+        return;
+    u.nx = (size_t)N * 4 * H * W;
+    u.nc = (size_t)N * Tk * u.c.cross_attention_dim;
+    u.x = golden("unet/in/x", u.nx); u.t = golden("unet/in/t", N); u.ctx = golden("unet/in/ctx", u.nc);
+    u.R = golden("unet/in/R", u.nx);
+    u.eps = test_zeros(u.nx); u.dctx = test_zeros(u.nc);
+    if (!u.x || !u.t || !u.ctx || !u.R) return;
+    if (unet_sizes(&u.c, N, H, W, Tk, 1, &sz) || arena_init(&u.acts, sz.acts_bytes) ||
+        arena_init(&u.scratch, sz.scratch_bytes) || unet_acts_init(&u.a, &u.c, N, H, W, Tk, 1, &u.acts, &u.scratch)) {
+        check(0, "unet activations: %s", ms_last_error());
+        return;
+    }
+
+    /* golden */
+    MsStatus s = unet_step(&u);
+    check(s == MS_OK, "unet_backward_full: %s", s ? ms_last_error() : "ok");
+    float *eps_ref = golden("unet/eps", u.nx);
+    if (eps_ref) check_close("unet eps (forward)", u.eps, eps_ref, u.nx, GOLD_TOL, 0);
+    ms_free_aligned(eps_ref);
+    cmp_golden("unet", &u.g, "unet/g/");
+
+    /* the context gradient is the LoRA path's, bit for bit */
+    {
+        float *dctx0 = test_zeros(u.nc);
+        unet_loss(&u);
+        unet_backward(&u.a, &u.p, NULL, NULL, u.R, dctx0, NULL);
+        check_bitwise("unet d context with and without dp", u.dctx, dctx0, u.nc);
+        ms_free_aligned(dctx0);
+    }
+
+    /* 1 vs 2 threads */
+    if (ms_max_threads() >= 2) {
+        unsigned char *g1 = (unsigned char *)malloc(u.g.mem_bytes);
+        int old = ms_get_threads();
+        ms_set_threads(1);
+        unet_step(&u);
+        memcpy(g1, u.g.mem, u.g.mem_bytes);
+        ms_set_threads(2);
+        unet_step(&u);
+        ms_set_threads(old);
+        int bad = -1;
+        for (int i = 0; i < u.g.n && bad < 0; i++)
+            if (u.g.p[i].f32 && memcmp(u.g.p[i].f32, g1 + ((unsigned char *)u.g.p[i].f32 - (unsigned char *)u.g.mem),
+                                       u.g.p[i].numel * sizeof(float)))
+                bad = i;
+        check(bad < 0, "unet: every parameter gradient bit-identical for 1 and 2 threads%s%s", bad < 0 ? "" : " -- NO: ",
+              bad < 0 ? "" : u.g.p[bad].name);
+        free(g1);
+    } else {
+        printf("  (one core: the 1 vs 2 thread check needs two)\n");
+    }
+
+    /* central differences: N = 1, an 8x8 latent, Tk = 5 (cheaper forwards); ~12 coordinates per tensor
+     * in `make test` (every tensor; a minute of forwards otherwise), ~200 under MS_TEST_FULL */
+    unet_acts_free(&u.a);
+    arena_free(&u.acts); arena_free(&u.scratch);
+    {
+        const int n1 = 1, h1 = 8, w1 = 8, tk1 = 5;
+        MsRng rng;
+        ms_rng_seed(&rng, 15);
+        u.nx = (size_t)n1 * 4 * h1 * w1;
+        u.nc = (size_t)n1 * tk1 * u.c.cross_attention_dim;
+        ms_rng_fill_normal(&rng, u.x, u.nx, 0.0f, 1.0f);
+        ms_rng_fill_normal(&rng, u.R, u.nx, 0.0f, 1.0f);
+        ms_rng_fill_normal(&rng, u.ctx, u.nc, 0.0f, 1.0f);
+        u.t[0] = 511.25f;
+        if (unet_sizes(&u.c, n1, h1, w1, tk1, 1, &sz) || arena_init(&u.acts, sz.acts_bytes) ||
+            arena_init(&u.scratch, sz.scratch_bytes) ||
+            unet_acts_init(&u.a, &u.c, n1, h1, w1, tk1, 1, &u.acts, &u.scratch)) {
+            check(0, "unet activations: %s", ms_last_error());
+            return;
+        }
+        unet_step(&u);
+        fd_all("unet", &u.w, &u.g, unet_loss, &u, test_full() ? 200 : (getenv("FD_PER") ? atoi(getenv("FD_PER")) : 12));
+    }
+
+    /* refusals */
+    {
+        UNetParams p16;
+        MsParamTable w16;
+        MsDtype *dt = (MsDtype *)calloc((size_t)u.w.n, sizeof(MsDtype));
+        for (int i = 0; i < u.w.n; i++) dt[i] = MS_DT_F16;
+        ms_param_table_unet(&u.c, &w16);
+        ms_param_table_alloc(&w16, dt);
+        memset(w16.mem, 0, w16.mem_bytes);
+        unet_loss(&u);
+        if (check(unet_params_init(&p16, &u.c, &w16) == MS_OK, "f16 unet params")) {
+            s = unet_backward_full(&u.a, &p16, NULL, NULL, &u.dp, u.R, NULL, NULL);
+            check(s == MS_ERR_UNSUPPORTED, "f16 weights refused: %s", ms_last_error());
+            s = unet_backward_full(&u.a, &u.p, NULL, NULL, &p16, u.R, NULL, NULL);
+            check(s == MS_ERR_UNSUPPORTED, "f16 gradients refused: %s", ms_last_error());
+            unet_params_free(&p16);
+        }
+        ms_param_table_free(&w16);
+        free(dt);
+        UNetConfig c2 = u.c;
+        UNetParams p2;
+        MsParamTable t2;
+        c2.block_out_channels[1] = 24; c2.norm_num_groups = 4;
+        if (ms_param_table_unet(&c2, &t2) == MS_OK && table_fill(&t2, "") && unet_params_init(&p2, &c2, &t2) == MS_OK) {
+            s = unet_backward_full(&u.a, &u.p, NULL, NULL, &p2, u.R, NULL, NULL);
+            check(s == MS_ERR_ARG, "gradients of another config refused: %s", ms_last_error());
+            unet_params_free(&p2);
+        }
+        ms_param_table_free(&t2);
+    }
+
+    unet_acts_free(&u.a);
+    arena_free(&u.acts); arena_free(&u.scratch);
+    unet_params_free(&u.p); unet_params_free(&u.dp);
+    ms_param_table_free(&u.w); ms_param_table_free(&u.g);
+    ms_free_aligned(u.x); ms_free_aligned(u.t); ms_free_aligned(u.ctx); ms_free_aligned(u.R);
+    ms_free_aligned(u.eps); ms_free_aligned(u.dctx);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* CLIP text encoder                                                                         */
+/* ---------------------------------------------------------------------------------------- */
+typedef struct {
+    ClipTextConfig c;
+    ClipTextActs a;
+    Arena ar;
+    ClipTextParams p, dp;
+    MsParamTable w, g;
+    int32_t *ids;
+    float *R;
+    size_t no;
+} TextRun;
+
+static double text_loss(void *v) {
+    TextRun *r = (TextRun *)v;
+    clip_text_forward(&r->a, &r->p, NULL, r->ids, NULL, 0, &r->c);
+    double s = 0.0;
+    for (size_t i = 0; i < r->no; i++) s += (double)r->R[i] * r->a.out[i];
+    return s;
+}
+
+static MsStatus text_step(TextRun *r) {
+    text_loss(r);
+    memset(r->g.mem, 0, r->g.mem_bytes);
+    return clip_text_backward_full(NULL, NULL, &r->dp, r->R, &r->a, &r->p, NULL, r->ids, 0, &r->c);
+}
+
+static int text_acts(TextRun *r, int B, int T, int mode) {
+    arena_free(&r->ar);
+    return check(arena_init(&r->ar, clip_text_sizes(&r->c, B, T, 0, mode)) == MS_OK &&
+                 clip_text_acts_alloc(&r->a, &r->ar, &r->c, B, T, 0, mode) == MS_OK, "text acts mode %d", mode);
+}
+
+static void test_text(void) {
+    const int B = 2, T = 9;
+    TextRun r;
+    memset(&r, 0, sizeof r);
+    text_cfg(&r.c);
+    if (!check(ms_param_table_text(&r.c, &r.w) == MS_OK && ms_param_table_text(&r.c, &r.g) == MS_OK, "text tables"))
+        return;
+    if (!table_fill(&r.w, "text/w/") || !table_fill(&r.g, "")) return;
+    if (!check(clip_text_params(&r.p, &r.w, &r.c) == MS_OK && clip_text_params(&r.dp, &r.g, &r.c) == MS_OK,
+               "text params: %s", ms_last_error()))
+        return;
+    r.no = (size_t)B * T * r.c.hidden_size;
+    r.R = golden("text/in/R", r.no);
+    float *idf = golden("text/in/ids", (size_t)B * T);
+    if (!r.R || !idf) return;
+    r.ids = (int32_t *)malloc((size_t)B * T * sizeof(int32_t));
+    for (int i = 0; i < B * T; i++) r.ids[i] = (int32_t)idf[i];
+    ms_free_aligned(idf);
+
+    unsigned char *keep = (unsigned char *)malloc(r.g.mem_bytes);
+    for (int mode = CLIP_TRAIN_KEEP; mode <= CLIP_TRAIN_RECOMPUTE; mode++) {
+        if (!text_acts(&r, B, T, mode)) return;
+        MsStatus s = text_step(&r);
+        check(s == MS_OK, "clip_text_backward_full (mode %d): %s", mode, s ? ms_last_error() : "ok");
+        if (mode == CLIP_TRAIN_KEEP) {
+            float *out_ref = golden("text/out", r.no);
+            if (out_ref) check_close("text out (forward)", r.a.out, out_ref, r.no, GOLD_TOL, 0);
+            ms_free_aligned(out_ref);
+            cmp_golden("text", &r.g, "text/g/");
+            memcpy(keep, r.g.mem, r.g.mem_bytes);
+        } else {
+            check(!memcmp(keep, r.g.mem, r.g.mem_bytes), "text: CLIP_TRAIN_RECOMPUTE gradients bit-identical to KEEP");
+        }
+    }
+    if (ms_max_threads() >= 2) {
+        int old = ms_get_threads();
+        ms_set_threads(1);
+        text_step(&r);
+        memcpy(keep, r.g.mem, r.g.mem_bytes);
+        ms_set_threads(2);
+        text_step(&r);
+        ms_set_threads(old);
+        check(!memcmp(keep, r.g.mem, r.g.mem_bytes), "text: every parameter gradient bit-identical for 1 and 2 threads");
+    }
+    free(keep);
+
+    text_step(&r);
+    fd_all("text", &r.w, &r.g, text_loss, &r, 200);
+
+    {   /* refusals: 16-bit weights */
+        MsParamTable w16;
+        ClipTextParams p16;
+        MsDtype *dt = (MsDtype *)calloc((size_t)r.w.n, sizeof(MsDtype));
+        for (int i = 0; i < r.w.n; i++) dt[i] = MS_DT_BF16;
+        ms_param_table_text(&r.c, &w16);
+        ms_param_table_alloc(&w16, dt);
+        memset(w16.mem, 0, w16.mem_bytes);
+        if (check(clip_text_params(&p16, &w16, &r.c) == MS_OK, "bf16 text params")) {
+            MsStatus s = clip_text_backward_full(NULL, NULL, &r.dp, r.R, &r.a, &p16, NULL, r.ids, 0, &r.c);
+            check(s == MS_ERR_UNSUPPORTED, "bf16 text weights refused: %s", ms_last_error());
+        }
+        ms_param_table_free(&w16);
+        free(dt);
+    }
+    arena_free(&r.ar);
+    ms_param_table_free(&r.w); ms_param_table_free(&r.g);
+    ms_free_aligned(r.R);
+    free(r.ids);
+}
+
+int main(void) {
+    if (!check(st_open(&G, GOLDEN) == MS_OK, "open %s: %s", GOLDEN, ms_last_error())) return test_summary("test_fullgrad");
+    double t0 = ms_time();
+    ms_set_threads(1);   /* the central differences are many tiny forwards: threads only add overhead */
+    test_text();
+    double t1 = ms_time();
+    test_unet();
+    printf("  time: text %.1f s, unet %.1f s\n", t1 - t0, ms_time() - t1);
+    st_close(&G);
+    ms_gemm_scratch_free();
+    ops_scratch_free();
+    return test_summary("test_fullgrad");
+}
