@@ -897,6 +897,7 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
         return ms_errorf(MS_ERR_ARG, "txt2img: size %d x %d: sides must be positive multiples of %d (at most 8192)",
                          o->width, o->height, f);
     if (o->steps < 1 || o->steps > MS_SCHED_MAX_T) return ms_errorf(MS_ERR_ARG, "txt2img: %d steps (expected 1..%d)", o->steps, MS_SCHED_MAX_T);
+    if (o->release && o->release != m) return ms_errorf(MS_ERR_ARG, "txt2img: 'release' is not the model sampled from");
     if (uc->cross_attention_dim != D)
         return ms_errorf(MS_ERR_ARG, "txt2img: UNet cross_attention_dim %d != text hidden_size %d", uc->cross_attention_dim, D);
     const int n_lc = o->n_layer_ctx, n_ctx = n_lc ? n_lc : 1;   /* ED-LoRA: one context per cross-attention layer */
@@ -975,6 +976,8 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
         }
     }
 
+    if (o->release) ms_param_table_release(&o->release->text);   /* the prompts are encoded */
+
     /* 5. initial latents */
     ms_torch_seed(rng, o->seed);
     if (o->init_noise) memcpy(lat, o->init_noise, nl * sizeof(float));
@@ -1023,6 +1026,7 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
      * workspaces back before the VAE decode, the peak of a 512x512 run */
     arena_free(&acts);
     if (up_ok) { unet_params_free(up); up_ok = 0; }
+    if (o->release) ms_param_table_release(&o->release->unet);
     ms_gemm_scratch_free();
     ops_scratch_free();
     ms_free_aligned(in); ms_free_aligned(eps); ms_free_aligned(ctx);

@@ -568,6 +568,9 @@ MsStatus ms_param_table_vae(const VaeConfig *c, MsParamTable *t);
 MsStatus ms_param_table_text(const ClipTextConfig *c, MsParamTable *t);
 MsStatus ms_param_table_adapter(const AdapterConfig *c, MsParamTable *t);
 void ms_param_table_free(MsParamTable *t);
+/* Frees the data of every parameter (f32 / half set to NULL: "no data loaded"), keeps the names
+ * and shapes; ms_param_table_free still applies. */
+void ms_param_table_release(MsParamTable *t);
 
 int ms_param_find(const MsParamTable *t, const char *name);     /* diffusers key or alias; -1 */
 int ms_param_find_ldm(const MsParamTable *t, const char *key);  /* full LDM key; -1 */
@@ -1243,6 +1246,12 @@ typedef struct {
     const char *const *bind_word;    /* (n_bind) "<potter1>" */
     const char *const *bind_token;   /* (n_bind * n_layer_ctx) token of word w for layer i at
                                       * [w * n_layer_ctx + i]: "<new0>".. */
+    MsModel *release;                /* NULL, or the model m itself in a one-shot run (`mixshow
+                                      * sample`): each network's weights are freed as soon as the
+                                      * pipeline is done with them (the text encoder's once the prompts
+                                      * are encoded, the UNet's before the VAE decode), so the peak
+                                      * holds neither with the decode; m is then only good for
+                                      * ms_model_free. Same image. */
 } MsTxt2ImgOptions;
 /* StableDiffusion(Adapter)Pipeline.__call__ of diffusers 0.19.3 up to the VAE decode:
  * image (batch,3,height,width), not clamped (what vae.decode returns). */

@@ -314,6 +314,13 @@ void ms_param_table_free(MsParamTable *t) {
     memset(t, 0, sizeof *t);
 }
 
+void ms_param_table_release(MsParamTable *t) {
+    for (int i = 0; i < t->n; i++) { t->p[i].f32 = NULL; t->p[i].half = NULL; }
+    ms_free_aligned(t->mem);
+    t->mem = NULL;
+    t->mem_bytes = 0;
+}
+
 /* Key pieces: vsnprintf into buf[MS_KEY_MAX]. A truncated piece fills the buffer, so the
  * final put() that appends a non-empty name to it always reports the overflow. */
 static void keyf(char *buf, const char *fmt, ...) {

@@ -61,15 +61,17 @@ static int configs_equal(const MsModel *a, const MsModel *b) {
 }
 
 /* A 64 x 64 image, 3 DPM-Solver++ steps with CFG: (3, 64, 64) floats, malloc'ed; NULL on error. */
-static float *sample_image(const MsModel *m, const ClipTokenizer *tok) {
+static float *sample_image_release(const MsModel *m, const ClipTokenizer *tok, MsModel *release) {
     MsTxt2ImgOptions o;
     memset(&o, 0, sizeof o);
+    o.release = release;
     o.prompt = "a photo of a cat"; o.width = o.height = 64; o.steps = 3; o.guidance_scale = 7.5f; o.seed = 7;
     o.sampler = MS_SCHED_DPMSOLVER; o.torch_cpu = MS_TORCH_CPU_AVX2; o.batch = 1;
     float *img = (float *)ms_alloc_aligned((size_t)3 * 64 * 64, sizeof(float));
     if (img && ms_txt2img(m, tok, &o, img)) { printf("      txt2img: %s\n", ms_last_error()); ms_free_aligned(img); img = NULL; }
     return img;
 }
+static float *sample_image(const MsModel *m, const ClipTokenizer *tok) { return sample_image_release(m, tok, NULL); }
 
 static const MsOpenOptions QUIET = { NULL, NULL, 0, 1 };
 
@@ -95,6 +97,27 @@ static void compare_with_folder(const char *label, const char *path, const MsOpe
     }
     ms_model_free(&a);
     clip_tokenizer_free(&ta);
+}
+
+/* MsTxt2ImgOptions.release (`mixshow sample`): the same image, the text encoder and UNet weights
+ * freed on the way (the VAE's kept), and a model other than the one sampled is refused. */
+static void test_release(void) {
+    MsModel a, b;
+    ClipTokenizer ta, tb;
+    if (!check(ms_open_model(test_tiny_dir(), &QUIET, &a, &ta, NULL, 0) == MS_OK, "release: tiny model opens")) return;
+    if (!check(ms_open_model(test_tiny_dir(), &QUIET, &b, &tb, NULL, 0) == MS_OK, "release: tiny model opens")) {
+        ms_model_free(&a); clip_tokenizer_free(&ta); return;
+    }
+    float *x = sample_image(&a, &ta), *y = NULL;
+    check(x && !sample_image_release(&a, &ta, &b), "release: another model than the one sampled is refused");
+    check(x && a.text.mem && a.unet.mem && a.vae.mem, "release: without it the model is kept");
+    y = x ? sample_image_release(&a, &ta, &a) : NULL;
+    if (check(x && y, "release: samples")) check_bitwise("release: image == without release", y, x, (size_t)3 * 64 * 64);
+    check(!a.text.mem && !a.unet.mem && a.vae.mem && a.text.n && !a.unet.p[0].f32 && !a.unet.p[0].half,
+          "release: text encoder and UNet data freed (names kept), VAE kept");
+    ms_free_aligned(x); ms_free_aligned(y);
+    ms_model_free(&a); ms_model_free(&b);
+    clip_tokenizer_free(&ta); clip_tokenizer_free(&tb);
 }
 
 static void test_tokenizer(void) {
@@ -344,6 +367,7 @@ int main(int argc, char **argv) {
 #endif
     ms_set_threads(1);          /* tiny networks: OpenMP barriers would cost more than the work */
     test_tokenizer();
+    test_release();
     if (file_exists(shared("tiny-sd/tiny_ldm.safetensors")))
         compare_with_folder("tiny_ldm.safetensors", shared("tiny-sd/tiny_ldm.safetensors"), &QUIET, test_tiny_dir());
     else

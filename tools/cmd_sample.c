@@ -260,6 +260,7 @@ int cmd_sample(int argc, char **argv) {
         pr.t0 = ms_time();
         o.progress = progress_cb;
         o.progress_ctx = &pr;
+        o.release = &m;                          /* one run: each network freed when done */
         s = ms_txt2img(&m, &tok, &o, image);
     }
     double t2 = ms_time();
