@@ -309,7 +309,7 @@ static void test_unet(void) {
             return;
         }
         unet_step(&u);
-        fd_all("unet", &u.w, &u.g, unet_loss, &u, test_full() ? 200 : (getenv("FD_PER") ? atoi(getenv("FD_PER")) : 12));
+        fd_all("unet", &u.w, &u.g, unet_loss, &u, test_full() ? 200 : 12);
     }
 
     /* refusals */
