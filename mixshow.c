@@ -1884,13 +1884,15 @@ typedef struct {
     double *B, e;            /* sum_c D_c G_c (d_out,d_in); sum_c <D_c G_c, D_c> */
 } FuseSpLayer;
 
-typedef struct { FuseSpInput *in; int n_in; } FuseSpRec;
+typedef struct { FuseSpInput *in; int n_in; double sec; } FuseSpRec;   /* sec: time in ms_gram_f64_acc */
 
 static void fuse_sp_record(void *ctx, int block, int which, const float *x, size_t rows, int C) {
     FuseSpRec *r = (FuseSpRec *)ctx;
     int k = 4 * block + which;
     if (k < 0 || k >= r->n_in || !r->in[k].need || r->in[k].C != C) return;
+    double t0 = ms_time();
     ms_gram_f64_acc(r->in[k].Gc, x, rows, C);          /* upper triangle (tensor.c) */
+    r->sec += ms_time() - t0;
     r->in[k].n_cur += rows;
 }
 
@@ -2016,7 +2018,8 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
         const float **lctx = (const float **)malloc((size_t)NL * sizeof *lctx);
         UNetLoraLinear *lin = (UNetLoraLinear *)malloc((size_t)8 * NB * sizeof *lin);
         float *zero_up = NULL;
-        FuseSpRec rec = { in, 4 * NB };
+        FuseSpRec rec = { in, 4 * NB, 0.0 };
+        double t_samp = 0.0, t_fold = 0.0;
         if (!sch || !rng || !lat || !xin || !eps || !work || !ctx || !lctx || !lin) s = ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
         if (!s) s = ms_scheduler_init(sch, MS_SCHED_DPMSOLVER, &m->scheduler_config, MS_TORCH_CPU_AVX2);
         if (!s) s = clip_text_params(&tp, &m->text, tc);
@@ -2080,6 +2083,7 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
             if (!ua_ok) { s = unet_acts_init(&ua, uc, 1, h, w, T, 0, &acts, &ar); ua_ok = !s; }
             ua.record = fuse_sp_record;
             ua.record_ctx = &rec;
+            double ts0 = ms_time();
             for (int i = 0; i < sch->num_steps && !s; i++) {
                 float t = (float)sch->timesteps[i];
                 ms_scheduler_scale_model_input(sch, i, xin, lat, nl);
@@ -2091,6 +2095,8 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
                     fuse_eta("sp", c * sch->num_steps + i + 1, n * sch->num_steps, t0, what);
                 }
             }
+            t_samp += ms_time() - ts0;
+            ts0 = ms_time();
             for (int k = 0; k < 4 * NB && !s; k++) {
                 if (!in[k].need) continue;
                 if (o->on_gram) {
@@ -2100,7 +2106,9 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
                 }
                 s = fuse_sp_fold(&in[k], ls, n_layers, k, &cs[c]);
             }
+            t_fold += ms_time() - ts0;
         }
+        if (rep) { rep->sp_sample = t_samp; rep->sp_gram = rec.sec; rep->sp_fold = t_fold; }
         if (ua_ok) unet_acts_free(&ua);
         arena_free(&ar); arena_free(&acts);
         ms_free_aligned(lat); ms_free_aligned(xin); ms_free_aligned(eps); ms_free_aligned(work); ms_free_aligned(ctx);
@@ -2177,6 +2185,7 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
         free(W); free(Ww); free(trace);
     }
     ms_sym_eig_free(&eig);
+    if (rep) rep->sp_solve = ms_time() - t1;
 done:
     if (rep) rep->seconds[2] = ms_time() - t_start;
     for (int k = 0; in && k < 4 * NB; k++) { free(in[k].Gc); free(in[k].G); }

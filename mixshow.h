@@ -279,10 +279,12 @@ void ops_scratch_limit(size_t max_bytes_per_thread);
  * -87.33654, e^88 above 88). Scalar twin: the same definition without FMA. */
 void ms_expf_vec(float *y, const float *x, size_t n);
 /* Double-precision accumulations (threads split output rows; results independent of the count):
- *   ms_gram_f64_acc: G (d,d) upper triangle (j >= i) += X^T X, X (rows,d) float;
+ *   ms_gram_f64_acc: G (d,d) upper triangle (j >= i) += X^T X, X (rows,d) float, 4 x 16 AVX-512
+ *     register tiles == its _ref twin bitwise (the sum order is defined in tensor.c);
  *   ms_gemm_f64_acc: C (M,N) += A (M,K) B (K,N), blocked + SIMD, the bits of its _ref twin
  *     (every element sums over k in order, no FMA). */
 void ms_gram_f64_acc(double *G, const float *X, size_t rows, int d);
+void ms_gram_f64_acc_ref(double *G, const float *X, size_t rows, int d);
 void ms_gemm_f64_acc(double *C, const double *A, const double *B, int M, int N, int K);
 void ms_gemm_f64_acc_ref(double *C, const double *A, const double *B, int M, int N, int K);
 /* Kernels of the symmetric eigen-solver (mixshow.c ms_sym_eigen); A, Q, Z row-major, vectors
@@ -1522,7 +1524,13 @@ typedef struct {
     double *trace; int n_trace;      /* lbfgs: closure values */
     double seconds;
 } MsFuseLayerReport;
-typedef struct { MsFuseLayerReport *l; int n, cap; double seconds[3]; } MsFuseReport;
+typedef struct {
+    MsFuseLayerReport *l; int n, cap;
+    double seconds[3];               /* te, kv, sp */
+    /* sp split: sampling (UNet + scheduler, recorder included), of it the Gram accumulation in
+     * the recorder, folding each concept's G_c into the layer statistics, solving the layers */
+    double sp_sample, sp_gram, sp_fold, sp_solve;
+} MsFuseReport;
 void ms_fuse_report_free(MsFuseReport *rep);
 /* Text encoder q/k/v/out_proj, then cross-attention to_k/to_v; fused weights are written into
  * m's f32 tables in place. up: UNetParams of m (module names). tok must hold the added tokens. */

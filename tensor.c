@@ -2200,32 +2200,130 @@ static void ops_expf_vec_avx2(float *y, const float *x, size_t n) {
 /* ---------------------------------------------------------------------------------------- */
 /* Double-precision accumulations (gradient fusion's streamed statistics)                   */
 /* ---------------------------------------------------------------------------------------- */
-/* G (d,d), upper triangle j >= i, += X^T X for X (rows, d) float: rows in chunks of 128 that
- * stay in cache, four at a time (products of floats are exact in double). Each row i of G
- * belongs to one thread and sums in row order: the result does not depend on the thread count. */
-void ms_gram_f64_acc(double *G, const float *X, size_t rows, int d) {
-    const size_t CH = 128;
-    for (size_t r0 = 0; r0 < rows; r0 += CH) {
-        const size_t r1 = r0 + CH < rows ? r0 + CH : rows;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 4) if (d >= 64)
-#endif
-        for (int i = 0; i < d; i++) {
-            double *g = G + (size_t)i * d;
-            size_t r = r0;
-            for (; r + 4 <= r1; r += 4) {
-                const float *x0 = X + r * (size_t)d, *x1 = x0 + d, *x2 = x1 + d, *x3 = x2 + d;
-                const double a0 = x0[i], a1 = x1[i], a2 = x2[i], a3 = x3[i];
-                for (int j = i; j < d; j++)
-                    g[j] += (a0 * x0[j] + a1 * x1[j]) + (a2 * x2[j] + a3 * x3[j]);
-            }
-            for (; r < r1; r++) {
-                const float *x0 = X + r * (size_t)d;
-                const double a0 = x0[i];
-                for (int j = i; j < d; j++) g[j] += a0 * x0[j];
+/* G (d,d), upper triangle j >= i, += X^T X for X (rows, d) float (products of floats are exact
+ * in double). The order of the sums is the definition: rows in chunks of 128; within a chunk,
+ * groups of four rows r..r+3 add g += (x_r,i x_r,j + x_r+1,i x_r+1,j) + (x_r+2,i x_r+2,j +
+ * x_r+3,i x_r+3,j), the chunk's last rows (fewer than four) one at a time. ms_gram_f64_acc_ref
+ * is that loop; the fast path below gives the same bits for any thread count. */
+#define GRAM_CH 128
+static void gram_rows_ref(double *G, const float *X, size_t rows, int d, int i) {
+    double *g = G + (size_t)i * d;
+    for (size_t r0 = 0; r0 < rows; r0 += GRAM_CH) {
+        const size_t r1 = r0 + GRAM_CH < rows ? r0 + GRAM_CH : rows;
+        size_t r = r0;
+        for (; r + 4 <= r1; r += 4) {
+            const float *x0 = X + r * (size_t)d, *x1 = x0 + d, *x2 = x1 + d, *x3 = x2 + d;
+            const double a0 = x0[i], a1 = x1[i], a2 = x2[i], a3 = x3[i];
+            for (int j = i; j < d; j++)
+                g[j] += (a0 * x0[j] + a1 * x1[j]) + (a2 * x2[j] + a3 * x3[j]);
+        }
+        for (; r < r1; r++) {
+            const float *x0 = X + r * (size_t)d;
+            const double a0 = x0[i];
+            for (int j = i; j < d; j++) g[j] += a0 * x0[j];
+        }
+    }
+}
+
+void ms_gram_f64_acc_ref(double *G, const float *X, size_t rows, int d) {
+    for (int i = 0; i < d; i++) gram_rows_ref(G, X, rows, d, i);
+}
+
+#if defined(MS_X86_KERNELS)
+/* Rows i0..i0+3 x columns j0..j0+15 of G over the rows [r0, r1) of one chunk (Xd: X in double),
+ * 8 accumulators; lanes with j < i or j >= d are computed on zeros and never stored. */
+MS_TARGET_AVX512
+static void gram_tile_avx512(double *G, int d, const double *Xd, size_t r0, size_t r1, int i0, int j0) {
+    __mmask8 mb[2], m[4][2];
+    __m512d acc[4][2];
+    for (int h = 0; h < 2; h++) {
+        unsigned lb = 0;
+        for (int l = 0; l < 8; l++) lb |= (unsigned)(j0 + 8 * h + l < d) << l;
+        mb[h] = (__mmask8)lb;
+        for (int q = 0; q < 4; q++) {
+            unsigned lm = 0;
+            for (int l = 0; l < 8; l++) lm |= (unsigned)(j0 + 8 * h + l >= i0 + q && j0 + 8 * h + l < d) << l;
+            m[q][h] = (__mmask8)lm;
+            acc[q][h] = _mm512_maskz_loadu_pd(m[q][h], G + (size_t)(i0 + q) * d + j0 + 8 * h);
+        }
+    }
+    size_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const double *x0 = Xd + r * (size_t)d, *x1 = x0 + d, *x2 = x1 + d, *x3 = x2 + d;
+        __m512d b[4][2];
+        for (int h = 0; h < 2; h++) {
+            b[0][h] = _mm512_maskz_loadu_pd(mb[h], x0 + j0 + 8 * h);
+            b[1][h] = _mm512_maskz_loadu_pd(mb[h], x1 + j0 + 8 * h);
+            b[2][h] = _mm512_maskz_loadu_pd(mb[h], x2 + j0 + 8 * h);
+            b[3][h] = _mm512_maskz_loadu_pd(mb[h], x3 + j0 + 8 * h);
+        }
+        for (int q = 0; q < 4; q++) {
+            const __m512d a0 = _mm512_set1_pd(x0[i0 + q]), a1 = _mm512_set1_pd(x1[i0 + q]);
+            const __m512d a2 = _mm512_set1_pd(x2[i0 + q]), a3 = _mm512_set1_pd(x3[i0 + q]);
+            for (int h = 0; h < 2; h++) {
+                const __m512d t = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(a0, b[0][h]), _mm512_mul_pd(a1, b[1][h])),
+                                                _mm512_add_pd(_mm512_mul_pd(a2, b[2][h]), _mm512_mul_pd(a3, b[3][h])));
+                acc[q][h] = _mm512_add_pd(acc[q][h], t);
             }
         }
     }
+    for (; r < r1; r++) {
+        const double *x0 = Xd + r * (size_t)d;
+        const __m512d b0 = _mm512_maskz_loadu_pd(mb[0], x0 + j0), b1 = _mm512_maskz_loadu_pd(mb[1], x0 + j0 + 8);
+        for (int q = 0; q < 4; q++) {
+            const __m512d a = _mm512_set1_pd(x0[i0 + q]);
+            acc[q][0] = _mm512_add_pd(acc[q][0], _mm512_mul_pd(a, b0));
+            acc[q][1] = _mm512_add_pd(acc[q][1], _mm512_mul_pd(a, b1));
+        }
+    }
+    for (int q = 0; q < 4; q++)
+        for (int h = 0; h < 2; h++) _mm512_mask_storeu_pd(G + (size_t)(i0 + q) * d + j0 + 8 * h, m[q][h], acc[q][h]);
+}
+#endif
+
+/* Fast path: X converted to double once, then per chunk of rows every 4-row block of G (threads
+ * take blocks round-robin, the same blocks in every chunk) in 4 x 16 register tiles: the
+ * chunk's X (128 x d doubles) stays in L2 across the tiles. */
+void ms_gram_f64_acc(double *G, const float *X, size_t rows, int d) {
+    double *Xd = NULL;
+    const size_t n = rows * (size_t)d;
+#if defined(MS_X86_KERNELS)
+    if (ms_simd() >= MS_SIMD_AVX512 && d >= 16 && rows > 0) Xd = (double *)malloc(n * sizeof(double));
+#endif
+    if (!Xd) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 4) if (d >= 64)
+#endif
+        for (int i = 0; i < d; i++) gram_rows_ref(G, X, rows, d, i);
+        return;
+    }
+#if defined(MS_X86_KERNELS)
+    const int nb = (d + 3) / 4;
+#ifdef _OPENMP
+#pragma omp parallel if ((double)rows * d * d >= 4e6)
+#endif
+    {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (long long q = 0; q < (long long)n; q++) Xd[q] = X[q];
+        for (size_t r0 = 0; r0 < rows; r0 += GRAM_CH) {
+            const size_t r1 = r0 + GRAM_CH < rows ? r0 + GRAM_CH : rows;
+#ifdef _OPENMP
+#pragma omp for schedule(static, 1) nowait
+#endif
+            for (int bi = 0; bi < nb; bi++) {
+                const int i0 = 4 * bi;
+                if (i0 + 4 <= d) {
+                    for (int j0 = i0 & ~15; j0 < d; j0 += 16) gram_tile_avx512(G, d, Xd, r0, r1, i0, j0);
+                } else {                               /* the last rows: the definition's loop, this chunk */
+                    for (int i = i0; i < d; i++) gram_rows_ref(G, X + r0 * (size_t)d, r1 - r0, d, i);
+                }
+            }
+        }
+    }
+    free(Xd);
+#endif
 }
 
 /* C (M,N) += A (M,K) B (K,N), all double, row-major. Every C element sums c += a_ik b_kj over k

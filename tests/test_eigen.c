@@ -1,7 +1,7 @@
 /* tests/test_eigen.c — the fast symmetric eigen-solver (mixshow.c ms_sym_eigen: Householder
  * tridiagonalisation + implicit QL) and the double kernels under it (tensor.c):
- *   - ms_gemm_f64_acc == its scalar twin bit for bit (odd sizes across the 256 blocks, every
- *     SIMD level, 1 and 2 threads);
+ *   - ms_gemm_f64_acc and ms_gram_f64_acc == their scalar twins bit for bit (odd sizes across
+ *     the blocks, every SIMD level, 1 and 2 threads), and the twins == long-double sums;
  *   - eigenvalues == the Jacobi twin (ms_sym_eigen_ref) to 1e-12 ||A||, ||A - Q L Q^T||_F and
  *     ||Q^T Q - I|| to O(n eps), ascending order, on random symmetric, SPD, rank-deficient
  *     Grams (rows << n, like the cross-attention K/V problems), ill-conditioned (cond 1e9, 1e12),
@@ -55,6 +55,50 @@ static void test_gemm(void) {
         check(same && worst <= K * DBL_EPSILON, "gemm_f64 %dx%dx%d: every SIMD level and 1/2 threads == scalar twin bitwise (%d); "
               "twin vs long double %.2e (<= K eps)", M, N, K, same, worst);
         free(A); free(B); free(C0); free(Cr); free(Cf);
+    }
+}
+
+/* ms_gram_f64_acc: == its scalar twin bit for bit (the lower triangle untouched), both to the
+ * exact sum (long double) within the rows' rounding. */
+static void test_gram_acc(void) {
+    static const int sz[][2] = { { 1, 1 }, { 5, 3 }, { 17, 130 }, { 67, 257 }, { 131, 129 }, { 40, 1000 } };
+    MsRng r;
+    ms_rng_seed(&r, 13);
+    const MsSimd top = ms_simd_detected();
+    for (size_t c = 0; c < sizeof sz / sizeof sz[0]; c++) {
+        const int d = sz[c][0], rows = sz[c][1];
+        float *X = (float *)malloc(sizeof(float) * rows * d);
+        double *G0 = dalloc((size_t)d * d), *Gr = dalloc((size_t)d * d), *Gf = dalloc((size_t)d * d);
+        for (int i = 0; i < rows * d; i++) X[i] = (float)ms_rng_normal(&r);
+        for (int i = 0; i < d * d; i++) G0[i] = ms_rng_normal(&r);
+        memcpy(Gr, G0, sizeof(double) * d * d);
+        ms_gram_f64_acc_ref(Gr, X, (size_t)rows, d);
+        int same = 1;
+        for (int lv = 0; lv <= (int)top; lv++)
+            for (int t = 1; t <= 2; t++) {
+                ms_set_simd((MsSimd)lv);
+                ms_set_threads(t);
+                memcpy(Gf, G0, sizeof(double) * d * d);
+                ms_gram_f64_acc(Gf, X, (size_t)rows, d);
+                same &= !memcmp(Gf, Gr, sizeof(double) * d * d);
+            }
+        ms_set_simd(top);
+        ms_set_threads(0);
+        double worst = 0;
+        int lower = 1;
+        for (int i = 0; i < d; i++)
+            for (int j = 0; j < d; j++) {
+                if (j < i) { lower &= Gr[(size_t)i * d + j] == G0[(size_t)i * d + j]; continue; }
+                long double e = G0[(size_t)i * d + j], a = fabs(G0[(size_t)i * d + j]);
+                for (int k = 0; k < rows; k++) {
+                    long double p = (long double)X[(size_t)k * d + i] * X[(size_t)k * d + j];
+                    e += p; a += fabsl(p);
+                }
+                worst = fmax(worst, (double)(fabsl(e - Gr[(size_t)i * d + j]) / a));
+            }
+        check(same && lower && worst <= rows * DBL_EPSILON, "gram_f64 d %d rows %d: every SIMD level and 1/2 threads == scalar twin "
+              "bitwise (%d), lower triangle untouched (%d); twin vs long double %.2e (<= rows eps)", d, rows, same, lower, worst);
+        free(X); free(G0); free(Gr); free(Gf);
     }
 }
 
@@ -234,6 +278,7 @@ static void test_gram_shared(void) {
 
 int main(void) {
     test_gemm();
+    test_gram_acc();
     test_eigen();
     test_gram_shared();
     return test_summary("test_eigen");
