@@ -1237,8 +1237,203 @@ done:
     return ok;
 }
 
+/* --nets=fuse (only when named; SD 1.5 shapes: minutes to hours): `mixshow fuse` of N random
+ * rank-4 ED-LoRAs (text encoder q/k/v/out + every UNet attention to_q/k/v/out.0, alpha 1, 16
+ * tokens per concept word, 2 words per concept as the official configs) on random SD 1.5
+ * weights, through ms_fuse_text_kv + ms_fuse_spatial as cmd_fuse calls them (the official
+ * prompts, 20 DPM-Solver++ steps at 512x512 unless --fuse-size/--fuse-steps say less). One
+ * run per case (a case is minutes long), all threads. Per case: seconds per stage (te, kv, sp;
+ * sp split into UNet sampling, of it the Gram accumulation, folding, solving), total, peak RSS
+ * beyond what was resident before (weights, LoRAs, tokenizer), and the official code's memory
+ * model: gradient_fusion.py's forward hooks keep input AND output (float32, .cpu()) of every
+ * hooked Linear for every recorded row of every concept until the stage solves:
+ *     bytes = 4 * sum over fused layers of rows_l * (d_in,l + d_out,l),
+ * rows_l = all concepts' recorded rows; for the spatial layers counted at the official 512x512
+ * and 20 steps (N * 20 * h_l * w_l rows: 4096 / 1024 / 256 / 64 tokens per step at the four
+ * levels), whatever size this run sampled at. */
+typedef struct { const char *list; int lbfgs_n, size, steps, te_iters, unet_iters, words; } FuseBenchCfg;
+static FuseBenchCfg fuse_cfg = { "2,5,14", 2, 512, 20, 500, 50, 2 };
+
+static double rss_now_mib(void) {                       /* < 0: not available */
+    char line[256];
+    double kb = -1.0;
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return -1.0;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6)) { kb = strtod(line + 6, NULL); break; }
+    fclose(f);
+    return kb < 0 ? -1.0 : kb / 1024.0;
+}
+
+static const MsParam *fuse_param(const MsModel *m, const char *key) {
+    int i = ms_param_find(&m->text, key);
+    if (i >= 0) return &m->text.p[i];
+    i = ms_param_find(&m->unet, key);
+    return i >= 0 ? &m->unet.p[i] : NULL;
+}
+
+static int bench_fuse_one(int n, MsFuseMethod method, MsRng *r) {
+    const FuseBenchCfg *fc = &fuse_cfg;
+    const int rank = 4, nw = n * fc->words;
+    char label[96];
+    MsModel m;
+    ClipTokenizer tok;
+    UNetParams up;
+    MsFuseReport rep;
+    int ok = 0, tok_ok = 0, up_ok = 0, T = 0;
+    MsFuseConcept cs[64];
+    ClipLora te[64];
+    UNetLora un[64];
+    Arena un_ar[64];
+    float *te_mem[64], *new_emb = NULL;
+    char (*words)[40] = NULL, (*tnames)[24] = NULL, (*cname)[512] = NULL;
+    const char **wptr = NULL, **tptr = NULL;
+    unsigned char *has = NULL;
+    memset(&m, 0, sizeof m); memset(&rep, 0, sizeof rep); memset(un_ar, 0, sizeof un_ar); memset(te_mem, 0, sizeof te_mem);
+    snprintf(label, sizeof label, "fuse sd15 %s N=%d %dx%d %d steps", ms_fuse_method_name(method), n, fc->size, fc->size, fc->steps);
+    if (n < 1 || n > 64) { fprintf(stderr, "mixshow bench: %s: 1..64 concepts\n", label); return 0; }
+    ms_unet_config_sd15(&m.unet_config);
+    ms_clip_text_config_sd15(&m.text_config);
+    ms_scheduler_config_sd15(&m.scheduler_config);
+    const ClipTextConfig *tc = &m.text_config;
+    const int D = tc->hidden_size;
+    fprintf(stderr, "%s: random weights...\n", label);
+    if (ms_param_table_unet(&m.unet_config, &m.unet) || table_random(&m.unet, 15) ||
+        ms_param_table_text(tc, &m.text) || table_random(&m.text, 17) ||
+        unet_params_init(&up, &m.unet_config, &m.unet)) {
+        fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error());
+        goto done;
+    }
+    up_ok = 1;
+    T = ms_unet_cross_attn_layers(&m.unet_config);
+    /* the real CLIP BPE when the tiny model's tokenizer is at hand (official prompts tokenize as
+     * in the official run), else the bytes-only bench tokenizer (more tokens per prompt) */
+    MsStatus ts = ms_clip_tokenizer_load("models/tiny-sd/tokenizer", &tok);
+    if (!ts && tok.n_vocab == tc->vocab_size) tok_ok = 1;
+    else {
+        if (!ts) clip_tokenizer_free(&tok);
+        fprintf(stderr, "%s: models/tiny-sd/tokenizer not found: byte-level bench tokenizer\n", label);
+        if (bench_tokenizer(&tok, tc->vocab_size)) { fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error()); goto done; }
+        tok_ok = 1;
+    }
+    words = calloc((size_t)nw, sizeof *words); wptr = calloc((size_t)nw, sizeof *wptr);
+    tnames = calloc((size_t)nw * T, sizeof *tnames); tptr = calloc((size_t)nw * T, sizeof *tptr);
+    cname = calloc((size_t)n, sizeof *cname);
+    has = malloc((size_t)tc->num_hidden_layers * 4 + (size_t)up.n_blk * 8);
+    new_emb = net_buf(r, (size_t)nw * T * D, 0.014f);
+    if (!words || !wptr || !tnames || !tptr || !cname || !has || !new_emb) { fprintf(stderr, "mixshow bench: %s: out of memory\n", label); goto done; }
+    memset(has, 1, (size_t)tc->num_hidden_layers * 4 + (size_t)up.n_blk * 8);
+    for (int w = 0; w < nw; w++) {
+        snprintf(words[w], sizeof words[w], "<concept%d_%d>", w / fc->words, w % fc->words + 1);
+        wptr[w] = words[w];
+        for (int i = 0; i < T; i++) {
+            int na = 0;
+            snprintf(tnames[(size_t)w * T + i], sizeof tnames[0], "<new%d>", w * T + i);
+            tptr[(size_t)w * T + i] = tnames[(size_t)w * T + i];
+            if (clip_tokenizer_add_tokens(&tok, &tptr[(size_t)w * T + i], 1, &na) || na != 1) {
+                fprintf(stderr, "mixshow bench: %s: token %s: %s\n", label, tptr[(size_t)w * T + i], ms_last_error());
+                goto done;
+            }
+        }
+    }
+    for (int c = 0; c < n; c++) {
+        size_t l = 0;
+        for (int k = 0; k < fc->words; k++)
+            l += (size_t)snprintf(cname[c] + l, sizeof cname[c] - l, "%s%s", k ? " " : "", words[c * fc->words + k]);
+        const size_t nl = clip_lora_numel(tc, rank);
+        if (!(te_mem[c] = net_buf(r, nl, 0.02f))) goto done;
+        clip_lora_bind(&te[c], te_mem[c], tc, rank, 1.0f);
+        if (arena_init(&un_ar[c], unet_lora_floats(&m.unet_config, rank) * sizeof(float) + 65536 +
+                                      (size_t)up.n_blk * 8 * sizeof(UNetLoraLinear)) ||
+            unet_lora_init(&un[c], &up, rank, 1.0f, &un_ar[c])) {
+            fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error());
+            goto done;
+        }
+        for (size_t k = 0; k < un[c].n_floats; k++) un[c].data[k] = 0.02f * (float)ms_rng_normal(r);
+        cs[c].name = cname[c];
+        cs[c].te = &te[c];
+        cs[c].te_has = has;
+        cs[c].unet = &un[c];
+        cs[c].unet_has = has + (size_t)tc->num_hidden_layers * 4;
+    }
+    {
+        MsFuseTokens tk = { nw, T, wptr, tptr, new_emb, nw * T };
+        MsFuseOptions o;
+        memset(&o, 0, sizeof o);
+        o.method = method; o.te_iters = fc->te_iters; o.unet_iters = fc->unet_iters; o.verbose = 1;
+        o.seed = 0; o.sp_size = fc->size; o.sp_steps = fc->steps;
+        const double weights = MIB(m.unet.mem_bytes + m.text.mem_bytes);
+        rss_peak_reset();
+        const double base = rss_now_mib();
+        const double load = load_avg1();
+        double t0 = ms_time();
+        clock_t c0 = clock();
+        MsStatus s = ms_fuse_text_kv(&m, &up, &tok, &tk, cs, n, &o, &rep);
+        if (!s) s = ms_fuse_spatial(&m, &up, &tok, &tk, cs, n, &o, &rep);
+        const double total = ms_time() - t0, cpu = (double)(clock() - c0) / CLOCKS_PER_SEC, peak = rss_peak_mib();
+        if (s) { fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error()); goto done; }
+        /* the official memory model, from the layers fused and their recorded rows */
+        double off[3] = { 0, 0, 0 }, f0 = 0, ff = 0;
+        const double sp_scale = (512.0 / 8) * (512.0 / 8) / ((double)(fc->size / 8) * (fc->size / 8)) * 20.0 / fc->steps;
+        int bad = 0, nl_st[3] = { 0, 0, 0 };
+        for (int i = 0; i < rep.n; i++) {
+            const MsFuseLayerReport *e = &rep.l[i];
+            const MsParam *p = fuse_param(&m, e->layer);
+            const int st = !strcmp(e->stage, "te") ? 0 : !strcmp(e->stage, "kv") ? 1 : 2;
+            if (!p || p->ndim != 2) { bad = 1; continue; }
+            off[st] += 4.0 * (double)e->rows * (st == 2 ? sp_scale : 1.0) * (double)(p->shape[0] + p->shape[1]);
+            nl_st[st]++;
+            f0 += e->f_w0; ff += e->f_fused;
+            bad |= !(e->f_fused <= e->f_w0 * (1 + 1e-9)) || !isfinite(e->f_fused);
+        }
+        const double GiB = 1024.0 * 1024.0 * 1024.0;
+        printf("%s threads=%d: te %.1f s, kv %.1f s, sp %.1f s (UNet sampling %d x %d steps %.1f s = %.2f s/step, of it "
+               "Gram accumulation %.1f s = %.1f%%; fold %.1f s; solve %.1f s), total %.1f s = %.2f min (cpu %.1f s)",
+               label, ms_get_threads(), rep.seconds[0], rep.seconds[1], rep.seconds[2], n, fc->steps, rep.sp_sample,
+               rep.sp_sample / ((double)n * fc->steps), rep.sp_gram, rep.sp_sample > 0 ? 100.0 * rep.sp_gram / rep.sp_sample : 0.0,
+               rep.sp_fold, rep.sp_solve, total, total / 60.0, cpu);
+        if (load >= 0) printf("; load %.2f", load);
+        printf("\n");
+        printf("%s memory: peak RSS %.1f MiB beyond the %.1f MiB resident before (weights %.1f MiB f32 + LoRAs, tokenizer); "
+               "official model %.2f GiB (te %.3f + kv %.4f + sp %.2f GiB = 4 B x sum over %d + %d + %d layers of rows x "
+               "(d_in + d_out), sp rows at 512x512 x 20 steps)\n",
+               label, peak >= 0 && base >= 0 ? peak - base : -1.0, base, weights, (off[0] + off[1] + off[2]) / GiB, off[0] / GiB,
+               off[1] / GiB, off[2] / GiB, nl_st[0], nl_st[1], nl_st[2]);
+        printf("%s objective: sum over %d layers f(W0) %.4e, fused %.4e%s\n", label, rep.n, f0, ff,
+               bad ? " (SOME LAYER NOT <= f(W0) OR NOT FINITE)" : " (every layer <= f(W0))");
+        fflush(stdout);
+        ok = !bad;
+    }
+done:
+    ms_fuse_report_free(&rep);
+    for (int c = 0; c < n && c < 64; c++) { ms_free_aligned(te_mem[c]); arena_free(&un_ar[c]); }
+    ms_free_aligned(new_emb);
+    free(words); free(wptr); free(tnames); free(tptr); free(cname); free(has);
+    if (tok_ok) clip_tokenizer_free(&tok);
+    if (up_ok) unet_params_free(&up);
+    ms_model_free(&m);
+    return ok;
+}
+
+static int bench_fuse(MsRng *r) {
+    int ok = 1;
+    host_line();
+    printf("fuse: SD 1.5 shapes, random weights, random rank-4 ED-LoRAs (%d words x 16 tokens per concept), gram for "
+           "N in {%s}, lbfgs (%d text / %d UNet iterations) for N = %d; one run each, threads=%d\n", fuse_cfg.words,
+           fuse_cfg.list, fuse_cfg.te_iters, fuse_cfg.unet_iters, fuse_cfg.lbfgs_n, ms_get_threads());
+    fflush(stdout);
+    for (const char *s = fuse_cfg.list; *s;) {
+        int n = atoi(s);
+        if (n > 0) ok &= bench_fuse_one(n, MS_FUSE_GRAM, r);
+        s += strcspn(s, ",");
+        s += *s == ',';
+    }
+    if (fuse_cfg.lbfgs_n > 0) ok &= bench_fuse_one(fuse_cfg.lbfgs_n, MS_FUSE_LBFGS, r);
+    return ok;
+}
+
 enum { NET_TEXT = 1, NET_VAE = 2, NET_UNET = 4, NET_ALL = 7, NET_TRAIN = 8,   /* train: only when named */
-       NET_REGIONAL_TINY = 16, NET_REGIONAL = 32 };                              /* regional: likewise */
+       NET_REGIONAL_TINY = 16, NET_REGIONAL = 32, NET_FUSE = 64 };               /* regional, fuse: likewise */
 
 /* Smallest first, so each case's peak RSS is its own (the reset cannot go below what is live). */
 static int bench_nets(const Bench *b, int which, int train_batch, int train_f16) {
@@ -1292,6 +1487,15 @@ static void usage(FILE *f) {
                "then the official region_rewrite (global attention for every query) and 'one full attention\n"
                "pass per region' emulated on top, and a memory line (planned extra, peak RSS of each).\n"
                "--nets=regional-tiny: the tiny model only (seconds).\n"
+               "--nets=fuse (only when named; SD 1.5: about an hour for the default set): `mixshow fuse` of\n"
+               "N random rank-4 ED-LoRAs (2 words x 16 tokens, text encoder + UNet attention) on random SD 1.5\n"
+               "weights, gram for N = 2, 5, 14 and lbfgs (500 / 50 iterations) for N = 2, one run each:\n"
+               "  fuse sd15 gram N=2 512x512 20 steps threads=2: te .. s, kv .. s, sp .. s (UNet sampling ..,\n"
+               "  Gram accumulation .., fold .., solve ..), total ..\n"
+               "and a memory line (peak RSS beyond the weights; the official code's memory model: 4 B x\n"
+               "rows x (d_in + d_out) summed over the fused layers, spatial rows at 512x512 x 20 steps).\n"
+               "  --fuse-n 2,5,14  gram cases; --fuse-lbfgs N (0: none); --fuse-size S (multiple of 64) and\n"
+               "  --fuse-steps K  for a quick run; --fuse-te-iters / --fuse-unet-iters; --fuse-words W\n"
                "tools/ref/bench_torch.py prints the same lines for PyTorch.\n\n"
                "  --quick         3 runs per kernel case (smoke test)\n"
                "  --attention     the peak and the attention cases only\n"
@@ -1328,7 +1532,8 @@ int cmd_bench(int argc, char **argv) {
                 else if (n == 5 && !strncmp(s, "train", 5)) nets |= NET_TRAIN;
                 else if (n == 8 && !strncmp(s, "regional", 8)) nets |= NET_REGIONAL_TINY | NET_REGIONAL;
                 else if (n == 13 && !strncmp(s, "regional-tiny", 13)) nets |= NET_REGIONAL_TINY;
-                else { fprintf(stderr, "mixshow bench: --nets: unknown network '%.*s' (unet, vae, text, train, regional, regional-tiny)\n", (int)n, s); return 2; }
+                else if (n == 4 && !strncmp(s, "fuse", 4)) nets |= NET_FUSE;
+                else { fprintf(stderr, "mixshow bench: --nets: unknown network '%.*s' (unet, vae, text, train, regional, regional-tiny, fuse)\n", (int)n, s); return 2; }
                 s += n + (s[n] == ',');
             }
         } else if (!strcmp(argv[i], "--runs")) {
@@ -1350,6 +1555,32 @@ int cmd_bench(int argc, char **argv) {
                 return 2;
             }
             train_f16 = !strcmp(argv[++i], "f16");
+        } else if (!strcmp(argv[i], "--fuse-n")) {
+            const char *v = i + 1 < argc ? argv[i + 1] : "";
+            int good = *v != 0;
+            for (const char *q = v; *q; q++) good &= (*q >= '0' && *q <= '9') || (*q == ',' && q[1] && q != v);
+            for (const char *q = v; good && *q; q += strcspn(q, ","), q += *q == ',') good &= atoi(q) >= 1 && atoi(q) <= 64;
+            if (!good) { fprintf(stderr, "mixshow bench: --fuse-n wants a list of concept counts 1..64 (e.g. 2,5,14)\n"); return 2; }
+            fuse_cfg.list = argv[++i];
+        } else if (!strcmp(argv[i], "--fuse-lbfgs") || !strcmp(argv[i], "--fuse-size") || !strcmp(argv[i], "--fuse-steps") ||
+                   !strcmp(argv[i], "--fuse-te-iters") || !strcmp(argv[i], "--fuse-unet-iters") || !strcmp(argv[i], "--fuse-words")) {
+            const char *opt = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
+            char *end = NULL;
+            long k = strtol(v, &end, 10);
+            int lo = !strcmp(opt, "--fuse-lbfgs") ? 0 : !strcmp(opt, "--fuse-size") ? 64 : 1;
+            long hi = !strcmp(opt, "--fuse-size") ? 2048 : !strcmp(opt, "--fuse-words") ? 4 : !strcmp(opt, "--fuse-lbfgs") ? 64 : 100000;
+            if (!*v || *end || k < lo || k > hi || (!strcmp(opt, "--fuse-size") && k % 64)) {
+                fprintf(stderr, "mixshow bench: %s wants %d..%ld%s, got '%s'\n", opt, lo, hi,
+                        !strcmp(opt, "--fuse-size") ? " (a multiple of 64)" : "", v);
+                return 2;
+            }
+            i++;
+            if (!strcmp(opt, "--fuse-lbfgs")) fuse_cfg.lbfgs_n = (int)k;
+            else if (!strcmp(opt, "--fuse-size")) fuse_cfg.size = (int)k;
+            else if (!strcmp(opt, "--fuse-steps")) fuse_cfg.steps = (int)k;
+            else if (!strcmp(opt, "--fuse-te-iters")) fuse_cfg.te_iters = (int)k;
+            else if (!strcmp(opt, "--fuse-unet-iters")) fuse_cfg.unet_iters = (int)k;
+            else fuse_cfg.words = (int)k;
         } else if (!strcmp(argv[i], "--compare-blas")) {
             fprintf(stderr, "mixshow bench: --compare-blas is not available (it would need dlopen; mixshow "
                             "depends on libc, libm and OpenMP only)\n");
@@ -1362,9 +1593,16 @@ int cmd_bench(int argc, char **argv) {
         if (runs) b.runs = runs;
         bench_kernels(&b);
     }
-    if (nets) {
+    if (nets & ~NET_FUSE) {
         b.runs = runs ? runs : 3;
-        if (!bench_nets(&b, nets, train_batch, train_f16)) return 1;
+        if (!bench_nets(&b, nets & ~NET_FUSE, train_batch, train_f16)) return 1;
+    }
+    if (nets & NET_FUSE) {
+        MsRng r;
+        ms_rng_seed(&r, 2305);
+        ms_gemm_scratch_free();
+        ops_scratch_free();
+        if (!bench_fuse(&r)) return 1;
     }
     return 0;
 }
