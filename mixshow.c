@@ -1659,10 +1659,15 @@ void ms_fuse_report_free(MsFuseReport *rep) {
     memset(rep, 0, sizeof *rep);
 }
 
+/* gram: the decomposition of the last recorded input's G, kept for the next layer reading the
+ * same rows (q, k, v share layer_norm1's output; to_k, to_v the same text features): G depends
+ * on the rows only, so the next layer's G is the same matrix, bit for bit. */
+typedef struct { const MsFuseRows *rows; MsSymEig e; } FuseEigCache;
+
 /* One layer: W0 = *param (f32, d_out x d_in), rows of every concept, deltas; solve with the
  * chosen method, report f(W0), f(weight), f(fused) exactly from the rows, write W into param. */
 static MsStatus fuse_layer(MsParam *param, const MsFuseRows *R, const MsFuseDelta *d, const MsFuseOptions *o,
-                           int iters, const char *stage, MsFuseReport *rep) {
+                           int iters, const char *stage, MsFuseReport *rep, FuseEigCache *ec) {
     const int dout = (int)param->shape[0], di = R->d_in;
     const size_t m = (size_t)dout * di;
     double t0 = ms_time();
@@ -1687,7 +1692,15 @@ static MsStatus fuse_layer(MsParam *param, const MsFuseRows *R, const MsFuseDelt
     }
     if (!s) s = ms_fuse_weight(Ww, W0, d, R->n_concepts, dout, di);
     if (!s) {
-        if (o->method == MS_FUSE_GRAM) s = ms_fuse_solve_gram(&S, W0, W, o->rcond, &rank);
+        if (o->method == MS_FUSE_GRAM) {
+            if (ec->rows != R || ec->e.n != di) {
+                ms_sym_eig_free(&ec->e);
+                ec->rows = NULL;
+                s = ms_sym_eig_init(&ec->e, S.G, di);
+                if (!s) ec->rows = R;
+            }
+            if (!s) s = ms_fuse_solve_gram_eig(&ec->e, &S, W0, W, o->rcond, &rank);
+        }
         else if (o->method == MS_FUSE_WEIGHT) memcpy(W, Ww, m * sizeof(float));
         else {
             MsLbfgsResult res;
@@ -1732,6 +1745,8 @@ MsStatus ms_fuse_text_kv(MsModel *m, const UNetParams *up, const ClipTokenizer *
     int32_t *ids = NULL;
     int max_rank = 0, any_te = 0, any_kv = 0;
     MsStatus s = MS_OK;
+    FuseEigCache ec;
+    memset(&ec, 0, sizeof ec);
     if (tk->n_layers != NL) return ms_errorf(MS_ERR_ARG, "fuse: %d token variants per word, the UNet has %d cross-attention layers", tk->n_layers, NL);
     for (int c = 0; c < n; c++) {
         if (cs[c].te && cs[c].te->rank > max_rank) max_rank = cs[c].te->rank;
@@ -1788,10 +1803,12 @@ MsStatus ms_fuse_text_kv(MsModel *m, const UNetParams *up, const ClipTokenizer *
             snprintf(key, sizeof key, "text_model.encoder.layers.%d.self_attn.%s.weight", l, proj[j]);
             MsParam *W = find_param(&m->text, key);
             if (!W) { s = ms_errorf(MS_ERR_ARG, "fuse: the text encoder has no %s", key); break; }
-            s = fuse_layer(W, &rows[2 * l + (j == 3)], d, o, o->te_iters, "te", rep);
+            s = fuse_layer(W, &rows[2 * l + (j == 3)], d, o, o->te_iters, "te", rep, &ec);
         }
     if (rep) rep->seconds[0] = ms_time() - t0;
     for (int k = 0; k < 2 * L; k++) ms_fuse_rows_free(&rows[k]);
+    ms_sym_eig_free(&ec.e);
+    ec.rows = NULL;
 
     /* ---- step 5 (merge_kv_in_cross_attention): the FUSED text encoder's features at the concept
      * tokens and EOS of the prompts bound for layer i; targets from each concept's to_k/to_v ---- */
@@ -1833,10 +1850,11 @@ MsStatus ms_fuse_text_kv(MsModel *m, const UNetParams *up, const ClipTokenizer *
             snprintf(key, sizeof key, "%s.weight", name);
             MsParam *W = find_param(&m->unet, key);
             if (!W) { s = ms_errorf(MS_ERR_ARG, "fuse: the UNet has no %s", key); break; }
-            s = fuse_layer(W, &rows[2 * L + i], d, o, o->te_iters, "kv", rep);   /* official: textenc iters */
+            s = fuse_layer(W, &rows[2 * L + i], d, o, o->te_iters, "kv", rep, &ec);   /* official: textenc iters */
         }
     if (rep) rep->seconds[1] = ms_time() - t0;
 done:
+    ms_sym_eig_free(&ec.e);
     if (rows) for (int k = 0; k < 2 * L + NL; k++) ms_fuse_rows_free(&rows[k]);
     free(rows);
     free(ids);

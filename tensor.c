@@ -2590,6 +2590,7 @@ void ms_rot_rows_f64(double *Z, int n_cols, int ld, const int *lo, const int *hi
     size_t work = 0;
     (void)simd;
     for (int q = 0; q < n_sweeps; q++) work += (size_t)(hi[q] - lo[q]);
+    (void)work;                                            /* (no OpenMP: unused) */
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if ((double)work * n_cols >= 131072.0)
 #endif
