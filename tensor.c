@@ -307,7 +307,10 @@ static MS_THREAD_LOCAL MsWork ms_work_conv;    /* column chunk of the strided co
 static MS_THREAD_LOCAL MsWork ms_work_tr;      /* C^T of the small-M path (ms_gemm_small_m) */
 
 /* MS_GEMM_FAST_* flags (mixshow.h); 0 is the plain packed driver. */
-static int ms_gemm_fast = MS_GEMM_FAST_ALL;
+#ifndef MS_GEMM_FAST_DEFAULT
+#define MS_GEMM_FAST_DEFAULT MS_GEMM_FAST_ALL
+#endif
+static int ms_gemm_fast = MS_GEMM_FAST_DEFAULT;
 void ms_gemm_set_fast(int flags) { ms_gemm_fast = flags & MS_GEMM_FAST_ALL; }
 
 /* Returns at least n floats (64-byte aligned), reallocating only when n exceeds what this
@@ -828,12 +831,23 @@ static MsGemmKernel ms_gemm_kernel(void) {
 static void ms_gemm_tiles(const MsGemmKernel *g, int ic, int mc, int jc, int nc, int kc, float alpha,
                           float beta_k, float *C, size_t ldc, const float *Ap, const float *Ad, size_t lda,
                           const float *Bp, float *tile) {
-    const int MR = g->mr, NR = g->nr;
+    const int MR = g->mr, NR = g->nr, njr = (nc + NR - 1) / NR;
     for (int ir = 0; ir < mc; ir += MR) {
         int rows = mc - ir < MR ? mc - ir : MR;
         size_t ld = Ad && rows == MR ? lda : 0;
         const float *ap = ld ? Ad + (size_t)ir * lda : Ad ? Ap : Ap + (size_t)ir * kc;
-        for (int jr = 0; jr < nc; jr += NR) {
+        /* A in place with rows of exactly kc floats (K in one slice): the next row panel is one
+         * contiguous block, usually in memory (large M); it is prefetched a few rows per column
+         * tile while this panel runs (measured, 4096x320x320: 80 -> 85% of peak; no gain where
+         * the panel's rows are apart) */
+        int pf_rows = Ad && lda == (size_t)kc ? (mc - ir - MR < MR ? mc - ir - MR : MR) : 0;
+        for (int jr = 0, t = 0; jr < nc; jr += NR, t++) {
+#if defined(__GNUC__)
+            for (int r = t * pf_rows / njr; r < (t + 1) * pf_rows / njr; r++) {
+                const char *q = (const char *)(Ad + (size_t)(ir + MR + r) * lda);
+                for (int off = 0; off < kc * 4; off += 64) __builtin_prefetch(q + off, 0, 2);
+            }
+#endif
             int cols = nc - jr < NR ? nc - jr : NR;
             int half = g->ukh && cols <= NR / 2, w = half ? NR / 2 : NR;
             float *c = C + (size_t)(ic + ir) * ldc + jc + jr, *cc = c;

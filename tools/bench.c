@@ -13,7 +13,7 @@
 #include <string.h>
 #include <time.h>
 
-typedef struct { int runs; double peak[2]; int threads[2]; int attention_only; } Bench;
+typedef struct { int runs; double peak[2]; int threads[2]; int attention_only, gemm_only; } Bench;
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -166,7 +166,7 @@ static void bench_kernels(Bench *b) {
 
     MsRng r;
     ms_rng_seed(&r, 1);
-    if (!b->attention_only) bench_randn_f16(b, level);
+    if (!b->attention_only && !b->gemm_only) bench_randn_f16(b, level);
     static const int gemms[][3] = { { 4096, 320, 320 }, { 4096, 320, 1280 }, { 1024, 640, 640 },
                                     { 77, 768, 768 }, { 4096, 1280, 320 } };
     for (size_t i = 0; i < sizeof gemms / sizeof gemms[0] && !b->attention_only; i++) {
@@ -202,7 +202,7 @@ static void bench_kernels(Bench *b) {
     /* SD 1.5 attention at 64x64 latents: self (T = Tk = 4096) and cross (Tk = 77), B*H = 16 (a CFG
      * batch of 2 x 8 heads), Dh = 40; forward, then backward (dq, dk, dv; FLOPs of its 5 products) */
     static const int atts[][2] = { { 4096, 4096 }, { 4096, 77 } };
-    for (size_t i = 0; i < sizeof atts / sizeof atts[0]; i++) {
+    for (size_t i = 0; i < sizeof atts / sizeof atts[0] && !b->gemm_only; i++) {
         Case c;
         memset(&c, 0, sizeof c);
         c.kind = 3; c.BH = 16; c.T = atts[i][0]; c.Tk = atts[i][1]; c.Dh = 40;
@@ -1459,7 +1459,7 @@ static int bench_nets(const Bench *b, int which, int train_batch, int train_f16)
 }
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: mixshow bench [--quick] [--attention] [--runs K] [--nets[=unet,vae,text,train] | --all] [--train-batch B]\n"
+    fprintf(f, "usage: mixshow bench [--quick] [--attention | --gemm] [--runs K] [--nets[=unet,vae,text,train] | --all] [--train-batch B]\n"
                "                     [--train-weights f32|f16] [--compare-blas]\n\n"
                "Measures the FMA peak of this machine (register-only loop, per SIMD level, 1 thread\n"
                "and all threads), then prints one line per case and thread count:\n"
@@ -1499,13 +1499,15 @@ static void usage(FILE *f) {
                "tools/ref/bench_torch.py prints the same lines for PyTorch.\n\n"
                "  --quick         3 runs per kernel case (smoke test)\n"
                "  --attention     the peak and the attention cases only\n"
+               "  --gemm          the peak, GEMM and conv cases only (tools/ref/bench_openblas.py runs it)\n"
                "  --runs K        K timed runs per case (kernels: after a warm-up)\n"
                "  --nets          the network cases only; --nets=unet,vae,text,train picks some\n"
                "  --train-batch B batch size of the train case (1..8; the official configs use 2)\n"
                "  --train-weights f16  the train case with 16-bit weights kept in memory (the same\n"
                "                  random values rounded to F16, as --weights f16 keeps a 16-bit file)\n"
                "  --all           kernels, then networks\n"
-               "  --compare-blas  not available: it would need dlopen, which mixshow does not use\n"
+               "  --compare-blas  not available (it would need dlopen): tools/ref/bench_openblas.py\n"
+               "                  --mixshow ./mixshow prints OpenBLAS's sgemm beside these lines\n"
                "  --help          this text\n\n"
                "OMP_NUM_THREADS sets 'all threads'; timings are noisy while other work shares the cores.\n", 7);
 }
@@ -1515,10 +1517,12 @@ int cmd_bench(int argc, char **argv) {
     int runs = 0, kernels = 1, nets = 0, train_batch = 1, train_f16 = 0;
     b.runs = 7;
     b.attention_only = 0;
+    b.gemm_only = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(stdout); return 0; }
         else if (!strcmp(argv[i], "--quick")) b.runs = 3;
         else if (!strcmp(argv[i], "--attention")) b.attention_only = 1;
+        else if (!strcmp(argv[i], "--gemm")) b.gemm_only = 1;
         else if (!strcmp(argv[i], "--all")) { kernels = 1; nets = NET_ALL; }
         else if (!strcmp(argv[i], "--nets")) { kernels = 0; nets = NET_ALL; }
         else if (!strncmp(argv[i], "--nets=", 7)) {
@@ -1583,7 +1587,8 @@ int cmd_bench(int argc, char **argv) {
             else fuse_cfg.words = (int)k;
         } else if (!strcmp(argv[i], "--compare-blas")) {
             fprintf(stderr, "mixshow bench: --compare-blas is not available (it would need dlopen; mixshow "
-                            "depends on libc, libm and OpenMP only)\n");
+                            "depends on libc, libm and OpenMP only): tools/ref/bench_openblas.py --mixshow "
+                            "./mixshow runs OpenBLAS's sgemm and this bench side by side\n");
             return 2;
         } else { fprintf(stderr, "mixshow bench: unknown option '%s'\n\n", argv[i]); usage(stderr); return 2; }
     }
