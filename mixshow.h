@@ -1471,9 +1471,14 @@ MsStatus ms_sym_eigen_ref(double *A, int n, double *w, double *V);
 typedef struct { int n; double *l, *V, *Vt; } MsSymEig;
 MsStatus ms_sym_eig_init(MsSymEig *e, const double *G, int n);     /* G is not modified */
 void ms_sym_eig_free(MsSymEig *e);
-#define MS_FUSE_RCOND 1e-12
+#define MS_FUSE_RCOND 1e-12             /* eigenvalues below this * max: noise */
+#define MS_FUSE_RCOND_AUTO (-1.0)        /* rcond: the determined directions (see mixshow.c) */
+#define MS_FUSE_RCOND_DETERMINED 1e-6    /* AUTO may drop directions below this * max ... */
+#define MS_FUSE_GAIN_KEEP 1e-3           /* ... holding at most this part of the decrease */
 /* gram: W = W0 + (C - W0 G) G+, G+ the pseudo-inverse with eigenvalues <= rcond * max dropped
- * (rcond <= 0: MS_FUSE_RCOND). The minimiser of f nearest to W0. *rank (NULL ok): kept.
+ * (rcond == 0: MS_FUSE_RCOND): the minimiser of f nearest to W0. rcond == MS_FUSE_RCOND_AUTO
+ * (any negative value): also drops the directions the float32 features do not determine, within
+ * 0.1% of the minimum (mixshow.c explains the choice). *rank (NULL ok): directions kept.
  * ms_fuse_solve_gram_eig: the same with e = the decomposition of s->G made once; W0 NULL
  * means W0 = 0 (then W is the change (C) G+ alone). */
 MsStatus ms_fuse_solve_gram(const MsFuseStats *s, const float *W0, float *W, double rcond, int *rank);
@@ -1505,7 +1510,7 @@ typedef struct {
 typedef struct {
     MsFuseMethod method;
     int te_iters, unet_iters;        /* lbfgs: 500, 50 */
-    double rcond;                    /* gram cut-off (<= 0: MS_FUSE_RCOND) */
+    double rcond;                    /* gram cut-off (0: MS_FUSE_RCOND; MS_FUSE_RCOND_AUTO) */
     int verbose;                     /* one line per layer on stderr */
     /* spatial stage (ms_fuse_spatial) */
     uint64_t seed;                   /* torch.manual_seed(seed) before the official draws */
@@ -1514,6 +1519,11 @@ typedef struct {
      * G_c = X_c^T X_c (C,C) of its rows; NULL: none (tests compare it with the official X) */
     void (*on_gram)(void *ctx, int concept, int block, int which, const double *G, size_t rows, int C);
     void *on_gram_ctx;
+    /* called after the text-encoder layers are fused, before the K/V stage records its inputs
+     * (NULL: none): `fuse --te-kv-from` puts another run's text encoder there, so that the K/V
+     * and spatial stages record the features that run recorded */
+    MsStatus (*after_te)(void *ctx, MsModel *m);
+    void *after_te_ctx;
 } MsFuseOptions;
 typedef struct {
     char layer[MS_KEY_MAX];          /* state-dict key */

@@ -17,7 +17,7 @@ model's hidden_size); --te-iters / --unet-iters as the script's own options.
 Writes, for every layer update_quasi_newton was called on (name from its log line):
   <layer>.W0, .best_W (float32), .trace (float64: every closure value, evaluation order),
   .f_W0, .f_best (float64: F.mse_loss of W0 / best_W on its K, V in double), .rows;
-  te/kv layers also .G = K^T K, .C = V^T K, .vv = |V|^2 (float64, the official K, V);
+  every layer also .G = K^T K, .C = V^T K, .vv = |V|^2 (float64, of the official K, V as recorded);
 and for the spatial stage, per concept c and hooked module m (input rows of every sampling
 step, as module_io_recoder holds them): sp.<c>.<module>.G (float32 X^T X computed in double), .rows.
 """
@@ -31,6 +31,10 @@ sys.path.insert(0, HERE)
 from common import read_safetensors, write_safetensors, versions  # noqa: E402
 
 
+# the spatial layers the compact golden keeps (rows 2560 / 640 / 40 at --size 64; widths 32, 64, 64)
+SP_BLOCKS = ("down_blocks.0.attentions.1.", "down_blocks.1.attentions.0.", "mid_block.attentions.0.")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mos", default="/tmp/mos")
@@ -41,6 +45,11 @@ def main():
     ap.add_argument("--te-iters", type=int, default=100)
     ap.add_argument("--unet-iters", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-kv", action="store_true", help="also write every layer's K, V (float32; large)")
+    ap.add_argument("--perms", type=int, default=3, help="reruns of update_quasi_newton on permuted rows")
+    ap.add_argument("--golden", action="store_true",
+                    help="write the compact test file: text encoder and spatial statistics of SP_BLOCKS only, "
+                         "cross-attention K/V rows instead of their statistics, no per-concept Grams")
     ap.add_argument("--out", default=os.path.join(ROOT, "tests/data/fuse/official.safetensors"))
     a = ap.parse_args()
     import gen_train_golden as gt
@@ -140,12 +149,69 @@ def main():
         out[name + ".f_W0"] = np.array([f(W0)])
         out[name + ".f_best"] = np.array([f(best)])
         out[name + ".rows"] = np.array([K.shape[0]], dtype=np.int64)
-        if "text_model" in name or "attn2.to_k" in name or "attn2.to_v" in name:
-            out[name + ".G"] = (Kd.t() @ Kd).numpy()
-            out[name + ".C"] = (Vd.t() @ Kd).numpy()
-            out[name + ".vv"] = np.array([float((Vd ** 2).sum())])
+        # the official K, V as statistics (spatial V as recorded: float32 outputs, bias removed)
+        out[name + ".G"] = (Kd.t() @ Kd).numpy()
+        out[name + ".C"] = (Vd.t() @ Kd).numpy()
+        out[name + ".vv"] = np.array([float((Vd ** 2).sum())])
+        if "attn2.to_k" in name or "attn2.to_v" in name:
+            out[name + ".K_rows"] = K.detach().float().numpy()
+            out[name + ".V_rows"] = V.detach().float().numpy()
+        if a.save_kv:
+            out[name + ".K"] = K.detach().float().numpy()
+            out[name + ".V"] = V.detach().float().numpy()
+        # How much of the trace is a property of the algorithm and the features, and how much of
+        # float32 rounding: the official update_quasi_newton again on the same K, V with the rows
+        # permuted (the same objective; only chunk_compute_mse's float32 summation order differs).
+        # "stable": leading closure values on which every rerun (and the exact run below) agrees
+        # with the trace to 1e-4; "spread": for each of the first 10 closure values, the largest
+        # relative deviation of a rerun from the trace; "perm_best": f(best W) of each rerun.
+        tr0, stable, pbest = out[name + ".trace"], len(out[name + ".trace"]), []
+        spread = np.zeros(10)   # per closure value: the largest relative deviation of a rerun
+
+        def deviate(tr1):
+            for k in range(10):
+                spread[k] = max(spread[k], abs(tr1[k] - tr0[k]) / abs(tr0[k]) if k < min(len(tr0), len(tr1)) else np.inf)
+        for ps in range(1, a.perms + 1):
+            perm = torch.randperm(K.shape[0], generator=torch.Generator().manual_seed(ps))
+            state["trace"] = []
+            b = uqn(K[perm].contiguous(), V[perm].contiguous(), W0.clone(), iters, device)
+            tr1 = state["trace"]
+            deviate(tr1)
+            k = 0
+            while k < min(len(tr0), len(tr1)) and abs(tr1[k] - tr0[k]) <= 1e-4 * abs(tr0[k]):
+                k += 1
+            stable = min(stable, k)
+            pbest.append(f(b))
+        # torch.optim.LBFGS, the official options, on an exact closure: f and its gradient from
+        # the double statistics, rounded to float32 (what mixshow's closure computes): the
+        # official algorithm without the rounding of chunk_compute_mse's float32 evaluation
+        G, C, vv, nd = Kd.t() @ Kd, Vd.t() @ Kd, float((Vd ** 2).sum()), K.shape[0] * W0.shape[0]
+        Wx = W0.clone().requires_grad_(True)
+        ex, exbest = [], [None]
+
+        def exact():
+            wd = Wx.detach().double()
+            l = ((vv - 2 * (wd * C).sum() + ((wd @ G) * wd).sum()) / nd).float()
+            Wx.grad = (2 * (wd @ G - C) / nd).float()
+            if not ex or float(l) < min(ex):
+                exbest[0] = Wx.detach().clone()
+            ex.append(float(l))
+            return l
+        torch.optim.LBFGS([Wx], lr=1, max_iter=iters, history_size=25, line_search_fn="strong_wolfe",
+                          tolerance_grad=1e-16, tolerance_change=1e-16).step(exact)
+        out[name + ".trace_exact"] = np.array(ex, dtype=np.float64)
+        deviate(ex)
+        out[name + ".spread"] = spread
+        k = 0   # the exact run is one more rerun: float32 evaluation noise of the trace itself
+        while k < min(len(tr0), len(ex)) and abs(ex[k] - tr0[k]) <= 1e-4 * abs(tr0[k]):
+            k += 1
+        stable = min(stable, k)
+        out[name + ".stable"] = np.array([stable], dtype=np.int64)
+        out[name + ".perm_best"] = np.array(pbest + [f(exbest[0])], dtype=np.float64)
+        out[name + ".iters"] = np.array([iters], dtype=np.int64)
         state["trace"] = None
-        print("  %-70s rows %6d  f(W0) %.4e  best %.4e  evals %d" % (name, K.shape[0], f(W0), f(best), len(out[name + ".trace"])), flush=True)
+        print("  %-70s rows %6d  f(W0) %.4e  best %.4e  evals %d  stable %d  reruns' best / best %s" % (
+            name, K.shape[0], f(W0), f(best), len(tr0), stable, " ".join("%.4f" % (x / f(best)) for x in pbest)), flush=True)
         return best
     gf.update_quasi_newton = update_quasi_newton
 
@@ -170,6 +236,23 @@ def main():
     meta = {"versions": versions(), "size": str(a.size), "te_iters": str(a.te_iters), "unet_iters": str(a.unet_iters),
             "seed": str(a.seed), "concepts": os.path.basename(a.concepts),
             "shims": "float32 CPU; init_stable_diffusion loads then torch.manual_seed(seed); decode_to_latents height/width = size"}
+    if a.golden:
+        keep = {}
+        for k, v in out.items():
+            layer = k[:k.index(".weight.") + 7] if ".weight." in k else None
+            if k.startswith("sp.") or layer is None:
+                continue
+            kv = "attn2.to_k" in layer or "attn2.to_v" in layer
+            if not (layer.startswith("text_model") or kv or any(layer.startswith(b) for b in SP_BLOCKS)):
+                continue
+            if kv and (k.endswith(".G") or k.endswith(".C")):
+                continue
+            keep[k] = v
+        for k, v in out.items():     # cross-attention K/V: their 12-ish rows are smaller than G, C
+            if k.endswith(".weight.K_rows") or k.endswith(".weight.V_rows"):
+                keep[k] = v
+        out = keep
+        meta["selection"] = "text encoder + cross K/V (rows) + spatial layers of " + ",".join(SP_BLOCKS)
     write_safetensors(a.out, out, meta)
     print("wrote", a.out, len(out), "tensors")
 
