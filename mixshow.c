@@ -10,6 +10,8 @@
 #include "mixshow.h"
 
 #include <float.h>
+#include <limits.h>
+#include <stdint.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1145,31 +1147,37 @@ void ms_fuse_merged_weight(float *Wc, const float *W0, const MsFuseDelta *d, int
     for (size_t k = 0; k < m; k++) Wc[k] = W0[k] + d->alpha * Wc[k];
 }
 
-/* G += X^T X, C += V^T X with V = X Wc^T, vv += sum V^2, all in double. */
+/* G += X^T X, C += V^T X with V = X Wc^T, vv += sum V^2, all in double. Three threaded double
+ * GEMMs (tensor.c) in which every element sums over its index in order: V[r][o] = sum_i
+ * x_ri Wc_oi, C[o][i] += sum_r V[r][o] x_ri, G[i][j] += sum_r x_ri x_rj, the same sums in the
+ * same order as the row-by-row loops they replace. */
 MsStatus ms_fuse_stats_add(MsFuseStats *s, const float *X, size_t n, const float *Wc) {
     const int di = s->d_in, dout = s->d_out;
-    double *v = (double *)malloc((size_t)dout * sizeof(double));
-    if (!v) return ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
-    for (size_t r = 0; r < n; r++) {
-        const float *x = X + r * (size_t)di;
-        for (int i = 0; i < di; i++) {
-            double xi = x[i];
-            if (xi == 0.0) continue;
-            double *g = s->G + (size_t)i * di;
-            for (int j = 0; j < di; j++) g[j] += xi * x[j];
-        }
+    size_t nx, nv, nw, total;
+    if (n == 0) return MS_OK;
+    if (n > (size_t)INT_MAX || !ms_mul_ok(n, (size_t)di, &nx) || !ms_mul_ok(n, (size_t)dout, &nv) ||
+        !ms_mul_ok((size_t)di, (size_t)dout, &nw) || !ms_add_ok(2 * nx, 2 * nv, &total) || !ms_add_ok(total, nw, &total) ||
+        total > SIZE_MAX / sizeof(double))
+        return ms_errorf(MS_ERR_NOMEM, "fuse: statistics of %zu rows of %d", n, di);
+    double *Xd = (double *)malloc(total * sizeof(double));
+    if (!Xd) return ms_errorf(MS_ERR_NOMEM, "fuse: statistics of %zu rows of %d", n, di);
+    double *Xt = Xd + nx, *V = Xt + nx, *Vt = V + nv, *WcT = Vt + nv;
+    for (size_t r = 0; r < n; r++)
+        for (int i = 0; i < di; i++) Xd[r * di + i] = Xt[(size_t)i * n + r] = X[r * di + i];
+    for (int o = 0; o < dout; o++)
+        for (int i = 0; i < di; i++) WcT[(size_t)i * dout + o] = Wc[(size_t)o * di + i];
+    memset(V, 0, nv * sizeof(double));
+    ms_gemm_f64_acc(V, Xd, WcT, (int)n, dout, di);          /* V = X Wc^T */
+    for (size_t r = 0; r < n; r++)
         for (int o = 0; o < dout; o++) {
-            const float *w = Wc + (size_t)o * di;
-            double acc = 0.0;
-            for (int i = 0; i < di; i++) acc += (double)w[i] * x[i];
-            v[o] = acc;
-            s->vv += acc * acc;
-            double *c = s->C + (size_t)o * di;
-            for (int i = 0; i < di; i++) c[i] += acc * x[i];
+            const double v = V[r * dout + o];
+            s->vv += v * v;
+            Vt[(size_t)o * n + r] = v;
         }
-    }
+    ms_gemm_f64_acc(s->C, Vt, Xd, dout, di, (int)n);        /* C += V^T X */
+    ms_gemm_f64_acc(s->G, Xt, Xd, di, di, (int)n);          /* G += X^T X */
     s->n += n;
-    free(v);
+    free(Xd);
     return MS_OK;
 }
 
@@ -1192,29 +1200,32 @@ double ms_fuse_objective_stats(const MsFuseStats *s, const float *W) {
     return s->n ? f / ((double)s->n * s->d_out) : 0.0;
 }
 
+/* Per concept: Y = X_c (W - W_c)^T by the threaded double GEMM (each element a sum over the inputs
+ * in order), f += sum Y^2 row by row: the sums of the row-by-row loop, in its order. */
 double ms_fuse_objective_rows(const MsFuseRows *r, const float *W0, const MsFuseDelta *d, int d_out, const float *W) {
     const int di = r->d_in;
     const size_t m = (size_t)d_out * di;
-    double *D = (double *)malloc(m * sizeof(double));
+    size_t cmax = 0, start = 0;
+    for (int c = 0; c < r->n_concepts; c++) { if (r->end[c] - start > cmax) cmax = r->end[c] - start; start = r->end[c]; }
+    if (cmax > (size_t)INT_MAX || cmax > SIZE_MAX / sizeof(double) / ((size_t)di + d_out)) return NAN;
+    double *DT = (double *)malloc((m + cmax * ((size_t)di + d_out) + 1) * sizeof(double));
     float *Wc = (float *)malloc(m * sizeof(float));
     double f = 0.0;
-    if (!D || !Wc) { free(D); free(Wc); return NAN; }
-    size_t start = 0;
+    if (!DT || !Wc) { free(DT); free(Wc); return NAN; }
+    double *Xd = DT + m, *Y = Xd + cmax * di;
+    start = 0;
     for (int c = 0; c < r->n_concepts; c++) {
+        const size_t nr = r->end[c] - start;
         ms_fuse_merged_weight(Wc, W0, d ? &d[c] : NULL, d_out, di);
-        for (size_t k = 0; k < m; k++) D[k] = (double)W[k] - (double)Wc[k];   /* x (W - W_i)^T = x W^T - v */
-        for (size_t row = start; row < r->end[c]; row++) {
-            const float *x = r->X + row * (size_t)di;
-            for (int o = 0; o < d_out; o++) {
-                const double *dr = D + (size_t)o * di;
-                double acc = 0.0;
-                for (int i = 0; i < di; i++) acc += dr[i] * x[i];
-                f += acc * acc;
-            }
-        }
+        for (int o = 0; o < d_out; o++)                     /* x (W - W_i)^T = x W^T - v */
+            for (int i = 0; i < di; i++) DT[(size_t)i * d_out + o] = (double)W[(size_t)o * di + i] - (double)Wc[(size_t)o * di + i];
+        for (size_t q = 0; q < nr * di; q++) Xd[q] = r->X[start * di + q];
+        memset(Y, 0, nr * d_out * sizeof(double));
+        ms_gemm_f64_acc(Y, Xd, DT, (int)nr, d_out, di);
+        for (size_t q = 0; q < nr * d_out; q++) f += Y[q] * Y[q];
         start = r->end[c];
     }
-    free(D); free(Wc);
+    free(DT); free(Wc);
     return r->n ? f / ((double)r->n * d_out) : 0.0;
 }
 
