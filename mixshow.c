@@ -2119,12 +2119,13 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
             arena_reset(&ar, 0);
             /* this concept's LoRA on the spatial layers only (cross K/V are fused already) */
             UNetLora lora = *cs[c].unet;
-            if (!s && !zero_up) {
+            if (!s && !zero_up) {                   /* zeros for every concept's rank (ranks may differ) */
                 size_t mx = 0;
-                for (int b = 0; b < NB; b++) for (int k = 1; k <= 2; k++) {
-                    size_t q = (size_t)cs[c].unet->lin[4 * (2 * b + 1) + k].out * cs[c].unet->rank;
-                    if (q > mx) mx = q;
-                }
+                for (int cc = 0; cc < n; cc++)
+                    for (int b = 0; cs[cc].unet && b < NB; b++) for (int k = 1; k <= 2; k++) {
+                        size_t q = (size_t)cs[cc].unet->lin[4 * (2 * b + 1) + k].out * cs[cc].unet->rank;
+                        if (q > mx) mx = q;
+                    }
                 zero_up = (float *)calloc(mx ? mx : 1, sizeof(float));
                 if (!zero_up) s = ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
             }

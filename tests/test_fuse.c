@@ -5,7 +5,16 @@
  *   - against the official update_quasi_newton (tests/data/fuse/lbfgs_golden.safetensors,
  *     tools/ref/gen_fuse_golden.py): our L-BFGS follows its loss trace (first 10 closure values to
  *     rel 1e-4) and ends no worse than 1.01x; gram reaches an objective <= the official one, and
- *     equals its W where the problem is underdetermined. */
+ *     equals its W where the problem is underdetermined;
+ *   - kohya / webui LoRA input (tools/ref/gen_kohya_lora.py: concept_a in kohya names, per-module
+ *     alphas and ranks): read == the ED-LoRA file's products, merged models equal, MLP / ff /
+ *     proj modules == kohya merge_to in torch, bad files refused naming the key; fuse --method
+ *     weight / gram from it == from concept_a.pth;
+ *   - input validation of fuse (--check): JSON shape, keys and types, files, relative paths,
+ *     shapes against the model, each error naming the file, concept and key. */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L         /* mkdir */
+#endif
 #include "tests/test.h"
 #include "tools/tools.h"
 
@@ -13,8 +22,24 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _WIN32
+#include <direct.h>
+#include <process.h>
+#define getpid _getpid
+static int make_dir(const char *p) { return _mkdir(p); }
+#else
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+static int make_dir(const char *p) { return mkdir(p, 0777); }
+#endif
 
 #define GOLDEN "tests/data/fuse/lbfgs_golden.safetensors"
+
+/* /tmp/mixshow_<pid>_<name>: test runs of several build folders may run at once */
+static void tmp_name(char *buf, size_t cap, const char *name) {
+    snprintf(buf, cap, "/tmp/mixshow_%ld_%s", (long)getpid(), name);
+}
 
 static double f64_at(const StTensor *t, size_t i) {
     const unsigned char *p = t->data + 8 * i;
@@ -150,8 +175,10 @@ static void test_end_to_end(void) {
     JsonValue *rep[3] = { NULL, NULL, NULL };
     char out[3][256], rp[3][256];
     for (int k = 0; k < 3; k++) {
-        snprintf(out[k], sizeof out[k], "/tmp/mixshow_test_fuse_%s", meth[k]);
-        snprintf(rp[k], sizeof rp[k], "/tmp/mixshow_test_fuse_%s.json", meth[k]);
+        char nm[32];
+        snprintf(nm, sizeof nm, "fuse_%s", meth[k]);
+        tmp_name(out[k], sizeof out[k], nm);
+        snprintf(rp[k], sizeof rp[k], "%.200s.json", out[k]);
         double t0 = ms_time();
         int rc = run_fuse(meth[k], "tests/data/fuse/multi.json", out[k], rp[k]);
         check(rc == 0 && json_parse_file(rp[k], &rep[k]) == MS_OK, "fuse %s: 3 tiny ED-LoRAs fused in %.2f s", meth[k], ms_time() - t0);
@@ -205,26 +232,375 @@ static void test_end_to_end(void) {
     }
     edlora_free(&fa);
     for (int k = 0; k < 3; k++) { json_free(rep[k]); rm_folder(out[k]); remove(rp[k]); }
-    /* bad inputs: an error before any work */
+    /* bad inputs: an error before any work (the JSON beside the files: lora_path from its folder) */
+    char bad_cfg[64], bad_out[256], bad_rp[300];
+    snprintf(bad_cfg, sizeof bad_cfg, "tests/data/fuse/bad_tmp_%ld.json", (long)getpid());
+    tmp_name(bad_out, sizeof bad_out, "fuse_bad");
+    snprintf(bad_rp, sizeof bad_rp, "%.255s.json", bad_out);
     static const char *const bad[][2] = {
         { "[{\"lora_path\": \"nope.pth\", \"unet_alpha\": 1, \"text_encoder_alpha\": 1, \"concept_name\": \"<a1>\"}]", "not found" },
         { "[{\"lora_path\": \"concept_a.pth\", \"unet_alpha\": \"1\", \"text_encoder_alpha\": 1, \"concept_name\": \"<cat1>\"}]", "unet_alpha" },
         { "[{\"lora_path\": \"concept_a.pth\", \"unet_alpha\": 1, \"text_encoder_alpha\": 1, \"concept_name\": \"<zebra1>\"}]", "<zebra1>" },
     };
     for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
-        FILE *f = fopen("tests/data/fuse/bad_tmp.json", "wb");
+        FILE *f = fopen(bad_cfg, "wb");
         if (!f) continue;
         fputs(bad[k][0], f);
         fclose(f);
         ms_clear_error();
-        int rc = run_fuse("gram", "tests/data/fuse/bad_tmp.json", "/tmp/mixshow_test_fuse_bad", "/tmp/mixshow_test_fuse_bad.json");
+        int rc = run_fuse("gram", bad_cfg, bad_out, bad_rp);
         check(rc != 0 && strstr(ms_last_error(), bad[k][1]) != NULL, "fuse: bad input %zu refused: %s", k, ms_last_error());
     }
-    remove("tests/data/fuse/bad_tmp.json");
+    remove(bad_cfg);
+}
+
+/* ---- kohya / webui LoRA input (tools/edlora.c read_kohya; tools/ref/gen_kohya_lora.py) ---- */
+
+#define KOHYA "tests/data/fuse/concept_a_kohya.safetensors"
+#define KOHYA_EXTRA "tests/data/fuse/concept_a_kohya_extra.safetensors"
+#define KOHYA_GOLDEN "tests/data/fuse/kohya_extra_golden.safetensors"
+
+/* rel-L2 of up_a @ down_a against up_b @ down_b, in double */
+static double product_err(const EdloraModule *a, const EdloraModule *b) {
+    double num = 0, den = 0;
+    for (int o = 0; o < a->out; o++)
+        for (int i = 0; i < a->in; i++) {
+            double x = 0, y = 0;
+            for (int r = 0; r < a->rank; r++) x += (double)a->up[(size_t)o * a->rank + r] * a->down[(size_t)r * a->in + i];
+            for (int r = 0; r < b->rank; r++) y += (double)b->up[(size_t)o * b->rank + r] * b->down[(size_t)r * b->in + i];
+            num += (x - y) * (x - y);
+            den += y * y;
+        }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* one network of f (0 text encoder, 1 UNet) merged with alpha */
+static MsStatus merge_part(MsModel *m, const EdloraFile *f, int unet, float alpha) {
+    EdloraFile x = *f;
+    if (unet) x.n_te = 0; else x.n_unet = 0;
+    return edlora_merge(m, &x, alpha);
+}
+
+static void test_kohya_read(void) {
+    EdloraFile a, k, ke, ex;
+    memset(&ex, 0, sizeof ex);
+    if (!check(edlora_read("tests/data/fuse/concept_a.pth", &a) == MS_OK, "kohya: concept_a.pth reads")) return;
+    if (!check(edlora_read(KOHYA, &k) == MS_OK, "kohya: %s reads (%s)", KOHYA, ms_last_error())) { edlora_free(&a); return; }
+    /* every module of the ED-LoRA file, under kohya's name, with its alpha / rank folded in */
+    int missing = 0, r5 = 0;
+    double worst = 0;
+    for (int u = 0; u < 2; u++) {
+        const EdloraModule *ma = u ? a.unet : a.te, *mk = u ? k.unet : k.te;
+        int na = u ? a.n_unet : a.n_te, nk = u ? k.n_unet : k.n_te;
+        for (int i = 0; i < na; i++) {
+            const EdloraModule *hit = NULL;
+            for (int j = 0; j < nk; j++) if (!strcmp(ma[i].name, mk[j].name)) hit = &mk[j];
+            if (!hit || hit->in != ma[i].in || hit->out != ma[i].out) { missing++; continue; }
+            r5 += hit->rank == 5;
+            worst = fmax(worst, product_err(hit, &ma[i]));
+        }
+    }
+    check(k.n_emb == 0 && k.n_te == a.n_te && k.n_unet == a.n_unet && missing == 0,
+          "kohya: %d + %d modules under their diffusers names (want %d + %d), no embeddings, %d missing", k.n_te, k.n_unet,
+          a.n_te, a.n_unet, missing);
+    check(worst <= 1e-6 && r5 > 0, "kohya: up @ down * alpha/rank == ED-LoRA up @ down (worst rel-L2 %.2e; %d modules of rank 5)",
+          worst, r5);
+    /* extra modules split off; the rest equals the plain kohya file */
+    if (check(edlora_read(KOHYA_EXTRA, &ke) == MS_OK && edlora_split_extra(&ke, &ex) == MS_OK, "kohya: extra file reads, splits")) {
+        check(ex.n_te == 2 && ex.n_unet == 4 && ke.n_te == k.n_te && ke.n_unet == k.n_unet,
+              "kohya: %d text-encoder and %d UNet modules outside attention (want 2, 4)", ex.n_te, ex.n_unet);
+    }
+    /* sample --edlora loads through edlora_read + edlora_merge: the merged models agree, and the
+     * extra modules equal kohya's merge_to (torch, KOHYA_GOLDEN) */
+    MsModel m1, m2;
+    StFile g;
+    if (check(ms_model_load("models/tiny-sd", NULL, &m1) == MS_OK && ms_model_load("models/tiny-sd", NULL, &m2) == MS_OK,
+              "kohya: tiny model loads twice")) {
+        EdloraFile kx;
+        memset(&kx, 0, sizeof kx);
+        MsStatus s = merge_part(&m1, &a, 0, 0.9f);
+        if (!s) s = merge_part(&m1, &a, 1, 0.7f);
+        if (!s && (s = edlora_read(KOHYA_EXTRA, &kx)) == MS_OK) {
+            s = merge_part(&m2, &kx, 0, 0.9f);
+            if (!s) s = merge_part(&m2, &kx, 1, 0.7f);
+        }
+        if (check(s == MS_OK && st_open(&g, KOHYA_GOLDEN) == MS_OK, "kohya: merged (%s)", ms_last_error())) {
+            double w_same = 0, w_gold = 0;
+            int n_gold = 0;
+            for (int t = 0; t < 2; t++) {
+                const MsParamTable *p1 = t ? &m1.unet : &m1.text, *p2 = t ? &m2.unet : &m2.text;
+                for (int i = 0; i < p1->n; i++) {
+                    const MsParam *x = &p1->p[i], *y = &p2->p[i];
+                    if (!x->f32 || !y->f32) continue;
+                    const StTensor *gt = st_find(&g, x->name);
+                    if (gt) {
+                        float *w = malloc(sizeof(float) * x->numel);
+                        if (w && gt->numel == x->numel && st_to_f32(&g, gt, w, x->numel) == MS_OK) {
+                            w_gold = fmax(w_gold, test_err_f(y->f32, w, x->numel).rel_l2);
+                            n_gold++;
+                        }
+                        free(w);
+                    } else w_same = fmax(w_same, test_err_f(y->f32, x->f32, x->numel).rel_l2);
+                }
+            }
+            check(w_same <= 1e-6, "kohya: edlora_merge of the kohya file == of concept_a.pth on every other weight (worst rel-L2 %.2e)",
+                  w_same);
+            check(n_gold == 6 && w_gold <= 1e-6, "kohya: %d extra weights == kohya merge_to in torch (worst rel-L2 %.2e)", n_gold, w_gold);
+            st_close(&g);
+        }
+        edlora_free(&kx);
+        ms_model_free(&m1);
+        ms_model_free(&m2);
+    }
+    edlora_free(&a); edlora_free(&k); edlora_free(&ke); edlora_free(&ex);
+}
+
+/* kohya-like files the reader must refuse, naming the key */
+static void test_kohya_bad(void) {
+    static float d4[4 * 32 * 9], u4[32 * 4], al[2] = { 2.0f, 3.0f }, nan_al;
+    nan_al = NAN;
+    struct { const char *name; int ndim; int64_t shape[4]; const float *x; const char *want; } bad[] = {
+        { "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.hada_w1_a", 2, { 32, 4 }, u4, "LoHa" },
+        { "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", 2, { 4, 32 }, d4, "SDXL" },
+        { "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight", 4, { 4, 32, 3, 3 }, d4, "LoCon" },
+        { "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", 4, { 4, 32, 3, 3 }, d4, "3x3 conv" },
+        { "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight", 2, { 4, 32 }, d4, "compvis" },
+        { "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha", 1, { 2 }, al, "expected a scalar alpha" },
+        { "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha", 0, { 0 }, &nan_al, "finite alpha" },
+        { "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_A.weight", 2, { 4, 32 }, d4, "PEFT" },
+    };
+    for (size_t b = 0; b < sizeof bad / sizeof bad[0]; b++) {
+        StEntry e[3];
+        memset(e, 0, sizeof e);
+        e[0].name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight";
+        e[0].dtype = ST_F32; e[0].ndim = 2; e[0].shape[0] = 4; e[0].shape[1] = 32; e[0].f32 = d4;
+        e[1].name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight";
+        e[1].dtype = ST_F32; e[1].ndim = 2; e[1].shape[0] = 32; e[1].shape[1] = 4; e[1].f32 = u4;
+        e[2].name = bad[b].name; e[2].dtype = ST_F32; e[2].ndim = bad[b].ndim; e[2].f32 = bad[b].x;
+        for (int d = 0; d < bad[b].ndim; d++) e[2].shape[d] = bad[b].shape[d];
+        char path[256];
+        tmp_name(path, sizeof path, "kohya_bad.safetensors");
+        EdloraFile f;
+        if (st_write(path, e, 3, NULL, 0) != MS_OK) { check(0, "kohya bad %zu: written", b); continue; }
+        ms_clear_error();
+        MsStatus s = edlora_read(path, &f);
+        check(s != MS_OK && strstr(ms_last_error(), bad[b].want) && strstr(ms_last_error(), path) &&
+              strstr(ms_last_error(), bad[b].name),
+              "kohya: bad file %zu refused naming the key: %s", b, ms_last_error());
+        if (!s) edlora_free(&f);
+        remove(path);
+    }
+}
+
+/* ---- mixshow fuse with kohya input: the same fused weights as from the ED-LoRA file ---- */
+static int write_text(const char *path, const char *text) {
+    FILE *f = fopen(path, "wb");
+    if (!f) return 0;
+    int ok = fputs(text, f) >= 0;
+    return fclose(f) == 0 && ok;
+}
+
+static int fuse_argv(const char *cfg, const char *out, const char *method, const char *extra1, const char *extra2) {
+    char *argv[24] = { "fuse", "--model", "models/tiny-sd", "--concepts", (char *)cfg, "--out", (char *)out, "--method",
+                       (char *)method, "--textenc-iters", "100", "--spatial-size", "16", "--spatial-steps", "4" };
+    int argc = 15;
+    char rp[512];
+    snprintf(rp, sizeof rp, "%s.json", out);
+    argv[argc++] = "--report";
+    argv[argc++] = rp;
+    if (extra1) argv[argc++] = (char *)extra1;
+    if (extra2) argv[argc++] = (char *)extra2;
+    rm_folder(out);
+    ms_clear_error();
+    return cmd_fuse(argc, argv);
+}
+
+/* worst rel-L2 over the weights of two fused folders, apart from the golden ones (compared with
+ * KOHYA_GOLDEN instead, in *gold); -1 when a folder does not load */
+static double folder_err(const char *da, const char *db, int skip_sp, double *gold, int *n_gold) {
+    MsModel a, b;
+    StFile g;
+    double worst = 0;
+    *gold = 0; *n_gold = 0;
+    if (ms_model_load(da, NULL, &a) != MS_OK) return -1;
+    if (ms_model_load(db, NULL, &b) != MS_OK) { ms_model_free(&a); return -1; }
+    if (st_open(&g, KOHYA_GOLDEN) != MS_OK) { ms_model_free(&a); ms_model_free(&b); return -1; }
+    for (int t = 0; t < 2; t++) {
+        const MsParamTable *pa = t ? &a.unet : &a.text, *pb = t ? &b.unet : &b.text;
+        for (int i = 0; i < pa->n; i++) {
+            int j = ms_param_find(pb, pa->p[i].name);
+            if (!pa->p[i].f32) continue;                 /* position_ids */
+            const char *nm = pa->p[i].name;
+            if (skip_sp && t && (strstr(nm, ".attn1.") || strstr(nm, ".attn2.")) && !strstr(nm, ".attn2.to_k.") &&
+                !strstr(nm, ".attn2.to_v."))
+                continue;                               /* spatial layers: compared by objective */
+            if (j < 0 || !pb->p[j].f32 || pb->p[j].numel != pa->p[i].numel) { worst = 1e30; continue; }
+            const StTensor *gt = st_find(&g, pa->p[i].name);
+            if (gt) {
+                float *w = malloc(sizeof(float) * gt->numel);
+                if (w && gt->numel == pb->p[j].numel && st_to_f32(&g, gt, w, gt->numel) == MS_OK) {
+                    *gold = fmax(*gold, test_err_f(pb->p[j].f32, w, gt->numel).rel_l2);
+                    ++*n_gold;
+                } else *gold = 1e30;
+                free(w);
+            } else worst = fmax(worst, test_err_f(pb->p[j].f32, pa->p[i].f32, pa->p[i].numel).rel_l2);
+        }
+    }
+    st_close(&g);
+    ms_model_free(&a);
+    ms_model_free(&b);
+    return worst;
+}
+
+static void test_kohya_fuse(void) {
+    /* concept_a as ED-LoRA .pth (its embeddings unused: "cat" has no <word>) and as the kohya
+     * file with extra modules (ranks 4 and 5 against concept_b's 4); paths from the working dir */
+    static const char *const jsn[2] = {
+        "[{\"lora_path\": \"tests/data/fuse/concept_a.pth\", \"unet_alpha\": 0.7, \"text_encoder_alpha\": 0.9, \"concept_name\": \"cat\"},"
+        " {\"lora_path\": \"tests/data/fuse/concept_b.pth\", \"unet_alpha\": 0.7, \"text_encoder_alpha\": 1.0, \"concept_name\": \"<dog1> <dog2>\"}]",
+        "[{\"lora_path\": \"" KOHYA_EXTRA "\", \"unet_alpha\": 0.7, \"text_encoder_alpha\": 0.9, \"concept_name\": \"cat\"},"
+        " {\"lora_path\": \"tests/data/fuse/concept_b.pth\", \"unet_alpha\": 0.7, \"text_encoder_alpha\": 1.0, \"concept_name\": \"<dog1> <dog2>\"}]" };
+    static const char *const nm[6] = { "kohya_a.json", "kohya_k.json", "kohya_wa", "kohya_wk", "kohya_ga", "kohya_gk" };
+    char cfg[2][256], out[4][256];
+    char rp[4][300];
+    for (int k = 0; k < 2; k++) tmp_name(cfg[k], sizeof cfg[k], nm[k]);
+    for (int k = 0; k < 4; k++) {
+        tmp_name(out[k], sizeof out[k], nm[k + 2]);
+        snprintf(rp[k], sizeof rp[k], "%.255s.json", out[k]);
+    }
+    if (!check(write_text(cfg[0], jsn[0]) && write_text(cfg[1], jsn[1]), "kohya: JSON written")) return;
+    /* gradient fusion does not cover MLP / ff / proj: an error before any work, naming the module */
+    int rc = fuse_argv(cfg[1], out[3], "gram", NULL, NULL);
+    check(rc != 0 && strstr(ms_last_error(), "--extra-modules") && strstr(ms_last_error(), "mlp.fc1") &&
+          strstr(ms_last_error(), "concept 0 ('cat'"), "kohya: gram with MLP modules refused: %s", ms_last_error());
+    static const char *const meth[2] = { "weight", "gram" };
+    for (int k = 0; k < 2; k++) {
+        double t0 = ms_time();
+        int ra = fuse_argv(cfg[0], out[2 * k], meth[k], NULL, NULL);
+        int rk = fuse_argv(cfg[1], out[2 * k + 1], meth[k], k ? "--extra-modules" : NULL, k ? "weight" : NULL);
+        double gold = 0;
+        int n_gold = 0;
+        double e = ra == 0 && rk == 0 ? folder_err(out[2 * k], out[2 * k + 1], k, &gold, &n_gold) : -1;
+        /* weight: every weight; gram: text encoder and K/V (the spatial layers below) */
+        check(e >= 0 && e <= (k ? 1e-4 : 1e-6), "kohya: fuse --method %s from the kohya file == from concept_a.pth on every "
+              "%s weight (worst rel-L2 %.2e; %.1f s)", meth[k], k ? "text-encoder and K/V" : "fused", e, ms_time() - t0);
+        check(n_gold == 6 && gold <= 1e-6, "kohya: fuse --method %s: %d extra weights == W0 + alpha dW by kohya merge_to "
+              "(worst rel-L2 %.2e)", meth[k], n_gold, gold);
+        /* gram's spatial layers: as many rows as inputs (the 16x16 quick run), exactly solvable and
+         * ill-conditioned, so rounding-level differences of the recorded inputs move W far while
+         * both runs reach f ~ 0: compare the objectives (f(W0), f(weight): the recorded inputs
+         * and targets agree; f(fused): both solve the problem) */
+        JsonValue *ja = NULL, *jk = NULL;
+        if (k && json_parse_file(rp[2], &ja) == MS_OK && json_parse_file(rp[3], &jk) == MS_OK) {
+            const JsonValue *la = json_get(ja, "layers"), *lk = json_get(jk, "layers");
+            int n_sp = 0, bad = 0;
+            double worst_in = 0, worst_f = 0;
+            for (size_t i = 0; i < json_len(la) && i < json_len(lk); i++) {
+                const JsonValue *a = json_get(json_at(la, i), "objective"), *b = json_get(json_at(lk, i), "objective");
+                if (strcmp(json_get_string(json_at(la, i), "stage", ""), "sp")) continue;
+                double a0 = json_get_number(a, "W0", NAN), b0 = json_get_number(b, "W0", NAN);
+                double aw = json_get_number(a, "weight", NAN), bw = json_get_number(b, "weight", NAN);
+                double af = json_get_number(a, "fused", NAN), bf = json_get_number(b, "fused", NAN);
+                worst_in = fmax(worst_in, fmax(fabs(b0 - a0) / a0, fabs(bw - aw) / aw));
+                worst_f = fmax(worst_f, fabs(bf - af) / a0);
+                bad += strcmp(json_get_string(json_at(la, i), "layer", "a"), json_get_string(json_at(lk, i), "layer", "b")) != 0;
+                n_sp++;
+            }
+            check(n_sp == 96 && !bad && worst_in <= 1e-5 && worst_f <= 1e-6,
+                  "kohya: gram, %d spatial layers: f(W0) and f(weight) agree to rel %.2e, f(fused) to %.2e x f(W0)", n_sp,
+                  worst_in, worst_f);
+        } else if (k) check(0, "kohya: gram reports read");
+        json_free(ja);
+        json_free(jk);
+        for (int q = 0; q < 2; q++) { rm_folder(out[2 * k + q]); remove(rp[2 * k + q]); }
+    }
+    remove(rp[3]);
+    remove(cfg[0]);
+    remove(cfg[1]);
+}
+
+/* ---- input validation (fuse --check: everything read and checked, no work) ---- */
+static void test_validation(void) {
+    char dir[256], cfg[300], p[512], outd[300];
+    tmp_name(dir, sizeof dir, "fuse_val");
+    snprintf(cfg, sizeof cfg, "%s/cfg.json", dir);
+    snprintf(outd, sizeof outd, "%s/out", dir);
+    make_dir(dir);
+    /* a decoy under the JSON's folder with the same relative path as a file in the working
+     * directory (the working directory wins), a file only in the JSON's folder, garbage */
+    snprintf(p, sizeof p, "%s/tests", dir); make_dir(p);
+    snprintf(p, sizeof p, "%s/tests/data", dir); make_dir(p);
+    snprintf(p, sizeof p, "%s/tests/data/fuse", dir); make_dir(p);
+    snprintf(p, sizeof p, "%s/tests/data/fuse/concept_b.pth", dir); write_text(p, "not a pth");
+    snprintf(p, sizeof p, "%s/garbage.pth", dir); write_text(p, "not a pth");
+    /* LoRA files: one whose width does not fit (48 wide), one with a layer the model lacks, one
+     * with a text-encoder LoRA only, one for the JSON folder (concept_a's LoRA, rank 4) */
+    static float z[48 * 48];
+    EdloraFile f;
+    memset(&f, 0, sizeof f);
+    edlora_add_module(&f, 0, "text_model.encoder.layers.0.self_attn.q_proj", 4, 48, 48, z, z);
+    edlora_add_module(&f, 1, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4, 32, 32, z, z);
+    snprintf(p, sizeof p, "%s/wide.safetensors", dir); edlora_write(p, &f); edlora_free(&f);
+    edlora_add_module(&f, 1, "down_blocks.0.attentions.0.transformer_blocks.5.attn1.to_q", 4, 32, 32, z, z);
+    snprintf(p, sizeof p, "%s/nolayer.safetensors", dir); edlora_write(p, &f); edlora_free(&f);
+    edlora_add_module(&f, 0, "text_model.encoder.layers.1.self_attn.v_proj", 2, 32, 32, z, z);
+    snprintf(p, sizeof p, "%s/te_only.safetensors", dir); edlora_write(p, &f); edlora_free(&f);
+    if (edlora_read("tests/data/fuse/concept_a.pth", &f) == MS_OK) {
+        snprintf(p, sizeof p, "%s/only_here.safetensors", dir); edlora_write(p, &f); edlora_free(&f);
+    }
+#define E(path, ua, ta, name) "{\"lora_path\": \"" path "\", \"unet_alpha\": " ua ", \"text_encoder_alpha\": " ta ", \"concept_name\": \"" name "\"}"
+#define B E("tests/data/fuse/concept_b.pth", "1", "1", "<dog1> <dog2>")
+    static const struct { const char *json; const char *want[3]; } cases[] = {
+        { "{\"lora_path\": \"x\"}", { "cfg.json", "expected a JSON array", "found an object" } },
+        { "[]", { "cfg.json", "expected a JSON array", "found 0 entries" } },
+        { "[" B ", 3]", { "cfg.json", "concept 1", "expected an object" } },
+        { "[{\"lora_path\": \"tests/data/fuse/concept_b.pth\", \"unet_alpha\": 1, \"concept_name\": \"<dog1> <dog2>\"}]",
+          { "concept 0 ('<dog1> <dog2>')", "missing key 'text_encoder_alpha'", "cfg.json" } },
+        { "[" B ", " E("tests/data/fuse/concept_a.pth", "null", "1", "<cat1> <cat2>") "]",
+          { "concept 1 ('<cat1> <cat2>')", "'unet_alpha' is null, expected a number", "cfg.json" } },
+        { "[" B ", " E("tests/data/fuse/concept_a.pth", "1", "\"0.5\"", "<cat1> <cat2>") "]",
+          { "concept 1 ('<cat1> <cat2>')", "'text_encoder_alpha' is a string", "cfg.json" } },
+        { "[{\"lora_path\": 5, \"unet_alpha\": 1, \"text_encoder_alpha\": 1, \"concept_name\": \"x\"}]",
+          { "concept 0 ('x')", "'lora_path' is a number, expected a string", "cfg.json" } },
+        { "[" B ", " E("nope.pth", "1", "1", "<cat1>") "]",
+          { "concept 1 ('<cat1>')", "lora_path 'nope.pth' not found", "fuse_val/nope.pth" } },
+        { "[" B ", " E("garbage.pth", "1", "1", "cat") "]", { "concept 1 ('cat', ", "fuse_val/garbage.pth)", "cfg.json" } },
+        { "[" B ", " E("wide.safetensors", "1", "1", "cat") "]",
+          { "concept 1 ('cat', ", "fuse_val/wide.safetensors)", "maps 48 -> 48" } },
+        { "[" B ", " E("nolayer.safetensors", "1", "1", "cat") "]",
+          { "concept 1 ('cat'", "transformer_blocks.5.attn1.to_q", "no such LoRA module" } },
+        { "[" B ", " E("te_only.safetensors", "1", "1", "cat") "]", { "concept 1 ('cat'", "has no UNet LoRA", "--no-spatial" } },
+        { "[" B ", " E("tests/data/fuse/concept_a.pth", "1", "1", "<zebra1>") "]",
+          { "concept 1 ('<zebra1>'", "<zebra1> is not in the file", "concept_a.pth" } },
+        /* accepted: unknown key (a warning), the working directory before the JSON's folder, a file
+         * only in the JSON's folder, a LoRA without words or UNet part with --no-spatial, ranks 2 vs 4 */
+        { "[" B ", {\"lora_path\": \"only_here.safetensors\", \"unet_alpha\": 1, \"text_encoder_alpha\": 1, \"concept_name\": \"<cat1>\", \"comment\": 1}]", { NULL } },
+        { "[" B ", " E("te_only.safetensors", "1", "1", "a cat") "]", { NULL } },
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        if (!write_text(cfg, cases[k].json)) { check(0, "validation %zu: JSON written", k); continue; }
+        int last = k + 1 == sizeof cases / sizeof cases[0];
+        int rc = fuse_argv(cfg, outd, "gram", "--check", last ? "--no-spatial" : NULL);
+        const char *msg = ms_last_error();
+        if (!cases[k].want[0]) { check(rc == 0, "validation %zu: accepted (rc %d) %s", k, rc, rc ? msg : ""); continue; }
+        int ok = rc != 0;
+        for (int w = 0; w < 3; w++) ok &= strstr(msg, cases[k].want[w]) != NULL;
+        check(ok, "validation %zu: refused before any work (rc %d): %s", k, rc, msg);
+    }
+#undef B
+#undef E
+    static const char *const files[] = { "cfg.json", "tests/data/fuse/concept_b.pth", "garbage.pth", "wide.safetensors",
+                                         "nolayer.safetensors", "te_only.safetensors", "only_here.safetensors",
+                                         "tests/data/fuse", "tests/data", "tests", "" };
+    for (size_t k = 0; k < sizeof files / sizeof files[0]; k++) { snprintf(p, sizeof p, "%s/%s", dir, files[k]); remove(p); }
 }
 
 int main(void) {
     test_end_to_end();
+    test_kohya_read();
+    test_kohya_bad();
+    test_kohya_fuse();
+    test_validation();
     test_eigen();
     StFile f;
     if (check(st_open(&f, GOLDEN) == MS_OK, "open %s", GOLDEN)) {

@@ -47,7 +47,8 @@ typedef struct {
     char path[4096];
     double unet_alpha, te_alpha;
     char name[1024];                 /* concept_name after remapping */
-    EdloraFile f;
+    char given[256];                 /* concept_name as given */
+    EdloraFile f, extra;             /* extra: modules outside attention (kohya: mlp, ff, proj_in/out) */
     ClipLora te; float *te_mem; unsigned char *te_has;
     UNetLora un; Arena un_ar; unsigned char *un_has;
 } Concept;
@@ -56,40 +57,92 @@ static int file_exists(const char *p) { FILE *f = fopen(p, "rb"); if (f) fclose(
 
 
 /* ---- the multi-concept JSON: [{lora_path, unet_alpha, text_encoder_alpha, concept_name}, ...] ---- */
+/* gradient_fusion.py reads exactly these four keys of each entry (parse_new_concepts,
+ * merge_new_concepts_, the merge_* steps) and ignores any other: an unknown key is a warning
+ * here (most likely a misspelt one, whose correct spelling is then missing: an error). */
+static const char *const CONCEPT_KEYS[4] = { "lora_path", "concept_name", "unet_alpha", "text_encoder_alpha" };
+
+/* "CFG: concept I ('NAME')" for messages; name may be NULL (not read yet). */
+static const char *concept_where(char *buf, size_t cap, const char *cfg, size_t i, const char *name) {
+    if (name) snprintf(buf, cap, "%s: concept %zu ('%.200s')", cfg, i, name);
+    else snprintf(buf, cap, "%s: concept %zu", cfg, i);
+    return buf;
+}
+
+/* The key of entry e with the JSON type t, or an error naming the file, the entry and the key. */
+static MsStatus concept_key(const JsonValue *e, int k, JsonType t, const char *where, const JsonValue **out) {
+    const JsonValue *v = json_get(e, CONCEPT_KEYS[k]);
+    *out = v;
+    if (!v) return ms_errorf(MS_ERR_FORMAT, "%s: missing key '%s' (expected %s)", where, CONCEPT_KEYS[k], json_type_name(t));
+    if (v->type != t)
+        return ms_errorf(MS_ERR_FORMAT, "%s, line %d: '%s' is %s, expected %s", where, v->line, CONCEPT_KEYS[k],
+                         json_type_name(v->type), json_type_name(t));
+    return MS_OK;
+}
+
 static MsStatus read_concepts(const char *cfg, Concept *cs, int *n) {
     JsonValue *j = NULL;
     MsStatus s = json_parse_file(cfg, &j);
+    char where[512], dir[2048];
     if (s) return s;
+    *n = 0;
     if (j->type != JSON_ARRAY || j->count == 0 || j->count > MAXC) {
-        s = ms_errorf(MS_ERR_FORMAT, "%s: expected a JSON array of 1..%d concepts", cfg, MAXC);
+        char found[64];
+        if (j->type == JSON_ARRAY) snprintf(found, sizeof found, "%zu entries", j->count);
+        else snprintf(found, sizeof found, "%s", json_type_name(j->type));
+        s = ms_errorf(MS_ERR_FORMAT, "%s: expected a JSON array of 1..%d concepts ({\"lora_path\", \"unet_alpha\", "
+                      "\"text_encoder_alpha\", \"concept_name\"}), found %s", cfg, MAXC, found);
         goto done;
     }
-    char dir[2048];
     if (strlen(cfg) >= sizeof dir) { s = ms_errorf(MS_ERR_ARG, "%.100s...: path too long", cfg); goto done; }
     snprintf(dir, sizeof dir, "%s", cfg);
     char *sl = strrchr(dir, '/');
     if (sl) *sl = '\0'; else snprintf(dir, sizeof dir, ".");
     for (size_t i = 0; i < j->count && !s; i++) {
-        const JsonValue *e = &j->items[i];
-        const char *lp = NULL, *nm = NULL;
-        if (e->type != JSON_OBJECT) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept %zu is not an object", cfg, i); break; }
-        if ((s = json_need_string(e, "lora_path", &lp))) break;
-        if (strlen(lp) >= 2000) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept %zu: lora_path too long", cfg, i); break; }
-        if ((s = json_need_string(e, "concept_name", &nm))) break;
-        if ((s = json_need_number(e, "unet_alpha", &cs[i].unet_alpha))) break;
-        if ((s = json_need_number(e, "text_encoder_alpha", &cs[i].te_alpha))) break;
-        if (!isfinite(cs[i].unet_alpha) || !isfinite(cs[i].te_alpha)) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept %zu: alpha is not finite", cfg, i); break; }
+        const JsonValue *e = &j->items[i], *v[4];
+        if (e->type != JSON_OBJECT) {
+            s = ms_errorf(MS_ERR_FORMAT, "%s, line %d: %s, expected an object", concept_where(where, sizeof where, cfg, i, NULL),
+                          e->line, json_type_name(e->type));
+            break;
+        }
+        const JsonValue *nv = json_get(e, "concept_name");
+        concept_where(where, sizeof where, cfg, i, nv && nv->type == JSON_STRING ? nv->str : NULL);
+        for (int k = 0; k < 4 && !s; k++) s = concept_key(e, k, k < 2 ? JSON_STRING : JSON_NUMBER, where, &v[k]);
+        if (s) break;
+        for (size_t k = 0; k < e->count; k++) {
+            int known = 0;
+            for (int q = 0; q < 4; q++) known |= !strcmp(e->items[k].key, CONCEPT_KEYS[q]);
+            if (!known)
+                fprintf(stderr, "mixshow fuse: warning: %s: unknown key '%s' ignored (as gradient_fusion.py does)\n", where, e->items[k].key);
+        }
+        const char *lp = v[0]->str, *nm = v[1]->str;
+        cs[i].unet_alpha = v[2]->number;
+        cs[i].te_alpha = v[3]->number;
+        if (!*lp || strlen(lp) >= 2000) { s = ms_errorf(MS_ERR_FORMAT, "%s: lora_path is empty or too long", where); break; }
+        if (strlen(nm) >= 256) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept_name is longer than 255 bytes", where); break; }
+        if (!isfinite(cs[i].unet_alpha) || !isfinite(cs[i].te_alpha)) { s = ms_errorf(MS_ERR_FORMAT, "%s: an alpha is not finite", where); break; }
         /* the official script opens lora_path from the working directory; then the JSON's folder */
         if (file_exists(lp) || lp[0] == '/') snprintf(cs[i].path, sizeof cs[i].path, "%s", lp);
         else snprintf(cs[i].path, sizeof cs[i].path, "%s/%s", dir, lp);
-        if (!file_exists(cs[i].path)) { s = ms_errorf(MS_ERR_IO, "%s: concept %zu: lora_path '%s' not found (tried . and %s/)", cfg, i, lp, dir); break; }
-        if (strlen(nm) >= sizeof cs[i].name) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept %zu: concept_name too long", cfg, i); break; }
+        if (!file_exists(cs[i].path)) {
+            s = lp[0] == '/' ? ms_errorf(MS_ERR_IO, "%s: lora_path '%s' not found", where, lp)
+                             : ms_errorf(MS_ERR_IO, "%s: lora_path '%s' not found (tried ./%s and %s/%s)", where, lp, lp, dir, lp);
+            break;
+        }
         snprintf(cs[i].name, sizeof cs[i].name, "%s", nm);
+        snprintf(cs[i].given, sizeof cs[i].given, "%s", nm);
     }
     *n = (int)j->count;
 done:
     json_free(j);
     return s;
+}
+
+/* An error of concept c's file: "CFG: concept C ('NAME', PATH): <the error>". */
+static MsStatus concept_error(MsStatus s, const char *cfg, int c, const Concept *x) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", ms_last_error());
+    return ms_errorf(s, "%s: concept %d ('%s', %s): %s", cfg, c, x->given, x->path, msg);
 }
 
 /* ---- the fused folder ---- */
@@ -405,7 +458,7 @@ static void usage(void) {
             "usage: mixshow fuse --model BASE --concepts CFG.json --out DIR [--method gram|lbfgs|weight]\n"
             "                    [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-v]\n"
             "                    [--spatial-size 512] [--spatial-steps 20] [--no-spatial] [--dump-grams FILE]\n"
-            "                    [--ldm-out FILE.safetensors]\n\n"
+            "                    [--ldm-out FILE.safetensors] [--check] [--extra-modules weight]\n\n"
             "Gradient fusion (Mix-of-Show gradient_fusion.py) of the ED-LoRAs in CFG.json (the official\n"
             "multi-concept JSON: lora_path, unet_alpha, text_encoder_alpha, concept_name) into BASE (a\n"
             "diffusers folder). DIR gets the fused diffusers folder, tokenizer/added_tokens.json and\n"
@@ -415,7 +468,12 @@ static void usage(void) {
             "`mixshow sample --pretrained_model FILE` reads; FILE's stem + .new_concept_cfg.json beside\n"
             "it). BASE may be a single file too. Stages: text encoder and\n"
             "cross-attention K/V, spatial attention (sampling each concept: --seed S draws its latents\n"
-            "as the official script after torch.manual_seed(S)).\n");
+            "as the official script after torch.manual_seed(S)).\n"
+            "lora_path may also name a kohya / webui LoRA .safetensors (lora_te_.. / lora_unet_.. keys,\n"
+            "per-module alpha): it adds no tokens, concept_name is used as written. Its MLP / feed-forward /\n"
+            "proj_in / proj_out modules are outside gradient fusion: --extra-modules weight merges them as\n"
+            "W0 + sum alpha dW after fusing (implied by --method weight; an error otherwise).\n"
+            "--check reads and checks every input (JSON, LoRA files, shapes against BASE) and stops.\n");
 }
 
 int cmd_fuse(int argc, char **argv) {
@@ -427,12 +485,13 @@ int cmd_fuse(int argc, char **argv) {
     o.te_iters = 500;
     o.unet_iters = 50;
     static Concept cs[MAXC];
-    int n = 0, rc = 1, no_spatial = 0;
+    int n = 0, rc = 1, no_spatial = 0, check_only = 0, extra_weight = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(); return 0; }
         if (!strcmp(a, "-v")) { o.verbose = 1; continue; }
         if (!strcmp(a, "--no-spatial")) { no_spatial = 1; continue; }
+        if (!strcmp(a, "--check")) { check_only = 1; continue; }
         if (!v) { fprintf(stderr, "mixshow fuse: %s needs a value\n", a); return 2; }
         i++;
         if (!strcmp(a, "--model")) model = v;
@@ -442,7 +501,10 @@ int cmd_fuse(int argc, char **argv) {
         else if (!strcmp(a, "--dump-grams")) dump = v;
         else if (!strcmp(a, "--te-kv-from")) te_kv_from = v;
         else if (!strcmp(a, "--ldm-out")) ldm_out = v;
-        else if (!strcmp(a, "--method")) {
+        else if (!strcmp(a, "--extra-modules")) {
+            if (strcmp(v, "weight")) { fprintf(stderr, "mixshow fuse: --extra-modules %s: expected weight\n", v); return 2; }
+            extra_weight = 1;
+        } else if (!strcmp(a, "--method")) {
             if (!strcmp(v, "gram")) o.method = MS_FUSE_GRAM;
             else if (!strcmp(v, "lbfgs")) o.method = MS_FUSE_LBFGS;
             else if (!strcmp(v, "weight")) o.method = MS_FUSE_WEIGHT;
@@ -481,27 +543,46 @@ int cmd_fuse(int argc, char **argv) {
     memset(&rep, 0, sizeof rep);
     memset(cs, 0, sizeof cs);
     MsStatus s = read_concepts(cfg, cs, &n);
-    /* every LoRA file, checked before any work */
+    /* every LoRA file, checked before any work. Files without new_concept_embedding (kohya LoRA,
+     * plain LoRA) add no tokens: their concept_name words are used as they are. Ranks may differ
+     * between concepts (each concept's LoRA is merged on its own, as gradient_fusion.py does). */
+    int T_from = -1, n_extra = 0, extra_c = -1, sp_any = 0, sp_missing = -1;
     for (int c = 0; c < n && !s; c++) {
         s = edlora_read(cs[c].path, &cs[c].f);
-        if (!s && cs[c].f.n_emb == 0) s = ms_errorf(MS_ERR_FORMAT, "%s: no new_concept_embedding (fuse needs ED-LoRA files)", cs[c].path);
-        int t = s ? 0 : edlora_tokens_per_word(&cs[c].f);
-        if (!s && c == 0) T = t;
-        if (!s && t != T) s = ms_errorf(MS_ERR_FORMAT, "%s: %d tokens per word, %s has %d", cs[c].path, t, cs[0].path, T);
-        for (int k = 0; !s && k < cs[c].f.n_te; k++)
-            if (cs[c].f.te[k].rank != cs[0].f.te[0].rank && cs[0].f.n_te)
-                s = ms_errorf(MS_ERR_SHAPE, "%s: text-encoder LoRA rank %d, %s has rank %d (concepts must share one rank)",
-                              cs[c].path, cs[c].f.te[k].rank, cs[0].path, cs[0].f.te[0].rank);
-        for (int k = 0; !s && k < cs[c].f.n_unet; k++)
-            if (cs[0].f.n_unet && cs[c].f.unet[k].rank != cs[0].f.unet[0].rank)
-                s = ms_errorf(MS_ERR_SHAPE, "%s: UNet LoRA rank %d, %s has rank %d (concepts must share one rank)",
-                              cs[c].path, cs[c].f.unet[k].rank, cs[0].path, cs[0].f.unet[0].rank);
+        if (!s) s = edlora_split_extra(&cs[c].f, &cs[c].extra);
+        if (s) { s = concept_error(s, cfg, c, &cs[c]); break; }
+        if (cs[c].extra.n_te + cs[c].extra.n_unet && extra_c < 0) extra_c = c;
+        n_extra += cs[c].extra.n_te + cs[c].extra.n_unet;
+        int t = edlora_tokens_per_word(&cs[c].f);
+        if (t && T_from < 0) { T = t; T_from = c; }
+        else if (t && t != T)
+            s = ms_errorf(MS_ERR_FORMAT, "%s: concept %d ('%s', %s): %d tokens per word, concept %d (%s) has %d", cfg, c,
+                          cs[c].given, cs[c].path, t, T_from, cs[T_from].path, T);
+        for (int k = 0; k < cs[c].f.n_unet; k++)
+            sp_any |= !strstr(cs[c].f.unet[k].name, ".attn2.to_k") && !strstr(cs[c].f.unet[k].name, ".attn2.to_v");
+        if (!cs[c].f.n_unet && sp_missing < 0) sp_missing = c;
     }
+    if (!s && n_extra && o.method != MS_FUSE_WEIGHT && !extra_weight) {
+        const EdloraFile *x = &cs[extra_c].extra;
+        s = ms_errorf(MS_ERR_UNSUPPORTED, "%s: concept %d ('%s', %s): %s.%s: gradient fusion covers the attention projections "
+                      "(text encoder self_attn q/k/v/out_proj, UNet attn1/attn2 to_q/k/v/out.0); this LoRA also changes "
+                      "%d other layers (MLP / feed-forward / proj_in / proj_out) in all concepts. Add --extra-modules "
+                      "weight to merge those as W0 + sum alpha dW (weight fusion), or use --method weight", cfg, extra_c,
+                      cs[extra_c].given, cs[extra_c].path, x->n_te ? "text_encoder" : "unet",
+                      x->n_te ? x->te[0].name : x->unet[0].name, n_extra);
+    }
+    if (!s && !no_spatial && sp_any && sp_missing >= 0)
+        s = ms_errorf(MS_ERR_ARG, "%s: concept %d ('%s', %s) has no UNet LoRA, but other concepts change spatial attention "
+                      "layers: the spatial stage samples every concept with its own UNet LoRA (gradient_fusion.py fails "
+                      "there too); use --no-spatial or give it a UNet LoRA", cfg, sp_missing, cs[sp_missing].given,
+                      cs[sp_missing].path);
     if (!s) { s = ms_open_model(model, NULL, &m, &tok, NULL, 0); have_m = have_tok = !s; }
     if (!s) { s = unet_params_init(&up, &m.unet_config, &m.unet); have_up = !s; }
+    if (!s && T_from < 0) T = ms_unet_cross_attn_layers(&m.unet_config);   /* no new words at all */
     if (!s && T != ms_unet_cross_attn_layers(&m.unet_config))
-        s = ms_errorf(MS_ERR_FORMAT, "%s: %d tokens per word; fusion needs ED-LoRA (one per cross-attention layer: %d)",
-                      cs[0].path, T, ms_unet_cross_attn_layers(&m.unet_config));
+        s = ms_errorf(MS_ERR_FORMAT, "%s: concept %d ('%s', %s): %d tokens per word; fusion needs ED-LoRA (one per "
+                      "cross-attention layer: %d)", cfg, T_from, cs[T_from].given, cs[T_from].path, T,
+                      ms_unet_cross_attn_layers(&m.unet_config));
     if (!s && tok.n_vocab != m.text_config.vocab_size)
         s = ms_errorf(MS_ERR_FORMAT, "%s: tokenizer has %d tokens, text encoder vocab_size %d", model, tok.n_vocab, m.text_config.vocab_size);
     /* words in concept_name order; collisions renamed */
@@ -521,8 +602,16 @@ int cmd_fuse(int argc, char **argv) {
             if (w[0] != '<') { size_t l = strlen(name); snprintf(name + l, sizeof name - l, "%s%s", l ? " " : "", w); continue; }
             const EdloraEmbedding *e = NULL;
             for (int k = 0; k < cs[c].f.n_emb; k++) if (!strcmp(cs[c].f.emb[k].word, w)) e = &cs[c].f.emb[k];
-            if (!e) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept word %s is not in %s (the official assert)", cfg, w, cs[c].path); break; }
-            if (e->D != m.text_config.hidden_size) { s = ms_errorf(MS_ERR_SHAPE, "%s: %s has width %d, the text encoder %d", cs[c].path, w, e->D, m.text_config.hidden_size); break; }
+            if (!e) {
+                s = ms_errorf(MS_ERR_FORMAT, "%s: concept %d ('%s', %s): concept word %s is not in the file's "
+                              "new_concept_embedding (%d words; the official assert)", cfg, c, cs[c].given, cs[c].path, w, cs[c].f.n_emb);
+                break;
+            }
+            if (e->D != m.text_config.hidden_size) {
+                s = ms_errorf(MS_ERR_SHAPE, "%s: concept %d ('%s', %s): new_concept_embedding.%s is %d wide, the text encoder %d",
+                              cfg, c, cs[c].given, cs[c].path, w, e->D, m.text_config.hidden_size);
+                break;
+            }
             if (strlen(w) >= MS_WORD_MAX - 8) { s = ms_errorf(MS_ERR_FORMAT, "%s: concept word %.40s... is too long", cfg, w); break; }
             if (n_words >= n * MS_MAX_CONCEPT_WORDS) { s = ms_errorf(MS_ERR_ARG, "fuse: too many concept words"); break; }
             char nw[MS_WORD_MAX];
@@ -578,7 +667,9 @@ int cmd_fuse(int argc, char **argv) {
                     }
         }
         if (!s && cs[c].f.n_unet) {
-            size_t need = unet_lora_floats(&m.unet_config, cs[c].f.unet[0].rank) * sizeof(float) * 2 + 65536 +
+            int rmax = 0;                               /* edlora_to_unet_lora pads to the largest rank */
+            for (int k = 0; k < cs[c].f.n_unet; k++) if (cs[c].f.unet[k].rank > rmax) rmax = cs[c].f.unet[k].rank;
+            size_t need = unet_lora_floats(&m.unet_config, rmax) * sizeof(float) * 2 + 65536 +
                           (size_t)up.n_blk * 8 * sizeof(UNetLoraLinear);
             s = arena_init(&cs[c].un_ar, need);
             if (!s) s = edlora_to_unet_lora(&cs[c].f, &up, (float)cs[c].unet_alpha, &cs[c].un_ar, &cs[c].un);
@@ -590,6 +681,14 @@ int cmd_fuse(int argc, char **argv) {
                         if (!strcmp(nm, cs[c].f.unet[k].name)) cs[c].un_has[a * 4 + w] = 1;
                     }
         }
+        if (!s) s = edlora_merge_check(&m, &cs[c].extra);    /* the extra modules fit too */
+        if (s && s != MS_ERR_NOMEM) s = concept_error(s, cfg, c, &cs[c]);
+    }
+    if (!s && check_only) {
+        fprintf(stderr, "mixshow fuse: %s: %d concepts, %d new words, %d extra modules: inputs fit %s\n", cfg, n, n_words,
+                n_extra, model);
+        rc = 0;
+        goto cleanup;
     }
     if (!s) {
         MsFuseTokens tk = { n_words, T, wptr, tptr, new_emb, n_words * T };
@@ -625,6 +724,17 @@ int cmd_fuse(int argc, char **argv) {
         }
         if (!s && !no_spatial) s = ms_fuse_spatial(&m, &up, &tok, &tk, fc, n, &o, &rep);
         if (dump) { MsStatus s2 = dump_grams_write(&gd, dump); if (!s) s = s2; }
+        /* the extra modules (kohya mlp / ff / proj_in / proj_out) by weight fusion, after the
+         * fused layers (whose recorded inputs therefore never pass through them) */
+        for (int c = 0; c < n && !s; c++) {
+            EdloraFile x = cs[c].extra;
+            x.n_unet = 0;
+            s = edlora_merge(&m, &x, (float)cs[c].te_alpha);
+            x = cs[c].extra;
+            x.n_te = 0;
+            if (!s) s = edlora_merge(&m, &x, (float)cs[c].unet_alpha);
+        }
+        if (!s && n_extra) fprintf(stderr, "mixshow fuse: %d extra LoRA modules merged as W0 + sum alpha dW\n", n_extra);
     }
     if (!s) s = write_folder(model, out, &m, &tok, new_emb, n_words * T, ncfg);
     if (!s && ldm_out) s = write_ldm_out(ldm_out, &m, &tok, new_emb, n_words * T, ncfg);
@@ -645,8 +755,10 @@ int cmd_fuse(int argc, char **argv) {
                         ms_fuse_method_name(o.method), sum[k][2]);
         rc = 0;
     } else fprintf(stderr, "mixshow fuse: %s\n", ms_last_error());
+cleanup:
     for (int c = 0; c < n; c++) {
         edlora_free(&cs[c].f);
+        edlora_free(&cs[c].extra);
         ms_free_aligned(cs[c].te_mem);
         arena_free(&cs[c].un_ar);
         free(cs[c].te_has); free(cs[c].un_has);

@@ -1,9 +1,11 @@
 /* tools/edlora.c — Mix-of-Show ED-LoRA files: read and write (.pth as trainer_edlora.py's
  * delta_state_dict saves it, or .safetensors), map them to the runtime LoRA types, merge them
  * into a model (convert_edlora_to_diffusers.py convert_edlora) and prepare the EDLoRAPipeline
- * prompt binding (pipeline_edlora.py) for ms_txt2img. Mix-of-Show commit 51270fd. */
+ * prompt binding (pipeline_edlora.py) for ms_txt2img. Mix-of-Show commit 51270fd. Also reads
+ * kohya / AUTOMATIC1111-webui LoRA .safetensors (read_kohya: key names, per-module alpha). */
 #include "tools/tools.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,11 +199,233 @@ static MsStatus read_pth(const char *path, EdloraFile *f) {
     return s;
 }
 
+/* ---- kohya / webui LoRA (.safetensors) ---- */
+/* kohya-ss sd-scripts networks/lora.py (LoRANetwork.create_modules) names a module
+ *     lora_name = prefix + "." + <module path> + "." + <child path>, then '.' -> '_'
+ * with prefix "lora_te" (CLIPAttention / CLIPMLP children of the text encoder) or "lora_unet"
+ * (every Linear and Conv2d child of each Transformer2DModel; ResnetBlock2D / Downsample2D /
+ * Upsample2D convs only with conv_dim, "LoCon"), e.g.
+ *     lora_te_text_model_encoder_layers_0_self_attn_q_proj
+ *     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0
+ * and saves <lora_name>.lora_down.weight (r, in[, kh, kw]), <lora_name>.lora_up.weight
+ * (out, r[, 1, 1]) and <lora_name>.alpha (a scalar). LoRAModule: alpha None or 0 -> alpha = r
+ * (lora_dim), scale = alpha / r; merge_to: W + multiplier * (up @ down) * scale. Files without
+ * .alpha keys (old kohya) get alpha = r (create_network_from_weights: "support old LoRA without
+ * alpha"). AUTOMATIC1111 webui (extensions-builtin/Lora network.py calc_scale, network_lora.py)
+ * reads the same keys: scale = alpha / dim, dim = lora_down.shape[0], 1 without alpha (it
+ * would give alpha 0 scale 0; kohya never writes 0: it stores the replaced alpha = r).
+ * Ranks and alphas may differ between modules:
+ * here each module's scale is folded into its up matrix (up *= alpha / r), so that the
+ * ED-LoRA machinery's one alpha per network (unet_alpha, text_encoder_alpha) multiplies on top,
+ * and differing ranks are zero-padded where one rank per network is needed (edlora_to_*). */
+static int eat(const char **p, const char *lit) {
+    size_t n = strlen(lit);
+    if (strncmp(*p, lit, n)) return 0;
+    *p += n;
+    return 1;
+}
+
+static int eat_index(const char **p, int *v) {           /* 1..6 decimal digits */
+    int k = 0, x = 0;
+    while (k < 6 && (*p)[k] >= '0' && (*p)[k] <= '9') x = 10 * x + ((*p)[k++] - '0');
+    if (!k || ((*p)[k] >= '0' && (*p)[k] <= '9')) return 0;
+    *p += k;
+    *v = x;
+    return 1;
+}
+
+/* Returns the first of the n literals that *p equals exactly (to its end), or -1. */
+static int eat_last(const char *p, const char *const *lit, int n) {
+    for (int i = 0; i < n; i++) if (!strcmp(p, lit[i])) return i;
+    return -1;
+}
+
+/* kohya module name -> diffusers module path (out, cap bytes); 0 when the name is not one of the
+ * supported SD 1.x modules; *why then says what it is. */
+static int kohya_module_path(const char *lora_name, int *is_unet, char *out, size_t cap, const char **why) {
+    static const char *const te_attn[4] = { "q_proj", "k_proj", "v_proj", "out_proj" };
+    static const char *const te_mlp[2] = { "fc1", "fc2" };
+    static const char *const un_attn[4] = { "to_q", "to_k", "to_v", "to_out_0" };
+    static const char *const un_attn_path[4] = { "to_q", "to_k", "to_v", "to_out.0" };
+    static const char *const un_ff[2] = { "ff_net_0_proj", "ff_net_2" };
+    static const char *const un_ff_path[2] = { "ff.net.0.proj", "ff.net.2" };
+    static const char *const un_proj[2] = { "proj_in", "proj_out" };
+    const char *p = lora_name;
+    int a, b, k;
+    *why = "not a module kohya LoRA puts on an SD 1.x model";
+    if (eat(&p, "lora_te1_") || eat(&p, "lora_te2_")) { *why = "an SDXL text encoder (lora_te1_/lora_te2_): SD 1.x has one"; return 0; }
+    if (eat(&p, "lora_te_")) {
+        *is_unet = 0;
+        if (!eat(&p, "text_model_encoder_layers_") || !eat_index(&p, &a) || !eat(&p, "_")) return 0;
+        if (eat(&p, "self_attn_") && (k = eat_last(p, te_attn, 4)) >= 0) {
+            snprintf(out, cap, "text_model.encoder.layers.%d.self_attn.%s", a, te_attn[k]);
+            return 1;
+        }
+        if (eat(&p, "mlp_") && (k = eat_last(p, te_mlp, 2)) >= 0) {
+            snprintf(out, cap, "text_model.encoder.layers.%d.mlp.%s", a, te_mlp[k]);
+            return 1;
+        }
+        return 0;
+    }
+    if (!eat(&p, "lora_unet_")) { *why = "neither lora_te_ nor lora_unet_"; return 0; }
+    *is_unet = 1;
+    char blk[64];
+    if (eat(&p, "down_blocks_") && eat_index(&p, &a) && eat(&p, "_")) snprintf(blk, sizeof blk, "down_blocks.%d", a);
+    else if (eat(&p, "up_blocks_") && eat_index(&p, &a) && eat(&p, "_")) snprintf(blk, sizeof blk, "up_blocks.%d", a);
+    else if (eat(&p, "mid_block_")) snprintf(blk, sizeof blk, "mid_block");
+    else {
+        if (!strncmp(p, "input_blocks_", 13) || !strncmp(p, "middle_block_", 13) || !strncmp(p, "output_blocks_", 14))
+            *why = "LDM (compvis) module naming; kohya sd-scripts writes diffusers paths (lora_unet_down_blocks_..)";
+        return 0;
+    }
+    if (strstr(p, "resnets_") == p || strstr(p, "downsamplers_") == p || strstr(p, "upsamplers_") == p) {
+        *why = "a ResNet / sampler layer (conv LoRA, LoCon): only transformer layers are supported";
+        return 0;
+    }
+    if (!eat(&p, "attentions_") || !eat_index(&p, &a) || !eat(&p, "_")) return 0;
+    if ((k = eat_last(p, un_proj, 2)) >= 0) {
+        snprintf(out, cap, "%s.attentions.%d.%s", blk, a, un_proj[k]);
+        return 1;
+    }
+    if (!eat(&p, "transformer_blocks_") || !eat_index(&p, &b) || !eat(&p, "_")) return 0;
+    k = eat(&p, "attn1_") ? 1 : eat(&p, "attn2_") ? 2 : 0;
+    if (k) {
+        int w = eat_last(p, un_attn, 4);
+        if (w < 0) return 0;
+        snprintf(out, cap, "%s.attentions.%d.transformer_blocks.%d.attn%d.%s", blk, a, b, k, un_attn_path[w]);
+        return 1;
+    }
+    if ((k = eat_last(p, un_ff, 2)) >= 0) {
+        snprintf(out, cap, "%s.attentions.%d.transformer_blocks.%d.%s", blk, a, b, un_ff_path[k]);
+        return 1;
+    }
+    return 0;
+}
+
+/* What a key suffix other than lora_down.weight / lora_up.weight / alpha belongs to. */
+static const char *kohya_suffix_kind(const char *suf) {
+    if (!strncmp(suf, "hada_", 5)) return "LyCORIS LoHa (hada_*)";
+    if (!strncmp(suf, "lokr_", 5)) return "LyCORIS LoKr (lokr_*)";
+    if (!strcmp(suf, "lora_mid.weight")) return "LoCon / LyCORIS CP decomposition (lora_mid)";
+    if (!strcmp(suf, "dora_scale")) return "DoRA (dora_scale)";
+    if (!strcmp(suf, "lora_A.weight") || !strcmp(suf, "lora_B.weight")) return "PEFT naming (lora_A / lora_B)";
+    if (!strcmp(suf, "diff") || !strcmp(suf, "diff_b")) return "a full weight difference (diff)";
+    if (!strcmp(suf, "on_input") || !strcmp(suf, "weight")) return "LyCORIS IA3 / (IA)^3";
+    return "an unknown kind of tensor";
+}
+
+#define KOHYA_SUPPORTED "supported: lora_te_text_model_encoder_layers_<i>_{self_attn_{q,k,v,out}_proj,mlp_fc1,mlp_fc2} " \
+    "and lora_unet_{down_blocks_<i>,mid_block,up_blocks_<i>}_attentions_<j>_{proj_in,proj_out," \
+    "transformer_blocks_<k>_{attn1,attn2}_{to_q,to_k,to_v,to_out_0},transformer_blocks_<k>_{ff_net_0_proj,ff_net_2}}, " \
+    "each with .lora_down.weight, .lora_up.weight and optionally .alpha"
+
+static MsStatus read_kohya(const char *path, const StFile *sf, EdloraFile *f) {
+    MsStatus s = MS_OK;
+    for (int pass = 0; pass < 2 && !s; pass++)          /* lora_down / lora_up, then the alphas */
+        for (size_t i = 0; i < sf->count && !s; i++) {
+            const StTensor *t = &sf->tensors[i];
+            const char *dot = strchr(t->name, '.'), *why;
+            char lname[MS_KEY_MAX], mpath[MS_KEY_MAX], key[MS_KEY_MAX + 32], sh[96];
+            int is_unet = 0;
+            size_t nl = dot ? (size_t)(dot - t->name) : 0;
+            ms_shape_str(sh, sizeof sh, t->ndim, t->shape);
+            if (!dot || nl >= sizeof lname) {
+                s = ms_errorf(MS_ERR_FORMAT, "%s: tensor '%.200s': expected a kohya LoRA key <lora_name>.lora_down.weight, "
+                              ".lora_up.weight or .alpha", path, t->name);
+                break;
+            }
+            memcpy(lname, t->name, nl);
+            lname[nl] = '\0';
+            const int kind = !strcmp(dot + 1, "lora_down.weight") ? 0 : !strcmp(dot + 1, "lora_up.weight") ? 1
+                           : !strcmp(dot + 1, "alpha") ? 2 : -1;
+            if (kind < 0) {
+                s = ms_errorf(MS_ERR_UNSUPPORTED, "%s: tensor '%.200s': %s is not supported (kohya LoRA only: "
+                              "<lora_name>.lora_down.weight, .lora_up.weight, .alpha)", path, t->name, kohya_suffix_kind(dot + 1));
+                break;
+            }
+            if (!kohya_module_path(lname, &is_unet, mpath, sizeof mpath, &why)) {
+                if (!strncmp(lname, "bundle_emb", 10)) why = "a bundled textual-inversion embedding";
+                s = ms_errorf(MS_ERR_UNSUPPORTED, "%s: tensor '%.200s': %s (%s)", path, t->name, why, KOHYA_SUPPORTED);
+                break;
+            }
+            if ((pass == 0) != (kind < 2)) continue;
+            if (kind < 2) {
+                if (t->ndim == 4 && (t->shape[2] != 1 || t->shape[3] != 1)) {
+                    s = ms_errorf(MS_ERR_UNSUPPORTED, "%s: tensor '%.200s' has shape %s: a %lldx%lld conv LoRA (LoCon) is not "
+                                  "supported (Linear and 1x1 conv layers only)", path, t->name, sh,
+                                  (long long)t->shape[2], (long long)t->shape[3]);
+                    break;
+                }
+                float *x = (float *)ms_alloc_aligned(t->numel ? t->numel : 1, sizeof(float));
+                if (!x) { s = ms_errorf(MS_ERR_NOMEM, "%s: out of memory", path); break; }
+                if ((s = st_to_f32(sf, t, x, t->numel))) { ms_free_aligned(x); break; }
+                snprintf(key, sizeof key, "%s%s", mpath, kind ? SUF_UP : SUF_DOWN);
+                s = add_lora_part(f, is_unet, key, t->ndim, t->shape, x, path);
+            } else {
+                float a = 0.0f;
+                EdloraModule *m = module_get(f, is_unet, mpath, 0);
+                if (t->numel != 1) s = ms_errorf(MS_ERR_SHAPE, "%s: tensor '%.200s' has shape %s, expected a scalar alpha", path, t->name, sh);
+                else if (!(s = st_to_f32(sf, t, &a, 1)) && !isfinite(a))
+                    s = ms_errorf(MS_ERR_FORMAT, "%s: tensor '%.200s' is %g, expected a finite alpha", path, t->name, (double)a);
+                else if (!s && (!m || !m->up || !m->down))
+                    s = ms_errorf(MS_ERR_FORMAT, "%s: tensor '%.200s' has no %s.lora_down.weight / .lora_up.weight", path, t->name, lname);
+                /* LoRAModule: alpha 0 (or None) means alpha = rank, scale 1 */
+                if (!s && a != 0.0f) {
+                    const double sc = (double)a / m->rank;
+                    for (size_t k = 0; k < (size_t)m->out * m->rank; k++) m->up[k] = (float)(m->up[k] * sc);
+                }
+            }
+        }
+    if (!s && !f->n_te && !f->n_unet) s = ms_errorf(MS_ERR_FORMAT, "%s: no LoRA tensors", path);
+    return s;
+}
+
+int edlora_module_is_attention(int is_unet, const char *name) {
+    static const char *const te[4] = { ".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.out_proj" };
+    static const char *const un[4] = { ".to_q", ".to_k", ".to_v", ".to_out.0" };
+    const char *const *suf = is_unet ? un : te;
+    for (int i = 0; i < 4; i++)
+        if (ends_with(name, suf[i]) && (!is_unet || strstr(name, ".attn1.") || strstr(name, ".attn2."))) return 1;
+    return 0;
+}
+
+MsStatus edlora_split_extra(EdloraFile *f, EdloraFile *extra) {
+    int cnt[2] = { 0, 0 };
+    memset(extra, 0, sizeof *extra);
+    for (int u = 0; u < 2; u++)
+        for (int i = 0; i < (u ? f->n_unet : f->n_te); i++) cnt[u] += !edlora_module_is_attention(u, (u ? f->unet : f->te)[i].name);
+    extra->te = cnt[0] ? (EdloraModule *)malloc((size_t)cnt[0] * sizeof *extra->te) : NULL;
+    extra->unet = cnt[1] ? (EdloraModule *)malloc((size_t)cnt[1] * sizeof *extra->unet) : NULL;
+    if ((cnt[0] && !extra->te) || (cnt[1] && !extra->unet)) {
+        free(extra->te); free(extra->unet);
+        memset(extra, 0, sizeof *extra);
+        return ms_errorf(MS_ERR_NOMEM, "edlora: out of memory");
+    }
+    extra->cap_te = cnt[0];
+    extra->cap_unet = cnt[1];
+    for (int u = 0; u < 2; u++) {                      /* move: the pointers change owner */
+        EdloraModule *m = u ? f->unet : f->te, *x = u ? extra->unet : extra->te;
+        int *n = u ? &f->n_unet : &f->n_te, *nx = u ? &extra->n_unet : &extra->n_te, k = 0;
+        for (int i = 0; i < *n; i++) {
+            if (edlora_module_is_attention(u, m[i].name)) m[k++] = m[i];
+            else x[(*nx)++] = m[i];
+        }
+        *n = k;
+    }
+    return MS_OK;
+}
+
 static MsStatus read_st(const char *path, EdloraFile *f) {
     StFile sf;
     JsonValue *order = NULL;
     MsStatus s = st_open(&sf, path);
     if (s) return s;
+    for (size_t i = 0; i < sf.count; i++)              /* kohya / webui LoRA: lora_te_.., lora_unet_.. */
+        if (!strncmp(sf.tensors[i].name, "lora_", 5)) {
+            s = read_kohya(path, &sf, f);
+            st_close(&sf);
+            return s;
+        }
     const char *ord = st_meta(&sf, "order");
     if (ord) {
         char origin[300];
@@ -320,20 +544,28 @@ MsStatus edlora_write(const char *path, const EdloraFile *f) {
 /* ---- runtime types ---- */
 static const char *const CLIP_PROJ[4] = { "q_proj", "k_proj", "v_proj", "out_proj" };   /* CLIP_Q.. */
 
-static MsStatus common_rank(const EdloraModule *m, int n, const char *sec, int *rank) {
-    *rank = n ? m[0].rank : 0;
-    for (int i = 1; i < n; i++)
-        if (m[i].rank != *rank)
-            return ms_errorf(MS_ERR_SHAPE, "edlora: %s.%s has rank %d, %s rank %d: one rank per network expected", sec,
-                             m[i].name, m[i].rank, m[0].name, *rank);
-    return MS_OK;
+/* Modules of one network may have different ranks (kohya files: per-module dims): the runtime
+ * types hold one, the largest; a smaller module fills the first rows of down and the first
+ * columns of up, the rest stay zero (up @ down unchanged: the extra terms are exact zeros). */
+static int max_rank(const EdloraModule *m, int n) {
+    int r = 0;
+    for (int i = 0; i < n; i++) if (m[i].rank > r) r = m[i].rank;
+    return r;
+}
+
+static void copy_padded(float *down, float *up, const EdloraModule *m, int rank) {
+    memcpy(down, m->down, (size_t)m->rank * m->in * sizeof(float));
+    memset(down + (size_t)m->rank * m->in, 0, (size_t)(rank - m->rank) * m->in * sizeof(float));
+    for (int o = 0; o < m->out; o++) {
+        memcpy(up + (size_t)o * rank, m->up + (size_t)o * m->rank, (size_t)m->rank * sizeof(float));
+        memset(up + (size_t)o * rank + m->rank, 0, (size_t)(rank - m->rank) * sizeof(float));
+    }
 }
 
 MsStatus edlora_to_clip_lora(const EdloraFile *f, const ClipTextConfig *c, float alpha, ClipLora *l, float **mem) {
-    int rank;
-    MsStatus s = common_rank(f->te, f->n_te, "text_encoder", &rank);
+    const int rank = max_rank(f->te, f->n_te);
+    MsStatus s = MS_OK;
     *mem = NULL;
-    if (s) return s;
     if (!rank) return ms_errorf(MS_ERR_ARG, "edlora: the file has no text encoder LoRA");
     size_t n = clip_lora_numel(c, rank);
     if (!(*mem = (float *)ms_alloc_aligned(n, sizeof(float)))) return ms_errorf(MS_ERR_NOMEM, "edlora: out of memory");
@@ -352,10 +584,7 @@ MsStatus edlora_to_clip_lora(const EdloraFile *f, const ClipTextConfig *c, float
                 if (m->in != D || m->out != D)
                     s = ms_errorf(MS_ERR_SHAPE, "edlora: text_encoder.%s maps %d -> %d, the model's %s is %d -> %d", m->name,
                                   m->in, m->out, CLIP_PROJ[p], D, D);
-                else {
-                    memcpy(l->down[L][p], m->down, (size_t)rank * D * sizeof(float));
-                    memcpy(l->up[L][p], m->up, (size_t)D * rank * sizeof(float));
-                }
+                else copy_padded(l->down[L][p], l->up[L][p], m, rank);
             }
         if (!found && !s)
             s = ms_errorf(MS_ERR_ARG, "edlora: text_encoder.%s: the model has no such LoRA module (expected "
@@ -366,9 +595,8 @@ MsStatus edlora_to_clip_lora(const EdloraFile *f, const ClipTextConfig *c, float
 }
 
 MsStatus edlora_to_unet_lora(const EdloraFile *f, const UNetParams *p, float alpha, Arena *train, UNetLora *l) {
-    int rank;
-    MsStatus s = common_rank(f->unet, f->n_unet, "unet", &rank);
-    if (s) return s;
+    const int rank = max_rank(f->unet, f->n_unet);
+    MsStatus s = MS_OK;
     if (!rank) return ms_errorf(MS_ERR_ARG, "edlora: the file has no UNet LoRA");
     if ((s = unet_lora_init(l, p, rank, alpha, train))) return s;
     for (int i = 0; i < f->n_unet && !s; i++) {
@@ -384,10 +612,7 @@ MsStatus edlora_to_unet_lora(const EdloraFile *f, const UNetParams *p, float alp
                 if (m->in != x->in || m->out != x->out)
                     s = ms_errorf(MS_ERR_SHAPE, "edlora: unet.%s maps %d -> %d, the model's layer is %d -> %d", m->name,
                                   m->in, m->out, x->in, x->out);
-                else {
-                    memcpy(x->down, m->down, (size_t)rank * x->in * sizeof(float));
-                    memcpy(x->up, m->up, (size_t)x->out * rank * sizeof(float));
-                }
+                else copy_padded(x->down, x->up, m, rank);
             }
         if (!found && !s)
             s = ms_errorf(MS_ERR_ARG, "edlora: unet.%s: the model has no such LoRA module (LoRA sits on "
@@ -458,6 +683,11 @@ static MsStatus merge_table(MsParamTable *t, const EdloraModule *m, int n, float
             }
     }
     return MS_OK;
+}
+
+MsStatus edlora_merge_check(MsModel *m, const EdloraFile *f) {
+    MsStatus s = merge_table(&m->unet, f->unet, f->n_unet, 0.0f, "unet", 0);
+    return s ? s : merge_table(&m->text, f->te, f->n_te, 0.0f, "text_encoder", 0);
 }
 
 MsStatus edlora_merge(MsModel *m, const EdloraFile *f, float alpha) {

@@ -636,7 +636,15 @@ MsStatus train_loader_next(TrainLoader *l, TrainDataset *d, PyRandom *py, MsTorc
  *                 "text_encoder.<module>.lora_{down,up}.weight", "unet.<module>...", metadata
  *                 format = "mixshow-edlora" and order = JSON array of the keys in dict order
  * T is 16 (ED-LoRA: one embedding per cross-attention layer) or 1 (plain LoRA). Any float dtype
- * is read (converted to f32); 1x1-conv LoRA (r,in,1,1)/(out,r,1,1) is read as (r,in)/(out,r). */
+ * is read (converted to f32); 1x1-conv LoRA (r,in,1,1)/(out,r,1,1) is read as (r,in)/(out,r).
+ * A third form, kohya / AUTOMATIC1111-webui LoRA (.safetensors whose keys begin "lora_"), is read
+ * into the same type without embeddings: lora_te_text_model_encoder_layers_<i>_self_attn_q_proj
+ * -> text_encoder "text_model.encoder.layers.<i>.self_attn.q_proj", lora_unet_down_blocks_0_
+ * attentions_0_transformer_blocks_0_attn1_to_out_0 -> unet "down_blocks.0...attn1.to_out.0" (also
+ * mlp fc1/fc2, ff.net.0.proj, ff.net.2, proj_in/out), each module's alpha / rank folded into its
+ * up matrix (alpha missing or 0: scale 1). Ranks may differ between modules. Anything else (SDXL
+ * lora_te1/te2, conv LoRA on ResNets, LoCon 3x3, LyCORIS hada/lokr/lora_mid, DoRA, PEFT
+ * lora_A/B, bundled embeddings, LDM-named keys) is an MS_ERR_UNSUPPORTED error naming the key. */
 typedef struct {
     char word[MS_WORD_MAX];          /* concept word, "<potter1>" */
     int T, D;                        /* tokens of the word (16 or 1), embedding width */
@@ -672,12 +680,18 @@ MsStatus edlora_add_module(EdloraFile *f, int is_unet, const char *name, int ran
                            const float *down, const float *up);
 /* Tokens per word (all equal after edlora_read); 0 without embeddings. */
 int edlora_tokens_per_word(const EdloraFile *f);
+/* 1 for the modules the ED-LoRA runtime types carry: text encoder self_attn.{q,k,v,out}_proj,
+ * UNet attn1/attn2.{to_q,to_k,to_v,to_out.0}. */
+int edlora_module_is_attention(int is_unet, const char *name);
+/* Moves every other module (mlp, ff, proj_in/out: kohya files) from f into *extra (zeroed first;
+ * free with edlora_free). */
+MsStatus edlora_split_extra(EdloraFile *f, EdloraFile *extra);
 
 /* To the runtime types (training resumes, tests): the text encoder's attention LoRA as a
  * ClipLora over *mem (clip_lora_numel floats, ms_alloc_aligned: free with ms_free_aligned;
  * modules absent from the file are zero), the UNet's as a UNetLora carved from `train`
  * (unet_lora_init). Errors: a module the model has no LoRA slot for, in/out sizes that differ
- * from the model's, ranks that differ between modules. */
+ * from the model's. The rank is the largest module's; smaller ones are zero-padded (exact). */
 MsStatus edlora_to_clip_lora(const EdloraFile *f, const ClipTextConfig *c, float alpha, ClipLora *l, float **mem);
 MsStatus edlora_to_unet_lora(const EdloraFile *f, const UNetParams *p, float alpha, Arena *train, UNetLora *l);
 /* The reverse, for the trainer's output, in the official dict order: embeddings of n_words words
@@ -695,6 +709,8 @@ MsStatus edlora_from_lora(EdloraFile *f, int n_words, const char (*words)[MS_WOR
  * such weight are errors (the official code silently skips them). Needs f32 tables: 16-bit
  * ones (--weights f16) are refused with MS_ERR_UNSUPPORTED. */
 MsStatus edlora_merge(MsModel *m, const EdloraFile *f, float alpha);
+/* edlora_merge's checks alone (every module has a fitting f32 weight); the model is unchanged. */
+MsStatus edlora_merge_check(MsModel *m, const EdloraFile *f);
 /* load_new_concept + the EDLoRAPipeline prompt binding: adds <new0>.. (word w, layer i:
  * <new{w*T+i}>) to the tokenizer (MS_ERR_ARG when one exists already: the official assert) and
  * fills the MsTxt2ImgOptions ED-LoRA fields (pointing into p, which must outlive them). T = 16
