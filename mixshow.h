@@ -93,6 +93,10 @@ size_t tensor_numel(const Tensor *t);
 void ms_set_threads(int n);      /* <= 0: all cores. No-op without OpenMP. */
 int ms_get_threads(void);
 int ms_max_threads(void);        /* cores OpenMP would use; 1 without OpenMP */
+/* Re-executes the program with OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning at
+ * OpenMP barriers) unless a wait policy is already set; call first thing in main(). Linux with
+ * OpenMP only; returns when it did nothing. */
+void ms_wait_policy_passive(char **argv);
 double ms_time(void);            /* seconds, monotonic where available */
 
 /* SIMD level of the kernels in use. Chosen at run time on x86 (cpuid), at compile time

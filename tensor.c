@@ -21,7 +21,12 @@
 
 #ifdef _OPENMP
 #include <omp.h>
-#define MS_PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
+#define MS_PRAGMA_(x) _Pragma(#x)
+#define MS_PRAGMA(x) MS_PRAGMA_(x)
+#ifndef MS_SCHED
+#define MS_SCHED static
+#endif
+#define MS_PARALLEL_FOR MS_PRAGMA(omp parallel for schedule(MS_SCHED))
 #define MS_PARALLEL_FOR_DYN _Pragma("omp parallel for schedule(dynamic, 1)")
 #else
 #define MS_PARALLEL_FOR
@@ -158,6 +163,32 @@ int ms_max_threads(void) {
     return omp_get_num_procs();
 #else
     return 1;
+#endif
+}
+
+/* OpenMP runtimes read their wait policy once, when they are loaded: libgomp spins about
+ * 300000 times (GOMP_SPINCOUNT) at every barrier and fork before it sleeps, libomp 200 ms
+ * (KMP_BLOCKTIME). While another process holds a core, the spinning thread then holds the
+ * other one and the thread it waits for gets a time slice at a time: the tiny model's UNet
+ * step ran 35x slower on 2 threads than on 1 with a busy process beside it (issue 14). OMP_WAIT_POLICY=PASSIVE makes both runtimes
+ * sleep at once; since it is read before main runs, a process that wants it must be started
+ * with it: this sets it and execs /proc/self/exe with the same argv when none of those
+ * variables is set (an explicit choice is left alone; MS_WAIT_POLICY_KEEP=1 skips the re-exec).
+ * Returns only when nothing was done or the exec failed (then with the runtime's default). */
+#if defined(_OPENMP) && defined(__linux__)
+#include <unistd.h>
+#endif
+void ms_wait_policy_passive(char **argv) {
+#if defined(_OPENMP) && defined(__linux__)
+    if (!argv || !argv[0] || getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT") || getenv("KMP_BLOCKTIME") ||
+        getenv("MS_WAIT_POLICY_KEEP"))
+        return;
+    if (setenv("OMP_WAIT_POLICY", "PASSIVE", 1)) return;
+    fflush(NULL);
+    execv("/proc/self/exe", argv);
+    unsetenv("OMP_WAIT_POLICY");
+#else
+    (void)argv;
 #endif
 }
 

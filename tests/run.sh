@@ -4,6 +4,10 @@
 # MS_TEST_RUNNER (e.g. "qemu-s390x -L /usr/s390x-linux-gnu") is put before each program.
 # Exit status 1 if anything failed (a program that crashes or prints no summary counts as one
 # failure).
+# OpenMP threads sleep at barriers instead of spinning (as `mixshow` itself arranges through
+# ms_wait_policy_passive): a spinning thread against other work on the cores made the 2-thread
+# tests many times slower (issue 14). An explicit OMP_WAIT_POLICY / GOMP_SPINCOUNT wins.
+if [ -z "${OMP_WAIT_POLICY}${GOMP_SPINCOUNT}${KMP_BLOCKTIME}" ]; then OMP_WAIT_POLICY=PASSIVE; export OMP_WAIT_POLICY; fi
 total_p=0; total_f=0
 for t in "$@"; do
     name=$(basename "$t")

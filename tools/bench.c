@@ -4,6 +4,9 @@
  * `--nets` times whole networks instead (SD 1.5 UNet step, VAE decode, CLIP text encoder) with
  * random weights made in memory, and their memory; tools/ref/bench_torch.py times the same
  * cases in PyTorch and prints the same lines. */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L   /* fork, kill, waitpid: the busy process of --under-load */
+#endif
 #include "mixshow.h"
 #include "tools/tools.h"
 
@@ -12,6 +15,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <signal.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#define MS_BENCH_FORK 1
+#endif
 
 typedef struct { int runs; double peak[2]; int threads[2]; int attention_only, gemm_only; } Bench;
 
@@ -471,6 +481,91 @@ done:
     arena_free(&acts); arena_free(&scratch);
     unet_params_free(&p);
     ms_param_table_free(&t);
+    return ok;
+}
+
+/* --- Under load (--under-load): the tiny model's CFG UNet step (models/tiny-sd, B = 2 at its
+ * sample size) at 1 and all threads, first alone, then while a child process spins on a core
+ * for the whole measurement (not pinned: the scheduler places it), the same lines with
+ * "s/step (loaded)", and the loaded ratio all threads / 1 thread (target: <= 1, issue 14). --- */
+#ifdef MS_BENCH_FORK
+static pid_t busy_start(void) {
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid == 0) {                                     /* the busy process: spins until killed */
+        volatile unsigned long k = 0;
+        for (;;) k++;
+    }
+    return pid;                                         /* < 0: fork failed */
+}
+static void busy_stop(pid_t pid) {
+    if (pid <= 0) return;
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+}
+#endif
+
+static int bench_under_load(const Bench *b, MsRng *r) {
+    const int N = 2, Tk = 77;
+    char label[96];
+    MsModel m;
+    UNetParams p;
+    UNetSizes sz;
+    UNetCtx u;
+    Arena acts, scratch;
+    int ok = 0, p_ok = 0;
+    double idle[4], loaded[4];
+    MsOpenOptions oo;
+    memset(&m, 0, sizeof m); memset(&p, 0, sizeof p); memset(&u, 0, sizeof u);
+    memset(&acts, 0, sizeof acts); memset(&scratch, 0, sizeof scratch); memset(&oo, 0, sizeof oo);
+    oo.quiet = 1;
+    if (ms_open_model(NULL, &oo, &m, NULL, NULL, 0)) {
+        fprintf(stderr, "mixshow bench: --under-load: the tiny model: %s\n", ms_last_error());
+        return 0;
+    }
+    const UNetConfig *c = &m.unet_config;
+    const int h = c->sample_size, w = c->sample_size;
+    snprintf(label, sizeof label, "unet tiny B=%d %dx%d", N, h, w);
+    if (unet_params_init(&p, c, &m.unet)) { fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error()); goto done; }
+    p_ok = 1;
+    if (unet_sizes(c, N, h, w, Tk, 0, &sz) || arena_init(&acts, sz.acts_bytes) || arena_init(&scratch, sz.scratch_bytes) ||
+        unet_acts_init(&u.a, c, N, h, w, Tk, 0, &acts, &scratch)) {
+        fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error());
+        goto done;
+    }
+    const size_t nx = (size_t)N * c->in_channels * h * w, ne = (size_t)N * c->out_channels * h * w;
+    const size_t nc = (size_t)N * Tk * c->cross_attention_dim;
+    u.p = &p;
+    if (!(u.x = net_buf(r, nx, 1.0f)) || !(u.eps = net_buf(r, ne, 0.0f)) || !(u.ctx = net_buf(r, nc, 1.0f)) ||
+        !(u.t = net_buf(r, (size_t)N, 0.0f)))
+        goto done;
+    u.t[0] = u.t[1] = 999.0f;
+    NetCase nc_idle = { label, "s/step", run_unet, &u }, nc_load = { label, "s/step (loaded)", run_unet, &u };
+    if (net_report(b, &nc_idle, 1, idle) || !check_finite(label, u.eps, ne)) goto done;
+#ifdef MS_BENCH_FORK
+    {
+        pid_t busy = busy_start();
+        if (busy < 0) { fprintf(stderr, "mixshow bench: --under-load: fork failed\n"); goto done; }
+        int bad = net_report(b, &nc_load, 1, loaded);
+        busy_stop(busy);
+        if (bad) goto done;
+    }
+    if (b->threads[1] != b->threads[0])
+        printf("%s loaded: threads=%d / threads=1 = %.3f wall, %.3f cpu (idle %.3f wall; target: loaded <= 1)\n", label,
+               b->threads[1], loaded[1] / loaded[0], loaded[3] / loaded[2], idle[1] / idle[0]);
+#else
+    (void)loaded;
+    printf("%s loaded: not available (no fork on this platform)\n", label);
+#endif
+    fflush(stdout);
+    ok = 1;
+done:
+    ms_free_aligned(u.x); ms_free_aligned(u.eps); ms_free_aligned(u.ctx); ms_free_aligned(u.t);
+    unet_acts_free(&u.a);
+    arena_free(&acts); arena_free(&scratch);
+    if (p_ok) unet_params_free(&p);
+    ms_model_free(&m);
     return ok;
 }
 
@@ -1460,6 +1555,7 @@ static int bench_nets(const Bench *b, int which, int train_batch, int train_f16)
 
 static void usage(FILE *f) {
     fprintf(f, "usage: mixshow bench [--quick] [--attention | --gemm] [--runs K] [--nets[=unet,vae,text,train] | --all] [--train-batch B]\n"
+               "                     [--under-load]\n"
                "                     [--train-weights f32|f16] [--compare-blas]\n\n"
                "Measures the FMA peak of this machine (register-only loop, per SIMD level, 1 thread\n"
                "and all threads), then prints one line per case and thread count:\n"
@@ -1497,7 +1593,8 @@ static void usage(FILE *f) {
                "  --fuse-n 2,5,14  gram cases; --fuse-lbfgs N (0: none); --fuse-size S (multiple of 64) and\n"
                "  --fuse-steps K  for a quick run; --fuse-te-iters / --fuse-unet-iters; --fuse-words W\n"
                "tools/ref/bench_torch.py prints the same lines for PyTorch.\n\n"
-               "  --quick         3 runs per kernel case (smoke test)\n"
+               "  --quick         3 runs per kernel case (smoke test)\n", 7);
+    fprintf(f, 
                "  --attention     the peak and the attention cases only\n"
                "  --gemm          the peak, GEMM and conv cases only (tools/ref/bench_openblas.py runs it)\n"
                "  --runs K        K timed runs per case (kernels: after a warm-up)\n"
@@ -1505,16 +1602,19 @@ static void usage(FILE *f) {
                "  --train-batch B batch size of the train case (1..8; the official configs use 2)\n"
                "  --train-weights f16  the train case with 16-bit weights kept in memory (the same\n"
                "                  random values rounded to F16, as --weights f16 keeps a 16-bit file)\n"
-               "  --all           kernels, then networks\n"
+               "  --all           kernels, then networks, then --under-load\n"
+               "  --under-load    the tiny model's CFG UNet step (models/tiny-sd) at 1 and all threads, alone\n"
+               "                  and then while a child process spins on one core (lines end 's/step\n"
+               "                  (loaded)'), and the loaded ratio all threads / 1 thread (target <= 1)\n"
                "  --compare-blas  not available (it would need dlopen): tools/ref/bench_openblas.py\n"
                "                  --mixshow ./mixshow prints OpenBLAS's sgemm beside these lines\n"
                "  --help          this text\n\n"
-               "OMP_NUM_THREADS sets 'all threads'; timings are noisy while other work shares the cores.\n", 7);
+               "OMP_NUM_THREADS sets 'all threads'; timings are noisy while other work shares the cores.\n");
 }
 
 int cmd_bench(int argc, char **argv) {
     Bench b;
-    int runs = 0, kernels = 1, nets = 0, train_batch = 1, train_f16 = 0;
+    int runs = 0, kernels = 1, nets = 0, train_batch = 1, train_f16 = 0, under_load = 0;
     b.runs = 7;
     b.attention_only = 0;
     b.gemm_only = 0;
@@ -1523,7 +1623,8 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(argv[i], "--quick")) b.runs = 3;
         else if (!strcmp(argv[i], "--attention")) b.attention_only = 1;
         else if (!strcmp(argv[i], "--gemm")) b.gemm_only = 1;
-        else if (!strcmp(argv[i], "--all")) { kernels = 1; nets = NET_ALL; }
+        else if (!strcmp(argv[i], "--all")) { kernels = 1; nets = NET_ALL; under_load = 1; }
+        else if (!strcmp(argv[i], "--under-load")) { under_load = 1; if (!nets) kernels = 0; }
         else if (!strcmp(argv[i], "--nets")) { kernels = 0; nets = NET_ALL; }
         else if (!strncmp(argv[i], "--nets=", 7)) {
             const char *s = argv[i] + 7;
@@ -1601,6 +1702,14 @@ int cmd_bench(int argc, char **argv) {
     if (nets & ~NET_FUSE) {
         b.runs = runs ? runs : 3;
         if (!bench_nets(&b, nets & ~NET_FUSE, train_batch, train_f16)) return 1;
+    }
+    if (under_load) {
+        MsRng r;
+        ms_rng_seed(&r, 2305);
+        b.runs = runs ? runs : 7;
+        ms_gemm_scratch_free();
+        ops_scratch_free();
+        if (!bench_under_load(&b, &r)) return 1;
     }
     if (nets & NET_FUSE) {
         MsRng r;

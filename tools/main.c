@@ -42,6 +42,7 @@ static void usage(FILE *f) {
 }
 
 int main(int argc, char **argv) {
+    ms_wait_policy_passive(argv);              /* no spinning against a busy core (issue 14) */
     ms_set_argv0(argc > 0 ? argv[0] : NULL);   /* finding shipped data where /proc/self/exe is absent */
     if (argc < 2) { usage(stderr); return 2; }
     if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) { usage(stdout); return 0; }
