@@ -782,6 +782,50 @@ MsStatus vae_decode_tiled(const VaeParams *p, Arena *scratch, float *img, const 
 MsStatus vae_encode_tiled(const VaeParams *p, Arena *scratch, float *mean, float *logvar, const float *x,
                           int B, int H, int W, int tile_sample);
 
+/* Full-parameter training (issue 15). The training forwards run the whole batch at once and
+ * keep on a tape (in the arena, sized by vae_train_sizes; H, W = image sides for the encoder,
+ * latent sides for the decoder) every activation and a gradient buffer beside it; the tape
+ * lives until the caller resets the arena. Weights must be f32 (MS_ERR_UNSUPPORTED otherwise).
+ *   vae_encode_train: x (N,Cin,H,W) -> mean, logvar (N,lat,H/f,W/f) (as vae_encode);
+ *   vae_decode_train: z (N,lat,h,w) -> img (N,Cout,h f,w f) = AutoencoderKL.decode(z): z is the
+ *     posterior sample itself (no scaling_factor, unlike vae_decode's latents).
+ * The backwards ACCUMULATE (+=) the gradient of every parameter into dp (a VaeParams over an
+ * f32 table of ms_param_table_vae, zeroed by the caller) and dL/dinput into dx / dz (NULL: not
+ * wanted). dlogvar is the gradient w.r.t. the clamped logvar; it passes the clamp where
+ * -30 <= logvar <= 20, as torch.clamp's. dmean / dlogvar NULL: zero. */
+typedef struct { float *v, *g; int C, H, W; } VaeTapeTensor;     /* value, gradient (N,C,H,W) */
+typedef struct {
+    int kind, x, y, out, k, s, pad[4];  /* op, input tensors (y: second input), output; conv geometry */
+    size_t w, b;                        /* byte offsets of its MsParam pointers in VaeParams (attention:
+                                         * of q_w; (size_t)-1 none): the same field of the gradients */
+    float *save;                        /* GroupNorm: mean, rstd; attention: q, k, v, o, lse + backward's */
+} VaeTapeOp;
+typedef struct {
+    VaeConfig cfg;
+    const VaeParams *p;
+    Arena *ar;
+    VaeTapeOp *op;
+    VaeTapeTensor *t;
+    int plan, encode, N, H, W, n_ops, n_t, cap, in, out;
+    size_t bytes;                       /* arena bytes taken (planned) */
+    MsStatus st;
+} VaeTape;
+MsStatus vae_train_sizes(const VaeConfig *c, int encode, int N, int H, int W, size_t *bytes);
+MsStatus vae_encode_train(VaeTape *t, Arena *ar, const VaeParams *p, float *mean, float *logvar, const float *x,
+                          int N, int H, int W);
+MsStatus vae_encode_backward_full(VaeTape *t, const VaeParams *dp, float *dx, const float *dmean, const float *dlogvar);
+MsStatus vae_decode_train(VaeTape *t, Arena *ar, const VaeParams *p, float *img, const float *z, int N, int h, int w);
+MsStatus vae_decode_backward_full(VaeTape *t, const VaeParams *dp, float *dz, const float *dimg);
+/* Backward of vae_posterior_sample (latents = (mean + exp(logvar/2) noise) * scale):
+ * dmean += scale dlat, dlogvar += scale dlat noise exp(logvar/2) / 2 (NULL: skipped). */
+void vae_posterior_sample_backward(float *dmean, float *dlogvar, const float *dlatents, const float *logvar,
+                                   const float *noise, size_t n, float scale);
+/* DiagonalGaussianDistribution.kl() of B samples of m values each: kl[b] = 0.5 sum(mean^2 +
+ * exp(logvar) - 1 - logvar) (summed in double); backward += dkl[b] (mean, (exp(logvar) - 1) / 2). */
+void vae_kl(float *kl, const float *mean, const float *logvar, int B, size_t m);
+void vae_kl_backward(float *dmean, float *dlogvar, const float *dkl, const float *mean, const float *logvar, int B,
+                     size_t m);
+
 #define MS_ADAPTER_MAX_RES 4                /* num_res_blocks supported (SD: 2) */
 typedef struct {
     AdapterConfig cfg;

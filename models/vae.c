@@ -30,6 +30,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__clang__)
@@ -655,4 +656,411 @@ MsStatus vae_encode_tiled(const VaeParams *p, Arena *scratch, float *mean, float
     }
     arena_reset(scratch, mark);
     return MS_OK;
+}
+
+
+/* ---------------------------------------------------------------------------------------- */
+/* Training (issue 15): encoder and decoder forward on a tape, full-parameter backward       */
+/* ---------------------------------------------------------------------------------------- */
+/* The training forward runs the whole batch through each op at once and records every op on a
+ * tape (VaeTape, mixshow.h): its kind, its tensors (values kept, gradient buffers beside them),
+ * where its weight and bias sit in VaeParams (byte offsets, so that backward finds the same
+ * fields in the gradient VaeParams dp) and what it saved (GroupNorm mean/rstd, attention
+ * q/k/v/o/lse). Nothing runs in place, so backward reads every op's input as it was. Backward is
+ * one loop over the tape in reverse, so the encoder and decoder cannot disagree with their
+ * forwards. The same builder runs with plan = 1 (shapes only, no data) to size the arena.
+ * Memory: values + gradients of every activation, meant for the small VAEs of `mixshow
+ * pretrain` (SD 1.5's VAE at 512^2 would need tens of GB this way). */
+enum { VT_CONV, VT_GN, VT_SILU, VT_ADD, VT_UP, VT_ATTN };
+#define VT_NONE ((size_t)-1)
+
+static const MsParam *vt_field(const VaeParams *p, size_t off) {
+    return off == VT_NONE ? NULL : *(const MsParam *const *)(const void *)((const char *)p + off);
+}
+
+static size_t vt_off(const VaeTape *t, const MsParam *const *field) {
+    return (size_t)((const char *)field - (const char *)t->p);
+}
+
+static void vt_fail(VaeTape *t, MsStatus s) { if (!t->st) t->st = s; }
+
+static int vt_live(const VaeTape *t) { return !t->plan && !t->st; }
+
+static void *vt_alloc(VaeTape *t, size_t bytes) {
+    t->bytes += al(bytes);
+    if (t->plan) return NULL;
+    void *m = arena_alloc(t->ar, bytes ? bytes : 1);
+    if (!m) vt_fail(t, ms_errorf(MS_ERR_NOMEM, "vae training: activation arena too small (%zu of %zu bytes free)",
+                                 t->ar->cap - t->ar->used, t->ar->cap));
+    return m;
+}
+
+/* a new tensor (N, C, H, W): value and gradient */
+static int vt_new(VaeTape *t, int C, int H, int W) {
+    if (t->n_t >= t->cap) { vt_fail(t, ms_errorf(MS_ERR_ARG, "vae training: tape overflow (%d tensors)", t->cap)); return 0; }
+    const int id = t->n_t++;
+    const size_t n = (size_t)t->N * C * H * W;
+    VaeTapeTensor *x = &t->t[id];
+    x->C = C; x->H = H; x->W = W;
+    x->v = (float *)vt_alloc(t, n * sizeof(float));
+    x->g = (float *)vt_alloc(t, n * sizeof(float));
+    return id;
+}
+
+static VaeTapeOp *vt_op(VaeTape *t, int kind, int x, int y, int out) {
+    static VaeTapeOp sink;
+    if (t->n_ops >= t->cap) {
+        vt_fail(t, ms_errorf(MS_ERR_ARG, "vae training: tape overflow (%d ops)", t->cap));
+        return memset(&sink, 0, sizeof sink);
+    }
+    VaeTapeOp *o = &t->op[t->n_ops++];
+    memset(o, 0, sizeof *o);
+    o->kind = kind; o->x = x; o->y = y; o->out = out; o->w = o->b = VT_NONE;
+    return o;
+}
+
+/* the f32 data of the weight at offset off (NULL while planning or for VT_NONE) */
+static const float *vt_weight(VaeTape *t, size_t off) {
+    const MsParam *m = vt_field(t->p, off);
+    if (t->plan || !m) return NULL;
+    if (!m->f32) vt_fail(t, ms_errorf(MS_ERR_UNSUPPORTED, "vae training: %s is not f32 (full-parameter training needs "
+                                     "f32 weights; load the table as f32)", m->name));
+    return m->f32;
+}
+
+/* conv k x k, stride s, pads top, left, bottom, right */
+static int vt_conv(VaeTape *t, int x, const MsParam *const *w, const MsParam *const *b, int Co, int k, int s,
+                   int pt, int pl, int pb, int pr) {
+    const int C = t->t[x].C, H = t->t[x].H, W = t->t[x].W;
+    const int y = vt_new(t, Co, (H + pt + pb - k) / s + 1, (W + pl + pr - k) / s + 1);
+    VaeTapeOp *o = vt_op(t, VT_CONV, x, -1, y);
+    o->w = vt_off(t, w); o->b = vt_off(t, b);
+    o->k = k; o->s = s; o->pad[0] = pt; o->pad[1] = pl; o->pad[2] = pb; o->pad[3] = pr;
+    const float *wf = vt_weight(t, o->w), *bf = vt_weight(t, o->b);
+    if (vt_live(t)) conv2d_forward_pad(t->t[y].v, t->t[x].v, wf, bf, t->N, C, Co, H, W, k, s, pt, pl, pb, pr);
+    return y;
+}
+
+static int vt_gn(VaeTape *t, int x, const MsParam *const *w, const MsParam *const *b) {
+    const int C = t->t[x].C, H = t->t[x].H, W = t->t[x].W, G = t->cfg.norm_num_groups;
+    const int y = vt_new(t, C, H, W);
+    float *save = (float *)vt_alloc(t, 2 * (size_t)t->N * G * sizeof(float));
+    VaeTapeOp *o = vt_op(t, VT_GN, x, -1, y);
+    o->w = vt_off(t, w); o->b = vt_off(t, b); o->save = save;
+    const float *wf = vt_weight(t, o->w), *bf = vt_weight(t, o->b);
+    if (vt_live(t))
+        groupnorm_forward(t->t[y].v, save, save + (size_t)t->N * G, t->t[x].v, wf, bf, t->N, C, H * W, G, VAE_EPS);
+    return y;
+}
+
+static int vt_silu(VaeTape *t, int x) {
+    const int y = vt_new(t, t->t[x].C, t->t[x].H, t->t[x].W);
+    vt_op(t, VT_SILU, x, -1, y);
+    if (vt_live(t)) silu_forward(t->t[y].v, t->t[x].v, (size_t)t->N * t->t[x].C * t->t[x].H * t->t[x].W);
+    return y;
+}
+
+static int vt_add(VaeTape *t, int a, int b) {
+    const int y = vt_new(t, t->t[a].C, t->t[a].H, t->t[a].W);
+    vt_op(t, VT_ADD, a, b, y);
+    if (vt_live(t)) add_forward(t->t[y].v, t->t[a].v, t->t[b].v, (size_t)t->N * t->t[a].C * t->t[a].H * t->t[a].W);
+    return y;
+}
+
+static int vt_up(VaeTape *t, int x) {
+    const int C = t->t[x].C, H = t->t[x].H, W = t->t[x].W;
+    const int y = vt_new(t, C, 2 * H, 2 * W);
+    vt_op(t, VT_UP, x, -1, y);
+    if (vt_live(t)) upsample_nearest2x_forward(t->t[y].v, t->t[x].v, t->N, C, H, W);
+    return y;
+}
+
+/* The attention of vae_attention after its GroupNorm, on x (N,C,T): q, k, v, o (N,T,C) and
+ * lse (N,T) saved; out (N,C,T) = Wo o^T + bo (the residual is a VT_ADD of its own). */
+static int vt_attn(VaeTape *t, int x, const VaeAttnParams *a) {
+    const int C = t->t[x].C, H = t->t[x].H, W = t->t[x].W, T = H * W, N = t->N;
+    const size_t n = (size_t)C * T;
+    const int y = vt_new(t, C, H, W);
+    float *save = (float *)vt_alloc(t, (8 * n + (size_t)T) * N * sizeof(float));   /* + backward's do/dq/dk/dv */
+    VaeTapeOp *o = vt_op(t, VT_ATTN, x, -1, y);
+    o->w = vt_off(t, &a->q_w); o->save = save;
+    const float *wq = vt_weight(t, vt_off(t, &a->q_w)), *bq = vt_weight(t, vt_off(t, &a->q_b));
+    const float *wk = vt_weight(t, vt_off(t, &a->k_w)), *bk = vt_weight(t, vt_off(t, &a->k_b));
+    const float *wv = vt_weight(t, vt_off(t, &a->v_w)), *bv = vt_weight(t, vt_off(t, &a->v_b));
+    const float *wo = vt_weight(t, vt_off(t, &a->o_w)), *bo = vt_weight(t, vt_off(t, &a->o_b));
+    if (!vt_live(t)) return y;
+    float *q = save, *k = q + N * n, *v = k + N * n, *ob = v + N * n, *lse = ob + N * n;
+    for (int b = 0; b < N; b++) {
+        const float *xb = t->t[x].v + b * n;
+        tokens_linear(q + b * n, xb, wq, bq, C, T);
+        tokens_linear(k + b * n, xb, wk, bk, C, T);
+        tokens_linear(v + b * n, xb, wv, bv, C, T);
+    }
+    attention_forward(ob, lse, q, k, v, N, T, T, 1, C, 0, (float)pow((double)C, -0.5));
+    for (int b = 0; b < N; b++) {
+        float *yb = t->t[y].v + b * n;
+        for (int c = 0; c < C; c++)
+            for (int i = 0; i < T; i++) yb[(size_t)c * T + i] = bo[c];
+        ms_gemm(0, 1, C, T, C, 1.0f, wo, C, ob + b * n, C, 1.0f, yb, T);
+    }
+    return y;
+}
+
+/* ResnetBlock2D as vae_resnet: out = shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x)))))) */
+static int vt_resnet(VaeTape *t, int x, const VaeResnetParams *p, int Co) {
+    const int Ci = t->t[x].C;
+    int h = vt_conv(t, vt_silu(t, vt_gn(t, x, &p->norm1_w, &p->norm1_b)), &p->conv1_w, &p->conv1_b, Co, 3, 1, 1, 1, 1, 1);
+    h = vt_conv(t, vt_silu(t, vt_gn(t, h, &p->norm2_w, &p->norm2_b)), &p->conv2_w, &p->conv2_b, Co, 3, 1, 1, 1, 1, 1);
+    const int s = Ci == Co ? x : vt_conv(t, x, &p->short_w, &p->short_b, Co, 1, 1, 0, 0, 0, 0);
+    return vt_add(t, s, h);
+}
+
+static int vt_mid(VaeTape *t, int x, const VaeResnetParams res[2], const VaeAttnParams *a) {
+    const int C = t->t[x].C;
+    x = vt_resnet(t, x, &res[0], C);
+    x = vt_add(t, vt_attn(t, vt_gn(t, x, &a->norm_w, &a->norm_b), a), x);
+    return vt_resnet(t, x, &res[1], C);
+}
+
+/* vae_encoder: img -> moments (N, 2 lat, H/f, W/f) */
+static int vt_encoder(VaeTape *t, const VaeParams *p, int x) {
+    const VaeConfig *c = &t->cfg;
+    const int n = c->n_blocks, L = c->layers_per_block, *ch = c->block_out_channels;
+    int a = vt_conv(t, x, &p->enc_conv_in_w, &p->enc_conv_in_b, ch[0], 3, 1, 1, 1, 1, 1);
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < L; j++) a = vt_resnet(t, a, &p->enc_res[i][j], ch[i]);
+        if (i < n - 1) a = vt_conv(t, a, &p->enc_down_w[i], &p->enc_down_b[i], ch[i], 3, 2, 0, 0, 1, 1);
+    }
+    a = vt_mid(t, a, p->enc_mid_res, &p->enc_mid_attn);
+    a = vt_silu(t, vt_gn(t, a, &p->enc_norm_out_w, &p->enc_norm_out_b));
+    a = vt_conv(t, a, &p->enc_conv_out_w, &p->enc_conv_out_b, 2 * c->latent_channels, 3, 1, 1, 1, 1, 1);
+    return vt_conv(t, a, &p->quant_w, &p->quant_b, 2 * c->latent_channels, 1, 1, 0, 0, 0, 0);
+}
+
+/* AutoencoderKL.decode(z) = Decoder(post_quant_conv(z)): z (N, lat, h, w) -> img */
+static int vt_decoder(VaeTape *t, const VaeParams *p, int z) {
+    const VaeConfig *c = &t->cfg;
+    const int n = c->n_blocks, L = c->layers_per_block, *ch = c->block_out_channels;
+    int a = vt_conv(t, z, &p->post_quant_w, &p->post_quant_b, c->latent_channels, 1, 1, 0, 0, 0, 0);
+    a = vt_conv(t, a, &p->dec_conv_in_w, &p->dec_conv_in_b, ch[n - 1], 3, 1, 1, 1, 1, 1);
+    a = vt_mid(t, a, p->dec_mid_res, &p->dec_mid_attn);
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j <= L; j++) a = vt_resnet(t, a, &p->dec_res[i][j], ch[n - 1 - i]);
+        if (i < n - 1) a = vt_conv(t, vt_up(t, a), &p->dec_up_w[i], &p->dec_up_b[i], ch[n - 1 - i], 3, 1, 1, 1, 1, 1);
+    }
+    a = vt_silu(t, vt_gn(t, a, &p->dec_norm_out_w, &p->dec_norm_out_b));
+    return vt_conv(t, a, &p->dec_conv_out_w, &p->dec_conv_out_b, c->out_channels, 3, 1, 1, 1, 1, 1);
+}
+
+/* at least the tensors and ops of either builder: a resnet makes 8, the mid block 19 */
+static int vt_cap(const VaeConfig *c) { return 40 + 8 * c->n_blocks * (c->layers_per_block + 1) + 2 * c->n_blocks; }
+
+/* Checks, then builds the tape: with ar NULL only plans (t->bytes); else allocates from ar and
+ * runs. The input (N, Cin, H, W) is copied onto the tape. */
+static MsStatus vt_build(VaeTape *t, Arena *ar, const VaeConfig *c, const VaeParams *p, int encode, const float *in,
+                         int N, int H, int W, const char *what) {
+    MsStatus s;
+    const int f = vae_factor(c);
+    memset(t, 0, sizeof *t);
+    if ((s = vae_check_config(c))) return s;
+    if (encode && (s = vae_check_image(c, H, W, what))) return s;
+    if (!encode && (H <= 0 || W <= 0 || H > 32768 / f || W > 32768 / f))
+        return ms_errorf(MS_ERR_SHAPE, "%s: latent %d x %d: sides must be in 1..%d", what, H, W, 32768 / f);
+    int wide = (int)zmax(zmax((size_t)c->in_channels, (size_t)c->out_channels), 2 * (size_t)c->latent_channels);
+    for (int i = 0; i < c->n_blocks; i++) wide = c->block_out_channels[i] > wide ? c->block_out_channels[i] : wide;
+    const double Hi = encode ? H : (double)H * f, Wi = encode ? W : (double)W * f;
+    if (N < 1 || (double)N * wide * Hi * Wi > 2147483647.0)
+        return ms_errorf(MS_ERR_SHAPE, "%s: batch %d of %.0f x %.0f images: needs >= 1 and every tensor below 2^31 "
+                         "values", what, N, Hi, Wi);
+    if (p && memcmp(&p->cfg, c, sizeof *c)) return ms_errorf(MS_ERR_ARG, "%s: the parameters belong to another config", what);
+    t->cfg = *c; t->N = N; t->encode = encode; t->H = H; t->W = W; t->p = p ? p : &vae_no_params;
+    t->plan = !ar; t->ar = ar; t->cap = vt_cap(c);
+    const size_t arrays = (size_t)t->cap * (sizeof(VaeTapeOp) + sizeof(VaeTapeTensor));
+    if (t->plan) {   /* shapes need somewhere to live while planning */
+        if (!(t->op = (VaeTapeOp *)malloc(arrays))) return ms_errorf(MS_ERR_NOMEM, "%s: out of memory", what);
+        t->t = (VaeTapeTensor *)(void *)(t->op + t->cap);
+        t->bytes = al(arrays);
+    } else {
+        t->op = (VaeTapeOp *)vt_alloc(t, arrays);
+        if (t->st) return t->st;
+        t->t = (VaeTapeTensor *)(void *)(t->op + t->cap);
+    }
+    const int Ci = encode ? c->in_channels : c->latent_channels;
+    t->in = vt_new(t, Ci, H, W);
+    if (vt_live(t)) memcpy(t->t[t->in].v, in, (size_t)N * Ci * H * W * sizeof(float));
+    t->out = encode ? vt_encoder(t, t->p, t->in) : vt_decoder(t, t->p, t->in);
+    if (t->plan) { free(t->op); t->op = NULL; t->t = NULL; }
+    return t->st;
+}
+
+MsStatus vae_train_sizes(const VaeConfig *c, int encode, int N, int H, int W, size_t *bytes) {
+    VaeTape t;
+    MsStatus s = vt_build(&t, NULL, c, NULL, encode, NULL, N, H, W, "vae_train_sizes");
+    *bytes = s ? 0 : t.bytes;
+    return s;
+}
+
+MsStatus vae_encode_train(VaeTape *t, Arena *ar, const VaeParams *p, float *mean, float *logvar, const float *x,
+                          int N, int H, int W) {
+    MsStatus s;
+    if (!ar || !p) return ms_errorf(MS_ERR_ARG, "vae_encode_train: no arena or parameters");
+    if ((s = vt_build(t, ar, &p->cfg, p, 1, x, N, H, W, "vae_encode_train"))) return s;
+    const int lat = p->cfg.latent_channels;
+    const size_t P = (size_t)t->t[t->out].H * t->t[t->out].W;
+    for (int b = 0; b < N; b++)
+        split_moments(mean + (size_t)b * lat * P, logvar + (size_t)b * lat * P, t->t[t->out].v + (size_t)b * 2 * lat * P,
+                      lat, P);
+    return MS_OK;
+}
+
+MsStatus vae_decode_train(VaeTape *t, Arena *ar, const VaeParams *p, float *img, const float *z, int N, int h, int w) {
+    MsStatus s;
+    if (!ar || !p) return ms_errorf(MS_ERR_ARG, "vae_decode_train: no arena or parameters");
+    if ((s = vt_build(t, ar, &p->cfg, p, 0, z, N, h, w, "vae_decode_train"))) return s;
+    const VaeTapeTensor *o = &t->t[t->out];
+    memcpy(img, o->v, (size_t)N * o->C * o->H * o->W * sizeof(float));
+    return MS_OK;
+}
+
+/* the gradient buffer of the weight at offset off in dp (NULL for VT_NONE) */
+static float *vt_grad(const VaeParams *dp, size_t off) {
+    const MsParam *m = vt_field(dp, off);
+    return m ? m->f32 : NULL;
+}
+
+/* dL/d(attention input) and the projections' weight gradients of a VT_ATTN op */
+static void vt_attn_backward(const VaeTape *t, const VaeTapeOp *o, const VaeParams *dp) {
+    const VaeTapeTensor *x = &t->t[o->x], *y = &t->t[o->out];
+    const int C = x->C, T = x->H * x->W, N = t->N;
+    const size_t n = (size_t)C * T;
+    const VaeAttnParams *a = (const VaeAttnParams *)(const void *)((const char *)t->p + o->w - offsetof(VaeAttnParams, q_w));
+    const VaeAttnParams *da = (const VaeAttnParams *)(const void *)((const char *)dp + o->w - offsetof(VaeAttnParams, q_w));
+    const float *q = o->save, *k = q + N * n, *v = k + N * n, *ob = v + N * n, *lse = ob + N * n;
+    float *d = (float *)lse + (size_t)N * T;   /* do, dq, dk, dv (planned with the op) */
+    float *dob = d, *dq = d + N * n, *dk = dq + N * n, *dv = dk + N * n;
+    memset(d, 0, 4 * N * n * sizeof(float));
+    for (int b = 0; b < N; b++) {   /* y (C,T) = Wo o^T + bo */
+        const float *dy = y->g + b * n;
+        ms_gemm(0, 0, C, C, T, 1.0f, dy, T, ob + b * n, C, 1.0f, da->o_w->f32, C);        /* dWo += dy o */
+        for (int c = 0; c < C; c++) {
+            double s = 0.0;
+            for (int i = 0; i < T; i++) s += dy[(size_t)c * T + i];
+            da->o_b->f32[c] += (float)s;
+        }
+        ms_gemm(1, 0, T, C, C, 1.0f, dy, T, a->o_w->f32, C, 0.0f, dob + b * n, C);       /* do = dy^T Wo */
+    }
+    attention_backward(dq, dk, dv, dob, q, k, v, ob, lse, N, T, T, 1, C, 0, (float)pow((double)C, -0.5));
+    const float *dp3[3] = { dq, dk, dv };
+    const MsParam *w3[3] = { a->q_w, a->k_w, a->v_w };
+    float *dw3[3] = { da->q_w->f32, da->k_w->f32, da->v_w->f32 }, *db3[3] = { da->q_b->f32, da->k_b->f32, da->v_b->f32 };
+    for (int j = 0; j < 3; j++)
+        for (int b = 0; b < N; b++) {   /* q (T,C) = x^T Wq^T + bq */
+            const float *g = dp3[j] + b * n;
+            ms_gemm(1, 1, C, C, T, 1.0f, g, C, x->v + b * n, T, 1.0f, dw3[j], C);          /* dWq += dq^T x^T */
+            for (int c = 0; c < C; c++) {
+                double s = 0.0;
+                for (int i = 0; i < T; i++) s += g[(size_t)i * C + c];
+                db3[j][c] += (float)s;
+            }
+            ms_gemm(1, 1, C, T, C, 1.0f, w3[j]->f32, C, g, C, 1.0f, x->g + b * n, T);      /* dx += Wq^T dq^T */
+        }
+}
+
+/* Backward of the whole tape from the output gradient already in t->t[t->out].g. */
+static MsStatus vt_backward(VaeTape *t, const VaeParams *dp, float *din, const char *what) {
+    if (!t->ar || !t->op || t->plan) return ms_errorf(MS_ERR_ARG, "%s: no forward pass on this tape", what);
+    if (!dp) return ms_errorf(MS_ERR_ARG, "%s: no gradient parameters", what);
+    if (memcmp(&dp->cfg, &t->cfg, sizeof t->cfg))
+        return ms_errorf(MS_ERR_ARG, "%s: the gradients belong to a different config", what);
+    for (int i = 0; i < t->n_ops; i++) {   /* every gradient an f32 buffer (an attention op: all 8 tensors) */
+        const VaeTapeOp *o = &t->op[i];
+        static const size_t af[8] = { offsetof(VaeAttnParams, q_w), offsetof(VaeAttnParams, q_b),
+                                      offsetof(VaeAttnParams, k_w), offsetof(VaeAttnParams, k_b),
+                                      offsetof(VaeAttnParams, v_w), offsetof(VaeAttnParams, v_b),
+                                      offsetof(VaeAttnParams, o_w), offsetof(VaeAttnParams, o_b) };
+        const int nf = o->kind == VT_ATTN ? 8 : 2;
+        for (int j = 0; j < nf; j++) {
+            const size_t off = o->kind == VT_ATTN ? o->w - af[0] + af[j] : j ? o->b : o->w;
+            const MsParam *m = vt_field(dp, off);
+            if (off != VT_NONE && (!m || !m->f32))
+                return ms_errorf(MS_ERR_UNSUPPORTED, "%s: the gradient of %s is not an f32 buffer", what,
+                                 m ? m->name : "(missing)");
+        }
+    }
+    for (int i = 0; i < t->n_t; i++)
+        if (i != t->out) memset(t->t[i].g, 0, (size_t)t->N * t->t[i].C * t->t[i].H * t->t[i].W * sizeof(float));
+    const int G = t->cfg.norm_num_groups, N = t->N;
+    for (int i = t->n_ops - 1; i >= 0; i--) {
+        const VaeTapeOp *o = &t->op[i];
+        const VaeTapeTensor *x = &t->t[o->x], *y = &t->t[o->out];
+        const size_t nx = (size_t)N * x->C * x->H * x->W;
+        switch (o->kind) {
+        case VT_CONV:
+            conv2d_backward(x->g, vt_grad(dp, o->w), vt_grad(dp, o->b), y->g, x->v, vt_field(t->p, o->w)->f32, N, x->C,
+                            y->C, x->H, x->W, o->k, o->s, o->pad[0], o->pad[1], o->pad[2], o->pad[3]);
+            break;
+        case VT_GN:
+            groupnorm_backward(x->g, vt_grad(dp, o->w), vt_grad(dp, o->b), y->g, x->v, o->save, o->save + (size_t)N * G,
+                               vt_field(t->p, o->w)->f32, N, x->C, x->H * x->W, G);
+            break;
+        case VT_SILU: silu_backward(x->g, y->g, x->v, nx); break;
+        case VT_ADD: add_backward(x->g, t->t[o->y].g, y->g, nx); break;
+        case VT_UP: upsample_nearest2x_backward(x->g, y->g, N, x->C, x->H, x->W); break;
+        case VT_ATTN: vt_attn_backward(t, o, dp); break;
+        }
+    }
+    const VaeTapeTensor *in = &t->t[t->in];
+    if (din) add_forward(din, din, in->g, (size_t)N * in->C * in->H * in->W);
+    return MS_OK;
+}
+
+MsStatus vae_encode_backward_full(VaeTape *t, const VaeParams *dp, float *dx, const float *dmean, const float *dlogvar) {
+    if (!t->encode || !t->op) return ms_errorf(MS_ERR_ARG, "vae_encode_backward_full: the tape holds no encoder forward");
+    const VaeTapeTensor *m = &t->t[t->out];
+    const int lat = t->cfg.latent_channels;
+    const size_t P = (size_t)m->H * m->W, nl = (size_t)lat * P;
+    for (int b = 0; b < t->N; b++) {   /* moments = [mean; logvar before the clamp] */
+        const float *mv = m->v + (size_t)b * 2 * nl;
+        float *g = m->g + (size_t)b * 2 * nl;
+        for (size_t i = 0; i < nl; i++) g[i] = dmean ? dmean[(size_t)b * nl + i] : 0.0f;
+        for (size_t i = 0; i < nl; i++) {   /* torch.clamp passes the gradient where min <= v <= max */
+            const float v = mv[nl + i];
+            g[nl + i] = dlogvar && v >= -30.0f && v <= 20.0f ? dlogvar[(size_t)b * nl + i] : 0.0f;
+        }
+    }
+    return vt_backward(t, dp, dx, "vae_encode_backward_full");
+}
+
+MsStatus vae_decode_backward_full(VaeTape *t, const VaeParams *dp, float *dz, const float *dimg) {
+    if (t->encode || !t->op) return ms_errorf(MS_ERR_ARG, "vae_decode_backward_full: the tape holds no decoder forward");
+    const VaeTapeTensor *o = &t->t[t->out];
+    memcpy(o->g, dimg, (size_t)t->N * o->C * o->H * o->W * sizeof(float));
+    return vt_backward(t, dp, dz, "vae_decode_backward_full");
+}
+
+void vae_posterior_sample_backward(float *dmean, float *dlogvar, const float *dlatents, const float *logvar,
+                                   const float *noise, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) {
+        const float g = dlatents[i] * scale;
+        if (dmean) dmean[i] += g;
+        if (dlogvar) dlogvar[i] += g * noise[i] * 0.5f * expf(0.5f * logvar[i]);
+    }
+}
+
+void vae_kl(float *kl, const float *mean, const float *logvar, int B, size_t m) {
+    for (int b = 0; b < B; b++) {
+        double s = 0.0;
+        for (size_t i = (size_t)b * m; i < (size_t)(b + 1) * m; i++)
+            s += (double)mean[i] * mean[i] + exp((double)logvar[i]) - 1.0 - logvar[i];
+        kl[b] = (float)(0.5 * s);
+    }
+}
+
+void vae_kl_backward(float *dmean, float *dlogvar, const float *dkl, const float *mean, const float *logvar, int B,
+                     size_t m) {
+    for (int b = 0; b < B; b++)
+        for (size_t i = (size_t)b * m; i < (size_t)(b + 1) * m; i++) {
+            if (dmean) dmean[i] += dkl[b] * mean[i];
+            if (dlogvar) dlogvar[i] += dkl[b] * 0.5f * (expf(logvar[i]) - 1.0f);
+        }
 }

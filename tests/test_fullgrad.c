@@ -46,7 +46,7 @@ static void text_cfg(ClipTextConfig *c) { /* gen_fullgrad_golden.py TEXT_CFG */
 }
 
 /* Every parameter of t from the golden file under prefix + name (shape-checked), or all zero. */
-static int table_fill(MsParamTable *t, const char *prefix) {
+static int table_fill(const StFile *f, MsParamTable *t, const char *prefix) {
     if (!check(ms_param_table_alloc(t, NULL) == MS_OK, "allocate a %s table", prefix)) return 0;
     memset(t->mem, 0, t->mem_bytes);
     if (!prefix[0]) return 1;
@@ -55,7 +55,7 @@ static int table_fill(MsParamTable *t, const char *prefix) {
         char key[2 * MS_KEY_MAX];
         if (p->flags & MS_PARAM_BUFFER) continue;
         snprintf(key, sizeof key, "%s%s", prefix, p->name);
-        if (st_read_f32(&G, key, p->f32, p->numel, p->ndim, p->shape)) {
+        if (st_read_f32(f, key, p->f32, p->numel, p->ndim, p->shape)) {
             check(0, "golden %s: %s", key, ms_last_error());
             return 0;
         }
@@ -63,9 +63,9 @@ static int table_fill(MsParamTable *t, const char *prefix) {
     return 1;
 }
 
-static float *golden(const char *key, size_t n) {
+static float *golden(const StFile *f, const char *key, size_t n) {
     float *x = test_zeros(n);
-    if (st_read_f32(&G, key, x, n, -1, NULL)) { check(0, "golden %s: %s", key, ms_last_error()); ms_free_aligned(x); return NULL; }
+    if (st_read_f32(f, key, x, n, -1, NULL)) { check(0, "golden %s: %s", key, ms_last_error()); ms_free_aligned(x); return NULL; }
     return x;
 }
 
@@ -76,13 +76,16 @@ static double max_abs_table(const MsParamTable *t) {
     return m;
 }
 
-static int zero_by_theory(const char *name) {
-    size_t n = strlen(name), m = strlen("k_proj.bias");
-    return n >= m && !strcmp(name + n - m, "k_proj.bias");
+static int ends_with(const char *s, const char *tail) {
+    size_t n = strlen(s), m = strlen(tail);
+    return n >= m && !strcmp(s + n - m, tail);
 }
 
+/* a key bias shifts every logit of a query by the same q.b: the softmax cancels it */
+static int zero_by_theory(const char *name) { return ends_with(name, "k_proj.bias") || ends_with(name, "to_k.bias"); }
+
 /* Every gradient of g against prefix + name; one check per tensor, the worst printed. */
-static void cmp_golden(const char *net, const MsParamTable *g, const char *prefix) {
+static void cmp_golden(const StFile *f, const char *net, const MsParamTable *g, const char *prefix) {
     double worst = 0.0, gmax = max_abs_table(g);
     const char *wname = "";
     int n = 0;
@@ -91,7 +94,7 @@ static void cmp_golden(const char *net, const MsParamTable *g, const char *prefi
         char key[2 * MS_KEY_MAX];
         if (p->flags & MS_PARAM_BUFFER) continue;
         snprintf(key, sizeof key, "%s%s", prefix, p->name);
-        float *want = golden(key, p->numel);
+        float *want = golden(f, key, p->numel);
         if (!want) continue;
         if (zero_by_theory(p->name)) {
             TestErr e = test_err_f(p->f32, want, p->numel);
@@ -233,14 +236,14 @@ static void test_unet(void) {
     unet_cfg(&u.c);
     if (!check(ms_param_table_unet(&u.c, &u.w) == MS_OK && ms_param_table_unet(&u.c, &u.g) == MS_OK, "unet tables"))
         return;
-    if (!table_fill(&u.w, "unet/w/") || !table_fill(&u.g, "")) return;
+    if (!table_fill(&G, &u.w, "unet/w/") || !table_fill(&G, &u.g, "")) return;
     if (!check(unet_params_init(&u.p, &u.c, &u.w) == MS_OK && unet_params_init(&u.dp, &u.c, &u.g) == MS_OK,
                "unet params: %s", ms_last_error()))
         return;
     u.nx = (size_t)N * 4 * H * W;
     u.nc = (size_t)N * Tk * u.c.cross_attention_dim;
-    u.x = golden("unet/in/x", u.nx); u.t = golden("unet/in/t", N); u.ctx = golden("unet/in/ctx", u.nc);
-    u.R = golden("unet/in/R", u.nx);
+    u.x = golden(&G, "unet/in/x", u.nx); u.t = golden(&G, "unet/in/t", N); u.ctx = golden(&G, "unet/in/ctx", u.nc);
+    u.R = golden(&G, "unet/in/R", u.nx);
     u.eps = test_zeros(u.nx); u.dctx = test_zeros(u.nc);
     if (!u.x || !u.t || !u.ctx || !u.R) return;
     if (unet_sizes(&u.c, N, H, W, Tk, 1, &sz) || arena_init(&u.acts, sz.acts_bytes) ||
@@ -252,10 +255,10 @@ static void test_unet(void) {
     /* golden */
     MsStatus s = unet_step(&u);
     check(s == MS_OK, "unet_backward_full: %s", s ? ms_last_error() : "ok");
-    float *eps_ref = golden("unet/eps", u.nx);
+    float *eps_ref = golden(&G, "unet/eps", u.nx);
     if (eps_ref) check_close("unet eps (forward)", u.eps, eps_ref, u.nx, GOLD_TOL, 0);
     ms_free_aligned(eps_ref);
-    cmp_golden("unet", &u.g, "unet/g/");
+    cmp_golden(&G, "unet", &u.g, "unet/g/");
 
     /* the context gradient is the LoRA path's, bit for bit */
     {
@@ -335,7 +338,7 @@ static void test_unet(void) {
         UNetParams p2;
         MsParamTable t2;
         c2.block_out_channels[1] = 24; c2.norm_num_groups = 4;
-        if (ms_param_table_unet(&c2, &t2) == MS_OK && table_fill(&t2, "") && unet_params_init(&p2, &c2, &t2) == MS_OK) {
+        if (ms_param_table_unet(&c2, &t2) == MS_OK && table_fill(&G, &t2, "") && unet_params_init(&p2, &c2, &t2) == MS_OK) {
             s = unet_backward_full(&u.a, &u.p, NULL, NULL, &p2, u.R, NULL, NULL);
             check(s == MS_ERR_ARG, "gradients of another config refused: %s", ms_last_error());
             unet_params_free(&p2);
@@ -392,13 +395,13 @@ static void test_text(void) {
     text_cfg(&r.c);
     if (!check(ms_param_table_text(&r.c, &r.w) == MS_OK && ms_param_table_text(&r.c, &r.g) == MS_OK, "text tables"))
         return;
-    if (!table_fill(&r.w, "text/w/") || !table_fill(&r.g, "")) return;
+    if (!table_fill(&G, &r.w, "text/w/") || !table_fill(&G, &r.g, "")) return;
     if (!check(clip_text_params(&r.p, &r.w, &r.c) == MS_OK && clip_text_params(&r.dp, &r.g, &r.c) == MS_OK,
                "text params: %s", ms_last_error()))
         return;
     r.no = (size_t)B * T * r.c.hidden_size;
-    r.R = golden("text/in/R", r.no);
-    float *idf = golden("text/in/ids", (size_t)B * T);
+    r.R = golden(&G, "text/in/R", r.no);
+    float *idf = golden(&G, "text/in/ids", (size_t)B * T);
     if (!r.R || !idf) return;
     r.ids = (int32_t *)malloc((size_t)B * T * sizeof(int32_t));
     for (int i = 0; i < B * T; i++) r.ids[i] = (int32_t)idf[i];
@@ -410,10 +413,10 @@ static void test_text(void) {
         MsStatus s = text_step(&r);
         check(s == MS_OK, "clip_text_backward_full (mode %d): %s", mode, s ? ms_last_error() : "ok");
         if (mode == CLIP_TRAIN_KEEP) {
-            float *out_ref = golden("text/out", r.no);
+            float *out_ref = golden(&G, "text/out", r.no);
             if (out_ref) check_close("text out (forward)", r.a.out, out_ref, r.no, GOLD_TOL, 0);
             ms_free_aligned(out_ref);
-            cmp_golden("text", &r.g, "text/g/");
+            cmp_golden(&G, "text", &r.g, "text/g/");
             memcpy(keep, r.g.mem, r.g.mem_bytes);
         } else {
             check(!memcmp(keep, r.g.mem, r.g.mem_bytes), "text: CLIP_TRAIN_RECOMPUTE gradients bit-identical to KEEP");
@@ -455,6 +458,212 @@ static void test_text(void) {
     free(r.ids);
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* VAE (AutoencoderKL): encoder, posterior, KL, decoder                                      */
+/* ---------------------------------------------------------------------------------------- */
+#define VAE_GOLDEN "tests/data/vae_fullgrad_golden.safetensors"
+#define VAE_KL_W 0.25f   /* gen_vae_fullgrad_golden.py KL_W */
+
+static StFile GV;
+
+static void vae_cfg(VaeConfig *c) {   /* gen_vae_fullgrad_golden.py CFG */
+    ms_vae_config_sd15(c);
+    c->sample_size = 16;
+    c->n_blocks = 2;
+    c->block_out_channels[0] = 8; c->block_out_channels[1] = 16;
+    c->layers_per_block = 2;
+    c->norm_num_groups = 4;
+    c->latent_channels = 4;
+}
+
+typedef struct {
+    VaeConfig c;
+    VaeParams p, dp;
+    MsParamTable w, g;
+    VaeTape te, td;
+    Arena ar;
+    int N, H, W;
+    size_t nx, nl;
+    float *x, *eps, *R, *mean, *logvar, *z, *img, *kl, *dx, *dz, *dmean, *dlogvar;
+} VaeTrainRun;
+
+/* forward: encode, z = mean + std eps, decode; loss summed in double, computed here from the
+ * outputs (the KL too, independently of vae_kl) */
+static MsStatus vae_fwd(VaeTrainRun *v, double *loss) {
+    MsStatus s;
+    arena_reset(&v->ar, 0);
+    if ((s = vae_encode_train(&v->te, &v->ar, &v->p, v->mean, v->logvar, v->x, v->N, v->H, v->W))) return s;
+    vae_posterior_sample(v->z, NULL, v->mean, v->logvar, v->eps, v->nl, 1.0f);
+    if ((s = vae_decode_train(&v->td, &v->ar, &v->p, v->img, v->z, v->N, v->H / 2, v->W / 2))) return s;
+    double l = 0.0;
+    for (size_t i = 0; i < v->nx; i++) l += (double)v->R[i] * v->img[i];
+    for (size_t i = 0; i < v->nl; i++)
+        l += VAE_KL_W * 0.5 * ((double)v->mean[i] * v->mean[i] + exp((double)v->logvar[i]) - 1.0 - v->logvar[i]);
+    *loss = l;
+    return MS_OK;
+}
+
+static double vae_loss(void *ctx) {
+    double l = 0.0;
+    vae_fwd((VaeTrainRun *)ctx, &l);
+    return l;
+}
+
+/* forward, zero the gradients, backward through decoder, posterior, KL, encoder */
+static MsStatus vae_step(VaeTrainRun *v) {
+    MsStatus s;
+    double l;
+    if ((s = vae_fwd(v, &l))) return s;
+    memset(v->g.mem, 0, v->g.mem_bytes);
+    memset(v->dx, 0, v->nx * sizeof(float));
+    memset(v->dz, 0, v->nl * sizeof(float));
+    memset(v->dmean, 0, v->nl * sizeof(float));
+    memset(v->dlogvar, 0, v->nl * sizeof(float));
+    if ((s = vae_decode_backward_full(&v->td, &v->dp, v->dz, v->R))) return s;
+    vae_posterior_sample_backward(v->dmean, v->dlogvar, v->dz, v->logvar, v->eps, v->nl, 1.0f);
+    const float dkl[2] = { VAE_KL_W, VAE_KL_W };
+    vae_kl_backward(v->dmean, v->dlogvar, dkl, v->mean, v->logvar, v->N, v->nl / (size_t)v->N);
+    return vae_encode_backward_full(&v->te, &v->dp, v->dx, v->dmean, v->dlogvar);
+}
+
+static void test_vae(void) {
+    VaeTrainRun v;
+    memset(&v, 0, sizeof v);
+    vae_cfg(&v.c);
+    v.N = 2; v.H = 16; v.W = 24;
+    const int lat = v.c.latent_channels;
+    v.nx = (size_t)v.N * 3 * v.H * v.W;
+    v.nl = (size_t)v.N * lat * (v.H / 2) * (v.W / 2);
+    if (!check(ms_param_table_vae(&v.c, &v.w) == MS_OK && ms_param_table_vae(&v.c, &v.g) == MS_OK, "vae tables")) return;
+    if (!table_fill(&GV, &v.w, "w/") || !table_fill(&GV, &v.g, "")) return;
+    if (!check(vae_params_init(&v.p, &v.c, &v.w) == MS_OK && vae_params_init(&v.dp, &v.c, &v.g) == MS_OK,
+               "vae params: %s", ms_last_error()))
+        return;
+    size_t be = 0, bd = 0;
+    if (!check(vae_train_sizes(&v.c, 1, v.N, v.H, v.W, &be) == MS_OK &&
+               vae_train_sizes(&v.c, 0, v.N, v.H / 2, v.W / 2, &bd) == MS_OK && arena_init(&v.ar, be + bd) == MS_OK,
+               "vae training sizes: %s", ms_last_error()))
+        return;
+    printf("  vae: training tapes of %zu + %zu bytes (N %d, %dx%d)\n", be, bd, v.N, v.H, v.W);
+    v.x = golden(&GV, "in/x", v.nx); v.eps = golden(&GV, "in/eps", v.nl); v.R = golden(&GV, "in/R", v.nx);
+    if (!v.x || !v.eps || !v.R) return;
+    v.mean = test_zeros(v.nl); v.logvar = test_zeros(v.nl); v.z = test_zeros(v.nl); v.img = test_zeros(v.nx);
+    v.kl = test_zeros((size_t)v.N); v.dx = test_zeros(v.nx); v.dz = test_zeros(v.nl);
+    v.dmean = test_zeros(v.nl); v.dlogvar = test_zeros(v.nl);
+
+    /* golden */
+    MsStatus s = vae_step(&v);
+    if (!check(s == MS_OK, "vae training step: %s", s ? ms_last_error() : "ok")) return;
+    check(arena_mark(&v.ar) <= be + bd && arena_mark(&v.ar) + 2 * 64 * (size_t)(v.te.n_t + v.td.n_t + v.te.n_ops +
+                                                                             v.td.n_ops) >= be + bd,
+          "vae: the tapes take the planned %zu bytes (took %zu)", be + bd, arena_mark(&v.ar));
+    vae_kl(v.kl, v.mean, v.logvar, v.N, v.nl / (size_t)v.N);
+    {
+        const char *keys[5] = { "out/mean", "out/logvar", "out/img", "out/kl", "dx" };
+        const float *got[5] = { v.mean, v.logvar, v.img, v.kl, v.dx };
+        const size_t nn[5] = { v.nl, v.nl, v.nx, (size_t)v.N, v.nx };
+        for (int i = 0; i < 5; i++) {
+            float *want = golden(&GV, keys[i], nn[i]);
+            char what[64];
+            snprintf(what, sizeof what, "vae %s", keys[i]);
+            if (want) check_close(what, got[i], want, nn[i], GOLD_TOL, 0);
+            ms_free_aligned(want);
+        }
+        /* the last logvar channel lies below the clamp: no gradient reaches its moments */
+        const MsParam *qb = v.dp.quant_b;
+        int clamped = 1;
+        for (size_t i = 0; i < v.nl; i++)
+            if ((i / (v.nl / (size_t)v.N / (size_t)lat)) % (size_t)lat == (size_t)lat - 1) clamped &= v.logvar[i] == -30.0f;
+        check(clamped && qb->f32[2 * lat - 1] == 0.0f, "vae: clamped logvar channel %d at -30 and its quant_conv.bias "
+              "gradient exactly 0 (%.3e)", lat - 1, qb->f32[2 * lat - 1]);
+    }
+    cmp_golden(&GV, "vae", &v.g, "g/");
+
+    /* inference and training forwards agree */
+    {
+        VaeSizes vs;
+        Arena sc;
+        float *m2 = test_zeros(v.nl), *l2 = test_zeros(v.nl), *img2 = test_zeros(v.nx), *lat2 = test_zeros(v.nl);
+        if (vae_sizes(&v.c, v.H, v.W, -1, &vs) == MS_OK && arena_init(&sc, vs.encode_bytes + vs.decode_bytes) == MS_OK) {
+            vae_encode(&v.p, &sc, m2, l2, v.x, v.N, v.H, v.W);
+            vae_posterior_sample(lat2, NULL, v.mean, v.logvar, v.eps, v.nl, v.c.scaling_factor);
+            vae_decode(&v.p, &sc, img2, lat2, v.N, v.H / 2, v.W / 2);
+            check_close("vae training vs inference mean", v.mean, m2, v.nl, 1e-6, 0);
+            check_close("vae training vs inference logvar", v.logvar, l2, v.nl, 1e-6, 0);
+            check_close("vae training vs inference decode", v.img, img2, v.nx, 1e-6, 0);
+            arena_free(&sc);
+        }
+        ms_free_aligned(m2); ms_free_aligned(l2); ms_free_aligned(img2); ms_free_aligned(lat2);
+    }
+
+    /* 1 vs 2 threads */
+    if (ms_max_threads() >= 2) {
+        unsigned char *g1 = (unsigned char *)malloc(v.g.mem_bytes);
+        float *dx1 = test_zeros(v.nx);
+        int old = ms_get_threads();
+        ms_set_threads(1);
+        vae_step(&v);
+        memcpy(g1, v.g.mem, v.g.mem_bytes);
+        memcpy(dx1, v.dx, v.nx * sizeof(float));
+        ms_set_threads(2);
+        vae_step(&v);
+        ms_set_threads(old);
+        check(!memcmp(g1, v.g.mem, v.g.mem_bytes) && !memcmp(dx1, v.dx, v.nx * sizeof(float)),
+              "vae: every parameter gradient and dx bit-identical for 1 and 2 threads");
+        free(g1);
+        ms_free_aligned(dx1);
+    } else {
+        printf("  (one core: the 1 vs 2 thread check needs two)\n");
+    }
+
+    vae_step(&v);
+    fd_all("vae", &v.w, &v.g, vae_loss, &v, test_full() ? 200 : 12);
+
+    /* refusals */
+    {
+        VaeParams p16;
+        MsParamTable w16;
+        MsDtype *dt = (MsDtype *)calloc((size_t)v.w.n, sizeof(MsDtype));
+        for (int i = 0; i < v.w.n; i++) dt[i] = MS_DT_F16;
+        ms_param_table_vae(&v.c, &w16);
+        ms_param_table_alloc(&w16, dt);
+        memset(w16.mem, 0, w16.mem_bytes);
+        if (check(vae_params_init(&p16, &v.c, &w16) == MS_OK, "f16 vae params")) {
+            arena_reset(&v.ar, 0);
+            s = vae_encode_train(&v.te, &v.ar, &p16, v.mean, v.logvar, v.x, v.N, v.H, v.W);
+            check(s == MS_ERR_UNSUPPORTED, "vae: f16 weights refused: %s", ms_last_error());
+            vae_step(&v);
+            s = vae_decode_backward_full(&v.td, &p16, v.dz, v.R);
+            check(s == MS_ERR_UNSUPPORTED, "vae: f16 gradients refused: %s", ms_last_error());
+        }
+        ms_param_table_free(&w16);
+        free(dt);
+        VaeConfig c2 = v.c;
+        VaeParams p2;
+        MsParamTable t2;
+        c2.block_out_channels[1] = 24;
+        if (ms_param_table_vae(&c2, &t2) == MS_OK && table_fill(&GV, &t2, "") && vae_params_init(&p2, &c2, &t2) == MS_OK) {
+            s = vae_encode_backward_full(&v.te, &p2, NULL, v.dmean, v.dlogvar);
+            check(s == MS_ERR_ARG, "vae: gradients of another config refused: %s", ms_last_error());
+        }
+        ms_param_table_free(&t2);
+        arena_reset(&v.ar, 0);
+        s = vae_encode_train(&v.te, &v.ar, &v.p, v.mean, v.logvar, v.x, v.N, v.H + 1, v.W);
+        check(s == MS_ERR_SHAPE, "vae: odd image side refused: %s", ms_last_error());
+        Arena small;
+        if (arena_init(&small, be / 2) == MS_OK) {
+            s = vae_encode_train(&v.te, &small, &v.p, v.mean, v.logvar, v.x, v.N, v.H, v.W);
+            check(s == MS_ERR_NOMEM, "vae: an arena too small refused: %s", ms_last_error());
+            arena_free(&small);
+        }
+    }
+
+    arena_free(&v.ar);
+    ms_param_table_free(&v.w); ms_param_table_free(&v.g);
+    float *bufs[] = { v.x, v.eps, v.R, v.mean, v.logvar, v.z, v.img, v.kl, v.dx, v.dz, v.dmean, v.dlogvar };
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ms_free_aligned(bufs[i]);
+}
+
 int main(void) {
     if (!check(st_open(&G, GOLDEN) == MS_OK, "open %s: %s", GOLDEN, ms_last_error())) return test_summary("test_fullgrad");
     double t0 = ms_time();
@@ -462,7 +671,12 @@ int main(void) {
     test_text();
     double t1 = ms_time();
     test_unet();
-    printf("  time: text %.1f s, unet %.1f s\n", t1 - t0, ms_time() - t1);
+    double t2 = ms_time();
+    if (check(st_open(&GV, VAE_GOLDEN) == MS_OK, "open %s: %s", VAE_GOLDEN, ms_last_error())) {
+        test_vae();
+        st_close(&GV);
+    }
+    printf("  time: text %.1f s, unet %.1f s, vae %.1f s\n", t1 - t0, t2 - t1, ms_time() - t2);
     st_close(&G);
     ms_gemm_scratch_free();
     ops_scratch_free();
