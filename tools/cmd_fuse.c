@@ -453,12 +453,38 @@ static MsStatus dump_grams_write(GramDump *d, const char *path) {
     return s;
 }
 
+/* --te-kv-from F: the text-encoder (unet = 0) or cross-attention K/V (unet = 1) layers of another
+ * run, as `<state-dict key>.best_W` tensors (tools/ref/gen_fuse_official.py writes them), replace
+ * ours, so that the next stage records the features that run recorded. */
+static MsStatus load_best_w(const char *path, MsModel *m, int unet) {
+    StFile f;
+    MsStatus s = st_open(&f, path);
+    if (s) return s;
+    MsParamTable *tb = unet ? &m->unet : &m->text;
+    int n = 0;
+    for (int i = 0; i < tb->n && !s; i++) {
+        char key[MS_KEY_MAX + 16];
+        snprintf(key, sizeof key, "%s.best_W", tb->p[i].name);
+        const StTensor *x = st_find(&f, key);
+        if (!x || (unet && !strstr(key, "attn2.to_k.") && !strstr(key, "attn2.to_v."))) continue;
+        if (!tb->p[i].f32 || x->numel != tb->p[i].numel) { s = ms_errorf(MS_ERR_SHAPE, "%s: %s does not fit", path, key); break; }
+        s = st_to_f32(&f, x, tb->p[i].f32, tb->p[i].numel);
+        n++;
+    }
+    st_close(&f);
+    if (!s) fprintf(stderr, "mixshow fuse: %d %s layers from %s\n", n, unet ? "K/V" : "text-encoder", path);
+    return s;
+}
+
+static MsStatus after_te_best_w(void *ctx, MsModel *m) { return load_best_w((const char *)ctx, m, 0); }
+
 static void usage(void) {
     fprintf(stderr,
             "usage: mixshow fuse --model BASE --concepts CFG.json --out DIR [--method gram|lbfgs|weight]\n"
             "                    [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-v]\n"
             "                    [--spatial-size 512] [--spatial-steps 20] [--no-spatial] [--dump-grams FILE]\n"
-            "                    [--ldm-out FILE.safetensors] [--check] [--extra-modules weight]\n\n"
+            "                    [--ldm-out FILE.safetensors] [--check] [--extra-modules weight]\n"
+            "                    [--rcond auto|X] [--te-kv-from F.safetensors]\n\n"
             "Gradient fusion (Mix-of-Show gradient_fusion.py) of the ED-LoRAs in CFG.json (the official\n"
             "multi-concept JSON: lora_path, unet_alpha, text_encoder_alpha, concept_name) into BASE (a\n"
             "diffusers folder). DIR gets the fused diffusers folder, tokenizer/added_tokens.json and\n"
@@ -473,7 +499,12 @@ static void usage(void) {
             "per-module alpha): it adds no tokens, concept_name is used as written. Its MLP / feed-forward /\n"
             "proj_in / proj_out modules are outside gradient fusion: --extra-modules weight merges them as\n"
             "W0 + sum alpha dW after fusing (implied by --method weight; an error otherwise).\n"
-            "--check reads and checks every input (JSON, LoRA files, shapes against BASE) and stops.\n");
+            "--rcond auto|X: gram's eigen cut-off: auto (default) keeps the directions the float32 features\n"
+            "determine, within 0.1%% of the minimum; X keeps eigenvalues > X * max (1e-12: the exact minimiser).\n"
+            "--check reads and checks every input (JSON, LoRA files, shapes against BASE) and stops.\n"
+            "--te-kv-from F.safetensors takes the text-encoder and cross-attention K/V layers of another run\n"
+            "(`<key>.best_W` tensors, as tools/ref/gen_fuse_official.py writes them) in place of ours, each\n"
+            "before the next stage records: the features are then that run's (comparisons with it).\n");
 }
 
 int cmd_fuse(int argc, char **argv) {
@@ -484,6 +515,7 @@ int cmd_fuse(int argc, char **argv) {
     o.method = MS_FUSE_GRAM;
     o.te_iters = 500;
     o.unet_iters = 50;
+    o.rcond = MS_FUSE_RCOND_AUTO;
     static Concept cs[MAXC];
     int n = 0, rc = 1, no_spatial = 0, check_only = 0, extra_weight = 0;
     for (int i = 1; i < argc; i++) {
@@ -509,6 +541,12 @@ int cmd_fuse(int argc, char **argv) {
             else if (!strcmp(v, "lbfgs")) o.method = MS_FUSE_LBFGS;
             else if (!strcmp(v, "weight")) o.method = MS_FUSE_WEIGHT;
             else { fprintf(stderr, "mixshow fuse: --method %s: expected gram, lbfgs or weight\n", v); return 2; }
+        } else if (!strcmp(a, "--rcond")) {
+            char *end;
+            double x = strtod(v, &end);
+            if (!strcmp(v, "auto")) o.rcond = MS_FUSE_RCOND_AUTO;
+            else if (*end || !(x > 0.0 && x < 1.0)) { fprintf(stderr, "mixshow fuse: --rcond %s: expected auto or a number in (0, 1)\n", v); return 2; }
+            else o.rcond = x;
         } else if (!strcmp(a, "--seed")) {
             char *end;
             unsigned long long x = strtoull(v, &end, 10);
@@ -701,27 +739,12 @@ int cmd_fuse(int argc, char **argv) {
             fc[c].unet_has = cs[c].un_has;
         }
         fprintf(stderr, "mixshow fuse: %d concepts, %d words, method %s\n", n, n_words, ms_fuse_method_name(o.method));
+        if (te_kv_from) { o.after_te = after_te_best_w; o.after_te_ctx = (void *)te_kv_from; }
         s = ms_fuse_text_kv(&m, &up, &tok, &tk, fc, n, &o, &rep);
         memset(&gd, 0, sizeof gd);
         gd.up = &up;
         if (dump) { o.on_gram = dump_gram; o.on_gram_ctx = &gd; }
-        if (!s && te_kv_from) {  /* the text-encoder and K/V results of another run (<key>.best_W) */
-            StFile f;
-            s = st_open(&f, te_kv_from);
-            int opened = !s;
-            for (int t = 0; t < 2 && !s; t++) {
-                MsParamTable *tb = t ? &m.unet : &m.text;
-                for (int i = 0; i < tb->n && !s; i++) {
-                    char key[MS_KEY_MAX + 16];
-                    snprintf(key, sizeof key, "%s.best_W", tb->p[i].name);
-                    const StTensor *x = st_find(&f, key);
-                    if (!x || (t && !strstr(key, "attn2.to_k.") && !strstr(key, "attn2.to_v."))) continue;
-                    if (!tb->p[i].f32 || x->numel != tb->p[i].numel) { s = ms_errorf(MS_ERR_SHAPE, "%s: %s does not fit", te_kv_from, key); break; }
-                    s = st_to_f32(&f, x, tb->p[i].f32, tb->p[i].numel);
-                }
-            }
-            if (opened) st_close(&f);
-        }
+        if (!s && te_kv_from) s = load_best_w(te_kv_from, &m, 1);   /* and the K/V layers (after_te: text) */
         if (!s && !no_spatial) s = ms_fuse_spatial(&m, &up, &tok, &tk, fc, n, &o, &rep);
         if (dump) { MsStatus s2 = dump_grams_write(&gd, dump); if (!s) s = s2; }
         /* the extra modules (kohya mlp / ff / proj_in / proj_out) by weight fusion, after the
