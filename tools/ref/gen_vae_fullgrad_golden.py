@@ -26,6 +26,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import write_safetensors, versions, stub_diffusers  # noqa: E402
+from gen_fullgrad_golden import rel_l2  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(ROOT, "tests", "data", "vae_fullgrad_golden.safetensors")
@@ -36,11 +37,6 @@ CFG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D"
 N, H, W = 2, 16, 24
 KL_W = 0.25
 CLAMP_SHIFT = -40.0
-
-
-def rel_l2(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
 def run(vae, x, eps, R, torch, dt):
@@ -83,7 +79,9 @@ def main():
     o32, g32, dx32 = run(vae, x, eps, R, torch, torch.float32)
     assert (o64["logvar"][:, lat - 1] == -30.0).all(), "the clamped channel is not clamped"
     assert (o64["logvar"][:, :lat - 1] > -30.0).all()
-    worst = max(g64, key=lambda k: rel_l2(g32[k], g64[k]))
+    # to_k.bias moves every logit of a query by the same q.b: the softmax cancels it (gradient 0
+    # in exact arithmetic; float32 gives rounding noise), so it is left out of the worst
+    worst = max((k for k in g64 if not k.endswith("to_k.bias")), key=lambda k: rel_l2(g32[k], g64[k]))
     meta = dict(versions(), diffusers="0.19.3 (source)", seed=str(SEED), kl_weight=repr(KL_W),
                 loss="sum(R * decode(mean + std * eps)) + kl_weight * sum(kl), float64 reference",
                 clamp="quant_conv.bias[%d] += %g: logvar channel %d clamped at -30" % (2 * lat - 1, CLAMP_SHIFT, lat - 1))
