@@ -163,7 +163,7 @@ static void rm_folder(const char *d) {
 }
 
 static int run_fuse(const char *method, const char *cfg, const char *out, const char *report) {
-    char *argv[] = { "fuse", "--model", "models/tiny-sd", "--concepts", (char *)cfg, "--out", (char *)out,
+    char *argv[] = { "fuse", "-q", "--model", "models/tiny-sd", "--concepts", (char *)cfg, "--out", (char *)out,
                      "--method", (char *)method, "--report", (char *)report, "--textenc-iters", "100",
                      "--spatial-size", "16", "--spatial-steps", "4" };   /* spatial stage: a quick run */
     rm_folder(out);
@@ -401,9 +401,9 @@ static int write_text(const char *path, const char *text) {
 }
 
 static int fuse_argv(const char *cfg, const char *out, const char *method, const char *extra1, const char *extra2) {
-    char *argv[24] = { "fuse", "--model", "models/tiny-sd", "--concepts", (char *)cfg, "--out", (char *)out, "--method",
+    char *argv[24] = { "fuse", "-q", "--model", "models/tiny-sd", "--concepts", (char *)cfg, "--out", (char *)out, "--method",
                        (char *)method, "--textenc-iters", "100", "--spatial-size", "16", "--spatial-steps", "4" };
-    int argc = 15;
+    int argc = 16;
     char rp[512];
     snprintf(rp, sizeof rp, "%s.json", out);
     argv[argc++] = "--report";

@@ -44,9 +44,9 @@ static int fuse(const char *base, const char *cfg, const char *out, const char *
                 int no_spatial) {
     char ldm_path[300];
     snprintf(ldm_path, sizeof ldm_path, "%s.safetensors", out);
-    const char *argv[24] = { "fuse", "--model", base, "--concepts", cfg, "--out", out, "--method", method,
+    const char *argv[24] = { "fuse", "-q", "--model", base, "--concepts", cfg, "--out", out, "--method", method,
                              "--spatial-size", "16", "--spatial-steps", "4", "--textenc-iters", "60", "--unet-iters", "20" };
-    int argc = 17;
+    int argc = 18;
     if (report) { argv[argc++] = "--report"; argv[argc++] = report; }
     if (ldm) { argv[argc++] = "--ldm-out"; argv[argc++] = ldm_path; }
     if (no_spatial) argv[argc++] = "--no-spatial";

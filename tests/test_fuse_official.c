@@ -239,7 +239,7 @@ static void test_solvers(const StFile *f) {
 }
 
 static int run_fuse(const char *method, const char *out, const char *report) {
-    char *argv[] = { "fuse", "--model", "models/tiny-sd", "--concepts", "tests/data/fuse/multi2.json", "--out",
+    char *argv[] = { "fuse", "-q", "--model", "models/tiny-sd", "--concepts", "tests/data/fuse/multi2.json", "--out",
                      (char *)out, "--method", (char *)method, "--report", (char *)report, "--textenc-iters", "100",
                      "--unet-iters", "50", "--spatial-size", "64", "--seed", "0", "--te-kv-from", GOLDEN };
     return cmd_fuse((int)(sizeof argv / sizeof argv[0]), argv);

@@ -2,7 +2,7 @@
  * ED-LoRAs listed in an official multi-concept JSON into one diffusers folder + new_concept_cfg.json.
  *
  *   mixshow fuse --model BASE --concepts CFG.json --out DIR [--method gram|lbfgs|weight]
- *                [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-v]
+ *                [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-q]
  *
  * Order of work (all input errors come before any of it): read the JSON and every LoRA file, check
  * ranks and shapes against the base model, stack the embeddings into one tokenizer (<new0>..,
@@ -481,7 +481,7 @@ static MsStatus after_te_best_w(void *ctx, MsModel *m) { return load_best_w((con
 static void usage(void) {
     fprintf(stderr,
             "usage: mixshow fuse --model BASE --concepts CFG.json --out DIR [--method gram|lbfgs|weight]\n"
-            "                    [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-v]\n"
+            "                    [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-q]\n"
             "                    [--spatial-size 512] [--spatial-steps 20] [--no-spatial] [--dump-grams FILE]\n"
             "                    [--ldm-out FILE.safetensors] [--check] [--extra-modules weight]\n"
             "                    [--rcond auto|X] [--te-kv-from F.safetensors]\n\n"
@@ -516,12 +516,14 @@ int cmd_fuse(int argc, char **argv) {
     o.te_iters = 500;
     o.unet_iters = 50;
     o.rcond = MS_FUSE_RCOND_AUTO;
+    o.verbose = 1;                   /* progress per layer / sampling step with ETA (-q: none) */
     static Concept cs[MAXC];
     int n = 0, rc = 1, no_spatial = 0, check_only = 0, extra_weight = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(); return 0; }
         if (!strcmp(a, "-v")) { o.verbose = 1; continue; }
+        if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) { o.verbose = 0; continue; }
         if (!strcmp(a, "--no-spatial")) { no_spatial = 1; continue; }
         if (!strcmp(a, "--check")) { check_only = 1; continue; }
         if (!v) { fprintf(stderr, "mixshow fuse: %s needs a value\n", a); return 2; }
