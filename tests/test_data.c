@@ -324,6 +324,53 @@ static void test_transforms(void) {
     }
 }
 
+/* The mixshow *Place transforms: the official resize transforms placing on their own canvas.
+ * At size 512 they are the official ones (same image, masks and draws); at world sizes (64)
+ * they work where the official raises or paints outside its canvas, the image lands inside the
+ * canvas, and img_mask is the placed rectangle's coverage. */
+static void test_place(void) {
+    const int W = 150, H = 110;
+    uint8_t *rgb = malloc((size_t)W * H * 3), *mk = malloc((size_t)W * H);
+    for (int i = 0; i < W * H; i++) { rgb[3 * i] = (uint8_t)(i * 7); rgb[3 * i + 1] = (uint8_t)(i >> 3); rgb[3 * i + 2] = 200; mk[i] = (uint8_t)(i % 3 ? 255 : 0); }
+    int same512 = 1, n_off = 0, n_place_ok = 0, bad_inside = 0;
+    for (int k = 0; k < 2; k++)                 /* HumanResizeCropFinalV3, ResizeFillMaskNew */
+        for (int seed = 0; seed < 12; seed++)
+            for (int S = 64; S <= 512; S += 448) {
+                TrainSample a, b;
+                MsTransformSpec t[2];
+                memset(t, 0, sizeof t);
+                t[0].type = k ? MS_TF_RESIZE_FILL_MASK_NEW : MS_TF_HUMAN_RESIZE_CROP_V3;
+                t[0].size = S; t[0].crop_p = 0.5; t[0].scale_ratio[0] = 0.5; t[0].scale_ratio[1] = 0.9;
+                t[1] = t[0]; t[1].place = 1;
+                PyRandom pa, pb; MsTorchRng ga, gb;
+                py_random_seed(&pa, (uint64_t)seed); py_random_seed(&pb, (uint64_t)seed);
+                ms_torch_seed(&ga, (uint64_t)seed); ms_torch_seed(&gb, (uint64_t)seed);
+                train_sample_init(&a, rgb, W, H, mk, "x");
+                train_sample_init(&b, rgb, W, H, mk, "x");
+                MsStatus sa = train_transform_apply(&t[0], &a, &pa, &ga), sb = train_transform_apply(&t[1], &b, &pb, &gb);
+                if (S == 512) {
+                    same512 &= sa == sb && (sa != MS_OK || (a.w == b.w && a.h == b.h && !memcmp(a.rgb, b.rgb, (size_t)a.w * a.h * 3) &&
+                               !memcmp(a.img_mask, b.img_mask, sizeof(double) * a.mw * a.mh) &&
+                               !memcmp(a.mask, b.mask, sizeof(double) * a.mw * a.mh) && py_random_random(&pa) == py_random_random(&pb)));
+                } else {
+                    n_off += sa != MS_OK;
+                    if (sb == MS_OK && b.w == S && b.h == S) {
+                        n_place_ok++;
+                        /* every canvas pixel outside the placed image is black, img_mask in [0,1] and > 0 somewhere */
+                        double sum = 0;
+                        for (int i = 0; i < b.mw * b.mh; i++) { sum += b.img_mask[i]; bad_inside += b.img_mask[i] < 0 || b.img_mask[i] > 1; }
+                        bad_inside += !(sum > 0);
+                    } else if (test_is_verbose()) printf("      place %d seed %d: %s\n", k, seed, ms_last_error());
+                }
+                train_sample_free(&a); train_sample_free(&b);
+            }
+    check(same512, "HumanResizeCropPlace / ResizeFillMaskPlace at 512 == the official transforms (image, masks, next draw)");
+    check(n_off > 0, "at size 64 the official transforms fail on %d of 24 cases (the hard-coded 512)", n_off);
+    check(n_place_ok == 24 && bad_inside == 0, "at size 64 the *Place transforms work on %d of 24 cases, img_mask in [0,1] "
+          "and nonzero (%d bad)", n_place_ok, bad_inside);
+    free(rgb); free(mk);
+}
+
 /* ---- 4. LoraDataset + DataLoader ---- */
 static void test_loader(void) {
     JsonValue *j = NULL;
@@ -450,6 +497,7 @@ int main(void) {
     if (check(st == MS_OK, "open transform_golden.safetensors: %s", st == MS_OK ? "" : ms_last_error())) {
         test_resize();
         test_transforms();
+        test_place();
         st_close(&F);
     }
     test_loader();

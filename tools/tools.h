@@ -430,6 +430,9 @@ typedef enum {
 typedef struct {
     MsTransformType type;
     int size;                       /* HumanResizeCropFinalV3, ResizeFillMaskNew */
+    int place;                      /* 0: the official placement bound, randint(0, 512 - h) (hard-coded);
+                                     * 1: randint(0, size - h), the mixshow types HumanResizeCropPlace /
+                                     * ResizeFillMaskPlace for canvases other than 512 (world images) */
     double crop_p;                  /* ditto (HumanResizeCropFinalV3 default 0.5) */
     double scale_ratio[2];          /* ResizeFillMaskNew */
     int n_mean;                     /* Normalize: 1 or 3 */

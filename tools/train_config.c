@@ -222,13 +222,16 @@ static MsStatus read_transform(const JsonValue *t, const char *path, MsTransform
     memset(sp, 0, sizeof *sp);
     if (t->type != JSON_OBJECT) return wrong_type(t, path, "a mapping with a 'type'");
     if ((s = get_str(t, path, "type", 1, 0, type, sizeof type, &tv)) != MS_OK) return s;
-    if (!strcmp(type, "HumanResizeCropFinalV3")) {
+    /* HumanResizeCropPlace / ResizeFillMaskPlace (mixshow): the official transforms placing on
+     * their own size x size canvas instead of the hard-coded 512 (world images of 64, 128 px) */
+    sp->place = !strcmp(type, "HumanResizeCropPlace") || !strcmp(type, "ResizeFillMaskPlace");
+    if (!strcmp(type, "HumanResizeCropFinalV3") || !strcmp(type, "HumanResizeCropPlace")) {
         sp->type = MS_TF_HUMAN_RESIZE_CROP_V3;
         sp->crop_p = 0.5;
         if ((s = check_keys(t, path, k_resize_v3)) != MS_OK) return s;
         if ((s = get_int32(t, path, "size", 1, 8, 8192, &sp->size)) != MS_OK) return s;
         if ((s = get_num(t, path, "crop_p", 0, &sp->crop_p)) != MS_OK) return s;
-    } else if (!strcmp(type, "ResizeFillMaskNew")) {
+    } else if (!strcmp(type, "ResizeFillMaskNew") || !strcmp(type, "ResizeFillMaskPlace")) {
         sp->type = MS_TF_RESIZE_FILL_MASK_NEW;
         if ((s = check_keys(t, path, k_fill)) != MS_OK) return s;
         if ((s = get_int32(t, path, "size", 1, 8, 8192, &sp->size)) != MS_OK) return s;
@@ -276,7 +279,8 @@ static MsStatus read_transform(const JsonValue *t, const char *path, MsTransform
         for (const char *const *k = other_registered; *k; k++) registered |= !strcmp(*k, type);
         snprintf(p, sizeof p, "%.200s.type", path);
         return cerr(registered ? MS_ERR_UNSUPPORTED : MS_ERR_ARG, tv, p, "%s transform '%s' (mixshow has HumanResizeCropFinalV3, "
-                    "ResizeFillMaskNew, ToTensor, Normalize, ShuffleCaption, EnhanceText, PairRandomHorizontalFlip)",
+                    "ResizeFillMaskNew, ToTensor, Normalize, ShuffleCaption, EnhanceText, PairRandomHorizontalFlip; "
+                    "HumanResizeCropPlace, ResizeFillMaskPlace)",
                     registered ? "unsupported" : "unknown", type);
     }
     return MS_OK;

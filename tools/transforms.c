@@ -387,16 +387,17 @@ static MsStatus random_crop(TrainSample *s, int S, PyRandom *py, MsTorchRng *g, 
 }
 
 /* Step 4 of both resize transforms: paste the image at a random place of an S x S zero canvas
- * (start_y = random.randint(0, 512 - h), then start_x: the official code hard-codes 512), the
- * mask /255 in float64 likewise, img_mask = 1 where the image is; then cv2.resize of both
- * masks to (S/8, S/8), INTER_LINEAR (see the file header). */
-static MsStatus place_on_canvas(TrainSample *s, int S, PyRandom *py, const char *who) {
-    int nw = s->w, nh = s->h, sy, sx;
-    if (nh > 512 || nw > 512)
-        return ms_errorf(MS_ERR_UNSUPPORTED, "%s(size=%d): image of %dx%d: the official random.randint(0, 512 - %d) "
-                         "raises (it hard-codes 512)", who, S, nw, nh, nh > 512 ? nh : nw);
-    sy = (int)py_random_randint(py, 0, 512 - nh);
-    sx = (int)py_random_randint(py, 0, 512 - nw);
+ * (start_y = random.randint(0, 512 - h), then start_x: the official code hard-codes 512; the
+ * mixshow *Place types draw randint(0, S - h), the same draws for S = 512), the mask /255 in
+ * float64 likewise, img_mask = 1 where the image is; then cv2.resize of both masks to
+ * (S/8, S/8), INTER_LINEAR (see the file header). */
+static MsStatus place_on_canvas(TrainSample *s, int S, int place, PyRandom *py, const char *who) {
+    int nw = s->w, nh = s->h, sy, sx, B = place ? S : 512;
+    if (nh > B || nw > B)
+        return ms_errorf(MS_ERR_UNSUPPORTED, "%s(size=%d): image of %dx%d: random.randint(0, %d - %d) raises%s", who, S,
+                         nw, nh, B, nh > B ? nh : nw, place ? "" : " (the official code hard-codes 512)");
+    sy = (int)py_random_randint(py, 0, B - nh);
+    sx = (int)py_random_randint(py, 0, B - nw);
     if (sy + nh > S || sx + nw > S)
         return ms_errorf(MS_ERR_UNSUPPORTED, "%s(size=%d): the official code places the %dx%d image at (%d, %d) "
                          "(randint up to 512 - size, hard-coded), outside its %dx%d canvas: numpy fails to "
@@ -435,9 +436,9 @@ static MsStatus check_resize_input(const TrainSample *s, const MsTransformSpec *
     if (!s->rgb || s->placed)
         return ms_errorf(MS_ERR_UNSUPPORTED, "%s: needs a PIL image before ToTensor and before another "
                          "resize transform (the official code fails otherwise)", who);
-    if (t->size < 8 || t->size > 512)
+    if (t->size < 8 || (!t->place && t->size > 512))
         return ms_errorf(MS_ERR_UNSUPPORTED, "%s: size %d: the official code works for 8 <= size <= 512 only "
-                         "(it places on a 512 canvas)", who, t->size);
+                         "(it places on a 512 canvas; the mixshow *Place types place on the size's own)", who, t->size);
     return MS_OK;
 }
 
@@ -460,7 +461,7 @@ static MsStatus human_resize_crop_v3(const MsTransformSpec *t, TrainSample *s, P
     }
     st = tv_resize_size(s->w, s->h, S - 1, S, &ow, &oh);                       /* step 3 */
     if (st == MS_OK) st = sample_resize(s, ow, oh, PIL_BILINEAR);
-    if (st == MS_OK) st = place_on_canvas(s, S, py, who);                       /* step 4 */
+    if (st == MS_OK) st = place_on_canvas(s, S, t->place, py, who);              /* step 4 */
     return st;
 }
 
@@ -484,7 +485,7 @@ static MsStatus resize_fill_mask_new(const MsTransformSpec *t, TrainSample *s, P
     if (!(fh >= 1.0 && fw >= 1.0 && fh < 1e6 && fw < 1e6))
         return ms_errorf(MS_ERR_ARG, "%s: scale ratio %.17g makes a %gx%g image", who, ratio, fw, fh);
     st = sample_resize(s, (int)fw, (int)fh, PIL_NEAREST);       /* F.resize(mask, ..., interpolation=0) */
-    if (st == MS_OK) st = place_on_canvas(s, S, py, who);       /* step 4 */
+    if (st == MS_OK) st = place_on_canvas(s, S, t->place, py, who);       /* step 4 */
     return st;
 }
 

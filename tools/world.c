@@ -1053,8 +1053,9 @@ static const char *const yml_template =
     "# `mixshow world` (seed %llu): the concept list, validation prompts, concept words, initializer\n"
     "# ('creature') and EnhanceText 'object' changed; the base model is a placeholder: set it with\n"
     "#   mixshow train --config THIS.yml --set models.pretrained_path=DIR\n"
-    "# HumanResizeCropFinalV3 keeps size 512: the official transform places images on a hard-coded\n"
-    "# 512 canvas, so smaller sizes fail there (the %dx%d images are upscaled).\n"
+    "# HumanResizeCropPlace is mixshow's HumanResizeCropFinalV3 on its own %dx%d canvas: the official\n"
+    "# transform places images on a hard-coded 512 canvas and fails at smaller sizes (for the official\n"
+    "# trainer write { type: HumanResizeCropFinalV3, size: 512, crop_p: 0.5 }: the images are upscaled).\n"
     "\n"
     "# dataset and data loader settings\n"
     "datasets:\n"
@@ -1064,7 +1065,7 @@ static const char *const yml_template =
     "    use_caption: true\n"
     "    use_mask: true\n"
     "    instance_transform:\n"
-    "      - { type: HumanResizeCropFinalV3, size: 512, crop_p: 0.5 }\n"
+    "      - { type: HumanResizeCropPlace, size: %d, crop_p: 0.5 }\n"
     "      - { type: ToTensor }\n"
     "      - { type: Normalize, mean: [ 0.5 ], std: [ 0.5 ] }\n"
     "      - { type: ShuffleCaption, keep_token_num: 1 }\n"
@@ -1184,7 +1185,7 @@ static MsStatus write_character_files(const WorldOptions *o, const WorldCharacte
         char name[64];
         snprintf(name, sizeof name, "EDLoRA_%.7s_World_B2_Repeat500", c->name);
         snprintf(p, sizeof p, "%s/options/%s.yml", o->out, c->name);
-        snprintf(buf, 16384, yml_template, name, (unsigned long long)o->seed, o->size, o->size, list, c->name, c->name,
+        snprintf(buf, 16384, yml_template, name, (unsigned long long)o->seed, o->size, o->size, list, o->size, c->name, c->name,
                  prompts, o->size / 8, o->size / 8, c->name, c->name, c->name, c->name);
         st = write_text(p, buf);
     }
