@@ -97,6 +97,10 @@ int ms_max_threads(void);        /* cores OpenMP would use; 1 without OpenMP */
  * OpenMP barriers) unless a wait policy is already set; call first thing in main(). Linux with
  * OpenMP only; returns when it did nothing. */
 void ms_wait_policy_passive(char **argv);
+/* Loops whose work is below w (about elements touched; default 65536) run on one thread: a
+ * parallel region costs more than it saves there. 0 makes every loop parallel (tests compare
+ * 1 and N threads on small sizes); < 0 restores the default. Results never depend on it. */
+void ms_set_parallel_min_work(double w);
 double ms_time(void);            /* seconds, monotonic where available */
 
 /* SIMD level of the kernels in use. Chosen at run time on x86 (cpuid), at compile time

@@ -28,9 +28,18 @@
 #endif
 #define MS_PARALLEL_FOR MS_PRAGMA(omp parallel for schedule(MS_SCHED))
 #define MS_PARALLEL_FOR_DYN _Pragma("omp parallel for schedule(dynamic, 1)")
+/* The same with the loop's work w (elements touched; a transcendental function counts 8):
+ * below ms_par_min_work (MS_PAR_MIN_WORK, ms_set_parallel_min_work) the loop runs on the
+ * calling thread alone, since waking the team and joining it costs more than the work (tens
+ * of microseconds idle, up to a time slice when another process holds a core: issue 14).
+ * Which thread runs an iteration never changes its bits. */
+#define MS_PARALLEL_FOR_W(w) MS_PRAGMA(omp parallel for schedule(MS_SCHED) if((w) >= ms_par_min_work))
+#define MS_PARALLEL_FOR_DYN_W(w) MS_PRAGMA(omp parallel for schedule(dynamic, 1) if((w) >= ms_par_min_work))
 #else
 #define MS_PARALLEL_FOR
 #define MS_PARALLEL_FOR_DYN
+#define MS_PARALLEL_FOR_W(w)
+#define MS_PARALLEL_FOR_DYN_W(w)
 #endif
 
 /* ---------------------------------------------------------------------------------------- */
@@ -142,6 +151,13 @@ size_t tensor_numel(const Tensor *t) {
 /* ---------------------------------------------------------------------------------------- */
 /* Threads and timing                                                                        */
 /* ---------------------------------------------------------------------------------------- */
+#ifndef MS_PAR_MIN_WORK
+#define MS_PAR_MIN_WORK 65536.0
+#endif
+static double ms_par_min_work = MS_PAR_MIN_WORK;   /* see MS_PARALLEL_FOR_W */
+
+void ms_set_parallel_min_work(double w) { ms_par_min_work = w >= 0.0 ? w : MS_PAR_MIN_WORK; }
+
 void ms_set_threads(int n) {
 #ifdef _OPENMP
     omp_set_num_threads(n > 0 ? n : omp_get_num_procs());
@@ -1115,7 +1131,7 @@ void linear_forward(float *out, const float *x, const float *w, const float *b, 
 /* Column sums in double: db[o] += sum_n d[n*ld + o] (o in blocks, so threads split outputs). */
 static void ms_colsum_add(float *db, const float *d, int N, int O, size_t ld) {
     int nblk = (O + 63) / 64;
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)N * O)
     for (int bk = 0; bk < nblk; bk++) {
         double acc[64];
         int o0 = bk * 64, no = O - o0 < 64 ? O - o0 : 64;
@@ -1213,7 +1229,7 @@ void conv2d_forward_pad(float *out, const float *x, const float *w, const float 
         const float *xn = x + (size_t)n * C * H * W;
         float beta = 0.0f;
         if (b) {
-            MS_PARALLEL_FOR
+            MS_PARALLEL_FOR_W((double)Co * P)
             for (int co = 0; co < Co; co++)
                 for (int p = 0; p < P; p++) o[(size_t)co * P + p] = b[co];
             beta = 1.0f;
@@ -1248,7 +1264,7 @@ void conv2d_backward(float *dx, float *dw, float *db, const float *dout, const f
                      int N, int C, int Co, int H, int W, int k, int s, int pt, int pl, int pb, int pr) {
     int Ho = (H + pt + pb - k) / s + 1, Wo = (W + pl + pr - k) / s + 1, P = Ho * Wo, CKK = C * k * k;
     if (db) {
-        MS_PARALLEL_FOR
+        MS_PARALLEL_FOR_W((double)N * Co * P)
         for (int co = 0; co < Co; co++) {
             double acc = 0.0;
             for (int n = 0; n < N; n++) {
@@ -1311,7 +1327,7 @@ void conv2d_backward(float *dx, float *dw, float *db, const float *dout, const f
             int np = P - p0 < pc ? P - p0 : pc;
             MsOperand B = ms_dense(gn + p0, (size_t)P, 0);
             ms_conv_gemm(CKK, np, Co, &A, &B, 0.0f, cols, (size_t)np);
-            MS_PARALLEL_FOR
+            MS_PARALLEL_FOR_W((double)C * k * k * np)
             for (int c = 0; c < C; c++)
                 for (int ky = 0; ky < k; ky++)
                     for (int kx = 0; kx < k; kx++) {
@@ -1512,7 +1528,7 @@ void ms_bench_conv2d_explicit(float *out, float *cols, const float *x, const flo
     int Ho = (H + 2 * p - k) / s + 1, Wo = (W + 2 * p - k) / s + 1, P = Ho * Wo, CKK = C * k * k;
     for (int n = 0; n < N; n++) {
         MsOperand B = ms_im2col_op(MS_OPD_IM2COL, x + (size_t)n * C * H * W, C, H, W, k, s, p, p, Ho, Wo);
-        MS_PARALLEL_FOR
+        MS_PARALLEL_FOR_W((double)CKK * P)
         for (int kk = 0; kk < CKK; kk++) {       /* row kk of cols, one output row at a time */
             for (int j = 0; j < P; j += Wo) ms_pack_b(cols + (size_t)kk * P + j, &B, kk, 1, j, Wo, Wo);
         }
@@ -1592,7 +1608,7 @@ void groupnorm_forward(float *out, float *mean, float *rstd, const float *x, con
                        const float *b, int N, int C, int HW, int G, float eps) {
     int Cg = C / G;
     size_t M = (size_t)Cg * HW;
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)N * G * M)
     for (int ng = 0; ng < N * G; ng++) {
         const float *xg = x + (size_t)ng * M;
         float *og = out + (size_t)ng * M;
@@ -1644,7 +1660,7 @@ void groupnorm_backward(float *dx, float *dw, float *db, const float *dout, cons
     int Cg = C / G;
     size_t M = (size_t)Cg * HW;
     if (dx) {
-        MS_PARALLEL_FOR
+        MS_PARALLEL_FOR_W((double)N * G * M)
         for (int ng = 0; ng < N * G; ng++) {
             size_t off = (size_t)ng * M;
             float mu = mean[ng], rs = rstd[ng];
@@ -1668,7 +1684,7 @@ void groupnorm_backward(float *dx, float *dw, float *db, const float *dout, cons
         }
     }
     if (dw || db) {
-        MS_PARALLEL_FOR
+        MS_PARALLEL_FOR_W((double)N * C * HW)
         for (int c = 0; c < C; c++) {
             double sw = 0.0, sb = 0.0;
             for (int n = 0; n < N; n++) {
@@ -1722,7 +1738,7 @@ void groupnorm_backward_ref(float *dx, float *dw, float *db, const float *dout, 
  * y = (x - mu) * rstd * w + b. */
 void layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
                        const float *b, int N, int D, float eps) {
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)N * D)
     for (int n = 0; n < N; n++) {
         const float *xr = x + (size_t)n * D;
         float *o = out + (size_t)n * D;
@@ -1762,7 +1778,7 @@ void layernorm_forward_ref(float *out, float *mean, float *rstd, const float *x,
 void layernorm_backward(float *dx, float *dw, float *db, const float *dout, const float *x,
                         const float *mean, const float *rstd, const float *w, int N, int D) {
     if (dx) {
-        MS_PARALLEL_FOR
+        MS_PARALLEL_FOR_W((double)N * D)
         for (int n = 0; n < N; n++) {
             const float *dy = dout + (size_t)n * D, *xr = x + (size_t)n * D;
             float *d = dx + (size_t)n * D, mu = mean[n], rs = rstd[n];
@@ -1784,7 +1800,7 @@ void layernorm_backward(float *dx, float *dw, float *db, const float *dout, cons
     }
     if (dw || db) {
         int nchunk = (D + OPS_COLS - 1) / OPS_COLS;
-        MS_PARALLEL_FOR
+        MS_PARALLEL_FOR_W((double)N * D)
         for (int ch = 0; ch < nchunk; ch++) {
             int i0 = ch * OPS_COLS, i1 = OPS_MIN(D, i0 + OPS_COLS);
             double sw[OPS_COLS] = { 0 }, sb[OPS_COLS] = { 0 };
@@ -1841,7 +1857,7 @@ static int64_t ops_nchunks(size_t n) { return (int64_t)((n + OPS_CHUNK - 1) / OP
 /* silu(x) = x * s, s = sigmoid(x) = 1/(1 + e^-x) (torch: x / (1 + exp(-x))) */
 void silu_forward(float *out, const float *x, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
         for (size_t i = a; i < e; i++) out[i] = x[i] / (1.0f + expf(-x[i]));
@@ -1850,7 +1866,7 @@ void silu_forward(float *out, const float *x, size_t n) {
 /* silu'(x) = s + x s (1 - s) = s (1 + x (1 - s));  dx += dout * silu'(x) */
 void silu_backward(float *dx, const float *dout, const float *x, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
         for (size_t i = a; i < e; i++) {
@@ -1880,7 +1896,7 @@ static double ops_gelu_grad_d(double x) { return 0.5 * (1.0 + erf(x * OPS_SQRT1_
 
 void gelu_forward(float *out, const float *x, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
         for (size_t i = a; i < e; i++) out[i] = ops_gelu(x[i]);
@@ -1888,7 +1904,7 @@ void gelu_forward(float *out, const float *x, size_t n) {
 }
 void gelu_backward(float *dx, const float *dout, const float *x, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
         for (size_t i = a; i < e; i++) dx[i] += dout[i] * ops_gelu_grad(x[i]);
@@ -1905,7 +1921,7 @@ void gelu_backward_ref(float *dx, const float *dout, const float *x, size_t n) {
  * derivative s + 1.702 x s (1 - s). */
 void quick_gelu_forward(float *out, const float *x, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
         for (size_t i = a; i < e; i++) out[i] = x[i] * (1.0f / (1.0f + expf(-1.702f * x[i])));
@@ -1913,7 +1929,7 @@ void quick_gelu_forward(float *out, const float *x, size_t n) {
 }
 void quick_gelu_backward(float *dx, const float *dout, const float *x, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
         for (size_t i = a; i < e; i++) {
@@ -1935,7 +1951,7 @@ void quick_gelu_backward_ref(float *dx, const float *dout, const float *x, size_
 /* relu(x) = max(x, 0) (NaN passes through, as in torch); relu'(x) = [x > 0]. */
 void relu_forward(float *out, const float *x, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
         for (size_t i = a; i < e; i++) out[i] = x[i] < 0.0f ? 0.0f : x[i];
@@ -1943,7 +1959,7 @@ void relu_forward(float *out, const float *x, size_t n) {
 }
 void relu_backward(float *dx, const float *dout, const float *x, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
         for (size_t i = a; i < e; i++) dx[i] += x[i] > 0.0f ? dout[i] : 0.0f;
@@ -1954,7 +1970,7 @@ void relu_backward(float *dx, const float *dout, const float *x, size_t n) {
 /* out[n, j] = h * gelu(g), h = x[n, j], g = x[n, D + j]
  * backward: dh += dout * gelu(g),  dg += dout * h * gelu'(g) */
 void geglu_forward(float *out, const float *x, int N, int D) {
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W(8.0 * N * D)
     for (int n = 0; n < N; n++) {
         const float *h = x + (size_t)n * 2 * D, *g = h + D;
         float *o = out + (size_t)n * D;
@@ -1962,7 +1978,7 @@ void geglu_forward(float *out, const float *x, int N, int D) {
     }
 }
 void geglu_backward(float *dx, const float *dout, const float *x, int N, int D) {
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W(8.0 * N * D)
     for (int n = 0; n < N; n++) {
         const float *h = x + (size_t)n * 2 * D, *g = h + D, *dy = dout + (size_t)n * D;
         float *dh = dx + (size_t)n * 2 * D, *dg = dh + D;
@@ -2001,13 +2017,13 @@ static void ops_softmax_row(float *o, const float *x, int D) {
 }
 
 void softmax_forward(float *out, const float *x, int N, int D) {
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W(8.0 * N * D)
     for (int n = 0; n < N; n++) ops_softmax_row(out + (size_t)n * D, x + (size_t)n * D, D);
 }
 
 /* Softmax backward, per row: dx_i += y_i (dy_i - sum_j dy_j y_j). */
 void softmax_backward(float *dx, const float *dout, const float *out, int N, int D) {
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)N * D)
     for (int n = 0; n < N; n++) {
         const float *y = out + (size_t)n * D, *dy = dout + (size_t)n * D;
         float *d = dx + (size_t)n * D;
@@ -3015,7 +3031,7 @@ void attention_forward(float *out, float *lse, const float *q, const float *k, c
         int split = BH >= 2 * nt ? 1 : (2 * nt + BH - 1) / BH;
         if (split > nb) split = nb;
         int64_t nfast = (int64_t)BH * split;
-        MS_PARALLEL_FOR_DYN
+        MS_PARALLEL_FOR_DYN_W((double)BH * Tq * Tk * Dh)
         for (int64_t t = 0; t < nfast; t++) {
             int bh = (int)(t / split), s = (int)(t % split), b = bh / H, h = bh % H;
             int r0 = (int)((int64_t)nb * s / split) * g.nq, r1 = OPS_MIN(Tq, (int)((int64_t)nb * (s + 1) / split) * g.nq);
@@ -3028,7 +3044,7 @@ void attention_forward(float *out, float *lse, const float *q, const float *k, c
 #endif
     int64_t ntask = (int64_t)B * H * nblk;
     int tiled = ops_ws_reserve(ms_get_threads(), (size_t)OPS_ATT_BLOCK * Tk);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)B * H * Tq * Tk * Dh)
     for (int64_t t = 0; t < ntask; t++) {                /* one task per (b, h, query block) */
         int b = (int)(t / ((int64_t)H * nblk)), h = (int)(t / nblk % H), i0 = (int)(t % nblk) * OPS_ATT_BLOCK;
         int rows = OPS_MIN(OPS_ATT_BLOCK, Tq - i0);
@@ -3104,7 +3120,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
 #if defined(MS_X86_KERNELS)
     OpsAttGeom g;
     if (Tq > 0 && Tk > 0 && ops_att_geom(&g) && ops_ws_reserve(ms_get_threads(), ops_att_ws_floats(&g, Tk, Dh, 1))) {
-        MS_PARALLEL_FOR_DYN
+        MS_PARALLEL_FOR_DYN_W((double)B * H * Tq * Tk * Dh)
         for (int bh = 0; bh < B * H; bh++) {        /* one task per (b, h): dK, dV sum in block order */
             int b = bh / H, h = bh % H;
             size_t qo = (size_t)b * Tq * HD + (size_t)h * Dh, ko = (size_t)b * Tk * HD + (size_t)h * Dh;
@@ -3115,7 +3131,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
     }
 #endif
     int tiled = ops_ws_reserve(ms_get_threads(), (size_t)2 * OPS_ATT_BLOCK * Tk);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)B * H * Tq * Tk * Dh)
     for (int bh = 0; bh < B * H; bh++) {
         int b = bh / H, h = bh % H;
         size_t qo = (size_t)b * Tq * HD + (size_t)h * Dh, ko = (size_t)b * Tk * HD + (size_t)h * Dh;
@@ -3233,7 +3249,7 @@ void attention_probs_cols_forward(float *p, const float *q, const float *k, cons
                                   const int32_t *cols, int B, int Tq, int Tk, int H, int Dh, int ncol,
                                   float scale) {
     int HD = H * Dh;
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)B * H * Tq * ncol * Dh)
     for (int bh = 0; bh < B * H; bh++) {
         int b = bh / H, h = bh % H;
         const float *qh = q + (size_t)b * Tq * HD + (size_t)h * Dh, *kh = k + (size_t)b * Tk * HD + (size_t)h * Dh;
@@ -3314,7 +3330,7 @@ void attention_probs_cols_backward(float *dq, float *dk, const float *dp, const 
     int HD = H * Dh;
     if (!dq && !dk) return;
     int tiled = ops_ws_reserve(ms_get_threads(), (size_t)(OPS_ATT_BLOCK + 1) * Tk);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)B * H * Tq * ncol * Dh)
     for (int bh = 0; bh < B * H; bh++) {
         int b = bh / H, h = bh % H;
         size_t qo = (size_t)b * Tq * HD + (size_t)h * Dh, ko = (size_t)b * Tk * HD + (size_t)h * Dh;
@@ -3414,7 +3430,7 @@ void attention_probs_cols_backward_ref(float *dq, float *dk, const float *dp, co
 /* Nearest 2x: out[n,c,y,x] = x[n,c,y/2,x/2] (F.interpolate(scale_factor=2, mode="nearest")).
  * Backward: each input pixel receives the sum of its 2x2 output block. One task per (n,c). */
 void upsample_nearest2x_forward(float *out, const float *x, int N, int C, int H, int W) {
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W(4.0 * N * C * H * W)
     for (int nc = 0; nc < N * C; nc++) {
         const float *xi = x + (size_t)nc * H * W;
         float *o = out + (size_t)nc * 4 * H * W;
@@ -3426,7 +3442,7 @@ void upsample_nearest2x_forward(float *out, const float *x, int N, int C, int H,
     }
 }
 void upsample_nearest2x_backward(float *dx, const float *dout, int N, int C, int H, int W) {
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W(4.0 * N * C * H * W)
     for (int nc = 0; nc < N * C; nc++) {
         const float *d = dout + (size_t)nc * 4 * H * W;
         float *g = dx + (size_t)nc * H * W;
@@ -3442,7 +3458,7 @@ void upsample_nearest2x_backward(float *dx, const float *dout, int N, int C, int
  * inputs gets dout * 0.25. */
 void avgpool2x2_forward(float *out, const float *x, int N, int C, int H, int W) {
     int Ho = H / 2, Wo = W / 2;
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)N * C * H * W)
     for (int nc = 0; nc < N * C; nc++) {
         const float *xi = x + (size_t)nc * H * W;
         float *o = out + (size_t)nc * Ho * Wo;
@@ -3455,7 +3471,7 @@ void avgpool2x2_forward(float *out, const float *x, int N, int C, int H, int W) 
 }
 void avgpool2x2_backward(float *dx, const float *dout, int N, int C, int H, int W) {
     int Ho = H / 2, Wo = W / 2;
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)N * C * H * W)
     for (int nc = 0; nc < N * C; nc++) {
         const float *d = dout + (size_t)nc * Ho * Wo;
         float *g = dx + (size_t)nc * H * W;
@@ -3468,7 +3484,7 @@ void avgpool2x2_backward(float *dx, const float *dout, int N, int C, int H, int 
  * permutation, so backward is the inverse gather. One task per output channel. */
 void pixel_unshuffle_forward(float *out, const float *x, int N, int C, int H, int W, int r) {
     int Ho = H / r, Wo = W / r, Co = C * r * r;
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)N * C * H * W)
     for (int no = 0; no < N * Co; no++) {
         int n = no / Co, co = no % Co, c = co / (r * r), dy = co / r % r, dx = co % r;
         const float *xi = x + ((size_t)n * C + c) * H * W;
@@ -3479,7 +3495,7 @@ void pixel_unshuffle_forward(float *out, const float *x, int N, int C, int H, in
 }
 void pixel_unshuffle_backward(float *dx, const float *dout, int N, int C, int H, int W, int r) {
     int Ho = H / r, Wo = W / r, Co = C * r * r;
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)N * C * H * W)
     for (int nc = 0; nc < N * C; nc++) {              /* one task per INPUT channel: no races */
         int n = nc / C, c = nc % C;
         float *g = dx + (size_t)nc * H * W;
@@ -3513,7 +3529,7 @@ void concat_channels_backward(float *da, float *db, const float *dout, int N, in
  * out = s x: dx += s dout. */
 void add_forward(float *out, const float *a, const float *b, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)n)
     for (int64_t c = 0; c < nch; c++) {
         size_t i0 = (size_t)c * OPS_CHUNK, i1 = OPS_MIN(n, i0 + OPS_CHUNK);
         for (size_t i = i0; i < i1; i++) out[i] = a[i] + b[i];
@@ -3521,7 +3537,7 @@ void add_forward(float *out, const float *a, const float *b, size_t n) {
 }
 void add_backward(float *da, float *db, const float *dout, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)n)
     for (int64_t c = 0; c < nch; c++) {
         size_t i0 = (size_t)c * OPS_CHUNK, i1 = OPS_MIN(n, i0 + OPS_CHUNK);
         if (da) for (size_t i = i0; i < i1; i++) da[i] += dout[i];
@@ -3530,7 +3546,7 @@ void add_backward(float *da, float *db, const float *dout, size_t n) {
 }
 void mul_forward(float *out, const float *a, const float *b, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)n)
     for (int64_t c = 0; c < nch; c++) {
         size_t i0 = (size_t)c * OPS_CHUNK, i1 = OPS_MIN(n, i0 + OPS_CHUNK);
         for (size_t i = i0; i < i1; i++) out[i] = a[i] * b[i];
@@ -3538,7 +3554,7 @@ void mul_forward(float *out, const float *a, const float *b, size_t n) {
 }
 void mul_backward(float *da, float *db, const float *dout, const float *a, const float *b, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)n)
     for (int64_t c = 0; c < nch; c++) {
         size_t i0 = (size_t)c * OPS_CHUNK, i1 = OPS_MIN(n, i0 + OPS_CHUNK);
         if (da) for (size_t i = i0; i < i1; i++) da[i] += dout[i] * b[i];
@@ -3547,7 +3563,7 @@ void mul_backward(float *da, float *db, const float *dout, const float *a, const
 }
 void scale_forward(float *out, const float *x, float s, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)n)
     for (int64_t c = 0; c < nch; c++) {
         size_t i0 = (size_t)c * OPS_CHUNK, i1 = OPS_MIN(n, i0 + OPS_CHUNK);
         for (size_t i = i0; i < i1; i++) out[i] = s * x[i];
@@ -3555,7 +3571,7 @@ void scale_forward(float *out, const float *x, float s, size_t n) {
 }
 void scale_backward(float *dx, const float *dout, float s, size_t n) {
     int64_t nch = ops_nchunks(n);
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)n)
     for (int64_t c = 0; c < nch; c++) {
         size_t i0 = (size_t)c * OPS_CHUNK, i1 = OPS_MIN(n, i0 + OPS_CHUNK);
         for (size_t i = i0; i < i1; i++) dx[i] += s * dout[i];
@@ -3564,14 +3580,14 @@ void scale_backward(float *dx, const float *dout, float s, size_t n) {
 
 /* x[n,c,:] += t[n,c]; backward dt[n,c] += sum_hw dout[n,c,hw] (double). One task per (n,c). */
 void add_bias_nc(float *x, const float *t, int N, int C, int HW) {
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)N * C * HW)
     for (int nc = 0; nc < N * C; nc++) {
         float *xr = x + (size_t)nc * HW, tv = t[nc];
         for (int i = 0; i < HW; i++) xr[i] += tv;
     }
 }
 void add_bias_nc_backward(float *dt, const float *dout, int N, int C, int HW) {
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)N * C * HW)
     for (int nc = 0; nc < N * C; nc++) {
         double s, unused;
         ops_sum_sumsq(dout + (size_t)nc * HW, (size_t)HW, &s, &unused);
@@ -3589,7 +3605,7 @@ void embedding_forward(float *out, const int32_t *ids, const float *table, int N
 }
 void embedding_backward(float *dtable, const float *dout, const int32_t *ids, int N, int D) {
     int nchunk = (D + OPS_COLS - 1) / OPS_COLS;
-    MS_PARALLEL_FOR
+    MS_PARALLEL_FOR_W((double)N * D)
     for (int ch = 0; ch < nchunk; ch++) {
         int d0 = ch * OPS_COLS, d1 = OPS_MIN(D, d0 + OPS_COLS);
         for (int n = 0; n < N; n++) {
@@ -3660,7 +3676,7 @@ void mse_backward(float *dpred, const float *pred, const float *target, const fl
         double S = weight ? ops_mse_wsum(weight, n, C, M, Cw) : (double)C * M;
         if (S == 0.0) continue;
         float k = (float)(2.0 * dloss / ((double)N * S));
-        MS_PARALLEL_FOR
+        MS_PARALLEL_FOR_W((double)C * M)
         for (int c = 0; c < C; c++) {
             size_t o = ((size_t)n * C + c) * M;
             const float *w = weight ? weight + ((size_t)n * Cw + (Cw == 1 ? 0 : c)) * M : NULL;

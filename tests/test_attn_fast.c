@@ -87,6 +87,7 @@ static void test_att(int B, int Tq, int Tk, int H, int Dh, int causal) {
 int main(void) {
     MsSimd hw = ms_simd_detected();
     ms_rng_seed(&rng, 14);
+    ms_set_parallel_min_work(0.0);   /* every loop parallel at these small sizes: 1 vs 2 threads compares schedules */
     printf("test_attn_fast: SIMD detected %s\n", ms_simd_name(hw));
     for (int lv = MS_SIMD_SCALAR; lv <= (int)MS_SIMD_AVX512; lv++) {
         ms_set_simd((MsSimd)lv);

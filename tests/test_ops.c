@@ -526,6 +526,7 @@ static void test_threads_misc(void) {
 
 int main(void) {
     ms_rng_seed(&rng, 1234);
+    ms_set_parallel_min_work(0.0);   /* every loop parallel at these small sizes: 1 vs 2 threads compares schedules */
     test_groupnorm(2, 12, 37, 4, 0.0f);
     test_groupnorm(1, 6, 5, 6, -2.0f);
     test_groupnorm(3, 8, 33, 1, 1.0f);
