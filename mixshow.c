@@ -1,6 +1,7 @@
 /* mixshow.c — the method of Mix-of-Show (Gu et al., NeurIPS 2023, arXiv:2305.18292v2), in
  * sections that read top to bottom like the paper's three stages:
  *   ED-LoRA training            (single-client tuning: one step of EDLoRATrainer + AdamW)
+ *   pretraining                 (issue 15: every UNet + text-encoder parameter of a small model)
  *   text-to-image pipeline      (diffusers StableDiffusion(Adapter)Pipeline + EDLoRAPipeline:
  *                                `mixshow sample`, validation images)
  *   gradient fusion             (center node: recorded features -> gram / L-BFGS / weight)
@@ -808,6 +809,263 @@ MsStatus ms_trainer_step(MsTrainer *t, const MsTrainBatch *bt, const MsStepDraws
     }
     t->step = k;
     return MS_OK;
+}
+
+/* ---- pretraining ---- */
+/* Issue 15's small model of SD 1.x topology, trained from scratch (tools/cmd_pretrain.c feeds it
+ * the procedural world): every parameter of the UNet and the CLIP text encoder, the VAE frozen.
+ * One step, read top to bottom:
+ *   1. draws: drop_b (u_b < uncond_p: the caption becomes "" so that classifier-free guidance
+ *      has an unconditional model), t_b uniform in [0, T), noise n = randn (B,C,h,w)
+ *   2. z_t = sqrt(ac_t) z0 + sqrt(1 - ac_t) n            DDPMScheduler.add_noise
+ *   3. ctx = TextEncoder(tokenize(caption_b)) (B,77,D)   77 = what sampling encodes
+ *   4. eps = UNet(z_t, t, ctx)
+ *   5. L = mean (eps - n)^2 over B*C*h*w = N values      F.mse_loss(eps, n)
+ *      dL/deps = (2 / N) (eps - n)                      (float: d = (eps - n) * (float)(2 / N))
+ *   6. full backward: UNet -> every UNet parameter and dctx -> every text-encoder parameter
+ *   7. AdamW over each table's block as one flat array (the tables' gaps are 0 and stay 0:
+ *      zero gradient, zero moments, decay of 0), lr_k = lr * min(1, k / warmup).
+ * Classifier-free dropout, uniform timesteps and the epsilon objective are the recipe of
+ * Rombach et al. 2022 (LDM) and Ho & Salimans 2022 (CFG). */
+#define PRE_T 77
+
+void ms_pretrain_config_defaults(MsPretrainConfig *c) {
+    memset(c, 0, sizeof *c);
+    c->lr = 1e-3;
+    c->warmup = 100;
+    c->beta1 = 0.9; c->beta2 = 0.999; c->adam_eps = 1e-8;
+    c->weight_decay = 0.01;
+    c->uncond_p = 0.1;
+}
+
+static int pre_ends_with(const char *s, const char *tail) {
+    size_t n = strlen(s), m = strlen(tail);
+    return n >= m && !strcmp(s + n - m, tail);
+}
+
+MsStatus ms_pretrain_init_weights(MsParamTable *t, MsTorchRng *g) {
+    for (int i = 0; i < t->n; i++) {
+        MsParam *p = &t->p[i];
+        if (p->flags & MS_PARAM_BUFFER) continue;
+        if (!p->f32) return ms_errorf(MS_ERR_ARG, "pretrain init: %s holds no f32 storage", p->name);
+        const int is_bias = pre_ends_with(p->name, ".bias"), is_norm = p->ndim == 1 && strstr(p->name, "norm") != NULL;
+        if (is_norm && !is_bias) for (size_t k = 0; k < p->numel; k++) p->f32[k] = 1.0f;
+        else if (is_bias || p->ndim == 1) memset(p->f32, 0, p->numel * sizeof(float));
+        else if (strstr(p->name, "token_embedding") || strstr(p->name, "position_embedding")) {
+            const float sd = strstr(p->name, "token_embedding") ? 0.02f : 0.01f;
+            ms_torch_randn(g, p->f32, p->numel, MS_TORCH_CPU_AVX2);
+            for (size_t k = 0; k < p->numel; k++) p->f32[k] *= sd;
+        } else {
+            const double fan_in = (double)(p->numel / (size_t)p->shape[0]), bound = 1.0 / sqrt(fan_in);
+            torch_uniform(g, p->f32, p->numel, -bound, bound);
+        }
+    }
+    return MS_OK;
+}
+
+struct MsPretrainer {
+    MsPretrainConfig cfg;
+    MsModel *m;
+    const ClipTokenizer *tok;
+    int B, C, h, w;
+    MsScheduler *sch;
+    UNetParams up, dup;                 /* weights, gradients (dup over gu) */
+    ClipTextParams tp, dtp;
+    MsParamTable gu, gt;                /* gradient tables, the weights' layout */
+    float *mom_m, *mom_v;               /* (nu + nt) AdamW moments: UNet block, then text block */
+    size_t nu, nt;                      /* floats in each block */
+    int up_ok, dup_ok;
+    Arena uacts, uscr, tar;
+    UNetActs ua;
+    int ua_ok;
+    ClipTextActs ta;
+    float *noise, *noisy, *pred, *dpred, *dctx;   /* (B,C,h,w) x4, (B,77,D) */
+    int64_t ts[64];
+    unsigned char drop[64];
+    int32_t *ids;                       /* (B, 77) */
+    int64_t step;
+};
+
+/* Are the table's f32 tensors laid out as ms_param_table_alloc does (so that gradients and
+ * moments can share the layout)? Zeroes the gaps. */
+static MsStatus pre_block(MsParamTable *t, const char *what) {
+    size_t off = 0;
+    unsigned char *mem = (unsigned char *)t->mem;
+    if (!mem) return ms_errorf(MS_ERR_ARG, "pretrain: the %s holds no data", what);
+    for (int i = 0; i < t->n; i++) {
+        const MsParam *p = &t->p[i];
+        if (p->flags & MS_PARAM_BUFFER) continue;
+        if (!p->f32 || (unsigned char *)p->f32 != mem + off)
+            return ms_errorf(MS_ERR_UNSUPPORTED, "pretrain: %s %s is not f32 in the table's own block (16-bit or "
+                             "loaded weights: convert to a fresh f32 table first)", what, p->name);
+        size_t bytes = p->numel * sizeof(float), next = (off + bytes + 63) & ~(size_t)63;
+        memset(mem + off + bytes, 0, next - off - bytes);
+        off = next;
+    }
+    if (off != t->mem_bytes) return ms_errorf(MS_ERR_UNSUPPORTED, "pretrain: the %s block has %zu bytes, its tensors %zu",
+                                              what, t->mem_bytes, off);
+    return MS_OK;
+}
+
+void ms_pretrainer_free(MsPretrainer *p) {
+    if (!p) return;
+    if (p->ua_ok) unet_acts_free(&p->ua);
+    if (p->up_ok) unet_params_free(&p->up);
+    if (p->dup_ok) unet_params_free(&p->dup);
+    ms_param_table_free(&p->gu); ms_param_table_free(&p->gt);
+    arena_free(&p->uacts); arena_free(&p->uscr); arena_free(&p->tar);
+    ms_free_aligned(p->mom_m); ms_free_aligned(p->mom_v);
+    ms_free_aligned(p->noise); ms_free_aligned(p->noisy); ms_free_aligned(p->pred); ms_free_aligned(p->dpred);
+    ms_free_aligned(p->dctx);
+    free(p->ids);
+    free(p->sch);
+    free(p);
+}
+
+MsStatus ms_pretrainer_create(MsPretrainer **out, MsModel *m, const ClipTokenizer *tok, const MsPretrainConfig *c,
+                              int B, int h, int w) {
+    const UNetConfig *uc = &m->unet_config;
+    const ClipTextConfig *tc = &m->text_config;
+    MsPretrainer *p;
+    MsStatus s;
+    UNetSizes sz;
+    *out = NULL;
+    if (B < 1 || B > 64 || h < 1 || w < 1) return ms_errorf(MS_ERR_ARG, "pretrain: batch %d (1..64), latent %dx%d", B, h, w);
+    if (uc->cross_attention_dim != tc->hidden_size)
+        return ms_errorf(MS_ERR_SHAPE, "pretrain: UNet cross_attention_dim %d != text hidden_size %d", uc->cross_attention_dim,
+                         tc->hidden_size);
+    if (tc->max_position_embeddings < PRE_T)
+        return ms_errorf(MS_ERR_ARG, "pretrain: text max_position_embeddings %d < %d tokens", tc->max_position_embeddings, PRE_T);
+    if (uc->in_channels != uc->out_channels)
+        return ms_errorf(MS_ERR_SHAPE, "pretrain: UNet in_channels %d != out_channels %d", uc->in_channels, uc->out_channels);
+    if (!(c->lr >= 0) || c->warmup < 0 || !(c->uncond_p >= 0 && c->uncond_p <= 1))
+        return ms_errorf(MS_ERR_ARG, "pretrain: lr %g, warmup %lld, uncond_p %g", c->lr, (long long)c->warmup, c->uncond_p);
+    if ((s = pre_block(&m->unet, "UNet")) || (s = pre_block(&m->text, "text encoder"))) return s;
+    p = (MsPretrainer *)calloc(1, sizeof *p);
+    if (!p) return ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory");
+    p->cfg = *c; p->m = m; p->tok = tok; p->B = B; p->C = uc->in_channels; p->h = h; p->w = w;
+    const size_t nlat = (size_t)B * p->C * h * w, nctx = (size_t)B * PRE_T * tc->hidden_size;
+    p->nu = m->unet.mem_bytes / sizeof(float);
+    p->nt = m->text.mem_bytes / sizeof(float);
+    p->sch = (MsScheduler *)malloc(sizeof *p->sch);
+    if (!p->sch) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto fail; }
+    if ((s = ms_scheduler_init(p->sch, MS_SCHED_DDPM, &m->scheduler_config, MS_TORCH_CPU_AVX2))) goto fail;
+    if ((s = ms_param_table_unet(uc, &p->gu)) || (s = ms_param_table_alloc(&p->gu, NULL)) ||
+        (s = ms_param_table_text(tc, &p->gt)) || (s = ms_param_table_alloc(&p->gt, NULL)))
+        goto fail;
+    if (p->gu.mem_bytes != m->unet.mem_bytes || p->gt.mem_bytes != m->text.mem_bytes) {
+        s = ms_errorf(MS_ERR_SHAPE, "pretrain: the model's tables are not those of its configs"); goto fail;
+    }
+    memset(p->gu.mem, 0, p->gu.mem_bytes);
+    memset(p->gt.mem, 0, p->gt.mem_bytes);
+    if ((s = unet_params_init(&p->up, uc, &m->unet))) goto fail;
+    p->up_ok = 1;
+    if ((s = unet_params_init(&p->dup, uc, &p->gu))) goto fail;
+    p->dup_ok = 1;
+    if ((s = clip_text_params(&p->tp, &m->text, tc)) || (s = clip_text_params(&p->dtp, &p->gt, tc))) goto fail;
+    if ((s = unet_sizes(uc, B, h, w, PRE_T, 1, &sz)) || (s = arena_init(&p->uacts, sz.acts_bytes)) ||
+        (s = arena_init(&p->uscr, sz.scratch_bytes)) || (s = unet_acts_init(&p->ua, uc, B, h, w, PRE_T, 1, &p->uacts, &p->uscr)))
+        goto fail;
+    p->ua_ok = 1;
+    if ((s = arena_init(&p->tar, clip_text_sizes(tc, B, PRE_T, 0, CLIP_TRAIN_KEEP))) ||
+        (s = clip_text_acts_alloc(&p->ta, &p->tar, tc, B, PRE_T, 0, CLIP_TRAIN_KEEP)))
+        goto fail;
+    p->mom_m = (float *)ms_alloc_aligned(p->nu + p->nt, sizeof(float));
+    p->mom_v = (float *)ms_alloc_aligned(p->nu + p->nt, sizeof(float));
+    p->noise = (float *)ms_alloc_aligned(nlat, sizeof(float));
+    p->noisy = (float *)ms_alloc_aligned(nlat, sizeof(float));
+    p->pred = (float *)ms_alloc_aligned(nlat, sizeof(float));
+    p->dpred = (float *)ms_alloc_aligned(nlat, sizeof(float));
+    p->dctx = (float *)ms_alloc_aligned(nctx, sizeof(float));
+    p->ids = (int32_t *)malloc((size_t)B * PRE_T * sizeof(int32_t));
+    if (!p->mom_m || !p->mom_v || !p->noise || !p->noisy || !p->pred || !p->dpred || !p->dctx || !p->ids) {
+        s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto fail;
+    }
+    memset(p->mom_m, 0, (p->nu + p->nt) * sizeof(float));
+    memset(p->mom_v, 0, (p->nu + p->nt) * sizeof(float));
+    *out = p;
+    return MS_OK;
+fail:
+    ms_pretrainer_free(p);
+    return s;
+}
+
+MsStatus ms_pretrain_step(MsPretrainer *p, const float *latents, const char *const *captions,
+                          const MsPretrainDraws *dr, MsTorchRng *g, MsPretrainReport *rep) {
+    const MsPretrainConfig *c = &p->cfg;
+    const int B = p->B;
+    const size_t M = (size_t)p->C * p->h * p->w, N = (size_t)B * M, nctx = (size_t)B * PRE_T * p->m->text_config.hidden_size;
+    const int64_t k = p->step + 1;
+    float tf[64];
+    MsStatus s;
+    memset(rep, 0, sizeof *rep);
+    if (!dr && !g) return ms_errorf(MS_ERR_ARG, "pretrain step %lld: neither draws nor a generator", (long long)k);
+
+    /* 1. draws */
+    for (int b = 0; b < B; b++) {
+        if (dr) { p->drop[b] = dr->drop[b] ? 1 : 0; continue; }
+        double u = (double)(ms_torch_random(g) & ((1u << 24) - 1)) * (1.0 / 16777216.0);
+        p->drop[b] = u < c->uncond_p;
+    }
+    for (int b = 0; b < B; b++) {
+        p->ts[b] = dr ? dr->timesteps[b] : (int64_t)(ms_torch_random(g) % (uint32_t)p->sch->T);
+        if (p->ts[b] < 0 || p->ts[b] >= p->sch->T)
+            return ms_errorf(MS_ERR_ARG, "pretrain step %lld: timestep %lld outside [0, %d)", (long long)k,
+                             (long long)p->ts[b], p->sch->T);
+        tf[b] = (float)p->ts[b];
+    }
+    if (dr) memcpy(p->noise, dr->noise, N * sizeof(float));
+    else ms_torch_randn(g, p->noise, N, MS_TORCH_CPU_AVX2);
+    /* 2. noisy latents */
+    if ((s = ms_scheduler_add_noise(p->sch, p->noisy, latents, p->noise, p->ts, B, M))) return s;
+    /* 3. text encoder */
+    for (int b = 0; b < B; b++) {
+        const char *text = p->drop[b] ? "" : captions[b];
+        if ((s = clip_tokenize(p->tok, text, strlen(text), p->ids + (size_t)b * PRE_T, PRE_T))) return s;
+    }
+    if ((s = clip_text_forward(&p->ta, &p->tp, NULL, p->ids, NULL, 0, &p->m->text_config))) return s;
+    /* 4. UNet */
+    if ((s = unet_forward(p->pred, &p->ua, p->noisy, tf, p->ta.out, NULL, NULL, &p->up, NULL))) return s;
+    /* 5. loss */
+    {
+        double sum = 0.0;
+        const float scale = (float)(2.0 / (double)N);
+        for (size_t i = 0; i < N; i++) {
+            const float d = p->pred[i] - p->noise[i];
+            sum += (double)d * d;
+            p->dpred[i] = d * scale;
+        }
+        rep->loss = sum / (double)N;
+        if (!(rep->loss - rep->loss == 0.0))
+            return ms_errorf(MS_ERR_FORMAT, "pretrain step %lld: the loss is not finite (%g)", (long long)k, rep->loss);
+    }
+    /* 6. every gradient */
+    memset(p->gu.mem, 0, p->gu.mem_bytes);
+    memset(p->gt.mem, 0, p->gt.mem_bytes);
+    memset(p->dctx, 0, nctx * sizeof(float));
+    if ((s = unet_backward_full(&p->ua, &p->up, NULL, NULL, &p->dup, p->dpred, p->dctx, NULL))) return s;
+    if ((s = clip_text_backward_full(NULL, NULL, &p->dtp, p->dctx, &p->ta, &p->tp, NULL, p->ids, 0, &p->m->text_config)))
+        return s;
+    if (!train_finite((const float *)p->gu.mem, p->nu) || !train_finite((const float *)p->gt.mem, p->nt))
+        return ms_errorf(MS_ERR_FORMAT, "pretrain step %lld: a gradient is not finite (loss %g)", (long long)k, rep->loss);
+    /* 7. AdamW, one flat loop per table */
+    rep->lr = c->warmup > 0 && k < c->warmup ? c->lr * (double)k / (double)c->warmup : c->lr;
+    ms_adamw_step((float *)p->m->unet.mem, (const float *)p->gu.mem, p->mom_m, p->mom_v, p->nu, k, rep->lr,
+                  c->weight_decay, c->beta1, c->beta2, c->adam_eps);
+    ms_adamw_step((float *)p->m->text.mem, (const float *)p->gt.mem, p->mom_m + p->nu, p->mom_v + p->nu, p->nt, k,
+                  rep->lr, c->weight_decay, c->beta1, c->beta2, c->adam_eps);
+    p->step = k;
+    rep->used.drop = p->drop;
+    rep->used.timesteps = p->ts;
+    rep->used.noise = p->noise;
+    rep->ids = p->ids;
+    return MS_OK;
+}
+
+int64_t ms_pretrainer_step_count(const MsPretrainer *p) { return p->step; }
+void ms_pretrainer_set_step(MsPretrainer *p, int64_t step) { p->step = step; }
+void ms_pretrainer_moments(MsPretrainer *p, float **m, float **v, size_t *n) {
+    *m = p->mom_m; *v = p->mom_v; *n = p->nu + p->nt;
 }
 
 /* ---- text-to-image pipeline ---- */

@@ -1476,6 +1476,56 @@ int64_t ms_trainer_step_count(const MsTrainer *t);
 size_t ms_trainer_state_floats(const MsTrainer *t);
 void ms_trainer_state_io(MsTrainer *t, float *buf, int store, int64_t *step, int *stop_emb);
 
+/* ---- pretraining (issue 15): every parameter of a small UNet + CLIP text encoder ----
+ * The usual latent-diffusion objective (mixshow.c, section "pretraining"): for latents z0
+ * (B,C,h,w) of a frozen VAE and captions, per step
+ *   drop_b = u_b < uncond_p (caption -> "", for classifier-free guidance), t_b uniform in [0, T),
+ *   n ~ N(0, 1), z_t = sqrt(ac_t) z0 + sqrt(1 - ac_t) n (the model's scheduler config, DDPM),
+ *   L = mean (UNet(z_t, t, TextEncoder(ids)) - n)^2,
+ * then AdamW (torch.optim.AdamW, to the bit) on every UNet and text-encoder parameter, one flat
+ * loop per table, lr warmed up linearly: lr_k = lr * min(1, k / warmup). */
+typedef struct {
+    double lr;                      /* 1e-3 (peak) */
+    int64_t warmup;                 /* 100 steps (0: none) */
+    double beta1, beta2, adam_eps;  /* 0.9, 0.999, 1e-8 */
+    double weight_decay;            /* 0.01 (every parameter) */
+    double uncond_p;                /* 0.1 */
+} MsPretrainConfig;
+void ms_pretrain_config_defaults(MsPretrainConfig *c);
+/* Fresh weights for every f32 parameter of a table made by ms_param_table_unet / _text and
+ * ms_param_table_alloc, drawn from g in table order: 1-D "norm" weights 1 and their biases 0,
+ * other biases 0, token / position embeddings N(0, 0.02^2) / N(0, 0.01^2) (CLIP's init), other
+ * weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's default for Linear and Conv2d weights). */
+MsStatus ms_pretrain_init_weights(MsParamTable *t, MsTorchRng *g);
+/* The random draws of one step (in place of the generator; tests). */
+typedef struct {
+    const unsigned char *drop;      /* (B) 1: empty caption */
+    const int64_t *timesteps;       /* (B) in [0, T) */
+    const float *noise;             /* (B,C,h,w) */
+} MsPretrainDraws;
+typedef struct {
+    double loss, lr;                /* the step's loss (before the update) and lr */
+    MsPretrainDraws used;           /* what the step drew; valid until the next step */
+    const int32_t *ids;             /* (B, 77) the token ids of the step */
+} MsPretrainReport;
+typedef struct MsPretrainer MsPretrainer;
+/* Plans everything for batches of B latents of h x w. m's unet and text tables must be f32 in
+ * one block each (ms_param_table_alloc); the pretrainer trains them in place (m and tok must
+ * outlive it). The gaps between tensors in those blocks are set to 0. */
+MsStatus ms_pretrainer_create(MsPretrainer **out, MsModel *m, const ClipTokenizer *tok, const MsPretrainConfig *c,
+                              int B, int h, int w);
+/* One optimizer step on latents (B,C,h,w) (already * scaling_factor) and B captions. Draws in
+ * this order from g unless dr is given: B words for the drops (u = (word & 2^24-1) / 2^24),
+ * B words for the timesteps (word % T), then torch.randn of the noise. */
+MsStatus ms_pretrain_step(MsPretrainer *p, const float *latents, const char *const *captions,
+                          const MsPretrainDraws *dr, MsTorchRng *g, MsPretrainReport *rep);
+int64_t ms_pretrainer_step_count(const MsPretrainer *p);
+/* AdamW moments: *m and *v, n floats each (the UNet's block, then the text encoder's, in their
+ * tables' layout), for checkpoints; the step count is set with the moments on resume. */
+void ms_pretrainer_moments(MsPretrainer *p, float **m, float **v, size_t *n);
+void ms_pretrainer_set_step(MsPretrainer *p, int64_t step);
+void ms_pretrainer_free(MsPretrainer *p);
+
 /* ==========================================================================================
  * The method: gradient fusion (mixshow.c).
  * For a linear layer with base weight W0 (d_out, d_in) and concepts i = 1..N with merged

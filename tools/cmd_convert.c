@@ -274,7 +274,7 @@ MsStatus ms_copy_file(const char *from, const char *to) {
     return ok ? MS_OK : ms_errorf(MS_ERR_IO, "cannot copy %s to %s", from, to);
 }
 
-static MsStatus write_folder(const MsModel *m, const char *tokdir, const char *out, int half) {
+MsStatus ms_write_model_folder(const MsModel *m, const char *tokdir, const char *out, int half) {
     char tmp[2048], p[2300], q[4300];
     static const char *const subs[] = { "unet", "vae", "text_encoder", "scheduler", "tokenizer" };
     static const char *const tok[] = { "vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json" };
@@ -388,7 +388,7 @@ int cmd_convert(int argc, char **argv) {
         if (!s && shipped) fprintf(stderr, "mixshow: %s: no tokenizer/: %s/tokenizer gets the CLIP BPE files shipped "
                                    "with mixshow (%s)\n", in, out, tokdir);
     }
-    if (!s) s = folder ? write_folder(&m, tokdir, out, half) : ms_write_ldm(&m, out, half, with_configs, NULL, 0);
+    if (!s) s = folder ? ms_write_model_folder(&m, tokdir, out, half) : ms_write_ldm(&m, out, half, with_configs, NULL, 0);
     ms_model_free(&m);                          /* zeroed when the load failed: a no-op */
     if (s) { fprintf(stderr, "mixshow convert: %s\n", ms_last_error()); return 1; }
     printf("%s -> %s\n", in, out);

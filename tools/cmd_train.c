@@ -421,7 +421,7 @@ static MsStatus save_edlora(const MsTrainer *t, const MsTrainConfig *mc, const c
 }
 
 /* The loss curve as CSV (written as the run goes) and as an SVG plot (at the end). */
-static MsStatus write_svg(const char *path, const double *loss, int64_t n) {
+MsStatus ms_write_loss_svg(const char *path, const double *loss, int64_t n) {
     char tmp[2400];
     FILE *f;
     double lo = HUGE_VAL, hi = -HUGE_VAL;
@@ -772,7 +772,7 @@ static MsStatus train_run(const TrainArgs *a, const TrainDataConfig *dc, MsTrain
         snprintf(path, sizeof path, "%s/%s_model-latest.safetensors", models_dir, mc->enable_edlora ? "edlora" : "lora");
         if ((s = save_edlora(t, mc, path))) goto done;
         snprintf(path, sizeof path, "%s/loss.svg", out);
-        if ((s = write_svg(path, losses, ms_trainer_step_count(t)))) goto done;
+        if ((s = ms_write_loss_svg(path, losses, ms_trainer_step_count(t)))) goto done;
         fprintf(stderr, "train: wrote %s/loss.csv, %s\n", out, path);
         /* the training state is done with: give its memory back before the validation models */
         ms_trainer_free(t);

@@ -380,6 +380,9 @@ MsStatus ms_table_fill_file(MsParamTable *t, const char *path, int ldm, const ch
 int cmd_inspect(int argc, char **argv);   /* mixshow inspect FILE [--json] */
 int cmd_convert(int argc, char **argv);   /* mixshow convert IN OUT [--config DIR] [--half] */
 MsStatus ms_copy_file(const char *from, const char *to);   /* byte copy (tools/cmd_convert.c) */
+/* m as a diffusers folder at out (built in out.tmp, then renamed; out must not exist): configs,
+ * unet/ vae/ text_encoder/ weights (F16 when half), the tokenizer files of tokdir. */
+MsStatus ms_write_model_folder(const MsModel *m, const char *tokdir, const char *out, int half);
 /* The configs of a diffusers folder written from m's: DIR/model_index.json, unet/config.json,
  * vae/config.json, text_encoder/config.json, scheduler/scheduler_config.json (subfolders exist). */
 MsStatus ms_write_model_configs(const MsModel *m, const char *dir);
@@ -413,6 +416,9 @@ MsStatus ms_image_resize_lanczos(uint8_t *out, int ow, int oh, const uint8_t *in
 int cmd_sample(int argc, char **argv);   /* mixshow sample [--model PATH] -p PROMPT ... -o out.png */
 int cmd_dump(int argc, char **argv);     /* mixshow dump --model PATH --inputs IN --out OUT */
 int cmd_train(int argc, char **argv);    /* mixshow train --config X.yml [--replay DUMP --trace OUT] ... */
+int cmd_pretrain(int argc, char **argv); /* mixshow pretrain --out DIR [--steps N] ... (issue 15) */
+/* A loss curve as an SVG plot (n values, NaN skipped), written via path.tmp (tools/cmd_train.c). */
+MsStatus ms_write_loss_svg(const char *path, const double *loss, int64_t n);
 int cmd_fuse(int argc, char **argv);     /* mixshow fuse --model BASE --concepts CFG.json --out DIR (helper "fuse") */
 
 /* ---- ED-LoRA training data options (tools/train_config.c reads them from the .yml) ---- */
