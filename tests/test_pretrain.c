@@ -1,0 +1,368 @@
+/* tests/test_pretrain.c — pretraining (issue 15): ms_pretrain_step and `mixshow pretrain` on a
+ * tiny config (UNet 8/16 channels, DownBlock2D + CrossAttnDownBlock2D, 1 layer, 2 heads, 4
+ * groups; text encoder width 16, 1 layer, the real CLIP tokenizer with vocab 49408; the
+ * embedded tiny model's VAE, 64x64 world scenes -> 8x8 latents). Checked:
+ *   - one step's update == torch AdamW (ms_adamw_step per tensor, the warmed-up lr) applied to
+ *     the gradient of the same draws computed here separately (text forward, UNet forward,
+ *     dL/deps = 2 (eps - n) / N, unet_backward_full, clip_text_backward_full): bitwise, every
+ *     UNet and text-encoder parameter; the loss equals F.mse_loss of the prediction here;
+ *   - 1 vs 2 threads: the parameters after two steps bit-identical;
+ *   - `mixshow pretrain` 40 steps at a fixed seed: the mean loss of the last 5 steps is below
+ *     that of the first 5 (numbers printed);
+ *   - 20 steps, then --resume of its checkpoint to 40 == the straight 40-step run: every weight
+ *     of the written folders bitwise, and the losses of steps 21..40; a checkpoint of other
+ *     options is refused;
+ *   - the written folder loads (ms_model_load) and `mixshow sample` draws a 64x64 PNG from it. */
+#include "test.h"
+
+#include "tools/tools.h"
+
+#include <time.h>
+
+static const char *const TINY_FLAGS[] = { "--channels", "8,16", "--heads", "2,2", "--groups", "4", "--layers", "1",
+                                          "--text-width", "16", "--text-layers", "1", "--text-heads", "2",
+                                          "--size", "64", "--batch", "2", "--scenes", "16", "--lr", "3e-3",
+                                          "--warmup", "5", "--seed", "7", "--world-seed", "3", "-q" };
+#define N_TINY ((int)(sizeof TINY_FLAGS / sizeof TINY_FLAGS[0]))
+
+static char g_tmp[512];
+
+/* mixshow pretrain TINY_FLAGS --out dir --steps n [extra...] */
+static int run_pretrain(const char *dir, int steps, const char *e0, const char *e1, const char *e2, const char *e3) {
+    char *argv[64], st[16], ck[16];
+    int n = 0;
+    snprintf(st, sizeof st, "%d", steps);
+    snprintf(ck, sizeof ck, "%d", 10);
+    argv[n++] = "pretrain";
+    for (int i = 0; i < N_TINY; i++) argv[n++] = (char *)TINY_FLAGS[i];
+    argv[n++] = "--out"; argv[n++] = (char *)dir;
+    argv[n++] = "--steps"; argv[n++] = st;
+    argv[n++] = "--checkpoint-every"; argv[n++] = ck;
+    if (e0) argv[n++] = (char *)e0;
+    if (e1) argv[n++] = (char *)e1;
+    if (e2) argv[n++] = (char *)e2;
+    if (e3) argv[n++] = (char *)e3;
+    argv[n] = NULL;
+    return cmd_pretrain(n, argv);
+}
+
+/* loss.csv -> loss[step - 1]; returns the rows read */
+static int read_losses(const char *dir, double *loss, int cap) {
+    char path[700], line[512];
+    int n = 0;
+    snprintf(path, sizeof path, "%s/loss.csv", dir);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    while (fgets(line, sizeof line, f)) {
+        long long k;
+        double l;
+        if (sscanf(line, "%lld,%lf", &k, &l) == 2 && k >= 1 && k <= cap) { loss[k - 1] = l; n++; }
+    }
+    fclose(f);
+    return n;
+}
+
+static int tables_equal(const MsParamTable *a, const MsParamTable *b, const char **bad) {
+    if (a->n != b->n) { *bad = "(tensor count)"; return 0; }
+    for (int i = 0; i < a->n; i++) {
+        if (a->p[i].flags & MS_PARAM_BUFFER) continue;
+        if (!a->p[i].f32 || !b->p[i].f32 || a->p[i].numel != b->p[i].numel ||
+            memcmp(a->p[i].f32, b->p[i].f32, a->p[i].numel * sizeof(float))) {
+            *bad = a->p[i].name;
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* ---- the step against AdamW on a separately computed gradient ---- */
+typedef struct {
+    MsModel m;
+    ClipTokenizer tok;
+    int ok;
+} Tiny;
+
+static int tiny_model(Tiny *t) {
+    char tokdir[1024];
+    int shipped;
+    memset(t, 0, sizeof *t);
+    UNetConfig *c = &t->m.unet_config;
+    ClipTextConfig *x = &t->m.text_config;
+    ms_unet_config_sd15(c);
+    c->sample_size = 8; c->n_blocks = 2;
+    c->down_block_types[0] = MS_BLOCK_DOWN; c->down_block_types[1] = MS_BLOCK_CROSS_ATTN_DOWN;
+    c->up_block_types[0] = MS_BLOCK_CROSS_ATTN_UP; c->up_block_types[1] = MS_BLOCK_UP;
+    c->block_out_channels[0] = 8; c->block_out_channels[1] = 16;
+    c->attention_head_dim[0] = c->attention_head_dim[1] = 2;
+    c->layers_per_block = 1; c->norm_num_groups = 4; c->cross_attention_dim = 16;
+    ms_clip_text_config_sd15(x);
+    x->hidden_size = 16; x->intermediate_size = 64; x->num_hidden_layers = 1; x->num_attention_heads = 2;
+    ms_scheduler_config_sd15(&t->m.scheduler_config);
+    ms_vae_config_sd15(&t->m.vae_config);
+    MsTorchRng g;
+    ms_torch_seed(&g, 11);
+    if (!check(ms_param_table_unet(c, &t->m.unet) == MS_OK && ms_param_table_alloc(&t->m.unet, NULL) == MS_OK &&
+               ms_param_table_text(x, &t->m.text) == MS_OK && ms_param_table_alloc(&t->m.text, NULL) == MS_OK &&
+               ms_pretrain_init_weights(&t->m.unet, &g) == MS_OK && ms_pretrain_init_weights(&t->m.text, &g) == MS_OK,
+               "tiny tables: %s", ms_last_error()))
+        return 0;
+    if (!check(ms_find_tokenizer(NULL, NULL, tokdir, sizeof tokdir, &shipped) == MS_OK &&
+               ms_clip_tokenizer_load(tokdir, &t->tok) == MS_OK, "tokenizer: %s", ms_last_error()))
+        return 0;
+    t->ok = 1;
+    return 1;
+}
+
+static void tiny_free(Tiny *t) {
+    if (t->ok) clip_tokenizer_free(&t->tok);
+    ms_model_free(&t->m);
+}
+
+static MsParamTable copy_table(const MsParamTable *src, int unet, const MsModel *m) {
+    MsParamTable t;
+    memset(&t, 0, sizeof t);
+    if (unet) ms_param_table_unet(&m->unet_config, &t);
+    else ms_param_table_text(&m->text_config, &t);
+    ms_param_table_alloc(&t, NULL);
+    memcpy(t.mem, src->mem, src->mem_bytes);
+    return t;
+}
+
+static void test_step_is_adamw(void) {
+    Tiny t;
+    MsPretrainConfig pc;
+    MsPretrainer *p = NULL;
+    const int B = 2, h = 8, w = 8, T = 77, D = 16;
+    const size_t N = (size_t)B * 4 * h * w;
+    if (!tiny_model(&t)) { tiny_free(&t); return; }
+    ms_pretrain_config_defaults(&pc);
+    pc.warmup = 4;
+    pc.lr = 2e-3;
+    if (!check(ms_pretrainer_create(&p, &t.m, &t.tok, &pc, B, h, w) == MS_OK, "pretrainer: %s", ms_last_error())) {
+        tiny_free(&t);
+        return;
+    }
+    MsRng r;
+    ms_rng_seed(&r, 5);
+    float *lat = test_randn(&r, N, 1.0f);
+    const char *caps[2] = { "two red circles on the left of a blue striped square, on grass", "a green star" };
+    MsTorchRng g;
+    ms_torch_seed(&g, 99);
+    MsPretrainReport rep;
+    /* step 1 from the generator; step 2 with given draws (one drop) */
+    MsStatus s = ms_pretrain_step(p, lat, caps, NULL, &g, &rep);
+    check(s == MS_OK, "pretrain step 1: %s", s ? ms_last_error() : "ok");
+    /* state before step 2: weights after step 1 are the pretrainer's; recompute step 2 here */
+    MsParamTable w1u = copy_table(&t.m.unet, 1, &t.m), w1t = copy_table(&t.m.text, 0, &t.m);
+    float *mm, *vv;
+    size_t nmom;
+    ms_pretrainer_moments(p, &mm, &vv, &nmom);
+    float *m0 = (float *)malloc(nmom * sizeof(float)), *v0 = (float *)malloc(nmom * sizeof(float));
+    memcpy(m0, mm, nmom * sizeof(float)); memcpy(v0, vv, nmom * sizeof(float));
+    unsigned char drop[2] = { 0, 1 };
+    int64_t ts[2] = { 17, 903 };
+    float *noise = test_randn(&r, N, 1.0f);
+    MsPretrainDraws dr = { drop, ts, noise };
+    s = ms_pretrain_step(p, lat, caps, &dr, NULL, &rep);
+    check(s == MS_OK, "pretrain step 2: %s", s ? ms_last_error() : "ok");
+
+    /* the same step, separately: forward, loss, full backward, AdamW per tensor */
+    {
+        UNetParams up, dup;
+        ClipTextParams tp, dtp;
+        MsParamTable gu, gt;
+        UNetSizes sz;
+        UNetActs ua;
+        Arena acts, scr, tar;
+        ClipTextActs ta;
+        MsScheduler *sch = (MsScheduler *)malloc(sizeof *sch);
+        int32_t ids[2 * 77];
+        float *noisy = test_zeros(N), *eps = test_zeros(N), *deps = test_zeros(N), *dctx = test_zeros((size_t)B * T * D);
+        float tf[2] = { 17.0f, 903.0f };
+        ms_param_table_unet(&t.m.unet_config, &gu); ms_param_table_alloc(&gu, NULL); memset(gu.mem, 0, gu.mem_bytes);
+        ms_param_table_text(&t.m.text_config, &gt); ms_param_table_alloc(&gt, NULL); memset(gt.mem, 0, gt.mem_bytes);
+        unet_params_init(&up, &t.m.unet_config, &w1u); unet_params_init(&dup, &t.m.unet_config, &gu);
+        clip_text_params(&tp, &w1t, &t.m.text_config); clip_text_params(&dtp, &gt, &t.m.text_config);
+        unet_sizes(&t.m.unet_config, B, h, w, T, 1, &sz);
+        arena_init(&acts, sz.acts_bytes); arena_init(&scr, sz.scratch_bytes);
+        unet_acts_init(&ua, &t.m.unet_config, B, h, w, T, 1, &acts, &scr);
+        arena_init(&tar, clip_text_sizes(&t.m.text_config, B, T, 0, CLIP_TRAIN_KEEP));
+        clip_text_acts_alloc(&ta, &tar, &t.m.text_config, B, T, 0, CLIP_TRAIN_KEEP);
+        ms_scheduler_init(sch, MS_SCHED_DDPM, &t.m.scheduler_config, MS_TORCH_CPU_AVX2);
+        clip_tokenize(&t.tok, caps[0], strlen(caps[0]), ids, T);
+        clip_tokenize(&t.tok, "", 0, ids + T, T);
+        check(!memcmp(ids, rep.ids, sizeof ids), "token ids of the step (second caption dropped to \"\")");
+        ms_scheduler_add_noise(sch, noisy, lat, noise, ts, B, N / B);
+        clip_text_forward(&ta, &tp, NULL, ids, NULL, 0, &t.m.text_config);
+        unet_forward(eps, &ua, noisy, tf, ta.out, NULL, NULL, &up, NULL);
+        double l = 0.0;
+        for (size_t i = 0; i < N; i++) {
+            float d = eps[i] - noise[i];
+            l += (double)d * d;
+            deps[i] = d * (float)(2.0 / (double)N);
+        }
+        l /= (double)N;
+        check(l == rep.loss, "loss %.9g == mean (eps - n)^2 here %.9g", rep.loss, l);
+        unet_backward_full(&ua, &up, NULL, NULL, &dup, deps, dctx, NULL);
+        clip_text_backward_full(NULL, NULL, &dtp, dctx, &ta, &tp, NULL, ids, 0, &t.m.text_config);
+        const double lr = pc.lr * 2.0 / 4.0;
+        check(rep.lr == lr, "step 2 lr %.9g == lr * 2 / warmup %.9g", rep.lr, lr);
+        const MsParamTable *W[2] = { &w1u, &w1t }, *Gt[2] = { &gu, &gt };
+        const MsParamTable *after[2] = { &t.m.unet, &t.m.text };
+        int bad = 0, n = 0;
+        const char *badname = "";
+        for (int k = 0; k < 2; k++) {
+            const size_t base = k == 0 ? 0 : t.m.unet.mem_bytes / sizeof(float);
+            for (int i = 0; i < W[k]->n; i++) {
+                const MsParam *q = &W[k]->p[i];
+                if (q->flags & MS_PARAM_BUFFER) continue;
+                size_t off = base + (size_t)((const unsigned char *)q->f32 - (const unsigned char *)W[k]->mem) / sizeof(float);
+                ms_adamw_step(q->f32, Gt[k]->p[i].f32, m0 + off, v0 + off, q->numel, 2, lr, pc.weight_decay, pc.beta1,
+                              pc.beta2, pc.adam_eps);
+                if (memcmp(q->f32, after[k]->p[i].f32, q->numel * sizeof(float)) ||
+                    memcmp(m0 + off, mm + off, q->numel * sizeof(float)) || memcmp(v0 + off, vv + off, q->numel * sizeof(float))) {
+                    if (!bad) badname = q->name;
+                    bad++;
+                }
+                n++;
+            }
+        }
+        check(bad == 0, "step 2: all %d parameters (and moments) == AdamW on the separately computed gradient, "
+              "bitwise%s%s", n, bad ? "; first mismatch " : "", badname);
+        unet_acts_free(&ua); unet_params_free(&up); unet_params_free(&dup);
+        arena_free(&acts); arena_free(&scr); arena_free(&tar);
+        ms_param_table_free(&gu); ms_param_table_free(&gt);
+        free(sch);
+        ms_free_aligned(noisy); ms_free_aligned(eps); ms_free_aligned(deps); ms_free_aligned(dctx);
+    }
+    /* 1 vs 2 threads: two more steps from the same state */
+    if (ms_max_threads() >= 2) {
+        unsigned char *after1 = (unsigned char *)malloc(t.m.unet.mem_bytes + t.m.text.mem_bytes);
+        MsParamTable su = copy_table(&t.m.unet, 1, &t.m), st = copy_table(&t.m.text, 0, &t.m);
+        float *sm = (float *)malloc(nmom * sizeof(float)), *sv = (float *)malloc(nmom * sizeof(float));
+        memcpy(sm, mm, nmom * sizeof(float)); memcpy(sv, vv, nmom * sizeof(float));
+        int old = ms_get_threads();
+        for (int th = 1; th <= 2; th++) {
+            MsTorchRng g2;
+            ms_torch_seed(&g2, 5);
+            memcpy(t.m.unet.mem, su.mem, su.mem_bytes); memcpy(t.m.text.mem, st.mem, st.mem_bytes);
+            memcpy(mm, sm, nmom * sizeof(float)); memcpy(vv, sv, nmom * sizeof(float));
+            ms_pretrainer_set_step(p, 2);
+            ms_set_threads(th);
+            ms_pretrain_step(p, lat, caps, NULL, &g2, &rep);
+            ms_pretrain_step(p, lat, caps, NULL, &g2, &rep);
+            if (th == 1) {
+                memcpy(after1, t.m.unet.mem, t.m.unet.mem_bytes);
+                memcpy(after1 + t.m.unet.mem_bytes, t.m.text.mem, t.m.text.mem_bytes);
+            } else {
+                check(!memcmp(after1, t.m.unet.mem, t.m.unet.mem_bytes) &&
+                      !memcmp(after1 + t.m.unet.mem_bytes, t.m.text.mem, t.m.text.mem_bytes),
+                      "two steps: every parameter bit-identical for 1 and 2 threads");
+            }
+        }
+        ms_set_threads(old);
+        ms_param_table_free(&su); ms_param_table_free(&st);
+        free(sm); free(sv); free(after1);
+    } else {
+        printf("  (one core: the 1 vs 2 thread check needs two)\n");
+    }
+    {   /* refusals */
+        MsPretrainer *q = NULL;
+        MsPretrainConfig bad = pc;
+        bad.uncond_p = 2.0;
+        check(ms_pretrainer_create(&q, &t.m, &t.tok, &bad, B, h, w) == MS_ERR_ARG, "uncond_p 2 refused: %s", ms_last_error());
+        t.m.unet_config.cross_attention_dim = 24;
+        check(ms_pretrainer_create(&q, &t.m, &t.tok, &pc, B, h, w) == MS_ERR_SHAPE, "cross_attention_dim != text width "
+              "refused: %s", ms_last_error());
+        t.m.unet_config.cross_attention_dim = 16;
+    }
+    ms_pretrainer_free(p);
+    ms_param_table_free(&w1u); ms_param_table_free(&w1t);
+    free(m0); free(v0);
+    ms_free_aligned(lat); ms_free_aligned(noise);
+    tiny_free(&t);
+}
+
+/* ---- the command: loss falls, resume, folder ---- */
+static void test_command(void) {
+    char a[600], b[600], c[600], path[700], ck[700];
+    double la[40], lc[40];
+    const char *dir = getenv("TMPDIR");
+    if (!dir || !*dir) dir = "/tmp";
+    snprintf(g_tmp, sizeof g_tmp, "%s/mixshow_test_pretrain_%lu_%lu", dir, (unsigned long)time(NULL),
+             (unsigned long)(clock() & 0xffffff));
+    snprintf(a, sizeof a, "%s_a", g_tmp); snprintf(b, sizeof b, "%s_b", g_tmp); snprintf(c, sizeof c, "%s_c", g_tmp);
+
+    double t0 = ms_time();
+    int rc = run_pretrain(a, 40, NULL, NULL, NULL, NULL);
+    if (!check(rc == 0, "mixshow pretrain 40 steps: exit status %d", rc)) return;
+    printf("  40 steps of the tiny config: %.1f s\n", ms_time() - t0);
+    if (check(read_losses(a, la, 40) == 40, "loss.csv has 40 rows")) {
+        double f5 = 0, l5 = 0;
+        for (int i = 0; i < 5; i++) { f5 += la[i] / 5; l5 += la[35 + i] / 5; }
+        check(l5 < 0.8 * f5, "loss falls: mean of steps 1-5 %.4f, of steps 36-40 %.4f (ratio %.3f, want < 0.8)", f5, l5,
+              l5 / f5);
+    }
+    snprintf(path, sizeof path, "%s/loss.svg", a);
+    FILE *f = fopen(path, "r");
+    check(f != NULL, "loss.svg written");
+    if (f) fclose(f);
+
+    /* 20 steps, then resume to 40 */
+    rc = run_pretrain(b, 20, NULL, NULL, NULL, NULL);
+    check(rc == 0, "mixshow pretrain 20 steps: exit status %d", rc);
+    snprintf(ck, sizeof ck, "%s/checkpoint.safetensors", b);
+    rc = run_pretrain(c, 40, "--resume", ck, NULL, NULL);
+    check(rc == 0, "mixshow pretrain --resume to 40: exit status %d", rc);
+    rc = run_pretrain(c, 40, "--resume", ck, "--lr", "1e-3");
+    check(rc != 0 && strstr(ms_last_error(), "other options") != NULL, "resume with another lr refused: %s",
+          ms_last_error());
+    if (check(read_losses(c, lc, 40) == 20, "resumed loss.csv has steps 21..40")) {
+        int same = 1;
+        for (int i = 20; i < 40; i++) same = same && la[i] == lc[i];
+        check(same, "losses of steps 21..40 identical to the straight run");
+    }
+    {
+        MsModel ma, mc;
+        char pa[700], pc[700];
+        const char *bad = "";
+        snprintf(pa, sizeof pa, "%s/model", a); snprintf(pc, sizeof pc, "%s/model", c);
+        if (check(ms_model_load(pa, NULL, &ma) == MS_OK, "load %s: %s", pa, ms_last_error())) {
+            if (check(ms_model_load(pc, NULL, &mc) == MS_OK, "load %s: %s", pc, ms_last_error())) {
+                check(tables_equal(&ma.unet, &mc.unet, &bad) && tables_equal(&ma.text, &mc.text, &bad),
+                      "resumed run's folder == straight run's, every UNet and text-encoder weight bitwise%s%s",
+                      *bad ? " -- NO: " : "", bad);
+                check(ma.text_config.vocab_size == 49408 && ma.unet_config.block_out_channels[1] == 16 &&
+                      ma.unet_config.sample_size == 8, "folder configs: vocab %d, channels %d, sample_size %d",
+                      ma.text_config.vocab_size, ma.unet_config.block_out_channels[1], ma.unet_config.sample_size);
+                ms_model_free(&mc);
+            }
+            ms_model_free(&ma);
+        }
+        /* it samples */
+        char png[700];
+        snprintf(png, sizeof png, "%s/s.png", a);
+        char *argv[] = { "sample", "--model", pa, "-p", "a red circle above a blue square", "--steps", "3", "--seed", "1",
+                         "-o", png };
+        rc = cmd_sample((int)(sizeof argv / sizeof argv[0]), argv);
+        MsImage img;
+        if (check(rc == 0, "mixshow sample --model <pretrained folder>: exit status %d", rc) &&
+            check(ms_image_read(png, 3, &img) == MS_OK, "read %s: %s", png, ms_last_error())) {
+            check(img.w == 64 && img.h == 64, "sampled image 64x64 (got %dx%d)", img.w, img.h);
+            ms_image_free(&img);
+        }
+    }
+#if !defined(_WIN32)
+    {
+        char cmd[2000];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s' '%s'", a, b, c);
+        if (system(cmd) != 0) printf("  (could not remove %s_*)\n", g_tmp);
+    }
+#endif
+}
+
+int main(void) {
+    test_step_is_adamw();
+    test_command();
+    return test_summary("test_pretrain");
+}
