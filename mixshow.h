@@ -1191,6 +1191,7 @@ typedef struct {
     /* shared scratch (see unet.c) */
     float *sx[3], *st[3], *sq, *sk, *sv, *so, *sf0, *sf1, *su, *sdu, *stime, *sstat[4], *rot[3];
     float *sg;                       /* training: (N,HW,8C) GEGLU input, recomputed in backward */
+    size_t ff_chunk;                 /* inference: floats of the GEGLU input per chunk of rows (0: all) */
     float **dskip;                   /* training: gradient of each skip tensor */
     void *mem;                       /* res, tf, blk, skip, cat, dskip arrays (one malloc) */
     /* Attention probe (Mix-of-Show's attention regularisation, trainer_edlora.py cal_attn_reg),
@@ -1217,6 +1218,11 @@ typedef struct {
     void *record_ctx;
 } UNetActs;
 
+/* Peak-memory knobs of the forward (bit-identical results at any setting): 16-bit weights are
+ * staged stage_floats at a time (whole rows), the feed-forward runs ff_floats of its GEGLU input
+ * at a time (inference; read when activations are planned/initialised). 0: the defaults, 8Mi
+ * and 6Mi floats (32 and 24 MiB). Tests force tiny values; not for use while a UNet runs. */
+void unet_set_chunks(size_t stage_floats, size_t ff_floats);
 /* Plans arena sizes for batch N, latent h x w, context length Tk; training 0 or 1. */
 MsStatus unet_sizes(const UNetConfig *c, int N, int h, int w, int Tk, int training, UNetSizes *s);
 /* Carves every buffer from the two arenas (sizes from unet_sizes). */

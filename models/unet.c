@@ -40,6 +40,7 @@
 static int is_cross_down(MsBlockType t) { return t == MS_BLOCK_CROSS_ATTN_DOWN; }
 static int is_cross_up(MsBlockType t) { return t == MS_BLOCK_CROSS_ATTN_UP; }
 static size_t zmax(size_t a, size_t b) { return a > b ? a : b; }
+static size_t zmin(size_t a, size_t b) { return a < b ? a : b; }
 
 /* ---------------------------------------------------------------------------------------- */
 /* Parameters: every key looked up once                                                      */
@@ -293,6 +294,77 @@ void unet_lora_module_name(const UNetParams *P, int a, int which, char *buf, siz
  * pass over the 16-bit weights per forward (860M values in SD 1.5, about 1 s on one core of a
  * 2020 laptop, against a UNet forward of tens of seconds at 512x512). */
 #define WT(p, field, slot) ms_stage_f32(&(p)->ws, (p)->field, (slot))
+
+/* The forward stages a large 16-bit matrix in slices (issue 14, peak memory): at most
+ * unet_stage_slice floats of it (whole rows of W) are converted at a time, and the op runs per
+ * slice on the matching output channels (conv, proj_out: rows of the GEMM) or output columns
+ * (linear, proj_in: columns, through the GEMM's ldc). Each output element is still one GEMM sum
+ * over the same K in the same order (ms_gemm_op's K slices are a function of K alone; the bias
+ * is written first exactly as in linear_forward / conv2d_forward_pad), so the bits are those of
+ * the unsliced op (tests/test_half.c forces tiny slices). Only the first slice's floats of the
+ * staging buffer are ever written in inference: SD 1.5 touches 32 MiB of it instead of 112.5
+ * (the backward still stages whole tensors). A conv slice repacks the image columns, so slices
+ * are not smaller: measured 1 thread (host Xeon 6/207, loaded), 16 MiB slices cost 4-20% on the
+ * 1280-channel 3x3 convs at 8x8..32x32, 32 MiB ones 0-9%. unet_ff_chunk: floats of the GEGLU
+ * input g (rows of N*HW, 8C) computed at a time in inference, planned into the scratch by
+ * unet_sizes; 24 MiB leaves SD 1.5's 16x16 and 8x8 levels whole (4 chunks at 64x64, 2 at 32x32). */
+#define UNET_STAGE_SLICE ((size_t)8 << 20)
+#define UNET_FF_CHUNK ((size_t)6 << 20)
+static size_t unet_stage_slice = UNET_STAGE_SLICE;
+static size_t unet_ff_chunk = UNET_FF_CHUNK;
+void unet_set_chunks(size_t stage_floats, size_t ff_floats) {
+    unet_stage_slice = stage_floats ? stage_floats : UNET_STAGE_SLICE;
+    unet_ff_chunk = ff_floats ? ff_floats : UNET_FF_CHUNK;
+}
+
+/* Rows of `row` floats per slice of a staged 16-bit matrix of `rows` rows; rows when the table
+ * is f32 or the matrix fits one slice. */
+static int stage_rows(const MsParam *w, size_t row, int rows) {
+    if (!w || w->f32 || !w->half || w->numel <= unet_stage_slice) return rows;
+    size_t r = unet_stage_slice / row;
+    return r < 1 ? 1 : r < (size_t)rows ? (int)r : rows;
+}
+/* Rows r0.. of the 16-bit matrix w (rows of `row` floats) into the staging matrix slot. */
+static const float *stage_slice(const MsWeightStage *ws, const MsParam *w, size_t row, int r0, int nr) {
+    ms_half_to_f32(ws->mat, w->half + (size_t)r0 * row, (size_t)nr * row, w->dtype);
+    return ws->mat;
+}
+
+/* linear_forward(y, x, w, b, M, I, O) with w (O,I) and b from the table through ws. */
+static void linear_fwd(const MsWeightStage *ws, float *y, const float *x, const MsParam *w, const MsParam *b,
+                       int M, int I, int O) {
+    int cols = stage_rows(w, (size_t)I, O);
+    if (cols == O) { linear_forward(y, x, ms_stage_f32(ws, w, 0), ms_stage_f32(ws, b, 1), M, I, O); return; }
+    const float *bf = ms_stage_f32(ws, b, 1);
+    for (int o0 = 0; o0 < O; o0 += cols) {
+        int no = O - o0 < cols ? O - o0 : cols;
+        const float *ws0 = stage_slice(ws, w, (size_t)I, o0, no);
+        if (bf)
+            for (int r = 0; r < M; r++) memcpy(y + (size_t)r * O + o0, bf + o0, (size_t)no * sizeof(float));
+        ms_gemm(0, 1, M, no, I, 1.0f, x, I, ws0, I, bf ? 1.0f : 0.0f, y + o0, O);
+    }
+}
+
+/* conv2d_forward_pad with w (Co,Ci,k,k) and b from the table through ws. */
+static void conv_fwd(const MsWeightStage *ws, float *out, const float *x, const MsParam *w, const MsParam *b,
+                     int N, int Ci, int Co, int H, int W, int k, int s, int pt, int pl, int pb, int pr) {
+    const size_t row = (size_t)Ci * k * k;
+    int rows = stage_rows(w, row, Co);
+    if (rows == Co) {
+        conv2d_forward_pad(out, x, ms_stage_f32(ws, w, 0), ms_stage_f32(ws, b, 1), N, Ci, Co, H, W, k, s, pt, pl, pb, pr);
+        return;
+    }
+    const size_t P = (size_t)((H + pt + pb - k) / s + 1) * ((W + pl + pr - k) / s + 1);
+    const float *bf = ms_stage_f32(ws, b, 1);
+    for (int c0 = 0; c0 < Co; c0 += rows) {             /* per image: conv2d_forward_pad's own loop */
+        int nc = Co - c0 < rows ? Co - c0 : rows;
+        const float *ws0 = stage_slice(ws, w, row, c0, nc);
+        for (int n = 0; n < N; n++)
+            conv2d_forward_pad(out + ((size_t)n * Co + c0) * P, x + (size_t)n * Ci * H * W, ws0, bf ? bf + c0 : NULL,
+                               1, Ci, nc, H, W, k, s, pt, pl, pb, pr);
+    }
+}
+
 /* The gradient buffer of a parameter in the gradient UNetParams dp (unet_backward_full: the same
  * type as the weights, f32); NULL when dp is NULL (frozen) or the layer has no such tensor. */
 #define DW(dp, field) ((dp) && (dp)->field ? (dp)->field->f32 : NULL)
@@ -302,20 +374,23 @@ void unet_lora_module_name(const UNetParams *P, int a, int which, char *buf, siz
 /* ---------------------------------------------------------------------------------------- */
 static void zero(float *x, size_t n) { memset(x, 0, n * sizeof(float)); }
 
-/* y (rows, cols) += b (cols) on every row */
-static void add_row_bias(float *y, const float *b, int rows, int cols) {
-    for (int r = 0; r < rows; r++)
-        for (int j = 0; j < cols; j++) y[(size_t)r * cols + j] += b[j];
-}
-
 /* The 1x1 projections of Transformer2DModel, with the NCHW <-> tokens permute folded in:
  *   proj_in:  tok[n] (P,C) = x[n]^T (P,Ci) W^T + b     (1x1 conv then permute(0,2,3,1), or
  *             permute then Linear with use_linear_projection: the same sums)
  *   proj_out: y[n] (C,P) = W (C,Ci) tok[n]^T + b        (Linear/1x1 conv, then back to NCHW) */
-static void proj_in_forward(float *tok, const float *x, const float *w, const float *b, int N, int Ci, int C, int P) {
-    for (int n = 0; n < N; n++) {
-        ms_gemm(1, 1, P, C, Ci, 1.0f, x + (size_t)n * Ci * P, P, w, Ci, 0.0f, tok + (size_t)n * P * C, C);
-        add_row_bias(tok + (size_t)n * P * C, b, P, C);
+static void proj_in_forward(float *tok, const float *x, const MsWeightStage *ws, const MsParam *w, const MsParam *b,
+                            int N, int Ci, int C, int P) {
+    const int cols = stage_rows(w, (size_t)Ci, C);     /* output columns per staged slice of W */
+    const float *bf = ms_stage_f32(ws, b, 1);
+    for (int c0 = 0; c0 < C; c0 += cols) {
+        int nc = C - c0 < cols ? C - c0 : cols;
+        const float *wf = cols == C ? ms_stage_f32(ws, w, 0) : stage_slice(ws, w, (size_t)Ci, c0, nc);
+        for (int n = 0; n < N; n++) {
+            float *t = tok + (size_t)n * P * C + c0;
+            ms_gemm(1, 1, P, nc, Ci, 1.0f, x + (size_t)n * Ci * P, P, wf, Ci, 0.0f, t, C);
+            for (int r = 0; r < P; r++)
+                for (int j = 0; j < nc; j++) t[(size_t)r * C + j] += bf[c0 + j];
+        }
     }
 }
 /* dx[n] (Ci,P) += W^T (Ci,C) dtok[n]^T (C,P) */
@@ -323,12 +398,19 @@ static void proj_in_backward(float *dx, const float *dtok, const float *w, int N
     for (int n = 0; n < N; n++)
         ms_gemm(1, 1, Ci, P, C, 1.0f, w, Ci, dtok + (size_t)n * P * C, C, 1.0f, dx + (size_t)n * Ci * P, P);
 }
-static void proj_out_forward(float *y, const float *tok, const float *w, const float *b, int N, int Ci, int C, int P) {
-    for (int n = 0; n < N; n++) {
-        float *yn = y + (size_t)n * C * P;
-        ms_gemm(0, 1, C, P, Ci, 1.0f, w, Ci, tok + (size_t)n * P * Ci, Ci, 0.0f, yn, P);
-        for (int c = 0; c < C; c++)
-            for (int q = 0; q < P; q++) yn[(size_t)c * P + q] += b[c];
+static void proj_out_forward(float *y, const float *tok, const MsWeightStage *ws, const MsParam *w, const MsParam *b,
+                             int N, int Ci, int C, int P) {
+    const int rows = stage_rows(w, (size_t)Ci, C);     /* output channels per staged slice of W */
+    const float *bf = ms_stage_f32(ws, b, 1);
+    for (int c0 = 0; c0 < C; c0 += rows) {
+        int nc = C - c0 < rows ? C - c0 : rows;
+        const float *wf = rows == C ? ms_stage_f32(ws, w, 0) : stage_slice(ws, w, (size_t)Ci, c0, nc);
+        for (int n = 0; n < N; n++) {
+            float *yn = y + ((size_t)n * C + c0) * P;
+            ms_gemm(0, 1, nc, P, Ci, 1.0f, wf, Ci, tok + (size_t)n * P * Ci, Ci, 0.0f, yn, P);
+            for (int c = 0; c < nc; c++)
+                for (int q = 0; q < P; q++) yn[(size_t)c * P + q] += bf[c0 + c];
+        }
     }
 }
 /* dtok[n] (P,Ci) += dy[n]^T (P,C) W (C,Ci) */
@@ -414,14 +496,14 @@ static void unet_resnet_forward(float *out, UNetResnetActs *a, const float *x, c
     const int Ci = p->cin, Co = p->cout, P = H * W;
     groupnorm_forward(s, a->mean1, a->rstd1, x, WT(p, norm1_w, 1), WT(p, norm1_b, 2), N, Ci, P, G, eps);
     silu_forward(s, s, (size_t)N * Ci * P);
-    conv2d_forward(a->h1, s, WT(p, conv1_w, 0), WT(p, conv1_b, 1), N, Ci, Co, H, W, 3, 1, 1);
-    linear_forward(tp, temb, WT(p, temb_w, 0), WT(p, temb_b, 1), N, E, Co);
+    conv_fwd(&p->ws, a->h1, s, p->conv1_w, p->conv1_b, N, Ci, Co, H, W, 3, 1, 1, 1, 1, 1);
+    linear_fwd(&p->ws, tp, temb, p->temb_w, p->temb_b, N, E, Co);
     add_bias_nc(a->h1, tp, N, Co, P);                       /* h1 + temb[:, :, None, None] */
     groupnorm_forward(s, a->mean2, a->rstd2, a->h1, WT(p, norm2_w, 1), WT(p, norm2_b, 2), N, Co, P, G, eps);
     silu_forward(s, s, (size_t)N * Co * P);
-    conv2d_forward(out, s, WT(p, conv2_w, 0), WT(p, conv2_b, 1), N, Co, Co, H, W, 3, 1, 1);
+    conv_fwd(&p->ws, out, s, p->conv2_w, p->conv2_b, N, Co, Co, H, W, 3, 1, 1, 1, 1, 1);
     if (p->short_w) {
-        conv2d_forward(s, x, WT(p, short_w, 0), WT(p, short_b, 1), N, Ci, Co, H, W, 1, 1, 0);
+        conv_fwd(&p->ws, s, x, p->short_w, p->short_b, N, Ci, Co, H, W, 1, 1, 0, 0, 0, 0);
         add_forward(out, s, out, (size_t)N * Co * P);       /* (shortcut(x) + h) */
     } else {
         add_forward(out, x, out, (size_t)N * Co * P);
@@ -493,16 +575,16 @@ static void unet_attention_forward(float *y, UNetAttnActs *sv, const float *x, c
                                    const UNetAttnParams *p, const UNetLoraLinear *lora, float alpha, int rank,
                                    float *u, int N, int Tq, int Tk, int C, int Dc, int heads) {
     const int Mq = N * Tq, Mk = N * Tk, Dh = C / heads;
-    linear_forward(sv->q, x, WT(p, q_w, 0), NULL, Mq, C, C);
-    linear_forward(sv->k, c, WT(p, k_w, 0), NULL, Mk, Dc, C);
-    linear_forward(sv->v, c, WT(p, v_w, 0), NULL, Mk, Dc, C);
+    linear_fwd(&p->ws, sv->q, x, p->q_w, NULL, Mq, C, C);
+    linear_fwd(&p->ws, sv->k, c, p->k_w, NULL, Mk, Dc, C);
+    linear_fwd(&p->ws, sv->v, c, p->v_w, NULL, Mk, Dc, C);
     if (lora) {
         lora_forward(sv->q, u, x, &lora[0], alpha, rank, Mq);
         lora_forward(sv->k, u, c, &lora[1], alpha, rank, Mk);
         lora_forward(sv->v, u, c, &lora[2], alpha, rank, Mk);
     }
     attention_forward(sv->o, sv->lse, sv->q, sv->k, sv->v, N, Tq, Tk, heads, Dh, 0, (float)(1.0 / sqrt((double)Dh)));
-    linear_forward(y, sv->o, WT(p, o_w, 0), WT(p, o_b, 1), Mq, C, C);
+    linear_fwd(&p->ws, y, sv->o, p->o_w, p->o_b, Mq, C, C);
     if (lora) lora_forward(y, u, sv->o, &lora[3], alpha, rank, Mq);
 }
 
@@ -618,8 +700,8 @@ static void unet_regional_attention(float *o, float *lse, const float *q, const 
         if (bh <= 0 || bw <= 0) continue;
         const size_t nb = (size_t)bh * bw;
         const float *cr = reg->ctx[reg->n_layer_ctx ? (size_t)r * reg->n_layer_ctx + layer : (size_t)r];
-        linear_forward(kr, cr, WT(p, k_w, 0), NULL, Mk, Dc, C);          /* region_key = attn.to_k(region) */
-        linear_forward(vr, cr, WT(p, v_w, 0), NULL, Mk, Dc, C);
+        linear_fwd(&p->ws, kr, cr, p->k_w, NULL, Mk, Dc, C);         /* region_key = attn.to_k(region) */
+        linear_fwd(&p->ws, vr, cr, p->v_w, NULL, Mk, Dc, C);
         if (lora) {
             lora_forward(kr, u, cr, &lora[1], alpha, rank, Mk);
             lora_forward(vr, u, cr, &lora[2], alpha, rank, Mk);
@@ -653,9 +735,9 @@ void unet_cross_attention(float *y, UNetAttnActs *sv, const float *x, const floa
         return;
     }
     const int Mq = N * h * w, Mk = N * Tk;        /* unet_attention_forward with the regional step */
-    linear_forward(sv->q, x, WT(p, q_w, 0), NULL, Mq, C, C);
-    linear_forward(sv->k, ctx, WT(p, k_w, 0), NULL, Mk, Dc, C);
-    linear_forward(sv->v, ctx, WT(p, v_w, 0), NULL, Mk, Dc, C);
+    linear_fwd(&p->ws, sv->q, x, p->q_w, NULL, Mq, C, C);
+    linear_fwd(&p->ws, sv->k, ctx, p->k_w, NULL, Mk, Dc, C);
+    linear_fwd(&p->ws, sv->v, ctx, p->v_w, NULL, Mk, Dc, C);
     if (lora) {
         lora_forward(sv->q, u, x, &lora[0], alpha, rank, Mq);
         lora_forward(sv->k, u, ctx, &lora[1], alpha, rank, Mk);
@@ -663,8 +745,16 @@ void unet_cross_attention(float *y, UNetAttnActs *sv, const float *x, const floa
     }
     unet_regional_attention(sv->o, sv->lse, sv->q, sv->k, sv->v, reg, p, lora, alpha, rank, u, N, h, w, Tk, C, Dc,
                             heads, layer);
-    linear_forward(y, sv->o, WT(p, o_w, 0), WT(p, o_b, 1), Mq, C, C);
+    linear_fwd(&p->ws, y, sv->o, p->o_w, p->o_b, Mq, C, C);
     if (lora) lora_forward(y, u, sv->o, &lora[3], alpha, rank, Mq);
+}
+
+/* Rows of the feed-forward computed at a time at width C: ff_chunk floats of g (N*HW, 8C) in
+ * inference (at least one row), all M rows in training (g is kept whole for the backward). */
+static int ff_rows(const UNetActs *a, int M, int C) {
+    if (!a->ff_chunk) return M;
+    size_t r = a->ff_chunk / ((size_t)8 * C);
+    return r < 1 ? 1 : r < (size_t)M ? (int)r : M;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -674,7 +764,8 @@ void unet_cross_attention(float *y, UNetAttnActs *sv, const float *x, const floa
  *   h1 = x + attn1(norm1 x);  h2 = h1 + attn2(norm2 h1, ctx);  out = h2 + ff(norm3 h2),
  *   ff(n) = ff.net.2( GEGLU(ff.net.0.proj n) ),  GEGLU(g) = g[:, :4C] * gelu(g[:, 4C:]).
  * lora: NULL or the 8 adapters of this block (attn1 q k v out, attn2 q k v out).
- * Scratch: S->st[0] (norm outputs), S->sf1 (GEGLU output), S->su. */
+ * Scratch: S->st[0] (norm outputs), S->sf1 (GEGLU output), S->su; in inference the
+ * feed-forward runs in chunks of ff_rows() rows (its g and GEGLU output are per-chunk scratch). */
 static void unet_block_forward(UNetBlockActs *a, const float *x, const float *ctx, const UNetBlockParams *p,
                                const UNetLoraLinear *lora, float alpha, int rank, int N, int h, int w, int Tk,
                                int C, int D, int heads, int layer, const UNetActs *S) {
@@ -696,9 +787,13 @@ static void unet_block_forward(UNetBlockActs *a, const float *x, const float *ct
                                      C / heads, S->probe_ncol, (float)(1.0 / sqrt((double)(C / heads))));
     add_forward(a->h2, a->h2, a->h1, n);
     layernorm_forward(nrm, a->mean[2], a->rstd[2], a->h2, WT(p, norm3_w, 1), WT(p, norm3_b, 2), M, C, UNET_LN_EPS);
-    linear_forward(a->g, nrm, WT(p, ff1_w, 0), WT(p, ff1_b, 1), M, C, 8 * C);
-    geglu_forward(S->sf1, a->g, M, 4 * C);
-    linear_forward(a->out, S->sf1, WT(p, ff2_w, 0), WT(p, ff2_b, 1), M, 4 * C, C);
+    const int R = ff_rows(S, M, C);                        /* rows per chunk (inference); M in training */
+    for (int r0 = 0; r0 < M; r0 += R) {                    /* row by row ops: the same bits in any chunks */
+        int nr = M - r0 < R ? M - r0 : R;
+        linear_fwd(&p->ws, a->g, nrm + (size_t)r0 * C, p->ff1_w, p->ff1_b, nr, C, 8 * C);
+        geglu_forward(S->sf1, a->g, nr, 4 * C);
+        linear_fwd(&p->ws, a->out + (size_t)r0 * C, S->sf1, p->ff2_w, p->ff2_b, nr, 4 * C, C);
+    }
     add_forward(a->out, a->out, a->h2, n);                 /* ff_output + hidden_states */
 }
 
@@ -767,7 +862,7 @@ static void unet_transformer_forward(UNetTfActs *a, UNetBlockActs *ba, const flo
     float *gn = S->sx[0];
     a->x = x;
     groupnorm_forward(gn, a->mean, a->rstd, x, WT(p, norm_w, 1), WT(p, norm_b, 2), N, C, P, G, UNET_TF_GN_EPS);
-    proj_in_forward(a->tok, gn, WT(p, proj_in_w, 0), WT(p, proj_in_b, 1), N, C, C, P);
+    proj_in_forward(a->tok, gn, &p->ws, p->proj_in_w, p->proj_in_b, N, C, C, P);
     const float *h = a->tok;
     for (int k = 0; k < p->n_layers; k++) {
         int b = p->first_block + k;
@@ -775,7 +870,7 @@ static void unet_transformer_forward(UNetTfActs *a, UNetBlockActs *ba, const flo
                            lora ? lora->alpha : 0.0f, lora ? lora->rank : 0, N, H, W, Tk, C, D, p->heads, b, S);
         h = ba[k].out;
     }
-    proj_out_forward(a->out, h, WT(p, proj_out_w, 0), WT(p, proj_out_b, 1), N, C, C, P);
+    proj_out_forward(a->out, h, &p->ws, p->proj_out_w, p->proj_out_b, N, C, C, P);
     add_forward(a->out, a->out, x, (size_t)N * C * P);     /* output = hidden_states + residual */
 }
 
@@ -899,7 +994,8 @@ static void lay_transformer(Lay *L, UNetTfActs *t, UNetBlockActs *ba, int C, int
 
 /* Sizes of the shared scratch, from the config (every site that uses them is covered):
  * X  = largest (N,C,H,W) activation incl. up-block concatenations and conv_in/conv_out;
- * XT = largest (N,HW,C) token tensor; QKV = largest (N,max(HW,Tk),C); F = largest (N,HW,8C). */
+ * XT = largest (N,HW,C) token tensor; QKV = largest (N,max(HW,Tk),C); F = largest (N,HW,8C),
+ * in inference the largest (ff_rows,8C) chunk of it. */
 typedef struct { size_t X, XT, QKV, F, stat, time; } ScratchPlan;
 
 static int plan_scratch(const UNetActs *a, ScratchPlan *sp) {
@@ -924,7 +1020,7 @@ static int plan_scratch(const UNetActs *a, ScratchPlan *sp) {
         if (attn) {
             sp->XT = zmax(sp->XT, N * P * C);
             sp->QKV = zmax(sp->QKV, N * zmax(P, (size_t)a->Tk) * C);
-            sp->F = zmax(sp->F, N * P * 8 * C);
+            sp->F = zmax(sp->F, (size_t)ff_rows(a, (int)zmin(N * P, 0x7fffffff), (int)C) * 8 * C);
         }
     }
     sp->stat = zmax(N * (size_t)c->norm_num_groups, 2 * N * P0);
@@ -1027,6 +1123,7 @@ static MsStatus unet_acts_setup(UNetActs *a, const UNetConfig *c, int N, int h, 
                          N, h, w, Tk, UNET_MAX_DIM);
     a->cfg = *c;
     a->N = N; a->H = h; a->W = w; a->Tk = Tk; a->training = training ? 1 : 0;
+    a->ff_chunk = a->training ? 0 : unet_ff_chunk;
     const int n = c->n_blocks, L = c->layers_per_block;
     /* Downsample2D: 3x3 stride 2, padding p (p == 0: F.pad (0,1,0,1) first) */
     int pad = c->downsample_padding, extra = pad == 0 ? 1 : 2 * pad;
@@ -1154,9 +1251,9 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
      * resnet then applies its own SiLU before time_emb_proj, done once here */
     float *e0 = a->stime, *e1 = a->stime + (size_t)N * ch[0];
     timestep_embedding_forward(e0, t, N, ch[0], c->flip_sin_to_cos, (float)c->freq_shift, 10000);
-    linear_forward(e1, e0, WT(p, time1_w, 0), WT(p, time1_b, 1), N, ch[0], E);
+    linear_fwd(&p->ws, e1, e0, p->time1_w, p->time1_b, N, ch[0], E);
     silu_forward(e1, e1, (size_t)N * E);
-    linear_forward(a->temb, e1, WT(p, time2_w, 0), WT(p, time2_b, 1), N, E, E);
+    linear_fwd(&p->ws, a->temb, e1, p->time2_w, p->time2_b, N, E, E);
     silu_forward(a->temb, a->temb, (size_t)N * E);
     float *tp = e1 + (size_t)N * E;                       /* (N, Co) time projections */
 
@@ -1166,8 +1263,9 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
         for (size_t i = 0; i < m; i++) a->sx[1][i] = 2.0f * x[i] - 1.0f;
         in = a->sx[1];
     }
-    conv2d_forward(a->x0, in, WT(p, conv_in_w, 0), WT(p, conv_in_b, 1), N, c->in_channels, ch[0], a->H, a->W,
-                   c->conv_in_kernel, 1, (c->conv_in_kernel - 1) / 2);
+    const int pin = (c->conv_in_kernel - 1) / 2, pout = (c->conv_out_kernel - 1) / 2;
+    conv_fwd(&p->ws, a->x0, in, p->conv_in_w, p->conv_in_b, N, c->in_channels, ch[0], a->H, a->W, c->conv_in_kernel, 1,
+             pin, pin, pin, pin);
 
     int ir = 0, it = 0, s_i = 1, ic = 0;
     const float *h = a->x0;
@@ -1188,8 +1286,7 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
         if (i < n - 1) {
             int pad = c->downsample_padding;
             float *o = a->skip[s_i++];
-            conv2d_forward_pad(o, h, WT(p, down_w[i], 0), WT(p, down_b[i], 1), N, C, C, H, W, 3, 2,
-                               pad, pad, pad ? pad : 1, pad ? pad : 1);
+            conv_fwd(&p->ws, o, h, p->down_w[i], p->down_b[i], N, C, C, H, W, 3, 2, pad, pad, pad ? pad : 1, pad ? pad : 1);
             h = o;
         }
         if (!cross && adapter && adapter[i])              /* DownBlock2D: sample += residual, in place */
@@ -1227,7 +1324,7 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
         if (i < n - 1) {                                   /* Upsample2D: nearest to the next skip's size, conv */
             int Ho = a->lh[lv - 1], Wo = a->lw[lv - 1];
             resize_nearest_forward(a->sx[0], h, N, C, H, W, Ho, Wo);
-            conv2d_forward(a->up_out[i], a->sx[0], WT(p, up_w[i], 0), WT(p, up_b[i], 1), N, C, C, Ho, Wo, 3, 1, 1);
+            conv_fwd(&p->ws, a->up_out[i], a->sx[0], p->up_w[i], p->up_b[i], N, C, C, Ho, Wo, 3, 1, 1, 1, 1, 1);
             h = a->up_out[i];
         }
         prev = C;
@@ -1238,8 +1335,8 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
     groupnorm_forward(a->sx[0], a->out_mean, a->out_rstd, h, WT(p, norm_out_w, 1), WT(p, norm_out_b, 2), N, ch[0],
                       a->H * a->W, G, eps_n);
     silu_forward(a->sx[0], a->sx[0], n0);
-    conv2d_forward(eps, a->sx[0], WT(p, conv_out_w, 0), WT(p, conv_out_b, 1), N, ch[0], c->out_channels, a->H, a->W,
-                   c->conv_out_kernel, 1, (c->conv_out_kernel - 1) / 2);
+    conv_fwd(&p->ws, eps, a->sx[0], p->conv_out_w, p->conv_out_b, N, ch[0], c->out_channels, a->H, a->W,
+             c->conv_out_kernel, 1, pout, pout, pout, pout);
     return MS_OK;
 }
 

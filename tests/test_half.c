@@ -50,17 +50,28 @@ static int bitwise(const char *what, const float *a, const float *b, size_t n) {
 
 static void fill(float *x, size_t n, uint64_t seed, float sd) { MsRng r; ms_rng_seed(&r, seed); ms_rng_fill_normal(&r, x, n, 0.0f, sd); }
 
+/* Set by run_unet: floats of the staging matrix the run wrote (the last one that lost the
+ * sentinel filled in before the run) and the scratch arena's size. */
+static size_t g_staged, g_scratch;
+
 /* UNet forward (inference) and a training forward + backward to the context, on table t. */
 static int run_unet(const UNetConfig *c, const MsParamTable *t, float *eps, float *dctx, int training) {
     const int N = 2, h = 8, w = 8, Tk = 7;
     UNetParams p; UNetSizes sz; UNetActs a; Arena ac = { 0 }, sc = { 0 };
+    size_t nmat = 0;
     if (unet_params_init(&p, c, t) || unet_sizes(c, N, h, w, Tk, training, &sz) ||
         arena_init(&ac, sz.acts_bytes) || arena_init(&sc, sz.scratch_bytes) ||
         unet_acts_init(&a, c, N, h, w, Tk, training, &ac, &sc)) { printf("  unet setup: %s\n", ms_last_error()); return 0; }
+    g_scratch = sz.scratch_bytes;
+    ms_weight_stage_floats(t, NULL, &nmat, NULL);
+    if (p.ws.mat) memset(p.ws.mat, 0xff, nmat * sizeof(float));     /* NaN patterns the converter never writes here */
     const size_t nx = (size_t)N * c->in_channels * h * w, nc = (size_t)N * Tk * c->cross_attention_dim;
     float *x = (float *)malloc(nx * 4), *ctx = (float *)malloc(nc * 4), *d = (float *)malloc(nx * 4), tt[2] = { 999.0f, 21.0f };
     fill(x, nx, 1, 1.0f); fill(ctx, nc, 2, 1.0f); fill(d, nx, 3, 1.0f);
     MsStatus s = unet_forward(eps, &a, x, tt, ctx, NULL, NULL, &p, NULL);
+    g_staged = 0;
+    for (size_t i = 0; p.ws.mat && i < nmat; i++)
+        if (memcmp(&p.ws.mat[i], &(uint32_t){ 0xffffffffu }, 4)) g_staged = i + 1;
     if (!s && training) { memset(dctx, 0, nc * 4); s = unet_backward(&a, &p, NULL, NULL, d, dctx, NULL); }
     free(x); free(ctx); free(d);
     unet_acts_free(&a); unet_params_free(&p); arena_free(&ac); arena_free(&sc);
@@ -92,6 +103,44 @@ static void test_unet(const MsModel *m, MsDtype dt) {
     if (check(run_unet(c, &h, e1, d1, 1) && run_unet(c, &r, e2, d2, 1), "unet %s training runs", nm)) {
         snprintf(what, sizeof what, "unet %s eps (training)", nm); bitwise(what, e1, e2, ne);
         snprintf(what, sizeof what, "unet %s dctx (backward)", nm); bitwise(what, d1, d2, nc);
+    }
+    {   /* staging in slices and the feed-forward in row chunks (unet_set_chunks): the same bits.
+         * Slices of 1 row (cap below every row), of a few rows with a remainder (700; 3000: 2 rows
+         * of the largest conv), and the default;
+         * feed-forward chunks of 1 row, 3 rows (128 = 42*3 + 2) and all rows. The staging
+         * matrix is written only up to the cap (or one row) and the scratch plan shrinks. */
+        size_t mat = 0, big_row = 0;
+        ms_weight_stage_floats(&h, NULL, &mat, NULL);
+        for (int i = 0; i < h.n; i++)
+            if (h.p[i].ndim >= 2 && h.p[i].numel / (size_t)h.p[i].shape[0] > big_row)
+                big_row = h.p[i].numel / (size_t)h.p[i].shape[0];
+        float *e4 = (float *)calloc(ne, 4), *d4 = (float *)calloc(nc, 4);
+        size_t base_scratch = 0;
+        run_unet(c, &h, e1, NULL, 0);                           /* default chunks */
+        base_scratch = g_scratch;
+        check(g_staged == mat, "unet %s default: the largest tensor staged whole (%zu of %zu floats)", nm, g_staged, mat);
+        const size_t caps[4][2] = { { 5, 1 }, { 700, 3 }, { 3000, 2 }, { 0, 0 } };
+        for (int k = 0; k < 4; k++) {
+            size_t stage = caps[k][0], ffrows = caps[k][1];
+            for (int tr = 0; tr < 2; tr++) {
+                /* ff chunk in floats: ffrows rows at the first level's width (wider levels: fewer, >= 1) */
+                unet_set_chunks(stage, ffrows ? ffrows * 8 * (size_t)c->block_out_channels[0] : 0);
+                int ok = run_unet(c, &h, e4, tr ? d4 : NULL, tr);
+                size_t staged = g_staged, scr = g_scratch;
+                unet_set_chunks(0, 0);
+                if (!check(ok, "unet %s chunked run (stage %zu, ff %zu rows, training %d)", nm, stage, ffrows, tr)) continue;
+                snprintf(what, sizeof what, "unet %s eps, stage %zu ff %zu%s", nm, stage, ffrows, tr ? " train" : "");
+                bitwise(what, e4, tr ? e2 : e1, ne);
+                if (tr) { snprintf(what, sizeof what, "unet %s dctx, stage %zu ff %zu", nm, stage, ffrows); bitwise(what, d4, d2, nc); }
+                if (stage && !tr) {
+                    size_t lim = stage > big_row ? stage : big_row;
+                    check(staged > 0 && staged <= lim, "unet %s stage %zu: %zu staged floats written (<= %zu)", nm,
+                          stage, staged, lim);
+                    check(scr < base_scratch, "unet %s ff %zu rows: scratch %zu < %zu bytes", nm, ffrows, scr, base_scratch);
+                }
+            }
+        }
+        free(e4); free(d4);
     }
     { /* the f16 result differs from the unrounded f32 one (the test can fail) */
         float *e3 = (float *)calloc(ne, 4);
