@@ -1828,23 +1828,26 @@ MsStatus ms_fuse_solve_gram(const MsFuseStats *s, const float *W0, float *W, dou
     return st;
 }
 
-/* The official closure on the statistics: f(W) as above and its gradient 2 (W G - C) / (n d_out). */
+/* The official closure on the statistics: f(W) as above and its gradient 2 (W G - C) / (n d_out).
+ * T = W G by the threaded double GEMM (tensor.c; each element sums over the inputs in order, so
+ * the bits do not depend on the thread count); Wd, T: (d_out, d_in) doubles allocated once. */
+typedef struct { const MsFuseStats *s; double *Wd, *T; } FuseClosure;
 static double fuse_closure(void *ctx, const float *W, float *grad) {
-    const MsFuseStats *s = (const MsFuseStats *)ctx;
+    const FuseClosure *fc = (const FuseClosure *)ctx;
+    const MsFuseStats *s = fc->s;
     const int di = s->d_in;
+    const size_t m = (size_t)s->d_out * di;
     const double scale = s->n ? 1.0 / ((double)s->n * s->d_out) : 0.0;
     double f = s->vv;
+    for (size_t q = 0; q < m; q++) { fc->Wd[q] = W[q]; fc->T[q] = 0.0; }
+    ms_gemm_f64_acc(fc->T, fc->Wd, s->G, s->d_out, di, di);
     for (int o = 0; o < s->d_out; o++) {
-        const float *w = W + (size_t)o * di;
-        const double *c = s->C + (size_t)o * di;
+        const double *w = fc->Wd + (size_t)o * di, *t = fc->T + (size_t)o * di, *c = s->C + (size_t)o * di;
         double wgw = 0.0, wc = 0.0;
-        for (int j = 0; j < di; j++) {   /* (W G)[o][j], G symmetric */
-            const double *g = s->G + (size_t)j * di;
-            double gw = 0.0;
-            for (int i = 0; i < di; i++) gw += g[i] * w[i];
-            wgw += w[j] * gw;
+        for (int j = 0; j < di; j++) {
+            wgw += w[j] * t[j];
             wc += w[j] * c[j];
-            grad[(size_t)o * di + j] = (float)(2.0 * (gw - c[j]) * scale);
+            grad[(size_t)o * di + j] = (float)(2.0 * (t[j] - c[j]) * scale);
         }
         f += wgw - 2.0 * wc;
     }
@@ -1863,10 +1866,12 @@ MsStatus ms_fuse_solve_lbfgs(const MsFuseStats *s, const float *W0, float *W, in
     o.tolerance_change = 1e-16;
     o.strong_wolfe = 1;
     float *x = (float *)malloc(m * sizeof(float));
-    if (!x) return ms_errorf(MS_ERR_NOMEM, "fuse: lbfgs on a %dx%d layer", s->d_out, s->d_in);
+    FuseClosure fc = { s, (double *)malloc(2 * m * sizeof(double) + 1), NULL };
+    if (!x || !fc.Wd) { free(x); free(fc.Wd); return ms_errorf(MS_ERR_NOMEM, "fuse: lbfgs on a %dx%d layer", s->d_out, s->d_in); }
+    fc.T = fc.Wd + m;
     memcpy(x, W0, m * sizeof(float));
-    MsStatus st = ms_lbfgs(x, m, fuse_closure, (void *)s, &o, W, trace, trace_cap, res);
-    free(x);
+    MsStatus st = ms_lbfgs(x, m, fuse_closure, &fc, &o, W, trace, trace_cap, res);
+    free(x); free(fc.Wd);
     return st;
 }
 
