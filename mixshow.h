@@ -163,7 +163,8 @@ enum {
     MS_GEMM_FAST_HALF = 2,        /* half-width register tiles for narrow column tails */
     MS_GEMM_FAST_PACK = 4,        /* SIMD packing: transposed B, stride-1 im2col (AVX-512) */
     MS_GEMM_FAST_SMALL_M = 8,     /* M <= 256, B transposed: C^T = B A^T, the weight read in place */
-    MS_GEMM_FAST_ALL = 15
+    MS_GEMM_FAST_SHORT = 16,      /* half-height register tiles for short row tails (AVX-512) */
+    MS_GEMM_FAST_ALL = 31
 };
 void ms_gemm_set_fast(int flags);
 

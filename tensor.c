@@ -790,6 +790,19 @@ static void ms_ukr_avx512_d(int kc, const float *a, size_t lda, const float *b, 
     if (beta == 0.0f) { MS_R14(MS_A5_ST0) } else { MS_R14(MS_A5_ST1) }
 }
 
+/* Short tiles: the first 7 rows of a packed 14-row panel (row tails of M = 128, 256, ...). */
+#define MS_R7(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6)
+MS_TARGET_AVX512
+static void ms_ukr_avx512_s(int kc, const float *a, const float *b, float *c, size_t ldc, float alpha, float beta) {
+    MS_R7(MS_A5_DECL)
+    for (int k = 0; k < kc; k++, a += 14, b += 32) {
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+        MS_R7(MS_A5_STEP)
+    }
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    if (beta == 0.0f) { MS_R7(MS_A5_ST0) } else { MS_R7(MS_A5_ST1) }
+}
+
 #define MS_A5H_DECL(i) __m512 c##i##a = _mm512_setzero_ps();
 #define MS_A5H_STEP(i) c##i##a = _mm512_fmadd_ps(_mm512_set1_ps(a[i]), b0, c##i##a);
 #define MS_A5H_STEPD(i) c##i##a = _mm512_fmadd_ps(_mm512_set1_ps(a[(size_t)(i) * lda]), b0, c##i##a);
@@ -836,7 +849,7 @@ static void ms_ukr_neon(int kc, const float *a, const float *b, float *c, size_t
 /* mr x nr register tile; mc rows of A per packed block (multiple of mr), kc = deepest K slice,
  * nc = columns of B per packed slice (multiple of nr): kc*nc floats stay in L2 while the
  * mr*kc A panel in use stays in L1 (loop order ir outer, jr inner). */
-typedef struct { int mr, nr, mc, kc, nc; MsUkr ukr; MsUkrD ukd, ukh; MsSimd level; } MsGemmKernel;
+typedef struct { int mr, nr, mc, kc, nc; MsUkr ukr, uks; MsUkrD ukd, ukh; MsSimd level; } MsGemmKernel;
 
 #ifndef MS_MC5
 #define MS_MC5 (14 * 12)
@@ -852,10 +865,11 @@ static MsGemmKernel ms_gemm_kernel(void) {
     MsSimd l = ms_simd();
     g.level = MS_SIMD_SCALAR; g.mr = MS_SC_MR; g.nr = MS_SC_NR; g.mc = 64; g.kc = 256; g.nc = 512; g.ukr = ms_ukr_scalar;
     g.ukd = g.ukh = NULL;
+    g.uks = NULL;
 #if defined(MS_X86_KERNELS)
     if (l >= MS_SIMD_AVX512) {
         g.level = MS_SIMD_AVX512; g.mr = 14; g.nr = 32; g.mc = MS_MC5; g.kc = MS_KC5; g.nc = MS_NC5; g.ukr = ms_ukr_avx512;
-        g.ukd = ms_ukr_avx512_d; g.ukh = ms_ukr_avx512_h;
+        g.ukd = ms_ukr_avx512_d; g.ukh = ms_ukr_avx512_h; g.uks = ms_ukr_avx512_s;
     } else if (l >= MS_SIMD_AVX2) {
         g.level = MS_SIMD_AVX2; g.mr = 6; g.nr = 16; g.mc = 6 * 24; g.kc = 384; g.nc = 320; g.ukr = ms_ukr_avx2;
         g.ukd = ms_ukr_avx2_d; g.ukh = ms_ukr_avx2_h;
@@ -868,6 +882,7 @@ static MsGemmKernel ms_gemm_kernel(void) {
     (void)l;
     if (!(ms_gemm_fast & MS_GEMM_FAST_INPLACE_A)) g.ukd = NULL;
     if (!(ms_gemm_fast & MS_GEMM_FAST_HALF)) g.ukh = NULL;
+    if (!(ms_gemm_fast & MS_GEMM_FAST_SHORT)) g.uks = NULL;
     return g;
 }
 
@@ -896,16 +911,18 @@ static void ms_gemm_tiles(const MsGemmKernel *g, int ic, int mc, int jc, int nc,
             }
 #endif
             int cols = nc - jr < NR ? nc - jr : NR;
-            int half = g->ukh && cols <= NR / 2, w = half ? NR / 2 : NR;
+            int shrt = g->uks && !ld && rows <= MR / 2;         /* rows of a packed panel */
+            int half = !shrt && g->ukh && cols <= NR / 2, w = half ? NR / 2 : NR, h = shrt ? MR / 2 : MR;
             float *c = C + (size_t)(ic + ir) * ldc + jc + jr, *cc = c;
             const float *bp = Bp + (size_t)jr * kc;
             size_t ldcc = ldc;
-            if (rows < MR || cols < w) {         /* edge: the same kernel on a copy, same bits */
+            if (rows < h || cols < w) {          /* edge: the same kernel on a copy, same bits */
                 if (beta_k != 0.0f)
                     for (int r = 0; r < rows; r++) memcpy(tile + r * NR, c + (size_t)r * ldc, (size_t)cols * sizeof(float));
                 cc = tile; ldcc = (size_t)NR;
             }
-            if (half) g->ukh(kc, ap, ld, bp, cc, ldcc, alpha, beta_k);
+            if (shrt) g->uks(kc, ap, bp, cc, ldcc, alpha, beta_k);
+            else if (half) g->ukh(kc, ap, ld, bp, cc, ldcc, alpha, beta_k);
             else if (ld) g->ukd(kc, ap, ld, bp, cc, ldcc, alpha, beta_k);
             else g->ukr(kc, ap, bp, cc, ldcc, alpha, beta_k);
             if (cc == tile)

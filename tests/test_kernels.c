@@ -259,11 +259,11 @@ static void test_threads(void) {
 
 /* ---- fast paths vs the plain packed driver, bitwise ---------------------------------------- */
 /* ms_gemm_set_fast() turns each fast path on alone (in-place A, half-width tails, SIMD packing,
- * the transposed small-M path) and all together; every result must have the bits of the plain
- * driver: same K slices, same FMA sequence per element. Shapes: odd sizes and tails of every
- * tile (MR 14/6, NR 32/16), small M (1, 13, 77, 154) with N >= M, padded leading dimensions,
- * beta 0 (C is NaN and must not be read) and 0.5; convs whose panels lie in one output row
- * (Wo 32, 64) or straddle rows, with borders, asymmetric padding and k = 1. */
+ * the transposed small-M path, half-height row tails) and all together; every result must have
+ * the bits of the plain driver: same K slices, same FMA sequence per element. Shapes: odd sizes
+ * and tails of every tile (MR 14/7/6, NR 32/16), small M (1, 13, 77, 154) with N >= M, padded
+ * leading dimensions, beta 0 (C is NaN and must not be read) and 0.5; convs whose panels lie
+ * in one output row (Wo 32, 64) or straddle rows, with borders, asymmetric padding and k = 1. */
 static int fast_gemm_same(int flags, int ta, int tb, int M, int N, int K, float alpha, float beta, int pad) {
     int ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
     int lda = ac + pad, ldb = bc + pad, ldc = N + pad;
@@ -303,7 +303,7 @@ static int fast_conv_same(int flags, const ConvCase *c) {
 
 static void test_fast_paths(MsSimd level) {
     static const int flag_sets[] = { MS_GEMM_FAST_INPLACE_A, MS_GEMM_FAST_HALF, MS_GEMM_FAST_PACK,
-                                     MS_GEMM_FAST_SMALL_M, MS_GEMM_FAST_ALL };
+                                     MS_GEMM_FAST_SMALL_M, MS_GEMM_FAST_SHORT, MS_GEMM_FAST_ALL };
     static const int sizes[] = { 1, 6, 13, 14, 15, 16, 17, 31, 32, 33, 48, 77, 100 };
     static const int small[][3] = { { 1, 40, 33 }, { 13, 16, 16 }, { 77, 320, 768 }, { 77, 97, 130 },
                                     { 154, 160, 400 }, { 77, 1280, 800 } };
