@@ -968,7 +968,8 @@ static void vt_attn_backward(const VaeTape *t, const VaeTapeOp *o, const VaePara
 
 /* Backward of the whole tape from the output gradient already in t->t[t->out].g. */
 static MsStatus vt_backward(VaeTape *t, const VaeParams *dp, float *din, const char *what) {
-    if (!t->ar || !t->op || t->plan) return ms_errorf(MS_ERR_ARG, "%s: no forward pass on this tape", what);
+    if (!t->ar || !t->op || t->plan || t->st)
+        return ms_errorf(MS_ERR_ARG, "%s: no complete forward pass on this tape", what);
     if (!dp) return ms_errorf(MS_ERR_ARG, "%s: no gradient parameters", what);
     if (memcmp(&dp->cfg, &t->cfg, sizeof t->cfg))
         return ms_errorf(MS_ERR_ARG, "%s: the gradients belong to a different config", what);
