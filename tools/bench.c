@@ -485,9 +485,10 @@ done:
 }
 
 /* --- Under load (--under-load): the tiny model's CFG UNet step (models/tiny-sd, B = 2 at its
- * sample size) at 1 and all threads, first alone, then while a child process spins on a core
- * for the whole measurement (not pinned: the scheduler places it), the same lines with
- * "s/step (loaded)", and the loaded ratio all threads / 1 thread (target: <= 1, issue 14). --- */
+ * sample size, then 4x that) at 1 and all threads, first alone, then while a child process
+ * spins on a core for the whole measurement (not pinned: the scheduler places it), the same
+ * lines with "s/step (loaded)", and the loaded ratio all threads / 1 thread (target: <= 1,
+ * issue 14). --- */
 #ifdef MS_BENCH_FORK
 static pid_t busy_start(void) {
     fflush(stdout);
@@ -506,7 +507,7 @@ static void busy_stop(pid_t pid) {
 }
 #endif
 
-static int bench_under_load(const Bench *b, MsRng *r) {
+static int bench_under_load_one(const Bench *b, MsRng *r, int scale) {
     const int N = 2, Tk = 77;
     char label[96];
     MsModel m;
@@ -525,7 +526,7 @@ static int bench_under_load(const Bench *b, MsRng *r) {
         return 0;
     }
     const UNetConfig *c = &m.unet_config;
-    const int h = c->sample_size, w = c->sample_size;
+    const int h = c->sample_size * scale, w = c->sample_size * scale;
     snprintf(label, sizeof label, "unet tiny B=%d %dx%d", N, h, w);
     if (unet_params_init(&p, c, &m.unet)) { fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error()); goto done; }
     p_ok = 1;
@@ -567,6 +568,10 @@ done:
     if (p_ok) unet_params_free(&p);
     ms_model_free(&m);
     return ok;
+}
+
+static int bench_under_load(const Bench *b, MsRng *r) {
+    return bench_under_load_one(b, r, 1) && bench_under_load_one(b, r, 4);
 }
 
 /* --- VAE: decode one 64x64 latent to a 512x512 image --- */
@@ -1603,9 +1608,10 @@ static void usage(FILE *f) {
                "  --train-weights f16  the train case with 16-bit weights kept in memory (the same\n"
                "                  random values rounded to F16, as --weights f16 keeps a 16-bit file)\n"
                "  --all           kernels, then networks, then --under-load\n"
-               "  --under-load    the tiny model's CFG UNet step (models/tiny-sd) at 1 and all threads, alone\n"
-               "                  and then while a child process spins on one core (lines end 's/step\n"
-               "                  (loaded)'), and the loaded ratio all threads / 1 thread (target <= 1)\n"
+               "  --under-load    the tiny model's CFG UNet step (models/tiny-sd; its latent size and 4x it)\n"
+               "                  at 1 and all threads, alone and then while a child process spins on a\n"
+               "                  core (lines end 's/step (loaded)'), and the loaded ratio all threads /\n"
+               "                  1 thread (target <= 1)\n"
                "  --compare-blas  not available (it would need dlopen): tools/ref/bench_openblas.py\n"
                "                  --mixshow ./mixshow prints OpenBLAS's sgemm beside these lines\n"
                "  --help          this text\n\n"
