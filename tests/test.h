@@ -22,6 +22,19 @@
 static int test_passed, test_failed;
 static int test_verbose = -1;
 
+/* Little-endian 8-byte values from a golden file's bytes (byte-wise: big-endian hosts too). */
+static inline uint64_t test_le_u64(const unsigned char *p) {
+    uint64_t u = 0;
+    for (int k = 7; k >= 0; k--) u = (u << 8) | p[k];
+    return u;
+}
+static inline double test_le_f64(const unsigned char *p) {
+    uint64_t u = test_le_u64(p);
+    double d;
+    memcpy(&d, &u, sizeof d);
+    return d;
+}
+
 static inline int test_is_verbose(void) {
     if (test_verbose < 0) { const char *v = getenv("MS_TEST_VERBOSE"); test_verbose = v && *v && *v != '0'; }
     return test_verbose;

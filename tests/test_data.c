@@ -21,17 +21,8 @@ static const StTensor *need(const char *name) {
     if (!t) { check(0, "golden tensor %s present", name); }
     return t;
 }
-static double f64_at(const StTensor *t, size_t i) {
-    uint64_t b = 0; double d;
-    for (int k = 7; k >= 0; k--) b = b << 8 | t->data[i * 8 + (size_t)k];
-    memcpy(&d, &b, 8);
-    return d;
-}
-static uint64_t u64_at(const StTensor *t, size_t i) {
-    uint64_t b = 0;
-    for (int k = 7; k >= 0; k--) b = b << 8 | t->data[i * 8 + (size_t)k];
-    return b;
-}
+static double f64_at(const StTensor *t, size_t i) { return test_le_f64(t->data + 8 * i); }
+static uint64_t u64_at(const StTensor *t, size_t i) { return test_le_u64(t->data + 8 * i); }
 static float f32_at(const StTensor *t, size_t i) {
     uint32_t b = (uint32_t)t->data[i * 4] | (uint32_t)t->data[i * 4 + 1] << 8 | (uint32_t)t->data[i * 4 + 2] << 16 |
                  (uint32_t)t->data[i * 4 + 3] << 24;

@@ -41,20 +41,8 @@ static void tmp_name(char *buf, size_t cap, const char *name) {
     snprintf(buf, cap, "/tmp/mixshow_%ld_%s", (long)getpid(), name);
 }
 
-static double f64_at(const StTensor *t, size_t i) {
-    const unsigned char *p = t->data + 8 * i;
-    uint64_t u = 0;
-    double d;
-    for (int k = 7; k >= 0; k--) u = (u << 8) | p[k];
-    memcpy(&d, &u, sizeof d);
-    return d;
-}
-
-static int64_t i64_at(const StTensor *t) {
-    int64_t v = 0;
-    for (int k = 7; k >= 0; k--) v = (int64_t)(((uint64_t)v << 8) | t->data[k]);
-    return v;
-}
+static double f64_at(const StTensor *t, size_t i) { return test_le_f64(t->data + 8 * i); }
+static int64_t i64_at(const StTensor *t) { return (int64_t)test_le_u64(t->data); }
 
 static void test_eigen(void) {
     MsRng r;

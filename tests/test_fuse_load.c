@@ -140,11 +140,7 @@ static void test_methods(void) {
 }
 
 /* ---- 2. diffusers' view of the fused folder ---- */
-static int64_t i64_at(const StTensor *t, size_t i) {
-    uint64_t u = 0;
-    for (int k = 7; k >= 0; k--) u = (u << 8) | t->data[8 * i + k];
-    return (int64_t)u;
-}
+static int64_t i64_at(const StTensor *t, size_t i) { return (int64_t)test_le_u64(t->data + 8 * i); }
 
 /* tokenize the golden prompts with m's tokenizer, encode, one UNet step; compare with the golden */
 static void compare_golden(const StFile *g, const char *name, const char *what, const MsModel *m, const ClipTokenizer *tok) {

@@ -42,20 +42,8 @@
 
 #define GOLDEN "tests/data/fuse/official_golden.safetensors"
 
-static double f64_at(const StTensor *t, size_t i) {
-    const unsigned char *p = t->data + 8 * i;
-    uint64_t u = 0;
-    double d;
-    for (int k = 7; k >= 0; k--) u = (u << 8) | p[k];
-    memcpy(&d, &u, sizeof d);
-    return d;
-}
-
-static int64_t i64_at(const StTensor *t) {
-    uint64_t v = 0;
-    for (int k = 7; k >= 0; k--) v = (v << 8) | t->data[k];
-    return (int64_t)v;
-}
+static double f64_at(const StTensor *t, size_t i) { return test_le_f64(t->data + 8 * i); }
+static int64_t i64_at(const StTensor *t) { return (int64_t)test_le_u64(t->data); }
 
 static const StTensor *get(const StFile *f, const char *layer, const char *what) {
     char key[300];
