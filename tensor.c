@@ -2367,6 +2367,8 @@ void ms_gram_f64_acc(double *G, const float *X, size_t rows, int d) {
     const size_t n = rows * (size_t)d;
 #if defined(MS_X86_KERNELS)
     if (ms_simd() >= MS_SIMD_AVX512 && d >= 16 && rows > 0) Xd = (double *)malloc(n * sizeof(double));
+#else
+    (void)n;                                  /* the scalar path only */
 #endif
     if (!Xd) {
 #ifdef _OPENMP
