@@ -8,6 +8,11 @@
 # ms_wait_policy_passive): a spinning thread against other work on the cores made the 2-thread
 # tests many times slower (issue 14). An explicit OMP_WAIT_POLICY / GOMP_SPINCOUNT wins.
 if [ -z "${OMP_WAIT_POLICY}${GOMP_SPINCOUNT}${KMP_BLOCKTIME}" ]; then OMP_WAIT_POLICY=PASSIVE; export OMP_WAIT_POLICY; fi
+# Every test's temporary files go into one folder of this run (test_tmp() in tests/test.h reads
+# TMPDIR), removed at the end: runs of several build folders never meet, nothing is left behind.
+run_tmp=$(mktemp -d) || exit 1
+trap 'rm -rf "$run_tmp"' EXIT
+TMPDIR=$run_tmp; export TMPDIR
 total_p=0; total_f=0
 for t in "$@"; do
     name=$(basename "$t")

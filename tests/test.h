@@ -18,6 +18,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _WIN32
+#include <process.h>
+static inline long test_pid(void) { return (long)_getpid(); }
+#else
+#include <unistd.h>
+static inline long test_pid(void) { return (long)getpid(); }
+#endif
 
 static int test_passed, test_failed;
 static int test_verbose = -1;
@@ -191,5 +198,14 @@ static inline float *test_track(float *p) {
     return p;
 }
 static inline void test_free_tracked(void) { while (test_ntracked > 0) ms_free_aligned(test_tracked[--test_ntracked]); }
+
+/* A path for a temporary file or folder of this run: $TMPDIR (else /tmp) + "/mixshow_<pid>_<name>",
+ * so that the test programs of several build folders can run at the same time. */
+static inline const char *test_tmp(char *buf, size_t cap, const char *name) {
+    const char *dir = getenv("TMPDIR");
+    if (!dir || !*dir) dir = "/tmp";
+    snprintf(buf, cap, "%s/mixshow_%ld_%s", dir, test_pid(), name);
+    return buf;
+}
 
 #endif /* MS_TEST_H */

@@ -24,22 +24,15 @@
 #include <string.h>
 #ifdef _WIN32
 #include <direct.h>
-#include <process.h>
-#define getpid _getpid
 static int make_dir(const char *p) { return _mkdir(p); }
 #else
 #include <sys/stat.h>
 #include <sys/types.h>
-#include <unistd.h>
 static int make_dir(const char *p) { return mkdir(p, 0777); }
 #endif
 
 #define GOLDEN "tests/data/fuse/lbfgs_golden.safetensors"
 
-/* /tmp/mixshow_<pid>_<name>: test runs of several build folders may run at once */
-static void tmp_name(char *buf, size_t cap, const char *name) {
-    snprintf(buf, cap, "/tmp/mixshow_%ld_%s", (long)getpid(), name);
-}
 
 static double f64_at(const StTensor *t, size_t i) { return test_le_f64(t->data + 8 * i); }
 static int64_t i64_at(const StTensor *t) { return (int64_t)test_le_u64(t->data); }
@@ -165,7 +158,7 @@ static void test_end_to_end(void) {
     for (int k = 0; k < 3; k++) {
         char nm[32];
         snprintf(nm, sizeof nm, "fuse_%s", meth[k]);
-        tmp_name(out[k], sizeof out[k], nm);
+        test_tmp(out[k], sizeof out[k], nm);
         snprintf(rp[k], sizeof rp[k], "%.200s.json", out[k]);
         double t0 = ms_time();
         int rc = run_fuse(meth[k], "tests/data/fuse/multi.json", out[k], rp[k]);
@@ -222,8 +215,8 @@ static void test_end_to_end(void) {
     for (int k = 0; k < 3; k++) { json_free(rep[k]); rm_folder(out[k]); remove(rp[k]); }
     /* bad inputs: an error before any work (the JSON beside the files: lora_path from its folder) */
     char bad_cfg[64], bad_out[256], bad_rp[300];
-    snprintf(bad_cfg, sizeof bad_cfg, "tests/data/fuse/bad_tmp_%ld.json", (long)getpid());
-    tmp_name(bad_out, sizeof bad_out, "fuse_bad");
+    snprintf(bad_cfg, sizeof bad_cfg, "tests/data/fuse/bad_tmp_%ld.json", test_pid());
+    test_tmp(bad_out, sizeof bad_out, "fuse_bad");
     snprintf(bad_rp, sizeof bad_rp, "%.255s.json", bad_out);
     static const char *const bad[][2] = {
         { "[{\"lora_path\": \"nope.pth\", \"unet_alpha\": 1, \"text_encoder_alpha\": 1, \"concept_name\": \"<a1>\"}]", "not found" },
@@ -367,7 +360,7 @@ static void test_kohya_bad(void) {
         e[2].name = bad[b].name; e[2].dtype = ST_F32; e[2].ndim = bad[b].ndim; e[2].f32 = bad[b].x;
         for (int d = 0; d < bad[b].ndim; d++) e[2].shape[d] = bad[b].shape[d];
         char path[256];
-        tmp_name(path, sizeof path, "kohya_bad.safetensors");
+        test_tmp(path, sizeof path, "kohya_bad.safetensors");
         EdloraFile f;
         if (st_write(path, e, 3, NULL, 0) != MS_OK) { check(0, "kohya bad %zu: written", b); continue; }
         ms_clear_error();
@@ -451,9 +444,9 @@ static void test_kohya_fuse(void) {
     static const char *const nm[6] = { "kohya_a.json", "kohya_k.json", "kohya_wa", "kohya_wk", "kohya_ga", "kohya_gk" };
     char cfg[2][256], out[4][256];
     char rp[4][300];
-    for (int k = 0; k < 2; k++) tmp_name(cfg[k], sizeof cfg[k], nm[k]);
+    for (int k = 0; k < 2; k++) test_tmp(cfg[k], sizeof cfg[k], nm[k]);
     for (int k = 0; k < 4; k++) {
-        tmp_name(out[k], sizeof out[k], nm[k + 2]);
+        test_tmp(out[k], sizeof out[k], nm[k + 2]);
         snprintf(rp[k], sizeof rp[k], "%.255s.json", out[k]);
     }
     if (!check(write_text(cfg[0], jsn[0]) && write_text(cfg[1], jsn[1]), "kohya: JSON written")) return;
@@ -510,7 +503,7 @@ static void test_kohya_fuse(void) {
 /* ---- input validation (fuse --check: everything read and checked, no work) ---- */
 static void test_validation(void) {
     char dir[256], cfg[300], p[512], outd[300];
-    tmp_name(dir, sizeof dir, "fuse_val");
+    test_tmp(dir, sizeof dir, "fuse_val");
     snprintf(cfg, sizeof cfg, "%s/cfg.json", dir);
     snprintf(outd, sizeof outd, "%s/out", dir);
     make_dir(dir);

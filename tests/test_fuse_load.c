@@ -32,7 +32,7 @@ static const char *const FILES[] = { "model_index.json", "new_concept_cfg.json",
 
 static void remove_fused(const char *d) {
     static const char *const sub[] = { "unet", "vae", "text_encoder", "scheduler", "tokenizer", "" };
-    char p[512];
+    char p[700];
     for (size_t i = 0; i < NFILES; i++) { snprintf(p, sizeof p, "%s/%s", d, FILES[i]); remove(p); }
     for (size_t i = 0; i < sizeof sub / sizeof sub[0]; i++) { snprintf(p, sizeof p, "%s/%s", d, sub[i]); remove(p); }
     snprintf(p, sizeof p, "%s.safetensors", d); remove(p);
@@ -72,7 +72,7 @@ static int compare_folders(const char *a, const char *b, int *n_files) {
     int bad = 0;
     *n_files = 0;
     for (size_t i = 0; i < NFILES; i++) {
-        char pa[512], pb[512];
+        char pa[700], pb[700];
         size_t na, nb;
         snprintf(pa, sizeof pa, "%s/%s", a, FILES[i]);
         snprintf(pb, sizeof pb, "%s/%s", b, FILES[i]);
@@ -89,17 +89,18 @@ static void test_methods(void) {
     static const char *const meth[3] = { "gram", "lbfgs", "weight" };
     JsonValue *rep[3] = { NULL, NULL, NULL };
     for (int k = 0; k < 3; k++) {
-        char out[128], rp[128];
-        snprintf(out, sizeof out, "/tmp/mixshow_test_fuse_load_%s", meth[k]);
-        snprintf(rp, sizeof rp, "/tmp/mixshow_test_fuse_load_%s.json", meth[k]);
+        char base[400], out[512], rp[512];
+        test_tmp(base, sizeof base, "fuse_load");
+        snprintf(out, sizeof out, "%s_%s", base, meth[k]);
+        snprintf(rp, sizeof rp, "%s_%s.json", base, meth[k]);
         double t0 = ms_time();
         int rc = fuse(MODEL_C, CONCEPTS_C, out, meth[k], rp, 0, 0);
         check(rc == 0 && json_parse_file(rp, &rep[k]) == MS_OK, "model_c fuse %s: 2 ED-LoRAs fused in %.2f s (%s)", meth[k],
               ms_time() - t0, rc ? ms_last_error() : "ok");
         remove_fused(out);
         remove(rp);
-        snprintf(rp, sizeof rp, "/tmp/mixshow_test_fuse_load_%s.csv", meth[k]); remove(rp);
-        snprintf(rp, sizeof rp, "/tmp/mixshow_test_fuse_load_%s.svg", meth[k]); remove(rp);
+        snprintf(rp, sizeof rp, "%s_%s.csv", base, meth[k]); remove(rp);
+        snprintf(rp, sizeof rp, "%s_%s.svg", base, meth[k]); remove(rp);
     }
     if (rep[0] && rep[1] && rep[2]) {
         const JsonValue *L[3] = { json_get(rep[0], "layers"), json_get(rep[1], "layers"), json_get(rep[2], "layers") };
@@ -246,9 +247,10 @@ static void test_golden_and_ldm(void) {
     int have_g = check(st_open(&g, GOLDEN) == MS_OK, "open %s: %s", GOLDEN, ms_last_error());
     const int threads = ms_get_threads();
     for (int c = 0; c < 2; c++) {
-        char d1[128], d2[128], ldm[160];
-        snprintf(d1, sizeof d1, "/tmp/mixshow_test_fuse_load_%s_t1", cases[c].name);
-        snprintf(d2, sizeof d2, "/tmp/mixshow_test_fuse_load_%s_t2", cases[c].name);
+        char base[400], d1[512], d2[512], ldm[560];
+        test_tmp(base, sizeof base, "fuse_load");
+        snprintf(d1, sizeof d1, "%s_%s_t1", base, cases[c].name);
+        snprintf(d2, sizeof d2, "%s_%s_t2", base, cases[c].name);
         snprintf(ldm, sizeof ldm, "%s.safetensors", d2);
         ms_set_threads(1);
         int r1 = fuse(cases[c].base, cases[c].cfg, d1, "gram", NULL, 0, cases[c].no_spatial);
@@ -309,7 +311,10 @@ static void test_single_file_base(void) {
     FILE *f = fopen(file, "rb");
     if (!f) { printf("  skip: %s not here (MS_SHARED)\n", file); return; }
     fclose(f);
-    const char *ds = "/tmp/mixshow_test_fuse_load_single", *df = "/tmp/mixshow_test_fuse_load_folder";
+    char ds[512], df[512], bad[512];
+    test_tmp(ds, sizeof ds, "fuse_load_single");
+    test_tmp(df, sizeof df, "fuse_load_folder");
+    test_tmp(bad, sizeof bad, "fuse_load_bad");
     int rs = fuse(file, "tests/data/fuse/multi2.json", ds, "gram", NULL, 0, 0);
     int rf = fuse("models/tiny-sd", "tests/data/fuse/multi2.json", df, "gram", NULL, 0, 0);
     MsModel a, b;
@@ -326,7 +331,7 @@ static void test_single_file_base(void) {
                                    "tokenizer/added_tokens.json", "new_concept_cfg.json" };
             int bytes_same = 1;
             for (size_t i = 0; i < sizeof keep / sizeof keep[0]; i++) {
-                char pa[512], pb[512];
+                char pa[700], pb[700];
                 size_t na, nb;
                 snprintf(pa, sizeof pa, "%s/%s", ds, keep[i]);
                 snprintf(pb, sizeof pb, "%s/%s", df, keep[i]);
@@ -345,7 +350,7 @@ static void test_single_file_base(void) {
     remove_fused(df);
     /* bad --ldm-out: refused before any work */
     const char *argv[] = { "fuse", "--model", "models/tiny-sd", "--concepts", "tests/data/fuse/multi2.json", "--out",
-                           "/tmp/mixshow_test_fuse_load_bad", "--ldm-out", "/tmp/x.ckpt" };
+                           bad, "--ldm-out", "x.ckpt" };
     check(cmd_fuse(9, (char **)argv) == 2, "--ldm-out x.ckpt refused (usage error)");
 }
 

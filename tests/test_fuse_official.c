@@ -252,8 +252,11 @@ static void rm_tree(const char *d) {
 }
 
 static void test_end_to_end(const StFile *f) {
-    const char *out_g = "/tmp/mixshow_test_fuse_off_gram", *rep_g = "/tmp/mixshow_test_fuse_off_gram.json";
-    const char *out_l = "/tmp/mixshow_test_fuse_off_lbfgs", *rep_l = "/tmp/mixshow_test_fuse_off_lbfgs.json";
+    char out_g[512], rep_g[512], out_l[512], rep_l[512];
+    test_tmp(out_g, sizeof out_g, "fuse_off_gram");
+    test_tmp(rep_g, sizeof rep_g, "fuse_off_gram.json");
+    test_tmp(out_l, sizeof out_l, "fuse_off_lbfgs");
+    test_tmp(rep_l, sizeof rep_l, "fuse_off_lbfgs.json");
     JsonValue *rg = NULL, *rl = NULL;
     MsModel m;
     int have_m = 0;

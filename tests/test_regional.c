@@ -109,7 +109,7 @@ static float *trace_get(StFile *f, const char *key, size_t *n) {
 }
 
 static void test_golden(const char *cas, float **final_out, size_t *n_out) {
-    char path[256], trace[256], png[256];
+    char path[256], trace[512], png[512];
     StFile G, T;
     snprintf(path, sizeof path, DIR "/%s.trace.safetensors", cas);
     if (!check(st_open(&G, path) == MS_OK, "%s: %s", path, ms_last_error())) return;
@@ -128,8 +128,11 @@ static void test_golden(const char *cas, float **final_out, size_t *n_out) {
         args[n++] = a;
     }
     if (no_adapter) { args[n++] = "-W"; args[n++] = "128"; args[n++] = "-H"; args[n++] = "64"; }
-    snprintf(trace, sizeof trace, "/tmp/mixshow_test_regional_%s.safetensors", cas);
-    snprintf(png, sizeof png, "/tmp/mixshow_test_regional_%s.png", cas);
+    char nm[96];
+    snprintf(nm, sizeof nm, "regional_%s.safetensors", cas);
+    test_tmp(trace, sizeof trace, nm);
+    snprintf(nm, sizeof nm, "regional_%s.png", cas);
+    test_tmp(png, sizeof png, nm);
     int rc = run_sample(args, n, trace, png);
     if (check(rc == 0, "%s: mixshow sample exit %d: %s", cas, rc, ms_last_error()) && check(st_open(&T, trace) == MS_OK, "%s", trace)) {
         const int steps = atoi(steps_s);
@@ -178,9 +181,11 @@ static void test_regions_matter(const float *with, size_t n) {
     const char *args[] = { "--pretrained_model=" FUSED, "--prompt=a cat and a dog near a forest",
                            "--negative_prompt=lowres, bad anatomy", "--seed=23", "--steps=8", "-W", "128", "-H", "64",
                            "--prompt_rewrite=" };
-    const char *trace = "/tmp/mixshow_test_regional_noreg.safetensors";
+    char trace[512], png[512];
+    test_tmp(trace, sizeof trace, "regional_noreg.safetensors");
+    test_tmp(png, sizeof png, "regional_noreg.png");
     StFile T;
-    if (!check(run_sample(args, 10, trace, "/tmp/mixshow_test_regional_noreg.png") == 0 && st_open(&T, trace) == MS_OK,
+    if (!check(run_sample(args, 10, trace, png) == 0 && st_open(&T, trace) == MS_OK,
                "run without regions: %s", ms_last_error()))
         return;
     size_t m = 0;
@@ -190,7 +195,7 @@ static void test_regions_matter(const float *with, size_t n) {
     ms_free_aligned(x);
     st_close(&T);
     remove(trace);
-    remove("/tmp/mixshow_test_regional_noreg.png");
+    remove(png);
 }
 
 /* ---- per-region adapter weights ---- */
@@ -298,16 +303,19 @@ static void test_bad_cli(void) {
     /* a condition whose size differs from the other one */
     uint8_t px[64 * 64];
     memset(px, 128, sizeof px);
-    if (ms_png_write("/tmp/mixshow_test_regional_small.png", px, 64, 64, 1) == MS_OK) {
-        const char *args[] = { "--pretrained_model=" FUSED, "--keypose_condition=" DIR "/keypose.png",
-                               "--sketch_condition=/tmp/mixshow_test_regional_small.png", "--steps=1" };
-        int rc = run_sample(args, 4, NULL, "/tmp/mixshow_test_regional_bad.png");
+    char small[512], opt[540], bad[512];
+    test_tmp(small, sizeof small, "regional_small.png");
+    test_tmp(bad, sizeof bad, "regional_bad.png");
+    snprintf(opt, sizeof opt, "--sketch_condition=%s", small);
+    if (ms_png_write(small, px, 64, 64, 1) == MS_OK) {
+        const char *args[] = { "--pretrained_model=" FUSED, "--keypose_condition=" DIR "/keypose.png", opt, "--steps=1" };
+        int rc = run_sample(args, 4, NULL, bad);
         check(rc != 0 && strstr(ms_last_error(), "same size"), "conditions of different sizes: %s", ms_last_error());
-        remove("/tmp/mixshow_test_regional_small.png");
+        remove(small);
     }
     const char *args2[] = { "--pretrained_model=" FUSED, "--keypose_condition=" DIR "/keypose.png", "--steps=1",
                             "--prompt_rewrite=[a]-*-[b]-*-[0, 0, 64, 129]" };
-    int rc = run_sample(args2, 4, NULL, "/tmp/mixshow_test_regional_bad.png");
+    int rc = run_sample(args2, 4, NULL, bad);
     check(rc != 0 && strstr(ms_last_error(), "outside the 128 x 64 image"), "box outside the condition's size: %s", ms_last_error());
 }
 

@@ -11,8 +11,8 @@
 
 #include <stdint.h>
 
-#define OUT_A "/tmp/mixshow_test_world_a"
-#define OUT_B "/tmp/mixshow_test_world_b"
+/* the two dataset folders (test_tmp names, set in main) */
+static char OUT_A[512], OUT_B[512];
 enum { N_SCENES = 10, N_CHARS = 3, PER_CHAR = 5, SEED = 7 };
 
 static uint64_t fnv(uint64_t h, const void *p, size_t n) {
@@ -107,7 +107,9 @@ static void test_determinism(void) {
     o.out = OUT_B; o.seed = SEED + 1;
     check(world_generate(&o) == MS_OK && hash_dataset(OUT_B, 0) != p1, "another seed: other bytes");
     /* files appear whole: no .tmp left behind */
-    FILE *f = fopen(OUT_A "/scenes/image/000000.png.tmp", "rb");
+    char tmpname[600];
+    snprintf(tmpname, sizeof tmpname, "%s/scenes/image/000000.png.tmp", OUT_A);
+    FILE *f = fopen(tmpname, "rb");
     check(!f, "no temporary files left");
     if (f) fclose(f);
 }
@@ -324,7 +326,7 @@ static void test_masks(void) {
 static void test_training_config(void) {
     WorldCharacter ch;
     world_character_make(SEED, 1, &ch);
-    char yml[300], set[] = "models.pretrained_path=models/tiny-sd";
+    char yml[700], set[] = "models.pretrained_path=models/tiny-sd";
     const char *sets[1] = { set };
     snprintf(yml, sizeof yml, "%s/options/%s.yml", OUT_A, ch.name);
     TrainDataConfig d;
@@ -371,7 +373,10 @@ static void test_bad_input(void) {
     check(world_generate(&o) == MS_ERR_ARG && strstr(ms_last_error(), "--size"), "--size 100: %s", ms_last_error());
     o.size = 64; o.per_character = 11;
     check(world_generate(&o) == MS_ERR_ARG && strstr(ms_last_error(), "per-character"), "--per-character 11: %s", ms_last_error());
-    o.per_character = 5; o.out = OUT_A "/contact_sheet.png/x";
+    o.per_character = 5;
+    char under_file[600];
+    snprintf(under_file, sizeof under_file, "%s/contact_sheet.png/x", OUT_A);
+    o.out = under_file;
     check(world_generate(&o) == MS_ERR_IO, "output under a file: %s", ms_last_error());
     o.out = "";
     check(world_generate(&o) == MS_ERR_ARG, "no --out: %s", ms_last_error());
@@ -381,6 +386,8 @@ static void test_bad_input(void) {
 }
 
 int main(void) {
+    test_tmp(OUT_A, sizeof OUT_A, "world_a");
+    test_tmp(OUT_B, sizeof OUT_B, "world_b");
     test_determinism();
     test_captions_and_geometry();
     test_masks();
