@@ -2284,7 +2284,8 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
     const ClipTextConfig *tc = &m->text_config;
     const int NB = up->n_blk, NL = ms_unet_cross_attn_layers(uc), D = tc->hidden_size, T = 77;
     const int size = o->sp_size > 0 ? o->sp_size : 512, steps = o->sp_steps > 0 ? o->sp_steps : FUSE_SP_STEPS;
-    const int h = size / 8, w = size / 8, Lc = uc->in_channels;      /* the official: height // 8 */
+    const int f = 1 << (m->vae_config.n_blocks - 1);                 /* the official: height // 8 (SD's VAE) */
+    const int h = size / f, w = size / f, Lc = uc->in_channels;
     const size_t nl = (size_t)Lc * h * w;
     FuseSpInput *in = NULL;
     FuseSpLayer *ls = NULL;

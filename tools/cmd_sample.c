@@ -245,9 +245,10 @@ int cmd_sample(int argc, char **argv) {
         if (!s) s = load_cond(cond_path, ac.in_channels, o.width, o.height, &cond);
         if (!s) { o.adapter = &ap; o.cond = cond; }
     }
-    const int h = o.height / 8, w = o.width / 8;
+    const int f = have_m ? 1 << (m.vae_config.n_blocks - 1) : 8;       /* the VAE's downsampling factor */
+    const int h = o.height / f, w = o.width / f, L = have_m ? m.vae_config.latent_channels : 4;
     if (!s && noise_path) {
-        s = load_init_noise(noise_path, (size_t)o.batch * 4 * h * w, &noise);
+        s = load_init_noise(noise_path, (size_t)o.batch * L * h * w, &noise);
         o.init_noise = noise;
     }
     const size_t per = (size_t)3 * o.width * o.height;
