@@ -2293,7 +2293,7 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
     MsStatus s = MS_OK;
     double t_start = ms_time();
     if (tk->n_layers != NL || NB != NL) return ms_errorf(MS_ERR_ARG, "fuse: %d token variants, %d blocks, %d cross-attention layers", tk->n_layers, NB, NL);
-    if (size % 8 || size < 8) return ms_errorf(MS_ERR_ARG, "fuse: spatial sampling size %d (a multiple of 8)", size);
+    if (size % f || size < f) return ms_errorf(MS_ERR_ARG, "fuse: spatial sampling size %d (a multiple of %d)", size, f);
     /* the layers: every attention Linear but attn2 to_k/to_v that some concept's LoRA touches */
     in = (FuseSpInput *)calloc((size_t)4 * NB, sizeof *in);
     ls = (FuseSpLayer *)calloc((size_t)6 * NB, sizeof *ls);
