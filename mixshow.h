@@ -948,6 +948,8 @@ typedef struct {
 } ClipLayerActs;
 typedef struct {
     int B, T, rank, training, n_layers;
+    int causal;                         /* 1: the text tower's causal mask (0: image tower) */
+    MsActivation act;                   /* the MLP's activation (hidden_act) */
     ClipLayerActs l[CLIP_MAX_LAYERS];   /* inference: every entry is l[0] */
     float *xf, *lnf_mean, *lnf_rstd;    /* (N,D) final_layer_norm input, (N), (N) */
     float *out;                         /* (N,D) last_hidden_state */
@@ -987,6 +989,73 @@ void clip_text_backward(ClipLora *dlora, float *dnew_emb, const float *dout, Cli
 MsStatus clip_text_backward_full(ClipLora *dlora, float *dnew_emb, const ClipTextParams *dp, const float *dout,
                                  ClipTextActs *a, const ClipTextParams *p, const ClipLora *lora, const int32_t *ids,
                                  int n_new, const ClipTextConfig *c);
+
+/* ---- CLIPModel: the image tower and the two projections (issue 15: the paper's CLIP metrics) ----
+ * HF CLIPModel (modeling_clip.py; transformers 4.26 to 4.31 agree on all of it but the pooling
+ * rule below), get_image_features / get_text_features:
+ *   image: patches = Conv2d(C, D, P, stride P, no bias)(pixels), flattened to (B, N, D), N = (S/P)^2
+ *          x = [class_embedding; patches] + position_embedding[0..N]             (B, N+1, D)
+ *          x = pre_layrnorm(x), then the encoder layers of the text tower without the causal mask,
+ *          MLP activation hidden_act (quick_gelu or gelu); last_hidden_state = x
+ *          pooled = post_layernorm(x[:, 0]);  image_embeds = visual_projection(pooled)  (no bias)
+ *   text:  pooled = last_hidden_state[b, e_b] (after final_layer_norm), e_b = argmax(ids[b]) when
+ *          eos_token_id == 2 (every config written before transformers PR #24773, 4.31), else the
+ *          first position of eos_token_id;  text_embeds = text_projection(pooled)       (no bias)
+ * The paper's image and text alignment are cosines of these embeddings. */
+typedef struct {
+    int hidden_size;                 /* 768 (ViT-B/32) */
+    int intermediate_size;           /* 3072 */
+    int num_hidden_layers;           /* 12 (0 allowed: the embeddings after pre_layrnorm) */
+    int num_attention_heads;         /* 12 */
+    int num_channels;                /* 3 */
+    int image_size;                  /* 224 */
+    int patch_size;                  /* 32 */
+    MsActivation hidden_act;         /* quick_gelu */
+    float layer_norm_eps;            /* 1e-5 */
+} ClipVisionConfig;
+typedef struct {
+    ClipTextConfig text;             /* text_config (ViT-B/32: 512 wide, 8 heads, 12 layers) */
+    ClipVisionConfig vision;         /* vision_config */
+    int projection_dim;              /* 512 */
+} ClipModelConfig;
+/* transformers' CLIPConfig defaults, which are openai/clip-vit-base-patch32's values. */
+void ms_clip_model_config_b32(ClipModelConfig *c);
+MsStatus ms_clip_model_config_check(const ClipModelConfig *c);
+/* Every tensor of a CLIPModel checkpoint: text_model.* (those of ms_param_table_text),
+ * vision_model.*, visual_projection.weight, text_projection.weight, logit_scale, and the
+ * optional position_ids buffers (models/weights.c). */
+MsStatus ms_param_table_clip(const ClipModelConfig *c, MsParamTable *t);
+
+typedef struct {
+    const MsParam *patch_w;          /* vision_model.embeddings.patch_embedding.weight (D,C,P,P) */
+    const MsParam *class_emb;        /* vision_model.embeddings.class_embedding (D) */
+    const MsParam *pos_emb;          /* vision_model.embeddings.position_embedding.weight (N+1,D) */
+    const MsParam *pre_w, *pre_b;    /* vision_model.pre_layrnorm (D) */
+    ClipLayerParams layers[CLIP_MAX_LAYERS];   /* vision_model.encoder.layers.{l}.* */
+    const MsParam *post_w, *post_b;  /* vision_model.post_layernorm (D) */
+    const MsParam *proj;             /* visual_projection.weight (E,D) */
+} ClipVisionParams;
+/* The image tower's parameters of a loaded CLIPModel table (f32 only: MS_ERR_UNSUPPORTED for
+ * 16-bit data; MS_ERR_ARG names a missing key). */
+MsStatus clip_vision_params(ClipVisionParams *p, const MsParamTable *t, const ClipModelConfig *c);
+typedef struct {
+    int B, T;                        /* images, tokens per image (N + 1) */
+    ClipTextActs enc;                /* encoder activations (inference); enc.xf: last_hidden_state (B,T,D) */
+    float *patches;                  /* (B*N, C*P*P) pixels of each patch in (c, ky, kx) order */
+    float *x;                        /* (B*N, D) patch embeddings */
+    float *cls;                      /* (B, D) x[:, 0] of the last layer */
+    float *pooled;                   /* (B, D) pooler_output */
+    float *embeds;                   /* (B, E) image_embeds */
+} ClipVisionActs;
+size_t clip_vision_sizes(const ClipModelConfig *c, int B);
+MsStatus clip_vision_acts_alloc(ClipVisionActs *a, Arena *ar, const ClipModelConfig *c, int B);
+/* pixels (B, C, S, S), as CLIPImageProcessor gives them -> a->enc.xf, a->pooled, a->embeds. */
+MsStatus clip_vision_forward(ClipVisionActs *a, const ClipVisionParams *p, const float *pixels,
+                             const ClipModelConfig *c);
+/* After clip_text_forward (no LoRA) on ids (B,T) = a->B x a->T: pooled (B, D) (may be NULL) and
+ * text_embeds (B, E) through proj = text_projection.weight (E, D), f32. */
+MsStatus clip_text_project(float *pooled, float *embeds, const ClipTextActs *a, const MsParam *proj,
+                           const int32_t *ids, const ClipModelConfig *c);
 
 /* ==========================================================================================
  * Models: UNet2DConditionModel, forward and backward (models/unet.c)

@@ -680,15 +680,34 @@ MsStatus clip_tokenize(const ClipTokenizer *t, const char *text, size_t len, int
  * ======================================================================================== */
 static MsStatus get_f32(const MsParamTable *t, const char *name, const MsParam **out) {
     int i = ms_param_find(t, name);
-    if (i < 0) return ms_errorf(MS_ERR_ARG, "text encoder: no parameter '%s'", name);
-    if (!t->p[i].f32 && !t->p[i].half) return ms_errorf(MS_ERR_ARG, "text encoder: '%s' holds no data (not loaded)", name);
+    if (i < 0) return ms_errorf(MS_ERR_ARG, "%s: no parameter '%s'", strncmp(name, "vision", 6) ? "text encoder" : "image tower", name);
+    if (!t->p[i].f32 && !t->p[i].half)
+        return ms_errorf(MS_ERR_ARG, "%s: '%s' holds no data (not loaded)", strncmp(name, "vision", 6) ? "text encoder" : "image tower", name);
     *out = &t->p[i];
+    return MS_OK;
+}
+
+/* The 16 tensors of encoder layer l under prefix ("text_model" or "vision_model"). */
+static MsStatus clip_layer_params(ClipLayerParams *L, const MsParamTable *t, const char *prefix, int l) {
+    static const char *const names[16] = {
+        "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+        "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
+        "layer_norm1.weight", "layer_norm1.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+        "mlp.fc2.weight", "mlp.fc2.bias", "layer_norm2.weight", "layer_norm2.bias" };
+    const MsParam **dst[16] = { &L->q_w, &L->q_b, &L->k_w, &L->k_b, &L->v_w, &L->v_b, &L->o_w, &L->o_b,
+                                &L->ln1_w, &L->ln1_b, &L->fc1_w, &L->fc1_b, &L->fc2_w, &L->fc2_b,
+                                &L->ln2_w, &L->ln2_b };
+    char k[MS_KEY_MAX];
+    MsStatus s;
+    for (int j = 0; j < 16; j++) {
+        snprintf(k, sizeof k, "%s.encoder.layers.%d.%s", prefix, l, names[j]);
+        if ((s = get_f32(t, k, dst[j]))) return s;
+    }
     return MS_OK;
 }
 
 MsStatus clip_text_params(ClipTextParams *p, const MsParamTable *t, const ClipTextConfig *c) {
     MsStatus s;
-    char k[MS_KEY_MAX];
     memset(p, 0, sizeof *p);
     if ((s = ms_clip_text_config_check(c))) return s;
     if (c->num_hidden_layers > CLIP_MAX_LAYERS)
@@ -700,21 +719,8 @@ MsStatus clip_text_params(ClipTextParams *p, const MsParamTable *t, const ClipTe
         (s = get_f32(t, "text_model.final_layer_norm.weight", &p->lnf_w)) ||
         (s = get_f32(t, "text_model.final_layer_norm.bias", &p->lnf_b)))
         return s;
-    static const char *const names[16] = {
-        "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-        "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-        "layer_norm1.weight", "layer_norm1.bias", "mlp.fc1.weight", "mlp.fc1.bias",
-        "mlp.fc2.weight", "mlp.fc2.bias", "layer_norm2.weight", "layer_norm2.bias" };
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        ClipLayerParams *L = &p->layers[l];
-        const MsParam **dst[16] = { &L->q_w, &L->q_b, &L->k_w, &L->k_b, &L->v_w, &L->v_b, &L->o_w, &L->o_b,
-                                  &L->ln1_w, &L->ln1_b, &L->fc1_w, &L->fc1_b, &L->fc2_w, &L->fc2_b,
-                                  &L->ln2_w, &L->ln2_b };
-        for (int j = 0; j < 16; j++) {
-            snprintf(k, sizeof k, "text_model.encoder.layers.%d.%s", l, names[j]);
-            if ((s = get_f32(t, k, dst[j]))) return s;
-        }
-    }
+    for (int l = 0; l < c->num_hidden_layers; l++)
+        if ((s = clip_layer_params(&p->layers[l], t, "text_model", l))) return s;
     return MS_OK;
 }
 
@@ -748,6 +754,7 @@ static int clip_acts_layout(ClipTextActs *a, Arena *ar, const ClipTextConfig *c,
     int fail = 0;
     memset(a, 0, sizeof *a);
     a->B = B; a->T = T; a->rank = rank; a->training = training; a->n_layers = c->num_hidden_layers;
+    a->causal = 1; a->act = c->hidden_act;              /* the image tower sets causal = 0 */
     /* CLIP_TRAIN_KEEP: a full set per layer; inference and CLIP_TRAIN_RECOMPUTE: one set that
      * every layer shares (recompute: plus each layer's own input x, see clip_text_backward) */
     int nl = training == CLIP_TRAIN_KEEP ? c->num_hidden_layers : 1;
@@ -865,9 +872,9 @@ static void lora_linear_backward(float *dx, float *dw, float *db, float *ddown, 
     }
 }
 
-/* Encoder layer l on a->l[l].x:
- *   h  = x + out_proj(self_attn(layer_norm1(x)))
- *   x' = h + fc2(quick_gelu(fc1(layer_norm2(h))))   into xout
+/* Encoder layer l on a->l[l].x (HF CLIPEncoderLayer, text and image towers alike):
+ *   h  = x + out_proj(self_attn(layer_norm1(x)))     causal when a->causal (the text tower)
+ *   x' = h + fc2(act(fc1(layer_norm2(h))))           act = a->act, quick_gelu or gelu; into xout
  * xout NULL: stop once fc1 is done (what backward needs): clip_text_backward's recomputation in
  * CLIP_TRAIN_RECOMPUTE, which thereby repeats the very ops of the forward, in the same order. */
 static void clip_layer_forward(ClipTextActs *a, const ClipLayerParams *P, const ClipLora *lora, int l, float *xout,
@@ -884,14 +891,15 @@ static void clip_layer_forward(ClipTextActs *a, const ClipLayerParams *P, const 
     lora_linear_forward(L->q, L->u[CLIP_Q], L->ln1, WT(a, P->q_w, 0), WT(a, P->q_b, 1), dn[0], up[0], alpha, N, D, D, r);
     lora_linear_forward(L->k, L->u[CLIP_K], L->ln1, WT(a, P->k_w, 0), WT(a, P->k_b, 1), dn[1], up[1], alpha, N, D, D, r);
     lora_linear_forward(L->v, L->u[CLIP_V], L->ln1, WT(a, P->v_w, 0), WT(a, P->v_b, 1), dn[2], up[2], alpha, N, D, D, r);
-    attention_forward(L->attn, a->training ? L->lse : NULL, L->q, L->k, L->v, B, T, T, H, Dh, /*causal*/1, scale);
+    attention_forward(L->attn, a->training ? L->lse : NULL, L->q, L->k, L->v, B, T, T, H, Dh, a->causal, scale);
     lora_linear_forward(a->tmp, L->u[CLIP_O], L->attn, WT(a, P->o_w, 0), WT(a, P->o_b, 1), dn[3], up[3], alpha, N, D, D, r);
     add_forward(L->h, L->x, a->tmp, (size_t)N * D);
     /* x' = h + fc2(quick_gelu(fc1(layer_norm2(h)))) */
     layernorm_forward(a->ln2, L->ln2_mean, L->ln2_rstd, L->h, WT(a, P->ln2_w, 1), WT(a, P->ln2_b, 2), N, D, eps);
     linear_forward(L->fc1, a->ln2, WT(a, P->fc1_w, 0), WT(a, P->fc1_b, 1), N, D, I);
     if (!xout) return;
-    quick_gelu_forward(a->gelu, L->fc1, (size_t)N * I);
+    if (a->act == MS_ACT_GELU) gelu_forward(a->gelu, L->fc1, (size_t)N * I);       /* image towers may say gelu */
+    else quick_gelu_forward(a->gelu, L->fc1, (size_t)N * I);
     linear_forward(a->tmp, a->gelu, WT(a, P->fc2_w, 0), WT(a, P->fc2_b, 1), N, I, D);
     add_forward(xout, L->h, a->tmp, (size_t)N * D);
 }
@@ -1046,4 +1054,149 @@ static void clip_backward(ClipLora *dlora, float *dnew_emb, const ClipTextParams
             for (int j = 0; j < D; j++) pe[j] += g[j];
         }
     }
+}
+
+/* ==========================================================================================
+ * CLIPModel: the image tower and the projections (HF CLIPModel.get_image_features /
+ * get_text_features; the formulas are in mixshow.h). The encoder layers are the text tower's
+ * (clip_layer_forward) run on an "encoder view" of the vision config, without the causal mask.
+ * ======================================================================================== */
+/* The vision encoder as a ClipTextConfig: what clip_acts_layout and clip_layer_forward read. */
+static void clip_vision_encoder_view(const ClipModelConfig *c, int T, ClipTextConfig *e) {
+    memset(e, 0, sizeof *e);
+    e->vocab_size = 1;
+    e->hidden_size = c->vision.hidden_size;
+    e->intermediate_size = c->vision.intermediate_size;
+    e->num_hidden_layers = c->vision.num_hidden_layers;
+    e->num_attention_heads = c->vision.num_attention_heads;
+    e->max_position_embeddings = T;
+    e->hidden_act = c->vision.hidden_act;
+    e->layer_norm_eps = c->vision.layer_norm_eps;
+}
+
+static int clip_vision_grid(const ClipModelConfig *c) { return c->vision.image_size / c->vision.patch_size; }
+
+MsStatus clip_vision_params(ClipVisionParams *p, const MsParamTable *t, const ClipModelConfig *c) {
+    MsStatus s;
+    memset(p, 0, sizeof *p);
+    if ((s = ms_clip_model_config_check(c))) return s;
+    if ((s = get_f32(t, "vision_model.embeddings.patch_embedding.weight", &p->patch_w)) ||
+        (s = get_f32(t, "vision_model.embeddings.class_embedding", &p->class_emb)) ||
+        (s = get_f32(t, "vision_model.embeddings.position_embedding.weight", &p->pos_emb)) ||
+        (s = get_f32(t, "vision_model.pre_layrnorm.weight", &p->pre_w)) ||
+        (s = get_f32(t, "vision_model.pre_layrnorm.bias", &p->pre_b)) ||
+        (s = get_f32(t, "vision_model.post_layernorm.weight", &p->post_w)) ||
+        (s = get_f32(t, "vision_model.post_layernorm.bias", &p->post_b)) ||
+        (s = get_f32(t, "visual_projection.weight", &p->proj)))
+        return s;
+    for (int l = 0; l < c->vision.num_hidden_layers; l++)
+        if ((s = clip_layer_params(&p->layers[l], t, "vision_model", l))) return s;
+    for (int i = 0; i < t->n; i++)
+        if (!strncmp(t->p[i].name, "vision_model.", 13) && t->p[i].half)
+            return ms_errorf(MS_ERR_UNSUPPORTED, "image tower: '%s' is held 16-bit; load the CLIP model as f32",
+                             t->p[i].name);
+    const int64_t np = (int64_t)clip_vision_grid(c) * clip_vision_grid(c) + 1;
+    if (p->pos_emb->shape[0] != np || p->patch_w->shape[2] != c->vision.patch_size)
+        return ms_errorf(MS_ERR_SHAPE, "image tower: table of %lld positions, patch %lld; the config needs %lld, %d",
+                         (long long)p->pos_emb->shape[0], (long long)p->patch_w->shape[2], (long long)np,
+                         c->vision.patch_size);
+    return MS_OK;
+}
+
+static int clip_vision_layout(ClipVisionActs *a, Arena *ar, const ClipModelConfig *c, int B, size_t *bytes) {
+    const int g = clip_vision_grid(c), T = g * g + 1, D = c->vision.hidden_size;
+    const size_t N = (size_t)B * g * g, K = (size_t)c->vision.num_channels * c->vision.patch_size * c->vision.patch_size;
+    ClipTextConfig e;
+    int fail = 0;
+    memset(a, 0, sizeof *a);
+    a->B = B; a->T = T;
+    clip_vision_encoder_view(c, T, &e);
+    if (!clip_acts_layout(&a->enc, ar, &e, B, T, 0, CLIP_INFER, bytes)) fail = 1;
+    a->enc.causal = 0;
+    a->patches = take(ar, N * K, bytes, &fail);
+    a->x = take(ar, N * D, bytes, &fail);
+    a->cls = take(ar, (size_t)B * D, bytes, &fail);
+    a->pooled = take(ar, (size_t)B * D, bytes, &fail);
+    a->embeds = take(ar, (size_t)B * c->projection_dim, bytes, &fail);
+    return !fail;
+}
+
+size_t clip_vision_sizes(const ClipModelConfig *c, int B) {
+    ClipVisionActs a;
+    size_t bytes = 64;
+    clip_vision_layout(&a, NULL, c, B, &bytes);
+    return bytes;
+}
+
+MsStatus clip_vision_acts_alloc(ClipVisionActs *a, Arena *ar, const ClipModelConfig *c, int B) {
+    MsStatus s;
+    size_t bytes = 0;
+    if ((s = ms_clip_model_config_check(c))) return s;
+    if (B <= 0) return ms_errorf(MS_ERR_ARG, "image tower: batch %d", B);
+    if (!clip_vision_layout(a, ar, c, B, &bytes))
+        return ms_errorf(MS_ERR_NOMEM, "image tower: arena too small (need %zu bytes; clip_vision_sizes)",
+                         clip_vision_sizes(c, B));
+    return MS_OK;
+}
+
+/* Patch embedding: a convolution whose stride equals its kernel sees each pixel once, so it is
+ * one matrix product: row (b, gy, gx) of `patches` holds the patch's pixels in the weight's
+ * (c, ky, kx) order, and x = patches W^T with W = patch_embedding.weight as (D, C*P*P). Its rows
+ * come out in flatten(2).transpose(1, 2) order (row-major over the grid). */
+MsStatus clip_vision_forward(ClipVisionActs *a, const ClipVisionParams *p, const float *pixels,
+                             const ClipModelConfig *c) {
+    const ClipVisionConfig *v = &c->vision;
+    const int B = a->B, T = a->T, g = clip_vision_grid(c), P = v->patch_size, S = v->image_size, C = v->num_channels;
+    const int D = v->hidden_size, K = C * P * P, E = c->projection_dim;
+    ClipTextConfig e;
+    if (T != g * g + 1) return ms_errorf(MS_ERR_ARG, "image tower: activations for %d tokens, config has %d", T, g * g + 1);
+    clip_vision_encoder_view(c, T, &e);
+    for (int b = 0; b < B; b++)
+        for (int gy = 0; gy < g; gy++)
+            for (int gx = 0; gx < g; gx++) {
+                float *row = a->patches + ((size_t)(b * g + gy) * g + gx) * K;
+                for (int ch = 0; ch < C; ch++)
+                    for (int ky = 0; ky < P; ky++)
+                        memcpy(row + (ch * P + ky) * P,
+                               pixels + (((size_t)b * C + ch) * S + gy * P + ky) * S + gx * P, (size_t)P * sizeof(float));
+            }
+    linear_forward(a->x, a->patches, p->patch_w->f32, NULL, B * g * g, K, D);
+    /* embeddings = [class_embedding; patches] + position_embedding, then pre_layrnorm into the
+     * first layer's input */
+    float *emb = a->enc.tmp;                    /* (B*T, D) scratch of the encoder */
+    const float *cls = p->class_emb->f32, *pos = p->pos_emb->f32;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const float *src = t ? a->x + ((size_t)b * (T - 1) + t - 1) * D : cls;
+            float *o = emb + ((size_t)b * T + t) * D;
+            for (int j = 0; j < D; j++) o[j] = src[j] + pos[(size_t)t * D + j];
+        }
+    float *x0 = v->num_hidden_layers ? a->enc.l[0].x : a->enc.xf;
+    layernorm_forward(x0, a->enc.lnf_mean, a->enc.lnf_rstd, emb, p->pre_w->f32, p->pre_b->f32, B * T, D, v->layer_norm_eps);
+    for (int l = 0; l < v->num_hidden_layers; l++)         /* inference: in place, as the text tower */
+        clip_layer_forward(&a->enc, &p->layers[l], NULL, l, l + 1 < v->num_hidden_layers ? a->enc.l[l + 1].x : a->enc.xf, &e);
+    /* pooled = post_layernorm(last_hidden_state[:, 0]); image_embeds = visual_projection(pooled) */
+    for (int b = 0; b < B; b++) memcpy(a->cls + (size_t)b * D, a->enc.xf + (size_t)b * T * D, (size_t)D * sizeof(float));
+    layernorm_forward(a->pooled, NULL, NULL, a->cls, p->post_w->f32, p->post_b->f32, B, D, v->layer_norm_eps);
+    linear_forward(a->embeds, a->pooled, p->proj->f32, NULL, B, D, E);
+    return MS_OK;
+}
+
+MsStatus clip_text_project(float *pooled, float *embeds, const ClipTextActs *a, const MsParam *proj,
+                           const int32_t *ids, const ClipModelConfig *c) {
+    const int B = a->B, T = a->T, D = c->text.hidden_size, E = c->projection_dim;
+    if (!proj || !proj->f32 || proj->ndim != 2 || proj->shape[0] != E || proj->shape[1] != D)
+        return ms_errorf(MS_ERR_ARG, "text projection: expected f32 text_projection.weight [%d, %d]", E, D);
+    float *rows = a->tmp;                      /* (B, D) of the encoder's (B*T, D) scratch */
+    for (int b = 0; b < B; b++) {
+        const int32_t *r = ids + (size_t)b * T;
+        int e = 0;                              /* argmax(ids) or argmax(ids == eos): the first hit */
+        for (int t = 1; t < T; t++)
+            if (c->text.eos_token_id == 2 ? r[t] > r[e] : (r[t] == c->text.eos_token_id && r[e] != c->text.eos_token_id))
+                e = t;
+        memcpy(rows + (size_t)b * D, a->out + ((size_t)b * T + e) * D, (size_t)D * sizeof(float));
+    }
+    linear_forward(embeds, rows, proj->f32, NULL, B, D, E);
+    if (pooled) memcpy(pooled, rows, (size_t)B * D * sizeof(float));
+    return MS_OK;
 }

@@ -653,6 +653,90 @@ fail:
     return s;
 }
 
+/* transformers CLIPConfig() defaults: CLIPTextConfig(), CLIPVisionConfig(), projection_dim 512 —
+ * openai/clip-vit-base-patch32. */
+void ms_clip_model_config_b32(ClipModelConfig *c) {
+    memset(c, 0, sizeof *c);
+    ms_clip_text_config_sd15(&c->text);
+    c->text.hidden_size = 512;
+    c->text.intermediate_size = 2048;
+    c->text.projection_dim = 512;
+    c->text.num_attention_heads = 8;
+    c->vision.hidden_size = 768;
+    c->vision.intermediate_size = 3072;
+    c->vision.num_hidden_layers = 12;
+    c->vision.num_attention_heads = 12;
+    c->vision.num_channels = 3;
+    c->vision.image_size = 224;
+    c->vision.patch_size = 32;
+    c->vision.hidden_act = MS_ACT_QUICK_GELU;
+    c->vision.layer_norm_eps = 1e-5f;
+    c->projection_dim = 512;
+}
+
+MsStatus ms_clip_model_config_check(const ClipModelConfig *c) {
+    MsStatus s;
+    const ClipVisionConfig *v = &c->vision;
+    const char *w = "vision_config";
+    if ((s = ms_clip_text_config_check(&c->text))) return s;
+    if ((s = check_range(w, "hidden_size", v->hidden_size, 1, MS_MAX_CHANNELS))) return s;
+    if ((s = check_range(w, "intermediate_size", v->intermediate_size, 1, 4 * MS_MAX_CHANNELS))) return s;
+    if ((s = check_range(w, "num_hidden_layers", v->num_hidden_layers, 0, CLIP_MAX_LAYERS))) return s;
+    if ((s = check_range(w, "num_attention_heads", v->num_attention_heads, 1, v->hidden_size))) return s;
+    if ((s = check_range(w, "num_channels", v->num_channels, 1, 64))) return s;
+    if ((s = check_range(w, "image_size", v->image_size, 1, 1 << 14))) return s;
+    if ((s = check_range(w, "patch_size", v->patch_size, 1, v->image_size))) return s;
+    if ((s = check_range("clip", "projection_dim", c->projection_dim, 1, MS_MAX_CHANNELS))) return s;
+    if (v->hidden_size % v->num_attention_heads)
+        return ms_errorf(MS_ERR_ARG, "vision_config: hidden_size %d is not divisible by num_attention_heads %d",
+                         v->hidden_size, v->num_attention_heads);
+    if (v->hidden_act != MS_ACT_QUICK_GELU && v->hidden_act != MS_ACT_GELU)
+        return ms_errorf(MS_ERR_UNSUPPORTED, "vision_config: hidden_act %d: expected quick_gelu or gelu", (int)v->hidden_act);
+    if (!(v->layer_norm_eps > 0.0f))
+        return ms_errorf(MS_ERR_ARG, "vision_config: layer_norm_eps %g must be > 0", (double)v->layer_norm_eps);
+    return MS_OK;
+}
+
+/* HF CLIPModel: the text tower's table, then vision_model.* in state_dict() order, the two
+ * projections and logit_scale (a 0-d tensor). No LDM layout: both names are the same. */
+MsStatus ms_param_table_clip(const ClipModelConfig *c, MsParamTable *t) {
+    MsStatus s;
+    if ((s = ms_clip_model_config_check(c)) || (s = ms_param_table_text(&c->text, t))) return s;
+    const ClipVisionConfig *v = &c->vision;
+    const int D = v->hidden_size, I = v->intermediate_size, P = v->patch_size;
+    const int64_t npos = (int64_t)(v->image_size / P) * (v->image_size / P) + 1;
+    static const char *const proj[4] = { "k_proj", "v_proj", "q_proj", "out_proj" };
+    char p[MS_KEY_MAX];
+    const char *E = "vision_model.embeddings.";
+    if ((s = put(t, E, "class_embedding", E, "class_embedding", 1, D, 0, 0, 0, 0)) ||
+        (s = put(t, E, "patch_embedding.weight", E, "patch_embedding.weight", 4, D, v->num_channels, P, P, 0)) ||
+        (s = put(t, E, "position_embedding.weight", E, "position_embedding.weight", 2, npos, D, 0, 0, 0)) ||
+        (s = put(t, E, "position_ids", E, "position_ids", 2, 1, npos, 0, 0, MS_PARAM_BUFFER)) ||
+        (s = put_norm(t, "", "vision_model.pre_layrnorm", "", "vision_model.pre_layrnorm", D)))
+        goto fail;
+    for (int l = 0; l < v->num_hidden_layers; l++) {
+        keyf(p, "vision_model.encoder.layers.%d.", l);
+        for (int k = 0; k < 4; k++) {
+            char nm[32];
+            keyf(nm, "self_attn.%s", proj[k]);
+            if ((s = put_wb(t, p, nm, p, nm, D, D, 0))) goto fail;
+        }
+        if ((s = put_norm(t, p, "layer_norm1", p, "layer_norm1", D)) ||
+            (s = put_wb(t, p, "mlp.fc1", p, "mlp.fc1", I, D, 0)) || (s = put_wb(t, p, "mlp.fc2", p, "mlp.fc2", D, I, 0)) ||
+            (s = put_norm(t, p, "layer_norm2", p, "layer_norm2", D)))
+            goto fail;
+    }
+    if ((s = put_norm(t, "", "vision_model.post_layernorm", "", "vision_model.post_layernorm", D)) ||
+        (s = put_w(t, "", "visual_projection", "", "visual_projection", c->projection_dim, D)) ||
+        (s = put_w(t, "", "text_projection", "", "text_projection", c->projection_dim, c->text.hidden_size)) ||
+        (s = put(t, "", "logit_scale", "", "logit_scale", 0, 0, 0, 0, 0, 0)))
+        goto fail;
+    return MS_OK;
+fail:
+    ms_param_table_free(t);
+    return s;
+}
+
 /* T2IAdapter full_adapter <-> TencentARC Adapter (R = num_res_blocks):
  *   adapter.body.i.resnets.j.block{1,2} <-> body.{iR + j}.block{1,2}
  *   adapter.body.i.in_conv              <-> body.{iR}.in_conv (only where channels change). */

@@ -278,6 +278,43 @@ MsStatus ms_clip_text_config_from_json(const JsonValue *j, ClipTextConfig *c) {
     return checked(ms_clip_text_config_check(c), j);
 }
 
+/* HF CLIPConfig (config.json of a CLIPModel): text_config (CLIPTextConfig defaults), vision_config
+ * (CLIPVisionConfig defaults), projection_dim; an absent sub-config takes its defaults, and the
+ * older *_config_dict names are read when *_config is absent (as CLIPConfig.__init__ does). */
+MsStatus ms_clip_model_config_from_json(const JsonValue *j, ClipModelConfig *c) {
+    double x;
+    const char *act;
+    ms_clip_model_config_b32(c);
+    if (!j || j->type != JSON_OBJECT)
+        return ms_errorf(MS_ERR_FORMAT, "%s: CLIP config: expected a JSON object", jorigin(j));
+    const JsonValue *t = json_get(j, "text_config"), *v = json_get(j, "vision_config");
+    if (jnull(t)) t = json_get(j, "text_config_dict");
+    if (jnull(v)) v = json_get(j, "vision_config_dict");
+    if (!jnull(t)) TRY(ms_clip_text_config_from_json(t, &c->text));
+    TRY(jint(j, "projection_dim", 512, 1, 1 << 16, &c->projection_dim));
+    if (!jnull(v)) {
+        if (v->type != JSON_OBJECT)
+            return ms_errorf(MS_ERR_FORMAT, "%s:%d:%d: vision_config: expected a JSON object", jorigin(v), v->line, v->col);
+        TRY(jint(v, "hidden_size", 768, 1, 1 << 16, &c->vision.hidden_size));
+        TRY(jint(v, "intermediate_size", 3072, 1, 1 << 18, &c->vision.intermediate_size));
+        TRY(jint(v, "num_hidden_layers", 12, 0, CLIP_MAX_LAYERS, &c->vision.num_hidden_layers));
+        TRY(jint(v, "num_attention_heads", 12, 1, 1 << 16, &c->vision.num_attention_heads));
+        TRY(jint(v, "num_channels", 3, 1, 64, &c->vision.num_channels));
+        TRY(jint(v, "image_size", 224, 1, 1 << 14, &c->vision.image_size));
+        TRY(jint(v, "patch_size", 32, 1, 1 << 14, &c->vision.patch_size));
+        TRY(jstr(v, "hidden_act", "quick_gelu", &act));
+        if (!strcmp(act, "quick_gelu")) c->vision.hidden_act = MS_ACT_QUICK_GELU;
+        else if (!strcmp(act, "gelu")) c->vision.hidden_act = MS_ACT_GELU;
+        else {
+            const JsonValue *h = json_get(v, "hidden_act");
+            return ms_errorf(MS_ERR_UNSUPPORTED, "%s:%d:%d: vision_config hidden_act '%s': expected quick_gelu or gelu",
+                             jorigin(h), h->line, h->col, act);
+        }
+        TRY(jnum(v, "layer_norm_eps", 1e-5, &x)); c->vision.layer_norm_eps = (float)x;
+    }
+    return checked(ms_clip_model_config_check(c), j);
+}
+
 /* T2IAdapter.__init__ defaults. */
 MsStatus ms_adapter_config_from_json(const JsonValue *j, AdapterConfig *c) {
     const char *type;

@@ -409,6 +409,50 @@ MsStatus ms_clip_added_tokens_load(const char *path, ClipTokenizer *t, int *n_ad
 MsStatus ms_clip_added_tokens_json(const char *path, ClipTokenizer *t);
 int cmd_tokenize(int argc, char **argv);  /* mixshow tokenize --model DIR [--added-tokens FILE] "prompt" */
 
+/* ---- a transformers CLIPModel for the paper's CLIP metrics (tools/clip_model.c) ---- */
+/* CLIPImageProcessor settings (preprocessor_config.json). */
+typedef struct {
+    int do_resize, shortest_edge, resample;     /* resample: PIL_* (default PIL_BICUBIC) */
+    int do_center_crop, crop_h, crop_w;
+    int do_rescale, do_normalize;
+    double rescale_factor;                      /* 1/255 */
+    double mean[3], std[3];                     /* OPENAI_CLIP_MEAN / _STD */
+} ClipImageProcessor;
+/* CLIPImageProcessor defaults with shortest edge and crop = size. */
+void ms_clip_processor_default(ClipImageProcessor *p, int size);
+/* preprocessor_config.json: size as n or {"shortest_edge": n}, crop_size as n or {"height",
+ * "width"}, do_* switches, rescale_factor, image_mean/std, resample; missing keys take the
+ * defaults with size image_size. */
+MsStatus ms_clip_processor_from_json(const JsonValue *j, ClipImageProcessor *p, int image_size);
+/* An 8-bit RGB image (ms_image_read(path, 3, ..): Pillow's convert("RGB")) -> pixels (3, S, S) as
+ * CLIPImageProcessor gives them (bit-exact). The crop must fit and equal S (MS_ERR_UNSUPPORTED). */
+MsStatus ms_clip_preprocess(float *pixels, int S, const MsImage *img, const ClipImageProcessor *p);
+/* config.json of a CLIPModel (tools/model_load.c). */
+MsStatus ms_clip_model_config_from_json(const JsonValue *j, ClipModelConfig *c);
+typedef struct {
+    ClipModelConfig config;
+    ClipImageProcessor proc;    /* preprocessor_config.json, or the defaults at image_size */
+    MsParamTable table;         /* every CLIPModel tensor, f32 */
+    ClipVisionParams vision;
+    ClipTextParams text;
+    const MsParam *text_proj;   /* text_projection.weight */
+    ClipTokenizer tok;          /* vocab.json + merges.txt of the folder, when it has them */
+    int has_tokenizer;
+} MsClip;
+/* DIR/config.json, DIR/model.safetensors (else pytorch_model.bin), DIR/preprocessor_config.json
+ * (optional), DIR/vocab.json + merges.txt (optional: prompts need them). Missing, unexpected or
+ * mis-shaped tensors are errors naming the file and key. */
+MsStatus ms_clip_load(const char *dir, MsClip *m);
+void ms_clip_free(MsClip *m);
+/* image_embeds (B, projection_dim) of pixels (B, 3, S, S); text_embeds (B, projection_dim) of
+ * token ids (B, T), T <= max_position_embeddings. Not normalised (cosines do not need it). */
+MsStatus ms_clip_image_embeds(const MsClip *m, const float *pixels, int B, float *embeds);
+MsStatus ms_clip_text_embeds(const MsClip *m, const int32_t *ids, int B, int T, float *embeds);
+/* One image file (PNG/JPEG) / one prompt (tokenized to max_position_embeddings, padded). */
+MsStatus ms_clip_embed_image_file(const MsClip *m, const char *path, float *embed);
+MsStatus ms_clip_embed_prompt(const MsClip *m, const char *prompt, float *embed);
+double ms_cosine(const float *a, const float *b, int n);   /* a.b / (|a| |b|), in double; 0 for a zero vector */
+
 /* ---- text-to-image pipeline, `mixshow sample`, `mixshow dump` ---- */
 /* PIL Image.resize((ow, oh), Image.LANCZOS) on 8-bit interleaved pixels (Pillow 9.4, bit-exact):
  * in (h,w,C) -> out (oh,ow,C). Same size: a copy, as Image.resize. tools/cmd_sample.c. */
@@ -531,9 +575,9 @@ uint64_t ms_torch_random_int64(MsTorchRng *g);       /* torch.empty((), int64).r
 void ms_torch_randperm(MsTorchRng *g, int64_t *out, int64_t n);       /* torch.randperm(n) (CPU, torch 1.13) */
 
 /* Pillow 9.4 Image.resize on 8-bit interleaved pixels, bit-exact: PIL_NEAREST (ImagingScaleAffine)
- * or PIL_BILINEAR (Resample.c, antialiased: support scales with the reduction, 22-bit fixed
- * point). Same size: a copy. in (h,w,C) -> out (oh,ow,C), C 1..4. */
-enum { PIL_NEAREST = 0, PIL_LANCZOS = 1, PIL_BILINEAR = 2 };   /* Pillow's Image.Resampling values */
+ * or PIL_BILINEAR / PIL_BICUBIC / PIL_LANCZOS (Resample.c, antialiased: support scales with the
+ * reduction, 22-bit fixed point). Same size: a copy. in (h,w,C) -> out (oh,ow,C), C 1..4. */
+enum { PIL_NEAREST = 0, PIL_LANCZOS = 1, PIL_BILINEAR = 2, PIL_BICUBIC = 3 };   /* Pillow's Image.Resampling values */
 MsStatus pil_resize(uint8_t *out, int ow, int oh, const uint8_t *in, int w, int h, int C, int resample);
 /* torchvision 0.14 F.resize output size for an int size (short side = size, long side =
  * int(size * long / short), then the max_size rule; max_size 0: none). MS_ERR_ARG when

@@ -43,6 +43,13 @@ static double pil_lanczos_filter(double x) {      /* support 3 */
     if (-3.0 <= x && x < 3.0) return pil_sinc_filter(x) * pil_sinc_filter(x / 3);
     return 0.0;
 }
+static double pil_bicubic_filter(double x) {      /* support 2; Keys' cubic convolution, a = -0.5 */
+    const double a = -0.5;
+    if (x < 0.0) x = -x;
+    if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+    if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+    return 0.0;
+}
 typedef struct { double (*f)(double); double support; } PilFilter;
 
 /* precompute_coeffs + normalize_coeffs_8bpc for filter flt: output pixel xx uses source pixels
@@ -168,7 +175,8 @@ MsStatus pil_resize(uint8_t *out, int ow, int oh, const uint8_t *in, int w, int 
     if (resample == PIL_NEAREST) return pil_resize_nearest(out, ow, oh, in, w, h, C);
     if (resample == PIL_BILINEAR) { static const PilFilter f = { pil_bilinear_filter, 1.0 }; return pil_resample(&f, out, ow, oh, in, w, h, C); }
     if (resample == PIL_LANCZOS) { static const PilFilter f = { pil_lanczos_filter, 3.0 }; return pil_resample(&f, out, ow, oh, in, w, h, C); }
-    return ms_errorf(MS_ERR_ARG, "resize: resample %d is not NEAREST (0), LANCZOS (1) or BILINEAR (2)", resample);
+    if (resample == PIL_BICUBIC) { static const PilFilter f = { pil_bicubic_filter, 2.0 }; return pil_resample(&f, out, ow, oh, in, w, h, C); }
+    return ms_errorf(MS_ERR_ARG, "resize: resample %d is not NEAREST (0), LANCZOS (1), BILINEAR (2) or BICUBIC (3)", resample);
 }
 
 /* ---- torchvision 0.14 F.resize output size (functional._compute_resized_output_size) ---- */
