@@ -24,6 +24,7 @@ static const Command commands[] = {
     { "sample",  cmd_sample,  "text to image (diffusers StableDiffusionPipeline; tiny model by default)" },
     { "dump",    cmd_dump,    "run networks on tensors from a safetensors file and write their outputs" },
     { "tokenize", cmd_tokenize, "print the 77 CLIP input ids of a prompt (with added tokens)" },
+    { "clip",    cmd_clip,    "CLIP image-image and image-text cosines with a transformers CLIPModel (the paper's metrics)" },
     { "inspect", cmd_inspect, "list every tensor (name, dtype, shape) of a .safetensors/.pth/.ckpt/.bin" },
     { "convert", cmd_convert, "model folder/single file -> diffusers folder or LDM .safetensors; image -> PNG" },
     { "train",   cmd_train,   "ED-LoRA training of one concept (Mix-of-Show train_edlora.py)" },

@@ -452,6 +452,7 @@ MsStatus ms_clip_text_embeds(const MsClip *m, const int32_t *ids, int B, int T, 
 MsStatus ms_clip_embed_image_file(const MsClip *m, const char *path, float *embed);
 MsStatus ms_clip_embed_prompt(const MsClip *m, const char *prompt, float *embed);
 double ms_cosine(const float *a, const float *b, int n);   /* a.b / (|a| |b|), in double; 0 for a zero vector */
+int cmd_clip(int argc, char **argv);     /* mixshow clip --clip DIR [--image F]... [--text P]... [--json] */
 
 /* ---- text-to-image pipeline, `mixshow sample`, `mixshow dump` ---- */
 /* PIL Image.resize((ow, oh), Image.LANCZOS) on 8-bit interleaved pixels (Pillow 9.4, bit-exact):
