@@ -4,10 +4,12 @@
  *   a: vision 64 wide, 4 heads, 3 layers, patch 8 on 32x32, quick_gelu; text 32 wide; safetensors
  *   b: vision 48 wide, 3 heads, 2 layers, patch 6 on 30x30, gelu, resize 34 + crop 30;
  *      text 40 wide, 5 heads; pytorch_model.bin, preprocessor sizes as plain ints
+ *   c: a small pair on the real CLIP vocabulary (prompts through the tokenizer), eos_token_id 49407
+ *      (the pooling rule of configs written after transformers PR #24773), F16 weights
  * Checks: pixel_values of 5 PNGs (RGB, grey, RGBA; shrunk and enlarged with PIL bicubic) bit for
  * bit; every vision hidden state (runs with the first k layers), last_hidden_state, pooler_output,
- * image_embeds, text last_hidden_state, pooled output and text_embeds to rel-L2 <= 1e-5; files to
- * embeddings end to end; the pooling rule of eos_token_id != 2; 1 vs 2 threads bitwise; bad
+ * image_embeds, text last_hidden_state, pooled output and text_embeds to rel-L2 <= 1e-5; files and
+ * prompts to embeddings end to end; the pooling rule of eos_token_id != 2; 1 vs 2 threads bitwise; bad
  * configs and checkpoints fail with messages naming the key. */
 #include "tests/test.h"
 #include "tools/tools.h"
@@ -163,6 +165,28 @@ static void test_case(const char *name) {
         check(!memcmp(p2, ta.out, (size_t)Dt * sizeof(float)), "%s eos_token_id absent from the ids: row 0", name);
     }
     arena_free(&ar);
+    /* prompts (case c: the real vocabulary): CLIPTokenizer's ids, then the embeddings end to end */
+    const char *pj = st_meta(&g, "prompts");
+    JsonValue *pr = NULL;
+    if (!strcmp(name, "c") && (!pj || json_parse(pj, strlen(pj), "prompts", &pr) || json_len(pr) != (size_t)TB ||
+                               ms_clip_tokenizer_load("models/tiny-sd/tokenizer", &m.tok))) {
+        check(0, "case c prompts / tokenizer: %s", ms_last_error());
+    } else if (pr) {
+        float *w3 = golden(&g, "text_embeds", NULL), *pe = test_track(test_zeros((size_t)TB * E));
+        int32_t *tk = (int32_t *)malloc((size_t)T * sizeof *tk);
+        int same = 1;
+        m.has_tokenizer = 1;
+        for (int b = 0; b < TB; b++) {
+            const char *p = json_at(pr, (size_t)b)->str;
+            same &= !clip_tokenize(&m.tok, p, strlen(p), tk, T) && !memcmp(tk, ids + (size_t)b * T, (size_t)T * sizeof *tk);
+            if (ms_clip_embed_prompt(&m, p, pe + (size_t)b * E)) check(0, "prompt '%s': %s", p, ms_last_error());
+        }
+        check(same, "%s: the %d prompts tokenize to CLIPTokenizer's ids", name, TB);
+        snprintf(what, sizeof what, "%s prompts -> text_embeds", name);
+        if (w3) check_close(what, pe, w3, (size_t)TB * E, TOL, 0);
+        free(tk);
+    }
+    json_free(pr);
     free(ids);
     ms_clip_free(&m);
     st_close(&g);
@@ -235,6 +259,7 @@ static void test_errors(void) {
 int main(void) {
     test_case("a");
     test_case("b");
+    test_case("c");
     test_errors();
     test_free_tracked();
     return test_summary("test_clip_vision");

@@ -7,6 +7,7 @@ CLIPImageProcessor run on random weights:
                                                          projection_dim), as save_pretrained writes it
   tests/data/clip_vision/<case>/model.safetensors        case a: the weights (safetensors)
   tests/data/clip_vision/<case>/pytorch_model.bin        case b: the weights (torch.save zip pickle)
+                                                         (case c: F16 safetensors, real CLIP vocabulary)
   tests/data/clip_vision/<case>/preprocessor_config.json CLIPImageProcessor settings (a: dict sizes as
                                                          4.26+ saves them; b: plain ints, the older form)
   tests/data/clip_vision/<case>/img*.png                 test images (RGB, grey, RGBA; non-square)
@@ -63,7 +64,18 @@ CASES = {
               text=dict(vocab_size=200, hidden_size=40, intermediate_size=80, num_attention_heads=5,
                         num_hidden_layers=2, max_position_embeddings=20, hidden_act="quick_gelu"),
               projection_dim=20, size=34, crop=30, weights="pytorch_model.bin", T=12),
+    "c": dict(vision=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                          patch_size=16, image_size=32),
+              text=dict(vocab_size=49408, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                        num_hidden_layers=1, max_position_embeddings=77, pad_token_id=1, bos_token_id=49406,
+                        eos_token_id=49407),
+              projection_dim=8, size={"shortest_edge": 32}, crop={"height": 32, "width": 32},
+              weights="model.safetensors", half=True, T=77),
 }
+# case c: the real CLIP vocabulary (prompts through CLIPTokenizer, tokenizer files of models/tiny-sd),
+# eos_token_id 49407 as configs written after transformers PR #24773 say it, weights stored F16
+PROMPTS = ["a photo of a cat", "two red circles on the left of a blue striped square on grass",
+           "a red circle above a blue square"]
 # (height, width, PIL mode) of the test images
 IMAGES = [(37, 45, "RGB"), (32, 32, "RGB"), (50, 20, "RGB"), (40, 64, "L"), (29, 31, "RGBA")]
 
@@ -109,7 +121,7 @@ def main():
     import torch
     from PIL import Image
     from gen_clip_golden import import_transformers
-    _, mc, cc = import_transformers(a.transformers)
+    tc, mc, cc = import_transformers(a.transformers)
     ip = importlib.import_module("transformers.models.clip.image_processing_clip")
     torch.set_grad_enabled(False)
     for key, case in CASES.items():
@@ -123,7 +135,13 @@ def main():
         # config.json as save_pretrained writes it (to_json_string of the config)
         with open(os.path.join(out, "config.json"), "w") as f:
             f.write(cfg.to_json_string())
+        if case.get("half"):             # F16 in the file: compute with the rounded weights
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.half().float())
         sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if case.get("half"):
+            sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
         if case["weights"].endswith(".safetensors"):
             write_safetensors(os.path.join(out, case["weights"]), sd)
         else:
@@ -151,6 +169,10 @@ def main():
         for b, n in enumerate([5, T - 1, 1]):
             ids[b, n] = V - 1
             ids[b, n + 1:] = V - 1
+        if key == "c":
+            tok = tc.CLIPTokenizer(os.path.join(ROOT, "models/tiny-sd/tokenizer/vocab.json"),
+                                   os.path.join(ROOT, "models/tiny-sd/tokenizer/merges.txt"))
+            ids = torch.tensor(tok(PROMPTS, padding="max_length", max_length=T, truncation=True).input_ids)
         to = model.text_model(input_ids=ids, output_hidden_states=False)
         text_embeds = model.get_text_features(input_ids=ids)
         tensors = {"pixel_values": px, "vision.last_hidden_state": vo.last_hidden_state,
@@ -159,7 +181,7 @@ def main():
                    "text.pooler_output": to.pooler_output, "text_embeds": text_embeds}
         for k, hs in enumerate(vo.hidden_states):
             tensors["vision.hidden_states.%d" % k] = hs
-        meta = dict(versions(), transformers="4.26.0 (vendored tree, see gen_clip_vision_golden.py)",
+        meta = dict(versions(), transformers="4.26.0 (vendored tree, see gen_clip_vision_golden.py)", prompts=json.dumps(PROMPTS),
                     seed=str(a.seed), case=key, images=json.dumps(IMAGES))
         write_safetensors(os.path.join(out, "golden.safetensors"), tensors, meta)
         print(key, {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith("vision.hidden")},
