@@ -1346,6 +1346,154 @@ void unet_cross_attention(float *y, UNetAttnActs *sv, const float *x, const floa
                           const UNetRegions *reg);   /* NULL: plain attention */
 
 /* ==========================================================================================
+ * Models: the alignment stand-ins of `mixshow eval` (models/evalnet.c; issue 15)
+ * ======================================================================================== */
+/* Two small encoders trained in C on the procedural world, in place of the paper's CLIP metrics
+ * (Mix-of-Show, arXiv:2305.18292v2, Sec. 5: text alignment = CLIP image-text cosine; image
+ * alignment = CLIP image-image cosine to the concept's reference images):
+ *   image trunk   conv_in 3x3 -> units (GroupNorm, SiLU, conv 3x3 stride 1 or 2) -> GroupNorm,
+ *                 SiLU -> average pooling (2x2 steps) to text_pool x text_pool cells
+ *   text head     flatten the cells (C*P*P) -> linear (no bias) -> E   (the cells keep "where")
+ *   identity head the cells averaged to one (global average pool, C) -> linear -> id_dim
+ *   text tower    CLIP text encoder (real BPE tokenizer, max_position_embeddings tokens), the
+ *                 final-LayerNorm state at the first EOS -> text_projection (E, D), no bias
+ * Embeddings are compared after L2 normalisation (cosine). Training (evalnet_train_step):
+ * CLIP's symmetric InfoNCE with a learned temperature (Radford et al. 2021) between the text
+ * head and the text tower, plus supervised contrastive loss (Khosla et al. 2020, L^sup_out,
+ * temperature 0.1) on the identity head over renders of world characters. Units per level:
+ * `layers` stride-1 units (c_i -> c_i), then one stride-2 unit to the next level (c_i -> c_i+1). */
+#define EVAL_MAX_UNITS 40
+typedef struct {
+    int size;                        /* input side in pixels (64); images are resized to it */
+    int n_levels;                    /* resolution levels (4); the last map is size >> (n_levels-1) */
+    int channels[MS_MAX_BLOCKS];     /* per level (16, 32, 64, 128) */
+    int layers;                      /* stride-1 units per level (0) */
+    int groups;                      /* GroupNorm groups (8; divides every channel count) */
+    int text_pool;                   /* P: cells per side of the text head (4; a power of 2) */
+    int embed_dim;                   /* E: the joint image-text space (64) */
+    int id_dim;                      /* the identity space (64) */
+    ClipTextConfig text;             /* the text tower; max_position_embeddings = tokens (32) */
+} EvalNetConfig;
+void evalnet_config_default(EvalNetConfig *c);
+MsStatus evalnet_config_check(const EvalNetConfig *c);   /* MS_ERR_ARG naming the field */
+typedef struct { int level, j, cin, cout, stride, hin; } EvalUnit;   /* image.down.{level}.{j}; hin: input side */
+int evalnet_units(const EvalNetConfig *c, EvalUnit *u);    /* fills u[EVAL_MAX_UNITS], returns count */
+
+/* Parameters: `net` holds the image trunk, both heads, text_projection and logit_scale under
+ * the names of ms_param_table_evalnet ("image.conv_in.weight", "image.down.{i}.{j}.norm.weight",
+ * "image.down.{i}.{j}.conv.weight", "image.norm_out.weight", "image.text_proj.weight",
+ * "image.id_proj.weight", "text_projection.weight", "logit_scale"); `text` is a CLIP text table
+ * (ms_param_table_text). Both f32 in one block each. A gradient table of the same layout binds
+ * to the same struct. */
+MsStatus ms_param_table_evalnet(const EvalNetConfig *c, MsParamTable *t);
+typedef struct {
+    float *conv_in_w, *conv_in_b;                  /* image.conv_in (c0,3,3,3), (c0) */
+    float *norm_w[EVAL_MAX_UNITS], *norm_b[EVAL_MAX_UNITS];   /* image.down.{i}.{j}.norm (cin) */
+    float *conv_w[EVAL_MAX_UNITS], *conv_b[EVAL_MAX_UNITS];   /* image.down.{i}.{j}.conv (cout,cin,3,3) */
+    float *norm_out_w, *norm_out_b;                /* image.norm_out (C) */
+    float *text_proj_w;                            /* image.text_proj (E, C*P*P) */
+    float *id_proj_w;                              /* image.id_proj (id_dim, C) */
+    float *text_projection_w;                      /* text_projection (E, D) */
+    float *logit_scale;                            /* (1): log of the inverse temperature */
+} EvalNetParams;
+MsStatus evalnet_params_bind(EvalNetParams *p, const MsParamTable *t, const EvalNetConfig *c);
+
+/* Image-trunk activations for N images (training keeps every unit's input and norm output; the
+ * SiLU outputs are recomputed in backward). Plan with evalnet_image_sizes, then allocate once. */
+typedef struct {
+    int N, n_units;
+    EvalUnit u[EVAL_MAX_UNITS];
+    float *x[EVAL_MAX_UNITS + 1];      /* x[0] conv_in output, x[k+1] unit k output (N,C,h,h) */
+    float *nrm[EVAL_MAX_UNITS + 1];    /* GroupNorm outputs (N,C,h,h); [n_units]: norm_out */
+    float *mean[EVAL_MAX_UNITS + 1], *rstd[EVAL_MAX_UNITS + 1];   /* (N,G) */
+    float *pool[MS_MAX_BLOCKS + 8];    /* pool[0] SiLU(norm_out) (N,C,h,h), pool[k] side h>>k */
+    float *dpool[MS_MAX_BLOCKS + 8];   /* their gradients (backward) */
+    int n_pool, id_pool;               /* pool[n_pool] side P (text head), pool[id_pool] side 1 */
+    float *temb, *iemb;                /* (N,E), (N,id_dim) head outputs, not normalised */
+    float *s, *d0, *d1;                /* scratch: SiLU recompute and gradients, the largest map */
+} EvalImageActs;
+size_t evalnet_image_sizes(const EvalNetConfig *c, int N);
+MsStatus evalnet_image_acts_alloc(EvalImageActs *a, Arena *ar, const EvalNetConfig *c, int N);
+/* img (N,3,size,size) in [-1, 1] -> a->temb, a->iemb. */
+void evalnet_image_forward(EvalImageActs *a, const EvalNetParams *p, const float *img, const EvalNetConfig *c);
+/* ACCUMULATES into dp (every trunk and head tensor) given dtemb (N,E) and diemb (N,id_dim)
+ * (either may be NULL: no gradient from that head). */
+void evalnet_image_backward(const EvalNetParams *dp, const float *dtemb, const float *diemb, EvalImageActs *a,
+                            const EvalNetParams *p, const float *img, const EvalNetConfig *c);
+/* The text tower's pooled output: row b of out (B,T,D) at the first EOS of ids (B,T) (the
+ * last position when there is none) -> pooled (B,D); backward scatters dpooled into dout. */
+void evalnet_text_pool_forward(float *pooled, const float *out, const int32_t *ids, int eos_id, int B, int T, int D);
+void evalnet_text_pool_backward(float *dout, const float *dpooled, const int32_t *ids, int eos_id, int B, int T, int D);
+
+/* Losses (forward in double; backward ACCUMULATES, scaled by dloss; work: caller's doubles,
+ * 3 B*B for the CLIP loss, N*N + N for the supervised contrastive loss):
+ * L2 normalisation of rows: y = x / max(||x||, 1e-12), x (N,D); backward
+ *   dx += (dy - y (y . dy)) / ||x||. */
+void l2norm_forward(float *y, float *norm, const float *x, int N, int D);     /* norm (N) saved */
+void l2norm_backward(float *dx, const float *dy, const float *y, const float *norm, int N, int D);
+/* CLIP loss: u (B,E) image and v (B,E) text embeddings, unit rows; s = exp(logit_scale);
+ *   l_ij = s u_i . v_j,  L = (1/2B) sum_i [ -log softmax_j(l_i.)_i - log softmax_j(l_.i)_i ]
+ * backward: g_ij = (softmax_row_ij + softmax_col_ij - 2 [i == j]) / 2B
+ *   du_i += s sum_j g_ij v_j,  dv_j += s sum_i g_ij u_i,  dlogit_scale += sum_ij g_ij l_ij.
+ * *correct (may be NULL): rows whose largest l_ij is on the diagonal (image -> text top-1). */
+double clip_loss_forward(const float *u, const float *v, float logit_scale, int B, int E, int *correct, double *work);
+void clip_loss_backward(float *du, float *dv, float *dlogit_scale, const float *u, const float *v, float logit_scale,
+                        int B, int E, float dloss, double *work);
+/* Supervised contrastive loss (Khosla et al. 2020, Eq. 2, L^sup_out) on unit rows z (N,E) with
+ * labels (N), temperature tau: for anchors i with positives P(i) = {p != i: label p == label i},
+ *   L = (1/|A|) sum_{i in A} -1/|P(i)| sum_{p in P(i)} log( exp(z_i.z_p/tau) / sum_{a != i} exp(z_i.z_a/tau) )
+ * (A: anchors with at least one positive). backward with q_ia = softmax_{a != i}(z_i.z_a / tau):
+ *   g_ia = (q_ia - [a in P(i)] / |P(i)|) / |A|,  dz_i += g_ia z_a / tau,  dz_a += g_ia z_i / tau. */
+double supcon_loss_forward(const float *z, const int *labels, float tau, int N, int E, double *work);
+void supcon_loss_backward(float *dz, const float *z, const int *labels, float tau, int N, int E, float dloss,
+                          double *work);
+
+/* The encoders: configs, tables and their bound parameters (f32). */
+typedef struct {
+    EvalNetConfig cfg;
+    MsParamTable net, text;
+    EvalNetParams p;
+    ClipTextParams tp;
+} EvalNet;
+MsStatus evalnet_create(EvalNet *e, const EvalNetConfig *c);   /* tables allocated and zeroed */
+void evalnet_free(EvalNet *e);
+/* Unit-length embeddings for inference: images (N,3,size,size) in [-1,1] -> temb (N,E), iemb
+ * (N,id_dim) (either may be NULL); texts (N) -> tvec (N,E). Batches of any N (planned inside). */
+MsStatus evalnet_embed_images(const EvalNet *e, const float *img, int N, float *temb, float *iemb);
+MsStatus evalnet_embed_texts(const EvalNet *e, const ClipTokenizer *tok, const char *const *texts, int N, float *tvec);
+
+/* Training: each step takes Bt captioned images (CLIP loss) followed by Bi images of
+ * characters with identity labels (supervised contrastive), one trunk pass for all of them;
+ * loss = clip + supcon; AdamW (torch's, ms_adamw_step) over each table's block as one flat
+ * loop, lr warmed up linearly over `warmup` steps; logit_scale clamped to [0, ln 100] as CLIP. */
+typedef struct {
+    double lr;                      /* 2e-3 */
+    int64_t warmup;                 /* 50 */
+    double weight_decay;            /* 0.01 */
+    double beta1, beta2, adam_eps;  /* 0.9, 0.999, 1e-8 */
+    float tau;                      /* supervised contrastive temperature (0.1) */
+} EvalTrainConfig;
+void evalnet_train_config_default(EvalTrainConfig *c);
+typedef struct {
+    double loss, clip, supcon, lr;  /* before the update */
+    int clip_correct;               /* image -> text top-1 hits within the batch (of Bt) */
+    float temperature;              /* 1 / exp(logit_scale) after the update */
+} EvalStepReport;
+typedef struct EvalTrainer EvalTrainer;
+MsStatus evalnet_trainer_create(EvalTrainer **out, EvalNet *e, const ClipTokenizer *tok, const EvalTrainConfig *c,
+                                int Bt, int Bi);
+/* images ((Bt+Bi),3,size,size) in [-1,1]; captions (Bt); labels (Bi). */
+MsStatus evalnet_train_step(EvalTrainer *t, const float *images, const char *const *captions, const int *labels,
+                            EvalStepReport *rep);
+int64_t evalnet_trainer_step_count(const EvalTrainer *t);
+void evalnet_trainer_set_step(EvalTrainer *t, int64_t step);
+/* AdamW moments, n floats each (net block, then text block), for checkpoints. */
+void evalnet_trainer_moments(EvalTrainer *t, float **m, float **v, size_t *n);
+/* The last step's gradients, in the layouts of e->net and e->text (tests). */
+void evalnet_trainer_grads(EvalTrainer *t, MsParamTable **net, MsParamTable **text);
+void evalnet_trainer_free(EvalTrainer *t);
+
+/* ==========================================================================================
  * The method (mixshow.c): text-to-image sampling; ED-LoRA, fusion and regional sampling to come
  * ======================================================================================== */
 typedef struct {

@@ -767,6 +767,33 @@ fail:
     return s;
 }
 
+/* The alignment stand-ins of `mixshow eval` (models/evalnet.c): image trunk, its two heads, the
+ * text tower's projection and CLIP's logit scale. No LDM layout: both names are the same. */
+MsStatus ms_param_table_evalnet(const EvalNetConfig *c, MsParamTable *t) {
+    MsStatus s;
+    EvalUnit u[EVAL_MAX_UNITS];
+    memset(t, 0, sizeof *t);
+    if ((s = evalnet_config_check(c))) return s;
+    const int n = evalnet_units(c, u), C = c->channels[c->n_levels - 1], P = c->text_pool;
+    char dp[MS_KEY_MAX];
+    if ((s = put_wb(t, "image.", "conv_in", "image.", "conv_in", c->channels[0], 3, 3))) goto fail;
+    for (int k = 0; k < n; k++) {
+        keyf(dp, "image.down.%d.%d.", u[k].level, u[k].j);
+        if ((s = put_norm(t, dp, "norm", dp, "norm", u[k].cin)) || (s = put_wb(t, dp, "conv", dp, "conv", u[k].cout, u[k].cin, 3)))
+            goto fail;
+    }
+    if ((s = put_norm(t, "image.", "norm_out", "image.", "norm_out", C)) ||
+        (s = put_w(t, "image.", "text_proj", "image.", "text_proj", c->embed_dim, C * P * P)) ||
+        (s = put_w(t, "image.", "id_proj", "image.", "id_proj", c->id_dim, C)) ||
+        (s = put_w(t, "", "text_projection", "", "text_projection", c->embed_dim, c->text.hidden_size)) ||
+        (s = put(t, "", "logit_scale", "", "logit_scale", 1, 1, 0, 0, 0, 0)))
+        goto fail;
+    return MS_OK;
+fail:
+    ms_param_table_free(t);
+    return s;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Lookups                                                                                   */
 /* ---------------------------------------------------------------------------------------- */

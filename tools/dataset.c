@@ -123,6 +123,16 @@ static MsStatus list_dir(const char *dir, NameList *out) {   /* FindFirstFile or
 }
 #endif
 
+/* The names in dir (readdir order) for other tools: *names malloc'ed, each name too. */
+MsStatus ms_list_dir(const char *dir, char ***names, size_t *n) {
+    NameList l = { 0 };
+    MsStatus s = list_dir(dir, &l);
+    if (s) { names_free(&l); return s; }
+    *names = l.names;
+    *n = l.n;
+    return MS_OK;
+}
+
 static MsStatus read_file(const char *path, uint8_t **buf, size_t *len) {
     FILE *f = fopen(path, "rb");
     size_t cap = 1 << 16, n = 0;

@@ -28,6 +28,7 @@ static const Command commands[] = {
     { "inspect", cmd_inspect, "list every tensor (name, dtype, shape) of a .safetensors/.pth/.ckpt/.bin" },
     { "convert", cmd_convert, "model folder/single file -> diffusers folder or LDM .safetensors; image -> PNG" },
     { "train",   cmd_train,   "ED-LoRA training of one concept (Mix-of-Show train_edlora.py)" },
+    { "eval",    cmd_eval,    "text and image alignment of generated images by stand-in encoders trained on the world (issue 15)" },
     { "pretrain", cmd_pretrain, "train a small SD 1.x model from scratch on the procedural world (issue 15)" },
     { "fuse",    cmd_fuse,    "gradient fusion of ED-LoRAs into one model (Mix-of-Show gradient_fusion.py)" },
     { "world",   cmd_world,   "write the procedural world: scenes, characters, captions, masks, conditions, configs" },

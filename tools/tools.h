@@ -974,4 +974,40 @@ typedef struct {
 MsStatus world_generate(const WorldOptions *o);
 int cmd_world(int argc, char **argv);    /* mixshow world --out DIR --n N --seed S [--size 64|128] [--characters K] */
 
+/* ---- the alignment stand-ins of `mixshow eval` (tools/eval_world.c, tools/cmd_eval.c; issue 15) ---- */
+#define EVAL_CAPTION 256                /* bytes of a world caption */
+typedef struct {
+    uint64_t seed;                   /* the world data seed (scenes, creatures, the draws per step) */
+    int identities;                  /* training creatures (4096) */
+    int Bt, Bi, per_id;              /* captioned images, identity images, renders per identity */
+    int char_every;                  /* every k-th captioned image is a creature (4; 0: none) */
+    int scenes;                      /* base scenes drawn from indices 0..scenes-1 (0: 0..2^30-1) */
+} EvalData;
+/* The batch of step `step` (a function of d and step only): images ((Bt+Bi),3,S,S) in [-1,1],
+ * captions (Bt), labels (Bi) = identity ids. */
+MsStatus eval_world_batch(const EvalData *d, int S, int64_t step, float *images, char (*captions)[EVAL_CAPTION],
+                          int *labels);
+void eval_image_from_rgb(float *out, const uint8_t *rgb, int S);   /* (S,S,3) -> (3,S,S) in [-1,1] */
+/* A PNG/JPEG as RGB, resized to S x S (Pillow bilinear, antialiased), -> (3,S,S) in [-1,1]. */
+MsStatus eval_image_load(const char *path, int S, float *out);
+typedef struct {
+    int n_scenes;                    /* held-out base scenes (indices >= 2^30) */
+    double i2t_top1, t2i_top1;       /* caption retrieval among them (an identical caption counts) */
+    double cos_match, cos_mismatch;  /* mean text alignment of true vs other pairs */
+    int n_chars;                     /* creatures per identity test (4 reference + 4 query renders) */
+    double id_top1_seen, id_top1_unseen;  /* identification: nearest creature by mean cosine */
+    double verif_seen, verif_unseen; /* balanced verification accuracy at `threshold` */
+    double threshold;                /* chosen on the seen creatures' held-out renders */
+} EvalHeldout;
+MsStatus eval_heldout(const EvalNet *e, const ClipTokenizer *tok, uint64_t seed, int n_scenes, int n_chars, EvalHeldout *h);
+/* The encoders file; with t, also the training state (checkpoint). meta: n_meta (key, value)
+ * pairs added to the metadata (a checkpoint's "recipe"). Written via path.tmp + rename. */
+MsStatus evalnet_save(const char *path, const EvalNet *e, EvalTrainer *t, const char *const *meta, int n_meta);
+/* t NULL: creates e from the file's config and weights. t given (resume): e is the run's own,
+ * the file's "recipe" must equal recipe; weights, moments and step are read. */
+MsStatus evalnet_load(const char *path, EvalNet *e, EvalTrainer *t, const char *recipe);
+/* The names in dir (readdir order; tools/dataset.c): *names and each name malloc'ed. */
+MsStatus ms_list_dir(const char *dir, char ***names, size_t *n);
+int cmd_eval(int argc, char **argv);     /* mixshow eval [--train-encoders OUT] ... */
+
 #endif /* MS_TOOLS_H */

@@ -1,0 +1,443 @@
+/* tests/test_evalnet.c — the alignment stand-ins of `mixshow eval` (models/evalnet.c,
+ * tools/eval_world.c, tools/cmd_eval.c; issue 15):
+ *   - central-difference gradient checks of the new backwards: L2 normalisation, the CLIP loss
+ *     (both embeddings and the logit scale), the supervised contrastive loss, the whole image
+ *     trunk with both heads (every tensor), and the whole training step (lr 0: nothing moves)
+ *     through the text tower's pooling and projection into the CLIP text encoder;
+ *   - a short training on world batches whose loss falls; 1 vs 2 threads bitwise; a checkpoint
+ *     resumed == the straight run, bitwise;
+ *   - after a short training, true captions score higher than other captions on held-out scenes,
+ *     and `mixshow eval` writes per-image and mean scores where matched prompts beat shuffled
+ *     ones and a creature's own references beat another creature's. */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L         /* mkdir */
+#endif
+#include "tests/test.h"
+#include "tools/tools.h"
+
+#if defined(_WIN32)
+#include <direct.h>
+#define mkdir(p, m) _mkdir(p)
+#else
+#include <sys/stat.h>
+#endif
+
+static MsRng rng;
+
+/* A small config: 16x16 images, 3 levels, 1 stride-1 unit per level, CLIP text 16 wide. */
+static void tiny_config(EvalNetConfig *c, int size) {
+    evalnet_config_default(c);
+    c->size = size; c->n_levels = 3;
+    c->channels[0] = 4; c->channels[1] = 8; c->channels[2] = 8;
+    c->layers = 1; c->groups = 2; c->text_pool = 2; c->embed_dim = 5; c->id_dim = 3;
+    c->text.hidden_size = 16; c->text.intermediate_size = 32; c->text.num_hidden_layers = 1;
+    c->text.num_attention_heads = 2; c->text.max_position_embeddings = 16;
+}
+
+/* ---- op-level checks: L = sum r * f(x) or the loss itself ---- */
+typedef struct {
+    int N, D, B;
+    float *x, *y, *norm, *r, *u, *v, ls;
+    int *labels;
+    double *work;
+    int which;           /* 0 l2norm, 1 clip, 2 supcon */
+} OpCase;
+
+static double op_loss(void *p) {
+    OpCase *c = (OpCase *)p;
+    if (c->which == 0) {
+        double s = 0.0;
+        l2norm_forward(c->y, c->norm, c->x, c->N, c->D);
+        for (int i = 0; i < c->N * c->D; i++) s += (double)c->r[i] * c->y[i];
+        return s;
+    }
+    if (c->which == 1) return clip_loss_forward(c->u, c->v, c->ls, c->B, c->D, NULL, c->work);
+    return supcon_loss_forward(c->u, c->labels, 0.1f, c->B, c->D, c->work);
+}
+
+static void test_ops(void) {
+    OpCase c;
+    memset(&c, 0, sizeof c);
+    c.N = 5; c.D = 7; c.B = 6;
+    c.x = test_track(test_randn(&rng, 35, 1.0f)); c.y = test_track(test_zeros(35)); c.norm = test_track(test_zeros(5));
+    c.r = test_track(test_randn(&rng, 35, 1.0f));
+    float *dx = test_track(test_zeros(35));
+    op_loss(&c);
+    l2norm_backward(dx, c.r, c.y, c.norm, c.N, c.D);
+    check(gradcheck(op_loss, &c, c.x, dx, 35, 1e-2f) <= 1e-2, "gradcheck l2norm dx");
+
+    /* CLIP loss on unit rows (as used) and a logit scale of 2 */
+    int labels[6] = { 0, 1, 0, 2, 1, 3 };      /* label 3: an anchor without positives */
+    c.which = 1;
+    c.work = (double *)malloc(3 * 36 * sizeof(double));
+    c.u = test_track(test_zeros(42)); c.v = test_track(test_zeros(42));
+    float *tmp = test_track(test_randn(&rng, 42, 1.0f)), *nn = test_track(test_zeros(6));
+    l2norm_forward(c.u, nn, tmp, 6, 7);
+    tmp = test_track(test_randn(&rng, 42, 1.0f));
+    l2norm_forward(c.v, nn, tmp, 6, 7);
+    c.ls = 2.0f;
+    float *du = test_track(test_zeros(42)), *dv = test_track(test_zeros(42)), dls = 0.0f;
+    clip_loss_backward(du, dv, &dls, c.u, c.v, c.ls, 6, 7, 1.0f, c.work);
+    check(gradcheck(op_loss, &c, c.u, du, 42, 1e-3f) <= 1e-2, "gradcheck clip loss du");
+    check(gradcheck(op_loss, &c, c.v, dv, 42, 1e-3f) <= 1e-2, "gradcheck clip loss dv");
+    check(gradcheck(op_loss, &c, &c.ls, &dls, 1, 1e-3f) <= 1e-2, "gradcheck clip loss dlogit_scale (%.4f)", (double)dls);
+    {   /* a diagonal-dominant pair scores its rows as hits */
+        int hits = -1;
+        clip_loss_forward(c.u, c.u, 4.0f, 6, 7, &hits, c.work);
+        check(hits == 6, "clip loss: u against itself, %d of 6 rows top-1", hits);
+    }
+    c.which = 2;
+    c.labels = labels;
+    memset(du, 0, 42 * sizeof(float));
+    supcon_loss_backward(du, c.u, labels, 0.1f, 6, 7, 1.0f, c.work);
+    check(gradcheck(op_loss, &c, c.u, du, 42, 1e-3f) <= 1e-2, "gradcheck supcon loss dz");
+    free(c.work);
+}
+
+/* ---- the image trunk: every tensor ---- */
+typedef struct {
+    EvalNetConfig c;
+    EvalNet e;
+    EvalImageActs a;
+    float *img, *rt, *ri;
+} TrunkCase;
+
+static double trunk_loss(void *p) {
+    TrunkCase *t = (TrunkCase *)p;
+    double s = 0.0;
+    evalnet_image_forward(&t->a, &t->e.p, t->img, &t->c);
+    for (int i = 0; i < t->a.N * t->c.embed_dim; i++) s += (double)t->rt[i] * t->a.temb[i];
+    for (int i = 0; i < t->a.N * t->c.id_dim; i++) s += (double)t->ri[i] * t->a.iemb[i];
+    return s;
+}
+
+static void test_trunk(void) {
+    TrunkCase t;
+    Arena ar;
+    MsParamTable g;
+    EvalNetParams dp;
+    const int N = 3;
+    tiny_config(&t.c, 16);
+    check(evalnet_create(&t.e, &t.c) == MS_OK, "evalnet_create (tiny) %s", ms_last_error());
+    for (int i = 0; i < t.e.net.n; i++) {          /* random weights; norms near 1 */
+        MsParam *q = &t.e.net.p[i];
+        ms_rng_fill_normal(&rng, q->f32, q->numel, strstr(q->name, "norm.weight") ? 1.0f : 0.0f, 0.3f);
+    }
+    check(arena_init(&ar, evalnet_image_sizes(&t.c, N)) == MS_OK && evalnet_image_acts_alloc(&t.a, &ar, &t.c, N) == MS_OK,
+          "image acts planned and allocated");
+    check(t.a.n_units == 5 && t.a.n_pool == 1 && t.a.id_pool == 2, "units %d (5), text pool step %d (1), id pool %d (2)",
+          t.a.n_units, t.a.n_pool, t.a.id_pool);
+    t.img = test_track(test_randn(&rng, (size_t)N * 3 * 16 * 16, 1.0f));
+    t.rt = test_track(test_randn(&rng, (size_t)N * 5, 1.0f));
+    t.ri = test_track(test_randn(&rng, (size_t)N * 3, 1.0f));
+    ms_param_table_evalnet(&t.c, &g);
+    ms_param_table_alloc(&g, NULL);
+    memset(g.mem, 0, g.mem_bytes);
+    evalnet_params_bind(&dp, &g, &t.c);
+    trunk_loss(&t);
+    evalnet_image_backward(&dp, t.rt, t.ri, &t.a, &t.e.p, t.img, &t.c);
+    double worst = 0.0;
+    const char *wn = "";
+    int checked = 0;
+    for (int i = 0; i < g.n; i++) {
+        const MsParam *q = &g.p[i];
+        if (!strcmp(q->name, "text_projection.weight") || !strcmp(q->name, "logit_scale")) continue;   /* not in the trunk */
+        double w = gradcheck_top(trunk_loss, &t, t.e.net.p[i].f32, q->f32, q->numel, 1e-2f, 0);
+        checked++;
+        if (w > worst) { worst = w; wn = q->name; }
+    }
+    check(worst <= 2e-2, "gradcheck image trunk: %d tensors, worst rel err %.2e (%s)", checked, worst, wn);
+    ms_param_table_free(&g);
+    arena_free(&ar);
+    evalnet_free(&t.e);
+}
+
+/* ---- the whole step, lr 0 (the loss is the forward's; nothing moves) ---- */
+typedef struct {
+    EvalTrainer *t;
+    const float *img;
+    const char *const *caps;
+    const int *labels;
+} StepCase;
+
+static double step_loss(void *p) {
+    StepCase *s = (StepCase *)p;
+    EvalStepReport rep;
+    evalnet_train_step(s->t, s->img, s->caps, s->labels, &rep);
+    return rep.loss;
+}
+
+static int load_tokenizer(ClipTokenizer *tok) {
+    char dir[2048];
+    int shipped;
+    return ms_find_tokenizer(NULL, NULL, dir, sizeof dir, &shipped) == MS_OK && ms_clip_tokenizer_load(dir, tok) == MS_OK;
+}
+
+static void init_weights(EvalNet *e, uint64_t seed) {
+    MsTorchRng g;
+    ms_torch_seed(&g, seed);
+    ms_pretrain_init_weights(&e->net, &g);
+    ms_pretrain_init_weights(&e->text, &g);
+    e->p.logit_scale[0] = (float)log(1.0 / 0.07);
+}
+
+static void test_step_grad(const ClipTokenizer *tok) {
+    EvalNetConfig c;
+    EvalNet e;
+    EvalTrainer *t = NULL;
+    EvalTrainConfig tc;
+    EvalData d = { 11, 64, 6, 4, 2, 3, 0 };
+    char (*caps)[EVAL_CAPTION] = (char (*)[EVAL_CAPTION])malloc(6 * EVAL_CAPTION);
+    const char *cp[6];
+    int labels[4];
+    MsParamTable *gn, *gt;
+    tiny_config(&c, 16);
+    evalnet_create(&e, &c);
+    init_weights(&e, 1);
+    evalnet_train_config_default(&tc);
+    tc.lr = 0.0;
+    tc.weight_decay = 0.0;
+    check(evalnet_trainer_create(&t, &e, tok, &tc, 6, 4) == MS_OK, "trainer (6 captioned + 4 identity) %s", ms_last_error());
+    float *img = test_track(test_zeros((size_t)10 * 3 * 16 * 16));
+    check(eval_world_batch(&d, 16, 1, img, caps, labels) == MS_OK, "world batch: '%s', labels %d %d %d %d", caps[0],
+          labels[0], labels[1], labels[2], labels[3]);
+    for (int b = 0; b < 6; b++) cp[b] = caps[b];
+    StepCase sc = { t, img, cp, labels };
+    step_loss(&sc);
+    evalnet_trainer_grads(t, &gn, &gt);
+    /* copies: every finite-difference evaluation overwrites the trainer's gradients */
+    static const char *const names[] = { "logit_scale", "text_projection.weight", "image.text_proj.weight",
+                                         "image.id_proj.weight", "image.down.0.0.conv.weight" };
+    for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) {
+        int i = ms_param_find(gn, names[k]);
+        float *g = test_track(test_zeros(gn->p[i].numel));
+        step_loss(&sc);
+        memcpy(g, gn->p[i].f32, gn->p[i].numel * sizeof(float));
+        double w = gradcheck_top(step_loss, &sc, e.net.p[i].f32, g, gn->p[i].numel, 1e-2f, 0);
+        check(w <= 2e-2, "gradcheck train step d%-28s worst rel err %.2e", names[k], w);
+    }
+    static const char *const tnames[] = { "text_model.encoder.layers.0.mlp.fc1.weight", "text_model.final_layer_norm.weight",
+                                          "text_model.embeddings.position_embedding.weight" };
+    for (size_t k = 0; k < sizeof tnames / sizeof tnames[0]; k++) {
+        int i = ms_param_find(gt, tnames[k]);
+        float *g = test_track(test_zeros(gt->p[i].numel));
+        step_loss(&sc);
+        memcpy(g, gt->p[i].f32, gt->p[i].numel * sizeof(float));
+        double w = gradcheck_top(step_loss, &sc, e.text.p[i].f32, g, gt->p[i].numel, 1e-2f, 0);
+        check(w <= 2e-2, "gradcheck train step d%-28s worst rel err %.2e", tnames[k], w);
+    }
+    evalnet_trainer_free(t);
+    evalnet_free(&e);
+    free(caps);
+}
+
+/* ---- training runs ---- */
+typedef struct { EvalNet e; EvalTrainer *t; double loss[200]; } Run;
+
+static void run_steps(Run *r, const ClipTokenizer *tok, const EvalNetConfig *c, const EvalData *d, int from, int to,
+                      int fresh) {
+    EvalTrainConfig tc;
+    const int N = d->Bt + d->Bi;
+    float *img = (float *)ms_alloc_aligned((size_t)N * 3 * c->size * c->size, sizeof(float));
+    char (*caps)[EVAL_CAPTION] = (char (*)[EVAL_CAPTION])malloc((size_t)d->Bt * EVAL_CAPTION);
+    const char **cp = (const char **)malloc((size_t)d->Bt * sizeof(char *));
+    int *labels = (int *)malloc((size_t)d->Bi * sizeof(int));
+    for (int b = 0; b < d->Bt; b++) cp[b] = caps[b];
+    if (fresh) {
+        evalnet_create(&r->e, c);
+        init_weights(&r->e, 5);
+        evalnet_train_config_default(&tc);
+        tc.warmup = 10;
+        tc.lr = getenv("LR") ? atof(getenv("LR")) : 5e-3;
+        evalnet_trainer_create(&r->t, &r->e, tok, &tc, d->Bt, d->Bi);
+    }
+    for (int k = from; k <= to; k++) {
+        EvalStepReport rep;
+        eval_world_batch(d, c->size, k, img, caps, labels);
+        if (evalnet_train_step(r->t, img, cp, labels, &rep) != MS_OK) { check(0, "step %d: %s", k, ms_last_error()); break; }
+        r->loss[k - 1] = rep.loss;
+    }
+    ms_free_aligned(img); free(caps); free(cp); free(labels);
+}
+
+static void run_free(Run *r) { evalnet_trainer_free(r->t); evalnet_free(&r->e); }
+
+static int same_bits(const MsParamTable *a, const MsParamTable *b) {
+    return a->mem_bytes == b->mem_bytes && !memcmp(a->mem, b->mem, a->mem_bytes);
+}
+
+static void test_training(const ClipTokenizer *tok) {
+    EvalNetConfig c;
+    EvalData d = { 7, 512, 16, 8, 2, 4, 0 };
+    Run a, b;
+    char path[256];
+    tiny_config(&c, 32);
+    c.channels[0] = 8; c.channels[1] = 16; c.channels[2] = 32; c.groups = 4; c.embed_dim = 16; c.id_dim = 16;
+    /* 1 vs 2 threads, 3 steps */
+    ms_set_parallel_min_work(0);
+    ms_set_threads(1);
+    run_steps(&a, tok, &c, &d, 1, 3, 1);
+    ms_set_threads(2);
+    run_steps(&b, tok, &c, &d, 1, 3, 1);
+    ms_set_threads(1);
+    ms_set_parallel_min_work(-1);
+    check(same_bits(&a.e.net, &b.e.net) && same_bits(&a.e.text, &b.e.text) && a.loss[2] == b.loss[2],
+          "3 steps: 1 vs 2 threads bit-identical weights and losses");
+    run_free(&b);
+    /* checkpoint at 3, resumed in a fresh run, 2 more steps == straight 5 */
+    snprintf(path, sizeof path, "/tmp/ms_test_evalnet_%ld.safetensors", test_pid());
+    const char *meta[2] = { "recipe", "test" };
+    check(evalnet_save(path, &a.e, a.t, meta, 1) == MS_OK, "checkpoint written %s", ms_last_error());
+    run_steps(&a, tok, &c, &d, 4, 5, 0);
+    {
+        Run r;
+        EvalTrainConfig tc;
+        memset(&r, 0, sizeof r);
+        evalnet_create(&r.e, &c);
+        evalnet_train_config_default(&tc);
+        tc.warmup = 10;
+        tc.lr = getenv("LR") ? atof(getenv("LR")) : 5e-3;
+        evalnet_trainer_create(&r.t, &r.e, tok, &tc, d.Bt, d.Bi);
+        check(evalnet_load(path, &r.e, r.t, "other") != MS_OK, "resume refuses another recipe");
+        check(evalnet_load(path, &r.e, r.t, "test") == MS_OK && evalnet_trainer_step_count(r.t) == 3, "resumed at step 3 %s",
+              ms_last_error());
+        run_steps(&r, tok, &c, &d, 4, 5, 0);
+        check(same_bits(&a.e.net, &r.e.net) && same_bits(&a.e.text, &r.e.text) && a.loss[4] == r.loss[4],
+              "3 steps + resume + 2 == 5 straight, bitwise");
+        run_free(&r);
+    }
+    {   /* the encoders file alone: config and weights come back */
+        EvalNet l;
+        check(evalnet_save(path, &a.e, NULL, NULL, 0) == MS_OK && evalnet_load(path, &l, NULL, NULL) == MS_OK &&
+              same_bits(&l.net, &a.e.net) && same_bits(&l.text, &a.e.text) && l.cfg.channels[2] == 32,
+              "encoders file round trip %s", ms_last_error());
+        evalnet_free(&l);
+    }
+    remove(path);
+    /* a short training: the loss falls */
+    run_steps(&a, tok, &c, &d, 6, 60, 0);
+    double first = 0.0, last = 0.0;
+    for (int k = 0; k < 10; k++) { first += a.loss[k] / 10; last += a.loss[50 + k] / 10; }
+    check(last < first - 0.3, "60 steps: mean loss of steps 1-10 %.3f -> 51-60 %.3f", first, last);
+    run_free(&a);
+}
+
+/* `mixshow eval` on encoders trained (in seconds) on 8 scenes and 4 creatures: the true prompts
+ * must beat shuffled ones, a creature's own references another creature's. Generalisation to
+ * unseen scenes and creatures is what `--train-encoders` measures and prints (README). */
+static void png_of(const char *path, const float *img, int S) {
+    uint8_t *px = (uint8_t *)malloc((size_t)S * S * 3);
+    for (int i = 0; i < S * S; i++)
+        for (int ch = 0; ch < 3; ch++) px[3 * i + ch] = (uint8_t)floor(((double)img[(size_t)ch * S * S + i] + 1.0) * 127.5 + 0.5);
+    ms_png_write(path, px, S, S, 3);
+    free(px);
+}
+
+static double json_mean(const char *path, const char *key) {
+    JsonValue *j = NULL;
+    double v = NAN;
+    if (json_parse_file(path, &j) == MS_OK) v = json_get_number(j, key, NAN);
+    json_free(j);
+    return v;
+}
+
+static void test_cli(const ClipTokenizer *tok) {
+    EvalNetConfig c;
+    EvalData d = { 9, 4, 16, 8, 2, 0, 8 };
+    Run a;
+    char dir[256], p[512], enc[512], *args[16];
+    const int S = 32, N = d.Bt + d.Bi;
+    tiny_config(&c, S);
+    c.channels[0] = 8; c.channels[1] = 16; c.channels[2] = 32; c.groups = 4; c.embed_dim = 16; c.id_dim = 16;
+    run_steps(&a, tok, &c, &d, 1, 150, 1);
+    snprintf(dir, sizeof dir, "/tmp/ms_test_evalnet_%ld", test_pid());
+    ms_clear_error();
+    mkdir(dir, 0777);
+    snprintf(enc, sizeof enc, "%s/enc.safetensors", dir);
+    check(evalnet_save(enc, &a.e, NULL, NULL, 0) == MS_OK, "encoders written %s", ms_last_error());
+    /* one batch of the training distribution: its captioned scenes and its creatures */
+    float *img = (float *)ms_alloc_aligned((size_t)N * 3 * S * S, sizeof(float));
+    char (*caps)[EVAL_CAPTION] = (char (*)[EVAL_CAPTION])malloc((size_t)d.Bt * EVAL_CAPTION);
+    int labels[8];
+    eval_world_batch(&d, S, 1000, img, caps, labels);
+    FILE *fm, *fs;
+    snprintf(p, sizeof p, "%s/prompts.txt", dir);
+    fm = fopen(p, "w");
+    snprintf(p, sizeof p, "%s/shuffled.txt", dir);
+    fs = fopen(p, "w");
+    for (int b = 0; b < 8; b++) {
+        snprintf(p, sizeof p, "%s/s%d.png", dir, b);
+        png_of(p, img + (size_t)b * 3 * S * S, S);
+        fprintf(fm, "s%d.png\t%s\n", b, caps[b]);
+        fprintf(fs, "s%d.png\t%s\n", b, caps[(b + 3) % 8]);
+    }
+    fclose(fm); fclose(fs);
+    /* labels come in pairs: creature A = labels[0] (renders 0, 1), B = the next other label */
+    int ib = 2;
+    while (ib < 8 && labels[ib] == labels[0]) ib += 2;
+    snprintf(p, sizeof p, "%s/refA", dir); mkdir(p, 0777);
+    snprintf(p, sizeof p, "%s/refB", dir); mkdir(p, 0777);
+    snprintf(p, sizeof p, "%s/refA/a.png", dir); png_of(p, img + (size_t)(d.Bt + 0) * 3 * S * S, S);
+    snprintf(p, sizeof p, "%s/refB/b.png", dir); png_of(p, img + (size_t)(d.Bt + ib) * 3 * S * S, S);
+    snprintf(p, sizeof p, "%s/gen", dir); mkdir(p, 0777);
+    snprintf(p, sizeof p, "%s/gen/g.png", dir); png_of(p, img + (size_t)(d.Bt + 1) * 3 * S * S, S);
+    snprintf(p, sizeof p, "%s/gen/prompts.txt", dir);
+    fm = fopen(p, "w");
+    fprintf(fm, "# a render of creature A\ng.png\ta creature\tA\ng.png\ta creature\tB\n");
+    fclose(fm);
+    char img_dir[512], outp[512], sh[512], refa[512], refb[512], gen[512];
+    snprintf(img_dir, sizeof img_dir, "%s", dir);
+    snprintf(outp, sizeof outp, "%s/m", dir);
+    args[0] = "eval"; args[1] = "--images"; args[2] = img_dir; args[3] = "--encoders"; args[4] = enc;
+    args[5] = "--out"; args[6] = outp;
+    check(cmd_eval(7, args) == 0, "mixshow eval (matched prompts) %s", ms_last_error());
+    snprintf(sh, sizeof sh, "%s/shuffled.txt", dir);
+    snprintf(outp, sizeof outp, "%s/s", dir);
+    args[7] = "--prompts"; args[8] = sh;
+    check(cmd_eval(9, args) == 0, "mixshow eval (shuffled prompts)");
+    snprintf(p, sizeof p, "%s/m.json", dir);
+    const double tm = json_mean(p, "mean_text_alignment");
+    snprintf(p, sizeof p, "%s/s.json", dir);
+    const double ts = json_mean(p, "mean_text_alignment");
+    check(tm > ts + 0.05, "mean text alignment: matched %.4f > shuffled %.4f", tm, ts);
+    snprintf(refa, sizeof refa, "A=%s/refA", dir);
+    snprintf(refb, sizeof refb, "B=%s/refB", dir);
+    snprintf(gen, sizeof gen, "%s/gen", dir);
+    snprintf(outp, sizeof outp, "%s/g", dir);
+    args[2] = gen; args[7] = "--ref"; args[8] = refa; args[9] = "--ref"; args[10] = refb;
+    check(cmd_eval(11, args) == 0, "mixshow eval (two references)");
+    {
+        JsonValue *j = NULL;
+        snprintf(p, sizeof p, "%s/g.json", dir);
+        double own = NAN, other = NAN;
+        if (json_parse_file(p, &j) == MS_OK) {
+            const JsonValue *im = json_get(j, "images");
+            own = json_get_number(json_at(im, 0), "image_alignment", NAN);
+            other = json_get_number(json_at(im, 1), "image_alignment", NAN);
+        }
+        json_free(j);
+        check(own > other, "image alignment of a render of A: A's reference %.4f > B's %.4f", own, other);
+    }
+    snprintf(p, sizeof p, "%s/g.csv", dir);
+    FILE *f = fopen(p, "r");
+    check(f != NULL, "CSV written");
+    if (f) fclose(f);
+    snprintf(p, sizeof p, "rm -rf '%s'", dir);
+    if (system(p) != 0) printf("  (could not remove %s)\n", dir);
+    ms_free_aligned(img); free(caps);
+    run_free(&a);
+}
+
+int main(void) {
+    ClipTokenizer tok;
+    ms_rng_seed(&rng, 42);
+    test_ops();
+    test_trunk();
+    if (!check(load_tokenizer(&tok), "shipped CLIP tokenizer %s", ms_last_error())) return test_summary("test_evalnet");
+    test_step_grad(&tok);
+    test_training(&tok);
+    test_cli(&tok);
+    clip_tokenizer_free(&tok);
+    test_free_tracked();
+    return test_summary("test_evalnet");
+}
