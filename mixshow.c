@@ -1,7 +1,7 @@
 /* mixshow.c — the method of Mix-of-Show (Gu et al., NeurIPS 2023, arXiv:2305.18292v2), in
  * sections that read top to bottom like the paper's three stages:
  *   ED-LoRA training            (single-client tuning: one step of EDLoRATrainer + AdamW)
- *   pretraining                 (issue 15: every UNet + text-encoder parameter of a small model)
+ *   pretraining                 (issue 15: every VAE, UNet and text-encoder parameter of a small model)
  *   text-to-image pipeline      (diffusers StableDiffusion(Adapter)Pipeline + EDLoRAPipeline:
  *                                `mixshow sample`, validation images)
  *   gradient fusion             (center node: recorded features -> gram / L-BFGS / weight)
@@ -813,7 +813,8 @@ MsStatus ms_trainer_step(MsTrainer *t, const MsTrainBatch *bt, const MsStepDraws
 
 /* ---- pretraining ---- */
 /* Issue 15's small model of SD 1.x topology, trained from scratch (tools/cmd_pretrain.c feeds it
- * the procedural world): every parameter of the UNet and the CLIP text encoder, the VAE frozen.
+ * the procedural world): every parameter of the UNet and the CLIP text encoder on the latents of a
+ * VAE trained before them (below: the VAE stage) and frozen.
  * One step, read top to bottom:
  *   1. draws: drop_b (u_b < uncond_p: the caption becomes "" so that classifier-free guidance
  *      has an unconditional model), t_b uniform in [0, T), noise n = randn (B,C,h,w)
@@ -861,6 +862,11 @@ MsStatus ms_pretrain_init_weights(MsParamTable *t, MsTorchRng *g) {
         }
     }
     return MS_OK;
+}
+
+/* lr of step k (1, 2, ...): linear warmup to lr over the first warmup steps */
+static double pre_lr(double lr, int64_t warmup, int64_t k) {
+    return warmup > 0 && k < warmup ? lr * (double)k / (double)warmup : lr;
 }
 
 struct MsPretrainer {
@@ -1049,7 +1055,7 @@ MsStatus ms_pretrain_step(MsPretrainer *p, const float *latents, const char *con
     if (!train_finite((const float *)p->gu.mem, p->nu) || !train_finite((const float *)p->gt.mem, p->nt))
         return ms_errorf(MS_ERR_FORMAT, "pretrain step %lld: a gradient is not finite (loss %g)", (long long)k, rep->loss);
     /* 7. AdamW, one flat loop per table */
-    rep->lr = c->warmup > 0 && k < c->warmup ? c->lr * (double)k / (double)c->warmup : c->lr;
+    rep->lr = pre_lr(c->lr, c->warmup, k);
     ms_adamw_step((float *)p->m->unet.mem, (const float *)p->gu.mem, p->mom_m, p->mom_v, p->nu, k, rep->lr,
                   c->weight_decay, c->beta1, c->beta2, c->adam_eps);
     ms_adamw_step((float *)p->m->text.mem, (const float *)p->gt.mem, p->mom_m + p->nu, p->mom_v + p->nu, p->nt, k,
@@ -1066,6 +1072,160 @@ int64_t ms_pretrainer_step_count(const MsPretrainer *p) { return p->step; }
 void ms_pretrainer_set_step(MsPretrainer *p, int64_t step) { p->step = step; }
 void ms_pretrainer_moments(MsPretrainer *p, float **m, float **v, size_t *n) {
     *m = p->mom_m; *v = p->mom_v; *n = p->nu + p->nt;
+}
+
+/* The VAE stage, before the UNet's (whose latents it makes). One step, read top to bottom:
+ *   1. n = randn (B,L,h,w)                                DiagonalGaussianDistribution.sample()
+ *   2. mean, logvar = Encoder(x) (taped); z = mean + exp(logvar / 2) n
+ *   3. x' = Decoder(z) (taped)
+ *   4. L = (sum |x' - x| + kl_weight sum_b KL_b) / numel(x); dL/dx' = sign(x' - x) / numel(x)
+ *      (mse: 2 (x' - x) / numel(x)), dL/dKL_b = kl_weight / numel(x)
+ *   5. backward: decoder -> dz -> (posterior) dmean, dlogvar += (KL) -> encoder
+ *   6. AdamW over the table's block as one flat array, lr warmed up as in ms_pretrain_step.
+ * Why this objective: LDM (Rombach et al. 2022) trains its autoencoders on L1 + LPIPS + a patch
+ * GAN + kl_weight KL. L1 is kept: it is median-seeking, so the flat colours and hard edges of the
+ * world stay sharper than under MSE's averaging. LPIPS needs a VGG trained on ImageNet (a download,
+ * not something trained here from scratch) and the GAN a second network and an unstable two-player
+ * game, both to restore texture detail that the world's images barely have. kl_weight 1e-6 is SD's
+ * VAE's: the KL only keeps the latents bounded; their scale is undone by scaling_factor. */
+void ms_vae_pretrain_config_defaults(MsVaePretrainConfig *c) {
+    memset(c, 0, sizeof *c);
+    c->lr = 5e-4;
+    c->warmup = 100;
+    c->beta1 = 0.9; c->beta2 = 0.999; c->adam_eps = 1e-8;
+    c->weight_decay = 0.01;
+    c->kl_weight = 1e-6;
+}
+
+struct MsVaePretrainer {
+    MsVaePretrainConfig cfg;
+    VaeConfig vc;
+    MsParamTable *w, g;                 /* weights (trained in place), gradients (same layout) */
+    VaeParams p, dp;
+    VaeTape te, td;
+    Arena ar;                           /* both tapes, reset every step */
+    int B, H, W, h, wl;                 /* batch, image sides, latent sides */
+    size_t nx, nl, n;                   /* floats of x, of the latents, of the block */
+    float *mom_m, *mom_v;
+    float *noise, *mean, *logvar, *z, *img, *dimg, *dz, *dmean, *dlogvar, *kl, *dkl;
+    int64_t step;
+};
+
+void ms_vae_pretrainer_free(MsVaePretrainer *p) {
+    if (!p) return;
+    ms_param_table_free(&p->g);
+    arena_free(&p->ar);
+    float *bufs[] = { p->mom_m, p->mom_v, p->noise, p->mean, p->logvar, p->z, p->img, p->dimg, p->dz, p->dmean,
+                      p->dlogvar, p->kl, p->dkl };
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ms_free_aligned(bufs[i]);
+    free(p);
+}
+
+MsStatus ms_vae_pretrainer_create(MsVaePretrainer **out, const VaeConfig *vc, MsParamTable *w,
+                                  const MsVaePretrainConfig *c, int B, int H, int W) {
+    MsVaePretrainer *p;
+    MsStatus s;
+    size_t be = 0, bd = 0;
+    *out = NULL;
+    if ((s = ms_vae_config_check(vc))) return s;
+    const int f = 1 << (vc->n_blocks - 1);
+    if (B < 1 || B > 64 || H < f || W < f || H % f || W % f)
+        return ms_errorf(MS_ERR_ARG, "vae pretrain: batch %d (1..64), images %dx%d (multiples of the factor %d)", B, H, W, f);
+    if (!(c->lr >= 0) || c->warmup < 0 || !(c->kl_weight >= 0))
+        return ms_errorf(MS_ERR_ARG, "vae pretrain: lr %g, warmup %lld, kl_weight %g", c->lr, (long long)c->warmup,
+                         c->kl_weight);
+    if ((s = pre_block(w, "VAE"))) return s;
+    p = (MsVaePretrainer *)calloc(1, sizeof *p);
+    if (!p) return ms_errorf(MS_ERR_NOMEM, "vae pretrain: out of memory");
+    p->cfg = *c; p->vc = *vc; p->w = w; p->B = B; p->H = H; p->W = W; p->h = H / f; p->wl = W / f;
+    p->nx = (size_t)B * vc->in_channels * H * W;
+    p->nl = (size_t)B * vc->latent_channels * p->h * p->wl;
+    p->n = w->mem_bytes / sizeof(float);
+    if (vc->out_channels != vc->in_channels) {
+        s = ms_errorf(MS_ERR_SHAPE, "vae pretrain: out_channels %d != in_channels %d", vc->out_channels, vc->in_channels);
+        goto fail;
+    }
+    if ((s = ms_param_table_vae(vc, &p->g)) || (s = ms_param_table_alloc(&p->g, NULL))) goto fail;
+    if (p->g.mem_bytes != w->mem_bytes) { s = ms_errorf(MS_ERR_SHAPE, "vae pretrain: the table is not that of its config"); goto fail; }
+    memset(p->g.mem, 0, p->g.mem_bytes);
+    if ((s = vae_params_init(&p->p, vc, w)) || (s = vae_params_init(&p->dp, vc, &p->g))) goto fail;
+    if ((s = vae_train_sizes(vc, 1, B, H, W, &be)) || (s = vae_train_sizes(vc, 0, B, p->h, p->wl, &bd)) ||
+        (s = arena_init(&p->ar, be + bd)))
+        goto fail;
+    {
+        float **bufs[] = { &p->mom_m, &p->mom_v, &p->noise, &p->mean, &p->logvar, &p->z, &p->img, &p->dimg, &p->dz,
+                           &p->dmean, &p->dlogvar, &p->kl, &p->dkl };
+        const size_t len[] = { p->n, p->n, p->nl, p->nl, p->nl, p->nl, p->nx, p->nx, p->nl, p->nl, p->nl, (size_t)B, (size_t)B };
+        for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+            if (!(*bufs[i] = (float *)ms_alloc_aligned(len[i], sizeof(float)))) {
+                s = ms_errorf(MS_ERR_NOMEM, "vae pretrain: out of memory"); goto fail;
+            }
+    }
+    memset(p->mom_m, 0, p->n * sizeof(float));
+    memset(p->mom_v, 0, p->n * sizeof(float));
+    *out = p;
+    return MS_OK;
+fail:
+    ms_vae_pretrainer_free(p);
+    return s;
+}
+
+MsStatus ms_vae_pretrain_step(MsVaePretrainer *p, const float *x, const float *noise, MsTorchRng *g,
+                              MsVaePretrainReport *rep) {
+    const MsVaePretrainConfig *c = &p->cfg;
+    const int64_t k = p->step + 1;
+    const float inv = (float)(1.0 / (double)p->nx);
+    MsStatus s;
+    memset(rep, 0, sizeof *rep);
+    if (!noise && !g) return ms_errorf(MS_ERR_ARG, "vae pretrain step %lld: neither noise nor a generator", (long long)k);
+    /* 1.-3. posterior noise, encoder, sample, decoder */
+    if (noise) memcpy(p->noise, noise, p->nl * sizeof(float));
+    else ms_torch_randn(g, p->noise, p->nl, MS_TORCH_CPU_AVX2);
+    arena_reset(&p->ar, 0);
+    if ((s = vae_encode_train(&p->te, &p->ar, &p->p, p->mean, p->logvar, x, p->B, p->H, p->W))) return s;
+    vae_posterior_sample(p->z, NULL, p->mean, p->logvar, p->noise, p->nl, 1.0f);
+    if ((s = vae_decode_train(&p->td, &p->ar, &p->p, p->img, p->z, p->B, p->h, p->wl))) return s;
+    /* 4. loss and its gradients */
+    {
+        double rec = 0.0, kl = 0.0;
+        const float two = 2.0f * inv;
+        for (size_t i = 0; i < p->nx; i++) {
+            const float d = p->img[i] - x[i];
+            if (c->mse) { rec += (double)d * d; p->dimg[i] = d * two; }
+            else { rec += fabs((double)d); p->dimg[i] = d > 0.0f ? inv : d < 0.0f ? -inv : 0.0f; }
+        }
+        vae_kl(p->kl, p->mean, p->logvar, p->B, p->nl / (size_t)p->B);
+        for (int b = 0; b < p->B; b++) { kl += p->kl[b]; p->dkl[b] = (float)(c->kl_weight / (double)p->nx); }
+        rep->rec = rec / (double)p->nx;
+        rep->kl = kl / p->B;
+        rep->loss = (rec + c->kl_weight * kl) / (double)p->nx;
+        if (!(rep->loss - rep->loss == 0.0))
+            return ms_errorf(MS_ERR_FORMAT, "vae pretrain step %lld: the loss is not finite (%g)", (long long)k, rep->loss);
+    }
+    /* 5. every gradient */
+    memset(p->g.mem, 0, p->g.mem_bytes);
+    memset(p->dz, 0, p->nl * sizeof(float));
+    memset(p->dmean, 0, p->nl * sizeof(float));
+    memset(p->dlogvar, 0, p->nl * sizeof(float));
+    if ((s = vae_decode_backward_full(&p->td, &p->dp, p->dz, p->dimg))) return s;
+    vae_posterior_sample_backward(p->dmean, p->dlogvar, p->dz, p->logvar, p->noise, p->nl, 1.0f);
+    vae_kl_backward(p->dmean, p->dlogvar, p->dkl, p->mean, p->logvar, p->B, p->nl / (size_t)p->B);
+    if ((s = vae_encode_backward_full(&p->te, &p->dp, NULL, p->dmean, p->dlogvar))) return s;
+    if (!train_finite((const float *)p->g.mem, p->n))
+        return ms_errorf(MS_ERR_FORMAT, "vae pretrain step %lld: a gradient is not finite (loss %g)", (long long)k, rep->loss);
+    /* 6. AdamW */
+    rep->lr = pre_lr(c->lr, c->warmup, k);
+    ms_adamw_step((float *)p->w->mem, (const float *)p->g.mem, p->mom_m, p->mom_v, p->n, k, rep->lr, c->weight_decay,
+                  c->beta1, c->beta2, c->adam_eps);
+    p->step = k;
+    rep->noise = p->noise;
+    return MS_OK;
+}
+
+int64_t ms_vae_pretrainer_step_count(const MsVaePretrainer *p) { return p->step; }
+void ms_vae_pretrainer_set_step(MsVaePretrainer *p, int64_t step) { p->step = step; }
+void ms_vae_pretrainer_moments(MsVaePretrainer *p, float **m, float **v, size_t *n) {
+    *m = p->mom_m; *v = p->mom_v; *n = p->n;
 }
 
 /* ---- text-to-image pipeline ---- */

@@ -1716,8 +1716,8 @@ typedef struct {
     double uncond_p;                /* 0.1 */
 } MsPretrainConfig;
 void ms_pretrain_config_defaults(MsPretrainConfig *c);
-/* Fresh weights for every f32 parameter of a table made by ms_param_table_unet / _text and
- * ms_param_table_alloc, drawn from g in table order: 1-D "norm" weights 1 and their biases 0,
+/* Fresh weights for every f32 parameter of a table made by ms_param_table_unet / _text / _vae
+ * and ms_param_table_alloc, drawn from g in table order: 1-D "norm" weights 1 and their biases 0,
  * other biases 0, token / position embeddings N(0, 0.02^2) / N(0, 0.01^2) (CLIP's init), other
  * weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's default for Linear and Conv2d weights). */
 MsStatus ms_pretrain_init_weights(MsParamTable *t, MsTorchRng *g);
@@ -1749,6 +1749,41 @@ int64_t ms_pretrainer_step_count(const MsPretrainer *p);
 void ms_pretrainer_moments(MsPretrainer *p, float **m, float **v, size_t *n);
 void ms_pretrainer_set_step(MsPretrainer *p, int64_t step);
 void ms_pretrainer_free(MsPretrainer *p);
+
+/* The VAE stage: every parameter of an AutoencoderKL (ms_param_table_vae, ms_param_table_alloc,
+ * fresh from ms_pretrain_init_weights) trained on images x (B,Cin,H,W) in [-1, 1]. Per step:
+ *   n ~ N(0, 1) (B,L,H/f,W/f) (torch.randn of g), mean, logvar = Encoder(x),
+ *   z = mean + exp(logvar / 2) n (the reparameterisation), x' = Decoder(z),
+ *   L = (sum |x' - x| + kl_weight sum_b KL_b) / numel(x)     (mse: (x' - x)^2 in place of |x' - x|),
+ * LDM's autoencoder objective without its LPIPS and GAN terms (reconstruction summed per image +
+ * kl_weight * KL per image), divided by the constant C H W so that it reads as a per-pixel error;
+ * then AdamW as ms_pretrain_step (one flat loop over the table's block, linear warmup). */
+typedef struct {
+    double lr;                      /* 5e-4 (peak) */
+    int64_t warmup;                 /* 100 steps (0: none) */
+    double beta1, beta2, adam_eps;  /* 0.9, 0.999, 1e-8 */
+    double weight_decay;            /* 0.01 (every parameter) */
+    double kl_weight;               /* 1e-6 (LDM's kl-f8 / SD's VAE) */
+    int mse;                        /* 0: L1 reconstruction (LDM's), 1: squared error */
+} MsVaePretrainConfig;
+void ms_vae_pretrain_config_defaults(MsVaePretrainConfig *c);
+typedef struct {
+    double loss, lr;                /* the step's objective (before the update) and lr */
+    double rec, kl;                 /* its terms: mean |x' - x| (or (x' - x)^2), mean KL per image */
+    const float *noise;             /* (B,L,h,w) the posterior noise used; valid until the next step */
+} MsVaePretrainReport;
+typedef struct MsVaePretrainer MsVaePretrainer;
+/* Plans the tapes for batches of B images of H x W (multiples of the VAE's factor). w must be
+ * f32 in one block (as for ms_pretrainer_create); it is trained in place and must outlive p. */
+MsStatus ms_vae_pretrainer_create(MsVaePretrainer **out, const VaeConfig *vc, MsParamTable *w,
+                                  const MsVaePretrainConfig *c, int B, int H, int W);
+/* One optimizer step on images x; noise given (tests) or drawn from g (torch.randn). */
+MsStatus ms_vae_pretrain_step(MsVaePretrainer *p, const float *x, const float *noise, MsTorchRng *g,
+                              MsVaePretrainReport *rep);
+int64_t ms_vae_pretrainer_step_count(const MsVaePretrainer *p);
+void ms_vae_pretrainer_moments(MsVaePretrainer *p, float **m, float **v, size_t *n);   /* the table's layout */
+void ms_vae_pretrainer_set_step(MsVaePretrainer *p, int64_t step);
+void ms_vae_pretrainer_free(MsVaePretrainer *p);
 
 /* ==========================================================================================
  * The method: gradient fusion (mixshow.c).

@@ -19,7 +19,7 @@
 
 #include <time.h>
 
-static const char *const TINY_FLAGS[] = { "--channels", "8,16", "--heads", "2,2", "--groups", "4", "--layers", "1",
+static const char *const TINY_FLAGS[] = { "--stage", "unet", "--channels", "8,16", "--heads", "2,2", "--groups", "4", "--layers", "1",
                                           "--text-width", "16", "--text-layers", "1", "--text-heads", "2",
                                           "--size", "64", "--batch", "2", "--scenes", "16", "--lr", "3e-3",
                                           "--warmup", "5", "--seed", "7", "--world-seed", "3", "-q" };

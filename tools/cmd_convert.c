@@ -304,6 +304,21 @@ MsStatus ms_write_model_folder(const MsModel *m, const char *tokdir, const char 
     return MS_OK;
 }
 
+MsStatus ms_write_vae_folder(const VaeConfig *c, const MsParamTable *t, const char *out) {
+    char tmp[2048], p[2300];
+    MsStatus s;
+    FILE *f = fopen(out, "rb");
+    if (f) { fclose(f); return ms_errorf(MS_ERR_ARG, "%s already exists", out); }
+    snprintf(tmp, sizeof tmp, "%s.tmp", out);
+    if (make_dir(tmp)) return ms_errorf(MS_ERR_IO, "%s: cannot create the folder (remove a stale one?)", tmp);
+    snprintf(p, sizeof p, "%s/config.json", tmp);
+    if ((s = write_json(p, vae_cb, c))) return s;
+    snprintf(p, sizeof p, "%s/diffusion_pytorch_model.safetensors", tmp);
+    if ((s = write_table(p, t, 0))) return s;
+    if (rename(tmp, out)) return ms_errorf(MS_ERR_IO, "cannot rename %s to %s", tmp, out);
+    return MS_OK;
+}
+
 /* The configs as compact JSON in the file's metadata (mixshow.unet_config, ...), so that the
  * file loads with exactly these configs (a single file has no config.json, and heads or
  * GroupNorm groups cannot be read off tensor shapes). Other readers ignore metadata. */

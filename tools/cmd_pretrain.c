@@ -1,14 +1,12 @@
 /* tools/cmd_pretrain.c — `mixshow pretrain` (issue 15): a small model of SD 1.x topology trained
- * from scratch on the procedural world (tools/world.c). This file builds the configs from flags
- * (or a diffusers folder's configs), makes the data (scenes drawn from a seed, their captions,
- * VAE latents cached once per scene), shows progress, writes loss.csv / loss.svg, atomic
- * checkpoints that --resume continues bit-identically, and at the end a diffusers folder that
- * `mixshow sample` loads. The step itself is ms_pretrain_step (mixshow.c, "pretraining").
- *
- * The VAE is frozen for now: a given diffusers VAE folder (--vae; default the embedded tiny
- * model's), latents = posterior mean * scaling_factor. When the VAE is trained too (helper W2's
- * vae_*_backward_full), it plugs in at pre_latent: its own pretraining writes the folder that
- * --vae reads, or the latents are encoded per step instead of cached. */
+ * from scratch on the procedural world (tools/world.c), in stages, one function each:
+ *   vae   an AutoencoderKL on the scenes' pixels (ms_vae_pretrain_step) -> DIR/vae/, with its
+ *         scaling_factor measured as SD's recipe does (1 / std of the latents of training scenes);
+ *   unet  UNet + CLIP text encoder on the scenes' captions and the frozen VAE's latents (posterior
+ *         mean * scaling_factor, cached once per scene; ms_pretrain_step) -> DIR/model/.
+ * This file builds the configs from flags (or a diffusers folder's configs), makes the data,
+ * and runs each stage through one loop (pre_loop): progress with ETA, a loss.csv / loss.svg,
+ * atomic checkpoints that --resume continues bit-identically (the checkpoint names its stage). */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L         /* mkdir, isatty: in the guarded section below */
 #endif
@@ -31,23 +29,42 @@ static int pre_mkdir(const char *p) { _mkdir(p); return 1; }
 
 static void pretrain_usage(FILE *f) {
     fprintf(f,
-        "usage: mixshow pretrain --out DIR [options]\n"
-        "Trains every parameter of a small SD 1.x-topology UNet and CLIP text encoder (real BPE\n"
-        "tokenizer, vocab 49408) from scratch on scenes of the procedural world (mixshow world),\n"
-        "captions as the text: epsilon objective, DDPM noise of the scheduler config, uniform\n"
-        "timesteps, 10%% of captions dropped to \"\" (for classifier-free guidance), AdamW with linear\n"
-        "warmup. The VAE is given and frozen (latents = posterior mean * scaling_factor, cached).\n"
-        "Writes DIR/loss.csv, DIR/loss.svg, DIR/checkpoint.safetensors (every --checkpoint-every\n"
-        "steps; weights, AdamW moments, step, RNG state) and at the end DIR/model/, a diffusers\n"
-        "folder (must not exist yet) for `mixshow sample --model DIR/model`.\n\n"
+        "usage: mixshow pretrain --out DIR [--stage vae|unet|all] [options]\n"
+        "Trains a small SD 1.x-topology model from scratch on scenes of the procedural world\n"
+        "(mixshow world), in stages (--stage all, the default: vae, then unet):\n"
+        "  vae   an AutoencoderKL on the scenes' pixels: L1 reconstruction + kl_weight * KL of the\n"
+        "        posterior sample (LDM's objective without LPIPS and GAN), AdamW. Writes\n"
+        "        DIR/vae_loss.csv (loss, L1 per pixel value, KL per image), DIR/vae_loss.svg,\n"
+        "        DIR/vae_checkpoint.safetensors, and at the end DIR/vae/ (diffusers folder; its\n"
+        "        scaling_factor = 1 / std of the latents of 256 training scenes, as SD's), the PSNR\n"
+        "        of 64 held-out scenes (indices --scenes..) and DIR/vae_reconstructions.png (8 held-out\n"
+        "        scenes above their reconstructions).\n"
+        "  unet  every parameter of a UNet and a CLIP text encoder (real BPE tokenizer, vocab 49408),\n"
+        "        captions as the text: epsilon objective, DDPM noise of the scheduler config, uniform\n"
+        "        timesteps, 10%% of captions dropped to \"\" (for classifier-free guidance), AdamW with\n"
+        "        linear warmup, on the frozen VAE's latents (posterior mean * scaling_factor, cached).\n"
+        "        Writes DIR/loss.csv, DIR/loss.svg, DIR/checkpoint.safetensors and at the end\n"
+        "        DIR/model/, a diffusers folder (must not exist yet; with the VAE) for\n"
+        "        `mixshow sample --model DIR/model`.\n"
+        "Checkpoints (every --checkpoint-every steps and at the end of a stage) hold the weights,\n"
+        "AdamW moments, step and RNG state; --resume FILE continues that stage bit-identically,\n"
+        "then runs the later stages of --stage.\n\n"
         "data:\n"
         "  --size S              image side, 64 or 128 (default 64)\n"
         "  --scenes N            distinct world scenes, indices 0..N-1 (default 4096)\n"
         "  --world-seed S        the world's seed (default 0)\n"
-        "  --vae DIR             diffusers VAE folder (config.json + weights; default the embedded\n"
-        "                        models/tiny-sd/vae)\n"
+        "  --vae DIR             the unet stage's frozen VAE, a diffusers VAE folder (default DIR/vae\n"
+        "                        when it exists, else the embedded random models/tiny-sd/vae)\n"
         "  --tokenizer DIR       CLIP vocab.json + merges.txt (default: the shipped files)\n"
-        "model (defaults: UNet 32,64,64 channels, DownBlock2D + 2 CrossAttnDownBlock2D, 1 layer\n"
+        "vae stage (defaults: 32,64,64 channels = factor 4, 1 layer per block, 8 groups, 4 latent\n"
+        "channels; 64x64 images -> 4x16x16 latents):\n"
+        "  --vae-channels A,B,.. block_out_channels (the factor is 2^(blocks-1))\n"
+        "  --vae-layers N, --vae-groups G, --vae-latent L\n"
+        "  --vae-steps N         (default 1000)   --vae-batch B (default 8)\n"
+        "  --vae-lr X, --vae-warmup N   peak lr (5e-4), linear warmup steps (100)\n"
+        "  --kl-weight X         (default 1e-6, SD's VAE)\n"
+        "  --vae-loss l1|mse     reconstruction term (default l1, LDM's)\n"
+        "unet stage (defaults: UNet 32,64,64 channels, DownBlock2D + 2 CrossAttnDownBlock2D, 1 layer\n"
         "per block, heads 2,4,4, 8 groups; text encoder width 64, 2 layers, 2 heads):\n"
         "  --channels A,B,...    UNet block_out_channels (1..4 blocks; the first is a plain block)\n"
         "  --heads A,B,...       attention heads per block (as many as --channels)\n"
@@ -57,15 +74,16 @@ static void pretrain_usage(FILE *f) {
         "  --text-layers N, --text-heads H   (default 2, 2; intermediate 4 D)\n"
         "  --model-config DIR    take unet/config.json, text_encoder/config.json and\n"
         "                        scheduler/scheduler_config.json from a diffusers folder instead\n"
-        "training:\n"
+        "unet training:\n"
         "  --steps N             optimizer steps (default 1000)\n"
         "  --batch B             (default 8)\n"
         "  --lr X, --warmup N    peak lr (1e-3), linear warmup steps (100)\n"
         "  --weight-decay X      AdamW weight decay on every parameter (0.01)\n"
         "  --uncond P            caption dropout probability (0.1)\n"
+        "both:\n"
         "  --seed S              weights, scene choice, dropout, timesteps, noise (default 0)\n"
         "  --checkpoint-every N  (default 100; 0: none)\n"
-        "  --resume FILE         continue from a checkpoint, bit-identically (same options)\n"
+        "  --resume FILE         continue from a stage's checkpoint, bit-identically (same options)\n"
         "  --threads N           worker threads (results do not depend on it)\n"
         "  --quiet               no progress\n");
 }
@@ -77,13 +95,17 @@ static int stderr_tty(void) { return 0; }
 #endif
 
 typedef struct {
-    const char *out, *vae_dir, *tok_dir, *model_config, *resume;
+    const char *out, *vae_dir, *tok_dir, *model_config, *resume, *stage;
     int64_t steps, ckpt_every;
     int batch, size, scenes, quiet, threads;
     uint64_t seed, world_seed;
     MsPretrainConfig pc;
     int n_ch, ch[MS_MAX_BLOCKS], n_heads, heads[MS_MAX_BLOCKS], layers, groups;
     int text_width, text_layers, text_heads;
+    /* the vae stage */
+    int64_t vae_steps;
+    int vae_batch, n_vae_ch, vae_ch[MS_MAX_BLOCKS], vae_layers, vae_groups, vae_latent;
+    MsVaePretrainConfig vpc;
 } PreArgs;
 
 /* "32,64,64" -> v (1..MS_MAX_BLOCKS positive ints) */
@@ -183,6 +205,19 @@ static MsStatus pre_load_vae(const char *dir, MsModel *m) {
 }
 
 /* ---- data: world scenes, captions, cached latents ---- */
+/* Scene idx of the world `seed` at S x S: rgb (S,S,3) bytes and img (3,S,S) in [-1, 1]
+ * (ToTensor + Normalize(0.5, 0.5), as the training transforms). */
+static MsStatus pre_image(uint64_t seed, int idx, int S, uint8_t *rgb, float *img) {
+    WorldScene sc;
+    const size_t P = (size_t)S * S;
+    world_scene_make(seed, idx, &sc);
+    MsStatus s = world_render(&sc, S, rgb, NULL, NULL, NULL);
+    if (s) return s;
+    for (size_t i = 0; i < P; i++)
+        for (int ch = 0; ch < 3; ch++) img[ch * P + i] = (float)rgb[3 * i + ch] / 255.0f * 2.0f - 1.0f;
+    return MS_OK;
+}
+
 typedef struct {
     uint64_t seed;
     int S, n, lat_n;                /* image side, scenes, floats per latent */
@@ -222,18 +257,14 @@ static void pre_data_free(PreData *d) {
     ms_free_aligned(d->img); ms_free_aligned(d->mean); ms_free_aligned(d->logvar);
 }
 
-/* Scene idx: its caption into cap, its latent into lat (computed once, then from the cache).
- * The trained VAE (W2) plugs in here: encode with the current weights instead of the cache. */
+/* Scene idx: its caption into cap, its latent into lat (computed once, then from the cache). */
 static MsStatus pre_latent(PreData *d, int idx, float *lat, char *cap, size_t capn) {
     WorldScene sc;
     MsStatus s;
     world_scene_make(d->seed, idx, &sc);
     if ((s = world_caption(d->seed, idx, &sc, cap, capn))) return s;
     if (!d->have[idx]) {
-        const size_t P = (size_t)d->S * d->S;
-        if ((s = world_render(&sc, d->S, d->rgb, NULL, NULL, NULL))) return s;
-        for (size_t i = 0; i < P; i++)                      /* ToTensor + Normalize(0.5, 0.5) */
-            for (int ch = 0; ch < 3; ch++) d->img[ch * P + i] = (float)d->rgb[3 * i + ch] / 255.0f * 2.0f - 1.0f;
+        if ((s = pre_image(d->seed, idx, d->S, d->rgb, d->img))) return s;
         arena_reset(&d->ar, 0);
         if ((s = vae_encode(&d->vp, &d->ar, d->mean, d->logvar, d->img, 1, d->S, d->S))) return s;
         for (int i = 0; i < d->lat_n; i++) d->cache[(size_t)idx * d->lat_n + i] = d->mean[i] * d->scale;
@@ -244,25 +275,44 @@ static MsStatus pre_latent(PreData *d, int idx, float *lat, char *cap, size_t ca
 }
 
 /* ---- checkpoints ---- */
-/* Everything a resumed run must agree on, as one string (stored in the checkpoint). */
-static void pre_recipe(char *buf, size_t cap, const PreArgs *a, const MsModel *m) {
-    uint64_t h = 1469598103934665603ull;      /* FNV-1a of the parameter names and shapes */
-    const MsParamTable *t[2] = { &m->unet, &m->text };
-    for (int k = 0; k < 2; k++)
-        for (int i = 0; i < t[k]->n; i++) {
-            const MsParam *p = &t[k]->p[i];
+/* What a stage's checkpoint holds besides the step and the generator: its tables (weights under
+ * "<prefix><key>") and the AdamW moments over them. format names the stage. */
+#define PRE_MAX_TABLES 4
+typedef struct {
+    const char *format;
+    int n;
+    MsParamTable *t[PRE_MAX_TABLES];
+    const char *prefix[PRE_MAX_TABLES];
+    float *m, *v;
+    size_t nmom;
+} PreState;
+
+#define UNET_FORMAT "mixshow pretrain checkpoint 1"
+#define VAE_FORMAT "mixshow pretrain vae checkpoint 1"
+
+/* FNV-1a of the parameter names and shapes of the state's tables (for recipes) */
+static uint64_t pre_tables_hash(const PreState *st) {
+    uint64_t h = 1469598103934665603ull;
+    for (int k = 0; k < st->n; k++)
+        for (int i = 0; i < st->t[k]->n; i++) {
+            const MsParam *p = &st->t[k]->p[i];
             for (const char *c = p->name; *c; c++) h = (h ^ (unsigned char)*c) * 1099511628211ull;
             for (int d = 0; d < p->ndim; d++) h = (h ^ (uint64_t)p->shape[d]) * 1099511628211ull;
         }
+    return h;
+}
+
+/* Everything a resumed unet stage must agree on, as one string (stored in the checkpoint). */
+static void pre_recipe(char *buf, size_t cap, const PreArgs *a, const MsModel *m, const PreState *st) {
     const UNetConfig *u = &m->unet_config;
     const ClipTextConfig *tc = &m->text_config;
     snprintf(buf, cap, "size=%d batch=%d scenes=%d world_seed=%llu seed=%llu lr=%.17g warmup=%lld betas=%.17g,%.17g "
              "eps=%.17g wd=%.17g uncond=%.17g params=%016llx groups=%d heads=%d,%d,%d,%d text_heads=%d vae_scale=%.9g",
              a->size, a->batch, a->scenes, (unsigned long long)a->world_seed, (unsigned long long)a->seed, a->pc.lr,
              (long long)a->pc.warmup, a->pc.beta1, a->pc.beta2, a->pc.adam_eps, a->pc.weight_decay, a->pc.uncond_p,
-             (unsigned long long)h, u->norm_num_groups, ms_unet_heads(u, 0), u->n_blocks > 1 ? ms_unet_heads(u, 1) : 0,
-             u->n_blocks > 2 ? ms_unet_heads(u, 2) : 0, u->n_blocks > 3 ? ms_unet_heads(u, 3) : 0,
-             tc->num_attention_heads, (double)m->vae_config.scaling_factor);
+             (unsigned long long)pre_tables_hash(st), u->norm_num_groups, ms_unet_heads(u, 0),
+             u->n_blocks > 1 ? ms_unet_heads(u, 1) : 0, u->n_blocks > 2 ? ms_unet_heads(u, 2) : 0,
+             u->n_blocks > 3 ? ms_unet_heads(u, 3) : 0, tc->num_attention_heads, (double)m->vae_config.scaling_factor);
 }
 
 static MsStatus add_entry(StEntry **e, size_t *n, size_t *cap, const char *name, StDtype dt, int64_t len,
@@ -279,36 +329,33 @@ static MsStatus add_entry(StEntry **e, size_t *n, size_t *cap, const char *name,
     return MS_OK;
 }
 
-/* weights ("unet.<key>", "text_encoder.<key>"), AdamW moments, the step and the generator */
-static MsStatus pre_save(const char *path, MsPretrainer *p, const MsModel *m, const MsTorchRng *g, const char *recipe) {
-    const MsParamTable *t[2] = { &m->unet, &m->text };
-    static const char *const pre[2] = { "unet.", "text_encoder." };
+/* weights, AdamW moments, the step and the generator (path.tmp, then renamed) */
+static MsStatus pre_save(const char *path, const PreState *st, int64_t step, const MsTorchRng *g, const char *recipe) {
     StEntry *e = NULL;
-    size_t n = 0, cap = 0, nmom;
-    char (*names)[MS_KEY_MAX + 16] = (char (*)[MS_KEY_MAX + 16])malloc((size_t)(m->unet.n + m->text.n) * sizeof *names);
-    float *mm, *vv;
+    size_t n = 0, cap = 0, nn = 0;
+    for (int j = 0; j < st->n; j++) nn += (size_t)st->t[j]->n;
+    char (*names)[MS_KEY_MAX + 16] = (char (*)[MS_KEY_MAX + 16])malloc(nn * sizeof *names);
     uint32_t mt[624];
-    int64_t ints[4] = { ms_pretrainer_step_count(p), g->next, (int64_t)g->seed, g->has_normal };
+    int64_t ints[4] = { step, g->next, (int64_t)g->seed, g->has_normal };
     double gn = g->normal;
     MsStatus s = names ? MS_OK : ms_errorf(MS_ERR_NOMEM, "checkpoint: out of memory");
     int k = 0;
     for (int i = 0; i < 624; i++) mt[i] = g->mt[i];
-    for (int j = 0; !s && j < 2; j++)
-        for (int i = 0; !s && i < t[j]->n; i++) {
-            const MsParam *q = &t[j]->p[i];
+    for (int j = 0; !s && j < st->n; j++)
+        for (int i = 0; !s && i < st->t[j]->n; i++) {
+            const MsParam *q = &st->t[j]->p[i];
             if (q->flags & MS_PARAM_BUFFER) continue;
-            snprintf(names[k], sizeof names[k], "%s%s", pre[j], q->name);
+            snprintf(names[k], sizeof names[k], "%s%s", st->prefix[j], q->name);
             s = add_entry(&e, &n, &cap, names[k++], ST_F32, (int64_t)q->numel, q->f32, NULL);
         }
-    ms_pretrainer_moments(p, &mm, &vv, &nmom);
-    if (!s) s = add_entry(&e, &n, &cap, "adam.m", ST_F32, (int64_t)nmom, mm, NULL);
-    if (!s) s = add_entry(&e, &n, &cap, "adam.v", ST_F32, (int64_t)nmom, vv, NULL);
+    if (!s) s = add_entry(&e, &n, &cap, "adam.m", ST_F32, (int64_t)st->nmom, st->m, NULL);
+    if (!s) s = add_entry(&e, &n, &cap, "adam.v", ST_F32, (int64_t)st->nmom, st->v, NULL);
     if (!s) s = add_entry(&e, &n, &cap, "torch_rng.mt", ST_U32, 624, NULL, mt);
     if (!s) s = add_entry(&e, &n, &cap, "torch_rng.normal", ST_F64, 1, NULL, &gn);
     if (!s) s = add_entry(&e, &n, &cap, "ints", ST_I64, 4, NULL, ints);
     if (!s) {
-        const char *meta[4] = { "format", "mixshow pretrain checkpoint 1", "recipe", recipe };
-        s = st_write(path, e, n, meta, 2);             /* path.tmp, then renamed */
+        const char *meta[4] = { "format", st->format, "recipe", recipe };
+        s = st_write(path, e, n, meta, 2);
     }
     free(e); free(names);
     return s;
@@ -330,19 +377,28 @@ static uint64_t le64(const unsigned char *p) {
     return v;
 }
 
-static MsStatus pre_load(const char *path, MsPretrainer *p, MsModel *m, MsTorchRng *g, const char *recipe) {
-    MsParamTable *t[2] = { &m->unet, &m->text };
-    static const char *const pre[2] = { "unet.", "text_encoder." };
+/* A checkpoint's metadata "format" (which stage wrote it) into fmt. */
+static MsStatus pre_format(const char *path, char *fmt, size_t cap) {
+    StFile f;
+    MsStatus s = st_open(&f, path);
+    if (s) return s;
+    const char *v = st_meta(&f, "format");
+    snprintf(fmt, cap, "%s", v ? v : "");
+    st_close(&f);
+    return MS_OK;
+}
+
+/* The state, step and generator of a checkpoint pre_save wrote with the same format and recipe. */
+static MsStatus pre_load(const char *path, const PreState *st, int64_t *step, MsTorchRng *g, const char *recipe) {
     StFile f;
     const StTensor *x;
-    float *mm, *vv;
-    size_t nmom;
     char key[MS_KEY_MAX + 16];
     MsStatus s = st_open(&f, path);
     if (s) return s;
     const char *fmt = st_meta(&f, "format"), *rec = st_meta(&f, "recipe");
-    if (!fmt || strcmp(fmt, "mixshow pretrain checkpoint 1")) {
-        s = ms_errorf(MS_ERR_FORMAT, "%s: not a mixshow pretrain checkpoint (metadata format '%s')", path, fmt ? fmt : "");
+    if (!fmt || strcmp(fmt, st->format)) {
+        s = ms_errorf(MS_ERR_FORMAT, "%s: not a checkpoint of this stage (metadata format '%s', want '%s')", path,
+                      fmt ? fmt : "", st->format);
         goto done;
     }
     if (!rec || strcmp(rec, recipe)) {
@@ -350,15 +406,15 @@ static MsStatus pre_load(const char *path, MsPretrainer *p, MsModel *m, MsTorchR
                       rec ? rec : "(none)", recipe);
         goto done;
     }
-    for (int j = 0; j < 2; j++)
-        for (int i = 0; i < t[j]->n; i++) {
-            MsParam *q = &t[j]->p[i];
+    for (int j = 0; j < st->n; j++)
+        for (int i = 0; i < st->t[j]->n; i++) {
+            MsParam *q = &st->t[j]->p[i];
             if (q->flags & MS_PARAM_BUFFER) continue;
-            snprintf(key, sizeof key, "%s%s", pre[j], q->name);
+            snprintf(key, sizeof key, "%s%s", st->prefix[j], q->name);
             if ((s = st_read_f32(&f, key, q->f32, q->numel, -1, NULL))) goto done;
         }
-    ms_pretrainer_moments(p, &mm, &vv, &nmom);
-    if ((s = st_read_f32(&f, "adam.m", mm, nmom, -1, NULL)) || (s = st_read_f32(&f, "adam.v", vv, nmom, -1, NULL))) goto done;
+    if ((s = st_read_f32(&f, "adam.m", st->m, st->nmom, -1, NULL)) || (s = st_read_f32(&f, "adam.v", st->v, st->nmom, -1, NULL)))
+        goto done;
     if ((s = pre_raw(&f, "torch_rng.mt", ST_U32, 624, &x))) goto done;
     for (int i = 0; i < 624; i++)
         g->mt[i] = (uint32_t)x->data[4 * i] | (uint32_t)x->data[4 * i + 1] << 8 | (uint32_t)x->data[4 * i + 2] << 16 |
@@ -370,9 +426,9 @@ static MsStatus pre_load(const char *path, MsPretrainer *p, MsModel *m, MsTorchR
     }
     if ((s = pre_raw(&f, "ints", ST_I64, 4, &x))) goto done;
     {
-        int64_t step = (int64_t)le64(x->data), next = (int64_t)le64(x->data + 8);
-        if (step < 0 || next < 0 || next > 624) { s = ms_errorf(MS_ERR_FORMAT, "%s: ints: step %lld, rng index %lld", path, (long long)step, (long long)next); goto done; }
-        ms_pretrainer_set_step(p, step);
+        int64_t k = (int64_t)le64(x->data), next = (int64_t)le64(x->data + 8);
+        if (k < 0 || next < 0 || next > 624) { s = ms_errorf(MS_ERR_FORMAT, "%s: ints: step %lld, rng index %lld", path, (long long)k, (long long)next); goto done; }
+        *step = k;
         g->next = (int)next;
         g->seed = le64(x->data + 16);
         g->has_normal = le64(x->data + 24) != 0;
@@ -408,36 +464,348 @@ static MsStatus pre_csv_resume(const char *path, int64_t k0, double *loss) {
     return MS_OK;
 }
 
-static void pre_progress(int64_t k, int64_t k0, int64_t n, double loss, double t0, int tty) {
+static void pre_progress(const char *label, int64_t k, int64_t k0, int64_t n, double loss, double t0, int tty) {
     double el = ms_time() - t0, per = el / (double)(k - k0), eta = per * (double)(n - k);
     char bar[31];
     int fill = n > 0 ? (int)(30 * k / n) : 30;
     for (int i = 0; i < 30; i++) bar[i] = i < fill ? '#' : '.';
     bar[30] = '\0';
-    fprintf(stderr, "%s[%s] %lld/%lld loss %.4f (mean of the last 20) %.3f s/step ETA %02d:%02d:%02d%s", tty ? "\r" : "",
-            bar, (long long)k, (long long)n, loss, per, (int)(eta / 3600), (int)(eta / 60) % 60, (int)eta % 60, tty ? "" : "\n");
+    fprintf(stderr, "%s%s [%s] %lld/%lld loss %.4f (mean of the last 20) %.3f s/step ETA %02d:%02d:%02d%s", tty ? "\r" : "",
+            label, bar, (long long)k, (long long)n, loss, per, (int)(eta / 3600), (int)(eta / 60) % 60, (int)eta % 60,
+            tty ? "" : "\n");
     fflush(stderr);
 }
 
-static MsStatus pretrain_run(const PreArgs *a) {
+/* ---- one stage's training loop ---- */
+/* Every stage runs through pre_loop: optimizer steps until `steps`, a row of csv per step
+ * ("step,loss,<the stage's columns>,seconds"), progress with the mean loss of the last 20 steps
+ * and an ETA, an atomic checkpoint every ckpt_every steps and at the end, then the svg. A stage
+ * resuming has loaded its checkpoint before: the loop starts at its step count, and the csv keeps
+ * its rows up to there. */
+typedef struct {
+    const char *label, *columns;        /* "vae"; the stage's csv columns after "step,loss," */
+    char csv[2400], svg[2400], ckpt[2400];
+    int64_t steps, ckpt_every;
+    int quiet;
+    void *ctx;
+    int64_t (*count)(void *ctx);                                        /* steps done */
+    MsStatus (*step)(void *ctx, double *loss, char *cols, size_t cap);  /* one step; its csv columns */
+    MsStatus (*save)(void *ctx, const char *path);                      /* checkpoint */
+} PreLoop;
+
+static MsStatus pre_loop(PreLoop *L) {
+    const int64_t k0 = L->count(L->ctx);
+    const int tty = !L->quiet && stderr_tty();
+    double *losses = (double *)calloc((size_t)L->steps + 1, sizeof(double));
+    FILE *csv = NULL;
+    MsStatus s = MS_OK;
+    if (!losses) return ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory");
+    if (k0 > L->steps) {
+        s = ms_errorf(MS_ERR_ARG, "pretrain: the %s checkpoint is at step %lld, beyond its %lld steps", L->label,
+                      (long long)k0, (long long)L->steps);
+        goto done;
+    }
+    if (k0 > 0) {
+        FILE *f = fopen(L->csv, "r");
+        if (f) { fclose(f); if ((s = pre_csv_resume(L->csv, k0, losses))) goto done; }
+    }
+    if (!(csv = fopen(L->csv, k0 > 0 ? "a" : "w"))) { s = ms_errorf(MS_ERR_IO, "%s: cannot open for writing", L->csv); goto done; }
+    if (k0 == 0) fprintf(csv, "step,loss,%s,seconds\n", L->columns);
+    {
+        const double t0 = ms_time();
+        while (L->count(L->ctx) < L->steps) {
+            char cols[256];
+            double loss;
+            const double ts = ms_time();
+            if ((s = L->step(L->ctx, &loss, cols, sizeof cols))) goto done;
+            const int64_t k = L->count(L->ctx);
+            losses[k - 1] = loss;
+            fprintf(csv, "%lld,%.9g,%s,%.4f\n", (long long)k, loss, cols, ms_time() - ts);
+            fflush(csv);
+            if (!L->quiet && (tty || k % 10 == 0 || k == L->steps)) {
+                double mean = 0.0;
+                int64_t j0 = k > 20 ? k - 20 : 0;
+                for (int64_t j = j0; j < k; j++) mean += losses[j];
+                pre_progress(L->label, k, k0, L->steps, mean / (double)(k - j0), t0, tty);
+            }
+            if (L->ckpt_every > 0 && k % L->ckpt_every == 0 && k < L->steps && (s = L->save(L->ctx, L->ckpt))) goto done;
+        }
+        if (tty) fprintf(stderr, "\n");
+    }
+    if (fclose(csv)) { csv = NULL; s = ms_errorf(MS_ERR_IO, "%s: cannot write", L->csv); goto done; }
+    csv = NULL;
+    if (L->ckpt_every > 0 && (s = L->save(L->ctx, L->ckpt))) goto done;
+    s = ms_write_loss_svg(L->svg, losses, L->count(L->ctx));
+done:
+    if (csv) fclose(csv);
+    free(losses);
+    return s;
+}
+
+static int pre_exists(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (f) fclose(f);
+    return f != NULL;
+}
+
+/* ---- the vae stage ---- */
+#define VAE_EVAL_SCENES 64      /* held-out scenes for the PSNR */
+#define VAE_SCALE_SCENES 256    /* training scenes whose latents set scaling_factor */
+#define VAE_SHEET 8             /* held-out scenes on the reconstruction sheet */
+
+static MsStatus pre_vae_config(const PreArgs *a, VaeConfig *c) {
+    ms_vae_config_sd15(c);
+    c->sample_size = a->size;
+    c->n_blocks = a->n_vae_ch;
+    for (int i = 0; i < a->n_vae_ch; i++) {
+        c->block_out_channels[i] = a->vae_ch[i];
+        c->down_block_types[i] = MS_BLOCK_DOWN_ENCODER;
+        c->up_block_types[i] = MS_BLOCK_UP_DECODER;
+    }
+    c->layers_per_block = a->vae_layers;
+    c->norm_num_groups = a->vae_groups;
+    c->latent_channels = a->vae_latent;
+    c->scaling_factor = 1.0f;           /* measured at the end of the stage */
+    MsStatus s = ms_vae_config_check(c);
+    if (s) return s;
+    if (a->size % (1 << (c->n_blocks - 1)))
+        return ms_errorf(MS_ERR_ARG, "pretrain: --size %d is not a multiple of the VAE's factor %d", a->size, 1 << (c->n_blocks - 1));
+    return MS_OK;
+}
+
+typedef struct {
+    const PreArgs *a;
+    MsVaePretrainer *p;
+    MsTorchRng *g;
+    PreState st;
+    char recipe[1024];
+    uint8_t *rgb;                       /* (S,S,3) */
+    float *x;                           /* (B,3,S,S) */
+} VaeRun;
+
+static int64_t vae_count(void *ctx) { return ms_vae_pretrainer_step_count(((VaeRun *)ctx)->p); }
+
+/* a batch of training scenes drawn from g, one step */
+static MsStatus vae_step(void *ctx, double *loss, char *cols, size_t cap) {
+    VaeRun *r = (VaeRun *)ctx;
+    const int S = r->a->size;
+    MsVaePretrainReport rep;
+    MsStatus s;
+    for (int b = 0; b < r->a->vae_batch; b++) {
+        int idx = (int)(ms_torch_random(r->g) % (uint32_t)r->a->scenes);
+        if ((s = pre_image(r->a->world_seed, idx, S, r->rgb, r->x + (size_t)b * 3 * S * S))) return s;
+    }
+    if ((s = ms_vae_pretrain_step(r->p, r->x, NULL, r->g, &rep))) return s;
+    *loss = rep.loss;
+    snprintf(cols, cap, "%.9g,%.9g,%.9g", rep.rec, rep.kl, rep.lr);
+    return MS_OK;
+}
+
+static MsStatus vae_save(void *ctx, const char *path) {
+    VaeRun *r = (VaeRun *)ctx;
+    return pre_save(path, &r->st, ms_vae_pretrainer_step_count(r->p), r->g, r->recipe);
+}
+
+/* The trained VAE's scaling_factor, SD's recipe (LDM's scale_by_std): 1 / std (unbiased, about
+ * the mean) of the posterior samples of the first VAE_SCALE_SCENES training scenes, noise from g. */
+static MsStatus vae_scale(const PreArgs *a, VaeConfig *c, const VaeParams *vp, Arena *ar, MsTorchRng *g, uint8_t *rgb,
+                          float *x) {
+    const int S = a->size, f = 1 << (c->n_blocks - 1), n = a->scenes < VAE_SCALE_SCENES ? a->scenes : VAE_SCALE_SCENES;
+    const size_t nl = (size_t)c->latent_channels * (S / f) * (S / f), N = (size_t)n * nl;
+    float *z = (float *)ms_alloc_aligned(N, sizeof(float)), *lv = (float *)ms_alloc_aligned(nl, sizeof(float)),
+          *noise = (float *)ms_alloc_aligned(nl, sizeof(float));
+    MsStatus s = z && lv && noise ? MS_OK : ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory");
+    for (int i = 0; !s && i < n; i++) {
+        arena_reset(ar, 0);
+        if ((s = pre_image(a->world_seed, i, S, rgb, x)) || (s = vae_encode(vp, ar, z + (size_t)i * nl, lv, x, 1, S, S))) break;
+        ms_torch_randn(g, noise, nl, MS_TORCH_CPU_AVX2);
+        vae_posterior_sample(z + (size_t)i * nl, NULL, z + (size_t)i * nl, lv, noise, nl, 1.0f);
+    }
+    if (!s) {
+        double mean = 0.0, var = 0.0;
+        for (size_t i = 0; i < N; i++) mean += z[i];
+        mean /= (double)N;
+        for (size_t i = 0; i < N; i++) var += ((double)z[i] - mean) * ((double)z[i] - mean);
+        var /= (double)(N > 1 ? N - 1 : 1);
+        if (!(var > 0.0) || !(var < 1e30)) s = ms_errorf(MS_ERR_FORMAT, "pretrain: the latents' variance is %g", var);
+        else c->scaling_factor = (float)(1.0 / sqrt(var));
+        if (!s && !a->quiet)
+            fprintf(stderr, "vae: latents of %d training scenes: mean %.4f, std %.4f -> scaling_factor %.6g\n", n, mean,
+                    sqrt(var), (double)c->scaling_factor);
+    }
+    ms_free_aligned(z); ms_free_aligned(lv); ms_free_aligned(noise);
+    return s;
+}
+
+/* PSNR (8-bit pixels, as sampling writes them) of the reconstructions (posterior mean, decoded) of
+ * n scenes from index i0: the mean over the scenes of 10 log10(255^2 / MSE). With sheet, the first
+ * VAE_SHEET scenes above their reconstructions as a PNG. */
+static MsStatus vae_psnr(const PreArgs *a, const VaeConfig *c, const VaeParams *vp, Arena *ar, int i0, int n,
+                         uint8_t *rgb, float *x, const char *sheet, double *psnr) {
+    const int S = a->size, f = 1 << (c->n_blocks - 1), W = VAE_SHEET * S;
+    const size_t nl = (size_t)c->latent_channels * (S / f) * (S / f), P = (size_t)S * S;
+    float *mean = (float *)ms_alloc_aligned(nl, sizeof(float)), *lv = (float *)ms_alloc_aligned(nl, sizeof(float)),
+          *y = (float *)ms_alloc_aligned(3 * P, sizeof(float));
+    uint8_t *out = (uint8_t *)malloc(3 * P), *sh = sheet ? (uint8_t *)calloc((size_t)2 * S * W * 3, 1) : NULL;
+    MsStatus s = mean && lv && y && out && (sh || !sheet) ? MS_OK : ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory");
+    double sum = 0.0;
+    for (int i = 0; !s && i < n; i++) {
+        arena_reset(ar, 0);
+        if ((s = pre_image(a->world_seed, i0 + i, S, rgb, x)) || (s = vae_encode(vp, ar, mean, lv, x, 1, S, S))) break;
+        for (size_t j = 0; j < nl; j++) mean[j] *= c->scaling_factor;
+        arena_reset(ar, 0);
+        if ((s = vae_decode(vp, ar, y, mean, 1, S / f, S / f))) break;
+        ms_image_to_u8(out, y, 3, S, S);
+        double se = 0.0;
+        for (size_t j = 0; j < 3 * P; j++) se += ((double)out[j] - rgb[j]) * ((double)out[j] - rgb[j]);
+        sum += se > 0.0 ? 10.0 * log10(255.0 * 255.0 * 3.0 * (double)P / se) : 99.0;
+        if (sh && i < VAE_SHEET)
+            for (int row = 0; row < S; row++) {
+                memcpy(sh + ((size_t)row * W + (size_t)i * S) * 3, rgb + (size_t)row * S * 3, (size_t)S * 3);
+                memcpy(sh + ((size_t)(S + row) * W + (size_t)i * S) * 3, out + (size_t)row * S * 3, (size_t)S * 3);
+            }
+    }
+    if (!s) *psnr = sum / n;
+    if (!s && sh) s = ms_png_write(sheet, sh, W, 2 * S, 3);
+    ms_free_aligned(mean); ms_free_aligned(lv); ms_free_aligned(y);
+    free(out); free(sh);
+    return s;
+}
+
+/* The vae stage: AutoencoderKL from scratch on the scenes -> DIR/vae/ (+ the measurements). */
+static MsStatus stage_vae(const PreArgs *a, const char *resume) {
+    VaeConfig vc;
+    MsParamTable w;
+    VaeRun r;
+    PreLoop L;
+    VaeParams vp;
+    VaeSizes vz;
+    Arena ar;
+    char out[2400], sheet[2400];
+    const int S = a->size;
+    MsStatus s;
+    memset(&w, 0, sizeof w); memset(&r, 0, sizeof r); memset(&L, 0, sizeof L); memset(&ar, 0, sizeof ar);
+    if ((s = pre_vae_config(a, &vc))) return s;
+    r.a = a;
+    r.g = (MsTorchRng *)malloc(sizeof *r.g);
+    r.rgb = (uint8_t *)malloc((size_t)S * S * 3);
+    r.x = (float *)ms_alloc_aligned((size_t)a->vae_batch * 3 * S * S, sizeof(float));
+    if (!r.g || !r.rgb || !r.x) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done; }
+    if ((s = ms_param_table_vae(&vc, &w)) || (s = ms_param_table_alloc(&w, NULL))) goto done;
+    memset(w.mem, 0, w.mem_bytes);
+    ms_torch_seed(r.g, a->seed);          /* weights first, then scenes and noise from the same generator */
+    if ((s = ms_pretrain_init_weights(&w, r.g)) || (s = ms_vae_pretrainer_create(&r.p, &vc, &w, &a->vpc, a->vae_batch, S, S)))
+        goto done;
+    r.st.format = VAE_FORMAT; r.st.n = 1; r.st.t[0] = &w; r.st.prefix[0] = "vae.";
+    ms_vae_pretrainer_moments(r.p, &r.st.m, &r.st.v, &r.st.nmom);
+    snprintf(r.recipe, sizeof r.recipe, "stage=vae size=%d batch=%d scenes=%d world_seed=%llu seed=%llu lr=%.17g warmup=%lld "
+             "betas=%.17g,%.17g eps=%.17g wd=%.17g kl_weight=%.17g mse=%d params=%016llx groups=%d latent=%d", S,
+             a->vae_batch, a->scenes, (unsigned long long)a->world_seed, (unsigned long long)a->seed, a->vpc.lr,
+             (long long)a->vpc.warmup, a->vpc.beta1, a->vpc.beta2, a->vpc.adam_eps, a->vpc.weight_decay, a->vpc.kl_weight,
+             a->vpc.mse, (unsigned long long)pre_tables_hash(&r.st), vc.norm_num_groups, vc.latent_channels);
+    if (resume) {
+        int64_t k = 0;
+        if ((s = pre_load(resume, &r.st, &k, r.g, r.recipe))) goto done;
+        ms_vae_pretrainer_set_step(r.p, k);
+        fprintf(stderr, "pretrain: vae stage resumed at step %lld from %s\n", (long long)k, resume);
+    }
+    snprintf(out, sizeof out, "%s/vae", a->out);          /* refused before training, not after */
+    if (pre_exists(out)) { s = ms_errorf(MS_ERR_ARG, "pretrain: %s already exists (the vae stage writes it)", out); goto done; }
+    if (!a->quiet)
+        fprintf(stderr, "pretrain: vae stage: AutoencoderKL %zu parameters (%d blocks, %d..%d channels, factor %d, latent "
+                "%dx%dx%d, %d groups), %s + %g KL; %d scenes %dx%d of world seed %llu, batch %d, %lld steps, output %s\n",
+                ms_param_table_numel(&w), vc.n_blocks, vc.block_out_channels[0], vc.block_out_channels[vc.n_blocks - 1],
+                1 << (vc.n_blocks - 1), vc.latent_channels, S >> (vc.n_blocks - 1), S >> (vc.n_blocks - 1),
+                vc.norm_num_groups, a->vpc.mse ? "MSE" : "L1", a->vpc.kl_weight, a->scenes, S, S,
+                (unsigned long long)a->world_seed, a->vae_batch, (long long)a->vae_steps, out);
+    L.label = "vae"; L.columns = "rec,kl,lr";
+    snprintf(L.csv, sizeof L.csv, "%s/vae_loss.csv", a->out);
+    snprintf(L.svg, sizeof L.svg, "%s/vae_loss.svg", a->out);
+    snprintf(L.ckpt, sizeof L.ckpt, "%s/vae_checkpoint.safetensors", a->out);
+    L.steps = a->vae_steps; L.ckpt_every = a->ckpt_every; L.quiet = a->quiet;
+    L.ctx = &r; L.count = vae_count; L.step = vae_step; L.save = vae_save;
+    if ((s = pre_loop(&L))) goto done;
+    /* scaling_factor, held-out PSNR, the folder */
+    {
+        double ph = 0.0, pt = 0.0;
+        if ((s = vae_params_init(&vp, &vc, &w)) || (s = vae_sizes(&vc, S, S, -1, &vz)) ||
+            (s = arena_init(&ar, vz.encode_bytes > vz.decode_bytes ? vz.encode_bytes : vz.decode_bytes)) ||
+            (s = vae_scale(a, &vc, &vp, &ar, r.g, r.rgb, r.x)))
+            goto done;
+        vp.cfg.scaling_factor = vc.scaling_factor;
+        snprintf(sheet, sizeof sheet, "%s/vae_reconstructions.png", a->out);
+        if ((s = vae_psnr(a, &vc, &vp, &ar, a->scenes, VAE_EVAL_SCENES, r.rgb, r.x, sheet, &ph)) ||
+            (s = vae_psnr(a, &vc, &vp, &ar, 0, VAE_EVAL_SCENES < a->scenes ? VAE_EVAL_SCENES : a->scenes, r.rgb, r.x, NULL, &pt)))
+            goto done;
+        if (!a->quiet)
+            fprintf(stderr, "vae: PSNR %.2f dB on %d held-out scenes (indices %d..%d), %.2f dB on training scenes; %s\n", ph,
+                    VAE_EVAL_SCENES, a->scenes, a->scenes + VAE_EVAL_SCENES - 1, pt, sheet);
+        if ((s = ms_write_vae_folder(&vc, &w, out))) goto done;
+        if (!a->quiet) fprintf(stderr, "pretrain: wrote %s/vae_loss.csv, vae_loss.svg and %s\n", a->out, out);
+    }
+done:
+    arena_free(&ar);
+    ms_vae_pretrainer_free(r.p);
+    ms_param_table_free(&w);
+    free(r.g); free(r.rgb);
+    ms_free_aligned(r.x);
+    return s;
+}
+
+/* ---- the unet stage ---- */
+typedef struct {
+    const PreArgs *a;
+    MsPretrainer *p;
+    MsTorchRng *g;
+    PreData *d;
+    PreState st;
+    char recipe[1024];
+    float *lat;                         /* (B, lat_n) */
+    char **caps;                        /* B captions */
+} UnetRun;
+
+static int64_t unet_count(void *ctx) { return ms_pretrainer_step_count(((UnetRun *)ctx)->p); }
+
+/* a batch of training scenes (latents, captions) drawn from g, one step */
+static MsStatus unet_step(void *ctx, double *loss, char *cols, size_t cap) {
+    UnetRun *r = (UnetRun *)ctx;
+    MsPretrainReport rep;
+    MsStatus s;
+    for (int b = 0; b < r->a->batch; b++) {
+        int idx = (int)(ms_torch_random(r->g) % (uint32_t)r->a->scenes);
+        if ((s = pre_latent(r->d, idx, r->lat + (size_t)b * r->d->lat_n, r->caps[b], 1024))) return s;
+    }
+    if ((s = ms_pretrain_step(r->p, r->lat, (const char *const *)r->caps, NULL, r->g, &rep))) return s;
+    *loss = rep.loss;
+    snprintf(cols, cap, "%.9g", rep.lr);
+    return MS_OK;
+}
+
+static MsStatus unet_save(void *ctx, const char *path) {
+    UnetRun *r = (UnetRun *)ctx;
+    return pre_save(path, &r->st, ms_pretrainer_step_count(r->p), r->g, r->recipe);
+}
+
+/* The unet stage: UNet + text encoder on the frozen VAE's latents -> DIR/model/. Its VAE: --vae,
+ * else DIR/vae (the vae stage's), else the embedded random tiny one. */
+static MsStatus stage_unet(const PreArgs *a, const char *resume) {
     MsModel m;
     ClipTokenizer tok;
-    MsPretrainer *p = NULL;
     PreData d;
-    MsTorchRng *g = (MsTorchRng *)malloc(sizeof *g);
-    char vae_dir[2048], tok_dir[2048], path[2400], recipe[1024];
-    char **caps = NULL;
-    float *lat = NULL;
-    double *losses = NULL;
-    FILE *csv = NULL;
+    UnetRun r;
+    PreLoop L;
+    char vae_dir[2048], tok_dir[2048], path[2400];
     int tok_ok = 0, shipped = 0;
     MsStatus s = MS_OK;
-    memset(&m, 0, sizeof m);
-    memset(&d, 0, sizeof d);
-    if (!g) return ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory");
+    memset(&m, 0, sizeof m); memset(&d, 0, sizeof d); memset(&r, 0, sizeof r); memset(&L, 0, sizeof L);
+    r.a = a; r.d = &d;
+    if (!(r.g = (MsTorchRng *)malloc(sizeof *r.g))) return ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory");
+    snprintf(vae_dir, sizeof vae_dir, "%s/vae/config.json", a->out);
     if (a->vae_dir) snprintf(vae_dir, sizeof vae_dir, "%s", a->vae_dir);
+    else if (pre_exists(vae_dir)) snprintf(vae_dir, sizeof vae_dir, "%s/vae", a->out);
     else if (!ms_find_data("models/tiny-sd/vae", vae_dir, sizeof vae_dir)) {
-        s = ms_errorf(MS_ERR_IO, "pretrain: no --vae and the embedded models/tiny-sd/vae was not found"); goto done;
+        s = ms_errorf(MS_ERR_IO, "pretrain: no --vae, no %s/vae and the embedded models/tiny-sd/vae was not found", a->out);
+        goto done;
     }
     if ((s = ms_find_tokenizer(NULL, a->tok_dir, tok_dir, sizeof tok_dir, &shipped))) goto done;
     if ((s = ms_clip_tokenizer_load(tok_dir, &tok))) goto done;
@@ -454,35 +822,31 @@ static MsStatus pretrain_run(const PreArgs *a) {
     memset(m.unet.mem, 0, m.unet.mem_bytes);
     memset(m.text.mem, 0, m.text.mem_bytes);
     /* weights first, then everything else draws from the same generator */
-    ms_torch_seed(g, a->seed);
-    if ((s = ms_pretrain_init_weights(&m.unet, g)) || (s = ms_pretrain_init_weights(&m.text, g))) goto done;
+    ms_torch_seed(r.g, a->seed);
+    if ((s = ms_pretrain_init_weights(&m.unet, r.g)) || (s = ms_pretrain_init_weights(&m.text, r.g))) goto done;
     {
         const int latent = m.unet_config.sample_size;
-        if ((s = ms_pretrainer_create(&p, &m, &tok, &a->pc, a->batch, latent, latent))) goto done;
+        if ((s = ms_pretrainer_create(&r.p, &m, &tok, &a->pc, a->batch, latent, latent))) goto done;
         if ((s = pre_data_init(&d, &m, a, latent))) goto done;
     }
-    pre_recipe(recipe, sizeof recipe, a, &m);
-    lat = (float *)ms_alloc_aligned((size_t)a->batch * d.lat_n, sizeof(float));
-    caps = (char **)calloc((size_t)a->batch, sizeof(char *));
-    losses = (double *)calloc((size_t)a->steps + 1, sizeof(double));
-    if (!lat || !caps || !losses) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done; }
+    r.st.format = UNET_FORMAT; r.st.n = 2;
+    r.st.t[0] = &m.unet; r.st.prefix[0] = "unet.";
+    r.st.t[1] = &m.text; r.st.prefix[1] = "text_encoder.";
+    ms_pretrainer_moments(r.p, &r.st.m, &r.st.v, &r.st.nmom);
+    pre_recipe(r.recipe, sizeof r.recipe, a, &m, &r.st);
+    r.lat = (float *)ms_alloc_aligned((size_t)a->batch * d.lat_n, sizeof(float));
+    r.caps = (char **)calloc((size_t)a->batch, sizeof(char *));
+    if (!r.lat || !r.caps) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done; }
     for (int b = 0; b < a->batch; b++)
-        if (!(caps[b] = (char *)malloc(1024))) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done; }
-    snprintf(path, sizeof path, "%s/loss.csv", a->out);
-    if (a->resume) {
-        if ((s = pre_load(a->resume, p, &m, g, recipe))) goto done;
-        if (ms_pretrainer_step_count(p) > a->steps) {
-            s = ms_errorf(MS_ERR_ARG, "pretrain: %s is at step %lld, beyond --steps %lld", a->resume,
-                          (long long)ms_pretrainer_step_count(p), (long long)a->steps);
-            goto done;
-        }
-        fprintf(stderr, "pretrain: resumed at step %lld from %s\n", (long long)ms_pretrainer_step_count(p), a->resume);
-        FILE *f = fopen(path, "r");
-        if (f) { fclose(f); if ((s = pre_csv_resume(path, ms_pretrainer_step_count(p), losses))) goto done; }
+        if (!(r.caps[b] = (char *)malloc(1024))) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done; }
+    if (resume) {
+        int64_t k = 0;
+        if ((s = pre_load(resume, &r.st, &k, r.g, r.recipe))) goto done;
+        ms_pretrainer_set_step(r.p, k);
+        fprintf(stderr, "pretrain: resumed at step %lld from %s\n", (long long)k, resume);
     }
-    csv = fopen(path, ms_pretrainer_step_count(p) > 0 ? "a" : "w");
-    if (!csv) { s = ms_errorf(MS_ERR_IO, "%s: cannot open for writing", path); goto done; }
-    if (ms_pretrainer_step_count(p) == 0) fprintf(csv, "step,loss,lr,seconds\n");
+    snprintf(path, sizeof path, "%s/model", a->out);       /* refused before training, not after */
+    if (pre_exists(path)) { s = ms_errorf(MS_ERR_ARG, "pretrain: %s already exists (the unet stage writes it)", path); goto done; }
     if (!a->quiet) {
         const UNetConfig *u = &m.unet_config;
         fprintf(stderr, "pretrain: UNet %zu parameters (%d blocks, %d..%d channels, latent %dx%d), text encoder %zu "
@@ -492,58 +856,60 @@ static MsStatus pretrain_run(const PreArgs *a) {
                 m.text_config.hidden_size, m.text_config.num_hidden_layers, vae_dir, a->scenes, a->size, a->size,
                 (unsigned long long)a->world_seed, a->batch, (long long)a->steps, a->out);
     }
-    {
-        const double t0 = ms_time();
-        const int64_t k0 = ms_pretrainer_step_count(p);
-        const int tty = !a->quiet && stderr_tty();
-        while (ms_pretrainer_step_count(p) < a->steps) {
-            MsPretrainReport rep;
-            const double ts = ms_time();
-            for (int b = 0; b < a->batch; b++) {         /* the scenes of this batch */
-                int idx = (int)(ms_torch_random(g) % (uint32_t)a->scenes);
-                if ((s = pre_latent(&d, idx, lat + (size_t)b * d.lat_n, caps[b], 1024))) goto done;
-            }
-            if ((s = ms_pretrain_step(p, lat, (const char *const *)caps, NULL, g, &rep))) goto done;
-            const int64_t k = ms_pretrainer_step_count(p);
-            losses[k - 1] = rep.loss;
-            fprintf(csv, "%lld,%.9g,%.9g,%.4f\n", (long long)k, rep.loss, rep.lr, ms_time() - ts);
-            fflush(csv);
-            if (!a->quiet && (tty || k % 10 == 0 || k == a->steps)) {
-                double mean = 0.0;
-                int64_t j0 = k > 20 ? k - 20 : 0;
-                for (int64_t j = j0; j < k; j++) mean += losses[j];
-                pre_progress(k, k0, a->steps, mean / (double)(k - j0), t0, tty);
-            }
-            if (a->ckpt_every > 0 && k % a->ckpt_every == 0 && k < a->steps) {
-                char cp[2400];
-                snprintf(cp, sizeof cp, "%s/checkpoint.safetensors", a->out);
-                if ((s = pre_save(cp, p, &m, g, recipe))) goto done;
-            }
-        }
-        if (tty) fprintf(stderr, "\n");
-    }
-    fclose(csv);
-    csv = NULL;
-    snprintf(path, sizeof path, "%s/checkpoint.safetensors", a->out);
-    if (a->ckpt_every > 0 && (s = pre_save(path, p, &m, g, recipe))) goto done;
-    snprintf(path, sizeof path, "%s/loss.svg", a->out);
-    if ((s = ms_write_loss_svg(path, losses, ms_pretrainer_step_count(p)))) goto done;
-    snprintf(path, sizeof path, "%s/model", a->out);
+    L.label = "unet"; L.columns = "lr";
+    snprintf(L.csv, sizeof L.csv, "%s/loss.csv", a->out);
+    snprintf(L.svg, sizeof L.svg, "%s/loss.svg", a->out);
+    snprintf(L.ckpt, sizeof L.ckpt, "%s/checkpoint.safetensors", a->out);
+    L.steps = a->steps; L.ckpt_every = a->ckpt_every; L.quiet = a->quiet;
+    L.ctx = &r; L.count = unet_count; L.step = unet_step; L.save = unet_save;
+    if ((s = pre_loop(&L))) goto done;
     if ((s = ms_write_model_folder(&m, tok_dir, path, 0))) goto done;
     if (!a->quiet) fprintf(stderr, "pretrain: wrote %s/loss.csv, loss.svg and %s (sample it with mixshow sample --model %s)\n",
                            a->out, path, path);
 done:
-    if (csv) fclose(csv);
-    if (caps) for (int b = 0; b < a->batch; b++) free(caps[b]);
-    free(caps);
-    ms_free_aligned(lat);
-    free(losses);
+    if (r.caps) for (int b = 0; b < a->batch; b++) free(r.caps[b]);
+    free(r.caps);
+    ms_free_aligned(r.lat);
     pre_data_free(&d);
-    ms_pretrainer_free(p);
+    ms_pretrainer_free(r.p);
     ms_model_free(&m);
     if (tok_ok) clip_tokenizer_free(&tok);
-    free(g);
+    free(r.g);
     return s;
+}
+
+/* ---- stages ---- */
+/* In the order --stage all runs them; a checkpoint's metadata format names the stage it resumes. */
+typedef struct {
+    const char *name, *format;
+    MsStatus (*run)(const PreArgs *a, const char *resume);
+} PreStage;
+static const PreStage STAGES[] = { { "vae", VAE_FORMAT, stage_vae }, { "unet", UNET_FORMAT, stage_unet } };
+#define N_STAGES ((int)(sizeof STAGES / sizeof STAGES[0]))
+
+/* --stage S (one) or all (every stage in order); --resume starts at its checkpoint's stage. */
+static MsStatus pretrain_run(const PreArgs *a) {
+    int first = 0, last = N_STAGES - 1;
+    MsStatus s;
+    if (strcmp(a->stage, "all")) {
+        for (first = 0; first < N_STAGES && strcmp(STAGES[first].name, a->stage); first++) {}
+        if (first == N_STAGES) return ms_errorf(MS_ERR_ARG, "pretrain: --stage %s: expected vae, unet or all", a->stage);
+        last = first;
+    }
+    if (a->resume) {
+        char fmt[256];
+        int r = 0;
+        if ((s = pre_format(a->resume, fmt, sizeof fmt))) return s;
+        while (r < N_STAGES && strcmp(STAGES[r].format, fmt)) r++;
+        if (r == N_STAGES)
+            return ms_errorf(MS_ERR_FORMAT, "%s: not a mixshow pretrain checkpoint (metadata format '%s')", a->resume, fmt);
+        if (r < first || r > last)
+            return ms_errorf(MS_ERR_ARG, "%s: a checkpoint of the %s stage, not of --stage %s", a->resume, STAGES[r].name, a->stage);
+        first = r;
+    }
+    for (int i = first; i <= last; i++)
+        if ((s = STAGES[i].run(a, a->resume && i == first ? a->resume : NULL))) return s;
+    return MS_OK;
 }
 
 int cmd_pretrain(int argc, char **argv) {
@@ -554,6 +920,11 @@ int cmd_pretrain(int argc, char **argv) {
     a.n_ch = 3; a.ch[0] = 32; a.ch[1] = 64; a.ch[2] = 64;
     a.n_heads = 3; a.heads[0] = 2; a.heads[1] = 4; a.heads[2] = 4;
     a.layers = 1; a.groups = 8; a.text_width = 64; a.text_layers = 2; a.text_heads = 2;
+    a.stage = "all";
+    ms_vae_pretrain_config_defaults(&a.vpc);
+    a.vae_steps = 1000; a.vae_batch = 8;
+    a.n_vae_ch = 3; a.vae_ch[0] = 32; a.vae_ch[1] = 64; a.vae_ch[2] = 64;
+    a.vae_layers = 1; a.vae_groups = 8; a.vae_latent = 4;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i];
         if (!strcmp(o, "--help") || !strcmp(o, "-h")) { pretrain_usage(stdout); return 0; }
@@ -569,13 +940,19 @@ int cmd_pretrain(int argc, char **argv) {
         else if (!strcmp(o, "--tokenizer")) a.tok_dir = v;
         else if (!strcmp(o, "--model-config")) a.model_config = v;
         else if (!strcmp(o, "--resume")) a.resume = v;
+        else if (!strcmp(o, "--stage")) a.stage = v;
         else if (!strcmp(o, "--channels")) ok = parse_list(v, a.ch, &a.n_ch);
         else if (!strcmp(o, "--heads")) ok = parse_list(v, a.heads, &a.n_heads);
-        else if (!strcmp(o, "--lr") || !strcmp(o, "--weight-decay") || !strcmp(o, "--uncond")) {
+        else if (!strcmp(o, "--vae-channels")) ok = parse_list(v, a.vae_ch, &a.n_vae_ch);
+        else if (!strcmp(o, "--vae-loss")) { ok = !strcmp(v, "l1") || !strcmp(v, "mse"); a.vpc.mse = !strcmp(v, "mse"); }
+        else if (!strcmp(o, "--lr") || !strcmp(o, "--weight-decay") || !strcmp(o, "--uncond") || !strcmp(o, "--vae-lr") ||
+                 !strcmp(o, "--kl-weight")) {
             x = strtod(v, &end);
             ok = end != v && !*end && x >= 0 && x <= 10;
             if (!strcmp(o, "--lr")) a.pc.lr = x;
             else if (!strcmp(o, "--weight-decay")) a.pc.weight_decay = x;
+            else if (!strcmp(o, "--vae-lr")) a.vpc.lr = x;
+            else if (!strcmp(o, "--kl-weight")) a.vpc.kl_weight = x;
             else { a.pc.uncond_p = x; ok = ok && x <= 1; }
         } else {
             n = strtoll(v, &end, 10);
@@ -594,6 +971,12 @@ int cmd_pretrain(int argc, char **argv) {
             else if (!strcmp(o, "--text-layers")) { a.text_layers = (int)n; ok = ok && n >= 1 && n <= 48; }
             else if (!strcmp(o, "--text-heads")) { a.text_heads = (int)n; ok = ok && n >= 1; }
             else if (!strcmp(o, "--threads")) { a.threads = (int)n; ok = ok && n >= 1 && n <= 1024; }
+            else if (!strcmp(o, "--vae-steps")) a.vae_steps = n;
+            else if (!strcmp(o, "--vae-warmup")) a.vpc.warmup = n;
+            else if (!strcmp(o, "--vae-batch")) { a.vae_batch = (int)n; ok = ok && n >= 1 && n <= 64; }
+            else if (!strcmp(o, "--vae-layers")) { a.vae_layers = (int)n; ok = ok && n >= 1 && n <= MS_VAE_MAX_LAYERS; }
+            else if (!strcmp(o, "--vae-groups")) { a.vae_groups = (int)n; ok = ok && n >= 1; }
+            else if (!strcmp(o, "--vae-latent")) { a.vae_latent = (int)n; ok = ok && n >= 1 && n <= 64; }
             else { fprintf(stderr, "mixshow pretrain: unknown option %s (see --help)\n", o); return 2; }
         }
         if (!ok) { fprintf(stderr, "mixshow pretrain: %s %s: not a valid value (see --help)\n", o, v); return 2; }

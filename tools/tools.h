@@ -383,6 +383,9 @@ MsStatus ms_copy_file(const char *from, const char *to);   /* byte copy (tools/c
 /* m as a diffusers folder at out (built in out.tmp, then renamed; out must not exist): configs,
  * unet/ vae/ text_encoder/ weights (F16 when half), the tokenizer files of tokdir. */
 MsStatus ms_write_model_folder(const MsModel *m, const char *tokdir, const char *out, int half);
+/* A diffusers AutoencoderKL folder at out (out.tmp, renamed; out must not exist): config.json
+ * and diffusion_pytorch_model.safetensors (f32), what `mixshow pretrain --vae` reads. */
+MsStatus ms_write_vae_folder(const VaeConfig *c, const MsParamTable *t, const char *out);
 /* The configs of a diffusers folder written from m's: DIR/model_index.json, unet/config.json,
  * vae/config.json, text_encoder/config.json, scheduler/scheduler_config.json (subfolders exist). */
 MsStatus ms_write_model_configs(const MsModel *m, const char *dir);
