@@ -848,6 +848,31 @@ MsStatus adapter_sizes(const AdapterConfig *c, int N, int H, int W, size_t *scra
  * No adapter_conditioning_scale here: the caller scales the features. */
 MsStatus adapter_forward(const AdapterParams *p, Arena *scratch, float *const *features, const float *cond,
                          int N, int H, int W);
+/* Full-parameter training (issue 15, `mixshow pretrain --stage adapters`). adapter_forward_train
+ * runs the same forward as adapter_forward (one code path; bit-identical features) but keeps
+ * every activation on a tape carved from the arena (adapter_train_sizes bytes; it lives until the
+ * caller resets the arena). Weights must be f32 (MS_ERR_UNSUPPORTED otherwise).
+ * adapter_backward_full, given dfeat[i] = dL/dfeature i (NULL array or entries: 0), ACCUMULATES
+ * (+=) the gradient of every parameter into dp (an AdapterParams made by adapter_params_init
+ * over an f32 table of ms_param_table_adapter + ms_param_table_alloc, zeroed by the caller) and
+ * dL/dcond into dcond (NULL: not wanted). The tape's gradient buffers are reused: one backward
+ * per forward. */
+typedef struct {
+    AdapterConfig cfg;
+    const AdapterParams *p;                   /* the weights of the forward (NULL: no forward yet) */
+    int N, H, W;
+    float *x0;                                /* (N, Cin*f*f, H/f, W/f) PixelUnshuffle(cond): conv_in's input */
+    float *pool[MS_MAX_BLOCKS];               /* (N, C_{i-1}, h_i, w_i) AvgPool output, in_conv's input
+                                               * (NULL: block i has no in_conv, pools straight into x[i][0]) */
+    float *x[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES + 1];  /* (N, C_i, h_i, w_i) x[i][j]: input of resnet j;
+                                               * x[i][R] = feature i (R = num_res_blocks) */
+    float *r[MS_MAX_BLOCKS][MS_ADAPTER_MAX_RES];      /* relu(block1(x[i][j])): block2's input */
+    float *u;                                 /* block2's output before the residual add (scratch) */
+    float *g[3];                              /* backward's gradient buffers, the largest activation each */
+} AdapterTape;
+MsStatus adapter_train_sizes(const AdapterConfig *c, int N, int H, int W, size_t *bytes);
+MsStatus adapter_forward_train(AdapterTape *t, Arena *ar, const AdapterParams *p, const float *cond, int N, int H, int W);
+MsStatus adapter_backward_full(AdapterTape *t, const AdapterParams *dp, float *dcond, const float *const *dfeat);
 
 /* ==========================================================================================
  * Models: CLIP tokenizer and text encoder (models/clip.c)
@@ -1275,6 +1300,11 @@ typedef struct {
     const int32_t *probe_cols;       /* (N, probe_ncol) key positions in [0, Tk); kept until backward */
     float *const *probe;             /* ms_unet_cross_attn_layers() entries (NULL entries skipped) */
     const float *const *dprobe;      /* the same shapes; read by unet_backward */
+    /* T2I-Adapter training, set by the caller after unet_acts_init (which zeroes it: off): NULL or
+     * n_blocks pointers (NULL entries: not wanted); unet_backward ACCUMULATES into dadapter[i]
+     * dL/d(adapter residual i), the shape unet_forward's adapter[i] has: the gradient arriving
+     * where the residual was added (whether or not the forward had one). Training mode only. */
+    float *const *dadapter;
     /* Regionally controllable sampling (Mix-of-Show RegionT2I_AttnProcessor), inference mode
      * only; NULL (unet_acts_init's value): plain cross-attention. See UNetRegions. */
     const struct UNetRegions *regions;

@@ -1,6 +1,6 @@
 /* models/adapter.c — T2I-Adapter, full_adapter (diffusers 0.19.3 models/adapter.py T2IAdapter /
  * FullAdapter / AdapterBlock / AdapterResnetBlock; TencentARC ldm/modules/encoders/adapter.py
- * Adapter), forward only.
+ * Adapter): forward, and the training forward + full-parameter backward (issue 15).
  *
  *   x = PixelUnshuffle(f)(cond)            (N, Cin*f*f, H/f, W/f), channel c*f*f + dy*f + dx
  *   x = conv_in(x)                         3x3 pad 1 -> channels[0]
@@ -104,6 +104,38 @@ MsStatus adapter_sizes(const AdapterConfig *c, int N, int H, int W, size_t *scra
     return MS_OK;
 }
 
+/* The forward over the buffers of a tape. Training gives every activation its own buffer;
+ * inference (adapter_forward) aliases them: x0, pool and r share one scratch buffer and every
+ * x[i][j] is features[i], updated in place. Either way the same ops run on the same values. */
+static void adapter_run(const AdapterParams *p, const MsWeightStage *ws, const AdapterTape *t, const float *cond) {
+    const AdapterConfig *c = &p->cfg;
+    const int f = c->downscale_factor, R = c->num_res_blocks, N = t->N;
+    int h = t->H / f, w = t->W / f;
+    pixel_unshuffle_forward(t->x0, cond, N, c->in_channels, t->H, t->W, f);
+    conv2d_forward(t->x[0][0], t->x0, WT(ws, p->conv_in_w, 0), WT(ws, p->conv_in_b, 1), N, c->in_channels * f * f,
+                   c->channels[0], h, w, 3, 1, 1);
+    for (int i = 0; i < c->n_channels; i++) {
+        const int C = c->channels[i];
+        if (i > 0) {                                    /* Downsample2D without conv: AvgPool2d(2) */
+            const int Cp = c->channels[i - 1];
+            avgpool2x2_forward(p->in_conv_w[i] ? t->pool[i] : t->x[i][0], t->x[i - 1][R], N, Cp, h, w);
+            h /= 2; w /= 2;
+            if (p->in_conv_w[i])
+                conv2d_forward(t->x[i][0], t->pool[i], WT(ws, p->in_conv_w[i], 0), WT(ws, p->in_conv_b[i], 1), N, Cp, C,
+                               h, w, 1, 1, 0);
+        }
+        const size_t nx = (size_t)N * C * h * w;
+        for (int j = 0; j < R; j++) {                   /* AdapterResnetBlock: x + block2(relu(block1(x))) */
+            conv2d_forward(t->r[i][j], t->x[i][j], WT(ws, p->block1_w[i][j], 0), WT(ws, p->block1_b[i][j], 1), N, C, C,
+                           h, w, 3, 1, 1);
+            relu_forward(t->r[i][j], t->r[i][j], nx);
+            conv2d_forward(t->u, t->r[i][j], WT(ws, p->block2_w[i][j], 0), WT(ws, p->block2_b[i][j], 1), N, C, C, h, w,
+                           1, 1, 0);
+            add_forward(t->x[i][j + 1], t->u, t->x[i][j], nx);
+        }
+    }
+}
+
 MsStatus adapter_forward(const AdapterParams *p, Arena *scratch, float *const *features, const float *cond,
                          int N, int H, int W) {
     const AdapterConfig *c = &p->cfg;
@@ -120,29 +152,147 @@ MsStatus adapter_forward(const AdapterParams *p, Arena *scratch, float *const *f
         return ms_errorf(MS_ERR_NOMEM, "adapter_forward: scratch arena too small (%zu bytes needed)", bytes);
     }
     ws.vec[0] = ws.mat + mat;
-    const int f = c->downscale_factor, R = c->num_res_blocks;
-    int h = H / f, w = W / f;
-    pixel_unshuffle_forward(t, cond, N, c->in_channels, H, W, f);
-    conv2d_forward(features[0], t, WT(&ws, p->conv_in_w, 0), WT(&ws, p->conv_in_b, 1), N, c->in_channels * f * f,
-                   c->channels[0], h, w, 3, 1, 1);
+    AdapterTape a;                                      /* the aliased buffers (see adapter_run) */
+    memset(&a, 0, sizeof a);
+    a.N = N; a.H = H; a.W = W; a.x0 = t; a.u = u;
     for (int i = 0; i < c->n_channels; i++) {
-        const int C = c->channels[i];
-        float *x = features[i];                         /* (N, C, h, w), updated in place */
-        if (i > 0) {
-            const int Cp = c->channels[i - 1];
-            avgpool2x2_forward(p->in_conv_w[i] ? t : x, features[i - 1], N, Cp, h, w);
-            h /= 2; w /= 2;
-            if (p->in_conv_w[i])
-                conv2d_forward(x, t, WT(&ws, p->in_conv_w[i], 0), WT(&ws, p->in_conv_b[i], 1), N, Cp, C, h, w, 1, 1, 0);
-        }
-        const size_t nx = (size_t)N * C * h * w;
-        for (int j = 0; j < R; j++) {                   /* AdapterResnetBlock: h = block2(relu(block1(x))); x + h */
-            conv2d_forward(t, x, WT(&ws, p->block1_w[i][j], 0), WT(&ws, p->block1_b[i][j], 1), N, C, C, h, w, 3, 1, 1);
-            relu_forward(t, t, nx);
-            conv2d_forward(u, t, WT(&ws, p->block2_w[i][j], 0), WT(&ws, p->block2_b[i][j], 1), N, C, C, h, w, 1, 1, 0);
-            add_forward(x, u, x, nx);
+        a.pool[i] = t;
+        for (int j = 0; j <= c->num_res_blocks; j++) a.x[i][j] = features[i];
+        for (int j = 0; j < c->num_res_blocks; j++) a.r[i][j] = t;
+    }
+    adapter_run(p, &ws, &a, cond);
+    arena_reset(scratch, mark);
+    return MS_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Training (issue 15): the forward on a tape, full-parameter backward                       */
+/* ---------------------------------------------------------------------------------------- */
+/* Carves the tape's buffers from ar (NULL: only counts *bytes, the planned size). */
+static MsStatus adapter_tape_carve(AdapterTape *t, Arena *ar, const AdapterConfig *c, int N, int H, int W,
+                                   size_t *bytes) {
+    const int f = c->downscale_factor, R = c->num_res_blocks;
+    size_t P = (size_t)(H / f) * (W / f), big = (size_t)N * c->in_channels * f * f * P, feat = 0;
+    for (int i = 0; i < c->n_channels; i++) {           /* the largest activation (gradient buffers) */
+        const size_t n = (size_t)N * c->channels[i] * (P >> 2 * i);
+        big = n > big ? n : big;
+        feat = n > feat ? n : feat;
+    }
+    int ok = 1;
+    *bytes = 64;                                        /* the arena's first alignment */
+#define CARVE(dst, n) do { size_t n_ = (n); *bytes += (n_ * sizeof(float) + 63) & ~(size_t)63; \
+                           if (ar) { (dst) = arena_floats(ar, n_); ok = ok && (dst) != NULL; } } while (0)
+    CARVE(t->x0, (size_t)N * c->in_channels * f * f * P);
+    for (int i = 0; i < c->n_channels; i++) {
+        const size_t Pi = P >> 2 * i, n = (size_t)N * c->channels[i] * Pi;
+        if (i > 0 && c->channels[i - 1] != c->channels[i]) CARVE(t->pool[i], (size_t)N * c->channels[i - 1] * Pi);
+        for (int j = 0; j <= R; j++) CARVE(t->x[i][j], n);
+        for (int j = 0; j < R; j++) CARVE(t->r[i][j], n);
+    }
+    CARVE(t->u, feat);
+    for (int k = 0; k < 3; k++) CARVE(t->g[k], big);
+#undef CARVE
+    if (!ok) return ms_errorf(MS_ERR_NOMEM, "adapter training: arena too small (%zu bytes planned, %zu free)", *bytes,
+                              ar->cap - ar->used);
+    return MS_OK;
+}
+
+MsStatus adapter_train_sizes(const AdapterConfig *c, int N, int H, int W, size_t *bytes) {
+    MsStatus s;
+    AdapterTape t;
+    *bytes = 0;
+    if ((s = adapter_check_config(c)) || (s = adapter_check_size(c, N, H, W, "adapter_train_sizes"))) return s;
+    return adapter_tape_carve(&t, NULL, c, N, H, W, bytes);
+}
+
+/* Every parameter of p is an f32 buffer (what: "weights" or "gradients", for the message). */
+static MsStatus adapter_check_f32(const AdapterParams *p, const char *fn, const char *what) {
+    const AdapterConfig *c = &p->cfg;
+    const MsParam *q[2 + 2 * MS_MAX_BLOCKS * (1 + 2 * MS_ADAPTER_MAX_RES)];
+    int n = 0;
+    q[n++] = p->conv_in_w; q[n++] = p->conv_in_b;
+    for (int i = 0; i < c->n_channels; i++) {
+        if (p->in_conv_w[i]) { q[n++] = p->in_conv_w[i]; q[n++] = p->in_conv_b[i]; }
+        for (int j = 0; j < c->num_res_blocks; j++) {
+            q[n++] = p->block1_w[i][j]; q[n++] = p->block1_b[i][j];
+            q[n++] = p->block2_w[i][j]; q[n++] = p->block2_b[i][j];
         }
     }
-    arena_reset(scratch, mark);
+    for (int k = 0; k < n; k++)
+        if (!q[k] || !q[k]->f32)
+            return ms_errorf(MS_ERR_UNSUPPORTED, "%s: %s %s is not f32 (full-parameter training needs f32 %s; load the "
+                             "table as f32)", fn, what, q[k] ? q[k]->name : "(missing)", what);
+    return MS_OK;
+}
+
+MsStatus adapter_forward_train(AdapterTape *t, Arena *ar, const AdapterParams *p, const float *cond, int N, int H, int W) {
+    MsStatus s;
+    size_t bytes;
+    memset(t, 0, sizeof *t);
+    if (!ar || !p) return ms_errorf(MS_ERR_ARG, "adapter_forward_train: no arena or parameters");
+    if ((s = adapter_check_config(&p->cfg)) || (s = adapter_check_size(&p->cfg, N, H, W, "adapter_forward_train")) ||
+        (s = adapter_check_f32(p, "adapter_forward_train", "weights")))
+        return s;
+    if ((s = adapter_tape_carve(t, ar, &p->cfg, N, H, W, &bytes))) { memset(t, 0, sizeof *t); return s; }
+    t->cfg = p->cfg; t->N = N; t->H = H; t->W = W;
+    const MsWeightStage none = { NULL, { NULL, NULL }, NULL, 0 };   /* f32 weights: no staging */
+    adapter_run(p, &none, t, cond);
+    t->p = p;
+    return MS_OK;
+}
+
+/* The forward's ops in reverse. With g the gradient of x[i][j+1] = x[i][j] + block2(relu(block1(x[i][j]))):
+ *   dW2 += g r^T, db2 += sum g, dr = W2^T g       (1x1 conv; r = relu(block1(x)), the tape's)
+ *   da = dr * [r > 0]                             (relu' from its output: r > 0 iff its input > 0)
+ *   dW1 += da (*) x, db1 += sum da, dx[i][j] = g + conv1^T(da)        (the skip passes g on)
+ * dfeat[i] joins g at x[i][R]; in_conv (1x1) and AvgPool2d(2) (each input gets 1/4 of its output's
+ * gradient) carry it to level i-1; conv_in and PixelUnshuffle (a permutation) to the condition. */
+MsStatus adapter_backward_full(AdapterTape *t, const AdapterParams *dp, float *dcond, const float *const *dfeat) {
+    MsStatus s;
+    if (!t->p) return ms_errorf(MS_ERR_ARG, "adapter_backward_full: no complete forward pass on this tape");
+    if (!dp) return ms_errorf(MS_ERR_ARG, "adapter_backward_full: no gradient parameters");
+    if (memcmp(&dp->cfg, &t->cfg, sizeof t->cfg))
+        return ms_errorf(MS_ERR_ARG, "adapter_backward_full: the gradients belong to a different config");
+    if ((s = adapter_check_f32(dp, "adapter_backward_full", "gradients"))) return s;
+    const AdapterParams *p = t->p;
+    const AdapterConfig *c = &t->cfg;
+    const int f = c->downscale_factor, R = c->num_res_blocks, N = t->N, n = c->n_channels;
+    int h = t->H / f >> (n - 1), w = t->W / f >> (n - 1);
+    float *g = t->g[0], *dr = t->g[1], *da = t->g[2];
+    memset(g, 0, (size_t)N * c->channels[n - 1] * h * w * sizeof(float));
+    for (int i = n - 1; i >= 0; i--) {
+        const int C = c->channels[i];
+        const size_t nx = (size_t)N * C * h * w;
+        if (dfeat && dfeat[i]) add_forward(g, g, dfeat[i], nx);
+        for (int j = R - 1; j >= 0; j--) {
+            memset(dr, 0, nx * sizeof(float));
+            conv2d_backward(dr, dp->block2_w[i][j]->f32, dp->block2_b[i][j]->f32, g, t->r[i][j], p->block2_w[i][j]->f32,
+                            N, C, C, h, w, 1, 1, 0, 0, 0, 0);
+            memset(da, 0, nx * sizeof(float));
+            relu_backward(da, dr, t->r[i][j], nx);
+            conv2d_backward(g, dp->block1_w[i][j]->f32, dp->block1_b[i][j]->f32, da, t->x[i][j], p->block1_w[i][j]->f32,
+                            N, C, C, h, w, 3, 1, 1, 1, 1, 1);
+        }
+        if (i > 0) {                                    /* g: dL/dx[i][0] -> dL/dx[i-1][R] */
+            const int Cp = c->channels[i - 1];
+            const float *dpool = g;
+            if (p->in_conv_w[i]) {
+                memset(dr, 0, (size_t)N * Cp * h * w * sizeof(float));
+                conv2d_backward(dr, dp->in_conv_w[i]->f32, dp->in_conv_b[i]->f32, g, t->pool[i], p->in_conv_w[i]->f32,
+                                N, Cp, C, h, w, 1, 1, 0, 0, 0, 0);
+                dpool = dr;
+            }
+            h *= 2; w *= 2;
+            memset(da, 0, (size_t)N * Cp * h * w * sizeof(float));
+            avgpool2x2_backward(da, dpool, N, Cp, h, w);
+            float *tmp = g; g = da; da = tmp;
+        } else {                                        /* conv_in, PixelUnshuffle */
+            const int Ci = c->in_channels * f * f;
+            if (dcond) memset(dr, 0, (size_t)N * Ci * h * w * sizeof(float));
+            conv2d_backward(dcond ? dr : NULL, dp->conv_in_w->f32, dp->conv_in_b->f32, g, t->x0,
+                            dcond ? p->conv_in_w->f32 : NULL, N, Ci, c->channels[0], h, w, 3, 1, 1, 1, 1, 1);
+            if (dcond) pixel_unshuffle_backward(dcond, dr, N, c->in_channels, t->H, t->W, f);
+        }
+    }
     return MS_OK;
 }

@@ -1375,6 +1375,18 @@ static void unet_time_backward(const UNetParams *p, const UNetParams *dp, const 
     linear_backward(NULL, DW(dp, time1_w), DW(dp, time1_b), du, e0, NULL, N, C0, E);
 }
 
+/* T2I-Adapter training: dadapter[i] += dh, the gradient where unet_forward added adapter[i] (n floats). */
+static void adapter_grad(const UNetActs *a, int i, const float *dh, size_t n) {
+    if (a->dadapter && a->dadapter[i]) add_forward(a->dadapter[i], a->dadapter[i], dh, n);
+}
+
+/* Whether a residual gradient is wanted for a down block below i (the backward must go on). */
+static int adapter_grad_below(const UNetActs *a, int i) {
+    for (int k = 0; a->dadapter && k < i; k++)
+        if (a->dadapter[k]) return 1;
+    return 0;
+}
+
 MsStatus unet_backward(UNetActs *a, const UNetParams *p, const UNetLora *lora, UNetLora *dlora,
                        const float *deps, float *dctx, float *const *dlayer_ctx) {
     return unet_backward_full(a, p, lora, dlora, NULL, deps, dctx, dlayer_ctx);
@@ -1498,6 +1510,7 @@ MsStatus unet_backward_full(UNetActs *a, const UNetParams *p, const UNetLora *lo
         if (i < n - 1) {
             int Ho = a->lh[i + 1], Wo = a->lw[i + 1], pad = c->downsample_padding;
             add_forward(dh, dh, a->dskip[1 + i * (L + 1) + L], (size_t)N * C * Ho * Wo);  /* its skip */
+            if (!cross) adapter_grad(a, i, dh, (size_t)N * C * Ho * Wo);   /* DownBlock2D: after its downsampler */
             float *d = grad_next(a, &g, (size_t)N * C * P);
             conv2d_backward(d, DW(dp, down_w[i]), DW(dp, down_b[i]), dh, a->skip[i * (L + 1) + L], WT(p, down_w[i], 0),
                             N, C, C, H, W, 3, 2, pad, pad, pad ? pad : 1, pad ? pad : 1);   /* input: the last layer's output */
@@ -1505,6 +1518,7 @@ MsStatus unet_backward_full(UNetActs *a, const UNetParams *p, const UNetLora *lo
         }
         for (int j = L - 1; j >= 0; j--) {
             add_forward(dh, dh, a->dskip[1 + i * (L + 1) + j], (size_t)N * C * P);
+            if (j == L - 1 && (cross || i == n - 1)) adapter_grad(a, i, dh, (size_t)N * C * P);   /* the block's output */
             if (cross) {
                 it--;
                 float *d = grad_next(a, &g, (size_t)N * C * P);
@@ -1515,7 +1529,7 @@ MsStatus unet_backward_full(UNetActs *a, const UNetParams *p, const UNetLora *lo
                 dh = d;
             }
             ir--;
-            if (it == 0 && !dp) return MS_OK;     /* nothing trainable feeds this resnet's input */
+            if (it == 0 && !dp && !adapter_grad_below(a, i)) return MS_OK;   /* nothing trainable feeds this resnet's input */
             const UNetResnetParams *rp = &p->res[ir];
             float *d = grad_next(a, &g, (size_t)N * rp->cin * P);
             unet_resnet_backward(d, dh, &a->res[ir], rp, dp ? &dp->res[ir] : NULL, dtemb, a->temb, dtp, N, H, W, E, G,

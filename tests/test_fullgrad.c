@@ -134,15 +134,15 @@ static void cmp_golden(const StFile *f, const char *net, const MsParamTable *g, 
 /* Rounding noise of L (the float32 forward sums thousands of rounded terms into it) as the
  * differences see it (ECnoise, More & Wild 2011): L at x_k + i delta, i = -4..4, along a
  * coordinate; a 6th difference of 7 of those points cancels the smooth part (delta^6 L^(6):
- * nothing at delta = FD_EPS / 16) and leaves noise of variance C(12,6) sigma^2 = 924 sigma^2.
+ * nothing at delta = h / 16) and leaves noise of variance C(12,6) sigma^2 = 924 sigma^2.
  * Pooled rms over 2 coordinates of one tensor. It depends on where a coordinate sits: on the
  * UNet the tensors' figures span 7e-7 .. 1.8e-6, and coordinates within a tensor vary too (the
  * differences of down_blocks.0...attn1.to_out.0.weight[55] deviate 4-5 of its tensor's sigma),
  * so fd_all judges every tensor against the LARGEST figure measured over the net. 1-ulp moves
  * (the previous estimate) keep most roundings and under-read it (text encoder: 9.1e-7 against
  * 1.5e-6). */
-static double loss_noise(double (*loss)(void *), void *ctx, MsParam *p) {
-    const float delta = FD_EPS / 16.0f;
+static double loss_noise(double (*loss)(void *), void *ctx, MsParam *p, float h) {
+    const float delta = h / 16.0f;
     double s2 = 0.0;
     int cnt = 0;
     for (int j = 1; j <= 2; j++) {
@@ -155,12 +155,13 @@ static double loss_noise(double (*loss)(void *), void *ctx, MsParam *p) {
         }
         p->f32[k] = x0;
         for (int a = 0; a + 6 < 9; a++) {
+            if (!isfinite(l[a] + l[a + 1] + l[a + 2] + l[a + 3] + l[a + 4] + l[a + 5] + l[a + 6])) continue;   /* a kink */
             double d6 = l[a] - 6.0 * l[a + 1] + 15.0 * l[a + 2] - 20.0 * l[a + 3] + 15.0 * l[a + 4] - 6.0 * l[a + 5] + l[a + 6];
             s2 += d6 * d6 / 924.0;
             cnt++;
         }
     }
-    return sqrt(s2 / cnt);
+    return cnt ? sqrt(s2 / cnt) : 0.0;
 }
 
 /* Central differences (STYLE.md §8) at ~per coordinates of x (stride 1 + n / per), the loss summed
@@ -181,9 +182,11 @@ static double loss_noise(double (*loss)(void *), void *ctx, MsParam *p) {
  *   |num - dx| / max(|num| + |dx|, 1e-3 max |dx| (STYLE.md's floor), FD_NOISE_K sigma_num)
  * so a gradient below what the differences can resolve is judged against that resolution (with
  * FD_NOISE_K = 500 and tolerance 1e-2: a 5 sigma deviation) instead of against itself.
- * *resolved counts the coordinates with |dx| above their noise floor, *romberg those using rom. */
+ * *resolved counts the coordinates with |dx| above their noise floor, *romberg those using rom.
+ * A loss that is not finite at some step marks a kink within it (the adapter's loss returns NaN
+ * when a ReLU changes side): the coordinate is skipped and counted in *kinked. */
 static double gradcheck_rich(double (*loss)(void *), void *ctx, float *x, const float *dx, size_t n, int per,
-                             float h, double sigma_l, size_t *resolved, size_t *romberg) {
+                             float h, double sigma_l, size_t *resolved, size_t *romberg, size_t *kinked) {
     const double sig_big = sqrt(8.0 / 9.0 + 1.0 / 72.0) * sigma_l / h;
     /* rom = 81/70 D(h/3) - 1/6 D(h) + 1/105 D(2h) */
     const double sig_rom = sqrt((81.0 * 81.0 / 4900.0 * 9.0 + 1.0 / 36.0 + 1.0 / 105.0 / 105.0 / 4.0) / 2.0) * sigma_l / h;
@@ -199,6 +202,7 @@ static double gradcheck_rich(double (*loss)(void *), void *ctx, float *x, const 
             x[k] = x0;
             d[m] = (lp - lm) / ((double)xp - (double)xm);   /* the steps as rounded to float */
         }
+        if (!isfinite(d[0] + d[1] + d[2])) { (*kinked)++; continue; }
         const double big = (4.0 * d[1] - d[2]) / 3.0, rom = (36.0 * (9.0 * d[0] - d[1]) / 8.0 - big) / 35.0;
         const double allow = FD_TOL / 5.0 * fmax(fmax(2.0 * fabs(big), 1e-3 * gmax), FD_NOISE_K * sig_big);
         const int use_rom = fabs(big - rom) > allow;
@@ -215,19 +219,20 @@ static double gradcheck_rich(double (*loss)(void *), void *ctx, float *x, const 
 }
 
 /* Central differences of every parameter tensor of w (gradients in g); one check per tensor. */
-static void fd_all(const char *net, MsParamTable *w, const MsParamTable *g, double (*loss)(void *), void *ctx, int per) {
+static void fd_all(const char *net, MsParamTable *w, const MsParamTable *g, double (*loss)(void *), void *ctx, int per,
+                   float h) {
     double worst = 0.0, gmax = max_abs_table(g), t0 = ms_time();
     double sig_lo = HUGE_VAL, sig_hi = 0.0;
     for (int i = 0; i < w->n; i++) {
         MsParam *p = &w->p[i];
         if ((p->flags & MS_PARAM_BUFFER) || !p->f32) continue;
-        const double sg = loss_noise(loss, ctx, p);
+        const double sg = loss_noise(loss, ctx, p, h);
         sig_lo = fmin(sig_lo, sg); sig_hi = fmax(sig_hi, sg);
     }
     const double sigma_l = sig_hi;
     const char *wname = "";
     int n = 0;
-    size_t coords = 0, resolved = 0, small = 0;
+    size_t coords = 0, resolved = 0, small = 0, kinked = 0;
     for (int i = 0; i < w->n; i++) {
         MsParam *p = &w->p[i];
         const MsParam *d = &g->p[i];
@@ -238,17 +243,17 @@ static void fd_all(const char *net, MsParamTable *w, const MsParamTable *g, doub
             check(m <= 1e-6 * gmax, "%s d%s is 0 up to rounding: max %.2e", net, p->name, m);
             continue;
         }
-        double e = gradcheck_rich(loss, ctx, p->f32, d->f32, p->numel, per, FD_EPS, sigma_l, &resolved, &small);
+        double e = gradcheck_rich(loss, ctx, p->f32, d->f32, p->numel, per, h, sigma_l, &resolved, &small, &kinked);
         coords += (p->numel + p->numel / (size_t)per) / (1 + p->numel / (size_t)per);
         if (e > worst) { worst = e; wname = p->name; }
         check(e <= FD_TOL, "%s central differences d%s: worst rel err %.2e", net, p->name, e);
         n++;
     }
+    check(2 * kinked <= coords, "%s central differences: %zu of %zu coordinates skipped at a kink", net, kinked, coords);
     printf("  %s: central differences (Richardson at h %.0e; Romberg with h/3 where its truncation shows: %zu) on %d tensors, %zu "
-           "coordinates (%zu above the noise floor, %d sigma of sigma_L = the largest of the tensors' %.1e .. %.1e; largest gradient %.2e): worst "
-           "rel err %.2e (%s; tol %.0e), %.1f s\n", net, (double)FD_EPS, small, n, coords, resolved, FD_NOISE_K, sig_lo,
-           sig_hi, gmax, worst,
-           wname, FD_TOL, ms_time() - t0);
+           "coordinates (%zu above the noise floor, %zu skipped at a kink, %d sigma of sigma_L = the largest of the tensors' %.1e .. "
+           "%.1e; largest gradient %.2e): worst rel err %.2e (%s; tol %.0e), %.1f s\n", net, (double)h, small, n, coords,
+           resolved, kinked, FD_NOISE_K, sig_lo, sig_hi, gmax, worst, wname, FD_TOL, ms_time() - t0);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -364,7 +369,7 @@ static void test_unet(void) {
             return;
         }
         unet_step(&u);
-        fd_all("unet", &u.w, &u.g, unet_loss, &u, test_full() ? 200 : 12);
+        fd_all("unet", &u.w, &u.g, unet_loss, &u, test_full() ? 200 : 12, FD_EPS);
     }
 
     /* refusals */
@@ -483,7 +488,7 @@ static void test_text(void) {
     free(keep);
 
     text_step(&r);
-    fd_all("text", &r.w, &r.g, text_loss, &r, 200);
+    fd_all("text", &r.w, &r.g, text_loss, &r, 200, FD_EPS);
 
     {   /* refusals: 16-bit weights */
         MsParamTable w16;
@@ -661,7 +666,7 @@ static void test_vae(void) {
     }
 
     vae_step(&v);
-    fd_all("vae", &v.w, &v.g, vae_loss, &v, test_full() ? 200 : 12);
+    fd_all("vae", &v.w, &v.g, vae_loss, &v, test_full() ? 200 : 12, FD_EPS);
 
     /* refusals */
     {
@@ -704,6 +709,336 @@ static void test_vae(void) {
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ms_free_aligned(bufs[i]);
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* T2I-Adapter (adapter_backward_full) and the UNet's residual gradients (UNetActs.dadapter)   */
+/* ---------------------------------------------------------------------------------------- */
+#define AD_GOLDEN "tests/data/adapter_fullgrad_golden.safetensors"
+
+static StFile GA;
+
+/* gen_adapter_fullgrad_golden.py UNET_A (which 0) / UNET_B (which 1) */
+static void ad_unet_cfg(UNetConfig *c, int which) {
+    ms_unet_config_sd15(c);
+    c->sample_size = 8;
+    c->n_blocks = 3;
+    for (int i = 0; i < 3; i++) {
+        c->attention_head_dim[i] = 2;
+        c->transformer_layers_per_block[i] = 1;
+        c->down_block_types[i] = (which ? i < 2 : i > 0) ? MS_BLOCK_CROSS_ATTN_DOWN : MS_BLOCK_DOWN;
+        c->up_block_types[2 - i] = c->down_block_types[i] == MS_BLOCK_DOWN ? MS_BLOCK_UP : MS_BLOCK_CROSS_ATTN_UP;
+    }
+    c->block_out_channels[0] = 4;
+    c->block_out_channels[1] = which ? 8 : 4;
+    c->block_out_channels[2] = 8;
+    c->layers_per_block = which ? 2 : 1;
+    c->norm_num_groups = 2;
+    c->cross_attention_dim = 16;
+}
+
+static void ad_cfg(AdapterConfig *c) {   /* gen_adapter_fullgrad_golden.py ADAPTER */
+    memset(c, 0, sizeof *c);
+    c->adapter_type = MS_ADAPTER_FULL;
+    c->in_channels = 2;
+    c->n_channels = 3;
+    c->channels[0] = 4; c->channels[1] = 8; c->channels[2] = 8;
+    c->num_res_blocks = 2;
+    c->downscale_factor = 4;
+}
+
+typedef struct {
+    UNetConfig c;
+    UNetActs a;
+    Arena acts, scratch;
+    UNetParams p;
+    MsParamTable w;
+    float *x, *t, *ctx, *R, *eps;
+    size_t nx, nres[3];
+    float *res[3], *dres[3];         /* residuals (part a: golden inputs; part b: the adapter's features) */
+    /* part b */
+    AdapterConfig ac;
+    MsParamTable aw, ag;
+    AdapterParams ap, adp;
+    AdapterTape tape;
+    Arena ar;
+    float *cond, *dcond;
+    size_t ncond;
+    /* the adapter alone: L = sum_i sum(Rf_i * feature_i); guard: NaN when a ReLU input changed side */
+    int pure, guard;
+    float *Rf[3];
+    uint64_t sig0;
+} AdRun;
+
+/* Which ReLU inputs are positive (r > 0 iff its input is), hashed (FNV-1a over the bits). */
+static uint64_t ad_relu_signature(const AdapterTape *t) {
+    uint64_t h = 1469598103934665603ull;
+    const int f = t->cfg.downscale_factor;
+    for (int i = 0; i < t->cfg.n_channels; i++) {
+        const size_t n = (size_t)t->N * t->cfg.channels[i] * (t->H / f >> i) * (t->W / f >> i);
+        for (int j = 0; j < t->cfg.num_res_blocks; j++)
+            for (size_t k = 0; k < n; k++) h = (h ^ (uint64_t)(t->r[i][j][k] > 0.0f)) * 1099511628211ull;
+    }
+    return h;
+}
+
+static int ad_unet_setup(AdRun *u, int which, const char *wprefix, const char *inprefix) {
+    const int N = 2, H = 8, W = 12, Tk = 5;
+    UNetSizes sz;
+    char key[64];
+    ad_unet_cfg(&u->c, which);
+    if (!check(ms_param_table_unet(&u->c, &u->w) == MS_OK, "adapter test unet table: %s", ms_last_error()) ||
+        !table_fill(&GA, &u->w, wprefix) ||
+        !check(unet_params_init(&u->p, &u->c, &u->w) == MS_OK, "adapter test unet params: %s", ms_last_error()))
+        return 0;
+    u->nx = (size_t)N * 4 * H * W;
+    snprintf(key, sizeof key, "%sx", inprefix); u->x = golden(&GA, key, u->nx);
+    snprintf(key, sizeof key, "%st", inprefix); u->t = golden(&GA, key, N);
+    snprintf(key, sizeof key, "%sctx", inprefix); u->ctx = golden(&GA, key, (size_t)N * Tk * 16);
+    snprintf(key, sizeof key, "%sR", inprefix); u->R = golden(&GA, key, u->nx);
+    u->eps = test_zeros(u->nx);
+    if (!u->x || !u->t || !u->ctx || !u->R) return 0;
+    if (!check(unet_sizes(&u->c, N, H, W, Tk, 1, &sz) == MS_OK && arena_init(&u->acts, sz.acts_bytes) == MS_OK &&
+               arena_init(&u->scratch, sz.scratch_bytes) == MS_OK &&
+               unet_acts_init(&u->a, &u->c, N, H, W, Tk, 1, &u->acts, &u->scratch) == MS_OK,
+               "adapter test unet activations: %s", ms_last_error()))
+        return 0;
+    for (int i = 0; i < 3; i++) {   /* residual i: the shape of down block i's output (unet_forward) */
+        const int lv = i + (u->c.down_block_types[i] == MS_BLOCK_DOWN && i < 2);
+        u->nres[i] = (size_t)N * u->c.block_out_channels[i] * u->a.lh[lv] * u->a.lw[lv];
+        u->dres[i] = test_zeros(u->nres[i]);
+    }
+    u->a.dadapter = u->dres;
+    return 1;
+}
+
+static void ad_unet_free(AdRun *u) {
+    unet_acts_free(&u->a);
+    arena_free(&u->acts); arena_free(&u->scratch);
+    unet_params_free(&u->p);
+    ms_param_table_free(&u->w);
+    float *b[] = { u->x, u->t, u->ctx, u->R, u->eps, u->dres[0], u->dres[1], u->dres[2] };
+    for (size_t i = 0; i < sizeof b / sizeof b[0]; i++) ms_free_aligned(b[i]);
+}
+
+/* sum(R * UNet(x, t, ctx, residuals)) in double; part b runs the adapter first */
+static double ad_loss(void *v) {
+    AdRun *u = (AdRun *)v;
+    if (u->cond) {
+        arena_reset(&u->ar, 0);
+        if (adapter_forward_train(&u->tape, &u->ar, &u->ap, u->cond, 2, 32, 48)) return NAN;
+        for (int i = 0; i < 3; i++) u->res[i] = u->tape.x[i][u->ac.num_res_blocks];
+        if (u->pure) {
+            if (u->guard && ad_relu_signature(&u->tape) != u->sig0) return NAN;
+            double s = 0.0;
+            for (int i = 0; i < 3; i++)
+                for (size_t k = 0; k < u->nres[i]; k++) s += (double)u->Rf[i][k] * u->res[i][k];
+            return s;
+        }
+    }
+    unet_forward(u->eps, &u->a, u->x, u->t, u->ctx, NULL, (const float *const *)u->res, &u->p, NULL);
+    double s = 0.0;
+    for (size_t i = 0; i < u->nx; i++) s += (double)u->R[i] * u->eps[i];
+    return s;
+}
+
+/* forward, zero the gradients, UNet backward (residual gradients), then the adapter's */
+static MsStatus ad_step(AdRun *u) {
+    MsStatus s = MS_OK;
+    ad_loss(u);
+    for (int i = 0; i < 3; i++) memset(u->dres[i], 0, u->nres[i] * sizeof(float));
+    if (!u->pure && ((s = unet_backward(&u->a, &u->p, NULL, NULL, u->R, NULL, NULL)) || !u->cond)) return s;
+    memset(u->ag.mem, 0, u->ag.mem_bytes);
+    memset(u->dcond, 0, u->ncond * sizeof(float));
+    return adapter_backward_full(&u->tape, &u->adp, u->dcond, (const float *const *)(u->pure ? u->Rf : u->dres));
+}
+
+/* the residual gradients and dcond bit-identical for 1 and 2 threads (and the adapter's table) */
+static void ad_threads(AdRun *u, const char *what) {
+    if (ms_max_threads() < 2) { printf("  (one core: the 1 vs 2 thread check needs two)\n"); return; }
+    float *keep[3];
+    unsigned char *g1 = u->cond ? (unsigned char *)malloc(u->ag.mem_bytes) : NULL;
+    float *dc1 = u->cond ? test_zeros(u->ncond) : NULL;
+    int old = ms_get_threads(), same = 1;
+    ms_set_threads(1);
+    ad_step(u);
+    for (int i = 0; i < 3; i++) { keep[i] = test_zeros(u->nres[i]); memcpy(keep[i], u->dres[i], u->nres[i] * sizeof(float)); }
+    if (u->cond) { memcpy(g1, u->ag.mem, u->ag.mem_bytes); memcpy(dc1, u->dcond, u->ncond * sizeof(float)); }
+    ms_set_threads(2);
+    ad_step(u);
+    ms_set_threads(old);
+    for (int i = 0; i < 3; i++) { same &= !memcmp(keep[i], u->dres[i], u->nres[i] * sizeof(float)); ms_free_aligned(keep[i]); }
+    if (u->cond) same &= !memcmp(g1, u->ag.mem, u->ag.mem_bytes) && !memcmp(dc1, u->dcond, u->ncond * sizeof(float));
+    check(same, "%s: every gradient bit-identical for 1 and 2 threads", what);
+    free(g1);
+    ms_free_aligned(dc1);
+}
+
+/* part a: unet_backward's dL/d(residual i), a UNet whose first block is a DownBlock2D with a
+ * downsampler (its residual after it) and whose last is a CrossAttnDownBlock2D */
+static void test_unet_residuals(void) {
+    AdRun u;
+    char key[64];
+    memset(&u, 0, sizeof u);
+    if (!ad_unet_setup(&u, 0, "a/w/", "a/in/")) { ad_unet_free(&u); return; }
+    for (int i = 0; i < 3; i++) {
+        snprintf(key, sizeof key, "a/in/res/%d", i);
+        u.res[i] = golden(&GA, key, u.nres[i]);
+        if (!u.res[i]) { ad_unet_free(&u); return; }
+    }
+    MsStatus s = ad_step(&u);
+    check(s == MS_OK, "unet_backward with residual gradients: %s", s ? ms_last_error() : "ok");
+    float *want = golden(&GA, "a/eps", u.nx);
+    if (want) check_close("unet (a) eps with residuals", u.eps, want, u.nx, GOLD_TOL, 0);
+    ms_free_aligned(want);
+    for (int i = 0; i < 3; i++) {
+        char what[64];
+        snprintf(key, sizeof key, "a/dres/%d", i);
+        snprintf(what, sizeof what, "unet (a) d residual %d (%s)", i,
+                 u.c.down_block_types[i] == MS_BLOCK_DOWN ? "DownBlock2D" : "CrossAttnDownBlock2D");
+        if ((want = golden(&GA, key, u.nres[i]))) check_close(what, u.dres[i], want, u.nres[i], GOLD_TOL, 0);
+        ms_free_aligned(want);
+    }
+    ad_threads(&u, "unet (a) residuals");
+    {   /* central differences on the residuals themselves */
+        MsParam rp[3], dp[3];
+        MsParamTable rt, dt;
+        memset(rp, 0, sizeof rp); memset(dp, 0, sizeof dp);
+        for (int i = 0; i < 3; i++) {
+            snprintf(rp[i].name, sizeof rp[i].name, "residual.%d", i);
+            rp[i].f32 = u.res[i]; rp[i].numel = u.nres[i];
+            dp[i] = rp[i]; dp[i].f32 = u.dres[i];
+        }
+        rt.p = rp; dt.p = dp; rt.n = dt.n = 3;
+        ad_step(&u);
+        fd_all("unet (a) residuals", &rt, &dt, ad_loss, &u, 60, FD_EPS);
+    }
+    for (int i = 0; i < 3; i++) ms_free_aligned(u.res[i]);
+    ad_unet_free(&u);
+}
+
+/* part b: adapter -> UNet (SD's block order), every adapter parameter and the condition */
+static void test_adapter_backward(void) {
+    AdRun u;
+    char key[64];
+    memset(&u, 0, sizeof u);
+    if (!ad_unet_setup(&u, 1, "b/unet/", "b/in/")) { ad_unet_free(&u); return; }
+    ad_cfg(&u.ac);
+    u.ncond = (size_t)2 * 2 * 32 * 48;
+    size_t bytes = 0;
+    if (!check(ms_param_table_adapter(&u.ac, &u.aw) == MS_OK && ms_param_table_adapter(&u.ac, &u.ag) == MS_OK,
+               "adapter tables: %s", ms_last_error()) ||
+        !table_fill(&GA, &u.aw, "b/w/") || !table_fill(&GA, &u.ag, "") ||
+        !check(adapter_params_init(&u.ap, &u.ac, &u.aw) == MS_OK && adapter_params_init(&u.adp, &u.ac, &u.ag) == MS_OK,
+               "adapter params: %s", ms_last_error()) ||
+        !check(adapter_train_sizes(&u.ac, 2, 32, 48, &bytes) == MS_OK && arena_init(&u.ar, bytes) == MS_OK,
+               "adapter training arena: %s", ms_last_error()) ||
+        !(u.cond = golden(&GA, "b/in/cond", u.ncond))) {
+        ad_unet_free(&u);
+        return;
+    }
+    u.dcond = test_zeros(u.ncond);
+
+    MsStatus s = ad_step(&u);
+    check(s == MS_OK, "adapter_backward_full: %s", s ? ms_last_error() : "ok");
+    check(arena_mark(&u.ar) <= bytes && arena_mark(&u.ar) + 64 >= bytes, "adapter: the tape takes the planned %zu bytes "
+          "(took %zu)", bytes, arena_mark(&u.ar));
+    float *want = golden(&GA, "b/eps", u.nx);
+    if (want) check_close("adapter -> unet (b) eps", u.eps, want, u.nx, GOLD_TOL, 0);
+    ms_free_aligned(want);
+    for (int i = 0; i < 3; i++) {
+        char what[64];
+        snprintf(key, sizeof key, "b/feat/%d", i);
+        snprintf(what, sizeof what, "adapter feature %d (training forward)", i);
+        if ((want = golden(&GA, key, u.nres[i]))) check_close(what, u.res[i], want, u.nres[i], GOLD_TOL, 0);
+        ms_free_aligned(want);
+        snprintf(key, sizeof key, "b/dfeat/%d", i);
+        snprintf(what, sizeof what, "unet (b) d residual %d = d feature %d", i, i);
+        if ((want = golden(&GA, key, u.nres[i]))) check_close(what, u.dres[i], want, u.nres[i], GOLD_TOL, 0);
+        ms_free_aligned(want);
+    }
+    if ((want = golden(&GA, "b/dcond", u.ncond))) check_close("adapter d cond", u.dcond, want, u.ncond, GOLD_TOL, 0);
+    ms_free_aligned(want);
+    cmp_golden(&GA, "adapter", &u.ag, "b/g/");
+
+    {   /* the training forward's features are adapter_forward's, bit for bit */
+        size_t sb, nf[MS_MAX_BLOCKS];
+        Arena sc;
+        float *f[3];
+        int same = adapter_sizes(&u.ac, 2, 32, 48, &sb, nf) == MS_OK && arena_init(&sc, sb) == MS_OK;
+        for (int i = 0; i < 3; i++) f[i] = test_zeros(nf[i]);
+        same = same && adapter_forward(&u.ap, &sc, f, u.cond, 2, 32, 48) == MS_OK;
+        for (int i = 0; i < 3; i++) { same = same && !memcmp(f[i], u.res[i], nf[i] * sizeof(float)); ms_free_aligned(f[i]); }
+        check(same, "adapter: training and inference forwards give the same features bitwise");
+        arena_free(&sc);
+    }
+    ad_threads(&u, "adapter");
+
+    /* Central differences of the adapter alone, L = sum_i sum(Rf_i * feature_i) (Rf random): its
+     * ReLUs make L piecewise smooth, so the steps are small (h 1e-3) and a coordinate whose steps
+     * move any ReLU input across 0 is skipped (the loss reads NaN there). The chain through the
+     * UNet is the golden check above plus the residual differences of part a. */
+    {
+        MsRng rng;
+        ms_rng_seed(&rng, 1517);
+        for (int i = 0; i < 3; i++) u.Rf[i] = test_randn(&rng, u.nres[i], 1.0f);
+        u.pure = 1;
+        ad_step(&u);
+        u.sig0 = ad_relu_signature(&u.tape);
+        u.guard = 1;
+        fd_all("adapter", &u.aw, &u.ag, ad_loss, &u, test_full() ? 200 : 80, 3e-3f);
+        MsParam cp, dc;
+        MsParamTable ct, dt;
+        memset(&cp, 0, sizeof cp);
+        snprintf(cp.name, sizeof cp.name, "cond");
+        cp.f32 = u.cond; cp.numel = u.ncond;
+        dc = cp; dc.f32 = u.dcond;
+        ct.p = &cp; dt.p = &dc; ct.n = dt.n = 1;
+        fd_all("adapter cond", &ct, &dt, ad_loss, &u, 100, 1e-2f);
+        u.pure = u.guard = 0;
+        for (int i = 0; i < 3; i++) ms_free_aligned(u.Rf[i]);
+    }
+
+    /* refusals */
+    {
+        MsParamTable w16;
+        AdapterParams p16;
+        ms_param_table_adapter(&u.ac, &w16);
+        table_alloc_as(&w16, MS_DT_BF16);
+        if (check(adapter_params_init(&p16, &u.ac, &w16) == MS_OK, "bf16 adapter params")) {
+            arena_reset(&u.ar, 0);
+            s = adapter_forward_train(&u.tape, &u.ar, &p16, u.cond, 2, 32, 48);
+            check(s == MS_ERR_UNSUPPORTED, "adapter: bf16 weights refused: %s", ms_last_error());
+            s = adapter_backward_full(&u.tape, &u.adp, NULL, NULL);
+            check(s == MS_ERR_ARG, "adapter: backward after a failed forward refused: %s", ms_last_error());
+            ad_step(&u);
+            s = adapter_backward_full(&u.tape, &p16, NULL, (const float *const *)u.dres);
+            check(s == MS_ERR_UNSUPPORTED, "adapter: bf16 gradients refused: %s", ms_last_error());
+        }
+        ms_param_table_free(&w16);
+        AdapterConfig c2 = u.ac;
+        MsParamTable t2;
+        AdapterParams p2;
+        c2.channels[2] = 12;
+        if (ms_param_table_adapter(&c2, &t2) == MS_OK && table_fill(&GA, &t2, "") && adapter_params_init(&p2, &c2, &t2) == MS_OK) {
+            s = adapter_backward_full(&u.tape, &p2, NULL, (const float *const *)u.dres);
+            check(s == MS_ERR_ARG, "adapter: gradients of another config refused: %s", ms_last_error());
+        }
+        ms_param_table_free(&t2);
+        arena_reset(&u.ar, 0);
+        s = adapter_forward_train(&u.tape, &u.ar, &u.ap, u.cond, 2, 32, 40);
+        check(s == MS_ERR_SHAPE, "adapter: a side not a multiple of 16 refused: %s", ms_last_error());
+        Arena small;
+        if (arena_init(&small, bytes / 2) == MS_OK) {
+            s = adapter_forward_train(&u.tape, &small, &u.ap, u.cond, 2, 32, 48);
+            check(s == MS_ERR_NOMEM, "adapter: an arena too small refused: %s", ms_last_error());
+            arena_free(&small);
+        }
+    }
+    arena_free(&u.ar);
+    ms_param_table_free(&u.aw); ms_param_table_free(&u.ag);
+    ms_free_aligned(u.cond); ms_free_aligned(u.dcond);
+    ad_unet_free(&u);
+}
+
 int main(void) {
     if (!check(st_open(&G, GOLDEN) == MS_OK, "open %s: %s", GOLDEN, ms_last_error())) return test_summary("test_fullgrad");
     double t0 = ms_time();
@@ -716,7 +1051,13 @@ int main(void) {
         test_vae();
         st_close(&GV);
     }
-    printf("  time: text %.1f s, unet %.1f s, vae %.1f s\n", t1 - t0, t2 - t1, ms_time() - t2);
+    double t3 = ms_time();
+    if (check(st_open(&GA, AD_GOLDEN) == MS_OK, "open %s: %s", AD_GOLDEN, ms_last_error())) {
+        test_unet_residuals();
+        test_adapter_backward();
+        st_close(&GA);
+    }
+    printf("  time: text %.1f s, unet %.1f s, vae %.1f s, adapter %.1f s\n", t1 - t0, t2 - t1, t3 - t2, ms_time() - t3);
     st_close(&G);
     ms_gemm_scratch_free();
     ops_scratch_free();
