@@ -1016,8 +1016,9 @@ MsStatus clip_text_backward_full(ClipLora *dlora, float *dnew_emb, const ClipTex
                                  int n_new, const ClipTextConfig *c);
 
 /* ---- CLIPModel: the image tower and the two projections (issue 15: the paper's CLIP metrics) ----
- * HF CLIPModel (modeling_clip.py; transformers 4.26 to 4.31 agree on all of it but the pooling
- * rule below), get_image_features / get_text_features:
+ * HF CLIPModel (modeling_clip.py, get_image_features / get_text_features; transformers 4.26 to 4.31
+ * agree on all of it but the pooling rule below and LayerNorm eps, which 4.26 leaves at torch's 1e-5
+ * whatever layer_norm_eps says; every CLIP checkpoint says 1e-5; we use the config's, as 4.31):
  *   image: patches = Conv2d(C, D, P, stride P, no bias)(pixels), flattened to (B, N, D), N = (S/P)^2
  *          x = [class_embedding; patches] + position_embedding[0..N]             (B, N+1, D)
  *          x = pre_layrnorm(x), then the encoder layers of the text tower without the causal mask,
