@@ -2714,7 +2714,7 @@ static uint32_t ops_att_lanes(int j, int i0, int causal) {
 }
 
 /* Forward softmax down the columns of S (tk rows x 32 lanes): S <- exp(S - m) (0 where causal
- * hides the key), inv[c] = 1 / l_c, lse[c] = m_c + log l_c. */
+ * hides the key), inv[c] = 1 / l_c, lse[c] = m_c + log l_c (lsel NULL: not wanted, no log). */
 MS_TARGET_AVX512
 static void ops_att_softmax_avx512(float *S, int tk, int i0, int causal, float *inv, float *lsel) {
     __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
@@ -2750,10 +2750,8 @@ static void ops_att_softmax_avx512(float *S, int tk, int i0, int causal, float *
     float m[32];
     _mm512_storeu_pd(l, l0); _mm512_storeu_pd(l + 8, l1); _mm512_storeu_pd(l + 16, l2); _mm512_storeu_pd(l + 24, l3);
     _mm512_storeu_ps(m, m0); _mm512_storeu_ps(m + 16, m1);
-    for (int c = 0; c < 32; c++) {
-        inv[c] = l[c] > 0.0 ? (float)(1.0 / l[c]) : 0.0f;
-        lsel[c] = (float)((double)m[c] + log(l[c]));
-    }
+    for (int c = 0; c < 32; c++) inv[c] = l[c] > 0.0 ? (float)(1.0 / l[c]) : 0.0f;
+    if (lsel) for (int c = 0; c < 32; c++) lsel[c] = (float)((double)m[c] + log(l[c]));
 }
 
 MS_TARGET_AVX2
@@ -2793,10 +2791,8 @@ static void ops_att_softmax_avx2(float *S, int tk, int i0, int causal, float *in
     float m[16];
     _mm256_storeu_pd(l, l0); _mm256_storeu_pd(l + 4, l1); _mm256_storeu_pd(l + 8, l2); _mm256_storeu_pd(l + 12, l3);
     _mm256_storeu_ps(m, m0); _mm256_storeu_ps(m + 8, m1);
-    for (int c = 0; c < 16; c++) {
-        inv[c] = l[c] > 0.0 ? (float)(1.0 / l[c]) : 0.0f;
-        lsel[c] = (float)((double)m[c] + log(l[c]));
-    }
+    for (int c = 0; c < 16; c++) inv[c] = l[c] > 0.0 ? (float)(1.0 / l[c]) : 0.0f;
+    if (lsel) for (int c = 0; c < 16; c++) lsel[c] = (float)((double)m[c] + log(l[c]));
 }
 
 /* Backward, down the columns: S <- P = exp(S - lse) (0 where hidden), dP <- dS = P (dP - D). */
@@ -2839,15 +2835,17 @@ static void ops_att_dsoftmax_avx2(float *S, float *dP, int tk, int i0, int causa
     }
 }
 
-/* Long-depth tile: c (MR_D x NQ) = sum_j a[j*MR_D + i] b[j*NQ + lane], j < kc, in j order. */
+/* Long-depth tile: c (MR_D x NQ) = sum_j a[j*MR_D + i] b[j*NQ + lane], j < kc, in j order;
+ * acc: the sums continue from c (a tile split over key chunks gives the bits of one call). */
 #define OPS_R8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 #define OPS_R5(X) X(0) X(1) X(2) X(3) X(4)
-#define OPS_PV5_DECL(i) __m512 c##i##a = _mm512_setzero_ps(), c##i##b = _mm512_setzero_ps();
+#define OPS_PV5_DECL(i) __m512 c##i##a = acc ? _mm512_loadu_ps(c + i * 32) : _mm512_setzero_ps(), \
+    c##i##b = acc ? _mm512_loadu_ps(c + i * 32 + 16) : _mm512_setzero_ps();
 #define OPS_PV5_STEP(i) { __m512 ai = _mm512_set1_ps(a[i]); \
     c##i##a = _mm512_fmadd_ps(ai, b0, c##i##a); c##i##b = _mm512_fmadd_ps(ai, b1, c##i##b); }
 #define OPS_PV5_ST(i) _mm512_storeu_ps(c + i * 32, c##i##a); _mm512_storeu_ps(c + i * 32 + 16, c##i##b);
 MS_TARGET_AVX512
-static void ops_att_pv_avx512(int kc, const float *a, const float *b, float *c) {
+static void ops_att_pv_avx512(int kc, const float *a, const float *b, float *c, int acc) {
     OPS_R8(OPS_PV5_DECL)
     for (int k = 0; k < kc; k++, a += 8, b += 32) {
         __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
@@ -2855,12 +2853,13 @@ static void ops_att_pv_avx512(int kc, const float *a, const float *b, float *c) 
     }
     OPS_R8(OPS_PV5_ST)
 }
-#define OPS_PV2_DECL(i) __m256 c##i##a = _mm256_setzero_ps(), c##i##b = _mm256_setzero_ps();
+#define OPS_PV2_DECL(i) __m256 c##i##a = acc ? _mm256_loadu_ps(c + i * 16) : _mm256_setzero_ps(), \
+    c##i##b = acc ? _mm256_loadu_ps(c + i * 16 + 8) : _mm256_setzero_ps();
 #define OPS_PV2_STEP(i) { __m256 ai = _mm256_broadcast_ss(a + i); \
     c##i##a = _mm256_fmadd_ps(ai, b0, c##i##a); c##i##b = _mm256_fmadd_ps(ai, b1, c##i##b); }
 #define OPS_PV2_ST(i) _mm256_storeu_ps(c + i * 16, c##i##a); _mm256_storeu_ps(c + i * 16 + 8, c##i##b);
 MS_TARGET_AVX2
-static void ops_att_pv_avx2(int kc, const float *a, const float *b, float *c) {
+static void ops_att_pv_avx2(int kc, const float *a, const float *b, float *c, int acc) {
     OPS_R5(OPS_PV2_DECL)
     for (int k = 0; k < kc; k++, a += 5, b += 16) {
         __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
@@ -2933,9 +2932,9 @@ static void ops_att_dsoftmax_v(const OpsAttGeom *g, float *S, float *dP, int tk,
     if (g->level == 5) ops_att_dsoftmax_avx512(S, dP, tk, i0, causal, lsel, D);
     else ops_att_dsoftmax_avx2(S, dP, tk, i0, causal, lsel, D);
 }
-static void ops_att_pv_v(const OpsAttGeom *g, int kc, const float *a, const float *b, float *c) {
-    if (g->level == 5) ops_att_pv_avx512(kc, a, b, c);
-    else ops_att_pv_avx2(kc, a, b, c);
+static void ops_att_pv_v(const OpsAttGeom *g, int kc, const float *a, const float *b, float *c, int acc) {
+    if (g->level == 5) ops_att_pv_avx512(kc, a, b, c, acc);
+    else ops_att_pv_avx2(kc, a, b, c, acc);
 }
 /* C (tk, Dh) += alpha A^T B: A (tk rows x NQ) the column block, B (nr rows, stride ldb, Dh). */
 static void ops_att_rank_update(const OpsAttGeom *g, int tk, int nr, const float *A, const float *B, size_t ldb,
@@ -2953,12 +2952,86 @@ static void ops_att_rank_update(const OpsAttGeom *g, int tk, int nr, const float
 
 static size_t ops_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 
-/* Scratch floats per thread. Forward: K key panels, V channel panels, S, Q^T panel.
- * Backward adds V key panels, K channel panels, dP and the dO^T panel. */
+/* D[c] = (float) sum_d (double)a[d*NQ + c] b[d*NQ + c], d < Dh in order, one lane per query:
+ * the products of floats are exact in double, so each lane is the scalar loop's sum. */
+#define OPS_LO8(x) _mm512_cvtps_pd(_mm512_castps512_ps256(x))
+#define OPS_HI8(x) _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))
+MS_TARGET_AVX512
+static void ops_att_lanedot_avx512(float *D, const float *a, const float *b, int Dh) {
+    __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+    for (int d = 0; d < Dh; d++, a += 32, b += 32) {
+        __m512 x0 = _mm512_loadu_ps(a), x1 = _mm512_loadu_ps(a + 16), y0 = _mm512_loadu_ps(b), y1 = _mm512_loadu_ps(b + 16);
+        s0 = _mm512_add_pd(s0, _mm512_mul_pd(OPS_LO8(x0), OPS_LO8(y0)));
+        s1 = _mm512_add_pd(s1, _mm512_mul_pd(OPS_HI8(x0), OPS_HI8(y0)));
+        s2 = _mm512_add_pd(s2, _mm512_mul_pd(OPS_LO8(x1), OPS_LO8(y1)));
+        s3 = _mm512_add_pd(s3, _mm512_mul_pd(OPS_HI8(x1), OPS_HI8(y1)));
+    }
+    _mm256_storeu_ps(D, _mm512_cvtpd_ps(s0)); _mm256_storeu_ps(D + 8, _mm512_cvtpd_ps(s1));
+    _mm256_storeu_ps(D + 16, _mm512_cvtpd_ps(s2)); _mm256_storeu_ps(D + 24, _mm512_cvtpd_ps(s3));
+}
+MS_TARGET_AVX2
+static void ops_att_lanedot_avx2(float *D, const float *a, const float *b, int Dh) {
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+    for (int d = 0; d < Dh; d++, a += 16, b += 16) {
+        __m256 x0 = _mm256_loadu_ps(a), x1 = _mm256_loadu_ps(a + 8), y0 = _mm256_loadu_ps(b), y1 = _mm256_loadu_ps(b + 8);
+        s0 = _mm256_add_pd(s0, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x0)), _mm256_cvtps_pd(_mm256_castps256_ps128(y0))));
+        s1 = _mm256_add_pd(s1, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x0, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(y0, 1))));
+        s2 = _mm256_add_pd(s2, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x1)), _mm256_cvtps_pd(_mm256_castps256_ps128(y1))));
+        s3 = _mm256_add_pd(s3, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x1, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(y1, 1))));
+    }
+    _mm_storeu_ps(D, _mm256_cvtpd_ps(s0)); _mm_storeu_ps(D + 4, _mm256_cvtpd_ps(s1));
+    _mm_storeu_ps(D + 8, _mm256_cvtpd_ps(s2)); _mm_storeu_ps(D + 12, _mm256_cvtpd_ps(s3));
+}
+
+/* Back to row layout: dst[r][d] = f[r] T[d][r] (add 0) or dst[r][d] += f[r] T[d][r] (add 1) for
+ * r < nq, d < Dh; T is (Dh rows x NQ lanes) and is overwritten by f T. AVX-512: f T lane-wise,
+ * then 16 x 16 register transposes (into tmp, NQ x Dh, when adding); AVX2: one scalar loop. */
+MS_TARGET_AVX512
+static void ops_att_put_rows_avx512(float *dst, size_t ldd, float *T, int Dh, int nq, const float *f, int add, float *tmp) {
+    __m512 f0 = _mm512_loadu_ps(f), f1 = _mm512_loadu_ps(f + 16);
+    for (int d = 0; d < Dh; d++) {
+        float *t = T + (size_t)d * 32;
+        _mm512_storeu_ps(t, _mm512_mul_ps(_mm512_loadu_ps(t), f0));
+        _mm512_storeu_ps(t + 16, _mm512_mul_ps(_mm512_loadu_ps(t + 16), f1));
+    }
+    if (!add) { ms_transpose_avx512(dst, ldd, T, 32, Dh, Dh, nq); return; }
+    ms_transpose_avx512(tmp, (size_t)Dh, T, 32, Dh, Dh, nq);
+    for (int r = 0; r < nq; r++) {
+        float *o = dst + (size_t)r * ldd;
+        const float *t = tmp + (size_t)r * Dh;
+        for (int d0 = 0; d0 < Dh; d0 += 16) {
+            __mmask16 m = ms_mask16(Dh - d0);
+            _mm512_mask_storeu_ps(o + d0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o + d0), _mm512_maskz_loadu_ps(m, t + d0)));
+        }
+    }
+}
+static void ops_att_put_rows(const OpsAttGeom *g, float *dst, size_t ldd, float *T, int Dh, int nq, const float *f,
+                             int add, float *tmp) {
+    if (g->level == 5) { ops_att_put_rows_avx512(dst, ldd, T, Dh, nq, f, add, tmp); return; }
+    for (int r = 0; r < nq; r++) {
+        float *o = dst + (size_t)r * ldd;
+        for (int d = 0; d < Dh; d++) {
+            float t = T[(size_t)d * g->nq + r] * f[r];
+            o[d] = add ? o[d] + t : t;
+        }
+    }
+}
+
+/* Keys per chunk of the backward (a multiple of MR_S): the chunk's S^T and dP^T (2 x 252 x 32
+ * floats = 63 KiB at AVX-512) stay in L2 while they are rewritten and reread five ways. Their
+ * scratch has 16 rows more: the dK/dV tiles read (and do not use) up to MR_K - 1 rows past. */
+#define OPS_ATT_KCH 256
+static int ops_att_chunk(const OpsAttGeom *g) { return g->mrs * (OPS_ATT_KCH / g->mrs); }
+
+/* Scratch floats per thread. Forward: K key panels, V channel panels, S, the Q^T panel, O^T.
+ * Backward: K and V key panels, K channel panels, S and dP (one key chunk each), the Q^T, dO^T
+ * and O^T panels, dQ^T, its row copy, and dK, dV of the head. */
 static size_t ops_att_ws_floats(const OpsAttGeom *g, int Tk, int Dh, int backward) {
     size_t tkp = ops_up((size_t)Tk, (size_t)g->mrs) + 16, dhp = ops_up((size_t)Dh, (size_t)g->mrd);
-    size_t kp = ops_up(tkp * Dh, 16), vp = ops_up(dhp * (size_t)Tk, 16), s = ops_up(tkp * g->nq, 16), qp = ops_up((size_t)Dh * g->nq, 16);
-    return backward ? 2 * kp + vp + 2 * s + 2 * qp : kp + vp + s + qp;
+    size_t kp = ops_up(tkp * Dh, 16), vp = ops_up(dhp * (size_t)Tk, 16), qp = ops_up((size_t)Dh * g->nq, 16);
+    size_t ot = ops_up(dhp * g->nq, 16), kv = ops_up((size_t)Tk * Dh, 16);
+    if (!backward) return kp + vp + ops_up(tkp * g->nq, 16) + qp + ot;
+    return 2 * kp + vp + 2 * ops_up(((size_t)ops_att_chunk(g) + 16) * g->nq, 16) + 4 * qp + ot + 2 * kv;
 }
 
 /* Query rows [r0, r1) (r0 a multiple of NQ) of one (b, h): q, out at row 0 of the head, k, v at
@@ -2968,7 +3041,8 @@ static void ops_att_fwd_fast(const OpsAttGeom *g, float *out, float *lse, const 
     const int NQ = g->nq, MRS = g->mrs, MRD = g->mrd;
     size_t tkp = ops_up((size_t)Tk, (size_t)MRS) + 16, dhp = ops_up((size_t)Dh, (size_t)MRD);
     float *Kp = ws, *Vp = Kp + ops_up(tkp * Dh, 16), *S = Vp + ops_up(dhp * (size_t)Tk, 16), *Qp = S + ops_up(tkp * NQ, 16);
-    float tile[8 * 32], inv[32], lsel[32];
+    float *Ot = Qp + ops_up((size_t)Dh * NQ, 16);
+    float inv[32], lsel[32];
     MsOperand K = ms_dense(k, (size_t)HD, 0), V = ms_dense(v, (size_t)HD, 1), Q = ms_dense(q, (size_t)HD, 1);
     ms_pack_a(Kp, &K, 0, Tk, 0, Dh, MRS);                /* [panel][d][key] */
     ms_pack_a(Vp, &V, 0, Dh, 0, Tk, MRD);                /* [panel][key][channel] */
@@ -2977,63 +3051,64 @@ static void ops_att_fwd_fast(const OpsAttGeom *g, float *out, float *lse, const 
         ms_pack_b(Qp, &Q, 0, Dh, i0, nq, NQ);            /* [d][query] */
         for (int p = 0; p * MRS < tk; p++)
             g->ukr(Dh, Kp + (size_t)p * MRS * Dh, Qp, S + (size_t)p * MRS * NQ, (size_t)NQ, scale, 0.0f);
-        ops_att_softmax_v(g, S, tk, i0, causal, inv, lsel);
-        for (int d0 = 0; d0 < Dh; d0 += MRD) {
-            int nd = OPS_MIN(MRD, Dh - d0);
-            ops_att_pv_v(g, tk, Vp + (size_t)d0 * Tk, S, tile);
-            for (int r = 0; r < nq; r++) {
-                float *o = out + (size_t)(i0 + r) * HD + d0;
-                for (int i = 0; i < nd; i++) o[i] = tile[i * NQ + r] * inv[r];
-            }
-        }
+        ops_att_softmax_v(g, S, tk, i0, causal, inv, lse ? lsel : NULL);
+        for (int d0 = 0; d0 < Dh; d0 += MRD) ops_att_pv_v(g, tk, Vp + (size_t)d0 * Tk, S, Ot + (size_t)d0 * NQ, 0);
+        ops_att_put_rows(g, out + (size_t)i0 * HD, (size_t)HD, Ot, Dh, nq, inv, 0, NULL);
         if (lse) for (int r = 0; r < nq; r++) lse[i0 + r] = lsel[r];
     }
 }
 
-/* All query rows of one (b, h), blocks in order; dq, dk, dv (each may be NULL) accumulate. */
+/* All query rows of one (b, h), blocks in order; dq, dk, dv (each may be NULL) accumulate.
+ * Keys in chunks of ops_att_chunk (dQ^T's sums continue across them: the bits of one pass).
+ * dK, dV sum in the thread's own (Tk, Dh) copies, added to dk, dv at the end: neighbouring
+ * heads of other threads share cache lines of every dk, dv row. */
 static void ops_att_bwd_fast(const OpsAttGeom *g, float *dq, float *dk, float *dv, const float *dout,
                              const float *q, const float *k, const float *v, const float *out, const float *lse,
                              int Tq, int Tk, int HD, int Dh, int causal, float scale, float *ws) {
-    const int NQ = g->nq, MRS = g->mrs, MRD = g->mrd;
+    const int NQ = g->nq, MRS = g->mrs, MRD = g->mrd, CH = ops_att_chunk(g);
     size_t tkp = ops_up((size_t)Tk, (size_t)MRS) + 16, dhp = ops_up((size_t)Dh, (size_t)MRD);
-    size_t kp = ops_up(tkp * Dh, 16), sp = ops_up(tkp * NQ, 16), qp = ops_up((size_t)Dh * NQ, 16);
+    size_t kp = ops_up(tkp * Dh, 16), sp = ops_up(((size_t)CH + 16) * NQ, 16), qp = ops_up((size_t)Dh * NQ, 16);
     float *Kp = ws, *Vk = Kp + kp, *Kd = Vk + kp, *S = Kd + ops_up(dhp * (size_t)Tk, 16), *dP = S + sp;
-    float *Qp = dP + sp, *dOp = Qp + qp;
-    float tile[8 * 32], lsel[32], D[32];
+    float *Qp = dP + sp, *dOp = Qp + qp, *Op = dOp + qp, *row = Op + qp, *dQt = row + qp;
+    float *dKa = dQt + ops_up(dhp * NQ, 16), *dVa = dKa + ops_up((size_t)Tk * Dh, 16);
+    float lsel[32], D[32], sc[32];
     MsOperand K = ms_dense(k, (size_t)HD, 0), Vo = ms_dense(v, (size_t)HD, 0), KT = ms_dense(k, (size_t)HD, 1);
-    MsOperand Q = ms_dense(q, (size_t)HD, 1), dO = ms_dense(dout, (size_t)HD, 1);
+    MsOperand Q = ms_dense(q, (size_t)HD, 1), dO = ms_dense(dout, (size_t)HD, 1), O = ms_dense(out, (size_t)HD, 1);
     ms_pack_a(Kp, &K, 0, Tk, 0, Dh, MRS);
     ms_pack_a(Vk, &Vo, 0, Tk, 0, Dh, MRS);
     if (dq) ms_pack_a(Kd, &KT, 0, Dh, 0, Tk, MRD);
+    for (int j = 0; j < Tk; j++) {
+        if (dk) memcpy(dKa + (size_t)j * Dh, dk + (size_t)j * HD, (size_t)Dh * sizeof(float));
+        if (dv) memcpy(dVa + (size_t)j * Dh, dv + (size_t)j * HD, (size_t)Dh * sizeof(float));
+    }
+    for (int r = 0; r < NQ; r++) sc[r] = scale;
     for (int i0 = 0; i0 < Tq; i0 += NQ) {
         int nq = OPS_MIN(NQ, Tq - i0), tk = causal ? OPS_MIN(Tk, i0 + nq) : Tk;
         ms_pack_b(Qp, &Q, 0, Dh, i0, nq, NQ);
         ms_pack_b(dOp, &dO, 0, Dh, i0, nq, NQ);
-        for (int p = 0; p * MRS < tk; p++) {
-            g->ukr(Dh, Kp + (size_t)p * MRS * Dh, Qp, S + (size_t)p * MRS * NQ, (size_t)NQ, scale, 0.0f);
-            g->ukr(Dh, Vk + (size_t)p * MRS * Dh, dOp, dP + (size_t)p * MRS * NQ, (size_t)NQ, 1.0f, 0.0f);
-        }
-        for (int r = 0; r < NQ; r++) {
-            double a = 0.0;
-            if (r < nq) {
-                const float *dor = dout + (size_t)(i0 + r) * HD, *orow = out + (size_t)(i0 + r) * HD;
-                for (int d = 0; d < Dh; d++) a += (double)dor[d] * orow[d];
+        ms_pack_b(Op, &O, 0, Dh, i0, nq, NQ);
+        if (g->level == 5) ops_att_lanedot_avx512(D, dOp, Op, Dh);      /* D = rowsum(dO o O) */
+        else ops_att_lanedot_avx2(D, dOp, Op, Dh);
+        for (int r = 0; r < NQ; r++) lsel[r] = r < nq ? lse[i0 + r] : 0.0f;
+        for (int c0 = 0; c0 < tk; c0 += CH) {
+            int kc = OPS_MIN(CH, tk - c0);
+            for (int p = 0; p * MRS < kc; p++) {
+                size_t a = (size_t)(c0 + p * MRS) * Dh, o = (size_t)p * MRS * NQ;
+                g->ukr(Dh, Kp + a, Qp, S + o, (size_t)NQ, scale, 0.0f);
+                g->ukr(Dh, Vk + a, dOp, dP + o, (size_t)NQ, 1.0f, 0.0f);
             }
-            D[r] = (float)a;
-            lsel[r] = r < nq ? lse[i0 + r] : 0.0f;
+            ops_att_dsoftmax_v(g, S, dP, kc, i0 - c0, causal, lsel, D);
+            if (dv) ops_att_rank_update(g, kc, nq, S, dout + (size_t)i0 * HD, (size_t)HD, dVa + (size_t)c0 * Dh, (size_t)Dh, Dh, 1.0f);
+            if (dk) ops_att_rank_update(g, kc, nq, dP, q + (size_t)i0 * HD, (size_t)HD, dKa + (size_t)c0 * Dh, (size_t)Dh, Dh, scale);
+            if (dq)
+                for (int d0 = 0; d0 < Dh; d0 += MRD)
+                    ops_att_pv_v(g, kc, Kd + (size_t)d0 * Tk + (size_t)c0 * MRD, dP, dQt + (size_t)d0 * NQ, c0 > 0);
         }
-        ops_att_dsoftmax_v(g, S, dP, tk, i0, causal, lsel, D);
-        if (dv) ops_att_rank_update(g, tk, nq, S, dout + (size_t)i0 * HD, (size_t)HD, dv, (size_t)HD, Dh, 1.0f);
-        if (dk) ops_att_rank_update(g, tk, nq, dP, q + (size_t)i0 * HD, (size_t)HD, dk, (size_t)HD, Dh, scale);
-        if (dq)
-            for (int d0 = 0; d0 < Dh; d0 += MRD) {
-                int nd = OPS_MIN(MRD, Dh - d0);
-                ops_att_pv_v(g, tk, Kd + (size_t)d0 * Tk, dP, tile);
-                for (int r = 0; r < nq; r++) {
-                    float *o = dq + (size_t)(i0 + r) * HD + d0;
-                    for (int i = 0; i < nd; i++) o[i] += scale * tile[i * NQ + r];
-                }
-            }
+        if (dq) ops_att_put_rows(g, dq + (size_t)i0 * HD, (size_t)HD, dQt, Dh, nq, sc, 1, row);
+    }
+    for (int j = 0; j < Tk; j++) {
+        if (dk) memcpy(dk + (size_t)j * HD, dKa + (size_t)j * Dh, (size_t)Dh * sizeof(float));
+        if (dv) memcpy(dv + (size_t)j * HD, dVa + (size_t)j * Dh, (size_t)Dh * sizeof(float));
     }
 }
 #endif /* MS_X86_KERNELS */
