@@ -167,6 +167,14 @@ enum {
     MS_GEMM_FAST_ALL = 31
 };
 void ms_gemm_set_fast(int flags);
+/* Matmul FLOP counter (`mixshow bench --nets`: GFLOP/s of whole networks). When enabled, adds
+ * 2 M N K for every float GEMM (ms_gemm, linear, convolutions as GEMMs) and, for attention,
+ * 2 Dh per visible query-key pair and product (forward QK^T, PV; backward as documented at
+ * attention_backward in tensor.c). Counted at each call on the calling thread: the same count
+ * for any thread count. Off by default; enable, reset and read outside parallel work. */
+void ms_flops_enable(int on);
+void ms_flops_reset(void);
+double ms_flops_count(void);
 
 /* out (N,O) = x (N,I) @ w^T + b ; w (O,I) PyTorch layout ; b (O) or NULL */
 void linear_forward(float *out, const float *x, const float *w, const float *b, int N, int I, int O);

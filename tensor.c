@@ -300,10 +300,25 @@ void ms_rng_fill_uniform(MsRng *r, float *x, size_t n, float lo, float hi) {
 #ifdef _OPENMP
 #define MS_OMP_PARALLEL_FOR_NT _Pragma("omp parallel for schedule(static, 1) num_threads(nt) if(ms_par_)")
 static int ms_team_max(void) { return omp_in_parallel() ? 1 : omp_get_max_threads(); }
+static int ms_par_level(void) { return omp_get_level(); }   /* enclosing regions, active or not */
 #else
 #define MS_OMP_PARALLEL_FOR_NT
 static int ms_team_max(void) { return 1; }
+static int ms_par_level(void) { return 0; }
 #endif
+
+/* ---- Matmul FLOP counter (mixshow.h: ms_flops_enable) ----
+ * Counted per call on the calling thread, before any parallel region: never inside one (the
+ * GEMMs some ops run per task) nor inside an op that counted its own products (mute), so the
+ * count is the same for every thread count, with and without OpenMP. */
+static int ms_flops_on, ms_flops_mute;
+static double ms_flops_n;
+void ms_flops_enable(int on) { ms_flops_on = on; }
+void ms_flops_reset(void) { ms_flops_n = 0.0; }
+double ms_flops_count(void) { return ms_flops_n; }
+static void ms_flops_add(double f) {
+    if (ms_flops_on && !ms_flops_mute && ms_par_level() == 0) ms_flops_n += f;
+}
 
 /* ---------------------------------------------------------------------------------------- */
 /* CPU features and SIMD dispatch                                                            */
@@ -1064,6 +1079,7 @@ static int ms_gemm_op(int M, int N, int K, float alpha, const MsOperand *A, cons
     asize = (asize + 15) / 16 * 16;
     float *work = ms_work_get(&ms_work_gemm, (bsize + asize) * (size_t)nt);
     if (!work) return 0;
+    ms_flops_add(2.0 * M * N * K);
     int ms_par_ = nt > 1;
     (void)ms_par_;
     MS_OMP_PARALLEL_FOR_NT
@@ -1127,8 +1143,10 @@ void ms_gemm(int transA, int transB, int M, int N, int K, float alpha, const flo
              const float *B, int ldb, float beta, float *C, int ldc) {
     if (!transA && transB && ms_gemm_small_m(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
     MsOperand a = ms_dense(A, (size_t)lda, transA), b = ms_dense(B, (size_t)ldb, transB);
-    if (!ms_gemm_op(M, N, K, alpha, &a, &b, beta, C, (size_t)ldc))   /* out of memory: slow but right */
+    if (!ms_gemm_op(M, N, K, alpha, &a, &b, beta, C, (size_t)ldc)) {   /* out of memory: slow but right */
+        ms_flops_add(2.0 * M * N * K);
         ms_gemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1223,6 +1241,7 @@ static MsOperand ms_im2col_op(int kind, const float *img, int C, int H, int W, i
 static void ms_conv_gemm(int M, int N, int K, const MsOperand *A, const MsOperand *B, float beta, float *C, size_t ldc) {
     if (!ms_gemm_op(M, N, K, 1.0f, A, B, beta, C, ldc)) {
         /* out of memory for the packing workspace: element by element (slow, never wrong) */
+        ms_flops_add(2.0 * M * N * K);
         for (int i = 0; i < M; i++)
             for (int j = 0; j < N; j++) {
                 float acc = 0.0f, av, bv;
@@ -3113,8 +3132,8 @@ static void ops_att_bwd_fast(const OpsAttGeom *g, float *dq, float *dk, float *d
 }
 #endif /* MS_X86_KERNELS */
 
-void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
-                       int B, int Tq, int Tk, int H, int Dh, int causal, float scale) {
+static void ops_att_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                            int B, int Tq, int Tk, int H, int Dh, int causal, float scale) {
     int HD = H * Dh, nblk = (Tq + OPS_ATT_BLOCK - 1) / OPS_ATT_BLOCK;
 #if defined(MS_X86_KERNELS)
     OpsAttGeom g;
@@ -3153,6 +3172,22 @@ void attention_forward(float *out, float *lse, const float *q, const float *k, c
                                 v + ko, ops_att_visible(i0 + r, Tk, causal), HD, Dh, scale);
         }
     }
+}
+
+/* Query-key pairs the products see: Tq Tk per (b, h), or those with j <= i when causal. */
+static double ops_att_pairs(int B, int Tq, int Tk, int H, int causal) {
+    double m = OPS_MIN(Tq, Tk), pairs = causal ? m * (m + 1) / 2 + (double)(Tq - m) * Tk : (double)Tq * Tk;
+    return (double)B * H * pairs;
+}
+
+/* FLOPs counted: QK^T and PV, 2 Dh each per visible pair (the GEMMs of the fallback paths not
+ * again). */
+void attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                       int B, int Tq, int Tk, int H, int Dh, int causal, float scale) {
+    ms_flops_add(4.0 * Dh * ops_att_pairs(B, Tq, Tk, H, causal));
+    ms_flops_mute++;
+    ops_att_forward(out, lse, q, k, v, B, Tq, Tk, H, Dh, causal, scale);
+    ms_flops_mute--;
 }
 
 /* Attention backward (FlashAttention-2 style recomputation), per (b, h), O = P V:
@@ -3206,11 +3241,10 @@ static void ops_att_bwd_row(float *dqi, float *dk, float *dv, const float *doi, 
     }
 }
 
-void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q,
-                        const float *k, const float *v, const float *out, const float *lse,
-                        int B, int Tq, int Tk, int H, int Dh, int causal, float scale) {
+static void ops_att_backward(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                             const float *k, const float *v, const float *out, const float *lse,
+                             int B, int Tq, int Tk, int H, int Dh, int causal, float scale) {
     int HD = H * Dh;
-    if (!dq && !dk && !dv) return;
 #if defined(MS_X86_KERNELS)
     OpsAttGeom g;
     if (Tq > 0 && Tk > 0 && ops_att_geom(&g) && ops_ws_reserve(ms_get_threads(), ops_att_ws_floats(&g, Tk, Dh, 1))) {
@@ -3247,6 +3281,19 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
             }
         }
     }
+}
+
+/* FLOPs counted, 2 Dh per visible pair each: S = QK^T again, dV (when wanted), dP (when dQ or
+ * dK is wanted), dQ, dK (when wanted). */
+void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                        const float *k, const float *v, const float *out, const float *lse,
+                        int B, int Tq, int Tk, int H, int Dh, int causal, float scale) {
+    if (!dq && !dk && !dv) return;
+    int products = 1 + (dv != NULL) + (dq || dk) + (dq != NULL) + (dk != NULL);
+    ms_flops_add(2.0 * products * Dh * ops_att_pairs(B, Tq, Tk, H, causal));
+    ms_flops_mute++;
+    ops_att_backward(dq, dk, dv, dout, q, k, v, out, lse, B, Tq, Tk, H, Dh, causal, scale);
+    ms_flops_mute--;
 }
 
 /* The definitions, in double, materialising the (Tq, Tk) matrix per (b, h). Tests only: they
@@ -3343,6 +3390,7 @@ void attention_probs_cols_forward(float *p, const float *q, const float *k, cons
                                   const int32_t *cols, int B, int Tq, int Tk, int H, int Dh, int ncol,
                                   float scale) {
     int HD = H * Dh;
+    ms_flops_add(2.0 * B * H * Tq * ncol * Dh);          /* the ncol dot products per query */
     MS_PARALLEL_FOR_W((double)B * H * Tq * ncol * Dh)
     for (int bh = 0; bh < B * H; bh++) {
         int b = bh / H, h = bh % H;
@@ -3418,11 +3466,10 @@ static void ops_pc_bwd_row(float *dqi, float *dk, const float *dpi, const float 
     }
 }
 
-void attention_probs_cols_backward(float *dq, float *dk, const float *dp, const float *q, const float *k,
-                                   const float *lse, const int32_t *cols, int B, int Tq, int Tk, int H, int Dh,
-                                   int ncol, float scale) {
+static void ops_pc_backward(float *dq, float *dk, const float *dp, const float *q, const float *k,
+                            const float *lse, const int32_t *cols, int B, int Tq, int Tk, int H, int Dh,
+                            int ncol, float scale) {
     int HD = H * Dh;
-    if (!dq && !dk) return;
     int tiled = ops_ws_reserve(ms_get_threads(), (size_t)(OPS_ATT_BLOCK + 1) * Tk);
     MS_PARALLEL_FOR_W((double)B * H * Tq * ncol * Dh)
     for (int bh = 0; bh < B * H; bh++) {
@@ -3447,6 +3494,17 @@ void attention_probs_cols_backward(float *dq, float *dk, const float *dp, const 
             }
         }
     }
+}
+
+/* FLOPs counted, 2 Dh per (query, key) each: P = QK^T, dQ, dK (when wanted). */
+void attention_probs_cols_backward(float *dq, float *dk, const float *dp, const float *q, const float *k,
+                                   const float *lse, const int32_t *cols, int B, int Tq, int Tk, int H, int Dh,
+                                   int ncol, float scale) {
+    if (!dq && !dk) return;
+    ms_flops_add(2.0 * (1 + (dq != NULL) + (dk != NULL)) * Dh * ops_att_pairs(B, Tq, Tk, H, 0));
+    ms_flops_mute++;
+    ops_pc_backward(dq, dk, dp, q, k, lse, cols, B, Tq, Tk, H, Dh, ncol, scale);
+    ms_flops_mute--;
 }
 
 /* The definitions in double: P rebuilt row by row from q and k with its own max and sum (lse

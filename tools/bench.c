@@ -155,11 +155,11 @@ static void bench_randn_f16(const Bench *b, MsSimd level) {
     fflush(stdout);
 }
 
-static void bench_kernels(Bench *b) {
+/* "peak <level> threads=N: X GFLOP/s" for every SIMD level and both thread counts; b->peak
+ * gets those of the level in use. */
+static void bench_peaks(Bench *b) {
     MsSimd level = ms_simd();
     double secs = b->runs > 3 ? 0.3 : 0.1;
-    printf("mixshow bench: kernels %s (detected %s), threads 1 and %d, median of %d runs\n",
-           ms_simd_name(level), ms_simd_name(ms_simd_detected()), b->threads[1], b->runs);
     for (int l = MS_SIMD_SCALAR; l <= (int)MS_SIMD_AVX512; l++) {
         ms_set_simd((MsSimd)l);
         if (ms_simd() != (MsSimd)l) continue;
@@ -173,6 +173,13 @@ static void bench_kernels(Bench *b) {
     ms_set_simd(level);
     if (b->threads[1] == b->threads[0]) b->peak[1] = b->peak[0];
     fflush(stdout);
+}
+
+static void bench_kernels(Bench *b) {
+    MsSimd level = ms_simd();
+    printf("mixshow bench: kernels %s (detected %s), threads 1 and %d, median of %d runs\n",
+           ms_simd_name(level), ms_simd_name(ms_simd_detected()), b->threads[1], b->runs);
+    bench_peaks(b);
 
     MsRng r;
     ms_rng_seed(&r, 1);
@@ -303,7 +310,9 @@ typedef struct {
  * runs >= 3; med_out[thread index] gets the median, med_out[2 + index] that of the CPU time, when
  * not NULL), wall time and, beside it,
  * the median process CPU time (clock(): all threads), which other work on a shared machine
- * disturbs less. The 1-minute load average when the case started. Progress on stderr. */
+ * disturbs less. The 1-minute load average when the case started. Then the matmul FLOPs of one
+ * call (ms_flops_count: GEMMs, convolutions, attention products) and their rate at the median
+ * wall time against the peak of the same thread count. Progress on stderr. */
 static int net_report(const Bench *b, const NetCase *nc, int warmup, double med_out[4]) {
     for (int ti = 0; ti < 2; ti++) {
         if (ti == 1 && b->threads[1] == b->threads[0]) break;
@@ -316,15 +325,25 @@ static int net_report(const Bench *b, const NetCase *nc, int warmup, double med_
             if (s) { fprintf(stderr, "mixshow bench: %s: %s\n", nc->label, ms_last_error()); ms_set_threads(0); return 1; }
             fprintf(stderr, "  %s threads=%d warm-up: %.3f s\n", nc->label, b->threads[ti], ms_time() - t0);
         }
+        double flops = 0.0;
+        ms_flops_enable(1);
         for (int i = 0; i < n; i++) {
+            ms_flops_reset();
             double t0 = ms_time();
             clock_t c0 = clock();
             MsStatus s = nc->run(nc->ctx);
             t[i] = ms_time() - t0;
             cpu[i] = (double)(clock() - c0) / CLOCKS_PER_SEC;
-            if (s) { fprintf(stderr, "mixshow bench: %s: %s\n", nc->label, ms_last_error()); ms_set_threads(0); return 1; }
+            flops = ms_flops_count();
+            if (s) {
+                fprintf(stderr, "mixshow bench: %s: %s\n", nc->label, ms_last_error());
+                ms_flops_enable(0);
+                ms_set_threads(0);
+                return 1;
+            }
             fprintf(stderr, "  %s threads=%d run %d/%d: %.3f s (cpu %.3f s)\n", nc->label, b->threads[ti], i + 1, n, t[i], cpu[i]);
         }
+        ms_flops_enable(0);
         qsort(t, (size_t)n, sizeof t[0], cmp_double);
         qsort(cpu, (size_t)n, sizeof cpu[0], cmp_double);
         double med = n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
@@ -333,6 +352,11 @@ static int net_report(const Bench *b, const NetCase *nc, int warmup, double med_
         printf("%s threads=%d: %.3f %s  (%d runs %.3f..%.3f, cpu %.3f s", nc->label, b->threads[ti], med, nc->unit, n,
                t[0], t[n - 1], cmed);
         if (load >= 0) printf(", load %.2f", load);
+        if (flops > 0) {
+            double gf = flops * 1e-9 / med;
+            printf(", %.1f GFLOP, %.1f GFLOP/s", flops * 1e-9, gf);
+            if (b->peak[ti] > 0) printf(" = %.1f%% of peak", 100.0 * gf / b->peak[ti]);
+        }
         printf(")\n");
         fflush(stdout);
     }
@@ -1536,12 +1560,13 @@ enum { NET_TEXT = 1, NET_VAE = 2, NET_UNET = 4, NET_ALL = 7, NET_TRAIN = 8,   /*
        NET_REGIONAL_TINY = 16, NET_REGIONAL = 32, NET_FUSE = 64 };               /* regional, fuse: likewise */
 
 /* Smallest first, so each case's peak RSS is its own (the reset cannot go below what is live). */
-static int bench_nets(const Bench *b, int which, int train_batch, int train_f16) {
+static int bench_nets(Bench *b, int which, int train_batch, int train_f16) {
     MsRng r;
     int ok = 1;
     ms_rng_seed(&r, 2305);
     printf("mixshow bench: networks, SD 1.5 shapes, random weights, threads 1 and %d, median of %d runs\n",
            b->threads[1], b->runs);
+    if (!(b->peak[0] > 0)) bench_peaks(b);            /* --nets alone: the peaks the %% refer to */
     fflush(stdout);
     const int order[6] = { NET_TEXT, NET_VAE, NET_UNET, NET_TRAIN, NET_REGIONAL_TINY, NET_REGIONAL };
     for (int i = 0; i < 6; i++) {
@@ -1571,9 +1596,13 @@ static void usage(FILE *f) {
                "--nets times whole SD 1.5 networks with random weights made in memory (slow: minutes):\n"
                "  text-encoder sd15 [16,77] forward / forward+backward (ED-LoRA: rank-4 LoRA, 2 new tokens)\n"
                "  vae-decode sd15 512x512 (one 64x64 latent)\n"
-               "  unet sd15 B=2 64x64 threads=1: 27.588 s/step  (3 runs 27.1..28.5, cpu 27.5 s, load 1.10)\n"
+               "  unet sd15 B=2 64x64 threads=1: 27.588 s/step  (3 runs 27.1..28.5, cpu 27.5 s, load 1.10,\n"
+               "    1606.5 GFLOP, 58.2 GFLOP/s = 27.6%% of peak)\n"
                "    (one classifier-free-guidance step, inference: wall time, min..max, process CPU\n"
-               "    time, 1-minute load average at the start), then a memory line: planned weight and\n"
+               "    time, 1-minute load average at the start; the matmul FLOPs of one call, as counted\n"
+               "    by ms_flops_count: 2 M N K per GEMM and convolution, 2 Dh per query-key pair and\n"
+               "    attention product; their rate at the median wall time and its share of the peak\n"
+               "    measured first at that thread count), then a memory line: planned weight and\n"
                "arena bytes, and the peak resident set size (Linux /proc; omitted elsewhere).\n"
                "--nets=train (only when named; about 15 minutes): one ED-LoRA optimizer step of `mixshow\n"
                "train` (ms_trainer_step) with the 8101 potter config's options at 512x512, batch 1 (or\n"
@@ -1622,6 +1651,7 @@ int cmd_bench(int argc, char **argv) {
     Bench b;
     int runs = 0, kernels = 1, nets = 0, train_batch = 1, train_f16 = 0, under_load = 0;
     b.runs = 7;
+    b.peak[0] = b.peak[1] = 0.0;
     b.attention_only = 0;
     b.gemm_only = 0;
     for (int i = 1; i < argc; i++) {
