@@ -217,12 +217,14 @@ static void bench_kernels(Bench *b) {
         ms_free_aligned(c.a); ms_free_aligned(c.b); ms_free_aligned(c.c); ms_free_aligned(c.d);
     }
     /* SD 1.5 attention at 64x64 latents: self (T = Tk = 4096) and cross (Tk = 77), B*H = 16 (a CFG
-     * batch of 2 x 8 heads), Dh = 40; forward, then backward (dq, dk, dv; FLOPs of its 5 products) */
-    static const int atts[][2] = { { 4096, 4096 }, { 4096, 77 } };
+     * batch of 2 x 8 heads), Dh = 40; then the UNet's two lower levels (32x32: Dh = 80, 16x16:
+     * Dh = 160); forward, then backward (dq, dk, dv; FLOPs of its 5 products) */
+    static const int atts[][3] = { { 4096, 4096, 40 }, { 4096, 77, 40 }, { 1024, 1024, 80 }, { 1024, 77, 80 },
+                                   { 256, 256, 160 }, { 256, 77, 160 } };
     for (size_t i = 0; i < sizeof atts / sizeof atts[0] && !b->gemm_only; i++) {
         Case c;
         memset(&c, 0, sizeof c);
-        c.kind = 3; c.BH = 16; c.T = atts[i][0]; c.Tk = atts[i][1]; c.Dh = 40;
+        c.kind = 3; c.BH = 16; c.T = atts[i][0]; c.Tk = atts[i][1]; c.Dh = atts[i][2];
         size_t nq = (size_t)c.T * c.BH * c.Dh, nk = (size_t)c.Tk * c.BH * c.Dh;
         c.a = bench_buf(&r, nq); c.b = bench_buf(&r, nk); c.d = bench_buf(&r, nk); c.c = bench_buf(&r, nq);
         c.lse = bench_buf(&r, (size_t)c.BH * c.T); c.dout = bench_buf(&r, nq);
@@ -1591,7 +1593,9 @@ static void usage(FILE *f) {
                "and all threads), then prints one line per case and thread count:\n"
                "  gemm M=4096 K=320 N=320 threads=1: 183.2 GFLOP/s = 84.1%% of peak\n"
                "GEMM cases are C = A B^T (the layout of linear_forward); conv3x3 is stride 1, pad 1,\n"
-               "batch 1; attention is self-attention over B*H heads. Each figure is the median of\n"
+               "batch 1; attention runs over B*H = 16 heads, self (T=4096, 1024, 256 at Dh = 40, 80, 160:\n"
+               "the UNet's levels at 512x512) and cross (Tx77), forward and backward (FLOPs: QK^T and\n"
+               "PV; backward S, dV, dP, dQ, dK). Each figure is the median of\n"
                "%d timed runs after one warm-up; the peak is that of the SIMD level in use.\n\n"
                "--nets times whole SD 1.5 networks with random weights made in memory (slow: minutes):\n"
                "  text-encoder sd15 [16,77] forward / forward+backward (ED-LoRA: rank-4 LoRA, 2 new tokens)\n"
