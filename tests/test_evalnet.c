@@ -422,6 +422,43 @@ static void test_cli(const ClipTokenizer *tok) {
     FILE *f = fopen(p, "r");
     check(f != NULL, "CSV written");
     if (f) fclose(f);
+    /* --sheet --sheet-cols 3 on the 8 matched scenes: a 3 x 3 grid of S x S tiles with 2-pixel gaps, and one HTML
+     * page with the 8 tiles embedded and their prompts */
+    snprintf(outp, sizeof outp, "%s/sh", dir);
+    args[2] = img_dir; args[7] = "--sheet"; args[8] = "--sheet-cols"; args[9] = "3";
+    check(cmd_eval(10, args) == 0, "mixshow eval --sheet: %s", ms_last_error());
+    {
+        MsImage im;
+        snprintf(p, sizeof p, "%s/sh.png", dir);
+        const int want = 3 * (S + 2) + 2;
+        int ok = ms_image_read(p, 3, &im) == MS_OK;
+        check(ok && im.w == want && im.h == want, "contact sheet %dx%d (want %dx%d)", ok ? im.w : -1, ok ? im.h : -1, want, want);
+        if (ok) {
+            /* tile 4 (row 1, column 1) is s4.png's pixels */
+            MsImage t4;
+            memset(&t4, 0, sizeof t4);
+            snprintf(p, sizeof p, "%s/s4.png", dir);
+            int same = ms_image_read(p, 3, &t4) == MS_OK;
+            for (int y = 0; same && y < S; y++)
+                same = !memcmp((const uint8_t *)im.data + ((size_t)(2 + (S + 2) + y) * want + 2 + (S + 2)) * 3,
+                               (const uint8_t *)t4.data + (size_t)y * S * 3, (size_t)S * 3);
+            check(same, "contact sheet tile 4 == s4.png");
+            if (t4.data) ms_image_free(&t4);
+            ms_image_free(&im);
+        }
+        char *html = NULL;
+        snprintf(p, sizeof p, "%s/sh.html", dir);
+        FILE *h = fopen(p, "rb");
+        int n_img = 0;
+        if (h) {
+            html = (char *)calloc(1 << 20, 1);
+            if (html) { size_t got = fread(html, 1, (1 << 20) - 1, h); html[got] = '\0'; }
+            fclose(h);
+        }
+        for (const char *q = html; q && (q = strstr(q, "data:image/png;base64,")); q++) n_img++;
+        check(html && n_img == 8 && strstr(html, caps[5]) != NULL, "HTML page: %d embedded images (8), prompts shown", n_img);
+        free(html);
+    }
     snprintf(p, sizeof p, "rm -rf '%s'", dir);
     if (system(p) != 0) printf("  (could not remove %s)\n", dir);
     ms_free_aligned(img); free(caps);

@@ -23,7 +23,7 @@ static int ev_mkdir(const char *p) { _mkdir(p); return 1; }
 
 static void eval_usage(FILE *f) {
     fprintf(f,
-        "usage: mixshow eval --images DIR [--prompts FILE] [--ref NAME=DIR ...] [--encoders FILE] [--out PREFIX]\n"
+        "usage: mixshow eval --images DIR [--prompts FILE] [--ref NAME=DIR ...] [--encoders FILE] [--out PREFIX] [--sheet]\n"
         "       mixshow eval --train-encoders DIR [training options]\n"
         "\n"
         "Scores generated images the way Mix-of-Show's paper does (Sec. 5), with stand-ins for CLIP\n"
@@ -52,6 +52,9 @@ static void eval_usage(FILE *f) {
         "                      the data roots)\n"
         "  --tokenizer DIR     CLIP vocab.json + merges.txt (default: the shipped files)\n"
         "  --out PREFIX        writes PREFIX.json and PREFIX.csv (default DIR/eval)\n"
+        "  --sheet             also PREFIX.png, a contact sheet of the images in the prompts file's\n"
+        "                      order (8 per row; --sheet-cols N), and PREFIX.html, a page of one file\n"
+        "                      that shows them with their prompts and scores\n"
         "training (--train-encoders DIR writes DIR/encoders.safetensors, checkpoint.safetensors,\n"
         "loss.csv, loss.svg, heldout.json):\n"
         "  --steps N           optimizer steps (default 1500)\n"
@@ -312,6 +315,99 @@ static void csv_field(FILE *f, const char *s) {
     fputc('"', f);
 }
 
+/* RFC 4648 base64 of n bytes into f (for the HTML page's self-contained data: URIs). */
+static void ev_base64(FILE *f, const uint8_t *b, size_t n) {
+    static const char A[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for (size_t i = 0; i < n; i += 3) {
+        const uint32_t v = (uint32_t)b[i] << 16 | (i + 1 < n ? (uint32_t)b[i + 1] << 8 : 0) | (i + 2 < n ? b[i + 2] : 0);
+        fputc(A[v >> 18], f);
+        fputc(A[(v >> 12) & 63], f);
+        fputc(i + 1 < n ? A[(v >> 6) & 63] : '=', f);
+        fputc(i + 2 < n ? A[v & 63] : '=', f);
+    }
+}
+
+static void ev_html_text(FILE *f, const char *s) {
+    for (; *s; s++) {
+        if (*s == '<') fputs("&lt;", f);
+        else if (*s == '>') fputs("&gt;", f);
+        else if (*s == '&') fputs("&amp;", f);
+        else if (*s == '"') fputs("&quot;", f);
+        else fputc(*s, f);
+    }
+}
+
+/* --sheet: PREFIX.png, every image in the prompts file's order on a grid of `cols` columns, each
+ * at the first image's size (others resized, Pillow bilinear), and PREFIX.html, a page that shows
+ * those tiles (embedded as data: URIs, so the page is one file) with their prompts and scores. */
+static MsStatus ev_sheet(const char *prefix, const char *images, const EvLine *L, int n, const double *ta,
+                         const double *ia, double mta, double mia, int nia, int cols) {
+    char p[2400], tmp[2500];
+    int W = 0, H = 0, rows = (n + cols - 1) / cols, g = 2;
+    uint8_t *tiles = NULL, *sheet = NULL;
+    MsStatus s = MS_OK;
+    FILE *f = NULL;
+    for (int i = 0; i < n && !s; i++) {
+        MsImage im;
+        snprintf(p, sizeof p, "%s/%s", images, L[i].file);
+        if ((s = ms_image_read(p, 3, &im))) break;
+        if (!tiles) {
+            W = im.w; H = im.h;
+            if (!(tiles = (uint8_t *)malloc((size_t)n * W * H * 3))) s = ms_errorf(MS_ERR_NOMEM, "eval --sheet: out of memory");
+        }
+        uint8_t *t = tiles ? tiles + (size_t)i * W * H * 3 : NULL;
+        if (!s && im.w == W && im.h == H) memcpy(t, im.data, (size_t)W * H * 3);
+        else if (!s) s = pil_resize(t, W, H, (const uint8_t *)im.data, im.w, im.h, 3, PIL_BILINEAR);
+        ms_image_free(&im);
+    }
+    const int SW = cols * (W + g) + g, SH = rows * (H + g) + g;
+    if (!s && !(sheet = (uint8_t *)malloc((size_t)SW * SH * 3))) s = ms_errorf(MS_ERR_NOMEM, "eval --sheet: out of memory");
+    if (!s) {
+        memset(sheet, 90, (size_t)SW * SH * 3);
+        for (int i = 0; i < n; i++)
+            for (int y = 0; y < H; y++)
+                memcpy(sheet + ((size_t)(g + (i / cols) * (H + g) + y) * SW + g + (i % cols) * (W + g)) * 3,
+                       tiles + ((size_t)i * H + y) * W * 3, (size_t)W * 3);
+        snprintf(p, sizeof p, "%s.png", prefix);
+        s = ms_png_write(p, sheet, SW, SH, 3);
+    }
+    snprintf(p, sizeof p, "%s.html", prefix);
+    snprintf(tmp, sizeof tmp, "%s.tmp", p);
+    if (!s && !(f = fopen(tmp, "w"))) s = ms_errorf(MS_ERR_IO, "%s: cannot create", tmp);
+    if (!s) {
+        fprintf(f, "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>mixshow eval: ");
+        ev_html_text(f, images);
+        fprintf(f, "</title>\n<style>body{font-family:sans-serif;background:#222;color:#ddd}"
+                   ".c{display:inline-block;width:%dpx;margin:6px;vertical-align:top;font-size:12px}"
+                   ".c img{width:%dpx;image-rendering:pixelated}</style></head><body>\n", 2 * W, 2 * W);
+        fprintf(f, "<h3>mean text alignment %.4f", mta);
+        if (nia) fprintf(f, ", mean image alignment %.4f (%d images with concepts)", mia, nia);
+        fprintf(f, "</h3>\n");
+        for (int i = 0; i < n && !s; i++) {
+            uint8_t *png = NULL;
+            size_t len = 0;
+            if ((s = ms_png_encode(tiles + (size_t)i * W * H * 3, W, H, 3, &png, &len))) break;
+            fprintf(f, "<div class=\"c\"><img src=\"data:image/png;base64,");
+            ev_base64(f, png, len);
+            free(png);
+            fprintf(f, "\"><br><b>");
+            ev_html_text(f, L[i].file);
+            fprintf(f, "</b><br>");
+            ev_html_text(f, L[i].prompt);
+            fprintf(f, "<br>text %.4f", ta[i]);
+            if (!isnan(ia[i])) fprintf(f, ", image %.4f", ia[i]);
+            fprintf(f, "</div>\n");
+        }
+        fprintf(f, "</body></html>\n");
+        if (fclose(f) != 0 && !s) s = ms_errorf(MS_ERR_IO, "%s: cannot write", tmp);
+        if (!s && rename(tmp, p) != 0) s = ms_errorf(MS_ERR_IO, "%s: cannot rename to %s", tmp, p);
+        if (s) remove(tmp);
+    }
+    free(tiles);
+    free(sheet);
+    return s;
+}
+
 static MsStatus ev_write(const char *prefix, const EvLine *L, int n, const double *ta, const double *ia, double mta,
                          double mia, int nia) {
     char p[2400], tmp[2500];
@@ -360,7 +456,7 @@ static MsStatus ev_write(const char *prefix, const EvLine *L, int n, const doubl
 
 typedef struct {
     const char *images, *prompts, *encoders, *tok_dir, *out;
-    int n_refs;
+    int n_refs, sheet_cols;           /* sheet_cols > 0: --sheet */
     EvRef refs[64];
 } EvArgs;
 
@@ -454,6 +550,10 @@ static MsStatus ev_score(EvArgs *a) {
         else snprintf(prefix, sizeof prefix, "%s/eval", a->images);
         if ((s = ev_write(prefix, L, n, ta, ia, mta, mia, nia))) goto done;
         fprintf(stderr, "eval: wrote %s.json and %s.csv\n", prefix, prefix);
+        if (a->sheet_cols > 0) {
+            if ((s = ev_sheet(prefix, a->images, L, n, ta, ia, mta, mia, nia, a->sheet_cols))) goto done;
+            fprintf(stderr, "eval: wrote %s.png and %s.html\n", prefix, prefix);
+        }
     }
 done:
     for (int r = 0; r < a->n_refs; r++) { free(a->refs[r].z); a->refs[r].z = NULL; }
@@ -492,6 +592,7 @@ int cmd_eval(int argc, char **argv) {
         const char *o = argv[i];
         if (!strcmp(o, "--help") || !strcmp(o, "-h")) { eval_usage(stdout); return 0; }
         if (!strcmp(o, "--quiet") || !strcmp(o, "-q")) { t.quiet = 1; continue; }
+        if (!strcmp(o, "--sheet")) { if (!a.sheet_cols) a.sheet_cols = 8; continue; }
         if (i + 1 >= argc) { fprintf(stderr, "mixshow eval: %s needs a value (see --help)\n", o); return 2; }
         const char *v = argv[++i];
         char *end = NULL;
@@ -540,6 +641,7 @@ int cmd_eval(int argc, char **argv) {
                 ok = ok && x >= 2 && x <= 1024 && x % t.c.text.num_attention_heads == 0;
             }
             else if (!strcmp(o, "--threads")) { t.threads = (int)x; ok = ok && x >= 1 && x <= 1024; }
+            else if (!strcmp(o, "--sheet-cols")) { a.sheet_cols = (int)x; ok = ok && x >= 1 && x <= 256; }
             else { fprintf(stderr, "mixshow eval: unknown option %s (see --help)\n", o); return 2; }
         }
         if (!ok) { fprintf(stderr, "mixshow eval: %s %s: not a valid value (see --help)\n", o, v); return 2; }
