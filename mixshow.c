@@ -996,6 +996,28 @@ fail:
     return s;
 }
 
+/* Step k's draws (1. of ms_pretrain_step), from dr or in this order from g: B words for the drops
+ * (u = (word & 2^24-1) / 2^24 < uncond_p), B words for the timesteps (word % T), randn noise (N). */
+static MsStatus pre_draws(unsigned char *drop, int64_t *ts, float *tf, float *noise, int B, size_t N,
+                          const MsScheduler *sch, double uncond_p, const MsPretrainDraws *dr, MsTorchRng *g, int64_t k) {
+    if (!dr && !g) return ms_errorf(MS_ERR_ARG, "pretrain step %lld: neither draws nor a generator", (long long)k);
+    for (int b = 0; b < B; b++) {
+        if (dr) { drop[b] = dr->drop[b] ? 1 : 0; continue; }
+        double u = (double)(ms_torch_random(g) & ((1u << 24) - 1)) * (1.0 / 16777216.0);
+        drop[b] = u < uncond_p;
+    }
+    for (int b = 0; b < B; b++) {
+        ts[b] = dr ? dr->timesteps[b] : (int64_t)(ms_torch_random(g) % (uint32_t)sch->T);
+        if (ts[b] < 0 || ts[b] >= sch->T)
+            return ms_errorf(MS_ERR_ARG, "pretrain step %lld: timestep %lld outside [0, %d)", (long long)k, (long long)ts[b],
+                             sch->T);
+        tf[b] = (float)ts[b];
+    }
+    if (dr) memcpy(noise, dr->noise, N * sizeof(float));
+    else ms_torch_randn(g, noise, N, MS_TORCH_CPU_AVX2);
+    return MS_OK;
+}
+
 MsStatus ms_pretrain_step(MsPretrainer *p, const float *latents, const char *const *captions,
                           const MsPretrainDraws *dr, MsTorchRng *g, MsPretrainReport *rep) {
     const MsPretrainConfig *c = &p->cfg;
@@ -1005,23 +1027,8 @@ MsStatus ms_pretrain_step(MsPretrainer *p, const float *latents, const char *con
     float tf[64];
     MsStatus s;
     memset(rep, 0, sizeof *rep);
-    if (!dr && !g) return ms_errorf(MS_ERR_ARG, "pretrain step %lld: neither draws nor a generator", (long long)k);
-
     /* 1. draws */
-    for (int b = 0; b < B; b++) {
-        if (dr) { p->drop[b] = dr->drop[b] ? 1 : 0; continue; }
-        double u = (double)(ms_torch_random(g) & ((1u << 24) - 1)) * (1.0 / 16777216.0);
-        p->drop[b] = u < c->uncond_p;
-    }
-    for (int b = 0; b < B; b++) {
-        p->ts[b] = dr ? dr->timesteps[b] : (int64_t)(ms_torch_random(g) % (uint32_t)p->sch->T);
-        if (p->ts[b] < 0 || p->ts[b] >= p->sch->T)
-            return ms_errorf(MS_ERR_ARG, "pretrain step %lld: timestep %lld outside [0, %d)", (long long)k,
-                             (long long)p->ts[b], p->sch->T);
-        tf[b] = (float)p->ts[b];
-    }
-    if (dr) memcpy(p->noise, dr->noise, N * sizeof(float));
-    else ms_torch_randn(g, p->noise, N, MS_TORCH_CPU_AVX2);
+    if ((s = pre_draws(p->drop, p->ts, tf, p->noise, B, N, p->sch, c->uncond_p, dr, g, k))) return s;
     /* 2. noisy latents */
     if ((s = ms_scheduler_add_noise(p->sch, p->noisy, latents, p->noise, p->ts, B, M))) return s;
     /* 3. text encoder */
@@ -1228,6 +1235,211 @@ void ms_vae_pretrainer_moments(MsVaePretrainer *p, float **m, float **v, size_t 
     *m = p->mom_m; *v = p->mom_v; *n = p->n;
 }
 
+/* The adapters stage, after the UNet's: one T2I-Adapter (Mou et al. 2023, arXiv:2302.08453) on
+ * the frozen UNet and text encoder. One step, read top to bottom:
+ *   1. draws as ms_pretrain_step (pre_draws); 2. z_t = sqrt(ac_t) z0 + sqrt(1 - ac_t) n;
+ *   3. ctx = TextEncoder(tokenize(caption_b)) (inference: frozen);
+ *   4. F = Adapter(cond) on a tape (adapter_forward_train), adapter_conditioning_scale 1;
+ *   5. eps = UNet(z_t, t, ctx, F) (unet_forward adds F_i to down block i's output as the
+ *      pipelines do: before its downsampler, so the skip sees it);
+ *   6. L = mean (eps - n)^2, dL/deps = (2 / N)(eps - n);
+ *   7. unet_backward with UNetActs.dadapter: dL/dF_i, the gradient where F_i was added (no UNet
+ *      weight gradient); adapter_backward_full: every adapter parameter;
+ *   8. AdamW over the adapter's block, lr_k = lr * min(1, k / warmup).
+ * The objective is the adapter paper's: the UNet's denoising loss with the adapter's features
+ * added, the UNet and text encoder fixed; timesteps uniform as in ms_pretrain_step. */
+MsStatus ms_adapter_fits_unet(const AdapterConfig *ac, const UNetConfig *uc, const char *what) {
+    if (ac->n_channels != uc->n_blocks)
+        return ms_errorf(MS_ERR_SHAPE, "%s: the adapter has %d feature levels, the UNet %d down blocks", what,
+                         ac->n_channels, uc->n_blocks);
+    for (int i = 0; i < uc->n_blocks; i++) {
+        if (ac->channels[i] != uc->block_out_channels[i])
+            return ms_errorf(MS_ERR_SHAPE, "%s: adapter level %d has %d channels, UNet block %d has %d", what, i,
+                             ac->channels[i], i, uc->block_out_channels[i]);
+        if (i < uc->n_blocks - 1 && uc->down_block_types[i] != MS_BLOCK_CROSS_ATTN_DOWN)
+            return ms_errorf(MS_ERR_SHAPE, "%s: UNet down block %d is a %s with a downsampler: it takes its residual after "
+                             "it, at the next level's size, which no T2I-Adapter level has (SD's order has the plain "
+                             "DownBlock2D last)", what, i, ms_block_type_name(uc->down_block_types[i]));
+    }
+    return MS_OK;
+}
+
+struct MsAdapterTrainer {
+    MsPretrainConfig cfg;
+    const MsModel *m;
+    const ClipTokenizer *tok;
+    AdapterConfig ac;
+    MsParamTable *w, g;                 /* adapter weights (trained in place), gradients (same layout) */
+    AdapterParams ap, adp;
+    AdapterTape tape;
+    int B, C, h, wl, H, W;
+    size_t n;                           /* floats of the adapter's block */
+    MsScheduler *sch;
+    UNetParams up;
+    ClipTextParams tp;
+    int up_ok, ua_ok;
+    Arena uacts, uscr, tar, aar;
+    UNetActs ua;
+    ClipTextActs ta;
+    float *mom_m, *mom_v;
+    float *noise, *noisy, *pred, *dpred;    /* (B,C,h,w) */
+    float *dfeat[MS_MAX_BLOCKS];            /* dL/dF_i */
+    int64_t ts[64];
+    unsigned char drop[64];
+    int32_t *ids;                       /* (B, 77) */
+    int64_t step;
+};
+
+void ms_adapter_trainer_free(MsAdapterTrainer *p) {
+    if (!p) return;
+    if (p->ua_ok) unet_acts_free(&p->ua);
+    if (p->up_ok) unet_params_free(&p->up);
+    ms_param_table_free(&p->g);
+    arena_free(&p->uacts); arena_free(&p->uscr); arena_free(&p->tar); arena_free(&p->aar);
+    float *bufs[] = { p->mom_m, p->mom_v, p->noise, p->noisy, p->pred, p->dpred };
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ms_free_aligned(bufs[i]);
+    for (int i = 0; i < MS_MAX_BLOCKS; i++) ms_free_aligned(p->dfeat[i]);
+    free(p->ids);
+    free(p->sch);
+    free(p);
+}
+
+MsStatus ms_adapter_trainer_create(MsAdapterTrainer **out, const MsModel *m, const ClipTokenizer *tok,
+                                   const AdapterConfig *ac, MsParamTable *w, const MsPretrainConfig *c, int B,
+                                   int h, int wl) {
+    const UNetConfig *uc = &m->unet_config;
+    const ClipTextConfig *tc = &m->text_config;
+    MsAdapterTrainer *p;
+    MsStatus s;
+    UNetSizes sz;
+    size_t ab = 0, nf[MS_MAX_BLOCKS];
+    *out = NULL;
+    if (B < 1 || B > 64 || h < 1 || wl < 1) return ms_errorf(MS_ERR_ARG, "adapter training: batch %d (1..64), latent %dx%d", B, h, wl);
+    if ((s = ms_adapter_config_check(ac)) || (s = ms_adapter_fits_unet(ac, uc, "adapter training"))) return s;
+    if (uc->cross_attention_dim != tc->hidden_size || tc->max_position_embeddings < PRE_T)
+        return ms_errorf(MS_ERR_SHAPE, "adapter training: UNet cross_attention_dim %d, text hidden_size %d, %d positions",
+                         uc->cross_attention_dim, tc->hidden_size, tc->max_position_embeddings);
+    if (!(c->lr >= 0) || c->warmup < 0 || !(c->uncond_p >= 0 && c->uncond_p <= 1))
+        return ms_errorf(MS_ERR_ARG, "adapter training: lr %g, warmup %lld, uncond_p %g", c->lr, (long long)c->warmup,
+                         c->uncond_p);
+    if ((s = pre_block(w, "adapter"))) return s;
+    if ((s = adapter_sizes(ac, B, h * ac->downscale_factor, wl * ac->downscale_factor, NULL, nf))) return s;
+    p = (MsAdapterTrainer *)calloc(1, sizeof *p);
+    if (!p) return ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory");
+    p->cfg = *c; p->m = m; p->tok = tok; p->ac = *ac; p->w = w;
+    p->B = B; p->C = uc->in_channels; p->h = h; p->wl = wl;
+    p->H = h * ac->downscale_factor; p->W = wl * ac->downscale_factor;
+    p->n = w->mem_bytes / sizeof(float);
+    const size_t nlat = (size_t)B * p->C * h * wl;
+    if (!(p->sch = (MsScheduler *)malloc(sizeof *p->sch))) { s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail; }
+    if ((s = ms_scheduler_init(p->sch, MS_SCHED_DDPM, &m->scheduler_config, MS_TORCH_CPU_AVX2))) goto fail;
+    if ((s = ms_param_table_adapter(ac, &p->g)) || (s = ms_param_table_alloc(&p->g, NULL))) goto fail;
+    if (p->g.mem_bytes != w->mem_bytes) { s = ms_errorf(MS_ERR_SHAPE, "adapter training: the table is not that of its config"); goto fail; }
+    memset(p->g.mem, 0, p->g.mem_bytes);
+    if ((s = adapter_params_init(&p->ap, ac, w)) || (s = adapter_params_init(&p->adp, ac, &p->g))) goto fail;
+    if ((s = unet_params_init(&p->up, uc, &m->unet))) goto fail;
+    p->up_ok = 1;
+    if ((s = clip_text_params(&p->tp, &m->text, tc))) goto fail;
+    if ((s = unet_sizes(uc, B, h, wl, PRE_T, 1, &sz)) || (s = arena_init(&p->uacts, sz.acts_bytes)) ||
+        (s = arena_init(&p->uscr, sz.scratch_bytes)) || (s = unet_acts_init(&p->ua, uc, B, h, wl, PRE_T, 1, &p->uacts, &p->uscr)))
+        goto fail;
+    p->ua_ok = 1;
+    p->ua.dadapter = p->dfeat;
+    if ((s = arena_init(&p->tar, clip_text_sizes(tc, B, PRE_T, 0, CLIP_INFER))) ||
+        (s = clip_text_acts_alloc(&p->ta, &p->tar, tc, B, PRE_T, 0, CLIP_INFER)))
+        goto fail;
+    if ((s = adapter_train_sizes(ac, B, p->H, p->W, &ab)) || (s = arena_init(&p->aar, ab))) goto fail;
+    {
+        float **bufs[] = { &p->mom_m, &p->mom_v, &p->noise, &p->noisy, &p->pred, &p->dpred };
+        const size_t len[] = { p->n, p->n, nlat, nlat, nlat, nlat };
+        for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+            if (!(*bufs[i] = (float *)ms_alloc_aligned(len[i], sizeof(float)))) {
+                s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail;
+            }
+        for (int i = 0; i < ac->n_channels; i++)
+            if (!(p->dfeat[i] = (float *)ms_alloc_aligned(nf[i], sizeof(float)))) {
+                s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail;
+            }
+    }
+    if (!(p->ids = (int32_t *)malloc((size_t)B * PRE_T * sizeof(int32_t)))) {
+        s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail;
+    }
+    memset(p->mom_m, 0, p->n * sizeof(float));
+    memset(p->mom_v, 0, p->n * sizeof(float));
+    *out = p;
+    return MS_OK;
+fail:
+    ms_adapter_trainer_free(p);
+    return s;
+}
+
+MsStatus ms_adapter_train_step(MsAdapterTrainer *p, const float *latents, const float *cond,
+                               const char *const *captions, const MsPretrainDraws *dr, MsTorchRng *g,
+                               MsPretrainReport *rep) {
+    const MsPretrainConfig *c = &p->cfg;
+    const AdapterConfig *ac = &p->ac;
+    const int B = p->B, R = ac->num_res_blocks;
+    const size_t M = (size_t)p->C * p->h * p->wl, N = (size_t)B * M;
+    const int64_t k = p->step + 1;
+    const float *feat[MS_MAX_BLOCKS];
+    size_t nf[MS_MAX_BLOCKS];
+    float tf[64];
+    MsStatus s;
+    memset(rep, 0, sizeof *rep);
+    /* 1.-3. draws, noisy latents, text encoder */
+    if ((s = pre_draws(p->drop, p->ts, tf, p->noise, B, N, p->sch, c->uncond_p, dr, g, k))) return s;
+    if ((s = ms_scheduler_add_noise(p->sch, p->noisy, latents, p->noise, p->ts, B, M))) return s;
+    for (int b = 0; b < B; b++) {
+        const char *text = p->drop[b] ? "" : captions[b];
+        if ((s = clip_tokenize(p->tok, text, strlen(text), p->ids + (size_t)b * PRE_T, PRE_T))) return s;
+    }
+    if ((s = clip_text_forward(&p->ta, &p->tp, NULL, p->ids, NULL, 0, &p->m->text_config))) return s;
+    /* 4. adapter features */
+    arena_reset(&p->aar, 0);
+    if ((s = adapter_forward_train(&p->tape, &p->aar, &p->ap, cond, B, p->H, p->W))) return s;
+    for (int i = 0; i < ac->n_channels; i++) feat[i] = p->tape.x[i][R];
+    /* 5. UNet with the residuals */
+    if ((s = unet_forward(p->pred, &p->ua, p->noisy, tf, p->ta.out, NULL, feat, &p->up, NULL))) return s;
+    /* 6. loss */
+    {
+        double sum = 0.0;
+        const float scale = (float)(2.0 / (double)N);
+        for (size_t i = 0; i < N; i++) {
+            const float d = p->pred[i] - p->noise[i];
+            sum += (double)d * d;
+            p->dpred[i] = d * scale;
+        }
+        rep->loss = sum / (double)N;
+        if (!(rep->loss - rep->loss == 0.0))
+            return ms_errorf(MS_ERR_FORMAT, "adapter training step %lld: the loss is not finite (%g)", (long long)k, rep->loss);
+    }
+    /* 7. dL/dF through the frozen UNet, then every adapter parameter */
+    adapter_sizes(ac, B, p->H, p->W, NULL, nf);
+    for (int i = 0; i < ac->n_channels; i++) memset(p->dfeat[i], 0, nf[i] * sizeof(float));
+    if ((s = unet_backward(&p->ua, &p->up, NULL, NULL, p->dpred, NULL, NULL))) return s;
+    memset(p->g.mem, 0, p->g.mem_bytes);
+    if ((s = adapter_backward_full(&p->tape, &p->adp, NULL, (const float *const *)p->dfeat))) return s;
+    if (!train_finite((const float *)p->g.mem, p->n))
+        return ms_errorf(MS_ERR_FORMAT, "adapter training step %lld: a gradient is not finite (loss %g)", (long long)k,
+                         rep->loss);
+    /* 8. AdamW */
+    rep->lr = pre_lr(c->lr, c->warmup, k);
+    ms_adamw_step((float *)p->w->mem, (const float *)p->g.mem, p->mom_m, p->mom_v, p->n, k, rep->lr, c->weight_decay,
+                  c->beta1, c->beta2, c->adam_eps);
+    p->step = k;
+    rep->used.drop = p->drop;
+    rep->used.timesteps = p->ts;
+    rep->used.noise = p->noise;
+    rep->ids = p->ids;
+    return MS_OK;
+}
+
+int64_t ms_adapter_trainer_step_count(const MsAdapterTrainer *p) { return p->step; }
+void ms_adapter_trainer_set_step(MsAdapterTrainer *p, int64_t step) { p->step = step; }
+void ms_adapter_trainer_moments(MsAdapterTrainer *p, float **m, float **v, size_t *n) {
+    *m = p->mom_m; *v = p->mom_v; *n = p->n;
+}
+
 /* ---- text-to-image pipeline ---- */
 /* diffusers 0.19.3 StableDiffusionPipeline.__call__ (pipeline_stable_diffusion.py) and
  * StableDiffusionAdapterPipeline.__call__ (t2i_adapter/pipeline_stable_diffusion_adapter.py),
@@ -1363,6 +1575,12 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
         if (o->adapter) {
             size_t ab;
             if ((s = adapter_sizes(&o->adapter->cfg, 1, o->height, o->width, &ab, nfeat))) goto done;
+            if ((s = ms_adapter_fits_unet(&o->adapter->cfg, uc, "txt2img"))) goto done;
+            if (o->height / o->adapter->cfg.downscale_factor != h || o->width / o->adapter->cfg.downscale_factor != w) {
+                s = ms_errorf(MS_ERR_SHAPE, "txt2img: the adapter's downscale_factor %d is not the VAE's factor %d",
+                              o->adapter->cfg.downscale_factor, f);
+                goto done;
+            }
             if (ab > need) need = ab;
             n_feat = o->adapter->cfg.n_channels;
         }

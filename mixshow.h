@@ -1824,6 +1824,37 @@ void ms_vae_pretrainer_moments(MsVaePretrainer *p, float **m, float **v, size_t 
 void ms_vae_pretrainer_set_step(MsVaePretrainer *p, int64_t step);
 void ms_vae_pretrainer_free(MsVaePretrainer *p);
 
+/* T2I-Adapter training (the adapters stage, after the UNet's): every parameter of one adapter
+ * on a frozen UNet + text encoder (mixshow.c, section "pretraining"). One step:
+ *   draws as ms_pretrain_step (caption drop, t uniform, n); z_t = sqrt(ac_t) z0 + sqrt(1 - ac_t) n;
+ *   ctx = TextEncoder(captions); F = Adapter(cond) (scale 1);
+ *   eps = UNet(z_t, t, ctx, down-block residuals F) exactly as sampling adds them;
+ *   L = mean (eps - n)^2; dF from the UNet's backward (UNetActs.dadapter) -> every adapter
+ *   parameter (adapter_backward_full); AdamW over the adapter's block, lr warmed up.
+ * The adapter must fit the UNet (ms_adapter_fits_unet). */
+typedef struct MsAdapterTrainer MsAdapterTrainer;
+/* m: the frozen model (f32 UNet and text encoder; kept, not changed); w: the adapter's table, f32
+ * in one block (ms_param_table_adapter + ms_param_table_alloc), trained in place. Batches of B
+ * latents (m's UNet sample size h x w) with conditions (B, in_channels, H, W), H = h * f. m, tok
+ * and w must outlive the trainer. */
+MsStatus ms_adapter_trainer_create(MsAdapterTrainer **out, const MsModel *m, const ClipTokenizer *tok,
+                                   const AdapterConfig *ac, MsParamTable *w, const MsPretrainConfig *c, int B,
+                                   int h, int wl);
+/* latents (B,C,h,w) * scaling_factor, cond (B,Cin,H,W) in [0, 1], B captions; draws dr (or from
+ * g in ms_pretrain_step's order). rep->used: this step's draws (valid until the next step). */
+MsStatus ms_adapter_train_step(MsAdapterTrainer *p, const float *latents, const float *cond,
+                               const char *const *captions, const MsPretrainDraws *dr, MsTorchRng *g,
+                               MsPretrainReport *rep);
+int64_t ms_adapter_trainer_step_count(const MsAdapterTrainer *p);
+void ms_adapter_trainer_set_step(MsAdapterTrainer *p, int64_t step);
+void ms_adapter_trainer_moments(MsAdapterTrainer *p, float **m, float **v, size_t *n);   /* the table's layout */
+void ms_adapter_trainer_free(MsAdapterTrainer *p);
+/* Whether T2I-Adapter features (levels of side (h >> i) x (w >> i), h x w the latent) are residuals
+ * this UNet takes as diffusers 0.19.3 adds them: as many levels as down blocks, channels[i] ==
+ * block_out_channels[i], and no DownBlock2D before the last block (it would take its residual
+ * after its downsampler, one level down). MS_ERR_SHAPE naming the mismatch. */
+MsStatus ms_adapter_fits_unet(const AdapterConfig *ac, const UNetConfig *uc, const char *what);
+
 /* ==========================================================================================
  * The method: gradient fusion (mixshow.c).
  * For a linear layer with base weight W0 (d_out, d_in) and concepts i = 1..N with merged

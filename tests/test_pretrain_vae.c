@@ -22,7 +22,9 @@ static const char *const TINY_FLAGS[] = { "--vae-channels", "8,16", "--vae-group
                                           "--vae-warmup", "5", "--seed", "7", "--world-seed", "3", "-q",
                                           /* the unet stage of --stage all */
                                           "--channels", "8,16", "--heads", "2,2", "--groups", "4", "--text-width", "16",
-                                          "--text-layers", "1", "--text-heads", "2", "--batch", "2" };
+                                          "--text-layers", "1", "--text-heads", "2", "--batch", "2",
+                                          /* and its adapters stage */
+                                          "--adapter-steps", "3", "--adapter-batch", "2" };
 #define N_TINY ((int)(sizeof TINY_FLAGS / sizeof TINY_FLAGS[0]))
 
 /* mixshow pretrain TINY_FLAGS --out dir --stage stage --vae-steps n [extra...] */
@@ -359,9 +361,9 @@ static void test_command(void) {
     check(rc != 0 && strstr(ms_last_error(), "already exists") != NULL, "a second vae stage into DIR refused: %s",
           ms_last_error());
 
-    /* --stage all: vae, then the unet stage on DIR/vae; the folder samples */
+    /* --stage all: vae, then the unet stage on DIR/vae, then the adapters on DIR/model; the folder samples */
     rc = run_pretrain(d, "all", 6, NULL, NULL, NULL, NULL);
-    if (check(rc == 0, "mixshow pretrain --stage all (6 vae + 4 unet steps): exit status %d", rc)) {
+    if (check(rc == 0, "mixshow pretrain --stage all (6 vae + 4 unet + 3 adapter steps): exit status %d", rc)) {
         MsModel m;
         VaeConfig cv;
         MsParamTable tv;
@@ -374,6 +376,12 @@ static void test_command(void) {
             ms_model_free(&m);
         }
         ms_param_table_free(&tv);
+        for (int k = 0; k < 2; k++) {
+            snprintf(pc, sizeof pc, "%s/adapters/%s/config.json", d, k ? "sketch" : "pose");
+            FILE *f = fopen(pc, "r");
+            check(f != NULL, "--stage all ends with the adapters stage: %s", pc);
+            if (f) fclose(f);
+        }
         char png[700];
         snprintf(png, sizeof png, "%s/s.png", d);
         char *argv[] = { "sample", "--model", pa, "-p", "a red circle above a blue square", "--steps", "2", "--seed", "1",

@@ -128,6 +128,18 @@ static MsStatus vae_json(const VaeConfig *c, JsonValue *o) {
     return s;
 }
 
+static MsStatus adapter_json(const AdapterConfig *c, JsonValue *o) {
+    MsStatus s = MS_OK;
+    OK(set_str(o, "_class_name", "T2IAdapter"));
+    OK(set_str(o, "_diffusers_version", "0.19.3"));
+    OK(set_str(o, "adapter_type", "full_adapter"));
+    OK(set_ints(o, "channels", c->channels, c->n_channels));
+    OK(set_num(o, "downscale_factor", c->downscale_factor));
+    OK(set_num(o, "in_channels", c->in_channels));
+    OK(set_num(o, "num_res_blocks", c->num_res_blocks));
+    return s;
+}
+
 static MsStatus text_json(const ClipTextConfig *c, JsonValue *o) {
     MsStatus s = MS_OK;
     JsonValue *arch = json_new(JSON_ARRAY), *v = json_new_string("CLIPTextModel", 13);
@@ -200,6 +212,7 @@ static MsStatus write_json(const char *path, MsStatus (*fill)(const void *, Json
 }
 static MsStatus unet_cb(const void *c, JsonValue *o) { return unet_json((const UNetConfig *)c, o); }
 static MsStatus vae_cb(const void *c, JsonValue *o) { return vae_json((const VaeConfig *)c, o); }
+static MsStatus adapter_cb(const void *c, JsonValue *o) { return adapter_json((const AdapterConfig *)c, o); }
 static MsStatus text_cb(const void *c, JsonValue *o) { return text_json((const ClipTextConfig *)c, o); }
 static MsStatus sched_cb(const void *c, JsonValue *o) { return sched_json((const SchedulerConfig *)c, o); }
 static MsStatus index_cb(const void *c, JsonValue *o) { (void)c; return index_json(o); }
@@ -304,7 +317,10 @@ MsStatus ms_write_model_folder(const MsModel *m, const char *tokdir, const char 
     return MS_OK;
 }
 
-MsStatus ms_write_vae_folder(const VaeConfig *c, const MsParamTable *t, const char *out) {
+/* One diffusers model folder at out (written as out.tmp, renamed; out must not exist):
+ * config.json from cfg through cb, diffusion_pytorch_model.safetensors (f32). */
+static MsStatus write_component_folder(MsStatus (*cb)(const void *, JsonValue *), const void *cfg, const MsParamTable *t,
+                                       const char *out) {
     char tmp[2048], p[2300];
     MsStatus s;
     FILE *f = fopen(out, "rb");
@@ -312,11 +328,19 @@ MsStatus ms_write_vae_folder(const VaeConfig *c, const MsParamTable *t, const ch
     snprintf(tmp, sizeof tmp, "%s.tmp", out);
     if (make_dir(tmp)) return ms_errorf(MS_ERR_IO, "%s: cannot create the folder (remove a stale one?)", tmp);
     snprintf(p, sizeof p, "%s/config.json", tmp);
-    if ((s = write_json(p, vae_cb, c))) return s;
+    if ((s = write_json(p, cb, cfg))) return s;
     snprintf(p, sizeof p, "%s/diffusion_pytorch_model.safetensors", tmp);
     if ((s = write_table(p, t, 0))) return s;
     if (rename(tmp, out)) return ms_errorf(MS_ERR_IO, "cannot rename %s to %s", tmp, out);
     return MS_OK;
+}
+
+MsStatus ms_write_vae_folder(const VaeConfig *c, const MsParamTable *t, const char *out) {
+    return write_component_folder(vae_cb, c, t, out);
+}
+
+MsStatus ms_write_adapter_folder(const AdapterConfig *c, const MsParamTable *t, const char *out) {
+    return write_component_folder(adapter_cb, c, t, out);
 }
 
 /* The configs as compact JSON in the file's metadata (mixshow.unet_config, ...), so that the

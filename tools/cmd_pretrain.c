@@ -3,7 +3,9 @@
  *   vae   an AutoencoderKL on the scenes' pixels (ms_vae_pretrain_step) -> DIR/vae/, with its
  *         scaling_factor measured as SD's recipe does (1 / std of the latents of training scenes);
  *   unet  UNet + CLIP text encoder on the scenes' captions and the frozen VAE's latents (posterior
- *         mean * scaling_factor, cached once per scene; ms_pretrain_step) -> DIR/model/.
+ *         mean * scaling_factor, cached once per scene; ms_pretrain_step) -> DIR/model/;
+ *   adapters  two T2I-Adapters (keypose-like "pose", "sketch") on the frozen DIR/model
+ *         (ms_adapter_train_step) -> DIR/adapters/pose/, DIR/adapters/sketch/.
  * This file builds the configs from flags (or a diffusers folder's configs), makes the data,
  * and runs each stage through one loop (pre_loop): progress with ETA, a loss.csv / loss.svg,
  * atomic checkpoints that --resume continues bit-identically (the checkpoint names its stage). */
@@ -29,9 +31,9 @@ static int pre_mkdir(const char *p) { _mkdir(p); return 1; }
 
 static void pretrain_usage(FILE *f) {
     fprintf(f,
-        "usage: mixshow pretrain --out DIR [--stage vae|unet|all] [options]\n"
+        "usage: mixshow pretrain --out DIR [--stage vae|unet|adapters|all] [options]\n"
         "Trains a small SD 1.x-topology model from scratch on scenes of the procedural world\n"
-        "(mixshow world), in stages (--stage all, the default: vae, then unet):\n"
+        "(mixshow world), in stages (--stage all, the default: vae, unet, then adapters):\n"
         "  vae   an AutoencoderKL on the scenes' pixels: L1 reconstruction + kl_weight * KL of the\n"
         "        posterior sample (LDM's objective without LPIPS and GAN), AdamW. Writes\n"
         "        DIR/vae_loss.csv (loss, L1 per pixel value, KL per image), DIR/vae_loss.svg,\n"
@@ -46,6 +48,17 @@ static void pretrain_usage(FILE *f) {
         "        Writes DIR/loss.csv, DIR/loss.svg, DIR/checkpoint.safetensors and at the end\n"
         "        DIR/model/, a diffusers folder (must not exist yet; with the VAE) for\n"
         "        `mixshow sample --model DIR/model`.\n"
+        "  adapters  two T2I-Adapters (full_adapter) on DIR/model, frozen: \"pose\" (3 channels, the\n"
+        "        world's keypose-like drawings) and \"sketch\" (1 channel, its outlines), each level as\n"
+        "        wide as the UNet's block (they are added to its down-block outputs), downscale factor\n"
+        "        = the VAE's. Data: base scenes (objects: pose spokes, outlines) and as many creature\n"
+        "        renders (a creature per image, renders below 500; \"a creature, waving, ...\").\n"
+        "        Epsilon objective with the features added as sampling adds them, AdamW; both\n"
+        "        adapters on the same batches and draws. Writes DIR/adapters_loss.csv, .svg,\n"
+        "        DIR/adapters_checkpoint.safetensors and at the end DIR/adapters/pose/ and\n"
+        "        DIR/adapters/sketch/ for `mixshow sample --adapter DIR/adapters/pose --cond IMG`.\n"
+        );
+    fprintf(f,
         "Checkpoints (every --checkpoint-every steps and at the end of a stage) hold the weights,\n"
         "AdamW moments, step and RNG state; --resume FILE continues that stage bit-identically,\n"
         "then runs the later stages of --stage.\n\n"
@@ -64,9 +77,10 @@ static void pretrain_usage(FILE *f) {
         "  --vae-lr X, --vae-warmup N   peak lr (5e-4), linear warmup steps (100)\n"
         "  --kl-weight X         (default 1e-6, SD's VAE)\n"
         "  --vae-loss l1|mse     reconstruction term (default l1, LDM's)\n"
-        "unet stage (defaults: UNet 32,64,64 channels, DownBlock2D + 2 CrossAttnDownBlock2D, 1 layer\n"
-        "per block, heads 2,4,4, 8 groups; text encoder width 64, 2 layers, 2 heads):\n"
-        "  --channels A,B,...    UNet block_out_channels (1..4 blocks; the first is a plain block)\n"
+        "unet stage (defaults: UNet 32,64,64 channels, 2 CrossAttnDownBlock2D + DownBlock2D (SD's\n"
+        "order, so that T2I-Adapter features fit), 1 layer per block, heads 2,4,4, 8 groups; text\n"
+        "encoder width 64, 2 layers, 2 heads):\n"
+        "  --channels A,B,...    UNet block_out_channels (1..4 blocks; the last is a plain block)\n"
         "  --heads A,B,...       attention heads per block (as many as --channels)\n"
         "  --layers N            resnets per down block (default 1)\n"
         "  --groups G            GroupNorm groups (default 8)\n"
@@ -79,8 +93,12 @@ static void pretrain_usage(FILE *f) {
         "  --batch B             (default 8)\n"
         "  --lr X, --warmup N    peak lr (1e-3), linear warmup steps (100)\n"
         "  --weight-decay X      AdamW weight decay on every parameter (0.01)\n"
-        "  --uncond P            caption dropout probability (0.1)\n"
-        "both:\n"
+        "  --uncond P            caption dropout probability (0.1; the adapters stage too)\n"
+        "adapters stage (the weight decay of --weight-decay):\n"
+        "  --adapter-steps N     (default 500)   --adapter-batch B (default 8)\n"
+        "  --adapter-lr X, --adapter-warmup N   peak lr (1e-3), linear warmup steps (50)\n"
+        "  --adapter-res R       resnets per adapter level (num_res_blocks, default 2 as SD's)\n"
+        "every stage:\n"
         "  --seed S              weights, scene choice, dropout, timesteps, noise (default 0)\n"
         "  --checkpoint-every N  (default 100; 0: none)\n"
         "  --resume FILE         continue from a stage's checkpoint, bit-identically (same options)\n"
@@ -106,6 +124,10 @@ typedef struct {
     int64_t vae_steps;
     int vae_batch, n_vae_ch, vae_ch[MS_MAX_BLOCKS], vae_layers, vae_groups, vae_latent;
     MsVaePretrainConfig vpc;
+    /* the adapters stage */
+    int64_t ad_steps;
+    int ad_batch, ad_res;
+    MsPretrainConfig apc;
 } PreArgs;
 
 /* "32,64,64" -> v (1..MS_MAX_BLOCKS positive ints) */
@@ -160,8 +182,10 @@ static MsStatus pre_configs(const PreArgs *a, const VaeConfig *vc, int latent, M
             c->attention_head_dim[i] = a->heads[i];
             c->num_attention_heads[i] = 0;
             c->transformer_layers_per_block[i] = 1;
-            c->down_block_types[i] = i == 0 && a->n_ch > 1 ? MS_BLOCK_DOWN : MS_BLOCK_CROSS_ATTN_DOWN;
-            c->up_block_types[i] = i == a->n_ch - 1 && a->n_ch > 1 ? MS_BLOCK_UP : MS_BLOCK_CROSS_ATTN_UP;
+            /* SD's order, the plain block last: a DownBlock2D with a downsampler would take its
+             * T2I-Adapter residual one level down, where no adapter feature is (ms_adapter_fits_unet) */
+            c->down_block_types[i] = i == a->n_ch - 1 && a->n_ch > 1 ? MS_BLOCK_DOWN : MS_BLOCK_CROSS_ATTN_DOWN;
+            c->up_block_types[i] = i == 0 && a->n_ch > 1 ? MS_BLOCK_UP : MS_BLOCK_CROSS_ATTN_UP;
         }
         c->layers_per_block = a->layers;
         c->norm_num_groups = a->groups;
@@ -285,6 +309,8 @@ typedef struct {
     const char *prefix[PRE_MAX_TABLES];
     float *m, *v;
     size_t nmom;
+    float *m2, *v2;                     /* a second optimizer's moments ("adam2.*"; NULL: none) */
+    size_t nmom2;
 } PreState;
 
 #define UNET_FORMAT "mixshow pretrain checkpoint 1"
@@ -350,6 +376,8 @@ static MsStatus pre_save(const char *path, const PreState *st, int64_t step, con
         }
     if (!s) s = add_entry(&e, &n, &cap, "adam.m", ST_F32, (int64_t)st->nmom, st->m, NULL);
     if (!s) s = add_entry(&e, &n, &cap, "adam.v", ST_F32, (int64_t)st->nmom, st->v, NULL);
+    if (!s && st->m2) s = add_entry(&e, &n, &cap, "adam2.m", ST_F32, (int64_t)st->nmom2, st->m2, NULL);
+    if (!s && st->m2) s = add_entry(&e, &n, &cap, "adam2.v", ST_F32, (int64_t)st->nmom2, st->v2, NULL);
     if (!s) s = add_entry(&e, &n, &cap, "torch_rng.mt", ST_U32, 624, NULL, mt);
     if (!s) s = add_entry(&e, &n, &cap, "torch_rng.normal", ST_F64, 1, NULL, &gn);
     if (!s) s = add_entry(&e, &n, &cap, "ints", ST_I64, 4, NULL, ints);
@@ -414,6 +442,9 @@ static MsStatus pre_load(const char *path, const PreState *st, int64_t *step, Ms
             if ((s = st_read_f32(&f, key, q->f32, q->numel, -1, NULL))) goto done;
         }
     if ((s = st_read_f32(&f, "adam.m", st->m, st->nmom, -1, NULL)) || (s = st_read_f32(&f, "adam.v", st->v, st->nmom, -1, NULL)))
+        goto done;
+    if (st->m2 && ((s = st_read_f32(&f, "adam2.m", st->m2, st->nmom2, -1, NULL)) ||
+                   (s = st_read_f32(&f, "adam2.v", st->v2, st->nmom2, -1, NULL))))
         goto done;
     if ((s = pre_raw(&f, "torch_rng.mt", ST_U32, 624, &x))) goto done;
     for (int i = 0; i < 624; i++)
@@ -878,13 +909,237 @@ done:
     return s;
 }
 
+/* ---- the adapters stage ---- */
+#define ADAPTER_FORMAT "mixshow pretrain adapters checkpoint 1"
+#define AD_RENDERS 500          /* creature renders 0..499 (mixshow eval holds out 500..999) */
+
+/* Training item j of the adapters stage: j < scenes: base scene j (objects and their spokes and
+ * outlines; its caption), else creature (j - scenes) % WORLD_MAX_CHARACTERS in render
+ * (j - scenes) / WORLD_MAX_CHARACTERS % AD_RENDERS, captioned "a creature, <pose words>, ...". */
+static MsStatus ad_item(uint64_t seed, int scenes, int j, WorldScene *sc, char *cap, size_t capn) {
+    if (j < scenes) {
+        world_scene_make(seed, j, sc);
+        return world_caption(seed, j, sc, cap, capn);
+    }
+    const int c = (j - scenes) % WORLD_MAX_CHARACTERS, img = (j - scenes) / WORLD_MAX_CHARACTERS % AD_RENDERS;
+    WorldCharacter ch;
+    world_character_make(seed, c, &ch);
+    world_character_scene(seed, &ch, c, img, sc);
+    return world_character_caption(seed, c, img, sc, "a creature", cap, capn);
+}
+
+typedef struct {
+    const PreArgs *a;
+    MsAdapterTrainer *p[2];             /* pose, sketch */
+    MsTorchRng *g;
+    PreState st;
+    char recipe[1024];
+    int S, n_items, lat_n;
+    float scale;                        /* the VAE's scaling_factor */
+    VaeParams vp;
+    Arena var;                          /* VAE encoder scratch */
+    float *cache;                       /* (n_items, lat_n) latents, posterior mean * scale */
+    unsigned char *have;
+    uint8_t *rgb, *pose, *sketch;       /* (S,S,3) */
+    float *img, *mean, *logvar;         /* (3,S,S), (lat_n) x2 */
+    float *lat, *cpose, *csketch;       /* (B,lat_n), (B,3,S,S), (B,1,S,S) */
+    char **caps;
+} AdapterRun;
+
+static int64_t ad_count(void *ctx) { return ms_adapter_trainer_step_count(((AdapterRun *)ctx)->p[0]); }
+
+/* Item j into batch slot b: caption, latent (encoded once, then cached), both conditions in [0, 1]. */
+static MsStatus ad_load(AdapterRun *r, int j, int b) {
+    const int S = r->S;
+    const size_t P = (size_t)S * S;
+    WorldScene sc;
+    MsStatus s;
+    if ((s = ad_item(r->a->world_seed, r->a->scenes, j, &sc, r->caps[b], 1024))) return s;
+    if ((s = world_render(&sc, S, r->rgb, NULL, r->pose, r->sketch))) return s;
+    for (size_t i = 0; i < P; i++) {
+        for (int ch = 0; ch < 3; ch++) r->cpose[((size_t)b * 3 + ch) * P + i] = (float)r->pose[3 * i + ch] / 255.0f;
+        r->csketch[(size_t)b * P + i] = (float)r->sketch[3 * i] / 255.0f;     /* grey: white outlines on black */
+    }
+    if (!r->have[j]) {
+        for (size_t i = 0; i < P; i++)                  /* ToTensor + Normalize(0.5, 0.5) */
+            for (int ch = 0; ch < 3; ch++) r->img[ch * P + i] = (float)r->rgb[3 * i + ch] / 255.0f * 2.0f - 1.0f;
+        arena_reset(&r->var, 0);
+        if ((s = vae_encode(&r->vp, &r->var, r->mean, r->logvar, r->img, 1, S, S))) return s;
+        for (int i = 0; i < r->lat_n; i++) r->cache[(size_t)j * r->lat_n + i] = r->mean[i] * r->scale;
+        r->have[j] = 1;
+    }
+    memcpy(r->lat + (size_t)b * r->lat_n, r->cache + (size_t)j * r->lat_n, (size_t)r->lat_n * sizeof(float));
+    return MS_OK;
+}
+
+/* a batch of items drawn from g; the pose adapter's step draws, the sketch adapter's reuses them */
+static MsStatus ad_step(void *ctx, double *loss, char *cols, size_t cap) {
+    AdapterRun *r = (AdapterRun *)ctx;
+    MsPretrainReport rp, rs;
+    MsStatus s;
+    for (int b = 0; b < r->a->ad_batch; b++)
+        if ((s = ad_load(r, (int)(ms_torch_random(r->g) % (uint32_t)r->n_items), b))) return s;
+    if ((s = ms_adapter_train_step(r->p[0], r->lat, r->cpose, (const char *const *)r->caps, NULL, r->g, &rp)) ||
+        (s = ms_adapter_train_step(r->p[1], r->lat, r->csketch, (const char *const *)r->caps, &rp.used, NULL, &rs)))
+        return s;
+    *loss = 0.5 * (rp.loss + rs.loss);
+    snprintf(cols, cap, "%.9g,%.9g,%.9g", rp.loss, rs.loss, rp.lr);
+    return MS_OK;
+}
+
+static MsStatus ad_save(void *ctx, const char *path) {
+    AdapterRun *r = (AdapterRun *)ctx;
+    return pre_save(path, &r->st, ms_adapter_trainer_step_count(r->p[0]), r->g, r->recipe);
+}
+
+/* FNV-1a of a table's f32 values, tensor by tensor (the frozen model a resumed run must train
+ * on; the block's alignment gaps are not part of it) */
+static uint64_t ad_weights_hash(const MsParamTable *t, uint64_t h) {
+    for (int i = 0; i < t->n; i++) {
+        const unsigned char *b = (const unsigned char *)t->p[i].f32;
+        for (size_t k = 0; b && k < t->p[i].numel * sizeof(float); k++) h = (h ^ b[k]) * 1099511628211ull;
+    }
+    return h;
+}
+
+/* The adapters stage: a pose and a sketch T2I-Adapter on the frozen DIR/model -> DIR/adapters/. */
+static MsStatus stage_adapters(const PreArgs *a, const char *resume) {
+    static const char *const names[2] = { "pose", "sketch" };
+    MsModel m;
+    ClipTokenizer tok;
+    AdapterRun r;
+    PreLoop L;
+    AdapterConfig ac[2];
+    MsParamTable w[2];
+    VaeSizes vz;
+    char model[2400], tok_dir[2048], out[2][2400], dir[2300];
+    int tok_ok = 0, shipped = 0;
+    const int S = a->size;
+    MsStatus s = MS_OK;
+    memset(&m, 0, sizeof m); memset(&r, 0, sizeof r); memset(&L, 0, sizeof L); memset(w, 0, sizeof w);
+    r.a = a; r.S = S;
+    if (!(r.g = (MsTorchRng *)malloc(sizeof *r.g))) return ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory");
+    snprintf(model, sizeof model, "%s/model", a->out);
+    if ((s = ms_model_load(model, NULL, &m))) {
+        char why[1024];
+        snprintf(why, sizeof why, "%s", ms_last_error());   /* ms_errorf writes the buffer it returns */
+        s = ms_errorf(s, "pretrain: the adapters stage trains on %s (the unet stage's): %s", model, why);
+        goto done;
+    }
+    if ((s = ms_find_tokenizer(model, a->tok_dir, tok_dir, sizeof tok_dir, &shipped))) goto done;
+    if ((s = ms_clip_tokenizer_load(tok_dir, &tok))) goto done;
+    tok_ok = 1;
+    const int f = 1 << (m.vae_config.n_blocks - 1), latent = S / f;
+    if (S % f || latent != m.unet_config.sample_size) {
+        s = ms_errorf(MS_ERR_ARG, "pretrain: --size %d: %s has latents of %d (VAE factor %d)", S, model,
+                      m.unet_config.sample_size, f);
+        goto done;
+    }
+    ms_torch_seed(r.g, a->seed);          /* weights first (pose, sketch), then the data and draws */
+    for (int k = 0; k < 2; k++) {
+        memset(&ac[k], 0, sizeof ac[k]);
+        ac[k].adapter_type = MS_ADAPTER_FULL;
+        ac[k].in_channels = k ? 1 : 3;
+        ac[k].n_channels = m.unet_config.n_blocks;
+        for (int i = 0; i < ac[k].n_channels; i++) ac[k].channels[i] = m.unet_config.block_out_channels[i];
+        ac[k].num_res_blocks = a->ad_res;
+        ac[k].downscale_factor = f;
+        if ((s = ms_param_table_adapter(&ac[k], &w[k])) || (s = ms_param_table_alloc(&w[k], NULL))) goto done;
+        memset(w[k].mem, 0, w[k].mem_bytes);
+        if ((s = ms_pretrain_init_weights(&w[k], r.g)) ||
+            (s = ms_adapter_trainer_create(&r.p[k], &m, &tok, &ac[k], &w[k], &a->apc, a->ad_batch, latent, latent)))
+            goto done;
+    }
+    /* data: items, cached latents of the model's own VAE */
+    r.n_items = 2 * a->scenes;
+    r.lat_n = m.vae_config.latent_channels * latent * latent;
+    r.scale = m.vae_config.scaling_factor;
+    if ((s = vae_params_init(&r.vp, &m.vae_config, &m.vae)) || (s = vae_sizes(&m.vae_config, S, S, -1, &vz)) ||
+        (s = arena_init(&r.var, vz.encode_bytes)))
+        goto done;
+    {
+        const size_t P = (size_t)S * S, B = (size_t)a->ad_batch;
+        r.cache = (float *)malloc((size_t)r.n_items * r.lat_n * sizeof(float));
+        r.have = (unsigned char *)calloc((size_t)r.n_items, 1);
+        r.rgb = (uint8_t *)malloc(3 * P); r.pose = (uint8_t *)malloc(3 * P); r.sketch = (uint8_t *)malloc(3 * P);
+        r.img = (float *)ms_alloc_aligned(3 * P, sizeof(float));
+        r.mean = (float *)ms_alloc_aligned((size_t)r.lat_n, sizeof(float));
+        r.logvar = (float *)ms_alloc_aligned((size_t)r.lat_n, sizeof(float));
+        r.lat = (float *)ms_alloc_aligned(B * r.lat_n, sizeof(float));
+        r.cpose = (float *)ms_alloc_aligned(B * 3 * P, sizeof(float));
+        r.csketch = (float *)ms_alloc_aligned(B * P, sizeof(float));
+        r.caps = (char **)calloc(B, sizeof(char *));
+        if (!r.cache || !r.have || !r.rgb || !r.pose || !r.sketch || !r.img || !r.mean || !r.logvar || !r.lat || !r.cpose ||
+            !r.csketch || !r.caps) {
+            s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done;
+        }
+        for (size_t b = 0; b < B; b++)
+            if (!(r.caps[b] = (char *)malloc(1024))) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done; }
+    }
+    r.st.format = ADAPTER_FORMAT; r.st.n = 2;
+    r.st.t[0] = &w[0]; r.st.prefix[0] = "pose.";
+    r.st.t[1] = &w[1]; r.st.prefix[1] = "sketch.";
+    ms_adapter_trainer_moments(r.p[0], &r.st.m, &r.st.v, &r.st.nmom);
+    ms_adapter_trainer_moments(r.p[1], &r.st.m2, &r.st.v2, &r.st.nmom2);
+    snprintf(r.recipe, sizeof r.recipe, "stage=adapters size=%d batch=%d scenes=%d world_seed=%llu seed=%llu lr=%.17g "
+             "warmup=%lld betas=%.17g,%.17g eps=%.17g wd=%.17g uncond=%.17g params=%016llx model=%016llx", S, a->ad_batch,
+             a->scenes, (unsigned long long)a->world_seed, (unsigned long long)a->seed, a->apc.lr, (long long)a->apc.warmup,
+             a->apc.beta1, a->apc.beta2, a->apc.adam_eps, a->apc.weight_decay, a->apc.uncond_p,
+             (unsigned long long)pre_tables_hash(&r.st),
+             (unsigned long long)ad_weights_hash(&m.vae, ad_weights_hash(&m.text, ad_weights_hash(&m.unet, 1469598103934665603ull))));
+    if (resume) {
+        int64_t k = 0;
+        if ((s = pre_load(resume, &r.st, &k, r.g, r.recipe))) goto done;
+        ms_adapter_trainer_set_step(r.p[0], k);
+        ms_adapter_trainer_set_step(r.p[1], k);
+        fprintf(stderr, "pretrain: adapters stage resumed at step %lld from %s\n", (long long)k, resume);
+    }
+    snprintf(dir, sizeof dir, "%s/adapters", a->out);
+    for (int k = 0; k < 2; k++) {                          /* refused before training, not after */
+        snprintf(out[k], sizeof out[k], "%s/%s", dir, names[k]);
+        if (pre_exists(out[k])) { s = ms_errorf(MS_ERR_ARG, "pretrain: %s already exists (the adapters stage writes it)", out[k]); goto done; }
+    }
+    if (!a->quiet)
+        fprintf(stderr, "pretrain: adapters stage: pose %zu and sketch %zu parameters (channels %d..%d, %d resnets per level, "
+                "factor %d) on %s (frozen); %d scenes + %d creature renders %dx%d of world seed %llu, batch %d, %lld steps, "
+                "output %s\n", ms_param_table_numel(&w[0]), ms_param_table_numel(&w[1]), ac[0].channels[0],
+                ac[0].channels[ac[0].n_channels - 1], a->ad_res, f, model, a->scenes, a->scenes, S, S,
+                (unsigned long long)a->world_seed, a->ad_batch, (long long)a->ad_steps, dir);
+    L.label = "adapters"; L.columns = "pose,sketch,lr";
+    snprintf(L.csv, sizeof L.csv, "%s/adapters_loss.csv", a->out);
+    snprintf(L.svg, sizeof L.svg, "%s/adapters_loss.svg", a->out);
+    snprintf(L.ckpt, sizeof L.ckpt, "%s/adapters_checkpoint.safetensors", a->out);
+    L.steps = a->ad_steps; L.ckpt_every = a->ckpt_every; L.quiet = a->quiet;
+    L.ctx = &r; L.count = ad_count; L.step = ad_step; L.save = ad_save;
+    if ((s = pre_loop(&L))) goto done;
+    if (!pre_mkdir(dir)) { s = ms_errorf(MS_ERR_IO, "%s: cannot create the folder", dir); goto done; }
+    for (int k = 0; k < 2; k++)
+        if ((s = ms_write_adapter_folder(&ac[k], &w[k], out[k]))) goto done;
+    if (!a->quiet)
+        fprintf(stderr, "pretrain: wrote %s/adapters_loss.csv, adapters_loss.svg, %s and %s (mixshow sample --model %s "
+                "--adapter %s --cond POSE.png)\n", a->out, out[0], out[1], model, out[0]);
+done:
+    if (r.caps) for (int b = 0; b < a->ad_batch; b++) free(r.caps[b]);
+    free(r.caps);
+    free(r.cache); free(r.have); free(r.rgb); free(r.pose); free(r.sketch);
+    float *bufs[] = { r.img, r.mean, r.logvar, r.lat, r.cpose, r.csketch };
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ms_free_aligned(bufs[i]);
+    arena_free(&r.var);
+    for (int k = 0; k < 2; k++) { ms_adapter_trainer_free(r.p[k]); ms_param_table_free(&w[k]); }
+    ms_model_free(&m);
+    if (tok_ok) clip_tokenizer_free(&tok);
+    free(r.g);
+    return s;
+}
+
 /* ---- stages ---- */
 /* In the order --stage all runs them; a checkpoint's metadata format names the stage it resumes. */
 typedef struct {
     const char *name, *format;
     MsStatus (*run)(const PreArgs *a, const char *resume);
 } PreStage;
-static const PreStage STAGES[] = { { "vae", VAE_FORMAT, stage_vae }, { "unet", UNET_FORMAT, stage_unet } };
+static const PreStage STAGES[] = { { "vae", VAE_FORMAT, stage_vae }, { "unet", UNET_FORMAT, stage_unet },
+                                   { "adapters", ADAPTER_FORMAT, stage_adapters } };
 #define N_STAGES ((int)(sizeof STAGES / sizeof STAGES[0]))
 
 /* --stage S (one) or all (every stage in order); --resume starts at its checkpoint's stage. */
@@ -893,7 +1148,7 @@ static MsStatus pretrain_run(const PreArgs *a) {
     MsStatus s;
     if (strcmp(a->stage, "all")) {
         for (first = 0; first < N_STAGES && strcmp(STAGES[first].name, a->stage); first++) {}
-        if (first == N_STAGES) return ms_errorf(MS_ERR_ARG, "pretrain: --stage %s: expected vae, unet or all", a->stage);
+        if (first == N_STAGES) return ms_errorf(MS_ERR_ARG, "pretrain: --stage %s: expected vae, unet, adapters or all", a->stage);
         last = first;
     }
     if (a->resume) {
@@ -925,6 +1180,9 @@ int cmd_pretrain(int argc, char **argv) {
     a.vae_steps = 1000; a.vae_batch = 8;
     a.n_vae_ch = 3; a.vae_ch[0] = 32; a.vae_ch[1] = 64; a.vae_ch[2] = 64;
     a.vae_layers = 1; a.vae_groups = 8; a.vae_latent = 4;
+    ms_pretrain_config_defaults(&a.apc);
+    a.apc.warmup = 50;
+    a.ad_steps = 500; a.ad_batch = 8; a.ad_res = 2;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i];
         if (!strcmp(o, "--help") || !strcmp(o, "-h")) { pretrain_usage(stdout); return 0; }
@@ -946,13 +1204,14 @@ int cmd_pretrain(int argc, char **argv) {
         else if (!strcmp(o, "--vae-channels")) ok = parse_list(v, a.vae_ch, &a.n_vae_ch);
         else if (!strcmp(o, "--vae-loss")) { ok = !strcmp(v, "l1") || !strcmp(v, "mse"); a.vpc.mse = !strcmp(v, "mse"); }
         else if (!strcmp(o, "--lr") || !strcmp(o, "--weight-decay") || !strcmp(o, "--uncond") || !strcmp(o, "--vae-lr") ||
-                 !strcmp(o, "--kl-weight")) {
+                 !strcmp(o, "--kl-weight") || !strcmp(o, "--adapter-lr")) {
             x = strtod(v, &end);
             ok = end != v && !*end && x >= 0 && x <= 10;
             if (!strcmp(o, "--lr")) a.pc.lr = x;
             else if (!strcmp(o, "--weight-decay")) a.pc.weight_decay = x;
             else if (!strcmp(o, "--vae-lr")) a.vpc.lr = x;
             else if (!strcmp(o, "--kl-weight")) a.vpc.kl_weight = x;
+            else if (!strcmp(o, "--adapter-lr")) a.apc.lr = x;
             else { a.pc.uncond_p = x; ok = ok && x <= 1; }
         } else {
             n = strtoll(v, &end, 10);
@@ -977,11 +1236,17 @@ int cmd_pretrain(int argc, char **argv) {
             else if (!strcmp(o, "--vae-layers")) { a.vae_layers = (int)n; ok = ok && n >= 1 && n <= MS_VAE_MAX_LAYERS; }
             else if (!strcmp(o, "--vae-groups")) { a.vae_groups = (int)n; ok = ok && n >= 1; }
             else if (!strcmp(o, "--vae-latent")) { a.vae_latent = (int)n; ok = ok && n >= 1 && n <= 64; }
+            else if (!strcmp(o, "--adapter-steps")) a.ad_steps = n;
+            else if (!strcmp(o, "--adapter-warmup")) a.apc.warmup = n;
+            else if (!strcmp(o, "--adapter-batch")) { a.ad_batch = (int)n; ok = ok && n >= 1 && n <= 64; }
+            else if (!strcmp(o, "--adapter-res")) { a.ad_res = (int)n; ok = ok && n >= 1 && n <= MS_ADAPTER_MAX_RES; }
             else { fprintf(stderr, "mixshow pretrain: unknown option %s (see --help)\n", o); return 2; }
         }
         if (!ok) { fprintf(stderr, "mixshow pretrain: %s %s: not a valid value (see --help)\n", o, v); return 2; }
     }
     if (!a.out) { fprintf(stderr, "mixshow pretrain: --out DIR is required (see --help)\n"); return 2; }
+    a.apc.uncond_p = a.pc.uncond_p;                        /* shared by the unet and adapters stages */
+    a.apc.weight_decay = a.pc.weight_decay;
     if (a.threads > 0) ms_set_threads(a.threads);
     if (!pre_mkdir(a.out)) { fprintf(stderr, "mixshow pretrain: %s: cannot create the folder\n", a.out); return 1; }
     MsStatus s = pretrain_run(&a);

@@ -386,6 +386,8 @@ MsStatus ms_write_model_folder(const MsModel *m, const char *tokdir, const char 
 /* A diffusers AutoencoderKL folder at out (out.tmp, renamed; out must not exist): config.json
  * and diffusion_pytorch_model.safetensors (f32), what `mixshow pretrain --vae` reads. */
 MsStatus ms_write_vae_folder(const VaeConfig *c, const MsParamTable *t, const char *out);
+/* The same for a diffusers T2IAdapter (full_adapter), what `mixshow sample --adapter` reads. */
+MsStatus ms_write_adapter_folder(const AdapterConfig *c, const MsParamTable *t, const char *out);
 /* The configs of a diffusers folder written from m's: DIR/model_index.json, unet/config.json,
  * vae/config.json, text_encoder/config.json, scheduler/scheduler_config.json (subfolders exist). */
 MsStatus ms_write_model_configs(const MsModel *m, const char *dir);
