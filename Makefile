@@ -9,6 +9,8 @@
 #   make fast       -O3 -march=native (tests must pass here too)
 #   make bench      ./mixshow bench (median of several runs, ratio to the machine's FMA peak)
 #   make test-full  slow checks (SD 1.5-sized shapes), not run in CI
+#   make pretrain   the world model from scratch (WORLD_RECIPE below) into build/world
+#   make demo       the method in the world, measured (tools/demo.sh; DEMO_* knobs there)
 #   make install    PREFIX/bin/mixshow + PREFIX/share/mixshow (CLIP BPE files, the tiny model);
 #                   PREFIX=/usr/local, DESTDIR= for staging; make uninstall removes them
 
@@ -43,7 +45,7 @@ LIB_OBJ   = $(LIB_SRC:%.c=$(BUILD)/%.o)
 TEST_SRC  = $(wildcard tests/test_*.c)
 TEST_BIN  = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all test test-full bench noomp nosimd asan ubsan fast clean help
+.PHONY: all test test-full pretrain demo bench noomp nosimd asan ubsan fast clean help
 
 all: mixshow
 
@@ -71,6 +73,16 @@ test: $(TEST_BIN) $(BUILD)/mixshow
 test-full: $(TEST_BIN) $(BUILD)/mixshow
 	@MS_TEST_FULL=1 sh tests/run.sh $(TEST_BIN)
 
+# The world model's recipe (issue 15): VAE (factor 8, 128x128 scenes -> 4x16x16 latents), then UNet +
+# text encoder; deterministic from the seeds (results do not depend on the thread count).
+WORLD_RECIPE = --size 128 --scenes 8192 --vae-channels 16,32,64,64 --vae-steps 800 --channels 64,128,128 \
+               --heads 2,4,4 --text-width 128 --text-layers 4 --text-heads 4 --steps 3000 --seed 0
+pretrain: $(BUILD)/mixshow
+	$(BUILD)/mixshow pretrain --out build/world $(WORLD_RECIPE)
+
+demo: $(BUILD)/mixshow
+	MIXSHOW=$(BUILD)/mixshow sh tools/demo.sh
+
 bench: $(BUILD)/mixshow
 	$(BUILD)/mixshow bench
 
@@ -93,7 +105,7 @@ clean:
 	rm -rf build mixshow
 
 help:
-	@sed -n '1,16p' Makefile
+	@sed -n '1,18p' Makefile
 
 # Install: the binary, and the data it looks for next to itself or in MS_DATADIR (the CLIP BPE
 # files and the embedded default model, both in models/tiny-sd). model_load.o is rebuilt when

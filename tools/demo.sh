@@ -1,0 +1,167 @@
+#!/bin/sh
+# tools/demo.sh — `make demo` (issue 15): the whole of Mix-of-Show in the procedural world, measured.
+#
+#   1. world      3 creatures, 8 renders each, with captions and masks (mixshow world)
+#   2. train      per creature an ED-LoRA and a plain LoRA on the base model (mixshow train, the
+#                 options .yml the world wrote, only the base model and the step count set)
+#   3. fuse       the 3 ED-LoRAs by gradient fusion (mixshow fuse --method gram) and the 3 LoRAs by
+#                 weight fusion (--method weight): one model each
+#   4. sample     every creature alone in 4 prompts x DEMO_SEEDS seeds, from its own LoRA file
+#                 (before fusion) and from the fused model (after), for both methods; then the
+#                 world's multi-creature layouts with regionally controllable sampling (boxes)
+#   5. eval       text and image alignment of every folder (mixshow eval with the world's stand-in
+#                 encoders; the prompts scored say "a creature" where the image prompt has the
+#                 concept's tokens), contact sheets + HTML pages, and DEMO_OUT/table.md: the
+#                 paper's ablation (single-concept vs fused, ED-LoRA + gradient fusion vs LoRA +
+#                 weight fusion) in the world.
+#
+# Knobs (environment): DEMO_OUT (demo), DEMO_BASE (models/world: the shipped world model; any SD 1.x
+# diffusers folder works), DEMO_ENCODERS (models/eval-encoders.safetensors), DEMO_STEPS (ED-LoRA /
+# LoRA steps per creature, 400), DEMO_SEEDS (2), DEMO_SAMPLE_STEPS (30), DEMO_THREADS (default: each command's),
+# MIXSHOW (./mixshow). `make test-full` runs it on the random tiny model with a few steps (the
+# pipeline, not the numbers).
+set -eu
+MS=${MIXSHOW:-./mixshow}
+OUT=${DEMO_OUT:-demo}
+BASE=${DEMO_BASE:-models/world}
+ENC=${DEMO_ENCODERS:-models/eval-encoders.safetensors}
+STEPS=${DEMO_STEPS:-400}
+SEEDS=${DEMO_SEEDS:-2}
+SSTEPS=${DEMO_SAMPLE_STEPS:-30}
+THR=""; [ -n "${DEMO_THREADS:-}" ] && THR="--threads $DEMO_THREADS"
+SIZE=128
+
+if [ ! -e "$BASE" ]; then
+    echo "demo: no base model at $BASE (make pretrain writes it; or DEMO_BASE=DIR)" >&2
+    exit 2
+fi
+if [ ! -e "$ENC" ]; then
+    echo "demo: no evaluation encoders at $ENC (mixshow eval --train-encoders DIR; or DEMO_ENCODERS=FILE)" >&2
+    exit 2
+fi
+start=$(date +%s)
+step() { echo "demo [$(( $(date +%s) - start )) s]: $*" >&2; }
+mkdir -p "$OUT"
+
+# ---- 1. the world ----
+W=$OUT/world
+if [ ! -d "$W/characters" ]; then
+    step "world: 3 creatures"
+    $MS world --out "$W" --n 16 --seed 7 --size $SIZE --characters 3 --per-character 8 >/dev/null
+fi
+CHARS=$(ls "$W/characters")
+
+# ---- 2. one ED-LoRA and one LoRA per creature ----
+lora_file() { if [ "$1" = lora ]; then echo "$OUT/lora/$2/models/lora_model-latest.pth"; else echo "$OUT/edlora/$2/models/edlora_model-latest.pth"; fi; }
+for c in $CHARS; do
+    for kind in edlora lora; do
+        d=$OUT/$kind/$c
+        [ -f "$(lora_file $kind "$c")" ] && continue
+        step "train $kind $c ($STEPS steps)"
+        set -- --config "$W/options/$c.yml" --model "$BASE" --steps "$STEPS" --no-val --out "$d" --quiet
+        [ $kind = lora ] && set -- "$@" --set models.enable_edlora=false
+        # shellcheck disable=SC2086
+        $MS train "$@" $THR >/dev/null
+    done
+done
+
+# ---- 3. fusion: ED-LoRA by gradient fusion, LoRA by weight fusion ----
+concepts_json() {   # $1 kind -> the official multi-concept JSON on stdout
+    first=1
+    echo "["
+    for c in $CHARS; do
+        [ $first = 1 ] || echo ","
+        first=0
+        printf '  {"lora_path": "%s", "unet_alpha": 1.0, "text_encoder_alpha": 1.0, "concept_name": "<%s1> <%s2>"}' \
+            "$(lora_file "$1" "$c")" "$c" "$c"
+    done
+    printf '\n]\n'
+}
+concepts_json edlora > "$OUT/edlora.json"
+concepts_json lora > "$OUT/lora.json"
+if [ ! -f "$OUT/fused_gradient/new_concept_cfg.json" ]; then
+    step "fuse: gradient fusion of 3 ED-LoRAs"
+    $MS fuse -q --model "$BASE" --concepts "$OUT/edlora.json" --out "$OUT/fused_gradient" --method gram \
+        --spatial-size $SIZE --report "$OUT/fused_gradient.json"
+fi
+if [ ! -f "$OUT/fused_weight/new_concept_cfg.json" ]; then
+    step "fuse: weight fusion of 3 LoRAs"
+    $MS fuse -q --model "$BASE" --concepts "$OUT/lora.json" --out "$OUT/fused_weight" --method weight \
+        --spatial-size $SIZE --report "$OUT/fused_weight.json"
+fi
+
+# ---- 4. sampling ----
+# Four prompts per creature: the image prompt names the concept, the scored prompt its class word.
+PROMPTS="on grass|in the sky|in front of a brick wall|on water"
+single() {   # $1 variant  $2 creature  $3 prompt tail  $4 seed  $5 out.png
+    case $1 in
+        edlora|lora) $MS sample --model "$BASE" --edlora "$(lora_file "$1" "$2"):0.7" \
+                        -p "a <${2}1> <${2}2> $3" --seed "$4" --steps "$SSTEPS" -W $SIZE -H $SIZE $THR -o "$5" >/dev/null ;;
+        *) $MS sample --pretrained_model="$OUT/$1" --prompt="a <${2}1> <${2}2> $3" --prompt_rewrite= \
+                        --seed="$4" --steps="$SSTEPS" -W $SIZE -H $SIZE --save_dir="$OUT/tmp_$1" --suffix=x >/dev/null
+           mv "$(ls -t "$OUT/tmp_$1/seed_$4/"*.png | head -n 1)" "$5" ;;
+    esac
+}
+for v in edlora lora fused_gradient fused_weight; do
+    S=$OUT/samples/$v
+    [ -f "$S/prompts.txt" ] && continue
+    step "sample $v"
+    mkdir -p "$S"
+    : > "$S/prompts.part"
+    for c in $CHARS; do
+        echo "$PROMPTS" | tr '|' '\n' | while read -r p; do
+            k=0
+            while [ $k -lt "$SEEDS" ]; do
+                f=$(printf '%s_%s_%d.png' "$c" "$(echo "$p" | tr ' ' '_')" $k)
+                single $v "$c" "$p" $k "$S/$f"
+                printf '%s\ta creature %s\t%s\n' "$f" "$p" "$c" >> "$S/prompts.part"
+                k=$((k + 1))
+            done
+        done
+    done
+    mv "$S/prompts.part" "$S/prompts.txt"
+done
+# the world's multi-creature layouts, regionally (both fused models; boxes from the world)
+for v in fused_gradient fused_weight; do
+    S=$OUT/samples/multi_$v
+    [ -f "$S/prompts.txt" ] && continue
+    step "regional sampling $v"
+    mkdir -p "$S"
+    : > "$S/prompts.part"
+    for m in "$W"/multi/*.txt; do
+        n=$(basename "$m" .txt)
+        ctx=$(sed -n "s/^context_prompt='\(.*\)'$/\1/p" "$m")
+        rw=$(sed -n "s/^prompt_rewrite='\(.*\)'$/\1/p" "$m")
+        $MS sample --pretrained_model="$OUT/$v" --prompt="$ctx" --prompt_rewrite="$rw" --seed=0 --steps="$SSTEPS" \
+            -W $SIZE -H $SIZE --save_dir="$OUT/tmp_$v" --suffix=multi >/dev/null
+        mv "$(ls -t "$OUT/tmp_$v/seed_0/"*.png | head -n 1)" "$S/$n.png"
+        names=$(grep -o '<[a-z]*1>' "$m" | tr -d '<>' | sed 's/1$//' | sort -u | paste -sd, -)
+        printf '%s\t%s\t%s\n' "$n.png" "$ctx" "$names" >> "$S/prompts.part"
+    done
+    mv "$S/prompts.part" "$S/prompts.txt"
+done
+rm -rf "$OUT"/tmp_*
+
+# ---- 5. scores, sheets, the table ----
+refs=""
+for c in $CHARS; do refs="$refs --ref $c=$W/characters/$c"; done
+for v in edlora lora fused_gradient fused_weight multi_fused_gradient multi_fused_weight; do
+    step "eval $v"
+    # shellcheck disable=SC2086
+    $MS eval --images "$OUT/samples/$v" --encoders "$ENC" $refs --out "$OUT/samples/$v/eval" --sheet >/dev/null
+done
+mean() { awk -F, '$1 == "\"mean\"" { print ($'"$2"' == "" ? "-" : $'"$2"') }' "$OUT/samples/$1/eval.csv"; }
+{
+    echo "| method | text alignment | image alignment |"
+    echo "|---|---|---|"
+    echo "| ED-LoRA, single concept | $(mean edlora 4) | $(mean edlora 5) |"
+    echo "| ED-LoRA + gradient fusion | $(mean fused_gradient 4) | $(mean fused_gradient 5) |"
+    echo "| LoRA, single concept | $(mean lora 4) | $(mean lora 5) |"
+    echo "| LoRA + weight fusion | $(mean fused_weight 4) | $(mean fused_weight 5) |"
+    echo "| regional, gradient-fused | $(mean multi_fused_gradient 4) | $(mean multi_fused_gradient 5) |"
+    echo "| regional, weight-fused | $(mean multi_fused_weight 4) | $(mean multi_fused_weight 5) |"
+    echo
+    echo "base $BASE, $STEPS training steps per concept, $SEEDS seeds x 4 prompts per creature, $SSTEPS sampling steps;"
+    echo "$(( $(date +%s) - start )) s in all. Contact sheets: $OUT/samples/*/eval.png, pages: $OUT/samples/*/eval.html"
+} > "$OUT/table.md"
+cat "$OUT/table.md"
