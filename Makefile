@@ -105,7 +105,7 @@ clean:
 	rm -rf build mixshow
 
 help:
-	@sed -n '1,18p' Makefile
+	@sed -n '1,15p' Makefile
 
 # Install: the binary, and the data it looks for next to itself or in MS_DATADIR (the CLIP BPE
 # files and the embedded default model, both in models/tiny-sd). model_load.o is rebuilt when
