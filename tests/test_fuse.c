@@ -500,6 +500,138 @@ static void test_kohya_fuse(void) {
     remove(cfg[1]);
 }
 
+/* ---- plain LoRA (1 token per word, the paper's LoRA + weight fusion baseline) ---- */
+
+/* One regional sample (64x64, 4 steps, one region) of m with tok and the concept fields of b. */
+static MsStatus plain_sample(const MsModel *m, const ClipTokenizer *tok, MsTxt2ImgOptions b, float *image) {
+    static const MsRegion reg = { "a <cat1> <cat2> sitting", "", { 0.0, 0.0, 1.0, 0.5 } };
+    MsRegionalOptions o;
+    memset(&o, 0, sizeof o);
+    o.base = b;
+    o.base.prompt = "a <cat1> <cat2> on grass"; o.base.negative = ""; o.base.width = o.base.height = 64;
+    o.base.steps = 4; o.base.guidance_scale = 7.5f; o.base.seed = 3; o.base.sampler = MS_SCHED_DPMSOLVER;
+    o.base.torch_cpu = MS_TORCH_CPU_AVX2; o.base.batch = 1;
+    o.n_regions = 1;
+    o.regions = &reg;
+    return ms_regional_sample(m, tok, &o, image);
+}
+
+/* concept_a.pth made plain (row 0 of each word, its modules); fused alone with --method weight
+ * at alphas 1, sampled from the folder as `mixshow sample --pretrained_model DIR` does == the base
+ * sampled with the file merged as `--edlora FILE:1.0` does (weights to float rounding: the fused
+ * product sums in double, the merge in float) */
+static void test_plain_lora(void) {
+    char dir[256], lp[300], cfg[300], cfg2[300], out[300], p[400];
+    EdloraFile a, pl;
+    memset(&a, 0, sizeof a);
+    memset(&pl, 0, sizeof pl);
+    test_tmp(dir, sizeof dir, "fuse_plain");
+    make_dir(dir);
+    snprintf(lp, sizeof lp, "%s/plain.safetensors", dir);
+    snprintf(cfg, sizeof cfg, "%s/cfg.json", dir);
+    snprintf(cfg2, sizeof cfg2, "%s/mixed.json", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    MsStatus s = edlora_read("tests/data/fuse/concept_a.pth", &a);
+    for (int w = 0; w < a.n_emb && !s; w++) s = edlora_add_embedding(&pl, a.emb[w].word, 1, a.emb[w].D, a.emb[w].emb);
+    for (int k = 0; k < a.n_te && !s; k++)
+        s = edlora_add_module(&pl, 0, a.te[k].name, a.te[k].rank, a.te[k].in, a.te[k].out, a.te[k].down, a.te[k].up);
+    for (int k = 0; k < a.n_unet && !s; k++)
+        s = edlora_add_module(&pl, 1, a.unet[k].name, a.unet[k].rank, a.unet[k].in, a.unet[k].out, a.unet[k].down, a.unet[k].up);
+    if (!s) s = edlora_write(lp, &pl);
+    char js[1024];
+    snprintf(js, sizeof js, "[{\"lora_path\": \"plain.safetensors\", \"unet_alpha\": 1, \"text_encoder_alpha\": 1, "
+             "\"concept_name\": \"<cat1> <cat2>\"}]");
+    if (!s && !write_text(cfg, js)) s = MS_ERR_IO;
+    snprintf(js, sizeof js, "[{\"lora_path\": \"plain.safetensors\", \"unet_alpha\": 1, \"text_encoder_alpha\": 1, "
+             "\"concept_name\": \"<cat1> <cat2>\"}, {\"lora_path\": \"tests/data/fuse/concept_b.pth\", \"unet_alpha\": 1, "
+             "\"text_encoder_alpha\": 1, \"concept_name\": \"<dog1>\"}]");
+    if (!s && !write_text(cfg2, js)) s = MS_ERR_IO;
+    if (!check(!s && edlora_tokens_per_word(&pl) == 1, "plain: a 1-token LoRA of concept_a written (%s)", s ? ms_last_error() : "")) goto done;
+    /* refused: gradient fusion (no layer-wise tokens), plain and ED-LoRA together */
+    int rc = fuse_argv(cfg, out, "gram", NULL, NULL);
+    check(rc != 0 && strstr(ms_last_error(), "plain LoRA") && strstr(ms_last_error(), "--method weight"),
+          "plain: --method gram refused: %s", ms_last_error());
+    rc = fuse_argv(cfg2, out, "weight", NULL, NULL);
+    check(rc != 0 && strstr(ms_last_error(), "not fused together") && strstr(ms_last_error(), "concept 1 ('<dog1>'"),
+          "plain: plain + ED-LoRA refused: %s", ms_last_error());
+    double t0 = ms_time();
+    rc = fuse_argv(cfg, out, "weight", NULL, NULL);
+    if (!check(rc == 0, "plain: fuse --method weight of a plain LoRA (%.2f s): %s", ms_time() - t0, rc ? ms_last_error() : "ok"))
+        goto done;
+    /* the folder: <new0> <new1> with the file's rows, no new_concept_cfg entry */
+    JsonValue *ncfg = NULL, *add = NULL;
+    snprintf(p, sizeof p, "%s/new_concept_cfg.json", out);
+    if (json_parse_file(p, &ncfg) == MS_OK)
+        check(ncfg->type == JSON_OBJECT && ncfg->count == 0, "plain: new_concept_cfg.json is {} (%zu entries)", ncfg->count);
+    else check(0, "plain: new_concept_cfg.json read: %s", ms_last_error());
+    snprintf(p, sizeof p, "%s/tokenizer/added_tokens.json", out);
+    if (json_parse_file(p, &add) == MS_OK)
+        check(add->count == 2 && json_get_number(add, "<new0>", 0) == 49408 && json_get_number(add, "<new1>", 0) == 49409,
+              "plain: added_tokens.json {<new0>: 49408, <new1>: 49409} (%zu tokens)", add->count);
+    else check(0, "plain: added_tokens.json read: %s", ms_last_error());
+    json_free(ncfg);
+    json_free(add);
+    /* both ways of sampling */
+    MsModel mf, mb;
+    ClipTokenizer tf, tb;
+    RegionalConcepts rcs;
+    EdloraPrompt ep;
+    MsTxt2ImgOptions bf, bb;
+    memset(&bf, 0, sizeof bf); memset(&bb, 0, sizeof bb); memset(&ep, 0, sizeof ep); memset(&rcs, 0, sizeof rcs);
+    const size_t npx = (size_t)3 * 64 * 64;
+    float *img[3] = { malloc(npx * sizeof(float)), malloc(npx * sizeof(float)), malloc(npx * sizeof(float)) };
+    int hf = 0, hb = 0;
+    s = img[0] && img[1] && img[2] ? MS_OK : MS_ERR_NOMEM;
+    if (!s) { s = ms_open_model(out, NULL, &mf, &tf, NULL, 0); hf = !s; }
+    if (!s) s = regional_concepts_load(out, &tf, ms_unet_cross_attn_layers(&mf.unet_config), &rcs);
+    if (!s) s = plain_sample(&mf, &tf, bf, img[0]);
+    if (!s) { s = ms_open_model("models/tiny-sd", NULL, &mb, &tb, NULL, 0); hb = !s; }
+    if (!s) s = plain_sample(&mb, &tb, bb, img[2]);                /* the base alone: the control */
+    if (!s) s = edlora_merge(&mb, &pl, 1.0f);
+    if (!s) s = edlora_prepare(&pl, &tb, &mb, &ep, &bb);
+    if (!s) s = plain_sample(&mb, &tb, bb, img[1]);
+    if (check(!s, "plain: sampled the fused folder and the base with --edlora FILE:1.0 (%s)", s ? ms_last_error() : "ok")) {
+        const int V = mb.text_config.vocab_size, D = mb.text_config.hidden_size;
+        check(rcs.n_words == 0 && ep.n_new == 2 && mf.text_config.vocab_size == V + 2 && tf.n_added == 2 && tb.n_added == 2,
+              "plain: no bound words; vocab %d == %d + the 2 added tokens", mf.text_config.vocab_size, V);
+        /* weights: LoRA layers to float rounding, every other weight and the token rows bitwise */
+        double worst = 0;
+        int n_diff = 0, n_same = 0, bad = 0;
+        for (int t = 0; t < 2; t++) {
+            const MsParamTable *pa = t ? &mf.unet : &mf.text, *pb = t ? &mb.unet : &mb.text;
+            for (int i = 0; i < pa->n; i++) {
+                int j = ms_param_find(pb, pa->p[i].name);
+                if (!pa->p[i].f32) continue;                 /* position_ids */
+                if (!t && !strcmp(pa->p[i].name, "text_model.embeddings.token_embedding.weight"))   /* the new rows */
+                    bad += pa->p[i].numel != (size_t)(V + 2) * D ||
+                           memcmp(pa->p[i].f32 + (size_t)V * D, ep.new_emb, (size_t)2 * D * sizeof(float)) ||
+                           memcmp(pa->p[i].f32, pb->p[j].f32, (size_t)V * D * sizeof(float));
+                if (!t && !strcmp(pa->p[i].name, "text_model.embeddings.token_embedding.weight")) continue;
+                if (j < 0 || pb->p[j].numel != pa->p[i].numel) { bad++; continue; }
+                if (!memcmp(pa->p[i].f32, pb->p[j].f32, pa->p[i].numel * sizeof(float))) { n_same++; continue; }
+                n_diff++;
+                worst = fmax(worst, test_err_f(pa->p[i].f32, pb->p[j].f32, pa->p[i].numel).rel_l2);
+            }
+        }
+        check(!bad && n_diff + n_same > 0 && worst <= 1e-6, "plain: fused weights == base + 1.0 LoRA merge (%d layers equal to "
+              "rounding, worst rel-L2 %.2e; %d bitwise)", n_diff, worst, n_same);
+        TestErr e = test_err_f(img[0], img[1], npx), c = test_err_f(img[2], img[1], npx);
+        check(e.max_abs <= 1e-4 && c.max_abs > 1e-2, "plain: fused-folder sample == --edlora FILE:1.0 sample (max |d| %.2e, "
+              "rel-L2 %.2e; without the LoRA: max |d| %.2e)", e.max_abs, e.rel_l2, c.max_abs);
+    }
+    edlora_prompt_free(&ep);
+    regional_concepts_free(&rcs);
+    if (hf) { ms_model_free(&mf); clip_tokenizer_free(&tf); }
+    if (hb) { ms_model_free(&mb); clip_tokenizer_free(&tb); }
+    for (int k = 0; k < 3; k++) free(img[k]);
+done:
+    rm_folder(out);
+    snprintf(p, sizeof p, "%s.json", out); remove(p);
+    remove(lp); remove(cfg); remove(cfg2); remove(dir);
+    edlora_free(&a);
+    edlora_free(&pl);
+}
+
 /* ---- input validation (fuse --check: everything read and checked, no work) ---- */
 static void test_validation(void) {
     char dir[256], cfg[300], p[512], outd[300];
@@ -581,6 +713,7 @@ int main(void) {
     test_kohya_read();
     test_kohya_bad();
     test_kohya_fuse();
+    test_plain_lora();
     test_validation();
     test_eigen();
     StFile f;

@@ -6,7 +6,8 @@
  *
  * Order of work (all input errors come before any of it): read the JSON and every LoRA file, check
  * ranks and shapes against the base model, stack the embeddings into one tokenizer (<new0>..,
- * 16 per word, words remapped on collision), then fuse (mixshow_fuse.c) and write DIR.tmp,
+ * 16 per word, words remapped on collision; plain LoRAs, --method weight only: 1 per word, not
+ * bound, the words left as prompt text), then fuse (mixshow_fuse.c) and write DIR.tmp,
  * renamed to DIR when complete. Stages: text encoder q/k/v/out_proj, cross-attention to_k/to_v,
  * then the spatial stage (attn1 q/k/v/out, attn2 q/out, from inputs recorded during each
  * concept's 20-step DPM-Solver sampling at 512x512; --spatial-size/--spatial-steps change that
@@ -489,7 +490,11 @@ static void usage(void) {
             "multi-concept JSON: lora_path, unet_alpha, text_encoder_alpha, concept_name) into BASE (a\n"
             "diffusers folder). DIR gets the fused diffusers folder, tokenizer/added_tokens.json and\n"
             "new_concept_cfg.json. Methods: gram (default: exact least squares nearest to W0), lbfgs\n"
-            "(the official optimizer), weight (W0 + sum alpha dW). --ldm-out also writes the fused model\n"
+            "(the official optimizer), weight (W0 + sum alpha dW). --method weight also fuses plain LoRAs\n"
+            "(1 token per word: `mixshow train --set models.enable_edlora=false`, the paper's LoRA baseline):\n"
+            "their words stay prompt text as `mixshow sample --edlora` uses them; their tokens <newK> and rows\n"
+            "are added unbound and new_concept_cfg.json has no entry for them (ED-LoRAs and plain LoRAs are\n"
+            "not fused together). --ldm-out also writes the fused model\n"
             "as an original-layout single file (added tokens and new_concept_cfg in its metadata, which\n"
             "`mixshow sample --pretrained_model FILE` reads; FILE's stem + .new_concept_cfg.json beside\n"
             "it). BASE may be a single file too. Stages: text encoder and\n"
@@ -595,6 +600,11 @@ int cmd_fuse(int argc, char **argv) {
         n_extra += cs[c].extra.n_te + cs[c].extra.n_unet;
         int t = edlora_tokens_per_word(&cs[c].f);
         if (t && T_from < 0) { T = t; T_from = c; }
+        else if (t && t != T && (t == 1 || T == 1))
+            s = ms_errorf(MS_ERR_UNSUPPORTED, "%s: concept %d ('%s', %s) has %d token(s) per word, concept %d (%s) has %d: "
+                          "plain LoRAs (1 per word: their words are prompt text) and ED-LoRAs (words bound to one token "
+                          "per cross-attention layer) are not fused together; fuse each kind on its own", cfg, c,
+                          cs[c].given, cs[c].path, t, T_from, cs[T_from].path, T);
         else if (t && t != T)
             s = ms_errorf(MS_ERR_FORMAT, "%s: concept %d ('%s', %s): %d tokens per word, concept %d (%s) has %d", cfg, c,
                           cs[c].given, cs[c].path, t, T_from, cs[T_from].path, T);
@@ -619,10 +629,21 @@ int cmd_fuse(int argc, char **argv) {
     if (!s) { s = ms_open_model(model, NULL, &m, &tok, NULL, 0); have_m = have_tok = !s; }
     if (!s) { s = unet_params_init(&up, &m.unet_config, &m.unet); have_up = !s; }
     if (!s && T_from < 0) T = ms_unet_cross_attn_layers(&m.unet_config);   /* no new words at all */
-    if (!s && T != ms_unet_cross_attn_layers(&m.unet_config))
+    /* plain LoRA (1 token per word, the paper's LoRA + weight fusion baseline): the words stay
+     * prompt text, as `mixshow sample --edlora` uses them; their tokens <newK> and rows are added
+     * unbound (load_new_concept with enable_edlora false) and new_concept_cfg.json gets no entry
+     * for them (an official 1-token entry would cut EDLoRAPipeline's 16 bound prompts to one) */
+    const int plain = T == 1;
+    if (!s && plain && o.method != MS_FUSE_WEIGHT)
+        s = ms_errorf(MS_ERR_UNSUPPORTED, "%s: concept %d ('%s', %s): a plain LoRA (1 token per word): gradient fusion "
+                      "(--method %s) matches each concept's features at its words bound to %d layer-wise tokens, which "
+                      "only ED-LoRA has (a plain LoRA's words are prompt text); use --method weight (W0 + sum alpha dW, "
+                      "the paper's LoRA baseline)", cfg, T_from, cs[T_from].given, cs[T_from].path,
+                      ms_fuse_method_name(o.method), ms_unet_cross_attn_layers(&m.unet_config));
+    if (!s && !plain && T != ms_unet_cross_attn_layers(&m.unet_config))
         s = ms_errorf(MS_ERR_FORMAT, "%s: concept %d ('%s', %s): %d tokens per word; fusion needs ED-LoRA (one per "
-                      "cross-attention layer: %d)", cfg, T_from, cs[T_from].given, cs[T_from].path, T,
-                      ms_unet_cross_attn_layers(&m.unet_config));
+                      "cross-attention layer: %d) or, with --method weight, plain LoRA (1)", cfg, T_from, cs[T_from].given,
+                      cs[T_from].path, T, ms_unet_cross_attn_layers(&m.unet_config));
     if (!s && tok.n_vocab != m.text_config.vocab_size)
         s = ms_errorf(MS_ERR_FORMAT, "%s: tokenizer has %d tokens, text encoder vocab_size %d", model, tok.n_vocab, m.text_config.vocab_size);
     /* words in concept_name order; collisions renamed */
@@ -656,10 +677,13 @@ int cmd_fuse(int argc, char **argv) {
             if (n_words >= n * MS_MAX_CONCEPT_WORDS) { s = ms_errorf(MS_ERR_ARG, "fuse: too many concept words"); break; }
             char nw[MS_WORD_MAX];
             snprintf(nw, sizeof nw, "%s", w);
-            for (int dup = 2;; dup++) {
+            for (int dup = 2;; dup++) {           /* plain words are text: never renamed */
                 int clash = 0;
                 for (int k = 0; k < n_words; k++) clash |= !strcmp(words[k], nw);
-                if (!clash) break;
+                if (clash && plain)
+                    fprintf(stderr, "mixshow fuse: warning: concept word %s of %s is another concept's too: prompts with it "
+                            "reach both\n", w, cs[c].path);
+                if (!clash || plain) break;
                 int l = (int)strlen(w);
                 snprintf(nw, sizeof nw, "%.*s_%d>", l > 1 ? l - 1 : l, w, dup % 1000);
             }
@@ -684,7 +708,7 @@ int cmd_fuse(int argc, char **argv) {
             }
             if (!s) s = json_set(ent, "concept_token_ids", idl); else json_free(idl);
             if (!s) s = json_set(ent, "concept_token_names", nml); else json_free(nml);
-            if (!s) s = json_set(ncfg, nw, ent); else json_free(ent);
+            if (!s && !plain) s = json_set(ncfg, nw, ent); else json_free(ent);   /* plain: no entry */
             n_words++;
         }
         snprintf(cs[c].name, sizeof cs[c].name, "%s", name);
@@ -731,7 +755,8 @@ int cmd_fuse(int argc, char **argv) {
         goto cleanup;
     }
     if (!s) {
-        MsFuseTokens tk = { n_words, T, wptr, tptr, new_emb, n_words * T };
+        /* plain: nothing bound, every layer sees the prompt as given */
+        MsFuseTokens tk = { plain ? 0 : n_words, ms_unet_cross_attn_layers(&m.unet_config), wptr, tptr, new_emb, n_words * T };
         MsFuseConcept fc[MAXC];
         for (int c = 0; c < n; c++) {
             fc[c].name = cs[c].name;
@@ -740,7 +765,8 @@ int cmd_fuse(int argc, char **argv) {
             fc[c].unet = cs[c].f.n_unet ? &cs[c].un : NULL;
             fc[c].unet_has = cs[c].un_has;
         }
-        fprintf(stderr, "mixshow fuse: %d concepts, %d words, method %s\n", n, n_words, ms_fuse_method_name(o.method));
+        fprintf(stderr, "mixshow fuse: %d concepts, %d words%s, method %s\n", n, n_words,
+                plain ? " (plain LoRA: prompt text, tokens added unbound)" : "", ms_fuse_method_name(o.method));
         if (te_kv_from) { o.after_te = after_te_best_w; o.after_te_ctx = (void *)te_kv_from; }
         s = ms_fuse_text_kv(&m, &up, &tok, &tk, fc, n, &o, &rep);
         memset(&gd, 0, sizeof gd);
