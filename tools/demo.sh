@@ -7,7 +7,8 @@
 #   3. fuse       the 3 ED-LoRAs by gradient fusion (mixshow fuse --method gram) and the 3 LoRAs by
 #                 weight fusion (--method weight): one model each
 #   4. sample     every creature alone in 4 prompts x DEMO_SEEDS seeds, from its own LoRA file
-#                 (before fusion) and from the fused model (after), for both methods; then the
+#                 at alpha 1.0 (before fusion) and from the fused model (after, the concepts'
+#                 alphas 1.0 too: only the fusion differs), for both methods; then the
 #                 world's multi-creature layouts with regionally controllable sampling (boxes)
 #   5. eval       text and image alignment of every folder (mixshow eval with the world's stand-in
 #                 encoders; the prompts scored say "a creature" where the image prompt has the
@@ -95,7 +96,7 @@ fi
 PROMPTS="on grass|in the sky|in front of a brick wall|on water"
 single() {   # $1 variant  $2 creature  $3 prompt tail  $4 seed  $5 out.png
     case $1 in
-        edlora|lora) $MS sample --model "$BASE" --edlora "$(lora_file "$1" "$2"):0.7" \
+        edlora|lora) $MS sample --model "$BASE" --edlora "$(lora_file "$1" "$2"):1.0" \
                         -p "a <${2}1> <${2}2> $3" --seed "$4" --steps "$SSTEPS" -W $SIZE -H $SIZE $THR -o "$5" >/dev/null ;;
         *) $MS sample --pretrained_model="$OUT/$1" --prompt="a <${2}1> <${2}2> $3" --prompt_rewrite= \
                         --seed="$4" --steps="$SSTEPS" -W $SIZE -H $SIZE --save_dir="$OUT/tmp_$1" --suffix=x >/dev/null
