@@ -1803,7 +1803,7 @@ typedef struct {
     double beta1, beta2, adam_eps;  /* 0.9, 0.999, 1e-8 */
     double weight_decay;            /* 0.01 (every parameter) */
     double kl_weight;               /* 1e-6 (LDM's kl-f8 / SD's VAE) */
-    int mse;                        /* 0: L1 reconstruction (LDM's), 1: squared error */
+    int mse;                        /* 1: squared error (default, measured), 0: L1 (LDM's) */
 } MsVaePretrainConfig;
 void ms_vae_pretrain_config_defaults(MsVaePretrainConfig *c);
 typedef struct {
