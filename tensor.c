@@ -3042,6 +3042,11 @@ static void ops_att_put_rows(const OpsAttGeom *g, float *dst, size_t ldd, float 
 #define OPS_ATT_KCH 256
 static int ops_att_chunk(const OpsAttGeom *g) { return g->mrs * (OPS_ATT_KCH / g->mrs); }
 
+/* The few-keys forward (below): query rows per tile, key vectors (Tk <= 80). */
+#define OPS_FK_ROWS 4
+#define OPS_FK_MAXV 5                                   /* key vectors: Tk <= 80 */
+#define OPS_FK_PF 8                                     /* prefetch distance in rows */
+
 /* Scratch floats per thread. Forward: K key panels, V channel panels, S, the Q^T panel, O^T.
  * Backward: K and V key panels, K channel panels, S and dP (one key chunk each), the Q^T, dO^T
  * and O^T panels, dQ^T, its row copy, and dK, dV of the head. */
@@ -3049,8 +3054,186 @@ static size_t ops_att_ws_floats(const OpsAttGeom *g, int Tk, int Dh, int backwar
     size_t tkp = ops_up((size_t)Tk, (size_t)g->mrs) + 16, dhp = ops_up((size_t)Dh, (size_t)g->mrd);
     size_t kp = ops_up(tkp * Dh, 16), vp = ops_up(dhp * (size_t)Tk, 16), qp = ops_up((size_t)Dh * g->nq, 16);
     size_t ot = ops_up(dhp * g->nq, 16), kv = ops_up((size_t)Tk * Dh, 16);
-    if (!backward) return kp + vp + ops_up(tkp * g->nq, 16) + qp + ot;
+    if (!backward) {
+        size_t few = (size_t)ops_up((size_t)Tk, 16) * (Dh + OPS_FK_ROWS);   /* ops_att_fwd_few: Kt, S */
+        size_t all = kp + vp + ops_up(tkp * g->nq, 16) + qp + ot;
+        return few > all ? few : all;
+    }
     return 2 * kp + vp + 2 * ops_up(((size_t)ops_att_chunk(g) + 16) * g->nq, 16) + 4 * qp + ot + 2 * kv;
+}
+
+/* ---- Few keys (cross-attention: Tk <= 80, non-causal), AVX-512 --------------------------- */
+/* With 77 keys the transposes of the path below (Q^T in, O^T out) cost about as much as the
+ * products. Here the keys lie in the vector lanes and query rows stay rows, so nothing is
+ * transposed but K, once per task:
+ *   Kt[d][j] = k_j[d], NK = ceil(Tk / 16) vectors per channel, zero past Tk;
+ *   per tile of OPS_FK_ROWS query rows r:
+ *     S[r][j] = scale sum_d q_r[d] Kt[d][j]   d in order, one FMA each from 0, then the scale
+ *                                              (the bits of the S^T tiles of the path below)
+ *     m_r = max_{j<Tk} S[r][j],  P[r][j] = exp(S[r][j] - m_r) (0 past Tk)
+ *     l_r = sum_j P[r][j] in double: lane c of 8 sums keys c, c+8, c+16, ... in order, then the
+ *           8 lanes as f64_dot8_combine does
+ *     o_r = (sum_j P[r][j] v_j) / l_r          j in order, one FMA each; v_j read in place
+ * Only l's summation order differs from the path below, and it is exact in double while a
+ * row's probabilities span less than 2^29 (out and lse bitwise equal to the path below at the
+ * bench shapes); each row is its own, so the bits do not depend on the thread count. */
+static int ops_att_few(const OpsAttGeom *g, int Tk, int causal) { return g->level == 5 && !causal && Tk <= 16 * OPS_FK_MAXV; }
+
+/* S rows (OPS_FK_ROWS x 16 NK, row stride 16 NK) of the query rows qr[r]; NK a constant after
+ * inlining, so the 4 x NK accumulators live in registers. */
+MS_TARGET_AVX512 __attribute__((always_inline))
+static inline void ops_fk_scores(float *S, const float *const *qr, const float *Kt, int Dh, float scale, int NK) {
+    __m512 c[OPS_FK_ROWS][OPS_FK_MAXV], kv[OPS_FK_MAXV];
+#pragma GCC unroll 8
+    for (int r = 0; r < OPS_FK_ROWS; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NK; v++) c[r][v] = _mm512_setzero_ps();
+    for (int d = 0; d < Dh; d++, Kt += 16 * NK) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NK; v++) kv[v] = _mm512_loadu_ps(Kt + 16 * v);
+#pragma GCC unroll 8
+        for (int r = 0; r < OPS_FK_ROWS; r++) {
+            __m512 b = _mm512_set1_ps(qr[r][d]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NK; v++) c[r][v] = _mm512_fmadd_ps(b, kv[v], c[r][v]);
+        }
+    }
+    __m512 vs = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+    for (int r = 0; r < OPS_FK_ROWS; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NK; v++) _mm512_storeu_ps(S + (size_t)(r * NK + v) * 16, _mm512_mul_ps(vs, c[r][v]));
+}
+
+/* o_r[0..16 NV) (the last vector masked by lm) = f[r] sum_{j<Tk} P[r][j] v_j[c0..]: rows of P
+ * have stride ks, v rows stride ldv; NV a constant after inlining. */
+MS_TARGET_AVX512 __attribute__((always_inline))
+static inline void ops_fk_pv(float *const *orow, const float *P, int ks, const float *v, size_t ldv, int Tk,
+                             const float *f, __mmask16 lm, int NV) {
+    __m512 c[OPS_FK_ROWS][OPS_FK_MAXV], vv[OPS_FK_MAXV];
+#pragma GCC unroll 8
+    for (int r = 0; r < OPS_FK_ROWS; r++)
+#pragma GCC unroll 8
+        for (int u = 0; u < NV; u++) c[r][u] = _mm512_setzero_ps();
+    for (int j = 0; j < Tk; j++, v += ldv) {
+#pragma GCC unroll 8
+        for (int u = 0; u < NV; u++) vv[u] = u < NV - 1 ? _mm512_loadu_ps(v + 16 * u) : _mm512_maskz_loadu_ps(lm, v + 16 * u);
+#pragma GCC unroll 8
+        for (int r = 0; r < OPS_FK_ROWS; r++) {
+            __m512 b = _mm512_set1_ps(P[(size_t)r * ks + j]);
+#pragma GCC unroll 8
+            for (int u = 0; u < NV; u++) c[r][u] = _mm512_fmadd_ps(b, vv[u], c[r][u]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < OPS_FK_ROWS; r++) {
+        if (!orow[r]) continue;
+        __m512 fr = _mm512_set1_ps(f[r]);
+#pragma GCC unroll 8
+        for (int u = 0; u < NV; u++) _mm512_mask_storeu_ps(orow[r] + 16 * u, u < NV - 1 ? (__mmask16)0xFFFF : lm, _mm512_mul_ps(c[r][u], fr));
+    }
+}
+
+MS_TARGET_AVX512
+static void ops_fk_scores_n(float *S, const float *const *qr, const float *Kt, int Dh, float scale, int NK) {
+    switch (NK) {
+    case 1: ops_fk_scores(S, qr, Kt, Dh, scale, 1); break;
+    case 2: ops_fk_scores(S, qr, Kt, Dh, scale, 2); break;
+    case 3: ops_fk_scores(S, qr, Kt, Dh, scale, 3); break;
+    case 4: ops_fk_scores(S, qr, Kt, Dh, scale, 4); break;
+    default: ops_fk_scores(S, qr, Kt, Dh, scale, 5); break;
+    }
+}
+MS_TARGET_AVX512
+static void ops_fk_pv_n(float *const *orow, const float *P, int ks, const float *v, size_t ldv, int Tk,
+                        const float *f, __mmask16 lm, int NV) {
+    switch (NV) {
+    case 1: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 1); break;
+    case 2: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 2); break;
+    case 3: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 3); break;
+    case 4: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 4); break;
+    default: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 5); break;
+    }
+}
+
+/* Softmax of the tile's S rows (NK vectors each, row stride 16 NK; keys past Tk ignored) in
+ * place: P, and per row 1 / l and (lse not NULL) m + log l. The rows go side by side: each
+ * row's max and sum are chains of dependent operations. */
+MS_TARGET_AVX512
+static void ops_fk_softmax(float *S, int NK, int Tk, float *inv, float *lse, int nq) {
+    const __mmask16 last = ms_mask16(Tk - 16 * (NK - 1));
+    __m512 m[OPS_FK_ROWS];
+    __m512d l[OPS_FK_ROWS];
+    float mx[OPS_FK_ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < OPS_FK_ROWS; r++) { m[r] = _mm512_set1_ps(-INFINITY); l[r] = _mm512_setzero_pd(); }
+    for (int v = 0; v < NK; v++) {
+        __mmask16 k = v < NK - 1 ? (__mmask16)0xFFFF : last;
+#pragma GCC unroll 8
+        for (int r = 0; r < OPS_FK_ROWS; r++) m[r] = _mm512_mask_max_ps(m[r], k, m[r], _mm512_loadu_ps(S + (size_t)(r * NK + v) * 16));
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < OPS_FK_ROWS; r++) { mx[r] = _mm512_reduce_max_ps(m[r]); m[r] = _mm512_set1_ps(mx[r]); }
+    for (int v = 0; v < NK; v++) {
+        __mmask16 k = v < NK - 1 ? (__mmask16)0xFFFF : last;
+#pragma GCC unroll 8
+        for (int r = 0; r < OPS_FK_ROWS; r++) {
+            float *s = S + (size_t)(r * NK + v) * 16;
+            __m512 p = _mm512_maskz_mov_ps(k, ops_exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(s), m[r])));
+            _mm512_storeu_ps(s, p);
+            l[r] = _mm512_add_pd(_mm512_add_pd(l[r], OPS_LO8(p)), OPS_HI8(p));
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < OPS_FK_ROWS; r++) {
+        double ls[8];
+        _mm512_storeu_pd(ls, l[r]);
+        double sum = f64_dot8_combine(ls);
+        inv[r] = sum > 0.0 ? (float)(1.0 / sum) : 0.0f;
+        if (lse && r < nq) lse[r] = (float)((double)mx[r] + log(sum));
+    }
+}
+
+/* Prefetches the Dh-float pieces of n rows (row stride ld; none when n <= 0). A head's pieces
+ * of the query and output rows lie H Dh floats apart, a pattern the hardware prefetchers do
+ * not follow; fetched on demand, their misses (the output's above all) stall the tile. */
+static void ops_att_prefetch_rows(const float *p, size_t ld, int n, int Dh) {
+    for (int r = 0; r < n; r++) {
+        const char *a = (const char *)(p + (size_t)r * ld);
+        for (int t = 0; t < Dh; t += 16) _mm_prefetch(a + 4 * t, _MM_HINT_T0);
+        _mm_prefetch(a + 4 * (Dh - 1), _MM_HINT_T0);
+    }
+}
+
+/* Query rows [r0, r1) of one (b, h), as ops_att_fwd_fast (below) but for few keys; the rows
+ * of the tile OPS_FK_PF rows ahead are prefetched. */
+MS_TARGET_AVX512
+static void ops_att_fwd_few(float *out, float *lse, const float *q, const float *k, const float *v, int r0, int r1,
+                            int Tk, int HD, int Dh, float scale, float *ws) {
+    const int NK = (Tk + 15) / 16, KS = 16 * NK;
+    float *Kt = ws, *S = Kt + (size_t)Dh * KS, inv[OPS_FK_ROWS];
+    for (int d = 0; d < Dh; d++)
+        for (int j = 0; j < KS; j++) Kt[(size_t)d * KS + j] = j < Tk ? k[(size_t)j * HD + d] : 0.0f;
+    for (int i0 = r0; i0 < r1; i0 += OPS_FK_ROWS) {
+        int nq = OPS_MIN(OPS_FK_ROWS, r1 - i0);
+        const float *qr[OPS_FK_ROWS];
+        float *orow[OPS_FK_ROWS];
+        for (int r = 0; r < OPS_FK_ROWS; r++) {            /* a short tile repeats its first row */
+            qr[r] = q + (size_t)(i0 + (r < nq ? r : 0)) * HD;
+            orow[r] = r < nq ? out + (size_t)(i0 + r) * HD : NULL;
+        }
+        int pf = i0 + OPS_FK_PF, npf = OPS_MIN(OPS_FK_ROWS, r1 - pf);   /* a later tile's rows */
+        ops_att_prefetch_rows(q + (size_t)pf * HD, (size_t)HD, npf, Dh);
+        ops_att_prefetch_rows(out + (size_t)pf * HD, (size_t)HD, npf, Dh);
+        ops_fk_scores_n(S, qr, Kt, Dh, scale, NK);
+        ops_fk_softmax(S, NK, Tk, inv, lse ? lse + i0 : NULL, nq);
+        for (int c0 = 0; c0 < Dh; c0 += 16 * OPS_FK_MAXV) {
+            int nc = OPS_MIN(16 * OPS_FK_MAXV, Dh - c0), nv = (nc + 15) / 16;
+            float *oc[OPS_FK_ROWS];
+            for (int r = 0; r < OPS_FK_ROWS; r++) oc[r] = orow[r] ? orow[r] + c0 : NULL;
+            ops_fk_pv_n(oc, S, KS, v + c0, (size_t)HD, Tk, inv, ms_mask16(nc - 16 * (nv - 1)), nv);
+        }
+    }
 }
 
 /* Query rows [r0, r1) (r0 a multiple of NQ) of one (b, h): q, out at row 0 of the head, k, v at
@@ -3062,6 +3245,7 @@ static void ops_att_fwd_fast(const OpsAttGeom *g, float *out, float *lse, const 
     float *Kp = ws, *Vp = Kp + ops_up(tkp * Dh, 16), *S = Vp + ops_up(dhp * (size_t)Tk, 16), *Qp = S + ops_up(tkp * NQ, 16);
     float *Ot = Qp + ops_up((size_t)Dh * NQ, 16);
     float inv[32], lsel[32];
+    if (ops_att_few(g, Tk, causal)) { ops_att_fwd_few(out, lse, q, k, v, r0, r1, Tk, HD, Dh, scale, ws); return; }
     MsOperand K = ms_dense(k, (size_t)HD, 0), V = ms_dense(v, (size_t)HD, 1), Q = ms_dense(q, (size_t)HD, 1);
     ms_pack_a(Kp, &K, 0, Tk, 0, Dh, MRS);                /* [panel][d][key] */
     ms_pack_a(Vp, &V, 0, Dh, 0, Tk, MRD);                /* [panel][key][channel] */
