@@ -73,8 +73,9 @@ test: $(TEST_BIN) $(BUILD)/mixshow
 test-full: $(TEST_BIN) $(BUILD)/mixshow
 	@MS_TEST_FULL=1 sh tests/run.sh $(TEST_BIN)
 
-# The world model's recipe (issue 15): VAE (factor 8, 128x128 scenes -> 4x16x16 latents), then UNet +
-# text encoder; deterministic from the seeds (results do not depend on the thread count).
+# The world model's recipe (issue 15): VAE (factor 8, 128x128 scenes -> 4x16x16 latents), UNet + text
+# encoder, adapters; deterministic from the seeds (results do not depend on the thread count). A first
+# recipe, not yet a shipped model's: 800 VAE steps leave reconstructions blurry (see README).
 WORLD_RECIPE = --size 128 --scenes 8192 --vae-channels 16,32,64,64 --vae-steps 800 --channels 64,128,128 \
                --heads 2,4,4 --text-width 128 --text-layers 4 --text-heads 4 --steps 3000 --seed 0
 pretrain: $(BUILD)/mixshow
