@@ -3043,7 +3043,8 @@ static void ops_att_put_rows(const OpsAttGeom *g, float *dst, size_t ldd, float 
 static int ops_att_chunk(const OpsAttGeom *g) { return g->mrs * (OPS_ATT_KCH / g->mrs); }
 
 /* The few-keys forward (below): query rows per tile, key vectors (Tk <= 80). */
-#define OPS_FK_ROWS 4
+#define OPS_FK_ROWS 8
+#define OPS_FK_HALF 4                                   /* rows per register tile of S, plain PV */
 #define OPS_FK_MAXV 5                                   /* key vectors: Tk <= 80 */
 #define OPS_FK_PF 8                                     /* prefetch distance in rows */
 
@@ -3055,7 +3056,7 @@ static size_t ops_att_ws_floats(const OpsAttGeom *g, int Tk, int Dh, int backwar
     size_t kp = ops_up(tkp * Dh, 16), vp = ops_up(dhp * (size_t)Tk, 16), qp = ops_up((size_t)Dh * g->nq, 16);
     size_t ot = ops_up(dhp * g->nq, 16), kv = ops_up((size_t)Tk * Dh, 16);
     if (!backward) {
-        size_t few = (size_t)ops_up((size_t)Tk, 16) * (Dh + OPS_FK_ROWS);   /* ops_att_fwd_few: Kt, S */
+        size_t few = (size_t)ops_up((size_t)Tk, 16) * (Dh + OPS_FK_ROWS) + (size_t)Tk * 2 * Dh;   /* fwd_few: Kt, S, Vd */
         size_t all = kp + vp + ops_up(tkp * g->nq, 16) + qp + ot;
         return few > all ? few : all;
     }
@@ -3073,26 +3074,29 @@ static size_t ops_att_ws_floats(const OpsAttGeom *g, int Tk, int Dh, int backwar
  *     m_r = max_{j<Tk} S[r][j],  P[r][j] = exp(S[r][j] - m_r) (0 past Tk)
  *     l_r = sum_j P[r][j] in double: lane c of 8 sums keys c, c+8, c+16, ... in order, then the
  *           8 lanes as f64_dot8_combine does
- *     o_r = (sum_j P[r][j] v_j) / l_r          j in order, one FMA each; v_j read in place
+ *     o_r = (sum_j P[r][j] v_j) / l_r          j in order, one FMA each; v_j read in place, or
+ *                                              for Dh = 8, 24, 40 two rows per 2 Dh lanes
+ *                                              (ops_fk_pv_pairs: no idle lanes at Dh = 40)
+ * S and the plain PV in register tiles of OPS_FK_HALF rows, the row pairs OPS_FK_ROWS at once.
  * Only l's summation order differs from the path below, and it is exact in double while a
  * row's probabilities span less than 2^29 (out and lse bitwise equal to the path below at the
  * bench shapes); each row is its own, so the bits do not depend on the thread count. */
 static int ops_att_few(const OpsAttGeom *g, int Tk, int causal) { return g->level == 5 && !causal && Tk <= 16 * OPS_FK_MAXV; }
 
-/* S rows (OPS_FK_ROWS x 16 NK, row stride 16 NK) of the query rows qr[r]; NK a constant after
+/* S rows (OPS_FK_HALF x 16 NK, row stride 16 NK) of the query rows qr[r]; NK a constant after
  * inlining, so the 4 x NK accumulators live in registers. */
 MS_TARGET_AVX512 __attribute__((always_inline))
 static inline void ops_fk_scores(float *S, const float *const *qr, const float *Kt, int Dh, float scale, int NK) {
-    __m512 c[OPS_FK_ROWS][OPS_FK_MAXV], kv[OPS_FK_MAXV];
+    __m512 c[OPS_FK_HALF][OPS_FK_MAXV], kv[OPS_FK_MAXV];
 #pragma GCC unroll 8
-    for (int r = 0; r < OPS_FK_ROWS; r++)
+    for (int r = 0; r < OPS_FK_HALF; r++)
 #pragma GCC unroll 8
         for (int v = 0; v < NK; v++) c[r][v] = _mm512_setzero_ps();
     for (int d = 0; d < Dh; d++, Kt += 16 * NK) {
 #pragma GCC unroll 8
         for (int v = 0; v < NK; v++) kv[v] = _mm512_loadu_ps(Kt + 16 * v);
 #pragma GCC unroll 8
-        for (int r = 0; r < OPS_FK_ROWS; r++) {
+        for (int r = 0; r < OPS_FK_HALF; r++) {
             __m512 b = _mm512_set1_ps(qr[r][d]);
 #pragma GCC unroll 8
             for (int v = 0; v < NK; v++) c[r][v] = _mm512_fmadd_ps(b, kv[v], c[r][v]);
@@ -3100,7 +3104,7 @@ static inline void ops_fk_scores(float *S, const float *const *qr, const float *
     }
     __m512 vs = _mm512_set1_ps(scale);
 #pragma GCC unroll 8
-    for (int r = 0; r < OPS_FK_ROWS; r++)
+    for (int r = 0; r < OPS_FK_HALF; r++)
 #pragma GCC unroll 8
         for (int v = 0; v < NK; v++) _mm512_storeu_ps(S + (size_t)(r * NK + v) * 16, _mm512_mul_ps(vs, c[r][v]));
 }
@@ -3110,27 +3114,68 @@ static inline void ops_fk_scores(float *S, const float *const *qr, const float *
 MS_TARGET_AVX512 __attribute__((always_inline))
 static inline void ops_fk_pv(float *const *orow, const float *P, int ks, const float *v, size_t ldv, int Tk,
                              const float *f, __mmask16 lm, int NV) {
-    __m512 c[OPS_FK_ROWS][OPS_FK_MAXV], vv[OPS_FK_MAXV];
+    __m512 c[OPS_FK_HALF][OPS_FK_MAXV], vv[OPS_FK_MAXV];
 #pragma GCC unroll 8
-    for (int r = 0; r < OPS_FK_ROWS; r++)
+    for (int r = 0; r < OPS_FK_HALF; r++)
 #pragma GCC unroll 8
         for (int u = 0; u < NV; u++) c[r][u] = _mm512_setzero_ps();
     for (int j = 0; j < Tk; j++, v += ldv) {
 #pragma GCC unroll 8
         for (int u = 0; u < NV; u++) vv[u] = u < NV - 1 ? _mm512_loadu_ps(v + 16 * u) : _mm512_maskz_loadu_ps(lm, v + 16 * u);
 #pragma GCC unroll 8
-        for (int r = 0; r < OPS_FK_ROWS; r++) {
+        for (int r = 0; r < OPS_FK_HALF; r++) {
             __m512 b = _mm512_set1_ps(P[(size_t)r * ks + j]);
 #pragma GCC unroll 8
             for (int u = 0; u < NV; u++) c[r][u] = _mm512_fmadd_ps(b, vv[u], c[r][u]);
         }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < OPS_FK_ROWS; r++) {
+    for (int r = 0; r < OPS_FK_HALF; r++) {
         if (!orow[r]) continue;
         __m512 fr = _mm512_set1_ps(f[r]);
 #pragma GCC unroll 8
         for (int u = 0; u < NV; u++) _mm512_mask_storeu_ps(orow[r] + 16 * u, u < NV - 1 ? (__mmask16)0xFFFF : lm, _mm512_mul_ps(c[r][u], fr));
+    }
+}
+
+/* Row pairs, for Dh = 16 h + 8 (8, 24, 40): o_r ++ o_r+1 (2 Dh floats = NV = 2h+1 vectors, none
+ * of them partly idle) = sum_j (P[r][j] in the lanes of o_r, P[r+1][j] in those of o_r+1) Vd[j],
+ * Vd[j] = v_j ++ v_j; then f[r], f[r+1] likewise. The sums are those of ops_fk_pv, element by
+ * element (j in order, one FMA each): only the lanes are arranged differently. */
+MS_TARGET_AVX512 __attribute__((always_inline))
+static inline void ops_fk_pv_pairs(float *const *orow, const float *P, int ks, const float *Vd, int Tk, const float *f, int NV) {
+    const int h = NV / 2;
+    const __mmask16 hi = (__mmask16)0xFF00;
+    __m512 c[OPS_FK_ROWS / 2][OPS_FK_MAXV], vv[OPS_FK_MAXV];
+#pragma GCC unroll 8
+    for (int p = 0; p < OPS_FK_ROWS / 2; p++)
+#pragma GCC unroll 8
+        for (int u = 0; u < NV; u++) c[p][u] = _mm512_setzero_ps();
+    for (int j = 0; j < Tk; j++, Vd += 16 * NV) {
+#pragma GCC unroll 8
+        for (int u = 0; u < NV; u++) vv[u] = _mm512_loadu_ps(Vd + 16 * u);
+#pragma GCC unroll 8
+        for (int p = 0; p < OPS_FK_ROWS / 2; p++) {
+            __m512 a = _mm512_set1_ps(P[(size_t)(2 * p) * ks + j]), b = _mm512_set1_ps(P[(size_t)(2 * p + 1) * ks + j]);
+            __m512 m = _mm512_mask_blend_ps(hi, a, b);
+#pragma GCC unroll 8
+            for (int u = 0; u < NV; u++) c[p][u] = _mm512_fmadd_ps(u < h ? a : u == h ? m : b, vv[u], c[p][u]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int p = 0; p < OPS_FK_ROWS / 2; p++) {
+        float *o0 = orow[2 * p], *o1 = orow[2 * p + 1];
+        __m512 a = _mm512_set1_ps(f[2 * p]), b = _mm512_set1_ps(f[2 * p + 1]), m = _mm512_mask_blend_ps(hi, a, b);
+#pragma GCC unroll 8
+        for (int u = 0; u < NV; u++) {
+            __m512 x = _mm512_mul_ps(c[p][u], u < h ? a : u == h ? m : b);
+            if (u < h) { if (o0) _mm512_storeu_ps(o0 + 16 * u, x); }
+            else if (u > h) { if (o1) _mm512_storeu_ps(o1 + 16 * u - 16 * h - 8, x); }
+            else {
+                if (o0) _mm512_mask_storeu_ps(o0 + 16 * h, (__mmask16)0x00FF, x);
+                if (o1) _mm512_mask_storeu_ps(o1, (__mmask16)0x00FF, _mm512_shuffle_f32x4(x, x, 0xEE));
+            }
+        }
     }
 }
 
@@ -3153,6 +3198,14 @@ static void ops_fk_pv_n(float *const *orow, const float *P, int ks, const float 
     case 3: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 3); break;
     case 4: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 4); break;
     default: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 5); break;
+    }
+}
+MS_TARGET_AVX512
+static void ops_fk_pv_pairs_n(float *const *orow, const float *P, int ks, const float *Vd, int Tk, const float *f, int NV) {
+    switch (NV) {
+    case 1: ops_fk_pv_pairs(orow, P, ks, Vd, Tk, f, 1); break;
+    case 3: ops_fk_pv_pairs(orow, P, ks, Vd, Tk, f, 3); break;
+    default: ops_fk_pv_pairs(orow, P, ks, Vd, Tk, f, 5); break;
     }
 }
 
@@ -3211,9 +3264,15 @@ MS_TARGET_AVX512
 static void ops_att_fwd_few(float *out, float *lse, const float *q, const float *k, const float *v, int r0, int r1,
                             int Tk, int HD, int Dh, float scale, float *ws) {
     const int NK = (Tk + 15) / 16, KS = 16 * NK;
-    float *Kt = ws, *S = Kt + (size_t)Dh * KS, inv[OPS_FK_ROWS];
+    const int pairs = Dh % 16 == 8 && Dh <= 40;          /* Dh = 8, 24, 40: row pairs fill the vectors */
+    float *Kt = ws, *S = Kt + (size_t)Dh * KS, *Vd = S + (size_t)OPS_FK_ROWS * KS, inv[OPS_FK_ROWS];
     for (int d = 0; d < Dh; d++)
         for (int j = 0; j < KS; j++) Kt[(size_t)d * KS + j] = j < Tk ? k[(size_t)j * HD + d] : 0.0f;
+    if (pairs)
+        for (int j = 0; j < Tk; j++) {
+            memcpy(Vd + (size_t)j * 2 * Dh, v + (size_t)j * HD, (size_t)Dh * sizeof(float));
+            memcpy(Vd + (size_t)j * 2 * Dh + Dh, v + (size_t)j * HD, (size_t)Dh * sizeof(float));
+        }
     for (int i0 = r0; i0 < r1; i0 += OPS_FK_ROWS) {
         int nq = OPS_MIN(OPS_FK_ROWS, r1 - i0);
         const float *qr[OPS_FK_ROWS];
@@ -3225,13 +3284,15 @@ static void ops_att_fwd_few(float *out, float *lse, const float *q, const float 
         int pf = i0 + OPS_FK_PF, npf = OPS_MIN(OPS_FK_ROWS, r1 - pf);   /* a later tile's rows */
         ops_att_prefetch_rows(q + (size_t)pf * HD, (size_t)HD, npf, Dh);
         ops_att_prefetch_rows(out + (size_t)pf * HD, (size_t)HD, npf, Dh);
-        ops_fk_scores_n(S, qr, Kt, Dh, scale, NK);
+        for (int h = 0; h < OPS_FK_ROWS; h += OPS_FK_HALF) ops_fk_scores_n(S + (size_t)h * KS, qr + h, Kt, Dh, scale, NK);
         ops_fk_softmax(S, NK, Tk, inv, lse ? lse + i0 : NULL, nq);
+        if (pairs) { ops_fk_pv_pairs_n(orow, S, KS, Vd, Tk, inv, Dh / 8); continue; }
         for (int c0 = 0; c0 < Dh; c0 += 16 * OPS_FK_MAXV) {
             int nc = OPS_MIN(16 * OPS_FK_MAXV, Dh - c0), nv = (nc + 15) / 16;
             float *oc[OPS_FK_ROWS];
             for (int r = 0; r < OPS_FK_ROWS; r++) oc[r] = orow[r] ? orow[r] + c0 : NULL;
-            ops_fk_pv_n(oc, S, KS, v + c0, (size_t)HD, Tk, inv, ms_mask16(nc - 16 * (nv - 1)), nv);
+            for (int h = 0; h < OPS_FK_ROWS; h += OPS_FK_HALF)
+                ops_fk_pv_n(oc + h, S + (size_t)h * KS, KS, v + c0, (size_t)HD, Tk, inv + h, ms_mask16(nc - 16 * (nv - 1)), nv);
         }
     }
 }

@@ -101,6 +101,7 @@ int main(void) {
         test_att(1, 200, 90, 1, 40, 0);      /* one head: the forward splits its rows across tasks */
         test_att(1, 130, 50, 2, 16, 1);      /* causal with Tq > Tk */
         test_att(2, 1, 3, 1, 8, 0);          /* one query, three keys */
+        test_att(1, 37, 20, 3, 24, 0);       /* few keys: Dh 24 in row pairs, a short last tile */
         test_att(1, 70, 600, 2, 40, 0);      /* backward: keys in 3 chunks (252, 252, 96) */
         test_att(1, 600, 600, 1, 16, 1);     /* causal: chunks end at the block's last query */
     }
