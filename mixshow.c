@@ -1018,6 +1018,35 @@ static MsStatus pre_draws(unsigned char *drop, int64_t *ts, float *tf, float *no
     return MS_OK;
 }
 
+/* Step 3 of both trainers: the B captions (a dropped one as "") tokenized to ids (B, 77) and through
+ * the text encoder into ta->out. */
+static MsStatus pre_encode_captions(const ClipTokenizer *tok, const unsigned char *drop, const char *const *captions,
+                                    int B, int32_t *ids, ClipTextActs *ta, const ClipTextParams *tp,
+                                    const ClipTextConfig *tc) {
+    MsStatus s;
+    for (int b = 0; b < B; b++) {
+        const char *text = drop[b] ? "" : captions[b];
+        if ((s = clip_tokenize(tok, text, strlen(text), ids + (size_t)b * PRE_T, PRE_T))) return s;
+    }
+    return clip_text_forward(ta, tp, NULL, ids, NULL, 0, tc);
+}
+
+/* The epsilon objective of both trainers: L = mean (pred - noise)^2 over N values, summed in double,
+ * and dL/dpred = 2 (pred - noise) / N into dpred. `what` names the step in the error of a non-finite L. */
+static MsStatus pre_eps_loss(const float *pred, const float *noise, float *dpred, size_t N, const char *what, int64_t k,
+                             double *loss) {
+    double sum = 0.0;
+    const float scale = (float)(2.0 / (double)N);
+    for (size_t i = 0; i < N; i++) {
+        const float d = pred[i] - noise[i];
+        sum += (double)d * d;
+        dpred[i] = d * scale;
+    }
+    *loss = sum / (double)N;
+    if (!(*loss - *loss == 0.0)) return ms_errorf(MS_ERR_FORMAT, "%s %lld: the loss is not finite (%g)", what, (long long)k, *loss);
+    return MS_OK;
+}
+
 MsStatus ms_pretrain_step(MsPretrainer *p, const float *latents, const char *const *captions,
                           const MsPretrainDraws *dr, MsTorchRng *g, MsPretrainReport *rep) {
     const MsPretrainConfig *c = &p->cfg;
@@ -1032,26 +1061,11 @@ MsStatus ms_pretrain_step(MsPretrainer *p, const float *latents, const char *con
     /* 2. noisy latents */
     if ((s = ms_scheduler_add_noise(p->sch, p->noisy, latents, p->noise, p->ts, B, M))) return s;
     /* 3. text encoder */
-    for (int b = 0; b < B; b++) {
-        const char *text = p->drop[b] ? "" : captions[b];
-        if ((s = clip_tokenize(p->tok, text, strlen(text), p->ids + (size_t)b * PRE_T, PRE_T))) return s;
-    }
-    if ((s = clip_text_forward(&p->ta, &p->tp, NULL, p->ids, NULL, 0, &p->m->text_config))) return s;
+    if ((s = pre_encode_captions(p->tok, p->drop, captions, B, p->ids, &p->ta, &p->tp, &p->m->text_config))) return s;
     /* 4. UNet */
     if ((s = unet_forward(p->pred, &p->ua, p->noisy, tf, p->ta.out, NULL, NULL, &p->up, NULL))) return s;
     /* 5. loss */
-    {
-        double sum = 0.0;
-        const float scale = (float)(2.0 / (double)N);
-        for (size_t i = 0; i < N; i++) {
-            const float d = p->pred[i] - p->noise[i];
-            sum += (double)d * d;
-            p->dpred[i] = d * scale;
-        }
-        rep->loss = sum / (double)N;
-        if (!(rep->loss - rep->loss == 0.0))
-            return ms_errorf(MS_ERR_FORMAT, "pretrain step %lld: the loss is not finite (%g)", (long long)k, rep->loss);
-    }
+    if ((s = pre_eps_loss(p->pred, p->noise, p->dpred, N, "pretrain step", k, &rep->loss))) return s;
     /* 6. every gradient */
     memset(p->gu.mem, 0, p->gu.mem_bytes);
     memset(p->gt.mem, 0, p->gt.mem_bytes);
@@ -1393,11 +1407,7 @@ MsStatus ms_adapter_train_step(MsAdapterTrainer *p, const float *latents, const 
     /* 1.-3. draws, noisy latents, text encoder */
     if ((s = pre_draws(p->drop, p->ts, tf, p->noise, B, N, p->sch, c->uncond_p, dr, g, k))) return s;
     if ((s = ms_scheduler_add_noise(p->sch, p->noisy, latents, p->noise, p->ts, B, M))) return s;
-    for (int b = 0; b < B; b++) {
-        const char *text = p->drop[b] ? "" : captions[b];
-        if ((s = clip_tokenize(p->tok, text, strlen(text), p->ids + (size_t)b * PRE_T, PRE_T))) return s;
-    }
-    if ((s = clip_text_forward(&p->ta, &p->tp, NULL, p->ids, NULL, 0, &p->m->text_config))) return s;
+    if ((s = pre_encode_captions(p->tok, p->drop, captions, B, p->ids, &p->ta, &p->tp, &p->m->text_config))) return s;
     /* 4. adapter features */
     arena_reset(&p->aar, 0);
     if ((s = adapter_forward_train(&p->tape, &p->aar, &p->ap, cond, B, p->H, p->W))) return s;
@@ -1405,18 +1415,7 @@ MsStatus ms_adapter_train_step(MsAdapterTrainer *p, const float *latents, const 
     /* 5. UNet with the residuals */
     if ((s = unet_forward(p->pred, &p->ua, p->noisy, tf, p->ta.out, NULL, feat, &p->up, NULL))) return s;
     /* 6. loss */
-    {
-        double sum = 0.0;
-        const float scale = (float)(2.0 / (double)N);
-        for (size_t i = 0; i < N; i++) {
-            const float d = p->pred[i] - p->noise[i];
-            sum += (double)d * d;
-            p->dpred[i] = d * scale;
-        }
-        rep->loss = sum / (double)N;
-        if (!(rep->loss - rep->loss == 0.0))
-            return ms_errorf(MS_ERR_FORMAT, "adapter training step %lld: the loss is not finite (%g)", (long long)k, rep->loss);
-    }
+    if ((s = pre_eps_loss(p->pred, p->noise, p->dpred, N, "adapter training step", k, &rep->loss))) return s;
     /* 7. dL/dF through the frozen UNet, then every adapter parameter */
     adapter_sizes(ac, B, p->H, p->W, NULL, nf);
     for (int i = 0; i < ac->n_channels; i++) memset(p->dfeat[i], 0, nf[i] * sizeof(float));
