@@ -11,7 +11,7 @@
 #   make test-full  slow checks (SD 1.5-sized shapes), not run in CI
 #   make pretrain   the world model from scratch (WORLD_RECIPE below) into build/world
 #   make demo       the method in the world, measured (tools/demo.sh; DEMO_* knobs there)
-#   make install    PREFIX/bin/mixshow + PREFIX/share/mixshow (CLIP BPE files, the tiny model);
+#   make install    PREFIX/bin/mixshow + PREFIX/share/mixshow (CLIP BPE files, tiny and world models);
 #                   PREFIX=/usr/local, DESTDIR= for staging; make uninstall removes them
 
 CC      ?= cc
@@ -109,7 +109,8 @@ help:
 	@sed -n '1,15p' Makefile
 
 # Install: the binary, and the data it looks for next to itself or in MS_DATADIR (the CLIP BPE
-# files and the embedded default model, both in models/tiny-sd). model_load.o is rebuilt when
+# files and the tiny model in models/tiny-sd; the shipped world model models/world, the default, and
+# the evaluation encoders models/eval-encoders.safetensors when present). model_load.o is rebuilt when
 # DATADIR changes (the stamp file holds the value it was built with).
 PREFIX  ?= /usr/local
 DESTDIR ?=
@@ -126,8 +127,10 @@ install: $(BUILD)/mixshow
 	mkdir -p '$(DESTDIR)$(BINDIR)' '$(DESTDIR)$(DATADIR)/models'
 	cp $(BUILD)/mixshow '$(DESTDIR)$(BINDIR)/mixshow.tmp' && chmod 755 '$(DESTDIR)$(BINDIR)/mixshow.tmp' && \
 	  mv -f '$(DESTDIR)$(BINDIR)/mixshow.tmp' '$(DESTDIR)$(BINDIR)/mixshow'
-	rm -rf '$(DESTDIR)$(DATADIR)/models/tiny-sd'
+	rm -rf '$(DESTDIR)$(DATADIR)/models/tiny-sd' '$(DESTDIR)$(DATADIR)/models/world'
 	cp -R models/tiny-sd '$(DESTDIR)$(DATADIR)/models/'
+	if [ -f models/world/model_index.json ]; then cp -R models/world '$(DESTDIR)$(DATADIR)/models/'; fi
+	if [ -f models/eval-encoders.safetensors ]; then cp models/eval-encoders.safetensors '$(DESTDIR)$(DATADIR)/models/'; fi
 	chmod -R a+rX '$(DESTDIR)$(DATADIR)'
 uninstall:
 	rm -f '$(DESTDIR)$(BINDIR)/mixshow'

@@ -139,10 +139,22 @@ static void test_tokenizer(void) {
           ms_last_error());
     s = ms_find_tokenizer("models/tiny-sd", NULL, dir, sizeof dir, &shipped);
     check(s == MS_OK && !shipped && strstr(dir, "models/tiny-sd/tokenizer"), "a folder's own tokenizer/ wins");
-    MsModel m;
-    s = ms_open_model(NULL, &QUIET, &m, NULL, NULL, 0);
-    check(s == MS_OK && m.unet_config.block_out_channels[0] == 32, "no model: the embedded tiny-sd");
-    ms_model_free(&m);
+    /* no model: the default (models/world when it is shipped, else models/tiny-sd), whichever it is
+     * here; the order itself is checked by test_default_model on data roots made for it */
+    MsModel m, d;
+    char def[4200], notes[4096];
+    const char *name = ms_default_model(def, sizeof def);
+    s = ms_open_model(NULL, &QUIET, &m, NULL, notes, sizeof notes);
+    if (check(name && s == MS_OK && strstr(notes, def) && strstr(notes, "no --model"), "no model: the default %s (%s)",
+              name ? name : "(none)", name ? def : "")) {
+        if (check(ms_open_model(def, &QUIET, &d, NULL, NULL, 0) == MS_OK, "%s opens", def)) {
+            check(configs_equal(&m, &d) && tables_equal(&m, &d), "no model == --model %s", def);
+            ms_model_free(&d);
+        }
+        ms_model_free(&m);
+    }
+    char tiny[4200];
+    check(ms_find_tiny_model(tiny, sizeof tiny) && strstr(tiny, "models/tiny-sd"), "ms_find_tiny_model: %s", tiny);
 }
 
 /* Writes a copy of src (every tensor as f32 / raw) with tensor `name` replaced by the given shape
@@ -342,8 +354,15 @@ static void test_install(const char *argv0) {
         StFile g;
         snprintf(p, sizeof p, "%s/out.safetensors", out);
         int ok = rc == 0 && !st_open(&g, p);
-        check(ok && st_find(&g, "text.hidden") && st_find(&g, "text.hidden")->shape[2] == 32,
-              "installed `mixshow dump` with the embedded model from another directory: text.hidden [1,77,32]");
+        /* the installed default: models/world when the tree ships it (make install copies it), else tiny-sd */
+        char def[900];
+        MsModel dm;
+        int width = -1;
+        snprintf(def, sizeof def, "%s/share/mixshow/models/world/model_index.json", prefix);
+        snprintf(def, sizeof def, "%s/share/mixshow/models/%s", prefix, file_exists(def) ? "world" : "tiny-sd");
+        if (!ms_open_model(def, &QUIET, &dm, NULL, NULL, 0)) { width = dm.text_config.hidden_size; ms_model_free(&dm); }
+        check(ok && st_find(&g, "text.hidden") && st_find(&g, "text.hidden")->shape[2] == width,
+              "installed `mixshow dump` with the default model (%s) from another directory: text.hidden [1,77,%d]", def, width);
         if (ok) st_close(&g);
     }
     snprintf(cmd, sizeof cmd, "make -s BUILD='%s' DESTDIR='%s' uninstall > /dev/null 2>&1", build, stage);
@@ -353,6 +372,63 @@ static void test_install(const char *argv0) {
     snprintf(q, sizeof q, "%s/share/mixshow", prefix);
     check(rc == 0 && !file_exists(p) && !file_exists(q), "make uninstall removes bin/mixshow and share/mixshow");
     snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", stage, out);
+    if (system(cmd)) {}
+#endif
+}
+
+/* The default model's order on data roots made here: a copy of the binary in ROOT/bin (its data
+ * root is ROOT, found next to the executable) with ROOT/models/world and ROOT/models/tiny-sd
+ * (symbolic links to the shipped tiny model) picks models/world, for `sample`, `dump` and
+ * regional sampling (whose default keypose adapter is then models/world/t2iadapter_openpose: the
+ * layout tools/ship_world.sh writes); a root with models/tiny-sd only picks that one. */
+static void test_default_model(const char *argv0) {
+#if defined(_WIN32)
+    (void)argv0;
+    printf("  skip default model: not on Windows\n");
+#else
+    char build[1024], cwd[1024], root[2][600], cmd[6000], p[2048], line[2048];
+    snprintf(build, sizeof build, "%s", argv0);            /* <BUILD>/tests/test_models */
+    char *t = strstr(build, "/tests/test_models");
+    if (!t || !getcwd(cwd, sizeof cwd)) { printf("  skip default model: cannot tell the build folder from %s\n", argv0); return; }
+    *t = 0;
+    for (int k = 0; k < 2; k++) {
+        snprintf(root[k], sizeof root[k], "%s/root%d", g_tmp, k);
+        int n = snprintf(cmd, sizeof cmd, "mkdir -p '%s/bin' '%s/models' && cp '%s/mixshow' '%s/bin/mixshow' && "
+                         "ln -s '%s/models/tiny-sd' '%s/models/tiny-sd'", root[k], root[k], build, root[k], cwd, root[k]);
+        if (!k && n > 0 && (size_t)n < sizeof cmd)
+            snprintf(cmd + n, sizeof cmd - (size_t)n, " && ln -s '%s/models/tiny-sd' '%s/models/world'", cwd, root[k]);
+        if (!check(system(cmd) == 0, "data root %s (%s)", root[k], k ? "models/tiny-sd" : "models/world + models/tiny-sd"))
+            return;
+    }
+    for (int k = 0; k < 2; k++) {
+        const char *want = k ? "/models/tiny-sd: no --model: the embedded random-weight tiny model"
+                             : "/models/world: no --model: the shipped world model.";
+        snprintf(cmd, sizeof cmd, "cd '%s' && bin/mixshow sample -p 'a red circle above a blue square' --steps 1 -o s.png "
+                 "> sample.log 2>&1", root[k]);
+        int rc = system(cmd);
+        char log[4000] = "";
+        snprintf(p, sizeof p, "%s/sample.log", root[k]);
+        FILE *f = fopen(p, "r");
+        if (f) { size_t n = fread(log, 1, sizeof log - 1, f); log[n] = 0; fclose(f); }
+        /* "mixshow: ROOT/bin/../models/world: no --model: ..." (the folder as the data root gives it) */
+        const char *w = strstr(log, want), *l0 = w;
+        while (l0 && l0 > log && l0[-1] != '\n') l0--;
+        snprintf(line, sizeof line, "mixshow: %s/", root[k]);
+        check(rc == 0 && w && !strncmp(l0, line, strlen(line)), "sample without --model picks ROOT%s (stderr: %.200s)", want, log);
+    }
+    /* regional sampling without --pretrained_model, with a keypose condition: the adapter is found
+     * at models/world/t2iadapter_openpose; the config text names the model by its short name */
+    snprintf(cmd, sizeof cmd, "cd '%s' && bin/mixshow sample '--prompt=a cat' '--prompt_rewrite=[a cat]-*-[]-*-[0, 0, 64, 64]' "
+             "'--keypose_condition=%s/tests/data/regional/keypose.png' --steps=1 --seed=1 --save_dir=out > regional.log 2>&1 "
+             "&& cat out/seed_1/*.txt > regional.txt", root[0], cwd);
+    int rc = system(cmd);
+    snprintf(p, sizeof p, "%s/regional.txt", root[0]);
+    FILE *f = fopen(p, "r");
+    line[0] = 0;
+    if (f) { if (!fgets(line, sizeof line, f)) line[0] = 0; fclose(f); }
+    check(rc == 0 && !strcmp(line, "pretrained_model: models/world\n"),
+          "regional sampling without --pretrained_model: models/world and its t2iadapter_openpose (%s)", line);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", root[0], root[1]);
     if (system(cmd)) {}
 #endif
 }
@@ -374,6 +450,7 @@ int main(int argc, char **argv) {
         printf("  skip tiny_ldm.safetensors: %s not found (MS_SHARED)\n", shared("tiny-sd/tiny_ldm.safetensors"));
     test_model_b();
     test_adapter_file();
+    test_default_model(argv[0]);
     test_install(argv[0]);
 #if !defined(_WIN32)
     char cmd[700];

@@ -543,11 +543,16 @@ static int bench_under_load_one(const Bench *b, MsRng *r, int scale) {
     Arena acts, scratch;
     int ok = 0, p_ok = 0;
     double idle[4], loaded[4];
+    char tiny_dir[4200] = "";
     MsOpenOptions oo;
     memset(&m, 0, sizeof m); memset(&p, 0, sizeof p); memset(&u, 0, sizeof u);
     memset(&acts, 0, sizeof acts); memset(&scratch, 0, sizeof scratch); memset(&oo, 0, sizeof oo);
     oo.quiet = 1;
-    if (ms_open_model(NULL, &oo, &m, NULL, NULL, 0)) {
+    if (!ms_find_tiny_model(tiny_dir, sizeof tiny_dir)) {
+        fprintf(stderr, "mixshow bench: --under-load: the tiny model models/tiny-sd was not found\n");
+        return 0;
+    }
+    if (ms_open_model(tiny_dir, &oo, &m, NULL, NULL, 0)) {
         fprintf(stderr, "mixshow bench: --under-load: the tiny model: %s\n", ms_last_error());
         return 0;
     }
@@ -1223,9 +1228,14 @@ static int bench_regional(const Bench *b, MsRng *r, int tiny) {
     snprintf(label, sizeof label, "regional %s B=2 %dx%d regions=%d", mname, h, w, R);
     if (tiny) {
         MsOpenOptions oo;
+        char tiny_dir[4200];
         memset(&oo, 0, sizeof oo);
         oo.quiet = 1;
-        if (ms_open_model(NULL, &oo, &m, NULL, NULL, 0)) {
+        if (!ms_find_tiny_model(tiny_dir, sizeof tiny_dir)) {
+            fprintf(stderr, "mixshow bench: %s: models/tiny-sd not found\n", label);
+            return 0;
+        }
+        if (ms_open_model(tiny_dir, &oo, &m, NULL, NULL, 0)) {
             fprintf(stderr, "mixshow bench: %s: %s\n", label, ms_last_error());
             return 0;
         }

@@ -44,8 +44,9 @@ static void dump_usage(FILE *f) {
         "                    [--adapter-sketch DIR] [--adapter-openpose DIR]\n\n"
         "Runs every network whose inputs are in IN and writes its outputs to OUT (F32), to compare\n"
         "mixshow with another implementation on the same inputs. PATH: diffusers folder or single file\n"
-        "(default: the embedded tiny model); --config DIR: a diffusers folder's configs for it (a single\n"
-        "file's are otherwise read from its metadata or inferred from its shapes, and printed).\n\n"
+        "(default: models/world, the shipped world model, else models/tiny-sd, the embedded tiny model);\n"
+        "--config DIR: a diffusers folder's configs for it (a single file's are otherwise read from its\n"
+        "metadata or inferred from its shapes, and printed).\n\n"
         "  in.latent [B,4,h,w] + in.timestep [B] + in.context [B,77,D] -> unet.eps\n"
         "  in.cond_sketch [1,1,H,W], in.cond_openpose [1,3,H,W] in [0,1]\n"
         "                                          -> adapter.sketch.feat0..3, adapter.openpose.feat0..3\n"
@@ -107,7 +108,7 @@ static MsStatus input_f32(Dump *d, const char *name, int ndim, const int64_t *wa
 
 static MsStatus need_model(Dump *d) {
     if (d->model_loaded) return MS_OK;
-    MsOpenOptions o = { NULL, d->config, 0, 0 };    /* no --model: the embedded tiny model */
+    MsOpenOptions o = { NULL, d->config, 0, 0 };    /* no --model: models/world, else models/tiny-sd */
     MsStatus s = ms_open_model(d->model, &o, &d->m, NULL, NULL, 0);
     if (!s) d->model_loaded = 1;
     return s;

@@ -3,9 +3,10 @@
  * (the loop itself is ms_txt2img in mixshow.c; this file parses options, reads the condition
  * image, shows progress and writes PNGs).
  *
- * With no --model the embedded tiny random-weight model models/tiny-sd is used (looked up in
- * the current directory, then next to the executable): an image in about a second, for smoke
- * tests of a new port. --batch N writes N files, out-0.png .. out-{N-1}.png (out.png for N = 1).
+ * With no --model the shipped world model models/world is used (trained by `mixshow pretrain`;
+ * looked up next to the executable, in the install prefix, then in the current directory), else
+ * the embedded tiny random-weight model models/tiny-sd (an image in about a second, for smoke
+ * tests of a new port). --batch N writes N files, out-0.png .. out-{N-1}.png (out.png for N = 1).
  *
  * Condition images are resized as diffusers' _preprocess_adapter_image does:
  * PIL Image.resize((W, H), LANCZOS) (Pillow 9.4 Resample.c, 8-bit fixed point; reproduced
@@ -42,8 +43,9 @@ static void sample_usage(FILE *f) {
         "                      [--weights f32|f16] [--edlora FILE[:ALPHA]] -o OUT.png\n\n"
         "Text to image, as diffusers 0.19.3 StableDiffusionPipeline (StableDiffusionAdapterPipeline\n"
         "with --adapter): the same seed gives the same latents as torch.Generator().manual_seed(seed).\n"
-        "  --model PATH    diffusers folder or single file (default: models/tiny-sd, the tiny\n"
-        "                  random-weight model, in the current directory or next to the executable)\n"
+        "  --model PATH    diffusers folder or single file (default: models/world, the shipped world\n"
+        "                  model, else models/tiny-sd, the tiny random-weight model; next to the\n"
+        "                  executable, in the install prefix or in the current directory)\n"
         "  -W, -H          size in pixels, multiples of 8 (default: the UNet's sample_size * 8)\n"
         "  --cfg S         guidance scale; CFG (with the negative prompt, default \"\") when S > 1\n"
         "  --sampler       dpm++2m (DPMSolverMultistep, default), ddim, euler, ddpm, each built from\n"
@@ -66,9 +68,12 @@ static void sample_usage(FILE *f) {
         "                  configs' value), the prompt's concept words bound per cross-attention layer\n"
         "                  (the negative prompt is not bound). Plain LoRA files (1 token per word):\n"
         "                  merged and the tokens added, prompt used as given. Needs f32 weights.\n"
+        );
+    fprintf(f,
         "Regionally controllable sampling (Mix-of-Show regionally_controlable_sampling.py, same option\n"
         "names; any of them selects it; `--x=v` or `--x v`):\n"
         "  --pretrained_model DIR   a fused model (new_concept_cfg.json + added tokens) or a base model\n"
+        "                           (default: models/world, else models/tiny-sd, as --model)\n"
         "  --prompt P, --negative_prompt N   the global prompt and negative prompt\n"
         "  --prompt_rewrite '[<prompt>]-*-[<negative>]-*-[t, l, b, r]|...'   regions, boxes in pixels\n"
         "  --keypose_condition IMG, --keypose_adaptor_weight W, --region_keypose_adaptor_weight\n"
@@ -217,7 +222,7 @@ int cmd_sample(int argc, char **argv) {
     uint8_t *px = NULL;
     double t0 = ms_time();
     MsOpenOptions oo = { tokenizer_dir, config_dir, lo.keep_half, 0 };
-    MsStatus s = ms_open_model(model, &oo, &m, &tok, NULL, 0);   /* model NULL: the embedded tiny-sd */
+    MsStatus s = ms_open_model(model, &oo, &m, &tok, NULL, 0);   /* model NULL: models/world, else models/tiny-sd */
     if (!s) { have_m = 1; have_tok = 1; }
     if (!s) {
         int f = 1 << (m.vae_config.n_blocks - 1);

@@ -21,7 +21,7 @@ static int cmd_version(int argc, char **argv) {
 
 static const Command commands[] = {
     { "version", cmd_version, "print version, SIMD level and thread count" },
-    { "sample",  cmd_sample,  "text to image (diffusers StableDiffusionPipeline; tiny model by default)" },
+    { "sample",  cmd_sample,  "text to image (diffusers StableDiffusionPipeline; the shipped world model by default)" },
     { "dump",    cmd_dump,    "run networks on tensors from a safetensors file and write their outputs" },
     { "tokenize", cmd_tokenize, "print the 77 CLIP input ids of a prompt (with added tokens)" },
     { "clip",    cmd_clip,    "CLIP image-image and image-text cosines with a transformers CLIPModel (the paper's metrics)" },

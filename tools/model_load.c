@@ -937,6 +937,14 @@ static int find_data_dir(const char *rel_file, char *out, size_t cap) {
     return 1;
 }
 
+const char *ms_default_model(char *out, size_t cap) {
+    if (find_data_dir("models/world/model_index.json", out, cap)) return "models/world";
+    if (find_data_dir("models/tiny-sd/model_index.json", out, cap)) return "models/tiny-sd";
+    return NULL;
+}
+
+int ms_find_tiny_model(char *out, size_t cap) { return find_data_dir("models/tiny-sd/model_index.json", out, cap); }
+
 MsStatus ms_find_tokenizer(const char *model_path, const char *tokenizer_dir, char *out, size_t cap, int *shipped) {
     char p[4200];
     if (shipped) *shipped = 0;
@@ -1057,11 +1065,13 @@ MsStatus ms_open_model(const char *path, const MsOpenOptions *o, MsModel *m, Cli
     if (m) memset(m, 0, sizeof *m);
     if (tok) memset(tok, 0, sizeof *tok);
     if (!path) {
-        if (!find_data_dir("models/tiny-sd/model_index.json", def, sizeof def))
-            return ms_errorf(MS_ERR_IO, "no model given, and the embedded models/tiny-sd is neither next to the "
-                             "executable, nor in the install prefix, nor here: give --model PATH");
+        const char *name = ms_default_model(def, sizeof def);
+        if (!name)
+            return ms_errorf(MS_ERR_IO, "no model given, and neither the shipped models/world nor the embedded "
+                             "models/tiny-sd is next to the executable, in the install prefix or here: give --model PATH");
         path = def;
-        add_note(notes, cap, &len, path, "no --model: the embedded random-weight tiny model.");
+        add_note(notes, cap, &len, path, strcmp(name, "models/world") ? "no --model: the embedded random-weight tiny model "
+                 "(models/world, the shipped world model, was not found)." : "no --model: the shipped world model.");
     }
     if (m) {
         MsLoadOptions lo = { o->keep_half, o->config_dir };

@@ -454,7 +454,18 @@ int cmd_sample_regional(int argc, char **argv) {
         } else { fprintf(stderr, "mixshow sample: unknown option '%s' (regional sampling; see --help)\n", a); return 2; }
         if (end && (*end || end == v)) { fprintf(stderr, "mixshow sample: %s %s: not a number\n", a, v); return 2; }
     }
-    if (!model) model = "models/tiny-sd";
+    /* no --pretrained_model: the shipped world model, else the tiny one, under a data root (the
+     * config text below, whose hash names the file, keeps the short name) */
+    char def_dir[4200];
+    const char *model_name = model;
+    if (!model) {
+        if (!(model_name = ms_default_model(def_dir, sizeof def_dir))) {
+            fprintf(stderr, "mixshow sample: no --pretrained_model, and neither models/world nor models/tiny-sd was found "
+                    "(next to the executable, in the install prefix or here)\n");
+            return 2;
+        }
+        model = def_dir;
+    }
     if (!out && !save_dir) { fprintf(stderr, "mixshow sample: --save_dir DIR (or -o OUT.png) is required\n"); return 2; }
     /* the official script skips a condition whose path does not exist (the .sh passes '') */
     if (kp_cond && !rg_exists(kp_cond)) {
@@ -505,9 +516,9 @@ int cmd_sample_regional(int argc, char **argv) {
                           "be the same size", sk_cond, si.w, si.h, kp_cond, ki.w, ki.h);
         W = si.w; H = si.h;
     }
-    if (!s && !kp_cond && !sk_cond) {
-        if (!W) W = m.unet_config.sample_size * 8;
-        if (!H) H = m.unet_config.sample_size * 8;
+    if (!s && !kp_cond && !sk_cond) {                      /* unet.config.sample_size * vae_scale_factor */
+        if (!W) W = m.unet_config.sample_size << (m.vae_config.n_blocks - 1);
+        if (!H) H = m.unet_config.sample_size << (m.vae_config.n_blocks - 1);
     }
     if (!s) s = regional_parse_rewrite(rewrite, H, W, &rl);
     int nkb = 0, nsb = 0;
@@ -589,7 +600,7 @@ int cmd_sample_regional(int argc, char **argv) {
         py_float(kw, sizeof kw, kp_w); py_float(sw, sizeof sw, sk_w);
         snprintf(seedb, sizeof seedb, "%lld", seed);
         (void)kp_w_str; (void)sk_w_str;
-        const char *parts[] = { "pretrained_model: ", model, "\n", "context_prompt: ", prompt, "\n",
+        const char *parts[] = { "pretrained_model: ", model_name, "\n", "context_prompt: ", prompt, "\n",
                                 "neg_context_prompt: ", neg, "\n", "sketch_condition: ", sk_orig ? sk_orig : "None", "\n",
                                 "sketch_adaptor_weight: ", sw, "\n", "region_sketch_adaptor_weight: ", sk_rw, "\n",
                                 "keypose_condition: ", kp_orig ? kp_orig : "None", "\n", "keypose_adaptor_weight: ", kw, "\n",

@@ -807,15 +807,24 @@ MsStatus ms_infer_ldm_configs(const MsShapeEntry *t, size_t n, const char *origi
  * or, failing that, from its tensor shapes (ms_infer_ldm_configs). notes as above. */
 MsStatus ms_model_load_ex(const char *path, const MsLoadOptions *opt, MsModel *m, char *notes, size_t cap);
 
-/* Where mixshow's data is (the CLIP BPE files and the embedded tiny model, models/tiny-sd): data
- * roots are tried in order: the executable's folder and up to three parents, each as is (a
- * source tree: build/<name>/mixshow, tests) and as <dir>/share/mixshow (an install: PREFIX/bin),
+/* Where mixshow's data is (the CLIP BPE files and the tiny model in models/tiny-sd, the shipped
+ * world model in models/world): data roots are tried in order: the executable's folder and up
+ * to three parents, each as is (a source tree: build/<name>/mixshow, tests) and as
+ * <dir>/share/mixshow (an install: PREFIX/bin),
  * then MS_DATADIR (compile time, `make install`'s $(PREFIX)/share/mixshow), then the current
  * directory. The executable is /proc/self/exe on Linux, else argv[0] (set it from main; searched
  * in PATH when it has no '/'). */
 void ms_set_argv0(const char *argv0);
 /* <root>/rel for the first data root where it exists; 0 when none. */
 int ms_find_data(const char *rel, char *out, size_t cap);
+/* The model used when none is given: <root>/models/world (the shipped world model, trained by
+ * `mixshow pretrain`) at the first data root that has it, else <root>/models/tiny-sd (the
+ * random-weight tiny model). Its folder into out; returns "models/world" or "models/tiny-sd",
+ * NULL when neither is found. */
+const char *ms_default_model(char *out, size_t cap);
+/* The random-weight tiny model's folder (<root>/models/tiny-sd) into out, whatever the default
+ * is (benchmarks and numeric checks that mean that model); 0 when not found. */
+int ms_find_tiny_model(char *out, size_t cap);
 /* The tokenizer folder for a model: tokenizer_dir when given (must hold vocab.json), else the
  * model folder's tokenizer/ (or the folder itself when it is a tokenizer folder), else the
  * shipped CLIP BPE files (models/tiny-sd/tokenizer under a data root). *shipped = 1 then. */
@@ -828,8 +837,8 @@ typedef struct {
     int keep_half;               /* --weights f16 */
     int quiet;                   /* 1: notes only into the buffer, not on stderr */
 } MsOpenOptions;                 /* NULL: all defaults */
-/* What every command that takes a model calls: path (NULL: the embedded models/tiny-sd under a
- * data root) as a diffusers folder or a single .safetensors/.ckpt file, with configs from the
+/* What every command that takes a model calls: path (NULL: ms_default_model, models/world else
+ * models/tiny-sd under a data root) as a diffusers folder or a single .safetensors/.ckpt file, with configs from the
  * folder, --config, the file's metadata or its shapes; and the tokenizer (tok may be NULL: not
  * loaded) from --tokenizer, the folder's tokenizer/ or the shipped files. What was inferred or
  * assumed (single files, the shipped tokenizer, the default model) goes to notes (may be NULL)
