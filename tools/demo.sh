@@ -9,7 +9,8 @@
 #   4. sample     every creature alone in 4 prompts x DEMO_SEEDS seeds, from its own LoRA file
 #                 at alpha 1.0 (before fusion) and from the fused model (after, the concepts'
 #                 alphas 1.0 too: only the fusion differs), for both methods; then the
-#                 world's multi-creature layouts with regionally controllable sampling (boxes)
+#                 world's multi-creature layouts with regionally controllable sampling (boxes, and
+#                 the layout's keypose drawing through BASE/t2iadapter_openpose when it exists)
 #   5. eval       text and image alignment of every folder (mixshow eval with the world's stand-in
 #                 encoders; the prompts scored say "a creature" where the image prompt has the
 #                 concept's tokens), contact sheets + HTML pages, and DEMO_OUT/table.md: the
@@ -133,8 +134,14 @@ for v in fused_gradient fused_weight; do
         n=$(basename "$m" .txt)
         ctx=$(sed -n "s/^context_prompt='\(.*\)'$/\1/p" "$m")
         rw=$(sed -n "s/^prompt_rewrite='\(.*\)'$/\1/p" "$m")
+        # the layout's keypose drawing through the base model's pose adapter, when it has one
+        set --
+        if [ -d "$BASE/t2iadapter_openpose" ] && [ -f "$W/multi/${n}_pose.png" ]; then
+            set -- --keypose_condition="$W/multi/${n}_pose.png" --keypose_adaptor_weight=1.0 \
+                --adapter-keypose="$BASE/t2iadapter_openpose"
+        fi
         $MS sample --pretrained_model="$OUT/$v" --prompt="$ctx" --prompt_rewrite="$rw" --seed=0 --steps="$SSTEPS" \
-            -W $SIZE -H $SIZE --save_dir="$OUT/tmp_$v" --suffix=multi >/dev/null
+            -W $SIZE -H $SIZE --save_dir="$OUT/tmp_$v" --suffix=multi "$@" >/dev/null
         mv "$(ls -t "$OUT/tmp_$v/seed_0/"*.png | head -n 1)" "$S/$n.png"
         names=$(grep -o '<[a-z]*1>' "$m" | tr -d '<>' | sed 's/1$//' | sort -u | paste -sd, -)
         printf '%s\t%s\t%s\n' "$n.png" "$ctx" "$names" >> "$S/prompts.part"
