@@ -465,6 +465,181 @@ static void test_cli(const ClipTokenizer *tok) {
     run_free(&a);
 }
 
+/* `mixshow eval --train-encoders` (a few steps of a small config): the encoders file's text token
+ * table against the final checkpoint: rows that never had a gradient (AdamW second moment exactly
+ * 0) are zero, all other rows and tensors equal the checkpoint's bitwise; independently, the kept
+ * rows are exactly the ids of the captions of the steps' batches (eval_world_batch, tokenized).
+ * --half (a resumed run) writes the same file as `convert --half` of the F32 one, whose weights
+ * are the F32 ones rounded to F16; the scores of both files on the same images are compared. */
+static int token_row_zero(const float *x, int D) {
+    for (int d = 0; d < D; d++) if (x[d] != 0.0f) return 0;
+    return 1;
+}
+
+static void test_train_command(const ClipTokenizer *tok) {
+    char dir[256], tr[300], tr2[320], enc[400], enc16[400], enc16b[400], ck[400], p[600], outp[400];
+    const int S = 32, steps = 6;
+    snprintf(dir, sizeof dir, "/tmp/ms_test_evalnet_cmd_%ld", test_pid());
+    mkdir(dir, 0777);
+    snprintf(tr, sizeof tr, "%s/tr", dir);
+    snprintf(tr2, sizeof tr2, "%s/tr_half", dir);
+    char *args[] = { "eval", "--train-encoders", tr, "--steps", "6", "--checkpoint-every", "3", "--batch-text", "8",
+                     "--batch-id", "8", "--per-id", "2", "--identities", "16", "--size", "32", "--channels", "8,16,32",
+                     "--text-width", "16", "--seed", "5", "-q", NULL, NULL, NULL };
+    int na = 24;
+    const double t0 = ms_time();
+    if (!check(cmd_eval(na, args) == 0, "mixshow eval --train-encoders (6 steps): %s", ms_last_error())) return;
+    printf("  eval --train-encoders, 6 small steps + held-out: %.1f s\n", ms_time() - t0);
+    snprintf(enc, sizeof enc, "%s/encoders.safetensors", tr);
+    snprintf(ck, sizeof ck, "%s/checkpoint.safetensors", tr);
+    EvalNet e;
+    StFile f;
+    if (!check(evalnet_load(enc, &e, NULL, NULL) == MS_OK, "load %s: %s", enc, ms_last_error())) return;
+    if (!check(st_open(&f, ck) == MS_OK, "open %s: %s", ck, ms_last_error())) { evalnet_free(&e); return; }
+    {
+        const int it = ms_param_find(&e.text, "text_model.embeddings.token_embedding.weight");
+        const MsParam *q = &e.text.p[it];
+        const int V = (int)q->shape[0], D = (int)q->shape[1], T = e.cfg.text.max_position_embeddings;
+        float *ckt = NULL, *v = NULL;
+        size_t n1 = 0, n2 = 0;
+        unsigned char *seen = (unsigned char *)calloc((size_t)V, 1);
+        const size_t nn = e.net.mem_bytes / sizeof(float);
+        int ok = seen && st_load_f32(&f, "text_encoder.text_model.embeddings.token_embedding.weight", &ckt, &n1) == MS_OK &&
+                 n1 == (size_t)V * D && st_load_f32(&f, "adam.v", &v, &n2) == MS_OK &&
+                 n2 == nn + e.text.mem_bytes / sizeof(float);
+        if (check(ok, "checkpoint token table and moments: %s", ms_last_error())) {
+            /* the captions of the 6 steps, as cmd_eval draws them (seed 5, 16 identities, 8 + 8 images, pairs) */
+            EvalData d = { 5, 16, 8, 8, 2, 4, 0 };
+            float *img = (float *)ms_alloc_aligned((size_t)16 * 3 * S * S, sizeof(float));
+            char (*caps)[EVAL_CAPTION] = (char (*)[EVAL_CAPTION])malloc((size_t)8 * EVAL_CAPTION);
+            int32_t *ids = (int32_t *)malloc((size_t)T * sizeof(int32_t));
+            int labels[8];
+            for (int k = 1; img && caps && ids && k <= steps; k++) {
+                if (eval_world_batch(&d, S, k, img, caps, labels) != MS_OK) { ok = 0; break; }
+                for (int b = 0; b < 8; b++)
+                    if (clip_tokenize(tok, caps[b], strlen(caps[b]), ids, T) == MS_OK)
+                        for (int j = 0; j < T; j++) seen[ids[j]] = 1;
+            }
+            const float *vt = v + nn + (q->f32 - (const float *)e.text.mem);
+            int kept = 0, n_seen = 0, rows_ok = 1, match = 1, zero_had_no_grad = 1;
+            for (int id = 0; id < V; id++) {
+                const float *row = q->f32 + (size_t)id * D;
+                const int zero = token_row_zero(row, D), grad = !token_row_zero(vt + (size_t)id * D, D);
+                n_seen += seen[id];
+                if (!zero) { kept++; rows_ok &= !memcmp(row, ckt + (size_t)id * D, (size_t)D * sizeof(float)); }
+                zero_had_no_grad &= !zero || !grad;
+                rows_ok &= zero || grad;
+                match &= seen[id] == !zero;
+            }
+            check(ok && rows_ok && zero_had_no_grad && kept > 0 && kept < V,
+                  "encoders file: %d token rows kept (a gradient; == the checkpoint's bitwise), %d zeroed (AdamW moment 0)",
+                  kept, V - kept);
+            check(ok && match && n_seen == kept, "kept rows == the ids of the 6 steps' %d captions (%d ids)", 6 * 8, n_seen);
+            ms_free_aligned(img); free(caps); free(ids);
+        }
+        /* every other tensor as in the checkpoint */
+        const MsParamTable *tab[2] = { &e.net, &e.text };
+        const char *pre[2] = { "", "text_encoder." }, *bad = NULL;
+        for (int j = 0; j < 2; j++)
+            for (int i = 0; i < tab[j]->n; i++) {
+                const MsParam *r = &tab[j]->p[i];
+                char key[MS_KEY_MAX + 16];
+                float *x = NULL;
+                size_t nx = 0;
+                if ((r->flags & MS_PARAM_BUFFER) || (j == 1 && i == it)) continue;
+                snprintf(key, sizeof key, "%s%s", pre[j], r->name);
+                if (st_load_f32(&f, key, &x, &nx) || nx != r->numel || memcmp(x, r->f32, nx * sizeof(float))) bad = r->name;
+                ms_free_aligned(x);
+            }
+        check(!bad, "every other tensor of the encoders file == the checkpoint's bitwise%s%s", bad ? " -- NO: " : "", bad ? bad : "");
+        ms_free_aligned(ckt); ms_free_aligned(v); free(seen);
+    }
+    st_close(&f);
+    /* F16: --half on a resumed run (nothing left to train) and convert --half of the F32 file */
+    args[2] = tr2; args[na++] = "--resume"; args[na++] = ck; args[na++] = "--half";
+    check(cmd_eval(na, args) == 0, "mixshow eval --train-encoders --resume (at its last step) --half: %s", ms_last_error());
+    snprintf(enc16, sizeof enc16, "%s/encoders.safetensors", tr2);
+    snprintf(enc16b, sizeof enc16b, "%s/enc16.safetensors", dir);
+    {
+        char *cargs[] = { "convert", enc, enc16b, "--half" };
+        check(cmd_convert(4, cargs) == 0, "mixshow convert encoders.safetensors enc16.safetensors --half: %s", ms_last_error());
+    }
+    {
+        StFile a, b;
+        int same = st_open(&a, enc16) == MS_OK;
+        if (same) { same = st_open(&b, enc16b) == MS_OK; if (same) { same = a.size == b.size && !memcmp(a.buf, b.buf, a.size); st_close(&b); } st_close(&a); }
+        check(same, "--half training output == convert --half of the F32 file, byte for byte");
+    }
+    EvalNet h;
+    if (check(evalnet_load(enc16, &h, NULL, NULL) == MS_OK, "load the F16 file: %s", ms_last_error())) {
+        int rounded = 1;
+        StFile g;
+        if (st_open(&g, enc16) == MS_OK) {
+            rounded = g.count > 0 && g.tensors[0].dtype == ST_F16;
+            st_close(&g);
+        }
+        const MsParamTable *ta[2] = { &e.net, &e.text }, *tb[2] = { &h.net, &h.text };
+        for (int j = 0; j < 2; j++)
+            for (int i = 0; i < ta[j]->n; i++) {
+                const MsParam *x = &ta[j]->p[i], *y = &tb[j]->p[i];
+                if (x->flags & MS_PARAM_BUFFER) continue;
+                for (size_t k = 0; k < x->numel && rounded; k++) rounded = y->f32[k] == st_f16_to_f32(st_f32_to_f16(x->f32[k]));
+            }
+        check(rounded, "F16 file: F16 tensors, each weight == the F32 weight rounded to F16");
+        evalnet_free(&h);
+    }
+    /* scores of both files on 8 world scenes with their captions, and a creature against references */
+    {
+        EvalData d = { 11, 16, 8, 8, 2, 4, 0 };
+        float *img = (float *)ms_alloc_aligned((size_t)16 * 3 * S * S, sizeof(float));
+        char (*caps)[EVAL_CAPTION] = (char (*)[EVAL_CAPTION])malloc((size_t)8 * EVAL_CAPTION);
+        int labels[8];
+        FILE *fm;
+        eval_world_batch(&d, S, 77, img, caps, labels);
+        snprintf(p, sizeof p, "%s/img", dir); mkdir(p, 0777);
+        snprintf(p, sizeof p, "%s/ref", dir); mkdir(p, 0777);
+        snprintf(p, sizeof p, "%s/img/prompts.txt", dir);
+        fm = fopen(p, "w");
+        for (int b = 0; b < 8; b++) {
+            snprintf(p, sizeof p, "%s/img/s%d.png", dir, b);
+            png_of(p, img + (size_t)b * 3 * S * S, S);
+            if (fm) fprintf(fm, "s%d.png\t%s\tC\n", b, caps[b]);
+            snprintf(p, sizeof p, "%s/ref/r%d.png", dir, b);
+            png_of(p, img + (size_t)(8 + b) * 3 * S * S, S);
+        }
+        if (fm) fclose(fm);
+        double ta32[8], ia32[8], worst_t = 0.0, worst_i = 0.0;
+        int ok = 1;
+        for (int pass = 0; pass < 2; pass++) {
+            char imgs[500], ref[500], json[500];
+            snprintf(imgs, sizeof imgs, "%s/img", dir);
+            snprintf(ref, sizeof ref, "C=%s/ref", dir);
+            snprintf(outp, sizeof outp, "%s/score%d", dir, pass);
+            char *eargs[] = { "eval", "--images", imgs, "--encoders", pass ? enc16 : enc, "--ref", ref, "--out", outp };
+            ok &= cmd_eval(9, eargs) == 0;
+            JsonValue *j = NULL;
+            snprintf(json, sizeof json, "%s.json", outp);
+            if (json_parse_file(json, &j) != MS_OK) { ok = 0; continue; }
+            const JsonValue *im = json_get(j, "images");
+            for (int b = 0; b < 8; b++) {
+                const double t = json_get_number(json_at(im, (size_t)b), "text_alignment", NAN);
+                const double i2 = json_get_number(json_at(im, (size_t)b), "image_alignment", NAN);
+                if (!pass) { ta32[b] = t; ia32[b] = i2; continue; }
+                if (!(fabs(t - ta32[b]) <= worst_t)) worst_t = fabs(t - ta32[b]);
+                if (!(fabs(i2 - ia32[b]) <= worst_i)) worst_i = fabs(i2 - ia32[b]);
+            }
+            json_free(j);
+        }
+        printf("  F16 vs F32 encoders, 8 images: max |text alignment difference| %.3g, max |image alignment difference| %.3g\n",
+               worst_t, worst_i);
+        check(ok && worst_t < 1e-2 && worst_i < 1e-2, "F16 vs F32 encoders: scores within 1e-2 (text %.3g, image %.3g)", worst_t, worst_i);
+        ms_free_aligned(img); free(caps);
+    }
+    evalnet_free(&e);
+    snprintf(p, sizeof p, "rm -rf '%s'", dir);
+    if (system(p) != 0) printf("  (could not remove %s)\n", dir);
+}
+
 int main(void) {
     ClipTokenizer tok;
     ms_rng_seed(&rng, 42);
@@ -474,6 +649,7 @@ int main(void) {
     test_step_grad(&tok);
     test_training(&tok);
     test_cli(&tok);
+    test_train_command(&tok);
     clip_tokenizer_free(&tok);
     test_free_tracked();
     return test_summary("test_evalnet");

@@ -284,6 +284,92 @@ static void test_step_is_adamw(void) {
 }
 
 /* ---- the command: loss falls, resume, folder ---- */
+/* The written model's token table (dir/model) against the run's final checkpoint: the rows of ids
+ * that no caption of scenes 0..15 (world seed 3, TINY_FLAGS) nor "" tokenizes to are zero, every
+ * other row and every other tensor equal the checkpoint's bitwise. Independently of how the
+ * command chose them: a row whose AdamW second moment is non-zero had a gradient, and must be
+ * among the kept rows; a zeroed row's moment is exactly 0 (it never had one). */
+static void test_token_rows(const char *dir) {
+    char path[700], cap[1024], tokdir[1024];
+    MsModel m;
+    ClipTokenizer tok;
+    StFile f;
+    MsParamTable tu, tt;
+    int shipped;
+    memset(&tu, 0, sizeof tu); memset(&tt, 0, sizeof tt);
+    snprintf(path, sizeof path, "%s/model", dir);
+    if (!check(ms_model_load(path, NULL, &m) == MS_OK, "load %s: %s", path, ms_last_error())) return;
+    snprintf(path, sizeof path, "%s/checkpoint.safetensors", dir);
+    if (!check(st_open(&f, path) == MS_OK, "open %s: %s", path, ms_last_error())) { ms_model_free(&m); return; }
+    if (!check(ms_find_tokenizer(NULL, NULL, tokdir, sizeof tokdir, &shipped) == MS_OK && ms_clip_tokenizer_load(tokdir, &tok) == MS_OK,
+               "tokenizer: %s", ms_last_error())) { st_close(&f); ms_model_free(&m); return; }
+    const int V = m.text_config.vocab_size, D = m.text_config.hidden_size;
+    unsigned char *want = (unsigned char *)calloc((size_t)V, 1);
+    for (int idx = -1; want && idx < 16; idx++) {             /* "" and the 16 scenes' captions */
+        WorldScene sc;
+        int32_t ids[77];
+        cap[0] = 0;
+        if (idx >= 0) { world_scene_make(3, idx, &sc); world_caption(3, idx, &sc, cap, sizeof cap); }
+        if (clip_tokenize(&tok, cap, strlen(cap), ids, 77) == MS_OK)
+            for (int k = 0; k < 77; k++) want[ids[k]] = 1;
+    }
+    /* the checkpoint's weights of both tables, and the moments' offset of the token table */
+    float *ck = NULL, *v = NULL;
+    size_t nck = 0, nv = 0;
+    const int it = ms_param_find(&m.text, "text_model.embeddings.token_embedding.weight");
+    int ok = want && it >= 0 && ms_param_table_unet(&m.unet_config, &tu) == MS_OK && ms_param_table_alloc(&tu, NULL) == MS_OK &&
+             ms_param_table_text(&m.text_config, &tt) == MS_OK && ms_param_table_alloc(&tt, NULL) == MS_OK &&
+             st_load_f32(&f, "adam.v", &v, &nv) == MS_OK && nv == (tu.mem_bytes + tt.mem_bytes) / sizeof(float);
+    if (!check(ok, "token table, checkpoint moments (%zu values): %s", nv, ms_last_error())) goto done;
+    {
+        const MsParam *q = &m.text.p[it];
+        const int jt = ms_param_find(&tt, q->name);
+        const float *vt = v + tu.mem_bytes / sizeof(float) + (tt.p[jt].f32 - (float *)tt.mem);
+        if (!check(st_load_f32(&f, "text_encoder.text_model.embeddings.token_embedding.weight", &ck, &nck) == MS_OK &&
+                   nck == (size_t)V * D, "checkpoint token table: %s", ms_last_error())) goto done;
+        int kept = 0, zero_ok = 1, kept_ok = 1, grad_kept = 1, nonzero_before = 0, with_grad = 0;
+        for (int id = 0; id < V; id++) {
+            const float *row = q->f32 + (size_t)id * D, *crow = ck + (size_t)id * D;
+            int zero = 1, had_grad = 0;
+            for (int d = 0; d < D; d++) { zero &= row[d] == 0.0f; had_grad |= vt[(size_t)id * D + d] != 0.0f; }
+            if (want[id]) { kept++; kept_ok &= !memcmp(row, crow, (size_t)D * sizeof(float)); }
+            else {
+                zero_ok &= zero && !had_grad;
+                for (int d = 0; d < D; d++) nonzero_before |= crow[d] != 0.0f;
+            }
+            grad_kept &= !had_grad || want[id];
+            with_grad += had_grad;
+        }
+        check(zero_ok && kept_ok && nonzero_before, "written token table: the %d rows of the captions' ids == the checkpoint's "
+              "bitwise, the other %d zero (they were not in the checkpoint; their AdamW moments are 0)", kept, V - kept);
+        check(grad_kept, "every row with a gradient (non-zero AdamW second moment: %d rows) is kept", with_grad);
+        printf("  token rows: %d of %d kept (%d of them had a gradient in 40 steps)\n", kept, V, with_grad);
+    }
+    {   /* every other tensor as in the checkpoint */
+        const MsParamTable *tab[2] = { &m.unet, &m.text };
+        const char *pre[2] = { "unet.", "text_encoder." }, *bad = NULL;
+        for (int j = 0; j < 2; j++)
+            for (int i = 0; i < tab[j]->n; i++) {
+                const MsParam *q = &tab[j]->p[i];
+                char key[MS_KEY_MAX + 16];
+                float *x = NULL;
+                size_t nx = 0;
+                if ((q->flags & MS_PARAM_BUFFER) || (j == 1 && i == it)) continue;
+                snprintf(key, sizeof key, "%s%s", pre[j], q->name);
+                if (st_load_f32(&f, key, &x, &nx) || nx != q->numel || memcmp(x, q->f32, nx * sizeof(float))) bad = q->name;
+                ms_free_aligned(x);
+            }
+        check(!bad, "every other UNet and text-encoder tensor == the checkpoint's bitwise%s%s", bad ? " -- NO: " : "", bad ? bad : "");
+    }
+done:
+    ms_free_aligned(ck); ms_free_aligned(v);
+    ms_param_table_free(&tu); ms_param_table_free(&tt);
+    free(want);
+    clip_tokenizer_free(&tok);
+    st_close(&f);
+    ms_model_free(&m);
+}
+
 static void test_command(void) {
     char a[600], b[600], c[600], path[700], ck[700];
     double la[40], lc[40];
@@ -307,6 +393,7 @@ static void test_command(void) {
     FILE *f = fopen(path, "r");
     check(f != NULL, "loss.svg written");
     if (f) fclose(f);
+    test_token_rows(a);
 
     /* 20 steps, then resume to 40 */
     rc = run_pretrain(b, 20, NULL, NULL, NULL, NULL);

@@ -318,9 +318,9 @@ MsStatus ms_write_model_folder(const MsModel *m, const char *tokdir, const char 
 }
 
 /* One diffusers model folder at out (written as out.tmp, renamed; out must not exist):
- * config.json from cfg through cb, diffusion_pytorch_model.safetensors (f32). */
+ * config.json from cfg through cb, diffusion_pytorch_model.safetensors (f32, or f16 when half). */
 static MsStatus write_component_folder(MsStatus (*cb)(const void *, JsonValue *), const void *cfg, const MsParamTable *t,
-                                       const char *out) {
+                                       const char *out, int half) {
     char tmp[2048], p[2300];
     MsStatus s;
     FILE *f = fopen(out, "rb");
@@ -330,17 +330,21 @@ static MsStatus write_component_folder(MsStatus (*cb)(const void *, JsonValue *)
     snprintf(p, sizeof p, "%s/config.json", tmp);
     if ((s = write_json(p, cb, cfg))) return s;
     snprintf(p, sizeof p, "%s/diffusion_pytorch_model.safetensors", tmp);
-    if ((s = write_table(p, t, 0))) return s;
+    if ((s = write_table(p, t, half))) return s;
     if (rename(tmp, out)) return ms_errorf(MS_ERR_IO, "cannot rename %s to %s", tmp, out);
     return MS_OK;
 }
 
 MsStatus ms_write_vae_folder(const VaeConfig *c, const MsParamTable *t, const char *out) {
-    return write_component_folder(vae_cb, c, t, out);
+    return write_component_folder(vae_cb, c, t, out, 0);
 }
 
 MsStatus ms_write_adapter_folder(const AdapterConfig *c, const MsParamTable *t, const char *out) {
-    return write_component_folder(adapter_cb, c, t, out);
+    return write_component_folder(adapter_cb, c, t, out, 0);
+}
+
+MsStatus ms_write_adapter_folder_half(const AdapterConfig *c, const MsParamTable *t, const char *out, int half) {
+    return write_component_folder(adapter_cb, c, t, out, half);
 }
 
 /* The configs as compact JSON in the file's metadata (mixshow.unet_config, ...), so that the
@@ -389,6 +393,53 @@ static int convert_image(const char *in, const char *out) {
     return 0;
 }
 
+/* A T2I-Adapter folder (config.json, no model_index.json) -> a new adapter folder. */
+static int convert_adapter(const char *in, const char *out, int half) {
+    AdapterConfig c;
+    MsParamTable t;
+    MsStatus s = ms_adapter_load(in, NULL, &c, &t);
+    if (!s) {
+        s = ms_write_adapter_folder_half(&c, &t, out, half);
+        ms_param_table_free(&t);
+    }
+    if (s) { fprintf(stderr, "mixshow convert: %s\n", ms_last_error()); return 1; }
+    printf("%s -> %s (T2I-Adapter%s)\n", in, out, half ? ", F16" : "");
+    return 0;
+}
+
+/* A `mixshow eval` encoders file (or its training checkpoint: the state is dropped) -> an encoders
+ * file, its metadata (recipe, held-out numbers) kept. */
+static int convert_encoders(const char *in, const char *out, int half) {
+    EvalNet e;
+    StFile f;
+    const char **meta = NULL;
+    int n = 0;
+    MsStatus s = st_open(&f, in);
+    if (s) { fprintf(stderr, "mixshow convert: %s\n", ms_last_error()); return 1; }
+    if (!(meta = (const char **)malloc((f.meta_count + 1) * 2 * sizeof *meta))) s = ms_errorf(MS_ERR_NOMEM, "convert: out of memory");
+    for (size_t i = 0; !s && i < f.meta_count; i++)
+        if (strcmp(f.meta_keys[i], "format") && strcmp(f.meta_keys[i], "config")) {   /* the writer sets these two */
+            meta[2 * n] = f.meta_keys[i]; meta[2 * n + 1] = f.meta_vals[i]; n++;
+        }
+    if (!s && !(s = evalnet_load(in, &e, NULL, NULL))) {
+        s = evalnet_save_encoders(out, &e, half, meta, n);
+        evalnet_free(&e);
+    }
+    free(meta);
+    st_close(&f);
+    if (s) { fprintf(stderr, "mixshow convert: %s\n", ms_last_error()); return 1; }
+    printf("%s -> %s (mixshow eval encoders%s)\n", in, out, half ? ", F16" : "");
+    return 0;
+}
+
+static int file_there(const char *dir, const char *name) {
+    char p[4200];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    FILE *f = fopen(p, "rb");
+    if (f) fclose(f);
+    return f != NULL;
+}
+
 int cmd_convert(int argc, char **argv) {
     const char *in = NULL, *out = NULL;
     MsOpenOptions opt = { NULL, NULL, 0, 0 };
@@ -401,7 +452,9 @@ int cmd_convert(int argc, char **argv) {
         else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: mixshow convert IN OUT [--config DIR] [--tokenizer DIR] [--half] [--no-config-metadata]\n"
                    "  IN   a diffusers folder (model_index.json), or an original LDM single file\n"
-                   "       (.safetensors / .ckpt); or a PNG/JPEG image\n"
+                   "       (.safetensors / .ckpt); or a PNG/JPEG image; or a T2I-Adapter folder (config.json,\n"
+                   "       no model_index.json) -> a new adapter folder; or a `mixshow eval` encoders file\n"
+                   "       -> OUT.safetensors (metadata kept; a checkpoint's training state dropped)\n"
                    "  OUT  *.safetensors: an LDM single file; *.png: an image; else a new diffusers folder\n"
                    "  --config DIR     configs for IN (a diffusers folder). Without it a single file's configs\n"
                    "                   come from its metadata (files mixshow wrote) or its tensor shapes, with\n"
@@ -417,6 +470,18 @@ int cmd_convert(int argc, char **argv) {
     }
     if (!in || !out) { fprintf(stderr, "usage: mixshow convert IN OUT [--config DIR] [--tokenizer DIR] [--half]\n"); return 2; }
     if (ends_with(out, ".png")) return convert_image(in, out);
+    if (!file_there(in, "model_index.json") && file_there(in, "config.json")) return convert_adapter(in, out, half);
+    if (ends_with(in, ".safetensors") && ends_with(out, ".safetensors")) {
+        StFile f;
+        int enc = 0;
+        if (!st_open(&f, in)) {
+            const char *fmt = st_meta(&f, "format");
+            enc = fmt && !strncmp(fmt, "mixshow eval encoders", 21);
+            st_close(&f);
+        }
+        ms_clear_error();
+        if (enc) return convert_encoders(in, out, half);
+    }
     MsModel m;
     char tokdir[4200];
     int folder = !ends_with(out, ".safetensors");

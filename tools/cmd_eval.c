@@ -56,7 +56,10 @@ static void eval_usage(FILE *f) {
         "                      order (8 per row; --sheet-cols N), and PREFIX.html, a page of one file\n"
         "                      that shows them with their prompts and scores\n"
         "training (--train-encoders DIR writes DIR/encoders.safetensors, checkpoint.safetensors,\n"
-        "loss.csv, loss.svg, heldout.json):\n"
+        "loss.csv, loss.svg, heldout.json; in encoders.safetensors, not in the checkpoint, the text\n"
+        "tower's token rows that never had a gradient are zero, and the held-out numbers are its):\n"
+        "  --half              encoders.safetensors in F16 (the checkpoint stays F32; `mixshow convert\n"
+        "                      IN.safetensors OUT.safetensors --half` converts an existing file)\n"
         "  --steps N           optimizer steps (default 1500)\n"
         "  --batch-text B      captioned images per step (48; every 4th a creature)\n"
         "  --batch-id B        creature renders per step (32, in groups of --per-id 4)\n"
@@ -76,7 +79,7 @@ static void eval_usage(FILE *f) {
 typedef struct {
     const char *out, *resume, *tok_dir;
     int64_t steps, ckpt_every;
-    int threads, quiet;
+    int threads, quiet, half;
     uint64_t seed;
     EvalData d;
     EvalNetConfig c;
@@ -103,6 +106,31 @@ static void ev_recipe(char *buf, size_t cap, const EvTrainArgs *a) {
                      c->text.max_position_embeddings);
     for (int i = 0; i < c->n_levels && n > 0 && (size_t)n < cap; i++)
         n += snprintf(buf + n, cap - (size_t)n, "%s%d", i ? "," : "", c->channels[i]);
+}
+
+/* The written encoders' token table (not the checkpoint's): rows that never had a gradient are
+ * zeroed. The captions come from 2^30 scenes and every creature's renders, too many to list, so the
+ * AdamW second moments tell which rows a caption reached: a row's moment stays exactly 0 until
+ * its first non-zero gradient, and only weight decay ever touched the others (their random start,
+ * shrunk). The moments are in the checkpoint, so a resumed run zeroes the same rows. */
+static MsStatus ev_zero_unused_tokens(EvalNet *e, EvalTrainer *t, int quiet) {
+    float *m, *v;
+    size_t nm;
+    const int i = ms_param_find(&e->text, "text_model.embeddings.token_embedding.weight");
+    if (i < 0) return ms_errorf(MS_ERR_FORMAT, "eval encoders: the text tower has no token table");
+    const MsParam *q = &e->text.p[i];
+    const int64_t V = q->shape[0], D = q->shape[1];
+    unsigned char *used = (unsigned char *)calloc((size_t)V, 1);
+    if (!used) return ms_errorf(MS_ERR_NOMEM, "eval encoders: out of memory");
+    evalnet_trainer_moments(t, &m, &v, &nm);
+    const float *vt = v + (nm - e->text.mem_bytes / sizeof(float)) + (q->f32 - (const float *)e->text.mem);
+    for (int64_t r = 0; r < V; r++)
+        for (int64_t d = 0; d < D && !used[r]; d++) used[r] = vt[r * D + d] != 0.0f;
+    const int kept = ms_zero_unused_token_rows(&e->text, used);
+    free(used);
+    if (kept < 0) return MS_ERR_FORMAT;
+    if (!quiet) fprintf(stderr, "text encoder: %d of %lld token rows used; the others zeroed (never trained)\n", kept, (long long)V);
+    return MS_OK;
 }
 
 static MsStatus ev_train(const EvTrainArgs *a) {
@@ -178,6 +206,7 @@ static MsStatus ev_train(const EvTrainArgs *a) {
     csv = NULL;
     snprintf(path, sizeof path, "%s/loss.svg", a->out);
     if ((s = ms_write_loss_svg(path, loss, evalnet_trainer_step_count(t)))) goto done;
+    if ((s = ev_zero_unused_tokens(&e, t, a->quiet))) goto done;   /* after the last checkpoint; held-out on what is written */
     {
         EvalHeldout h;
         char sum[512], js[1024];
@@ -204,8 +233,8 @@ static MsStatus ev_train(const EvTrainArgs *a) {
         }
         const char *meta[4] = { "recipe", recipe, "heldout", sum };
         snprintf(path, sizeof path, "%s/encoders.safetensors", a->out);
-        if ((s = evalnet_save(path, &e, NULL, meta, 2))) goto done;
-        if (!a->quiet) fprintf(stderr, "eval encoders: wrote %s\n", path);
+        if ((s = evalnet_save_encoders(path, &e, a->half, meta, 2))) goto done;
+        if (!a->quiet) fprintf(stderr, "eval encoders: wrote %s%s\n", path, a->half ? " (F16)" : "");
     }
 done:
     if (csv) fclose(csv);
@@ -593,6 +622,7 @@ int cmd_eval(int argc, char **argv) {
         if (!strcmp(o, "--help") || !strcmp(o, "-h")) { eval_usage(stdout); return 0; }
         if (!strcmp(o, "--quiet") || !strcmp(o, "-q")) { t.quiet = 1; continue; }
         if (!strcmp(o, "--sheet")) { if (!a.sheet_cols) a.sheet_cols = 8; continue; }
+        if (!strcmp(o, "--half")) { t.half = 1; continue; }
         if (i + 1 >= argc) { fprintf(stderr, "mixshow eval: %s needs a value (see --help)\n", o); return 2; }
         const char *v = argv[++i];
         char *end = NULL;

@@ -47,7 +47,8 @@ static void pretrain_usage(FILE *f) {
         "        linear warmup, on the frozen VAE's latents (posterior mean * scaling_factor, cached).\n"
         "        Writes DIR/loss.csv, DIR/loss.svg, DIR/checkpoint.safetensors and at the end\n"
         "        DIR/model/, a diffusers folder (must not exist yet; with the VAE) for\n"
-        "        `mixshow sample --model DIR/model`.\n"
+        "        `mixshow sample --model DIR/model`; there (not in the checkpoint) the text encoder's\n"
+        "        token rows of ids no training caption tokenizes to are zero (they never had a gradient).\n"
         "  adapters  two T2I-Adapters (full_adapter) on DIR/model, frozen: \"pose\" (3 channels, the\n"
         "        world's keypose-like drawings) and \"sketch\" (1 channel, its outlines), each level as\n"
         "        wide as the UNet's block (they are added to its down-block outputs), downscale factor\n"
@@ -837,6 +838,46 @@ static MsStatus unet_save(void *ctx, const char *path) {
     return pre_save(path, &r->st, ms_pretrainer_step_count(r->p), r->g, r->recipe);
 }
 
+int ms_zero_unused_token_rows(MsParamTable *text, const unsigned char *used) {
+    const int i = ms_param_find(text, "text_model.embeddings.token_embedding.weight");
+    if (i < 0 || text->p[i].ndim != 2 || !text->p[i].f32) {
+        ms_errorf(MS_ERR_FORMAT, "text encoder: no token table text_model.embeddings.token_embedding.weight");
+        return -1;
+    }
+    const MsParam *q = &text->p[i];
+    const int64_t V = q->shape[0], D = q->shape[1];
+    int kept = 0;
+    for (int64_t v = 0; v < V; v++) {
+        if (used[v]) { kept++; continue; }
+        memset(q->f32 + v * D, 0, (size_t)D * sizeof(float));
+    }
+    return kept;
+}
+
+/* The token ids the unet stage can train, used[id] = 1: those of every caption unet_step can draw
+ * (scenes 0..--scenes-1; world_caption depends on the world seed and the index only, its synonyms
+ * and word order included) and of "" (dropped captions), tokenized as ms_pretrain_step does (77
+ * ids: BOS, the tokens, EOS, padded with EOS; truncated). Rows of other ids never had a gradient. */
+static MsStatus unet_used_tokens(const PreArgs *a, const ClipTokenizer *tok, unsigned char *used, int V) {
+    char cap[1024];
+    int32_t ids[77];
+    MsStatus s;
+    for (int idx = -1; idx < a->scenes; idx++) {
+        WorldScene sc;
+        cap[0] = '\0';
+        if (idx >= 0) {
+            world_scene_make(a->world_seed, idx, &sc);
+            if ((s = world_caption(a->world_seed, idx, &sc, cap, sizeof cap))) return s;
+        }
+        if ((s = clip_tokenize(tok, cap, strlen(cap), ids, 77))) return s;
+        for (int k = 0; k < 77; k++) {
+            if (ids[k] < 0 || ids[k] >= V) return ms_errorf(MS_ERR_ARG, "pretrain: token id %d outside the text encoder's %d", ids[k], V);
+            used[ids[k]] = 1;
+        }
+    }
+    return MS_OK;
+}
+
 /* The unet stage: UNet + text encoder on the frozen VAE's latents -> DIR/model/. Its VAE: --vae,
  * else DIR/vae (the vae stage's), else the embedded random tiny one. */
 static MsStatus stage_unet(const PreArgs *a, const char *resume) {
@@ -914,6 +955,16 @@ static MsStatus stage_unet(const PreArgs *a, const char *resume) {
     L.steps = a->steps; L.ckpt_every = a->ckpt_every; L.quiet = a->quiet;
     L.ctx = &r; L.count = unet_count; L.step = unet_step; L.save = unet_save;
     if ((s = pre_loop(&L))) goto done;
+    {   /* the written model only (the checkpoint keeps every row): rows no caption reaches zeroed */
+        const int V = m.text_config.vocab_size;
+        unsigned char *used = (unsigned char *)calloc((size_t)V, 1);
+        int kept = -1;
+        if (!used) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done; }
+        if (!(s = unet_used_tokens(a, &tok, used, V)) && (kept = ms_zero_unused_token_rows(&m.text, used)) < 0) s = MS_ERR_FORMAT;
+        free(used);
+        if (s) goto done;
+        if (!a->quiet) fprintf(stderr, "text encoder: %d of %d token rows used; the others zeroed (never trained)\n", kept, V);
+    }
     if ((s = ms_write_model_folder(&m, tok_dir, path, 0))) goto done;
     if (!a->quiet) fprintf(stderr, "pretrain: wrote %s/loss.csv, loss.svg and %s (sample it with mixshow sample --model %s)\n",
                            a->out, path, path);

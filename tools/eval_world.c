@@ -8,8 +8,8 @@
  *     renders 500..999 of training creatures (training uses 0..499) and creatures of another seed
  *     stream (never trained on);
  *   - the encoders file (safetensors: "image.*", "text_projection.weight", "logit_scale",
- *     "text_encoder.<CLIP key>"; metadata "format", "config" as JSON) and the training checkpoint
- *     (the same + AdamW moments and the step). */
+ *     "text_encoder.<CLIP key>", F32 or F16; metadata "format", "config" as JSON) and the training
+ *     checkpoint (the same in F32 + AdamW moments and the step). */
 #include "tools/tools.h"
 
 #include <math.h>
@@ -274,7 +274,7 @@ static MsStatus ev_config_parse(const char *text, const char *origin, EvalNetCon
     return s;
 }
 
-MsStatus evalnet_save(const char *path, const EvalNet *e, EvalTrainer *t, const char *const *meta, int n_meta) {
+static MsStatus ev_save(const char *path, const EvalNet *e, EvalTrainer *t, StDtype dt, const char *const *meta, int n_meta) {
     const MsParamTable *tab[2] = { &e->net, &e->text };
     static const char *const pre[2] = { "", "text_encoder." };
     const int nt = e->net.n + e->text.n;
@@ -291,7 +291,7 @@ MsStatus evalnet_save(const char *path, const EvalNet *e, EvalTrainer *t, const 
             const MsParam *q = &tab[j]->p[i];
             if (q->flags & MS_PARAM_BUFFER) continue;
             snprintf(names[n], sizeof names[n], "%s%s", pre[j], q->name);
-            en[n].name = names[n]; en[n].dtype = ST_F32; en[n].ndim = q->ndim; en[n].f32 = q->f32;
+            en[n].name = names[n]; en[n].dtype = dt; en[n].ndim = q->ndim; en[n].f32 = q->f32;
             for (int d = 0; d < q->ndim; d++) en[n].shape[d] = q->shape[d];
             n++;
         }
@@ -311,6 +311,14 @@ MsStatus evalnet_save(const char *path, const EvalNet *e, EvalTrainer *t, const 
     }
     free(en); free(names); free(md);
     return s;
+}
+
+MsStatus evalnet_save(const char *path, const EvalNet *e, EvalTrainer *t, const char *const *meta, int n_meta) {
+    return ev_save(path, e, t, ST_F32, meta, n_meta);
+}
+
+MsStatus evalnet_save_encoders(const char *path, const EvalNet *e, int half, const char *const *meta, int n_meta) {
+    return ev_save(path, e, NULL, half ? ST_F16 : ST_F32, meta, n_meta);
 }
 
 MsStatus evalnet_load(const char *path, EvalNet *e, EvalTrainer *t, const char *recipe) {

@@ -378,7 +378,7 @@ MsStatus ms_table_fill_file(MsParamTable *t, const char *path, int ldm, const ch
                             const MsLoadOptions *opt);
 /* Subcommands (tools/cmd_inspect.c, tools/cmd_convert.c). */
 int cmd_inspect(int argc, char **argv);   /* mixshow inspect FILE [--json] */
-int cmd_convert(int argc, char **argv);   /* mixshow convert IN OUT [--config DIR] [--half] */
+int cmd_convert(int argc, char **argv);   /* mixshow convert IN OUT [--config DIR] [--half] (models, adapters, eval encoders) */
 MsStatus ms_copy_file(const char *from, const char *to);   /* byte copy (tools/cmd_convert.c) */
 /* m as a diffusers folder at out (built in out.tmp, then renamed; out must not exist): configs,
  * unet/ vae/ text_encoder/ weights (F16 when half), the tokenizer files of tokdir. */
@@ -388,6 +388,8 @@ MsStatus ms_write_model_folder(const MsModel *m, const char *tokdir, const char 
 MsStatus ms_write_vae_folder(const VaeConfig *c, const MsParamTable *t, const char *out);
 /* The same for a diffusers T2IAdapter (full_adapter), what `mixshow sample --adapter` reads. */
 MsStatus ms_write_adapter_folder(const AdapterConfig *c, const MsParamTable *t, const char *out);
+/* The same, with F16 weights when half (`mixshow convert ADAPTER_DIR OUT --half`). */
+MsStatus ms_write_adapter_folder_half(const AdapterConfig *c, const MsParamTable *t, const char *out, int half);
 /* The configs of a diffusers folder written from m's: DIR/model_index.json, unet/config.json,
  * vae/config.json, text_encoder/config.json, scheduler/scheduler_config.json (subfolders exist). */
 MsStatus ms_write_model_configs(const MsModel *m, const char *dir);
@@ -467,6 +469,12 @@ int cmd_sample(int argc, char **argv);   /* mixshow sample [--model PATH] -p PRO
 int cmd_dump(int argc, char **argv);     /* mixshow dump --model PATH --inputs IN --out OUT */
 int cmd_train(int argc, char **argv);    /* mixshow train --config X.yml [--replay DUMP --trace OUT] ... */
 int cmd_pretrain(int argc, char **argv); /* mixshow pretrain --out DIR [--steps N] ... (issue 15) */
+/* Zeroes the rows of a text encoder's token table (text_model.embeddings.token_embedding.weight,
+ * (V, D)) whose used[id] is 0 (used: V flags); returns the rows kept, -1 (an error set) when the
+ * table has no such tensor. What `pretrain` and `eval --train-encoders` do to rows no training
+ * caption reached before writing a model: such rows never had a gradient, only weight decay
+ * shrank their random start, so zeros say "unknown word" and compress (tools/cmd_pretrain.c). */
+int ms_zero_unused_token_rows(MsParamTable *text, const unsigned char *used);
 /* A loss curve as an SVG plot (n values, NaN skipped), written via path.tmp (tools/cmd_train.c). */
 MsStatus ms_write_loss_svg(const char *path, const double *loss, int64_t n);
 int cmd_fuse(int argc, char **argv);     /* mixshow fuse --model BASE --concepts CFG.json --out DIR (helper "fuse") */
@@ -1017,6 +1025,9 @@ MsStatus eval_heldout(const EvalNet *e, const ClipTokenizer *tok, uint64_t seed,
 /* The encoders file; with t, also the training state (checkpoint). meta: n_meta (key, value)
  * pairs added to the metadata (a checkpoint's "recipe"). Written via path.tmp + rename. */
 MsStatus evalnet_save(const char *path, const EvalNet *e, EvalTrainer *t, const char *const *meta, int n_meta);
+/* The encoders file alone (no training state) with F16 weights when half (rounded to nearest;
+ * evalnet_load widens them back), what `eval --train-encoders --half` and `convert --half` write. */
+MsStatus evalnet_save_encoders(const char *path, const EvalNet *e, int half, const char *const *meta, int n_meta);
 /* t NULL: creates e from the file's config and weights. t given (resume): e is the run's own,
  * the file's "recipe" must equal recipe; weights, moments and step are read. */
 MsStatus evalnet_load(const char *path, EvalNet *e, EvalTrainer *t, const char *recipe);
