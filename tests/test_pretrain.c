@@ -439,6 +439,47 @@ static void test_command(void) {
             ms_image_free(&img);
         }
     }
+    /* --creatures 8 (two creatures, 4 renders each) join the 16 scenes, captioned "a creature, ...":
+     * the written model keeps the token row of "creature", which no scene caption has (run a's
+     * model zeroed it), and a checkpoint of it does not resume without --creatures */
+    {
+        char d[600], e[600], tokdir[1024];
+        ClipTokenizer tok;
+        int32_t ids[77];
+        int shipped = 0;
+        snprintf(d, sizeof d, "%s_d", g_tmp); snprintf(e, sizeof e, "%s_e", g_tmp);
+        rc = run_pretrain(d, 10, "--creatures", "8", NULL, NULL);
+        if (check(rc == 0, "mixshow pretrain --creatures 8, 10 steps: exit status %d (%s)", rc, rc ? ms_last_error() : "") &&
+            check(ms_find_tokenizer(NULL, NULL, tokdir, sizeof tokdir, &shipped) == MS_OK &&
+                  ms_clip_tokenizer_load(tokdir, &tok) == MS_OK, "tokenizer: %s", ms_last_error())) {
+            MsModel ma, md;
+            char pa[700], pd[700];
+            snprintf(pa, sizeof pa, "%s/model", a); snprintf(pd, sizeof pd, "%s/model", d);
+            if (check(clip_tokenize(&tok, "creature", 8, ids, 77) == MS_OK && ids[2] == ids[3], "tokenize \"creature\": one token") &&
+                check(ms_model_load(pa, NULL, &ma) == MS_OK, "load %s: %s", pa, ms_last_error())) {
+                if (check(ms_model_load(pd, NULL, &md) == MS_OK, "load %s: %s", pd, ms_last_error())) {
+                    const int i = ms_param_find(&ma.text, "text_model.embeddings.token_embedding.weight");
+                    const int D = ma.text_config.hidden_size;
+                    const float *ra = ma.text.p[i].f32 + (size_t)ids[1] * D, *rd = md.text.p[i].f32 + (size_t)ids[1] * D;
+                    int za = 1, zd = 1;
+                    for (int k = 0; k < D; k++) { za &= ra[k] == 0.0f; zd &= rd[k] == 0.0f; }
+                    check(za && !zd, "token %d \"creature\": zero in the scenes-only model, kept with --creatures", ids[1]);
+                    ms_model_free(&md);
+                }
+                ms_model_free(&ma);
+            }
+            clip_tokenizer_free(&tok);
+        }
+        snprintf(ck, sizeof ck, "%s/checkpoint.safetensors", d);
+        rc = run_pretrain(e, 20, "--resume", ck, NULL, NULL);
+        check(rc != 0 && strstr(ms_last_error(), "other options") != NULL, "a --creatures checkpoint resumed without it refused: %s",
+              ms_last_error());
+#if !defined(_WIN32)
+        char cmd[1400];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", d, e);
+        if (system(cmd) != 0) printf("  (could not remove %s)\n", d);
+#endif
+    }
 #if !defined(_WIN32)
     {
         char cmd[2000];

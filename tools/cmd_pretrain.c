@@ -66,6 +66,9 @@ static void pretrain_usage(FILE *f) {
         "data:\n"
         "  --size S              image side, 64 or 128 (default 64)\n"
         "  --scenes N            distinct world scenes, indices 0..N-1 (default 4096)\n"
+        "  --creatures N         unet stage: also N creature renders (N/4 creatures, 4 renders each, none of\n"
+        "                        them a world's characters), captioned with the class word \"a creature\",\n"
+        "                        so that the base model knows the class ED-LoRA's concepts belong to (0)\n"
         "  --world-seed S        the world's seed (default 0)\n"
         "  --vae DIR             the unet stage's frozen VAE, a diffusers VAE folder (default DIR/vae\n"
         "                        when it exists, else the embedded random models/tiny-sd/vae)\n"
@@ -120,6 +123,7 @@ typedef struct {
     const char *out, *vae_dir, *tok_dir, *model_config, *resume, *stage;
     int64_t steps, ckpt_every;
     int batch, size, scenes, quiet, threads;
+    int creatures;                      /* unet stage: creature renders after the scenes (items scenes..) */
     uint64_t seed, world_seed;
     MsPretrainConfig pc;
     int n_ch, ch[MS_MAX_BLOCKS], n_heads, heads[MS_MAX_BLOCKS], layers, groups;
@@ -236,20 +240,50 @@ static MsStatus pre_load_vae(const char *dir, MsModel *m) {
 /* ---- data: world scenes, captions, cached latents ---- */
 /* Scene idx of the world `seed` at S x S: rgb (S,S,3) bytes and img (3,S,S) in [-1, 1]
  * (ToTensor + Normalize(0.5, 0.5), as the training transforms). */
-static MsStatus pre_image(uint64_t seed, int idx, int S, uint8_t *rgb, float *img) {
-    WorldScene sc;
+static MsStatus pre_render(const WorldScene *sc, int S, uint8_t *rgb, float *img) {
     const size_t P = (size_t)S * S;
-    world_scene_make(seed, idx, &sc);
-    MsStatus s = world_render(&sc, S, rgb, NULL, NULL, NULL);
+    MsStatus s = world_render(sc, S, rgb, NULL, NULL, NULL);
     if (s) return s;
     for (size_t i = 0; i < P; i++)
         for (int ch = 0; ch < 3; ch++) img[ch * P + i] = (float)rgb[3 * i + ch] / 255.0f * 2.0f - 1.0f;
     return MS_OK;
 }
 
+static MsStatus pre_image(uint64_t seed, int idx, int S, uint8_t *rgb, float *img) {
+    WorldScene sc;
+    world_scene_make(seed, idx, &sc);
+    return pre_render(&sc, S, rgb, img);
+}
+
+/* The unet stage's training item idx: idx < scenes: base scene idx and its caption; else creature
+ * render k = idx - scenes: render k % PRE_RENDERS of creature k / PRE_RENDERS, captioned with its
+ * class word ("a creature, waving, on grass"), as SD knows "a man" before Mix-of-Show teaches it
+ * one particular man. Creature c is index c % 16 of a world seed derived from (seed, c / 16): a
+ * stream of its own, so neither the world's characters (mixshow world --seed S, as the demo
+ * trains) nor the evaluation encoders' creatures are among them. */
+#define PRE_RENDERS 4
+static uint64_t pre_mix(uint64_t z) {  /* splitmix64's finaliser */
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static MsStatus pre_item(uint64_t seed, int scenes, int idx, WorldScene *sc, char *cap, size_t capn) {
+    if (idx < scenes) {
+        world_scene_make(seed, idx, sc);
+        return world_caption(seed, idx, sc, cap, capn);
+    }
+    const int k = idx - scenes, c = k / PRE_RENDERS, img = k % PRE_RENDERS;
+    const uint64_t cs = pre_mix(seed ^ pre_mix(0x9E37C3EAull + ((uint64_t)(c / 16) << 20)));
+    WorldCharacter ch;
+    world_character_make(cs, c % 16, &ch);
+    world_character_scene(cs, &ch, c % 16, img, sc);
+    return world_character_caption(cs, c % 16, img, sc, "a creature", cap, capn);
+}
+
 typedef struct {
     uint64_t seed;
-    int S, n, lat_n;                /* image side, scenes, floats per latent */
+    int S, scenes, n, lat_n;        /* image side, scenes, items (scenes + creature renders), floats per latent */
     float scale;                    /* the VAE's scaling_factor */
     VaeParams vp;
     Arena ar;
@@ -263,7 +297,7 @@ static MsStatus pre_data_init(PreData *d, const MsModel *m, const PreArgs *a, in
     VaeSizes vz;
     MsStatus s;
     memset(d, 0, sizeof *d);
-    d->seed = a->world_seed; d->S = a->size; d->n = a->scenes;
+    d->seed = a->world_seed; d->S = a->size; d->scenes = a->scenes; d->n = a->scenes + a->creatures;
     d->lat_n = m->vae_config.latent_channels * latent * latent;
     d->scale = m->vae_config.scaling_factor;
     if ((s = vae_params_init(&d->vp, &m->vae_config, &m->vae)) || (s = vae_sizes(&m->vae_config, d->S, d->S, -1, &vz)) ||
@@ -286,14 +320,13 @@ static void pre_data_free(PreData *d) {
     ms_free_aligned(d->img); ms_free_aligned(d->mean); ms_free_aligned(d->logvar);
 }
 
-/* Scene idx: its caption into cap, its latent into lat (computed once, then from the cache). */
+/* Item idx (pre_item): its caption into cap, its latent into lat (computed once, then from the cache). */
 static MsStatus pre_latent(PreData *d, int idx, float *lat, char *cap, size_t capn) {
     WorldScene sc;
     MsStatus s;
-    world_scene_make(d->seed, idx, &sc);
-    if ((s = world_caption(d->seed, idx, &sc, cap, capn))) return s;
+    if ((s = pre_item(d->seed, d->scenes, idx, &sc, cap, capn))) return s;
     if (!d->have[idx]) {
-        if ((s = pre_image(d->seed, idx, d->S, d->rgb, d->img))) return s;
+        if ((s = pre_render(&sc, d->S, d->rgb, d->img))) return s;
         arena_reset(&d->ar, 0);
         if ((s = vae_encode(&d->vp, &d->ar, d->mean, d->logvar, d->img, 1, d->S, d->S))) return s;
         for (int i = 0; i < d->lat_n; i++) d->cache[(size_t)idx * d->lat_n + i] = d->mean[i] * d->scale;
@@ -337,9 +370,9 @@ static uint64_t pre_tables_hash(const PreState *st) {
 static void pre_recipe(char *buf, size_t cap, const PreArgs *a, const MsModel *m, const PreState *st) {
     const UNetConfig *u = &m->unet_config;
     const ClipTextConfig *tc = &m->text_config;
-    snprintf(buf, cap, "size=%d batch=%d scenes=%d world_seed=%llu seed=%llu lr=%.17g warmup=%lld betas=%.17g,%.17g "
+    snprintf(buf, cap, "size=%d batch=%d scenes=%d creatures=%d world_seed=%llu seed=%llu lr=%.17g warmup=%lld betas=%.17g,%.17g "
              "eps=%.17g wd=%.17g uncond=%.17g params=%016llx groups=%d heads=%d,%d,%d,%d text_heads=%d vae_scale=%.9g",
-             a->size, a->batch, a->scenes, (unsigned long long)a->world_seed, (unsigned long long)a->seed, a->pc.lr,
+             a->size, a->batch, a->scenes, a->creatures, (unsigned long long)a->world_seed, (unsigned long long)a->seed, a->pc.lr,
              (long long)a->pc.warmup, a->pc.beta1, a->pc.beta2, a->pc.adam_eps, a->pc.weight_decay, a->pc.uncond_p,
              (unsigned long long)pre_tables_hash(st), u->norm_num_groups, ms_unet_heads(u, 0),
              u->n_blocks > 1 ? ms_unet_heads(u, 1) : 0, u->n_blocks > 2 ? ms_unet_heads(u, 2) : 0,
@@ -824,7 +857,7 @@ static MsStatus unet_step(void *ctx, double *loss, char *cols, size_t cap) {
     MsPretrainReport rep;
     MsStatus s;
     for (int b = 0; b < r->a->batch; b++) {
-        int idx = (int)(ms_torch_random(r->g) % (uint32_t)r->a->scenes);
+        int idx = (int)(ms_torch_random(r->g) % (uint32_t)r->d->n);
         if ((s = pre_latent(r->d, idx, r->lat + (size_t)b * r->d->lat_n, r->caps[b], 1024))) return s;
     }
     if ((s = ms_pretrain_step(r->p, r->lat, (const char *const *)r->caps, NULL, r->g, &rep))) return s;
@@ -855,20 +888,17 @@ int ms_zero_unused_token_rows(MsParamTable *text, const unsigned char *used) {
 }
 
 /* The token ids the unet stage can train, used[id] = 1: those of every caption unet_step can draw
- * (scenes 0..--scenes-1; world_caption depends on the world seed and the index only, its synonyms
+ * (pre_item: scenes 0..--scenes-1 and the --creatures renders; world_caption depends on the world seed and the index only, its synonyms
  * and word order included) and of "" (dropped captions), tokenized as ms_pretrain_step does (77
  * ids: BOS, the tokens, EOS, padded with EOS; truncated). Rows of other ids never had a gradient. */
 static MsStatus unet_used_tokens(const PreArgs *a, const ClipTokenizer *tok, unsigned char *used, int V) {
     char cap[1024];
     int32_t ids[77];
     MsStatus s;
-    for (int idx = -1; idx < a->scenes; idx++) {
+    for (int idx = -1; idx < a->scenes + a->creatures; idx++) {
         WorldScene sc;
         cap[0] = '\0';
-        if (idx >= 0) {
-            world_scene_make(a->world_seed, idx, &sc);
-            if ((s = world_caption(a->world_seed, idx, &sc, cap, sizeof cap))) return s;
-        }
+        if (idx >= 0 && (s = pre_item(a->world_seed, a->scenes, idx, &sc, cap, sizeof cap))) return s;
         if ((s = clip_tokenize(tok, cap, strlen(cap), ids, 77))) return s;
         for (int k = 0; k < 77; k++) {
             if (ids[k] < 0 || ids[k] >= V) return ms_errorf(MS_ERR_ARG, "pretrain: token id %d outside the text encoder's %d", ids[k], V);
@@ -942,10 +972,10 @@ static MsStatus stage_unet(const PreArgs *a, const char *resume) {
     if (!a->quiet) {
         const UNetConfig *u = &m.unet_config;
         fprintf(stderr, "pretrain: UNet %zu parameters (%d blocks, %d..%d channels, latent %dx%d), text encoder %zu "
-                "(width %d, %d layers), VAE %s (frozen); %d scenes %dx%d of world seed %llu, batch %d, %lld steps, "
-                "output %s\n", ms_param_table_numel(&m.unet), u->n_blocks, u->block_out_channels[0],
+                "(width %d, %d layers), VAE %s (frozen); %d scenes + %d creature renders %dx%d of world seed %llu, batch "
+                "%d, %lld steps, output %s\n", ms_param_table_numel(&m.unet), u->n_blocks, u->block_out_channels[0],
                 u->block_out_channels[u->n_blocks - 1], u->sample_size, u->sample_size, ms_param_table_numel(&m.text),
-                m.text_config.hidden_size, m.text_config.num_hidden_layers, vae_dir, a->scenes, a->size, a->size,
+                m.text_config.hidden_size, m.text_config.num_hidden_layers, vae_dir, a->scenes, a->creatures, a->size, a->size,
                 (unsigned long long)a->world_seed, a->batch, (long long)a->steps, a->out);
     }
     L.label = "unet"; L.columns = "lr";
@@ -1295,6 +1325,7 @@ int cmd_pretrain(int argc, char **argv) {
             else if (!strcmp(o, "--batch")) { a.batch = (int)n; ok = ok && n >= 1 && n <= 64; }
             else if (!strcmp(o, "--size")) { a.size = (int)n; ok = ok && (n == 64 || n == 128); }
             else if (!strcmp(o, "--scenes")) { a.scenes = (int)n; ok = ok && n >= 1 && n <= 1000000; }
+            else if (!strcmp(o, "--creatures")) { a.creatures = (int)n; ok = ok && n <= 1000000; }
             else if (!strcmp(o, "--layers")) { a.layers = (int)n; ok = ok && n >= 1 && n <= 4; }
             else if (!strcmp(o, "--groups")) { a.groups = (int)n; ok = ok && n >= 1; }
             else if (!strcmp(o, "--text-width")) { a.text_width = (int)n; ok = ok && n >= 1 && n <= 4096; }

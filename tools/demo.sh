@@ -53,6 +53,55 @@ if [ ! -d "$W/characters" ]; then
 fi
 CHARS=$(ls "$W/characters")
 
+# ---- 1b. does the base model draw the world's captions? ----
+# DEMO_CAPTIONS held-out captions (world seed 99; the base model was trained on seed 0's scenes),
+# one sample each from the base model and from the same architecture untrained (its initial
+# weights: mixshow pretrain --steps 0), scored for text alignment beside the real renders of
+# those captions (the encoders' ceiling) and the base model's images against the next image's
+# caption (what alignment a wrong caption gets).
+NCAP=${DEMO_CAPTIONS:-32}
+H=$OUT/heldout
+if [ ! -d "$H/scenes" ]; then
+    step "held-out captions: $NCAP scenes of world seed 99"
+    $MS world --out "$H" --n "$NCAP" --seed 99 --size $SIZE --characters 0 >/dev/null
+fi
+if [ ! -d "$OUT/untrained/model" ]; then
+    step "the untrained model (the base's configs, initial weights)"
+    $MS pretrain --out "$OUT/untrained" --stage unet --steps 0 --model-config "$BASE" --vae "$BASE/vae" \
+        --size $SIZE --scenes 1 -q
+fi
+for v in base untrained; do
+    S=$OUT/samples/$v
+    [ -f "$S/prompts.txt" ] && continue
+    step "sample $v: $NCAP held-out captions"
+    mkdir -p "$S"
+    : > "$S/prompts.part"
+    model=$BASE; [ $v = untrained ] && model=$OUT/untrained/model
+    for c in "$H"/scenes/caption/*.txt; do
+        n=$(basename "$c" .txt)
+        # shellcheck disable=SC2086
+        $MS sample --model "$model" -p "$(cat "$c")" --seed "$(( 1$n - 1000000 ))" --steps "$SSTEPS" -W $SIZE -H $SIZE \
+            $THR -o "$S/$n.png" >/dev/null
+        printf '%s\t%s\n' "$n.png" "$(cat "$c")" >> "$S/prompts.part"
+    done
+    mv "$S/prompts.part" "$S/prompts.txt"
+done
+if [ ! -f "$OUT/samples/real/prompts.txt" ]; then
+    mkdir -p "$OUT/samples/real" "$OUT/samples/shuffled"
+    : > "$OUT/samples/real/prompts.txt"
+    for c in "$H"/scenes/caption/*.txt; do
+        n=$(basename "$c" .txt)
+        cp "$H/scenes/image/$n.png" "$OUT/samples/real/$n.png"
+        printf '%s\t%s\n' "$n.png" "$(cat "$c")" >> "$OUT/samples/real/prompts.txt"
+    done
+    # the base model's images, each with the caption of the next one
+    cut -f1 "$OUT/samples/base/prompts.txt" > "$OUT/samples/shuffled/files"
+    cut -f2 "$OUT/samples/base/prompts.txt" | sed -n '2,$p;1p' > "$OUT/samples/shuffled/caps"
+    for f in $(cat "$OUT/samples/shuffled/files"); do cp "$OUT/samples/base/$f" "$OUT/samples/shuffled/$f"; done
+    paste "$OUT/samples/shuffled/files" "$OUT/samples/shuffled/caps" > "$OUT/samples/shuffled/prompts.txt"
+    rm -f "$OUT/samples/shuffled/files" "$OUT/samples/shuffled/caps"
+fi
+
 # ---- 2. one ED-LoRA and one LoRA per creature ----
 lora_file() { if [ "$1" = lora ]; then echo "$OUT/lora/$2/models/lora_model-latest.pth"; else echo "$OUT/edlora/$2/models/edlora_model-latest.pth"; fi; }
 for c in $CHARS; do
@@ -153,6 +202,10 @@ rm -rf "$OUT"/tmp_*
 # ---- 5. scores, sheets, the table ----
 refs=""
 for c in $CHARS; do refs="$refs --ref $c=$W/characters/$c"; done
+for v in base untrained real shuffled; do
+    step "eval $v"
+    $MS eval --images "$OUT/samples/$v" --encoders "$ENC" --out "$OUT/samples/$v/eval" --sheet >/dev/null
+done
 for v in edlora lora fused_gradient fused_weight multi_fused_gradient multi_fused_weight; do
     step "eval $v"
     # shellcheck disable=SC2086
@@ -160,6 +213,17 @@ for v in edlora lora fused_gradient fused_weight multi_fused_gradient multi_fuse
 done
 mean() { awk -F, '$1 == "\"mean\"" { print ($'"$2"' == "" ? "-" : $'"$2"') }' "$OUT/samples/$1/eval.csv"; }
 {
+    echo "The base model on $NCAP held-out world captions (text alignment: cosine of the stand-in encoders):"
+    echo
+    echo "| images | text alignment |"
+    echo "|---|---|"
+    echo "| real renders of the captions (ceiling) | $(mean real 4) |"
+    echo "| base model $BASE | $(mean base 4) |"
+    echo "| the same architecture untrained | $(mean untrained 4) |"
+    echo "| base model's images, another image's caption | $(mean shuffled 4) |"
+    echo
+    echo "Mix-of-Show's ablation in the world:"
+    echo
     echo "| method | text alignment | image alignment |"
     echo "|---|---|---|"
     echo "| ED-LoRA, single concept | $(mean edlora 4) | $(mean edlora 5) |"
