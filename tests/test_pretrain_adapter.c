@@ -16,7 +16,10 @@
  *   - `mixshow pretrain --stage adapters` after 5 unet-stage steps: 8 steps, then --resume of its
  *     checkpoint to 16 == the straight 16-step run (both adapters' weights bitwise, the losses of
  *     steps 9..16); a checkpoint of other options is refused, a missing DIR/model named; the folders load as diffusers
- *     T2IAdapter folders (ms_adapter_load) and `mixshow sample --adapter` draws with each. */
+ *     T2IAdapter folders (ms_adapter_load) and `mixshow sample --adapter` draws with each;
+ *   - tools/ship_world.sh on that output: the F16 model and adapters (weights the F32 ones rounded,
+ *     configs kept), README, --force; samples of the F16 copy within 2 of the F32 folder's pixels;
+ *     regional keypose finds DEST/t2iadapter_openpose by default. */
 #include "test.h"
 
 #include "tools/tools.h"
@@ -340,6 +343,137 @@ static int same_file(const char *a, const char *b) {
     return same;
 }
 
+/* tools/ship_world.sh on the pretrain output dir (DIR/model, DIR/adapters): DEST has the model
+ * and both adapters (as t2iadapter_openpose / t2iadapter_sketch) in F16, each weight the F32 one
+ * rounded to nearest, the configs unchanged; a README with the recipe; an existing DEST is refused
+ * without --force and replaced with it. The F16 copy samples close to the F32 folder, and regional
+ * sampling with --keypose_condition and no --adapter-keypose takes DEST/t2iadapter_openpose. */
+static char g_build[1024];
+
+static int rounded_f16(const MsParamTable *a, const MsParamTable *b, const char **bad) {
+    if (a->n != b->n) { *bad = "(tensor count)"; return 0; }
+    for (int i = 0; i < a->n; i++) {
+        const MsParam *x = &a->p[i], *y = &b->p[i];
+        if (x->flags & MS_PARAM_BUFFER) continue;
+        if (strcmp(x->name, y->name) || x->numel != y->numel || !x->f32 || !y->f32) { *bad = x->name; return 0; }
+        for (size_t k = 0; k < x->numel; k++)
+            if (y->f32[k] != st_f16_to_f32(st_f32_to_f16(x->f32[k]))) { *bad = x->name; return 0; }
+    }
+    return 1;
+}
+
+static int png_max_diff(const char *p1, const char *p2) {
+    MsImage a, b;
+    int d = -1;
+    if (ms_image_read(p1, 3, &a) != MS_OK) return -1;
+    if (ms_image_read(p2, 3, &b) == MS_OK) {
+        if (a.w == b.w && a.h == b.h) {
+            d = 0;
+            for (size_t i = 0; i < (size_t)a.w * a.h * 3; i++) {
+                const int e = abs((int)((const uint8_t *)a.data)[i] - (int)((const uint8_t *)b.data)[i]);
+                if (e > d) d = e;
+            }
+        }
+        ms_image_free(&b);
+    }
+    ms_image_free(&a);
+    return d;
+}
+
+static void test_ship(const char *dir) {
+#if defined(_WIN32)
+    (void)dir;
+    printf("  skip tools/ship_world.sh: not on Windows\n");
+#else
+    char dest[600], cmd[4000], log[700], p[800], q[800];
+    if (!g_build[0]) { printf("  skip tools/ship_world.sh: cannot tell the build folder\n"); return; }
+    test_tmp(dest, sizeof dest, "ship/world");
+    snprintf(log, sizeof log, "%s.log", dest);
+    snprintf(cmd, sizeof cmd, "rm -rf '%.*s' && mkdir -p '%.*s'", (int)(strlen(dest) - 6), dest, (int)(strlen(dest) - 6), dest);
+    if (system(cmd)) {}
+    const char *fmt = "MIXSHOW='%s/mixshow' sh tools/ship_world.sh %s--recipe '--size 64 (test)' --dest '%s' '%s' > '%s' 2>&1";
+    snprintf(cmd, sizeof cmd, fmt, g_build, "", dest, dir, log);
+    double t0 = ms_time();
+    int rc = system(cmd);
+    snprintf(p, sizeof p, "%s/t2iadapter_sketch/config.json", dest);
+    FILE *f = fopen(p, "rb");
+    if (!check(rc == 0 && f, "tools/ship_world.sh %s -> %s (%.1f s; log %s)", dir, dest, ms_time() - t0, log)) { if (f) fclose(f); return; }
+    fclose(f);
+    rc = system(cmd);
+    char text[8192] = "";
+    if ((f = fopen(log, "rb"))) { size_t n = fread(text, 1, sizeof text - 1, f); text[n] = 0; fclose(f); }
+    check(rc != 0 && strstr(text, "--force"), "an existing DEST is refused without --force: %.120s", text);
+    snprintf(cmd, sizeof cmd, fmt, g_build, "--force ", dest, dir, log);
+    check(system(cmd) == 0, "and replaced with --force");
+    snprintf(p, sizeof p, "%s/README.md", dest);
+    text[0] = 0;
+    if ((f = fopen(p, "rb"))) { size_t n = fread(text, 1, sizeof text - 1, f); text[n] = 0; fclose(f); }
+    check(strstr(text, "mixshow pretrain --out DIR --size 64 (test)") && strstr(text, "non-zero token rows of 49408") &&
+          strstr(text, "adapters: 16 steps"), "README.md: the recipe, the token rows, each stage's steps");
+    /* weights: F16 rounding of the F32 ones; configs as they were */
+    MsModel m32, m16;
+    snprintf(p, sizeof p, "%s/model", dir);
+    if (check(ms_model_load(p, NULL, &m32) == MS_OK, "load %s: %s", p, ms_last_error())) {
+        if (check(ms_model_load(dest, NULL, &m16) == MS_OK, "load %s: %s", dest, ms_last_error())) {
+            const char *bad = "";
+            check(rounded_f16(&m32.unet, &m16.unet, &bad) && rounded_f16(&m32.vae, &m16.vae, &bad) &&
+                  rounded_f16(&m32.text, &m16.text, &bad), "shipped model: every weight == the F32 one rounded to F16 (%s)", bad);
+            check(!memcmp(&m32.unet_config, &m16.unet_config, sizeof m32.unet_config) &&
+                  !memcmp(&m32.vae_config, &m16.vae_config, sizeof m32.vae_config) &&
+                  !memcmp(&m32.text_config, &m16.text_config, sizeof m32.text_config) &&
+                  !memcmp(&m32.scheduler_config, &m16.scheduler_config, sizeof m32.scheduler_config),
+                  "shipped model: the UNet, VAE, text encoder and scheduler configs of the pretrain folder");
+            ms_model_free(&m16);
+        }
+        ms_model_free(&m32);
+    }
+    static const char *const from[2] = { "pose", "sketch" }, *const to[2] = { "t2iadapter_openpose", "t2iadapter_sketch" };
+    for (int k = 0; k < 2; k++) {
+        AdapterConfig c32, c16;
+        MsParamTable t32, t16;
+        const char *bad = "";
+        snprintf(p, sizeof p, "%s/adapters/%s", dir, from[k]);
+        snprintf(q, sizeof q, "%s/%s", dest, to[k]);
+        if (!check(ms_adapter_load(p, NULL, &c32, &t32) == MS_OK, "load %s: %s", p, ms_last_error())) continue;
+        if (check(ms_adapter_load(q, NULL, &c16, &t16) == MS_OK, "load %s: %s", q, ms_last_error())) {
+            check(rounded_f16(&t32, &t16, &bad) && !memcmp(&c32, &c16, sizeof c32), "%s: config kept, weights rounded to F16 (%s)",
+                  to[k], bad);
+            ms_param_table_free(&t16);
+        }
+        ms_param_table_free(&t32);
+    }
+    /* samples: the F16 copy against the F32 folder */
+    char m32p[700], o32[700], o16[700], cond[700], rw[] = "--prompt_rewrite=[a red circle]-*-[]-*-[0, 0, 32, 64]";
+    snprintf(m32p, sizeof m32p, "%s/model", dir);
+    snprintf(o32, sizeof o32, "%s/f32.png", dir);
+    snprintf(o16, sizeof o16, "%s/f16.png", dir);
+    snprintf(cond, sizeof cond, "%s/cond_pose.png", dir);
+    {
+        char *a1[] = { "sample", "--model", m32p, "-p", "a red circle above a blue square", "--steps", "3", "--seed", "1", "-o", o32, NULL };
+        char *a2[] = { "sample", "--model", dest, "-p", "a red circle above a blue square", "--steps", "3", "--seed", "1", "-o", o16, NULL };
+        const int d = cmd_sample(11, a1) == 0 && cmd_sample(11, a2) == 0 ? png_max_diff(o32, o16) : -1;
+        printf("  sample, F16 copy vs F32 folder (3 steps, 64x64): max pixel difference %d\n", d);
+        check(d >= 0 && d <= 2, "sample from the F16 copy: max pixel difference %d from the F32 folder (<= 2)", d);
+    }
+    {   /* regional keypose without --adapter-keypose: DEST/t2iadapter_openpose, as given explicitly */
+        char pm[700], kc[800], ak[800], r1[700], r2[700], r3[700];
+        snprintf(pm, sizeof pm, "--pretrained_model=%s", dest);
+        snprintf(kc, sizeof kc, "--keypose_condition=%s", cond);
+        snprintf(ak, sizeof ak, "--adapter-keypose=%s/t2iadapter_openpose", dest);
+        snprintf(r1, sizeof r1, "%s/r1.png", dir); snprintf(r2, sizeof r2, "%s/r2.png", dir); snprintf(r3, sizeof r3, "%s/r3.png", dir);
+        char *b1[] = { "sample", pm, "--prompt=a red circle", rw, kc, "--steps=3", "--seed=1", "-o", r1, NULL };
+        char *b2[] = { "sample", pm, "--prompt=a red circle", rw, kc, ak, "--steps=3", "--seed=1", "-o", r2, NULL };
+        char *b3[] = { "sample", pm, "--prompt=a red circle", rw, "--steps=3", "--seed=1", "-o", r3, NULL };
+        const int ok = cmd_sample(9, b1) == 0 && cmd_sample(10, b2) == 0 && cmd_sample(8, b3) == 0;
+        const int d12 = ok ? png_max_diff(r1, r2) : -1, d13 = ok ? png_max_diff(r1, r3) : -1;
+        check(ok && d12 == 0 && d13 > 0, "regional keypose on the shipped folder: the default adapter == --adapter-keypose "
+              "DEST/t2iadapter_openpose (max difference %d), and it acts (%d without the condition)", d12, d13);
+    }
+    snprintf(cmd, sizeof cmd, "rm -rf '%.*s'", (int)(strlen(dest) - 6), dest);
+    if (system(cmd)) {}
+#endif
+}
+
 static void test_cli(void) {
     static const char *const names[2] = { "pose", "sketch" };
     char a[600], b[600], c[600], ck[700], pa[700], pc[700];
@@ -401,9 +535,15 @@ static void test_cli(void) {
         check(rc == 0 && f != NULL, "mixshow sample --adapter %s: exit status %d, %s", names[k], rc, f ? "PNG written" : "no PNG");
         if (f) fclose(f);
     }
+    test_ship(a);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    (void)argc;
+    if (argv[0] && strstr(argv[0], "/tests/test_pretrain_adapter")) {     /* <BUILD>/tests/test_pretrain_adapter */
+        snprintf(g_build, sizeof g_build, "%s", argv[0]);
+        *strstr(g_build, "/tests/test_pretrain_adapter") = 0;
+    }
     test_step_is_adamw();
     test_cli();
     ms_gemm_scratch_free();
