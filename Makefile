@@ -10,6 +10,7 @@
 #   make bench      ./mixshow bench (median of several runs, ratio to the machine's FMA peak)
 #   make test-full  slow checks (SD 1.5-sized shapes), not run in CI
 #   make pretrain   the world model from scratch (WORLD_RECIPE below) into build/world
+#   make eval-encoders  the evaluation encoders from scratch -> models/eval-encoders.safetensors
 #   make demo       the method in the world, measured (tools/demo.sh; DEMO_* knobs there)
 #   make install    PREFIX/bin/mixshow + PREFIX/share/mixshow (CLIP BPE files, tiny and world models);
 #                   PREFIX=/usr/local, DESTDIR= for staging; make uninstall removes them
@@ -45,7 +46,7 @@ LIB_OBJ   = $(LIB_SRC:%.c=$(BUILD)/%.o)
 TEST_SRC  = $(wildcard tests/test_*.c)
 TEST_BIN  = $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all test test-full pretrain demo bench noomp nosimd asan ubsan fast clean help
+.PHONY: all test test-full pretrain eval-encoders demo bench noomp nosimd asan ubsan fast clean help
 
 all: mixshow
 
@@ -80,6 +81,12 @@ WORLD_RECIPE = --size 128 --scenes 8192 --vae-channels 16,32,64,64 --vae-steps 8
                --heads 2,4,4 --text-width 128 --text-layers 4 --text-heads 4 --steps 3000 --seed 0
 pretrain: $(BUILD)/mixshow
 	$(BUILD)/mixshow pretrain --out build/world $(WORLD_RECIPE)
+
+# The evaluation encoders (mixshow eval's stand-ins for CLIP, issue 15): the defaults of
+# --train-encoders (1500 steps, seed 0), written F16 with the never-trained token rows zero.
+eval-encoders: $(BUILD)/mixshow
+	$(BUILD)/mixshow eval --train-encoders build/eval-encoders --half
+	cp build/eval-encoders/encoders.safetensors models/eval-encoders.safetensors
 
 demo: $(BUILD)/mixshow
 	MIXSHOW=$(BUILD)/mixshow sh tools/demo.sh
