@@ -1113,12 +1113,119 @@ void ms_gemm_ref(int transA, int transB, int M, int N, int K, float alpha, const
         }
 }
 
+#if defined(MS_X86_KERNELS)
+/* 65..80 rows of A (CLIP's 77 tokens): each C^T tile is 5 weight rows x the whole 80-lane
+ * width (5 zmm per row: 25 accumulators + 5 B vectors + 1 broadcast), so the 77 columns take
+ * 5 vectors with one masked, every FMA's B operand sits in a register and each k costs 10
+ * loads for 25 FMAs (the 14x32 + 14x32 + 14x16 tiles of the general path: 47 loads for 70
+ * FMAs, and the 14 in-place weight rows of a 4-KiB-multiple stride share one L1 set).
+ * w: row r of the tile at w + r*ldw (rows < 5: the missing rows repeat row 0 and are not
+ * stored); b: the packed slice, kc x 80; c: C^T rows of m (65..80) floats. acc, alpha, beta
+ * as every kernel: the bits of the general path. */
+#define MS_R5(X) X(0) X(1) X(2) X(3) X(4)
+#define MS_W5_DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, \
+    c##i##3 = c##i##0, c##i##4 = c##i##0;
+#define MS_W5_STEP(i) { __m512 ai = _mm512_set1_ps(w##i[k]); \
+    c##i##0 = _mm512_fmadd_ps(ai, b0, c##i##0); c##i##1 = _mm512_fmadd_ps(ai, b1, c##i##1); \
+    c##i##2 = _mm512_fmadd_ps(ai, b2, c##i##2); c##i##3 = _mm512_fmadd_ps(ai, b3, c##i##3); \
+    c##i##4 = _mm512_fmadd_ps(ai, b4, c##i##4); }
+#define MS_W5_ST(i) if ((i) < rows) { float *ci = c + (size_t)(i) * ldc; \
+    if (beta == 0.0f) { \
+        _mm512_storeu_ps(ci, _mm512_mul_ps(va, c##i##0)); _mm512_storeu_ps(ci + 16, _mm512_mul_ps(va, c##i##1)); \
+        _mm512_storeu_ps(ci + 32, _mm512_mul_ps(va, c##i##2)); _mm512_storeu_ps(ci + 48, _mm512_mul_ps(va, c##i##3)); \
+        _mm512_mask_storeu_ps(ci + 64, lm, _mm512_mul_ps(va, c##i##4)); \
+    } else { \
+        _mm512_storeu_ps(ci, _mm512_fmadd_ps(va, c##i##0, _mm512_mul_ps(vb, _mm512_loadu_ps(ci)))); \
+        _mm512_storeu_ps(ci + 16, _mm512_fmadd_ps(va, c##i##1, _mm512_mul_ps(vb, _mm512_loadu_ps(ci + 16)))); \
+        _mm512_storeu_ps(ci + 32, _mm512_fmadd_ps(va, c##i##2, _mm512_mul_ps(vb, _mm512_loadu_ps(ci + 32)))); \
+        _mm512_storeu_ps(ci + 48, _mm512_fmadd_ps(va, c##i##3, _mm512_mul_ps(vb, _mm512_loadu_ps(ci + 48)))); \
+        _mm512_mask_storeu_ps(ci + 64, lm, _mm512_fmadd_ps(va, c##i##4, \
+                              _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(lm, ci + 64)))); } }
+MS_TARGET_AVX512
+static void ms_ukr_avx512_w5(int kc, const float *w, size_t ldw, int rows, const float *b, float *c, size_t ldc,
+                             int m, float alpha, float beta, const float *pf, int pfr, int pkc) {
+    const float *w0 = w, *w1 = rows > 1 ? w + ldw : w, *w2 = rows > 2 ? w + 2 * ldw : w;
+    const float *w3 = rows > 3 ? w + 3 * ldw : w, *w4 = rows > 4 ? w + 4 * ldw : w;
+    MS_R5(MS_W5_DECL)
+    for (int k1 = 0; k1 < kc; k1 += 16) {
+        if (k1 < pkc)
+            for (int r = 0; r < pfr; r++) _mm_prefetch((const char *)(pf + (size_t)r * ldw + k1), _MM_HINT_T1);
+        for (int k = k1, ke = kc - k1 < 16 ? kc : k1 + 16; k < ke; k++, b += 80) {
+            __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32);
+            __m512 b3 = _mm512_loadu_ps(b + 48), b4 = _mm512_loadu_ps(b + 64);
+            MS_R5(MS_W5_STEP)
+        }
+    }
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    __mmask16 lm = ms_mask16(m - 64);
+    MS_R5(MS_W5_ST)
+}
+
+/* C (M,N) = alpha A B^T + beta C through C^T = B A^T when M's 80-column blocks are all 65..80
+ * wide (M = 77, 154, 231, ...): A^T packed once (K x 80 per block, zero columns past M), the
+ * weight B read in place, 5 rows at a time. The weight rows go in groups of MS_W5_GROUP: for
+ * each group the K slices of the general path (a function of K only) in order, each 5-row tile
+ * against every column block (its rows then come from L1), then the group's C^T block (in a
+ * per-thread buffer, still in cache) is transposed into C. The next tile's weight rows are
+ * prefetched into L2 while a tile runs. Threads take contiguous runs of 5-row tiles. */
+#ifndef MS_W5_GROUP
+#define MS_W5_GROUP 160
+#endif
+static int ms_gemm_small_m80(int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
+                             float beta, float *C, int ldc) {
+    int nkb = (K + MS_KC5 - 1) / MS_KC5, kcb = (K + nkb - 1) / nkb, np = (N + 4) / 5, nb = (M + 79) / 80;
+    int nt = ms_team_max();
+    if (2.0 * M * N * K < 4e6) nt = 1;
+    if (nt > np) nt = np;
+    float *bp = ms_work_get(&ms_work_gemm, (size_t)K * 80 * nb), *ctw = ms_work_get(&ms_work_tr, (size_t)nt * MS_W5_GROUP * M);
+    if (!bp || !ctw) return 0;
+    for (int cb = 0; cb < nb; cb++) {
+        int m = M - cb * 80 < 80 ? M - cb * 80 : 80;
+        ms_transpose_avx512(bp + (size_t)cb * K * 80, 80, A + (size_t)cb * 80 * lda, (size_t)lda, m, 80, K);
+    }
+    ms_flops_add(2.0 * M * N * K);
+    int ms_par_ = nt > 1;
+    (void)ms_par_;
+    MS_OMP_PARALLEL_FOR_NT
+    for (int t = 0; t < nt; t++) {
+        int p0 = (int)((int64_t)np * t / nt), p1 = (int)((int64_t)np * (t + 1) / nt), gp = MS_W5_GROUP / 5;
+        int r1 = p1 * 5 < N ? p1 * 5 : N;         /* this thread's weight rows end */
+        float *ct = ctw + (size_t)t * MS_W5_GROUP * M;
+        for (int g0 = p0; g0 < p1; g0 += gp) {
+            int i0 = g0 * 5, i1 = (g0 + gp) * 5 < r1 ? (g0 + gp) * 5 : r1, n = i1 - i0;
+            if (beta != 0.0f) ms_transpose_avx512(ct, (size_t)M, C + i0, (size_t)ldc, M, M, n);
+            for (int k0 = 0; k0 < K; k0 += kcb) {
+                int kc = K - k0 < kcb ? K - k0 : kcb;
+                for (int i = i0; i < i1; i += 5) {
+                    /* the next tile in this order: the next rows, else the next slice's first
+                     * rows, else the next group's */
+                    int pi = i + 5, pk = k0, pe = i1;
+                    if (pi >= i1) {
+                        if (k0 + kc < K) { pi = i0; pk = k0 + kc; }
+                        else { pi = i1; pk = 0; pe = i1 + 5 < r1 ? i1 + 5 : r1; }
+                    }
+                    int pfr = pe - pi < 5 ? pe - pi : 5, pkc = K - pk < kcb ? K - pk : kcb;
+                    for (int cb = 0; cb < nb; cb++)
+                        ms_ukr_avx512_w5(kc, B + (size_t)i * ldb + k0, (size_t)ldb, i1 - i < 5 ? i1 - i : 5,
+                                         bp + ((size_t)cb * K + k0) * 80, ct + (size_t)(i - i0) * M + cb * 80, (size_t)M,
+                                         M - cb * 80 < 80 ? M - cb * 80 : 80, alpha, k0 == 0 ? beta : 1.0f,
+                                         pfr > 0 ? B + (size_t)pi * ldb + pk : B, cb == 0 && pfr > 0 ? pfr : 0, pkc);
+                }
+            }
+            ms_transpose_avx512(C + i0, (size_t)ldc, ct, (size_t)M, n, n, M);
+        }
+    }
+    return 1;
+}
+#endif
+
 /* Small M with B transposed (linear_forward on a few tokens: CLIP's 77, the cross-attention
  * K/V of the context): C^T (N,M) = B (N,K) A^T (K,M). B (the weight) is then read in place by
  * the in-place-A kernels instead of being repacked per call, and only the few rows of A are
  * packed. C^T lives in a per-thread workspace; the two transposes are copies and the kernels
  * give each element the FMA sequence of the direct product, so the bits are those of the plain
- * path. Returns 0 (C untouched) when this path does not apply or has no memory. */
+ * path. M = 77, 154 (all 80-column blocks 65..80 wide) take ms_gemm_small_m80 instead. Returns 0
+ * (C untouched) when this path does not apply or has no memory. */
 #ifndef MS_SMALL_M
 #define MS_SMALL_M 256
 #endif
@@ -1126,6 +1233,7 @@ static int ms_gemm_small_m(int M, int N, int K, float alpha, const float *A, int
                            float beta, float *C, int ldc) {
 #if defined(MS_X86_KERNELS)
     if (!(ms_gemm_fast & MS_GEMM_FAST_SMALL_M) || ms_simd() < MS_SIMD_AVX512 || M > MS_SMALL_M || N < M || K < 16) return 0;
+    if ((M - 1) % 80 >= 64) return ms_gemm_small_m80(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     float *ct = ms_work_get(&ms_work_tr, (size_t)N * M);
     if (!ct) return 0;
     if (beta != 0.0f) ms_transpose_avx512(ct, (size_t)M, C, (size_t)ldc, M, M, N);

@@ -261,7 +261,8 @@ static void test_threads(void) {
 /* ms_gemm_set_fast() turns each fast path on alone (in-place A, half-width tails, SIMD packing,
  * the transposed small-M path, half-height row tails) and all together; every result must have
  * the bits of the plain driver: same K slices, same FMA sequence per element. Shapes: odd sizes
- * and tails of every tile (MR 14/7/6, NR 32/16), small M (1, 13, 77, 154) with N >= M, padded
+ * and tails of every tile (MR 14/7/6, NR 32/16), small M (1, 13, 77, 154; the 80-wide path: 66, 77,
+ * 80, 150, 154, N not a multiple of its 5 rows, K = 1024: 4-KiB rows) with N >= M, padded
  * leading dimensions, beta 0 (C is NaN and must not be read) and 0.5; convs whose panels lie
  * in one output row (Wo 32, 64) or straddle rows, with borders, asymmetric padding and k = 1. */
 static int fast_gemm_same(int flags, int ta, int tb, int M, int N, int K, float alpha, float beta, int pad) {
@@ -306,7 +307,8 @@ static void test_fast_paths(MsSimd level) {
                                      MS_GEMM_FAST_SMALL_M, MS_GEMM_FAST_SHORT, MS_GEMM_FAST_ALL };
     static const int sizes[] = { 1, 6, 13, 14, 15, 16, 17, 31, 32, 33, 48, 77, 100 };
     static const int small[][3] = { { 1, 40, 33 }, { 13, 16, 16 }, { 77, 320, 768 }, { 77, 97, 130 },
-                                    { 154, 160, 400 }, { 77, 1280, 800 } };
+                                    { 154, 160, 400 }, { 77, 1280, 800 }, { 77, 203, 1024 }, { 66, 66, 17 },
+                                    { 80, 81, 800 }, { 150, 171, 1030 } };
     static const ConvCase convs[] = {
         { 1, 5, 7, 64, 64, 3, 1, 1, 1, 1, 1 },     /* panels in one output row, both borders */
         { 2, 9, 20, 32, 32, 3, 1, 1, 1, 1, 1 },    /* one panel per row */

@@ -185,7 +185,7 @@ static void bench_kernels(Bench *b) {
     ms_rng_seed(&r, 1);
     if (!b->attention_only && !b->gemm_only) bench_randn_f16(b, level);
     static const int gemms[][3] = { { 4096, 320, 320 }, { 4096, 320, 1280 }, { 1024, 640, 640 },
-                                    { 77, 768, 768 }, { 4096, 1280, 320 } };
+                                    { 77, 768, 768 }, { 77, 768, 3072 }, { 77, 1024, 320 }, { 4096, 1280, 320 } };
     for (size_t i = 0; i < sizeof gemms / sizeof gemms[0] && !b->attention_only; i++) {
         Case c;
         memset(&c, 0, sizeof c);
