@@ -1,7 +1,7 @@
 /* tests/test_demo.c — `make demo` on a reduced budget (issue 15), only in `make test-full`: tiny
  * evaluation encoders trained for a few steps, then tools/demo.sh on the random tiny model with 3
  * training steps per concept, 1 seed and 2 sampling steps. Checks the pipeline (every stage ran,
- * the table has its six rows of numbers, the sheets and pages exist), not the scores: those mean
+ * the base model's table has its four rows and the ablation's its seven, the sheets and pages exist), not the scores: those mean
  * something only with the trained world model. */
 #include "tests/test.h"
 
@@ -32,9 +32,9 @@ int main(int argc, char **argv) {
     check(system(cmd) == 0, "tiny evaluation encoders: %s", cmd);
     snprintf(cmd, sizeof cmd,
              "DEMO_OUT='%s/out' DEMO_BASE=models/tiny-sd DEMO_ENCODERS='%s/enc/encoders.safetensors' DEMO_STEPS=3 "
-             "DEMO_SEEDS=1 DEMO_SAMPLE_STEPS=2 MIXSHOW='%s' sh tools/demo.sh > '%s/demo.log' 2>&1", dir, dir, ms, dir);
+             "DEMO_CAPTIONS=2 DEMO_SEEDS=1 DEMO_SAMPLE_STEPS=2 MIXSHOW='%s' sh tools/demo.sh > '%s/demo.log' 2>&1", dir, dir, ms, dir);
     check(system(cmd) == 0, "tools/demo.sh ran to the end (log: %s/demo.log)", dir);
-    static const char *const legs[] = { "edlora", "lora", "fused_gradient", "fused_weight", "multi_fused_gradient",
+    static const char *const legs[] = { "base", "untrained", "real", "shuffled", "class", "edlora", "lora", "fused_gradient", "fused_weight", "multi_fused_gradient",
                                         "multi_fused_weight" };
     for (size_t i = 0; i < sizeof legs / sizeof legs[0]; i++) {
         int ok = 1;
@@ -47,17 +47,21 @@ int main(int argc, char **argv) {
     }
     snprintf(p, sizeof p, "%s/out/table.md", dir);
     FILE *f = fopen(p, "r");
-    int rows = 0;
+    int rows = 0, rows1 = 0;
     if (f) {
         char line[512];
         while (fgets(line, sizeof line, f)) {
             double a, b;
             const char *q = strchr(line + 1, '|');
-            if (line[0] == '|' && q && sscanf(q, "| %lf | %lf |", &a, &b) == 2 && a >= -1 && a <= 1 && b >= -1 && b <= 1) rows++;
+            if (line[0] != '|' || !q) continue;
+            const int k = sscanf(q, "| %lf | %lf |", &a, &b);
+            if (k == 2 && a >= -1 && a <= 1 && b >= -1 && b <= 1) rows++;
+            else if (k == 1 && a >= -1 && a <= 1) rows1++;
         }
         fclose(f);
     }
-    check(rows == 6, "table.md: %d rows of two cosines in [-1, 1] (6 expected)", rows);
+    check(rows == 7 && rows1 == 4, "table.md: %d rows of two cosines in [-1, 1] (7 expected), %d of one (4 expected)", rows,
+          rows1);
     if (!test_failed) {
         snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
         if (system(cmd) != 0) printf("  (could not remove %s)\n", dir);

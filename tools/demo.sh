@@ -146,6 +146,8 @@ fi
 PROMPTS="on grass|in the sky|in front of a brick wall|on water"
 single() {   # $1 variant  $2 creature  $3 prompt tail  $4 seed  $5 out.png
     case $1 in
+        class) $MS sample --model "$BASE" -p "a creature $3" --seed "$4" --steps "$SSTEPS" -W $SIZE -H $SIZE $THR \
+                        -o "$5" >/dev/null ;;
         edlora|lora) $MS sample --model "$BASE" --edlora "$(lora_file "$1" "$2"):1.0" \
                         -p "a <${2}1> <${2}2> $3" --seed "$4" --steps "$SSTEPS" -W $SIZE -H $SIZE $THR -o "$5" >/dev/null ;;
         *) $MS sample --pretrained_model="$OUT/$1" --prompt="a <${2}1> <${2}2> $3" --prompt_rewrite= \
@@ -153,7 +155,7 @@ single() {   # $1 variant  $2 creature  $3 prompt tail  $4 seed  $5 out.png
            mv "$(ls -t "$OUT/tmp_$1/seed_$4/"*.png | head -n 1)" "$5" ;;
     esac
 }
-for v in edlora lora fused_gradient fused_weight; do
+for v in class edlora lora fused_gradient fused_weight; do
     S=$OUT/samples/$v
     [ -f "$S/prompts.txt" ] && continue
     step "sample $v"
@@ -206,7 +208,7 @@ for v in base untrained real shuffled; do
     step "eval $v"
     $MS eval --images "$OUT/samples/$v" --encoders "$ENC" --out "$OUT/samples/$v/eval" --sheet >/dev/null
 done
-for v in edlora lora fused_gradient fused_weight multi_fused_gradient multi_fused_weight; do
+for v in class edlora lora fused_gradient fused_weight multi_fused_gradient multi_fused_weight; do
     step "eval $v"
     # shellcheck disable=SC2086
     $MS eval --images "$OUT/samples/$v" --encoders "$ENC" $refs --out "$OUT/samples/$v/eval" --sheet >/dev/null
@@ -226,6 +228,7 @@ mean() { awk -F, '$1 == "\"mean\"" { print ($'"$2"' == "" ? "-" : $'"$2"') }' "$
     echo
     echo "| method | text alignment | image alignment |"
     echo "|---|---|---|"
+    echo "| base model, the class word (\"a creature ...\": no concept) | $(mean class 4) | $(mean class 5) |"
     echo "| ED-LoRA, single concept | $(mean edlora 4) | $(mean edlora 5) |"
     echo "| ED-LoRA + gradient fusion | $(mean fused_gradient 4) | $(mean fused_gradient 5) |"
     echo "| LoRA, single concept | $(mean lora 4) | $(mean lora 5) |"
