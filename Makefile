@@ -64,7 +64,7 @@ $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(DEPFLAGS) -I. -c $< -o $@
 
-$(BUILD)/tests/%: tests/%.c tests/test.h $(BUILD)/libmixshow.a
+$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h) $(BUILD)/libmixshow.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -I. -o $@ $< $(BUILD)/libmixshow.a $(LDLIBS)
 

@@ -13,9 +13,7 @@
  *     of the written folders bitwise, and the losses of steps 21..40; a checkpoint of other
  *     options is refused;
  *   - the written folder loads (ms_model_load) and `mixshow sample` draws a 64x64 PNG from it. */
-#include "test.h"
-
-#include "tools/tools.h"
+#include "pretrain_util.h"
 
 #include <time.h>
 
@@ -27,97 +25,15 @@ static const char *const TINY_FLAGS[] = { "--stage", "unet", "--channels", "8,16
 
 static char g_tmp[512];
 
-/* mixshow pretrain TINY_FLAGS --out dir --steps n [extra...] */
+/* mixshow pretrain TINY_FLAGS --out dir --steps n --checkpoint-every 10 [extra...] */
 static int run_pretrain(const char *dir, int steps, const char *e0, const char *e1, const char *e2, const char *e3) {
-    char *argv[64], st[16], ck[16];
-    int n = 0;
+    char st[16];
     snprintf(st, sizeof st, "%d", steps);
-    snprintf(ck, sizeof ck, "%d", 10);
-    argv[n++] = "pretrain";
-    for (int i = 0; i < N_TINY; i++) argv[n++] = (char *)TINY_FLAGS[i];
-    argv[n++] = "--out"; argv[n++] = (char *)dir;
-    argv[n++] = "--steps"; argv[n++] = st;
-    argv[n++] = "--checkpoint-every"; argv[n++] = ck;
-    if (e0) argv[n++] = (char *)e0;
-    if (e1) argv[n++] = (char *)e1;
-    if (e2) argv[n++] = (char *)e2;
-    if (e3) argv[n++] = (char *)e3;
-    argv[n] = NULL;
-    return cmd_pretrain(n, argv);
-}
-
-/* loss.csv -> loss[step - 1]; returns the rows read */
-static int read_losses(const char *dir, double *loss, int cap) {
-    char path[700], line[512];
-    int n = 0;
-    snprintf(path, sizeof path, "%s/loss.csv", dir);
-    FILE *f = fopen(path, "r");
-    if (!f) return 0;
-    while (fgets(line, sizeof line, f)) {
-        long long k;
-        double l;
-        if (sscanf(line, "%lld,%lf", &k, &l) == 2 && k >= 1 && k <= cap) { loss[k - 1] = l; n++; }
-    }
-    fclose(f);
-    return n;
-}
-
-static int tables_equal(const MsParamTable *a, const MsParamTable *b, const char **bad) {
-    if (a->n != b->n) { *bad = "(tensor count)"; return 0; }
-    for (int i = 0; i < a->n; i++) {
-        if (a->p[i].flags & MS_PARAM_BUFFER) continue;
-        if (!a->p[i].f32 || !b->p[i].f32 || a->p[i].numel != b->p[i].numel ||
-            memcmp(a->p[i].f32, b->p[i].f32, a->p[i].numel * sizeof(float))) {
-            *bad = a->p[i].name;
-            return 0;
-        }
-    }
-    return 1;
+    const char *opts[] = { "--steps", st, "--checkpoint-every", "10" };
+    return pretrain_run(TINY_FLAGS, N_TINY, dir, opts, 4, e0, e1, e2, e3);
 }
 
 /* ---- the step against AdamW on a separately computed gradient ---- */
-typedef struct {
-    MsModel m;
-    ClipTokenizer tok;
-    int ok;
-} Tiny;
-
-static int tiny_model(Tiny *t) {
-    char tokdir[1024];
-    int shipped;
-    memset(t, 0, sizeof *t);
-    UNetConfig *c = &t->m.unet_config;
-    ClipTextConfig *x = &t->m.text_config;
-    ms_unet_config_sd15(c);
-    c->sample_size = 8; c->n_blocks = 2;
-    c->down_block_types[0] = MS_BLOCK_DOWN; c->down_block_types[1] = MS_BLOCK_CROSS_ATTN_DOWN;
-    c->up_block_types[0] = MS_BLOCK_CROSS_ATTN_UP; c->up_block_types[1] = MS_BLOCK_UP;
-    c->block_out_channels[0] = 8; c->block_out_channels[1] = 16;
-    c->attention_head_dim[0] = c->attention_head_dim[1] = 2;
-    c->layers_per_block = 1; c->norm_num_groups = 4; c->cross_attention_dim = 16;
-    ms_clip_text_config_sd15(x);
-    x->hidden_size = 16; x->intermediate_size = 64; x->num_hidden_layers = 1; x->num_attention_heads = 2;
-    ms_scheduler_config_sd15(&t->m.scheduler_config);
-    ms_vae_config_sd15(&t->m.vae_config);
-    MsTorchRng g;
-    ms_torch_seed(&g, 11);
-    if (!check(ms_param_table_unet(c, &t->m.unet) == MS_OK && ms_param_table_alloc(&t->m.unet, NULL) == MS_OK &&
-               ms_param_table_text(x, &t->m.text) == MS_OK && ms_param_table_alloc(&t->m.text, NULL) == MS_OK &&
-               ms_pretrain_init_weights(&t->m.unet, &g) == MS_OK && ms_pretrain_init_weights(&t->m.text, &g) == MS_OK,
-               "tiny tables: %s", ms_last_error()))
-        return 0;
-    if (!check(ms_find_tokenizer(NULL, NULL, tokdir, sizeof tokdir, &shipped) == MS_OK &&
-               ms_clip_tokenizer_load(tokdir, &t->tok) == MS_OK, "tokenizer: %s", ms_last_error()))
-        return 0;
-    t->ok = 1;
-    return 1;
-}
-
-static void tiny_free(Tiny *t) {
-    if (t->ok) clip_tokenizer_free(&t->tok);
-    ms_model_free(&t->m);
-}
-
 static MsParamTable copy_table(const MsParamTable *src, int unet, const MsModel *m) {
     MsParamTable t;
     memset(&t, 0, sizeof t);
@@ -134,7 +50,7 @@ static void test_step_is_adamw(void) {
     MsPretrainer *p = NULL;
     const int B = 2, h = 8, w = 8, T = 77, D = 16;
     const size_t N = (size_t)B * 4 * h * w;
-    if (!tiny_model(&t)) { tiny_free(&t); return; }
+    if (!tiny_model(&t, 0)) { tiny_free(&t); return; }
     ms_pretrain_config_defaults(&pc);
     pc.warmup = 4;
     pc.lr = 2e-3;
@@ -383,7 +299,7 @@ static void test_command(void) {
     int rc = run_pretrain(a, 40, NULL, NULL, NULL, NULL);
     if (!check(rc == 0, "mixshow pretrain 40 steps: exit status %d", rc)) return;
     printf("  40 steps of the tiny config: %.1f s\n", ms_time() - t0);
-    if (check(read_losses(a, la, 40) == 40, "loss.csv has 40 rows")) {
+    if (check(read_losses(a, "loss.csv", la, 40) == 40, "loss.csv has 40 rows")) {
         double f5 = 0, l5 = 0;
         for (int i = 0; i < 5; i++) { f5 += la[i] / 5; l5 += la[35 + i] / 5; }
         check(l5 < 0.8 * f5, "loss falls: mean of steps 1-5 %.4f, of steps 36-40 %.4f (ratio %.3f, want < 0.8)", f5, l5,
@@ -404,7 +320,7 @@ static void test_command(void) {
     rc = run_pretrain(c, 40, "--resume", ck, "--lr", "1e-3");
     check(rc != 0 && strstr(ms_last_error(), "other options") != NULL, "resume with another lr refused: %s",
           ms_last_error());
-    if (check(read_losses(c, lc, 40) == 20, "resumed loss.csv has steps 21..40")) {
+    if (check(read_losses(c, "loss.csv", lc, 40) == 20, "resumed loss.csv has steps 21..40")) {
         int same = 1;
         for (int i = 20; i < 40; i++) same = same && la[i] == lc[i];
         check(same, "losses of steps 21..40 identical to the straight run");
@@ -429,15 +345,7 @@ static void test_command(void) {
         /* it samples */
         char png[700];
         snprintf(png, sizeof png, "%s/s.png", a);
-        char *argv[] = { "sample", "--model", pa, "-p", "a red circle above a blue square", "--steps", "3", "--seed", "1",
-                         "-o", png };
-        rc = cmd_sample((int)(sizeof argv / sizeof argv[0]), argv);
-        MsImage img;
-        if (check(rc == 0, "mixshow sample --model <pretrained folder>: exit status %d", rc) &&
-            check(ms_image_read(png, 3, &img) == MS_OK, "read %s: %s", png, ms_last_error())) {
-            check(img.w == 64 && img.h == 64, "sampled image 64x64 (got %dx%d)", img.w, img.h);
-            ms_image_free(&img);
-        }
+        check_sample_64(pa, "<pretrained folder>", png, "3");
     }
     /* --creatures 8 (two creatures, 4 renders each) join the 16 scenes, captioned "a creature, ...":
      * the written model keeps the token row of "creature", which no scene caption has (run a's

@@ -20,9 +20,7 @@
  *   - tools/ship_world.sh on that output: the F16 model and adapters (weights the F32 ones rounded,
  *     configs kept), README, --force; samples of the F16 copy within 2 of the F32 folder's pixels;
  *     regional keypose finds DEST/t2iadapter_openpose by default. */
-#include "test.h"
-
-#include "tools/tools.h"
+#include "pretrain_util.h"
 
 static const char *const TINY_FLAGS[] = { "--channels", "8,16", "--heads", "2,2", "--groups", "4", "--layers", "1",
                                           "--text-width", "16", "--text-layers", "1", "--text-heads", "2",
@@ -31,75 +29,24 @@ static const char *const TINY_FLAGS[] = { "--channels", "8,16", "--heads", "2,2"
                                           "--adapter-lr", "2e-3", "--adapter-warmup", "5", "-q" };
 #define N_TINY ((int)(sizeof TINY_FLAGS / sizeof TINY_FLAGS[0]))
 
-/* mixshow pretrain TINY_FLAGS --out dir --stage stage --steps 5 --adapter-steps n [e0 e1 e2 e3] */
+/* mixshow pretrain TINY_FLAGS --out dir --stage stage --steps 5 --adapter-steps n --checkpoint-every 8 or 100
+ * [e0 e1 e2 e3] */
 static int run_pretrain(const char *dir, const char *stage, int n, const char *e0, const char *e1, const char *e2,
                         const char *e3) {
-    char *argv[80], st[16], ck[16];
-    int k = 0;
+    char st[16];
     snprintf(st, sizeof st, "%d", n);
-    snprintf(ck, sizeof ck, "%d", n >= 16 ? 100 : 8);
-    argv[k++] = "pretrain";
-    for (int i = 0; i < N_TINY; i++) argv[k++] = (char *)TINY_FLAGS[i];
-    argv[k++] = "--out"; argv[k++] = (char *)dir;
-    argv[k++] = "--stage"; argv[k++] = (char *)stage;
-    argv[k++] = "--steps"; argv[k++] = "5";
-    argv[k++] = "--adapter-steps"; argv[k++] = st;
-    argv[k++] = "--checkpoint-every"; argv[k++] = ck;
-    if (e0) argv[k++] = (char *)e0;
-    if (e1) argv[k++] = (char *)e1;
-    if (e2) argv[k++] = (char *)e2;
-    if (e3) argv[k++] = (char *)e3;
-    argv[k] = NULL;
-    return cmd_pretrain(k, argv);
+    const char *opts[] = { "--stage", stage, "--steps", "5", "--adapter-steps", st, "--checkpoint-every", n >= 16 ? "100" : "8" };
+    return pretrain_run(TINY_FLAGS, N_TINY, dir, opts, 8, e0, e1, e2, e3);
 }
 
-typedef struct {
-    MsModel m;
-    ClipTokenizer tok;
-    AdapterConfig ac;
-    int ok;
-} Tiny;
-
-static void tiny_unet_cfg(UNetConfig *c) {
-    ms_unet_config_sd15(c);
-    c->sample_size = 8; c->n_blocks = 2;
-    c->down_block_types[0] = MS_BLOCK_CROSS_ATTN_DOWN; c->down_block_types[1] = MS_BLOCK_DOWN;
-    c->up_block_types[0] = MS_BLOCK_UP; c->up_block_types[1] = MS_BLOCK_CROSS_ATTN_UP;
-    c->block_out_channels[0] = 8; c->block_out_channels[1] = 16;
-    c->attention_head_dim[0] = c->attention_head_dim[1] = 2;
-    c->layers_per_block = 1; c->norm_num_groups = 4; c->cross_attention_dim = 16;
-}
-
-static int tiny_model(Tiny *t) {
-    char tokdir[1024];
-    int shipped;
-    memset(t, 0, sizeof *t);
-    ClipTextConfig *x = &t->m.text_config;
-    tiny_unet_cfg(&t->m.unet_config);
-    ms_clip_text_config_sd15(x);
-    x->hidden_size = 16; x->intermediate_size = 64; x->num_hidden_layers = 1; x->num_attention_heads = 2;
-    ms_scheduler_config_sd15(&t->m.scheduler_config);
-    ms_vae_config_sd15(&t->m.vae_config);
+/* the tiny model (CrossAttnDownBlock2D first) and an adapter of channels 8/16, 2 resnets per level,
+ * factor 8, that fits it */
+static int tiny_adapter_model(Tiny *t) {
+    if (!tiny_model(t, 1)) return 0;
     t->ac.adapter_type = MS_ADAPTER_FULL;
     t->ac.in_channels = 3; t->ac.n_channels = 2; t->ac.channels[0] = 8; t->ac.channels[1] = 16;
     t->ac.num_res_blocks = 2; t->ac.downscale_factor = 8;
-    MsTorchRng g;
-    ms_torch_seed(&g, 11);
-    if (!check(ms_param_table_unet(&t->m.unet_config, &t->m.unet) == MS_OK && ms_param_table_alloc(&t->m.unet, NULL) == MS_OK &&
-               ms_param_table_text(x, &t->m.text) == MS_OK && ms_param_table_alloc(&t->m.text, NULL) == MS_OK &&
-               ms_pretrain_init_weights(&t->m.unet, &g) == MS_OK && ms_pretrain_init_weights(&t->m.text, &g) == MS_OK,
-               "tiny tables: %s", ms_last_error()))
-        return 0;
-    if (!check(ms_find_tokenizer(NULL, NULL, tokdir, sizeof tokdir, &shipped) == MS_OK &&
-               ms_clip_tokenizer_load(tokdir, &t->tok) == MS_OK, "tokenizer: %s", ms_last_error()))
-        return 0;
-    t->ok = 1;
     return 1;
-}
-
-static void tiny_free(Tiny *t) {
-    if (t->ok) clip_tokenizer_free(&t->tok);
-    ms_model_free(&t->m);
 }
 
 /* a fresh adapter table, weights drawn from seed */
@@ -130,7 +77,7 @@ static void test_step_is_adamw(void) {
     MsAdapterTrainer *p = NULL;
     const int B = 2, h = 8, wl = 8, T = 77, H = 64, W = 64;
     const size_t N = (size_t)B * 4 * h * wl, nc = (size_t)3 * H * W;
-    if (!tiny_model(&t) || !adapter_table(&t.ac, &w, 21)) { tiny_free(&t); return; }
+    if (!tiny_adapter_model(&t) || !adapter_table(&t.ac, &w, 21)) { tiny_free(&t); return; }
     ms_pretrain_config_defaults(&pc);
     pc.warmup = 4;
     pc.lr = 2e-3;
@@ -292,7 +239,7 @@ static void test_step_is_adamw(void) {
         AdapterConfig ac = t.ac;
         MsAdapterTrainer *q = NULL;
         check(ms_adapter_fits_unet(&t.ac, &t.m.unet_config, "test") == MS_OK, "the tiny adapter fits the tiny UNet");
-        tiny_unet_cfg(&uc);
+        tiny_unet_cfg(&uc, 1);
         uc.down_block_types[0] = MS_BLOCK_DOWN; uc.down_block_types[1] = MS_BLOCK_CROSS_ATTN_DOWN;
         check(ms_adapter_fits_unet(&ac, &uc, "test") == MS_ERR_SHAPE, "a DownBlock2D first refused: %s", ms_last_error());
         ac.channels[1] = 12;
@@ -312,22 +259,6 @@ static void test_step_is_adamw(void) {
     free(frozen); free(m0); free(v0);
     ms_free_aligned(lat); ms_free_aligned(cond); ms_free_aligned(noise);
     tiny_free(&t);
-}
-
-/* the "loss" column of dir/adapters_loss.csv into l[step - 1]; returns the rows read */
-static int read_losses(const char *dir, double *l, int n) {
-    char path[700], line[512];
-    snprintf(path, sizeof path, "%s/adapters_loss.csv", dir);
-    FILE *f = fopen(path, "r");
-    int rows = 0;
-    if (!f) return 0;
-    while (fgets(line, sizeof line, f)) {
-        long long k;
-        double x;
-        if (sscanf(line, "%lld,%lf", &k, &x) == 2 && k >= 1 && k <= n) { l[k - 1] = x; rows++; }
-    }
-    fclose(f);
-    return rows;
 }
 
 /* the bytes of two files equal */
@@ -491,7 +422,7 @@ static void test_cli(void) {
     rc = run_pretrain(a, "adapters", 16, NULL, NULL, NULL, NULL);
     if (!check(rc == 0, "adapters stage 16 steps: exit status %d (%s)", rc, rc ? ms_last_error() : "")) return;
     printf("  16 adapter steps of the tiny config (both adapters, batch 2): %.1f s\n", ms_time() - t0);
-    check(read_losses(a, la, 16) == 16, "adapters_loss.csv has 16 rows");
+    check(read_losses(a, "adapters_loss.csv", la, 16) == 16, "adapters_loss.csv has 16 rows");
     rc = run_pretrain(b, "adapters", 8, NULL, NULL, NULL, NULL);
     check(rc == 0, "adapters stage 8 steps: exit status %d", rc);
     snprintf(ck, sizeof ck, "%s/adapters_checkpoint.safetensors", b);
@@ -499,7 +430,7 @@ static void test_cli(void) {
     check(rc != 0 && strstr(ms_last_error(), "other options") != NULL, "resume with another lr refused: %s", ms_last_error());
     rc = run_pretrain(c, "adapters", 16, "--resume", ck, NULL, NULL);
     check(rc == 0, "adapters stage --resume to 16: exit status %d (%s)", rc, rc ? ms_last_error() : "");
-    if (check(read_losses(c, lc, 16) == 8, "the resumed adapters_loss.csv has steps 9..16")) {
+    if (check(read_losses(c, "adapters_loss.csv", lc, 16) == 8, "the resumed adapters_loss.csv has steps 9..16")) {
         int same = 1;
         for (int i = 8; i < 16; i++) same = same && la[i] == lc[i];
         check(same, "losses of steps 9..16 identical to the straight run");

@@ -13,9 +13,7 @@
  *     from the folder's weights and the generator state of the final checkpoint;
  *   - `--stage all`: the unet stage takes DIR/vae (latent 32x32 of 64x64 scenes), DIR/model/vae
  *     holds its weights, and `mixshow sample` draws a 64x64 PNG from DIR/model. */
-#include "test.h"
-
-#include "tools/tools.h"
+#include "pretrain_util.h"
 
 static const char *const TINY_FLAGS[] = { "--vae-channels", "8,16", "--vae-groups", "4", "--vae-layers", "1",
                                           "--size", "64", "--vae-batch", "2", "--scenes", "4", "--vae-lr", "1e-2",
@@ -27,23 +25,13 @@ static const char *const TINY_FLAGS[] = { "--vae-channels", "8,16", "--vae-group
                                           "--adapter-steps", "3", "--adapter-batch", "2" };
 #define N_TINY ((int)(sizeof TINY_FLAGS / sizeof TINY_FLAGS[0]))
 
-/* mixshow pretrain TINY_FLAGS --out dir --stage stage --vae-steps n [extra...] */
+/* mixshow pretrain TINY_FLAGS --out dir --stage stage --vae-steps n --steps 4 --checkpoint-every 10 [extra...] */
 static int run_pretrain(const char *dir, const char *stage, int steps, const char *e0, const char *e1, const char *e2,
                         const char *e3) {
-    char *argv[80], st[16];
-    int n = 0;
+    char st[16];
     snprintf(st, sizeof st, "%d", steps);
-    argv[n++] = "pretrain";
-    for (int i = 0; i < N_TINY; i++) argv[n++] = (char *)TINY_FLAGS[i];
-    argv[n++] = "--out"; argv[n++] = (char *)dir;
-    argv[n++] = "--stage"; argv[n++] = (char *)stage;
-    argv[n++] = "--vae-steps"; argv[n++] = st;
-    argv[n++] = "--steps"; argv[n++] = "4";
-    argv[n++] = "--checkpoint-every"; argv[n++] = "10";
-    const char *e[4] = { e0, e1, e2, e3 };
-    for (int i = 0; i < 4; i++) if (e[i]) argv[n++] = (char *)e[i];
-    argv[n] = NULL;
-    return cmd_pretrain(n, argv);
+    const char *opts[] = { "--stage", stage, "--vae-steps", st, "--steps", "4", "--checkpoint-every", "10" };
+    return pretrain_run(TINY_FLAGS, N_TINY, dir, opts, 8, e0, e1, e2, e3);
 }
 
 static void tiny_cfg(VaeConfig *c) {
@@ -206,22 +194,6 @@ static void step_is_adamw(int mse) {
     ms_free_aligned(x); ms_free_aligned(noise);
 }
 
-/* vae_loss.csv -> loss[step - 1]; returns the rows read */
-static int read_losses(const char *dir, double *loss, int cap) {
-    char path[700], line[512];
-    int n = 0;
-    snprintf(path, sizeof path, "%s/vae_loss.csv", dir);
-    FILE *f = fopen(path, "r");
-    if (!f) return 0;
-    while (fgets(line, sizeof line, f)) {
-        long long k;
-        double l;
-        if (sscanf(line, "%lld,%lf", &k, &l) == 2 && k >= 1 && k <= cap) { loss[k - 1] = l; n++; }
-    }
-    fclose(f);
-    return n;
-}
-
 /* DIR/vae (config.json + weights) into c, t */
 static int load_vae(const char *dir, VaeConfig *c, MsParamTable *t) {
     char p[800];
@@ -233,15 +205,6 @@ static int load_vae(const char *dir, VaeConfig *c, MsParamTable *t) {
     snprintf(p, sizeof p, "%s/diffusion_pytorch_model.safetensors", dir);
     if (!s) s = ms_table_fill_file(t, p, 0, "vae", NULL);
     return check(s == MS_OK, "load %s: %s", dir, s ? ms_last_error() : "ok");
-}
-
-static int tables_equal(const MsParamTable *a, const MsParamTable *b) {
-    if (a->n != b->n) return 0;
-    for (int i = 0; i < a->n; i++)
-        if (!a->p[i].f32 || !b->p[i].f32 || a->p[i].numel != b->p[i].numel ||
-            memcmp(a->p[i].f32, b->p[i].f32, a->p[i].numel * sizeof(float)))
-            return 0;
-    return 1;
 }
 
 /* The generator state a pretrain checkpoint stores (torch_rng.mt, torch_rng.normal, ints). */
@@ -320,7 +283,7 @@ static void test_command(void) {
     int rc = run_pretrain(a, "vae", 40, NULL, NULL, NULL, NULL);
     if (!check(rc == 0, "mixshow pretrain --stage vae 40 steps: exit status %d", rc)) return;
     printf("  40 VAE steps of the tiny config: %.1f s\n", ms_time() - t0);
-    if (check(read_losses(a, la, 40) == 40, "vae_loss.csv has 40 rows")) {
+    if (check(read_losses(a, "vae_loss.csv", la, 40) == 40, "vae_loss.csv has 40 rows")) {
         double f5 = 0, l5 = 0;
         for (int i = 0; i < 5; i++) { f5 += la[i] / 5; l5 += la[35 + i] / 5; }
         check(l5 < 0.8 * f5, "vae loss falls: mean of steps 1-5 %.4f, of steps 36-40 %.4f (ratio %.3f, want < 0.8)", f5,
@@ -340,7 +303,7 @@ static void test_command(void) {
           ms_last_error());
     rc = run_pretrain(c, "vae", 40, "--resume", ck, NULL, NULL);
     check(rc == 0, "--stage vae --resume to 40: exit status %d", rc);
-    if (check(read_losses(c, lc, 40) == 20, "resumed vae_loss.csv has steps 21..40")) {
+    if (check(read_losses(c, "vae_loss.csv", lc, 40) == 20, "resumed vae_loss.csv has steps 21..40")) {
         int same = 1;
         for (int i = 20; i < 40; i++) same = same && la[i] == lc[i];
         check(same, "losses of steps 21..40 identical to the straight run");
@@ -351,7 +314,7 @@ static void test_command(void) {
         memset(&ta, 0, sizeof ta); memset(&tc, 0, sizeof tc);
         snprintf(pa, sizeof pa, "%s/vae", a); snprintf(pc, sizeof pc, "%s/vae", c);
         if (load_vae(pa, &ca, &ta) && load_vae(pc, &cc, &tc))
-            check(tables_equal(&ta, &tc) && ca.scaling_factor == cc.scaling_factor && ca.n_blocks == 2 &&
+            check(tables_equal(&ta, &tc, NULL) && ca.scaling_factor == cc.scaling_factor && ca.n_blocks == 2 &&
                   ca.block_out_channels[1] == 16 && ca.norm_num_groups == 4 && ca.sample_size == 64,
                   "resumed run's DIR/vae == straight run's (every weight bitwise, scaling_factor %.7g, configs)",
                   (double)cc.scaling_factor);
@@ -381,7 +344,8 @@ static void test_command(void) {
               ms_last_error());
         rc = run_pretrain(g, "vae", 12, "--resume", ck, "--vae-crop", "32");
         if (check(rc == 0, "--vae-crop 32: 6 steps, then --resume to 12: exit status %d", rc) &&
-            check(read_losses(e, le, 12) == 12 && read_losses(g, lg, 12) == 6, "both vae_loss.csv read")) {
+            check(read_losses(e, "vae_loss.csv", le, 12) == 12 && read_losses(g, "vae_loss.csv", lg, 12) == 6,
+                  "both vae_loss.csv read")) {
             int same = 1, fin = 1;
             for (int i = 6; i < 12; i++) same = same && le[i] == lg[i];   /* rows by step */
             for (int i = 0; i < 12; i++) fin = fin && isfinite(le[i]) && le[i] > 0;
@@ -397,7 +361,8 @@ static void test_command(void) {
             rc = run_pretrain(h, "vae", 3, "--vae-crop", "32", "--vae-crop-at", "objects");
             rc = rc || run_pretrain(i2, "vae", 3, "--vae-crop", "32", "--vae-crop-at", "objects");
             if (check(rc == 0, "--vae-crop 32 --vae-crop-at objects, twice 3 steps: exit status %d", rc) &&
-                check(read_losses(h, lh, 12) == 3 && read_losses(i2, li, 12) == 3, "both vae_loss.csv read"))
+                check(read_losses(h, "vae_loss.csv", lh, 12) == 3 && read_losses(i2, "vae_loss.csv", li, 12) == 3,
+                      "both vae_loss.csv read"))
                 check(lh[0] != le[0] && lh[0] == li[0] && lh[2] == li[2], "object windows: step 1 loss %.6f != uniform windows' "
                       "%.6f; two runs identical", lh[0], le[0]);
 #if !defined(_WIN32)
@@ -422,7 +387,7 @@ static void test_command(void) {
         memset(&tv, 0, sizeof tv);
         snprintf(pa, sizeof pa, "%s/model", d); snprintf(pc, sizeof pc, "%s/vae", d);
         if (load_vae(pc, &cv, &tv) && check(ms_model_load(pa, NULL, &m) == MS_OK, "load %s: %s", pa, ms_last_error())) {
-            check(tables_equal(&m.vae, &tv) && m.vae_config.scaling_factor == cv.scaling_factor &&
+            check(tables_equal(&m.vae, &tv, NULL) && m.vae_config.scaling_factor == cv.scaling_factor &&
                   m.unet_config.sample_size == 32, "DIR/model has DIR/vae (weights bitwise, scaling_factor %.7g) and "
                   "its UNet 32x32 latents (got %d)", (double)m.vae_config.scaling_factor, m.unet_config.sample_size);
             ms_model_free(&m);
@@ -436,15 +401,7 @@ static void test_command(void) {
         }
         char png[700];
         snprintf(png, sizeof png, "%s/s.png", d);
-        char *argv[] = { "sample", "--model", pa, "-p", "a red circle above a blue square", "--steps", "2", "--seed", "1",
-                         "-o", png };
-        rc = cmd_sample((int)(sizeof argv / sizeof argv[0]), argv);
-        MsImage img;
-        if (check(rc == 0, "mixshow sample --model DIR/model: exit status %d", rc) &&
-            check(ms_image_read(png, 3, &img) == MS_OK, "read %s: %s", png, ms_last_error())) {
-            check(img.w == 64 && img.h == 64, "sampled image 64x64 (got %dx%d)", img.w, img.h);
-            ms_image_free(&img);
-        }
+        check_sample_64(pa, "DIR/model", png, "2");
     }
 #if !defined(_WIN32)
     {
