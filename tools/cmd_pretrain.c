@@ -550,15 +550,40 @@ static void pre_progress(const char *label, int64_t k, int64_t k0, int64_t n, do
 }
 
 /* ---- one stage's training loop ---- */
+/* --resume FILE of a stage: its state, step (*k) and generator from the checkpoint, said on stderr
+ * ("pretrain: <what>resumed at step K from FILE"); without one, *k = 0 and nothing else changes. */
+static MsStatus pre_resume(const char *resume, const char *what, const PreState *st, MsTorchRng *g, const char *recipe,
+                           int64_t *k) {
+    *k = 0;
+    if (!resume) return MS_OK;
+    MsStatus s = pre_load(resume, st, k, g, recipe);
+    if (!s) fprintf(stderr, "pretrain: %sresumed at step %lld from %s\n", what, (long long)*k, resume);
+    return s;
+}
+
+static int pre_exists(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (f) fclose(f);
+    return f != NULL;
+}
+
+/* An output of stage `label` that exists already is refused (before training, not after). */
+static MsStatus pre_fresh(const char *path, const char *label) {
+    if (!pre_exists(path)) return MS_OK;
+    return ms_errorf(MS_ERR_ARG, "pretrain: %s already exists (the %s stage writes it)", path, label);
+}
+
 /* Every stage runs through pre_loop: optimizer steps until `steps`, a row of csv per step
  * ("step,loss,<the stage's columns>,seconds"), progress with the mean loss of the last 20 steps
- * and an ETA, an atomic checkpoint every ckpt_every steps and at the end, then the svg. A stage
- * resuming has loaded its checkpoint before: the loop starts at its step count, and the csv keeps
- * its rows up to there. */
+ * and an ETA, an atomic checkpoint every --checkpoint-every steps and at the end, then the svg.
+ * Its files are DIR/<prefix>loss.csv, <prefix>loss.svg and <prefix>checkpoint.safetensors. A
+ * stage resuming has loaded its checkpoint before: the loop starts at its step count, and the
+ * csv keeps its rows up to there. */
 typedef struct {
     const char *label, *columns;        /* "vae"; the stage's csv columns after "step,loss," */
-    char csv[2400], svg[2400], ckpt[2400];
-    int64_t steps, ckpt_every;
+    int64_t steps;
+    char csv[2400], svg[2400], ckpt[2400];  /* pre_loop fills these and the rest from the args */
+    int64_t ckpt_every;
     int quiet;
     void *ctx;
     int64_t (*count)(void *ctx);                                        /* steps done */
@@ -566,7 +591,11 @@ typedef struct {
     MsStatus (*save)(void *ctx, const char *path);                      /* checkpoint */
 } PreLoop;
 
-static MsStatus pre_loop(PreLoop *L) {
+static MsStatus pre_loop(PreLoop *L, const PreArgs *a, const char *prefix) {
+    snprintf(L->csv, sizeof L->csv, "%s/%sloss.csv", a->out, prefix);
+    snprintf(L->svg, sizeof L->svg, "%s/%sloss.svg", a->out, prefix);
+    snprintf(L->ckpt, sizeof L->ckpt, "%s/%scheckpoint.safetensors", a->out, prefix);
+    L->ckpt_every = a->ckpt_every; L->quiet = a->quiet;
     const int64_t k0 = L->count(L->ctx);
     const int tty = !L->quiet && stderr_tty();
     double *losses = (double *)calloc((size_t)L->steps + 1, sizeof(double));
@@ -613,12 +642,6 @@ done:
     if (csv) fclose(csv);
     free(losses);
     return s;
-}
-
-static int pre_exists(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (f) fclose(f);
-    return f != NULL;
 }
 
 /* ---- the vae stage ---- */
@@ -777,6 +800,7 @@ static MsStatus stage_vae(const PreArgs *a, const char *resume) {
     MsParamTable w;
     VaeRun r;
     PreLoop L;
+    int64_t k0;                         /* the step resumed at (0: none) */
     VaeParams vp;
     VaeSizes vz;
     Arena ar;
@@ -806,14 +830,10 @@ static MsStatus stage_vae(const PreArgs *a, const char *resume) {
              C, a->vae_crop_objects ? " crop_at=objects" : "", a->vae_batch, a->scenes, (unsigned long long)a->world_seed, (unsigned long long)a->seed, a->vpc.lr,
              (long long)a->vpc.warmup, a->vpc.beta1, a->vpc.beta2, a->vpc.adam_eps, a->vpc.weight_decay, a->vpc.kl_weight,
              a->vpc.mse, (unsigned long long)pre_tables_hash(&r.st), vc.norm_num_groups, vc.latent_channels);
-    if (resume) {
-        int64_t k = 0;
-        if ((s = pre_load(resume, &r.st, &k, r.g, r.recipe))) goto done;
-        ms_vae_pretrainer_set_step(r.p, k);
-        fprintf(stderr, "pretrain: vae stage resumed at step %lld from %s\n", (long long)k, resume);
-    }
-    snprintf(out, sizeof out, "%s/vae", a->out);          /* refused before training, not after */
-    if (pre_exists(out)) { s = ms_errorf(MS_ERR_ARG, "pretrain: %s already exists (the vae stage writes it)", out); goto done; }
+    if ((s = pre_resume(resume, "vae stage ", &r.st, r.g, r.recipe, &k0))) goto done;
+    ms_vae_pretrainer_set_step(r.p, k0);
+    snprintf(out, sizeof out, "%s/vae", a->out);
+    if ((s = pre_fresh(out, "vae"))) goto done;
     if (!a->quiet)
         fprintf(stderr, "pretrain: vae stage: AutoencoderKL %zu parameters (%d blocks, %d..%d channels, factor %d, latent "
                 "%dx%dx%d, %d groups), %s + %g KL; %d scenes %dx%d of world seed %llu, batch %d (%dx%d windows), %lld steps, output %s\n",
@@ -821,13 +841,9 @@ static MsStatus stage_vae(const PreArgs *a, const char *resume) {
                 1 << (vc.n_blocks - 1), vc.latent_channels, S >> (vc.n_blocks - 1), S >> (vc.n_blocks - 1),
                 vc.norm_num_groups, a->vpc.mse ? "MSE" : "L1", a->vpc.kl_weight, a->scenes, S, S,
                 (unsigned long long)a->world_seed, a->vae_batch, C, C, (long long)a->vae_steps, out);
-    L.label = "vae"; L.columns = "rec,kl,lr";
-    snprintf(L.csv, sizeof L.csv, "%s/vae_loss.csv", a->out);
-    snprintf(L.svg, sizeof L.svg, "%s/vae_loss.svg", a->out);
-    snprintf(L.ckpt, sizeof L.ckpt, "%s/vae_checkpoint.safetensors", a->out);
-    L.steps = a->vae_steps; L.ckpt_every = a->ckpt_every; L.quiet = a->quiet;
+    L.label = "vae"; L.columns = "rec,kl,lr"; L.steps = a->vae_steps;
     L.ctx = &r; L.count = vae_count; L.step = vae_step; L.save = vae_save;
-    if ((s = pre_loop(&L))) goto done;
+    if ((s = pre_loop(&L, a, "vae_"))) goto done;
     /* scaling_factor, held-out PSNR, the folder */
     {
         double ph = 0.0, pt = 0.0;
@@ -934,6 +950,7 @@ static MsStatus stage_unet(const PreArgs *a, const char *resume) {
     PreData d;
     UnetRun r;
     PreLoop L;
+    int64_t k0;                         /* the step resumed at (0: none) */
     char vae_dir[2048], tok_dir[2048], path[2400];
     int tok_ok = 0, shipped = 0;
     MsStatus s = MS_OK;
@@ -979,14 +996,10 @@ static MsStatus stage_unet(const PreArgs *a, const char *resume) {
     if (!r.lat || !r.caps) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done; }
     for (int b = 0; b < a->batch; b++)
         if (!(r.caps[b] = (char *)malloc(1024))) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done; }
-    if (resume) {
-        int64_t k = 0;
-        if ((s = pre_load(resume, &r.st, &k, r.g, r.recipe))) goto done;
-        ms_pretrainer_set_step(r.p, k);
-        fprintf(stderr, "pretrain: resumed at step %lld from %s\n", (long long)k, resume);
-    }
-    snprintf(path, sizeof path, "%s/model", a->out);       /* refused before training, not after */
-    if (pre_exists(path)) { s = ms_errorf(MS_ERR_ARG, "pretrain: %s already exists (the unet stage writes it)", path); goto done; }
+    if ((s = pre_resume(resume, "", &r.st, r.g, r.recipe, &k0))) goto done;
+    ms_pretrainer_set_step(r.p, k0);
+    snprintf(path, sizeof path, "%s/model", a->out);
+    if ((s = pre_fresh(path, "unet"))) goto done;
     if (!a->quiet) {
         const UNetConfig *u = &m.unet_config;
         fprintf(stderr, "pretrain: UNet %zu parameters (%d blocks, %d..%d channels, latent %dx%d), text encoder %zu "
@@ -996,13 +1009,9 @@ static MsStatus stage_unet(const PreArgs *a, const char *resume) {
                 m.text_config.hidden_size, m.text_config.num_hidden_layers, vae_dir, a->scenes, a->creatures, a->size, a->size,
                 (unsigned long long)a->world_seed, a->batch, (long long)a->steps, a->out);
     }
-    L.label = "unet"; L.columns = "lr";
-    snprintf(L.csv, sizeof L.csv, "%s/loss.csv", a->out);
-    snprintf(L.svg, sizeof L.svg, "%s/loss.svg", a->out);
-    snprintf(L.ckpt, sizeof L.ckpt, "%s/checkpoint.safetensors", a->out);
-    L.steps = a->steps; L.ckpt_every = a->ckpt_every; L.quiet = a->quiet;
+    L.label = "unet"; L.columns = "lr"; L.steps = a->steps;
     L.ctx = &r; L.count = unet_count; L.step = unet_step; L.save = unet_save;
-    if ((s = pre_loop(&L))) goto done;
+    if ((s = pre_loop(&L, a, ""))) goto done;
     {   /* the written model only (the checkpoint keeps every row): rows no caption reaches zeroed */
         const int V = m.text_config.vocab_size;
         unsigned char *used = (unsigned char *)calloc((size_t)V, 1);
@@ -1128,6 +1137,7 @@ static MsStatus stage_adapters(const PreArgs *a, const char *resume) {
     ClipTokenizer tok;
     AdapterRun r;
     PreLoop L;
+    int64_t k0;                         /* the step resumed at (0: none) */
     AdapterConfig ac[2];
     MsParamTable w[2];
     VaeSizes vz;
@@ -1206,17 +1216,13 @@ static MsStatus stage_adapters(const PreArgs *a, const char *resume) {
              a->apc.beta1, a->apc.beta2, a->apc.adam_eps, a->apc.weight_decay, a->apc.uncond_p,
              (unsigned long long)pre_tables_hash(&r.st),
              (unsigned long long)ad_weights_hash(&m.vae, ad_weights_hash(&m.text, ad_weights_hash(&m.unet, 1469598103934665603ull))));
-    if (resume) {
-        int64_t k = 0;
-        if ((s = pre_load(resume, &r.st, &k, r.g, r.recipe))) goto done;
-        ms_adapter_trainer_set_step(r.p[0], k);
-        ms_adapter_trainer_set_step(r.p[1], k);
-        fprintf(stderr, "pretrain: adapters stage resumed at step %lld from %s\n", (long long)k, resume);
-    }
+    if ((s = pre_resume(resume, "adapters stage ", &r.st, r.g, r.recipe, &k0))) goto done;
+    ms_adapter_trainer_set_step(r.p[0], k0);
+    ms_adapter_trainer_set_step(r.p[1], k0);
     snprintf(dir, sizeof dir, "%s/adapters", a->out);
-    for (int k = 0; k < 2; k++) {                          /* refused before training, not after */
+    for (int k = 0; k < 2; k++) {
         snprintf(out[k], sizeof out[k], "%s/%s", dir, names[k]);
-        if (pre_exists(out[k])) { s = ms_errorf(MS_ERR_ARG, "pretrain: %s already exists (the adapters stage writes it)", out[k]); goto done; }
+        if ((s = pre_fresh(out[k], "adapters"))) goto done;
     }
     if (!a->quiet)
         fprintf(stderr, "pretrain: adapters stage: pose %zu and sketch %zu parameters (channels %d..%d, %d resnets per level, "
@@ -1224,13 +1230,9 @@ static MsStatus stage_adapters(const PreArgs *a, const char *resume) {
                 "output %s\n", ms_param_table_numel(&w[0]), ms_param_table_numel(&w[1]), ac[0].channels[0],
                 ac[0].channels[ac[0].n_channels - 1], a->ad_res, f, model, a->scenes, a->scenes, S, S,
                 (unsigned long long)a->world_seed, a->ad_batch, (long long)a->ad_steps, dir);
-    L.label = "adapters"; L.columns = "pose,sketch,lr";
-    snprintf(L.csv, sizeof L.csv, "%s/adapters_loss.csv", a->out);
-    snprintf(L.svg, sizeof L.svg, "%s/adapters_loss.svg", a->out);
-    snprintf(L.ckpt, sizeof L.ckpt, "%s/adapters_checkpoint.safetensors", a->out);
-    L.steps = a->ad_steps; L.ckpt_every = a->ckpt_every; L.quiet = a->quiet;
+    L.label = "adapters"; L.columns = "pose,sketch,lr"; L.steps = a->ad_steps;
     L.ctx = &r; L.count = ad_count; L.step = ad_step; L.save = ad_save;
-    if ((s = pre_loop(&L))) goto done;
+    if ((s = pre_loop(&L, a, "adapters_"))) goto done;
     if (!pre_mkdir(dir)) { s = ms_errorf(MS_ERR_IO, "%s: cannot create the folder", dir); goto done; }
     for (int k = 0; k < 2; k++)
         if ((s = ms_write_adapter_folder(&ac[k], &w[k], out[k]))) goto done;
