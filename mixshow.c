@@ -869,26 +869,84 @@ static double pre_lr(double lr, int64_t warmup, int64_t k) {
     return warmup > 0 && k < warmup ? lr * (double)k / (double)warmup : lr;
 }
 
+/* What both trainers of the epsilon objective (MsPretrainer, MsAdapterTrainer) hold: the DDPM
+ * scheduler, the UNet's and the text encoder's parameters and activations, and a step's draws,
+ * noisy latents, prediction, its gradient and token ids. */
+typedef struct {
+    int B, C, h, w;                     /* batch, latents (C,h,w) */
+    MsScheduler *sch;
+    UNetParams up;                      /* over the model's UNet weights */
+    ClipTextParams tp;
+    int up_ok, ua_ok;
+    Arena uacts, uscr, tar;
+    UNetActs ua;
+    ClipTextActs ta;
+    float *noise, *noisy, *pred, *dpred;    /* (B,C,h,w) */
+    int64_t ts[64];
+    unsigned char drop[64];
+    int32_t *ids;                       /* (B, 77) */
+} PreEps;
+
+static void pre_eps_free(PreEps *e) {
+    if (e->ua_ok) unet_acts_free(&e->ua);
+    if (e->up_ok) unet_params_free(&e->up);
+    arena_free(&e->uacts); arena_free(&e->uscr); arena_free(&e->tar);
+    ms_free_aligned(e->noise); ms_free_aligned(e->noisy); ms_free_aligned(e->pred); ms_free_aligned(e->dpred);
+    free(e->ids);
+    free(e->sch);
+}
+
+/* e (zeroed) for B latents (C,h,w) of model m, the text encoder's activations kept as text_mode
+ * (CLIP_INFER, CLIP_TRAIN_KEEP) says; `what` begins the out-of-memory error. The caller frees e with
+ * pre_eps_free, after a failure too. */
+static MsStatus pre_eps_init(PreEps *e, const MsModel *m, int B, int h, int w, int text_mode, const char *what) {
+    const UNetConfig *uc = &m->unet_config;
+    const ClipTextConfig *tc = &m->text_config;
+    UNetSizes sz;
+    MsStatus s;
+    e->B = B; e->C = uc->in_channels; e->h = h; e->w = w;
+    const size_t nlat = (size_t)B * e->C * h * w;
+    if (!(e->sch = (MsScheduler *)malloc(sizeof *e->sch))) return ms_errorf(MS_ERR_NOMEM, "%s: out of memory", what);
+    if ((s = ms_scheduler_init(e->sch, MS_SCHED_DDPM, &m->scheduler_config, MS_TORCH_CPU_AVX2))) return s;
+    if ((s = unet_params_init(&e->up, uc, &m->unet))) return s;
+    e->up_ok = 1;
+    if ((s = clip_text_params(&e->tp, &m->text, tc))) return s;
+    if ((s = unet_sizes(uc, B, h, w, PRE_T, 1, &sz)) || (s = arena_init(&e->uacts, sz.acts_bytes)) ||
+        (s = arena_init(&e->uscr, sz.scratch_bytes)) || (s = unet_acts_init(&e->ua, uc, B, h, w, PRE_T, 1, &e->uacts, &e->uscr)))
+        return s;
+    e->ua_ok = 1;
+    if ((s = arena_init(&e->tar, clip_text_sizes(tc, B, PRE_T, 0, text_mode))) ||
+        (s = clip_text_acts_alloc(&e->ta, &e->tar, tc, B, PRE_T, 0, text_mode)))
+        return s;
+    e->noise = (float *)ms_alloc_aligned(nlat, sizeof(float));
+    e->noisy = (float *)ms_alloc_aligned(nlat, sizeof(float));
+    e->pred = (float *)ms_alloc_aligned(nlat, sizeof(float));
+    e->dpred = (float *)ms_alloc_aligned(nlat, sizeof(float));
+    e->ids = (int32_t *)malloc((size_t)B * PRE_T * sizeof(int32_t));
+    if (!e->noise || !e->noisy || !e->pred || !e->dpred || !e->ids) return ms_errorf(MS_ERR_NOMEM, "%s: out of memory", what);
+    return MS_OK;
+}
+
+/* The end of a step: the report's draws and token ids are the step's (valid until the next one). */
+static void pre_eps_report(const PreEps *e, MsPretrainReport *rep) {
+    rep->used.drop = e->drop;
+    rep->used.timesteps = e->ts;
+    rep->used.noise = e->noise;
+    rep->ids = e->ids;
+}
+
 struct MsPretrainer {
     MsPretrainConfig cfg;
     MsModel *m;
     const ClipTokenizer *tok;
-    int B, C, h, w;
-    MsScheduler *sch;
-    UNetParams up, dup;                 /* weights, gradients (dup over gu) */
-    ClipTextParams tp, dtp;
+    PreEps e;                           /* scheduler, UNet and text encoder, the step's buffers */
+    UNetParams dup;                     /* gradients (over gu) */
+    ClipTextParams dtp;
     MsParamTable gu, gt;                /* gradient tables, the weights' layout */
     float *mom_m, *mom_v;               /* (nu + nt) AdamW moments: UNet block, then text block */
     size_t nu, nt;                      /* floats in each block */
-    int up_ok, dup_ok;
-    Arena uacts, uscr, tar;
-    UNetActs ua;
-    int ua_ok;
-    ClipTextActs ta;
-    float *noise, *noisy, *pred, *dpred, *dctx;   /* (B,C,h,w) x4, (B,77,D) */
-    int64_t ts[64];
-    unsigned char drop[64];
-    int32_t *ids;                       /* (B, 77) */
+    int dup_ok;
+    float *dctx;                        /* (B,77,D) */
     int64_t step;
 };
 
@@ -915,16 +973,11 @@ static MsStatus pre_block(MsParamTable *t, const char *what) {
 
 void ms_pretrainer_free(MsPretrainer *p) {
     if (!p) return;
-    if (p->ua_ok) unet_acts_free(&p->ua);
-    if (p->up_ok) unet_params_free(&p->up);
+    pre_eps_free(&p->e);
     if (p->dup_ok) unet_params_free(&p->dup);
     ms_param_table_free(&p->gu); ms_param_table_free(&p->gt);
-    arena_free(&p->uacts); arena_free(&p->uscr); arena_free(&p->tar);
     ms_free_aligned(p->mom_m); ms_free_aligned(p->mom_v);
-    ms_free_aligned(p->noise); ms_free_aligned(p->noisy); ms_free_aligned(p->pred); ms_free_aligned(p->dpred);
     ms_free_aligned(p->dctx);
-    free(p->ids);
-    free(p->sch);
     free(p);
 }
 
@@ -934,7 +987,6 @@ MsStatus ms_pretrainer_create(MsPretrainer **out, MsModel *m, const ClipTokenize
     const ClipTextConfig *tc = &m->text_config;
     MsPretrainer *p;
     MsStatus s;
-    UNetSizes sz;
     *out = NULL;
     if (B < 1 || B > 64 || h < 1 || w < 1) return ms_errorf(MS_ERR_ARG, "pretrain: batch %d (1..64), latent %dx%d", B, h, w);
     if (uc->cross_attention_dim != tc->hidden_size)
@@ -949,13 +1001,10 @@ MsStatus ms_pretrainer_create(MsPretrainer **out, MsModel *m, const ClipTokenize
     if ((s = pre_block(&m->unet, "UNet")) || (s = pre_block(&m->text, "text encoder"))) return s;
     p = (MsPretrainer *)calloc(1, sizeof *p);
     if (!p) return ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory");
-    p->cfg = *c; p->m = m; p->tok = tok; p->B = B; p->C = uc->in_channels; p->h = h; p->w = w;
-    const size_t nlat = (size_t)B * p->C * h * w, nctx = (size_t)B * PRE_T * tc->hidden_size;
+    p->cfg = *c; p->m = m; p->tok = tok;
+    const size_t nctx = (size_t)B * PRE_T * tc->hidden_size;
     p->nu = m->unet.mem_bytes / sizeof(float);
     p->nt = m->text.mem_bytes / sizeof(float);
-    p->sch = (MsScheduler *)malloc(sizeof *p->sch);
-    if (!p->sch) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto fail; }
-    if ((s = ms_scheduler_init(p->sch, MS_SCHED_DDPM, &m->scheduler_config, MS_TORCH_CPU_AVX2))) goto fail;
     if ((s = ms_param_table_unet(uc, &p->gu)) || (s = ms_param_table_alloc(&p->gu, NULL)) ||
         (s = ms_param_table_text(tc, &p->gt)) || (s = ms_param_table_alloc(&p->gt, NULL)))
         goto fail;
@@ -964,27 +1013,14 @@ MsStatus ms_pretrainer_create(MsPretrainer **out, MsModel *m, const ClipTokenize
     }
     memset(p->gu.mem, 0, p->gu.mem_bytes);
     memset(p->gt.mem, 0, p->gt.mem_bytes);
-    if ((s = unet_params_init(&p->up, uc, &m->unet))) goto fail;
-    p->up_ok = 1;
+    if ((s = pre_eps_init(&p->e, m, B, h, w, CLIP_TRAIN_KEEP, "pretrain"))) goto fail;
     if ((s = unet_params_init(&p->dup, uc, &p->gu))) goto fail;
     p->dup_ok = 1;
-    if ((s = clip_text_params(&p->tp, &m->text, tc)) || (s = clip_text_params(&p->dtp, &p->gt, tc))) goto fail;
-    if ((s = unet_sizes(uc, B, h, w, PRE_T, 1, &sz)) || (s = arena_init(&p->uacts, sz.acts_bytes)) ||
-        (s = arena_init(&p->uscr, sz.scratch_bytes)) || (s = unet_acts_init(&p->ua, uc, B, h, w, PRE_T, 1, &p->uacts, &p->uscr)))
-        goto fail;
-    p->ua_ok = 1;
-    if ((s = arena_init(&p->tar, clip_text_sizes(tc, B, PRE_T, 0, CLIP_TRAIN_KEEP))) ||
-        (s = clip_text_acts_alloc(&p->ta, &p->tar, tc, B, PRE_T, 0, CLIP_TRAIN_KEEP)))
-        goto fail;
+    if ((s = clip_text_params(&p->dtp, &p->gt, tc))) goto fail;
     p->mom_m = (float *)ms_alloc_aligned(p->nu + p->nt, sizeof(float));
     p->mom_v = (float *)ms_alloc_aligned(p->nu + p->nt, sizeof(float));
-    p->noise = (float *)ms_alloc_aligned(nlat, sizeof(float));
-    p->noisy = (float *)ms_alloc_aligned(nlat, sizeof(float));
-    p->pred = (float *)ms_alloc_aligned(nlat, sizeof(float));
-    p->dpred = (float *)ms_alloc_aligned(nlat, sizeof(float));
     p->dctx = (float *)ms_alloc_aligned(nctx, sizeof(float));
-    p->ids = (int32_t *)malloc((size_t)B * PRE_T * sizeof(int32_t));
-    if (!p->mom_m || !p->mom_v || !p->noise || !p->noisy || !p->pred || !p->dpred || !p->dctx || !p->ids) {
+    if (!p->mom_m || !p->mom_v || !p->dctx) {
         s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto fail;
     }
     memset(p->mom_m, 0, (p->nu + p->nt) * sizeof(float));
@@ -1050,28 +1086,29 @@ static MsStatus pre_eps_loss(const float *pred, const float *noise, float *dpred
 MsStatus ms_pretrain_step(MsPretrainer *p, const float *latents, const char *const *captions,
                           const MsPretrainDraws *dr, MsTorchRng *g, MsPretrainReport *rep) {
     const MsPretrainConfig *c = &p->cfg;
-    const int B = p->B;
-    const size_t M = (size_t)p->C * p->h * p->w, N = (size_t)B * M, nctx = (size_t)B * PRE_T * p->m->text_config.hidden_size;
+    PreEps *e = &p->e;
+    const int B = e->B;
+    const size_t M = (size_t)e->C * e->h * e->w, N = (size_t)B * M, nctx = (size_t)B * PRE_T * p->m->text_config.hidden_size;
     const int64_t k = p->step + 1;
     float tf[64];
     MsStatus s;
     memset(rep, 0, sizeof *rep);
     /* 1. draws */
-    if ((s = pre_draws(p->drop, p->ts, tf, p->noise, B, N, p->sch, c->uncond_p, dr, g, k))) return s;
+    if ((s = pre_draws(e->drop, e->ts, tf, e->noise, B, N, e->sch, c->uncond_p, dr, g, k))) return s;
     /* 2. noisy latents */
-    if ((s = ms_scheduler_add_noise(p->sch, p->noisy, latents, p->noise, p->ts, B, M))) return s;
+    if ((s = ms_scheduler_add_noise(e->sch, e->noisy, latents, e->noise, e->ts, B, M))) return s;
     /* 3. text encoder */
-    if ((s = pre_encode_captions(p->tok, p->drop, captions, B, p->ids, &p->ta, &p->tp, &p->m->text_config))) return s;
+    if ((s = pre_encode_captions(p->tok, e->drop, captions, B, e->ids, &e->ta, &e->tp, &p->m->text_config))) return s;
     /* 4. UNet */
-    if ((s = unet_forward(p->pred, &p->ua, p->noisy, tf, p->ta.out, NULL, NULL, &p->up, NULL))) return s;
+    if ((s = unet_forward(e->pred, &e->ua, e->noisy, tf, e->ta.out, NULL, NULL, &e->up, NULL))) return s;
     /* 5. loss */
-    if ((s = pre_eps_loss(p->pred, p->noise, p->dpred, N, "pretrain step", k, &rep->loss))) return s;
+    if ((s = pre_eps_loss(e->pred, e->noise, e->dpred, N, "pretrain step", k, &rep->loss))) return s;
     /* 6. every gradient */
     memset(p->gu.mem, 0, p->gu.mem_bytes);
     memset(p->gt.mem, 0, p->gt.mem_bytes);
     memset(p->dctx, 0, nctx * sizeof(float));
-    if ((s = unet_backward_full(&p->ua, &p->up, NULL, NULL, &p->dup, p->dpred, p->dctx, NULL))) return s;
-    if ((s = clip_text_backward_full(NULL, NULL, &p->dtp, p->dctx, &p->ta, &p->tp, NULL, p->ids, 0, &p->m->text_config)))
+    if ((s = unet_backward_full(&e->ua, &e->up, NULL, NULL, &p->dup, e->dpred, p->dctx, NULL))) return s;
+    if ((s = clip_text_backward_full(NULL, NULL, &p->dtp, p->dctx, &e->ta, &e->tp, NULL, e->ids, 0, &p->m->text_config)))
         return s;
     if (!train_finite((const float *)p->gu.mem, p->nu) || !train_finite((const float *)p->gt.mem, p->nt))
         return ms_errorf(MS_ERR_FORMAT, "pretrain step %lld: a gradient is not finite (loss %g)", (long long)k, rep->loss);
@@ -1082,10 +1119,7 @@ MsStatus ms_pretrain_step(MsPretrainer *p, const float *latents, const char *con
     ms_adamw_step((float *)p->m->text.mem, (const float *)p->gt.mem, p->mom_m + p->nu, p->mom_v + p->nu, p->nt, k,
                   rep->lr, c->weight_decay, c->beta1, c->beta2, c->adam_eps);
     p->step = k;
-    rep->used.drop = p->drop;
-    rep->used.timesteps = p->ts;
-    rep->used.noise = p->noise;
-    rep->ids = p->ids;
+    pre_eps_report(e, rep);
     return MS_OK;
 }
 
@@ -1290,35 +1324,22 @@ struct MsAdapterTrainer {
     MsParamTable *w, g;                 /* adapter weights (trained in place), gradients (same layout) */
     AdapterParams ap, adp;
     AdapterTape tape;
-    int B, C, h, wl, H, W;
+    PreEps e;                           /* scheduler, UNet and text encoder (frozen), the step's buffers */
+    int H, W;                           /* the conditions' size */
     size_t n;                           /* floats of the adapter's block */
-    MsScheduler *sch;
-    UNetParams up;
-    ClipTextParams tp;
-    int up_ok, ua_ok;
-    Arena uacts, uscr, tar, aar;
-    UNetActs ua;
-    ClipTextActs ta;
+    Arena aar;
     float *mom_m, *mom_v;
-    float *noise, *noisy, *pred, *dpred;    /* (B,C,h,w) */
     float *dfeat[MS_MAX_BLOCKS];            /* dL/dF_i */
-    int64_t ts[64];
-    unsigned char drop[64];
-    int32_t *ids;                       /* (B, 77) */
     int64_t step;
 };
 
 void ms_adapter_trainer_free(MsAdapterTrainer *p) {
     if (!p) return;
-    if (p->ua_ok) unet_acts_free(&p->ua);
-    if (p->up_ok) unet_params_free(&p->up);
+    pre_eps_free(&p->e);
     ms_param_table_free(&p->g);
-    arena_free(&p->uacts); arena_free(&p->uscr); arena_free(&p->tar); arena_free(&p->aar);
-    float *bufs[] = { p->mom_m, p->mom_v, p->noise, p->noisy, p->pred, p->dpred };
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) ms_free_aligned(bufs[i]);
+    arena_free(&p->aar);
+    ms_free_aligned(p->mom_m); ms_free_aligned(p->mom_v);
     for (int i = 0; i < MS_MAX_BLOCKS; i++) ms_free_aligned(p->dfeat[i]);
-    free(p->ids);
-    free(p->sch);
     free(p);
 }
 
@@ -1329,7 +1350,6 @@ MsStatus ms_adapter_trainer_create(MsAdapterTrainer **out, const MsModel *m, con
     const ClipTextConfig *tc = &m->text_config;
     MsAdapterTrainer *p;
     MsStatus s;
-    UNetSizes sz;
     size_t ab = 0, nf[MS_MAX_BLOCKS];
     *out = NULL;
     if (B < 1 || B > 64 || h < 1 || wl < 1) return ms_errorf(MS_ERR_ARG, "adapter training: batch %d (1..64), latent %dx%d", B, h, wl);
@@ -1345,43 +1365,22 @@ MsStatus ms_adapter_trainer_create(MsAdapterTrainer **out, const MsModel *m, con
     p = (MsAdapterTrainer *)calloc(1, sizeof *p);
     if (!p) return ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory");
     p->cfg = *c; p->m = m; p->tok = tok; p->ac = *ac; p->w = w;
-    p->B = B; p->C = uc->in_channels; p->h = h; p->wl = wl;
     p->H = h * ac->downscale_factor; p->W = wl * ac->downscale_factor;
     p->n = w->mem_bytes / sizeof(float);
-    const size_t nlat = (size_t)B * p->C * h * wl;
-    if (!(p->sch = (MsScheduler *)malloc(sizeof *p->sch))) { s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail; }
-    if ((s = ms_scheduler_init(p->sch, MS_SCHED_DDPM, &m->scheduler_config, MS_TORCH_CPU_AVX2))) goto fail;
     if ((s = ms_param_table_adapter(ac, &p->g)) || (s = ms_param_table_alloc(&p->g, NULL))) goto fail;
     if (p->g.mem_bytes != w->mem_bytes) { s = ms_errorf(MS_ERR_SHAPE, "adapter training: the table is not that of its config"); goto fail; }
     memset(p->g.mem, 0, p->g.mem_bytes);
     if ((s = adapter_params_init(&p->ap, ac, w)) || (s = adapter_params_init(&p->adp, ac, &p->g))) goto fail;
-    if ((s = unet_params_init(&p->up, uc, &m->unet))) goto fail;
-    p->up_ok = 1;
-    if ((s = clip_text_params(&p->tp, &m->text, tc))) goto fail;
-    if ((s = unet_sizes(uc, B, h, wl, PRE_T, 1, &sz)) || (s = arena_init(&p->uacts, sz.acts_bytes)) ||
-        (s = arena_init(&p->uscr, sz.scratch_bytes)) || (s = unet_acts_init(&p->ua, uc, B, h, wl, PRE_T, 1, &p->uacts, &p->uscr)))
-        goto fail;
-    p->ua_ok = 1;
-    p->ua.dadapter = p->dfeat;
-    if ((s = arena_init(&p->tar, clip_text_sizes(tc, B, PRE_T, 0, CLIP_INFER))) ||
-        (s = clip_text_acts_alloc(&p->ta, &p->tar, tc, B, PRE_T, 0, CLIP_INFER)))
-        goto fail;
+    if ((s = pre_eps_init(&p->e, m, B, h, wl, CLIP_INFER, "adapter training"))) goto fail;
+    p->e.ua.dadapter = p->dfeat;
     if ((s = adapter_train_sizes(ac, B, p->H, p->W, &ab)) || (s = arena_init(&p->aar, ab))) goto fail;
-    {
-        float **bufs[] = { &p->mom_m, &p->mom_v, &p->noise, &p->noisy, &p->pred, &p->dpred };
-        const size_t len[] = { p->n, p->n, nlat, nlat, nlat, nlat };
-        for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
-            if (!(*bufs[i] = (float *)ms_alloc_aligned(len[i], sizeof(float)))) {
-                s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail;
-            }
-        for (int i = 0; i < ac->n_channels; i++)
-            if (!(p->dfeat[i] = (float *)ms_alloc_aligned(nf[i], sizeof(float)))) {
-                s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail;
-            }
-    }
-    if (!(p->ids = (int32_t *)malloc((size_t)B * PRE_T * sizeof(int32_t)))) {
-        s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail;
-    }
+    p->mom_m = (float *)ms_alloc_aligned(p->n, sizeof(float));
+    p->mom_v = (float *)ms_alloc_aligned(p->n, sizeof(float));
+    if (!p->mom_m || !p->mom_v) { s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail; }
+    for (int i = 0; i < ac->n_channels; i++)
+        if (!(p->dfeat[i] = (float *)ms_alloc_aligned(nf[i], sizeof(float)))) {
+            s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail;
+        }
     memset(p->mom_m, 0, p->n * sizeof(float));
     memset(p->mom_v, 0, p->n * sizeof(float));
     *out = p;
@@ -1395,9 +1394,10 @@ MsStatus ms_adapter_train_step(MsAdapterTrainer *p, const float *latents, const 
                                const char *const *captions, const MsPretrainDraws *dr, MsTorchRng *g,
                                MsPretrainReport *rep) {
     const MsPretrainConfig *c = &p->cfg;
+    PreEps *e = &p->e;
     const AdapterConfig *ac = &p->ac;
-    const int B = p->B, R = ac->num_res_blocks;
-    const size_t M = (size_t)p->C * p->h * p->wl, N = (size_t)B * M;
+    const int B = e->B, R = ac->num_res_blocks;
+    const size_t M = (size_t)e->C * e->h * e->w, N = (size_t)B * M;
     const int64_t k = p->step + 1;
     const float *feat[MS_MAX_BLOCKS];
     size_t nf[MS_MAX_BLOCKS];
@@ -1405,21 +1405,21 @@ MsStatus ms_adapter_train_step(MsAdapterTrainer *p, const float *latents, const 
     MsStatus s;
     memset(rep, 0, sizeof *rep);
     /* 1.-3. draws, noisy latents, text encoder */
-    if ((s = pre_draws(p->drop, p->ts, tf, p->noise, B, N, p->sch, c->uncond_p, dr, g, k))) return s;
-    if ((s = ms_scheduler_add_noise(p->sch, p->noisy, latents, p->noise, p->ts, B, M))) return s;
-    if ((s = pre_encode_captions(p->tok, p->drop, captions, B, p->ids, &p->ta, &p->tp, &p->m->text_config))) return s;
+    if ((s = pre_draws(e->drop, e->ts, tf, e->noise, B, N, e->sch, c->uncond_p, dr, g, k))) return s;
+    if ((s = ms_scheduler_add_noise(e->sch, e->noisy, latents, e->noise, e->ts, B, M))) return s;
+    if ((s = pre_encode_captions(p->tok, e->drop, captions, B, e->ids, &e->ta, &e->tp, &p->m->text_config))) return s;
     /* 4. adapter features */
     arena_reset(&p->aar, 0);
     if ((s = adapter_forward_train(&p->tape, &p->aar, &p->ap, cond, B, p->H, p->W))) return s;
     for (int i = 0; i < ac->n_channels; i++) feat[i] = p->tape.x[i][R];
     /* 5. UNet with the residuals */
-    if ((s = unet_forward(p->pred, &p->ua, p->noisy, tf, p->ta.out, NULL, feat, &p->up, NULL))) return s;
+    if ((s = unet_forward(e->pred, &e->ua, e->noisy, tf, e->ta.out, NULL, feat, &e->up, NULL))) return s;
     /* 6. loss */
-    if ((s = pre_eps_loss(p->pred, p->noise, p->dpred, N, "adapter training step", k, &rep->loss))) return s;
+    if ((s = pre_eps_loss(e->pred, e->noise, e->dpred, N, "adapter training step", k, &rep->loss))) return s;
     /* 7. dL/dF through the frozen UNet, then every adapter parameter */
     adapter_sizes(ac, B, p->H, p->W, NULL, nf);
     for (int i = 0; i < ac->n_channels; i++) memset(p->dfeat[i], 0, nf[i] * sizeof(float));
-    if ((s = unet_backward(&p->ua, &p->up, NULL, NULL, p->dpred, NULL, NULL))) return s;
+    if ((s = unet_backward(&e->ua, &e->up, NULL, NULL, e->dpred, NULL, NULL))) return s;
     memset(p->g.mem, 0, p->g.mem_bytes);
     if ((s = adapter_backward_full(&p->tape, &p->adp, NULL, (const float *const *)p->dfeat))) return s;
     if (!train_finite((const float *)p->g.mem, p->n))
@@ -1430,10 +1430,7 @@ MsStatus ms_adapter_train_step(MsAdapterTrainer *p, const float *latents, const 
     ms_adamw_step((float *)p->w->mem, (const float *)p->g.mem, p->mom_m, p->mom_v, p->n, k, rep->lr, c->weight_decay,
                   c->beta1, c->beta2, c->adam_eps);
     p->step = k;
-    rep->used.drop = p->drop;
-    rep->used.timesteps = p->ts;
-    rep->used.noise = p->noise;
-    rep->ids = p->ids;
+    pre_eps_report(e, rep);
     return MS_OK;
 }
 
