@@ -869,6 +869,17 @@ static double pre_lr(double lr, int64_t warmup, int64_t k) {
     return warmup > 0 && k < warmup ? lr * (double)k / (double)warmup : lr;
 }
 
+/* ... and, with c->decay > 0, down linearly over the last c->decay of c->steps steps (lr / decay
+ * at the last one) */
+static double pre_lr_sched(const MsPretrainConfig *c, int64_t k) {
+    const double lr = pre_lr(c->lr, c->warmup, k);
+    if (c->decay > 0 && k > c->steps - c->decay) {
+        const int64_t left = c->steps - k + 1;
+        return left > 0 ? lr * (double)left / (double)c->decay : 0.0;
+    }
+    return lr;
+}
+
 /* What both trainers of the epsilon objective (MsPretrainer, MsAdapterTrainer) hold: the DDPM
  * scheduler, the UNet's and the text encoder's parameters and activations, and a step's draws,
  * noisy latents, prediction, its gradient and token ids. */
@@ -998,6 +1009,8 @@ MsStatus ms_pretrainer_create(MsPretrainer **out, MsModel *m, const ClipTokenize
         return ms_errorf(MS_ERR_SHAPE, "pretrain: UNet in_channels %d != out_channels %d", uc->in_channels, uc->out_channels);
     if (!(c->lr >= 0) || c->warmup < 0 || !(c->uncond_p >= 0 && c->uncond_p <= 1))
         return ms_errorf(MS_ERR_ARG, "pretrain: lr %g, warmup %lld, uncond_p %g", c->lr, (long long)c->warmup, c->uncond_p);
+    if (c->decay < 0 || (c->decay > 0 && c->steps < c->decay))
+        return ms_errorf(MS_ERR_ARG, "pretrain: lr decay over %lld steps of %lld", (long long)c->decay, (long long)c->steps);
     if ((s = pre_block(&m->unet, "UNet")) || (s = pre_block(&m->text, "text encoder"))) return s;
     p = (MsPretrainer *)calloc(1, sizeof *p);
     if (!p) return ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory");
@@ -1113,7 +1126,7 @@ MsStatus ms_pretrain_step(MsPretrainer *p, const float *latents, const char *con
     if (!train_finite((const float *)p->gu.mem, p->nu) || !train_finite((const float *)p->gt.mem, p->nt))
         return ms_errorf(MS_ERR_FORMAT, "pretrain step %lld: a gradient is not finite (loss %g)", (long long)k, rep->loss);
     /* 7. AdamW, one flat loop per table */
-    rep->lr = pre_lr(c->lr, c->warmup, k);
+    rep->lr = pre_lr_sched(c, k);
     ms_adamw_step((float *)p->m->unet.mem, (const float *)p->gu.mem, p->mom_m, p->mom_v, p->nu, k, rep->lr,
                   c->weight_decay, c->beta1, c->beta2, c->adam_eps);
     ms_adamw_step((float *)p->m->text.mem, (const float *)p->gt.mem, p->mom_m + p->nu, p->mom_v + p->nu, p->nt, k,
@@ -1426,7 +1439,7 @@ MsStatus ms_adapter_train_step(MsAdapterTrainer *p, const float *latents, const 
         return ms_errorf(MS_ERR_FORMAT, "adapter training step %lld: a gradient is not finite (loss %g)", (long long)k,
                          rep->loss);
     /* 8. AdamW */
-    rep->lr = pre_lr(c->lr, c->warmup, k);
+    rep->lr = pre_lr_sched(c, k);
     ms_adamw_step((float *)p->w->mem, (const float *)p->g.mem, p->mom_m, p->mom_v, p->n, k, rep->lr, c->weight_decay,
                   c->beta1, c->beta2, c->adam_eps);
     p->step = k;

@@ -1746,13 +1746,16 @@ void ms_trainer_state_io(MsTrainer *t, float *buf, int store, int64_t *step, int
  *   n ~ N(0, 1), z_t = sqrt(ac_t) z0 + sqrt(1 - ac_t) n (the model's scheduler config, DDPM),
  *   L = mean (UNet(z_t, t, TextEncoder(ids)) - n)^2,
  * then AdamW (torch.optim.AdamW, to the bit) on every UNet and text-encoder parameter, one flat
- * loop per table, lr warmed up linearly: lr_k = lr * min(1, k / warmup). */
+ * loop per table, lr warmed up linearly: lr_k = lr * min(1, k / warmup), and optionally decayed
+ * linearly over the last steps (an annealed end in place of an average of the weights). */
 typedef struct {
     double lr;                      /* 1e-3 (peak) */
     int64_t warmup;                 /* 100 steps (0: none) */
     double beta1, beta2, adam_eps;  /* 0.9, 0.999, 1e-8 */
     double weight_decay;            /* 0.01 (every parameter) */
     double uncond_p;                /* 0.1 */
+    int64_t decay, steps;           /* decay > 0: the last `decay` of `steps` steps decay linearly,
+                                     * lr_k = lr * (steps - k + 1) / decay for k > steps - decay (0: none) */
 } MsPretrainConfig;
 void ms_pretrain_config_defaults(MsPretrainConfig *c);
 /* Fresh weights for every f32 parameter of a table made by ms_param_table_unet / _text / _vae

@@ -347,6 +347,55 @@ static void test_command(void) {
         snprintf(png, sizeof png, "%s/s.png", a);
         check_sample_64(pa, "<pretrained folder>", png, "3");
     }
+    /* --decay 4 of 10 steps: lr of steps 7..10 = lr * (11 - k) / 4 in loss.csv; a constant-lr
+     * checkpoint of step 6 resumes into the decay (== the straight run's losses), one of step 8
+     * (after the decay's start) is refused */
+    {
+        char d[600], e[600], g[600];
+        double ld[10], le[10];
+        snprintf(d, sizeof d, "%s_dd", g_tmp); snprintf(e, sizeof e, "%s_de", g_tmp); snprintf(g, sizeof g, "%s_dg", g_tmp);
+        rc = run_pretrain(d, 10, "--decay", "4", NULL, NULL);
+        if (check(rc == 0, "--steps 10 --decay 4: exit status %d (%s)", rc, rc ? ms_last_error() : "")) {
+            char path2[700], line[512];
+            int ok = 1, rows = 0;
+            snprintf(path2, sizeof path2, "%s/loss.csv", d);
+            FILE *fl = fopen(path2, "r");
+            while (fl && fgets(line, sizeof line, fl)) {
+                long long k;
+                double l, lr;
+                if (sscanf(line, "%lld,%lf,%lf", &k, &l, &lr) != 3) continue;
+                const double want = k > 6 ? 3e-3 * (double)(11 - k) / 4.0 : k < 5 ? 3e-3 * (double)k / 5.0 : 3e-3;
+                ok &= fabs(lr - want) <= 1e-12 * 3e-3;
+                rows++;
+            }
+            if (fl) fclose(fl);
+            check(ok && rows == 10, "loss.csv lr column: warmup 5, constant, then 3e-3 * (11 - k) / 4 at steps 7..10 (%d rows)", rows);
+        }
+        rc = run_pretrain(e, 6, NULL, NULL, NULL, NULL);
+        snprintf(ck, sizeof ck, "%s/checkpoint.safetensors", e);
+        rc = rc || run_pretrain(g, 10, "--resume", ck, "--decay", "4");
+        if (check(rc == 0, "6 constant-lr steps, then --resume --steps 10 --decay 4: exit status %d (%s)", rc,
+                  rc ? ms_last_error() : "") &&
+            check(read_losses(d, "loss.csv", ld, 10) == 10 && read_losses(g, "loss.csv", le, 10) == 4, "both loss.csv read")) {
+            int same = 1;
+            for (int i = 6; i < 10; i++) same &= ld[i] == le[i];
+            check(same, "resumed into the decay: losses of steps 7..10 == the straight --decay run's");
+        }
+        char h[600];
+        snprintf(h, sizeof h, "%s_dh", g_tmp);
+        rc = run_pretrain(h, 8, NULL, NULL, NULL, NULL);
+        snprintf(ck, sizeof ck, "%s/checkpoint.safetensors", h);
+        snprintf(g, sizeof g, "%s_dg2", g_tmp);
+        rc = rc || run_pretrain(g, 10, "--resume", ck, "--decay", "4");
+        check(rc != 0 && strstr(ms_last_error(), "the decay starts after step 6") != NULL,
+              "a constant-lr checkpoint of step 8 does not resume into a decay from step 7: %s", ms_last_error());
+#if !defined(_WIN32)
+        char cmd[3200];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s' '%s_dg' '%s' '%s'", d, e, g_tmp, g, h);
+        if (system(cmd) != 0) printf("  (could not remove the decay test folders)\n");
+#endif
+    }
+
     /* --creatures 8 (two creatures, 4 renders each) join the 16 scenes, captioned "a creature, ...":
      * the written model keeps the token row of "creature", which no scene caption has (run a's
      * model zeroed it), and a checkpoint of it does not resume without --creatures */

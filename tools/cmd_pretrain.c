@@ -97,11 +97,16 @@ static void pretrain_usage(FILE *f) {
         "  --text-width D        text hidden size = cross_attention_dim (default 64)\n"
         "  --text-layers N, --text-heads H   (default 2, 2; intermediate 4 D)\n"
         "  --model-config DIR    take unet/config.json, text_encoder/config.json and\n"
-        "                        scheduler/scheduler_config.json from a diffusers folder instead\n"
+        "                        scheduler/scheduler_config.json from a diffusers folder instead\n");
+    fprintf(f,
         "unet training:\n"
         "  --steps N             optimizer steps (default 1000)\n"
         "  --batch B             (default 8)\n"
         "  --lr X, --warmup N    peak lr (1e-3), linear warmup steps (100)\n"
+        "  --decay N             the last N steps bring the lr down linearly (lr * (steps - k + 1) / N;\n"
+        "                        default 0: constant after the warmup). Without an average of the weights\n"
+        "                        (EMA) an annealed end makes the samples cleaner. A checkpoint of the same\n"
+        "                        options without --decay resumes into it if taken before its start\n"
         "  --weight-decay X      AdamW weight decay on every parameter (0.01)\n"
         "  --uncond P            caption dropout probability (0.1; the adapters stage too)\n"
         "adapters stage (the weight decay of --weight-decay):\n"
@@ -381,6 +386,10 @@ static void pre_recipe(char *buf, size_t cap, const PreArgs *a, const MsModel *m
              (unsigned long long)pre_tables_hash(st), u->norm_num_groups, ms_unet_heads(u, 0),
              u->n_blocks > 1 ? ms_unet_heads(u, 1) : 0, u->n_blocks > 2 ? ms_unet_heads(u, 2) : 0,
              u->n_blocks > 3 ? ms_unet_heads(u, 3) : 0, tc->num_attention_heads, (double)m->vae_config.scaling_factor);
+    if (a->pc.decay > 0) {              /* only then: constant-lr checkpoints keep their recipe */
+        const size_t n = strlen(buf);
+        snprintf(buf + n, cap - n, " decay=%lld/%lld", (long long)a->pc.decay, (long long)a->pc.steps);
+    }
 }
 
 static MsStatus add_entry(StEntry **e, size_t *n, size_t *cap, const char *name, StDtype dt, int64_t len,
@@ -996,7 +1005,19 @@ static MsStatus stage_unet(const PreArgs *a, const char *resume) {
     if (!r.lat || !r.caps) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done; }
     for (int b = 0; b < a->batch; b++)
         if (!(r.caps[b] = (char *)malloc(1024))) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto done; }
-    if ((s = pre_resume(resume, "", &r.st, r.g, r.recipe, &k0))) goto done;
+    s = pre_resume(resume, "", &r.st, r.g, r.recipe, &k0);
+    if (s && resume && a->pc.decay > 0) {
+        /* a checkpoint of the same options without --decay, taken before the decay starts, has had
+         * the same lr schedule: the run continues from it into the decay */
+        PreArgs b = *a;
+        char base[1024];
+        b.pc.decay = 0;
+        pre_recipe(base, sizeof base, &b, &m, &r.st);
+        if (!(s = pre_resume(resume, "", &r.st, r.g, base, &k0)) && k0 > a->steps - a->pc.decay)
+            s = ms_errorf(MS_ERR_ARG, "%s: a checkpoint without --decay at step %lld, but the decay starts after step %lld",
+                          resume, (long long)k0, (long long)(a->steps - a->pc.decay));
+    }
+    if (s) goto done;
     ms_pretrainer_set_step(r.p, k0);
     snprintf(path, sizeof path, "%s/model", a->out);
     if ((s = pre_fresh(path, "unet"))) goto done;
@@ -1341,6 +1362,7 @@ int cmd_pretrain(int argc, char **argv) {
             if (!strcmp(o, "--steps")) a.steps = n;
             else if (!strcmp(o, "--checkpoint-every")) a.ckpt_every = n;
             else if (!strcmp(o, "--warmup")) a.pc.warmup = n;
+            else if (!strcmp(o, "--decay")) a.pc.decay = n;
             else if (!strcmp(o, "--seed")) a.seed = (uint64_t)n;
             else if (!strcmp(o, "--world-seed")) a.world_seed = (uint64_t)n;
             else if (!strcmp(o, "--batch")) { a.batch = (int)n; ok = ok && n >= 1 && n <= 64; }
@@ -1369,6 +1391,11 @@ int cmd_pretrain(int argc, char **argv) {
         if (!ok) { fprintf(stderr, "mixshow pretrain: %s %s: not a valid value (see --help)\n", o, v); return 2; }
     }
     if (!a.out) { fprintf(stderr, "mixshow pretrain: --out DIR is required (see --help)\n"); return 2; }
+    a.pc.steps = a.steps;                                  /* the decay's end */
+    if (a.pc.decay > a.steps) {
+        fprintf(stderr, "mixshow pretrain: --decay %lld is more than --steps %lld\n", (long long)a.pc.decay, (long long)a.steps);
+        return 2;
+    }
     a.apc.uncond_p = a.pc.uncond_p;                        /* shared by the unet and adapters stages */
     a.apc.weight_decay = a.pc.weight_decay;
     if (a.threads > 0) ms_set_threads(a.threads);
