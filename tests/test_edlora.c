@@ -312,8 +312,27 @@ static void test_bad(const MsModel *m0) {
     ms_model_free(&m);
 }
 
+/* edlora_fit_layers: 16 token variants per word on a UNet of 7 cross-attention layers keep the
+ * first 7 rows of every word (same data, T = 7); T <= layers and plain LoRA (T = 1) unchanged */
+static void test_fit_layers(void) {
+    float a[16 * 3], b[16 * 3];
+    EdloraEmbedding e[2];
+    EdloraFile f;
+    memset(&f, 0, sizeof f); memset(e, 0, sizeof e);
+    for (int i = 0; i < 48; i++) { a[i] = (float)i; b[i] = (float)(100 + i); }
+    snprintf(e[0].word, sizeof e[0].word, "<x1>"); snprintf(e[1].word, sizeof e[1].word, "<x2>");
+    e[0].T = e[1].T = 16; e[0].D = e[1].D = 3; e[0].emb = a; e[1].emb = b;
+    f.emb = e; f.n_emb = 2;
+    check(edlora_fit_layers(&f, 16) == 16 && e[0].T == 16, "16 variants, 16 layers: unchanged");
+    check(edlora_fit_layers(&f, 7) == 7 && e[0].T == 7 && e[1].T == 7 && e[0].emb == a && e[1].emb == b &&
+          e[1].emb[7 * 3 - 1] == 120.0f, "16 variants, 7 layers: T 7, the first 7 rows of each word");
+    e[0].T = e[1].T = 1;
+    check(edlora_fit_layers(&f, 7) == 1 && e[0].T == 1, "plain LoRA (1 per word): unchanged");
+}
+
 int main(void) {
     MsModel m;
+    test_fit_layers();
     double t0 = ms_time();
     ms_set_threads(1);
     if (!check(ms_model_load(MODEL, NULL, &m) == MS_OK, "load %s: %s", MODEL, ms_last_error())) return test_summary("test_edlora");

@@ -634,6 +634,13 @@ int cmd_fuse(int argc, char **argv) {
      * unbound (load_new_concept with enable_edlora false) and new_concept_cfg.json gets no entry
      * for them (an official 1-token entry would cut EDLoRAPipeline's 16 bound prompts to one) */
     const int plain = T == 1;
+    if (!s && !plain && T > ms_unet_cross_attn_layers(&m.unet_config)) {   /* 16 variants, fewer layers */
+        const int NL = ms_unet_cross_attn_layers(&m.unet_config);
+        for (int c = 0; c < n; c++) edlora_fit_layers(&cs[c].f, NL);
+        fprintf(stderr, "mixshow fuse: %d tokens per word, the UNet has %d cross-attention layers: the first %d of each "
+                "word (the ones training bound to a layer) are fused\n", T, NL, NL);
+        T = NL;
+    }
     if (!s && plain && o.method != MS_FUSE_WEIGHT)
         s = ms_errorf(MS_ERR_UNSUPPORTED, "%s: concept %d ('%s', %s): a plain LoRA (1 token per word): gradient fusion "
                       "(--method %s) matches each concept's features at its words bound to %d layer-wise tokens, which "

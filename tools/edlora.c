@@ -706,10 +706,17 @@ void edlora_prompt_free(EdloraPrompt *p) {
     memset(p, 0, sizeof *p);
 }
 
+int edlora_fit_layers(EdloraFile *f, int n_layers) {
+    const int T = edlora_tokens_per_word(f);
+    if (T <= 1 || T <= n_layers) return T;
+    for (int i = 0; i < f->n_emb; i++) f->emb[i].T = n_layers;   /* the first rows: emb is (T, D) row-major */
+    return n_layers;
+}
+
 MsStatus edlora_prepare(const EdloraFile *f, ClipTokenizer *tok, const MsModel *m, EdloraPrompt *p,
                         MsTxt2ImgOptions *o) {
-    const int T = edlora_tokens_per_word(f), D = m->text_config.hidden_size;
-    const int n_layers = ms_unet_cross_attn_layers(&m->unet_config);
+    const int n_layers = ms_unet_cross_attn_layers(&m->unet_config), Tf = edlora_tokens_per_word(f);
+    const int T = Tf > 1 && Tf > n_layers ? n_layers : Tf, D = m->text_config.hidden_size;   /* edlora_fit_layers */
     MsStatus s = MS_OK;
     memset(p, 0, sizeof *p);
     if (!f->n_emb) return MS_OK;                       /* LoRA weights only: nothing to add */
@@ -738,7 +745,7 @@ MsStatus edlora_prepare(const EdloraFile *f, ClipTokenizer *tok, const MsModel *
     if (!p->new_emb || !p->tok || !p->word || !p->token) { edlora_prompt_free(p); return ms_errorf(MS_ERR_NOMEM, "edlora: out of memory"); }
     for (int w = 0; w < f->n_emb; w++) {
         p->word[w] = f->emb[w].word;
-        memcpy(p->new_emb + (size_t)w * T * D, f->emb[w].emb, (size_t)T * D * sizeof(float));
+        memcpy(p->new_emb + (size_t)w * T * D, f->emb[w].emb, (size_t)T * D * sizeof(float));   /* its first T rows */
         for (int i = 0; i < T; i++) {
             int k = w * T + i;
             snprintf(p->tok[k], sizeof p->tok[k], "<new%d>", k);   /* load_new_concept: f'<new{idx * n + layer_id}>' */

@@ -735,6 +735,11 @@ typedef struct {
  * lora_up (or the reverse), ranks of down and up that differ, an embedding that is not 2-D,
  * words with different T. On error f is left empty. */
 MsStatus edlora_read(const char *path, EdloraFile *f);
+/* An ED-LoRA trained with the official 16 tokens per word on a UNet with fewer cross-attention
+ * layers (the trainer binds token variant i to layer i, as the official encoder_hidden_states[:, i]:
+ * the rest never reach a layer and never had a gradient): keeps the first n_layers variants of
+ * every word. Returns the tokens per word after (unchanged for plain LoRA, 1, and T <= n_layers). */
+int edlora_fit_layers(EdloraFile *f, int n_layers);
 /* .safetensors or .pth (torch.load(weights_only=True) gives the official dict: order as held,
  * LoRA tensors with requires_grad=True and embeddings without, as delta_state_dict saves them).
  * Written to a temporary file, then renamed. Empty sections are left out of .pth files
