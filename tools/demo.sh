@@ -96,10 +96,11 @@ if [ ! -f "$OUT/samples/real/prompts.txt" ]; then
     done
     # the base model's images, each with the caption of the next one
     cut -f1 "$OUT/samples/base/prompts.txt" > "$OUT/samples/shuffled/files"
-    cut -f2 "$OUT/samples/base/prompts.txt" | sed -n '2,$p;1p' > "$OUT/samples/shuffled/caps"
+    cut -f2 "$OUT/samples/base/prompts.txt" > "$OUT/samples/shuffled/caps0"
+    { tail -n +2 "$OUT/samples/shuffled/caps0"; head -n 1 "$OUT/samples/shuffled/caps0"; } > "$OUT/samples/shuffled/caps"
     for f in $(cat "$OUT/samples/shuffled/files"); do cp "$OUT/samples/base/$f" "$OUT/samples/shuffled/$f"; done
     paste "$OUT/samples/shuffled/files" "$OUT/samples/shuffled/caps" > "$OUT/samples/shuffled/prompts.txt"
-    rm -f "$OUT/samples/shuffled/files" "$OUT/samples/shuffled/caps"
+    rm -f "$OUT/samples/shuffled/files" "$OUT/samples/shuffled/caps0" "$OUT/samples/shuffled/caps"
 fi
 
 # ---- 2. one ED-LoRA and one LoRA per creature ----
