@@ -869,6 +869,16 @@ static double pre_lr(double lr, int64_t warmup, int64_t k) {
     return warmup > 0 && k < warmup ? lr * (double)k / (double)warmup : lr;
 }
 
+/* AdamW's two moment blocks of n floats, zero (the state of step 0) */
+static MsStatus pre_moments(float **m, float **v, size_t n, const char *what) {
+    *m = (float *)ms_alloc_aligned(n, sizeof(float));
+    *v = (float *)ms_alloc_aligned(n, sizeof(float));
+    if (!*m || !*v) return ms_errorf(MS_ERR_NOMEM, "%s: out of memory for %zu AdamW moments", what, 2 * n);
+    memset(*m, 0, n * sizeof(float));
+    memset(*v, 0, n * sizeof(float));
+    return MS_OK;
+}
+
 /* ... and, with c->decay > 0, down linearly over the last c->decay of c->steps steps (lr / decay
  * at the last one) */
 static double pre_lr_sched(const MsPretrainConfig *c, int64_t k) {
@@ -1030,14 +1040,8 @@ MsStatus ms_pretrainer_create(MsPretrainer **out, MsModel *m, const ClipTokenize
     if ((s = unet_params_init(&p->dup, uc, &p->gu))) goto fail;
     p->dup_ok = 1;
     if ((s = clip_text_params(&p->dtp, &p->gt, tc))) goto fail;
-    p->mom_m = (float *)ms_alloc_aligned(p->nu + p->nt, sizeof(float));
-    p->mom_v = (float *)ms_alloc_aligned(p->nu + p->nt, sizeof(float));
-    p->dctx = (float *)ms_alloc_aligned(nctx, sizeof(float));
-    if (!p->mom_m || !p->mom_v || !p->dctx) {
-        s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto fail;
-    }
-    memset(p->mom_m, 0, (p->nu + p->nt) * sizeof(float));
-    memset(p->mom_v, 0, (p->nu + p->nt) * sizeof(float));
+    if ((s = pre_moments(&p->mom_m, &p->mom_v, p->nu + p->nt, "pretrain"))) goto fail;
+    if (!(p->dctx = (float *)ms_alloc_aligned(nctx, sizeof(float)))) { s = ms_errorf(MS_ERR_NOMEM, "pretrain: out of memory"); goto fail; }
     *out = p;
     return MS_OK;
 fail:
@@ -1225,16 +1229,15 @@ MsStatus ms_vae_pretrainer_create(MsVaePretrainer **out, const VaeConfig *vc, Ms
         (s = arena_init(&p->ar, be + bd)))
         goto fail;
     {
-        float **bufs[] = { &p->mom_m, &p->mom_v, &p->noise, &p->mean, &p->logvar, &p->z, &p->img, &p->dimg, &p->dz,
+        float **bufs[] = { &p->noise, &p->mean, &p->logvar, &p->z, &p->img, &p->dimg, &p->dz,
                            &p->dmean, &p->dlogvar, &p->kl, &p->dkl };
-        const size_t len[] = { p->n, p->n, p->nl, p->nl, p->nl, p->nl, p->nx, p->nx, p->nl, p->nl, p->nl, (size_t)B, (size_t)B };
+        const size_t len[] = { p->nl, p->nl, p->nl, p->nl, p->nx, p->nx, p->nl, p->nl, p->nl, (size_t)B, (size_t)B };
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
             if (!(*bufs[i] = (float *)ms_alloc_aligned(len[i], sizeof(float)))) {
                 s = ms_errorf(MS_ERR_NOMEM, "vae pretrain: out of memory"); goto fail;
             }
     }
-    memset(p->mom_m, 0, p->n * sizeof(float));
-    memset(p->mom_v, 0, p->n * sizeof(float));
+    if ((s = pre_moments(&p->mom_m, &p->mom_v, p->n, "vae pretrain"))) goto fail;
     *out = p;
     return MS_OK;
 fail:
@@ -1387,15 +1390,11 @@ MsStatus ms_adapter_trainer_create(MsAdapterTrainer **out, const MsModel *m, con
     if ((s = pre_eps_init(&p->e, m, B, h, wl, CLIP_INFER, "adapter training"))) goto fail;
     p->e.ua.dadapter = p->dfeat;
     if ((s = adapter_train_sizes(ac, B, p->H, p->W, &ab)) || (s = arena_init(&p->aar, ab))) goto fail;
-    p->mom_m = (float *)ms_alloc_aligned(p->n, sizeof(float));
-    p->mom_v = (float *)ms_alloc_aligned(p->n, sizeof(float));
-    if (!p->mom_m || !p->mom_v) { s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail; }
+    if ((s = pre_moments(&p->mom_m, &p->mom_v, p->n, "adapter training"))) goto fail;
     for (int i = 0; i < ac->n_channels; i++)
         if (!(p->dfeat[i] = (float *)ms_alloc_aligned(nf[i], sizeof(float)))) {
             s = ms_errorf(MS_ERR_NOMEM, "adapter training: out of memory"); goto fail;
         }
-    memset(p->mom_m, 0, p->n * sizeof(float));
-    memset(p->mom_v, 0, p->n * sizeof(float));
     *out = p;
     return MS_OK;
 fail:

@@ -41,6 +41,14 @@ static inline int read_losses(const char *dir, const char *file, double *loss, i
     return n;
 }
 
+/* copies of a trainer's AdamW moments (m, v: n floats each) before a step, to redo it by hand */
+static inline void moments_copy(const float *mm, const float *vv, size_t n, float **m0, float **v0) {
+    *m0 = (float *)malloc(n * sizeof(float));
+    *v0 = (float *)malloc(n * sizeof(float));
+    if (*m0) memcpy(*m0, mm, n * sizeof(float));
+    if (*v0) memcpy(*v0, vv, n * sizeof(float));
+}
+
 /* every parameter of a == b's bitwise (buffers skipped); else the first differing name into *bad
  * (bad may be NULL) */
 static inline int tables_equal(const MsParamTable *a, const MsParamTable *b, const char **bad) {

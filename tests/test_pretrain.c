@@ -73,8 +73,8 @@ static void test_step_is_adamw(void) {
     float *mm, *vv;
     size_t nmom;
     ms_pretrainer_moments(p, &mm, &vv, &nmom);
-    float *m0 = (float *)malloc(nmom * sizeof(float)), *v0 = (float *)malloc(nmom * sizeof(float));
-    memcpy(m0, mm, nmom * sizeof(float)); memcpy(v0, vv, nmom * sizeof(float));
+    float *m0, *v0;
+    moments_copy(mm, vv, nmom, &m0, &v0);
     unsigned char drop[2] = { 0, 1 };
     int64_t ts[2] = { 17, 903 };
     float *noise = test_randn(&r, N, 1.0f);

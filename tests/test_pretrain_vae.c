@@ -86,8 +86,8 @@ static void step_is_adamw(int mse) {
     float *mm, *vv;
     size_t nmom;
     ms_vae_pretrainer_moments(p, &mm, &vv, &nmom);
-    float *m0 = (float *)malloc(nmom * sizeof(float)), *v0 = (float *)malloc(nmom * sizeof(float));
-    memcpy(m0, mm, nmom * sizeof(float)); memcpy(v0, vv, nmom * sizeof(float));
+    float *m0, *v0;
+    moments_copy(mm, vv, nmom, &m0, &v0);
     float *noise = test_randn(&r, nl, 1.0f);
     s = ms_vae_pretrain_step(p, x, noise, NULL, &rep);
     check(s == MS_OK, "vae pretrain step 2: %s", s ? ms_last_error() : "ok");

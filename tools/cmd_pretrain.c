@@ -271,19 +271,13 @@ static MsStatus pre_image(uint64_t seed, int idx, int S, uint8_t *rgb, float *im
  * stream of its own, so neither the world's characters (mixshow world --seed S, as the demo
  * trains) nor the evaluation encoders' creatures are among them. */
 #define PRE_RENDERS 4
-static uint64_t pre_mix(uint64_t z) {  /* splitmix64's finaliser */
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 static MsStatus pre_item(uint64_t seed, int scenes, int idx, WorldScene *sc, char *cap, size_t capn) {
     if (idx < scenes) {
         world_scene_make(seed, idx, sc);
         return world_caption(seed, idx, sc, cap, capn);
     }
     const int k = idx - scenes, c = k / PRE_RENDERS, img = k % PRE_RENDERS;
-    const uint64_t cs = pre_mix(seed ^ pre_mix(0x9E37C3EAull + ((uint64_t)(c / 16) << 20)));
+    const uint64_t cs = world_mix64(seed ^ world_mix64(0x9E37C3EAull + ((uint64_t)(c / 16) << 20)));
     WorldCharacter ch;
     world_character_make(cs, c % 16, &ch);
     world_character_scene(cs, &ch, c % 16, img, sc);

@@ -20,16 +20,10 @@
 #define HELD_SCENE0 (1 << 30)          /* held-out base scenes: indices from here */
 #define TRAIN_RENDERS 500              /* training renders of a creature: images 0..499 */
 
-static uint64_t ev_mix(uint64_t z) {   /* splitmix64's finaliser */
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 /* Identity id of the training pool (unseen = 0) or of the held-out stream (unseen = 1): 16
  * creatures per world seed, each seed derived from (seed, stream, id / 16). */
 static void ev_identity(uint64_t seed, int unseen, int id, uint64_t *cseed, int *index, WorldCharacter *ch) {
-    *cseed = ev_mix(seed ^ ev_mix(0xC4A2ull + (uint64_t)unseen * 0x1000193ull + ((uint64_t)(id / 16) << 20)));
+    *cseed = world_mix64(seed ^ world_mix64(0xC4A2ull + (uint64_t)unseen * 0x1000193ull + ((uint64_t)(id / 16) << 20)));
     *index = id % 16;
     world_character_make(*cseed, *index, ch);
 }
@@ -88,7 +82,7 @@ MsStatus eval_world_batch(const EvalData *d, int S, int64_t step, float *images,
         return ms_errorf(MS_ERR_ARG, "eval data: %d identity images in groups of %d (>= 2) from %d identities", d->Bi,
                          d->per_id, d->identities);
     }
-    ms_rng_seed(&r, ev_mix(d->seed ^ ev_mix((uint64_t)step)));
+    ms_rng_seed(&r, world_mix64(d->seed ^ world_mix64((uint64_t)step)));
     for (int b = 0; b < d->Bt && !s; b++) {
         float *out = images + (size_t)b * px;
         if (d->char_every > 0 && b % d->char_every == d->char_every - 1) {

@@ -976,6 +976,9 @@ MsStatus world_caption(uint64_t seed, int index, const WorldScene *s, char *out,
 /* Character `index` (identities dealt so the first ones differ in colour, ears, tail, markings),
  * its training image `image` (pose, scale, position, background), and that image's caption
  * "<tok>, waving, walking, facing left, on grass, ..." (tok: "<TOK>" in the dataset). */
+/* splitmix64's finaliser: the world's streams, and the seeds derived from a world seed
+ * (pretrain's and the evaluation encoders' creature streams) */
+uint64_t world_mix64(uint64_t z);
 void world_character_make(uint64_t seed, int index, WorldCharacter *c);
 void world_character_scene(uint64_t seed, const WorldCharacter *c, int char_index, int image, WorldScene *s);
 MsStatus world_character_caption(uint64_t seed, int char_index, int image, const WorldScene *s, const char *tok,

@@ -38,22 +38,22 @@ static int world_mkdir(const char *p) { return mkdir(p, 0777); }
 
 /* ---- randomness: splitmix64 streams ---- */
 typedef struct { uint64_t s; } WRng;
-static uint64_t wr_mix(uint64_t z) {
+uint64_t world_mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9u;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBu;
     return z ^ (z >> 31);
 }
-static uint64_t wr_next(WRng *r) { r->s += 0x9E3779B97F4A7C15u; return wr_mix(r->s); }
+static uint64_t wr_next(WRng *r) { r->s += 0x9E3779B97F4A7C15u; return world_mix64(r->s); }
 static int wr_below(WRng *r, int n) { return n <= 1 ? 0 : (int)(wr_next(r) % (uint64_t)n); }
 static int wr_range(WRng *r, int a, int b) { return a + wr_below(r, b - a + 1); }
 /* The stream of one (seed, what, index): what names the purpose (scene, words, character...). */
 static WRng wr_stream(uint64_t seed, uint64_t what, uint64_t index) {
     WRng r;
-    r.s = wr_mix(seed ^ wr_mix(what * 0x9E3779B97F4A7C15u + wr_mix(index + 0x632BE59BD9B4E019u)));
+    r.s = world_mix64(seed ^ world_mix64(what * 0x9E3779B97F4A7C15u + world_mix64(index + 0x632BE59BD9B4E019u)));
     return r;
 }
 static uint32_t px_hash(uint64_t seed, int64_t x, int64_t y) {
-    return (uint32_t)(wr_mix(seed ^ wr_mix((uint64_t)x * 0x100000001B3u + (uint64_t)y * 0xC2B2AE3D27D4EB4Fu)) >> 32);
+    return (uint32_t)(world_mix64(seed ^ world_mix64((uint64_t)x * 0x100000001B3u + (uint64_t)y * 0xC2B2AE3D27D4EB4Fu)) >> 32);
 }
 
 enum { WR_SCENE = 1, WR_WORDS, WR_CHAR, WR_POSE, WR_POSE_WORDS, WR_NAMES, WR_MULTI, WR_MULTI_WORDS };
