@@ -247,6 +247,11 @@ void quick_gelu_backward(float *dx, const float *dout, const float *x, size_t n)
 void relu_forward(float *out, const float *x, size_t n);
 void relu_backward(float *dx, const float *dout, const float *x, size_t n);
 void silu_forward_ref(float *out, const float *x, size_t n);
+/* AdamW's elementwise update with its float constants (ms_adamw_step, models/optim.c, derives
+ * them from torch's doubles); fast path and scalar twin equal to the bit. */
+typedef struct { float decay, b1, one_b1, b2, one_b2, bc2_sqrt, eps, neg_step; } MsAdamwConst;
+void ms_adamw_update(float *p, const float *g, float *m, float *v, size_t n, const MsAdamwConst *k);
+void ms_adamw_update_ref(float *p, const float *g, float *m, float *v, size_t n, const MsAdamwConst *k);
 void silu_backward_ref(float *dx, const float *dout, const float *x, size_t n);
 void gelu_forward_ref(float *out, const float *x, size_t n);
 void gelu_backward_ref(float *dx, const float *dout, const float *x, size_t n);

@@ -553,6 +553,27 @@ static void ms_pack_a(float *dst, const MsOperand *A, int i0, int mc, int k0, in
     for (int ip = 0; ip < mc; ip += MR) {
         int rows = mc - ip < MR ? mc - ip : MR;
         float *d = dst + (size_t)ip * kc;
+#if defined(MS_X86_KERNELS)
+        /* row-major A (a weight, or the output gradient of a conv's weight GEMM): a transpose of
+         * rows x kc into kc x MR, 16 x 16 blocks in registers (rows past `rows` zero) */
+        if ((ms_gemm_fast & MS_GEMM_FAST_PACK) && ms_simd() >= MS_SIMD_AVX512) {
+            if (A->kind == MS_OPD_DENSE && !A->trans) {
+                ms_transpose_avx512(d, (size_t)MR, A->p + (size_t)(i0 + ip) * A->ld + k0, A->ld, rows, MR, kc);
+                continue;
+            }
+            if (A->kind == MS_OPD_BATCHK) {    /* k runs over images n and positions q: one
+                                                  transpose per image's run of positions */
+                int n = k0 / A->P, q = k0 % A->P;
+                for (int k = 0; k < kc;) {
+                    int run = A->P - q < kc - k ? A->P - q : kc - k;
+                    ms_transpose_avx512(d + (size_t)k * MR, (size_t)MR,
+                                        A->p + (size_t)(i0 + ip) * A->ld + (size_t)n * A->nstride + q, A->ld, rows, MR, run);
+                    k += run; q = 0; n++;
+                }
+                continue;
+            }
+        }
+#endif
         if (rows < MR)
             for (int k = 0; k < kc; k++)
                 for (int r = rows; r < MR; r++) d[(size_t)k * MR + r] = 0.0f;
@@ -598,6 +619,35 @@ static void ms_pack_b(float *d, const MsOperand *B, int k0, int kc, int j0, int 
             return;
         }
         if (B->kind == MS_OPD_IM2COL && B->s == 1 && ms_im2col_row_avx512(d, B, k0, kc, j0, nc, NR)) return;
+        if (B->kind == MS_OPD_IM2COL_T && B->s == 1) {
+            /* the weight-gradient GEMM's B: column c = (ci, ky, kx), row k = (n, oy, ox). Walking k
+             * along a column reads runs of an input row, so 16 columns at a time are copied as
+             * runs into t[c][k] and transposed into the panel (columns past nc zero) */
+            enum { TK = 256 };
+            float t[16 * TK];
+            int kk2 = B->k * B->k, P = B->Ho * B->Wo;
+            for (int c0 = 0; c0 < NR; c0 += 16) {
+                int ncol = nc - c0 < 16 ? (nc - c0 > 0 ? nc - c0 : 0) : 16;
+                for (int kb = 0; kb < kc; kb += TK) {
+                    int ke = kc - kb < TK ? kc - kb : TK;
+                    for (int c = 0; c < ncol; c++) {
+                        int kk = j0 + c0 + c, ci = kk / kk2, ky = (kk % kk2) / B->k, kx = kk % B->k;
+                        int q = (k0 + kb) % P, n = (k0 + kb) / P, oy = q / B->Wo, ox = q % B->Wo;
+                        float *tc = t + (size_t)c * ke;
+                        for (int k = 0; k < ke;) {      /* one output row's run at a time */
+                            int run = B->Wo - ox < ke - k ? B->Wo - ox : ke - k, iy = oy - B->pt + ky;
+                            if (iy < 0 || iy >= B->H) memset(tc + k, 0, (size_t)run * sizeof(float));
+                            else ms_im2col_run_avx512(tc + k, B->p + (size_t)n * B->nstride + ((size_t)ci * B->H + iy) * B->W,
+                                                      B->W, ox - B->pl + kx, run);
+                            k += run; ox = 0;
+                            if (++oy == B->Ho) { oy = 0; n++; }
+                        }
+                    }
+                    ms_transpose_avx512(d + (size_t)kb * NR + c0, (size_t)NR, t, (size_t)ke, ncol, 16, ke);
+                }
+            }
+            return;
+        }
         if (B->kind == MS_OPD_IM2COL && B->s == 1) {
             int kk2 = B->k * B->k, ci = k0 / kk2, ky = (k0 % kk2) / B->k, kx = k0 % B->k;
             int oy0 = j0 / B->Wo, ox0 = j0 % B->Wo;
@@ -1433,6 +1483,19 @@ void conv2d_backward(float *dx, float *dw, float *db, const float *dout, const f
         memset(&A, 0, sizeof A);
         A.kind = MS_OPD_WFLIP; A.p = w; A.C = C; A.Co = Co; A.k = k;
         if (k == 1) A = ms_dense(w, (size_t)C, 1);
+        float *wf = k > 1 && N > 1 ? ms_work_get(&ms_work_conv, (size_t)C * Co * k * k) : NULL;
+        if (wf) {   /* the flipped kernel once as a dense (C, Co*k*k) matrix, not gathered again
+                       for every image: the same values in the same k order, the same bits */
+            const int kk = k * k, ck = Co * kk;
+            MS_PARALLEL_FOR_W((double)C * ck)
+            for (int c = 0; c < C; c++)
+                for (int co = 0; co < Co; co++) {
+                    const float *src = w + ((size_t)co * C + c) * kk;
+                    float *dst = wf + (size_t)c * ck + (size_t)co * kk;
+                    for (int t = 0; t < kk; t++) dst[t] = src[kk - 1 - t];
+                }
+            A = ms_dense(wf, (size_t)ck, 0);
+        }
         for (int n = 0; n < N; n++) {
             const float *gn = dout + (size_t)n * Co * P;
             MsOperand B = k == 1 ? ms_dense(gn, (size_t)P, 0)
@@ -2026,6 +2089,55 @@ void silu_backward_ref(float *dx, const float *dout, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) {
         double s = 1.0 / (1.0 + exp(-(double)x[i]));
         dx[i] += (float)((double)dout[i] * s * (1.0 + x[i] * (1.0 - s)));
+    }
+}
+
+/* One AdamW update of n parameters (models/optim.c ms_adamw_step computes the float constants
+ * from torch's doubles): per element, in this order, each operation rounded to float,
+ *   p *= decay;  m = fma(g, 1-b1, b1 m);  v = fma((1-b2) g, g, b2 v);
+ *   p += neg_step m / (sqrt(v) / sqrt(bc2) + eps)
+ * The AVX-512 path does the same correctly rounded operations 16 lanes at a time (sqrt and
+ * division are IEEE in both), so it equals the scalar twin to the bit, for any thread count. */
+void ms_adamw_update_ref(float *p, const float *g, float *m, float *v, size_t n, const MsAdamwConst *k) {
+    for (size_t i = 0; i < n; i++) {
+        float pi = p[i] * k->decay;
+        float gi = g[i];
+        float mi = fmaf(gi, k->one_b1, m[i] * k->b1);
+        float vi = fmaf(k->one_b2 * gi, gi, v[i] * k->b2);
+        float den = sqrtf(vi) / k->bc2_sqrt + k->eps;
+        p[i] = pi + (k->neg_step * mi) / den;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+#if defined(MS_X86_KERNELS)
+MS_TARGET_AVX512
+static void ms_adamw_update_avx512(float *p, const float *g, float *m, float *v, size_t n, const MsAdamwConst *k) {
+    const __m512 decay = _mm512_set1_ps(k->decay), b1 = _mm512_set1_ps(k->b1), one_b1 = _mm512_set1_ps(k->one_b1);
+    const __m512 b2 = _mm512_set1_ps(k->b2), one_b2 = _mm512_set1_ps(k->one_b2), bc2 = _mm512_set1_ps(k->bc2_sqrt);
+    const __m512 eps = _mm512_set1_ps(k->eps), neg_step = _mm512_set1_ps(k->neg_step);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 pi = _mm512_mul_ps(_mm512_loadu_ps(p + i), decay), gi = _mm512_loadu_ps(g + i);
+        __m512 mi = _mm512_fmadd_ps(gi, one_b1, _mm512_mul_ps(_mm512_loadu_ps(m + i), b1));
+        __m512 vi = _mm512_fmadd_ps(_mm512_mul_ps(one_b2, gi), gi, _mm512_mul_ps(_mm512_loadu_ps(v + i), b2));
+        __m512 den = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2), eps);
+        _mm512_storeu_ps(p + i, _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(neg_step, mi), den)));
+        _mm512_storeu_ps(m + i, mi);
+        _mm512_storeu_ps(v + i, vi);
+    }
+    ms_adamw_update_ref(p + i, g + i, m + i, v + i, n - i, k);
+}
+#endif
+void ms_adamw_update(float *p, const float *g, float *m, float *v, size_t n, const MsAdamwConst *k) {
+    int64_t nch = ops_nchunks(n);
+    MS_PARALLEL_FOR_W(8.0 * n)
+    for (int64_t c = 0; c < nch; c++) {
+        size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
+#if defined(MS_X86_KERNELS)
+        if (ms_simd() >= MS_SIMD_AVX512) { ms_adamw_update_avx512(p + a, g + a, m + a, v + a, e - a, k); continue; }
+#endif
+        ms_adamw_update_ref(p + a, g + a, m + a, v + a, e - a, k);
     }
 }
 

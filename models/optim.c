@@ -20,21 +20,13 @@
 
 void ms_adamw_step(float *p, const float *g, float *m, float *v, size_t n, int64_t step, double lr,
                    double weight_decay, double beta1, double beta2, double eps) {
-    const float decay = (float)(1.0 - lr * weight_decay);
-    const float b1 = (float)beta1, one_b1 = (float)(1.0 - beta1);
-    const float b2 = (float)beta2, one_b2 = (float)(1.0 - beta2);
     const double bc1 = 1.0 - pow(beta1, (double)step), bc2 = 1.0 - pow(beta2, (double)step);
-    const float bc2_sqrt = (float)sqrt(bc2), feps = (float)eps, neg_step = (float)(-(lr / bc1));
-    for (size_t i = 0; i < n; i++) {
-        float pi = p[i] * decay;
-        float gi = g[i];
-        float mi = fmaf(gi, one_b1, m[i] * b1);
-        float vi = fmaf(one_b2 * gi, gi, v[i] * b2);
-        float den = sqrtf(vi) / bc2_sqrt + feps;
-        p[i] = pi + (neg_step * mi) / den;
-        m[i] = mi;
-        v[i] = vi;
-    }
+    MsAdamwConst k;
+    k.decay = (float)(1.0 - lr * weight_decay);
+    k.b1 = (float)beta1; k.one_b1 = (float)(1.0 - beta1);
+    k.b2 = (float)beta2; k.one_b2 = (float)(1.0 - beta2);
+    k.bc2_sqrt = (float)sqrt(bc2); k.eps = (float)eps; k.neg_step = (float)(-(lr / bc1));
+    ms_adamw_update(p, g, m, v, n, &k);   /* tensor.c: the per-element update, in float */
 }
 
 /* ------------------------------------------------------------------------------------------

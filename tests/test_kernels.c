@@ -412,6 +412,37 @@ static void test_gradchecks(void) {
     }
 }
 
+/* AdamW's elementwise update: the SIMD level's path vs the scalar twin, and 1 vs 2 threads, to
+ * the bit (n spans several parallel chunks and a ragged tail; zero gradients and moments, tiny
+ * v near eps, large steps), after a few steps so that the moments matter. */
+static void test_adamw(MsSimd level) {
+    const size_t n = 3 * 16384 + 37;             /* 3 parallel chunks (OPS_CHUNK) and a tail */
+    const int threads = ms_get_threads();
+    float *p[3], *m[3], *v[3], *g = test_randn(&rng, n, 1.0f);
+    for (size_t i = 0; i < n; i += 7) g[i] = 0.0f;
+    for (size_t i = 3; i < n; i += 11) g[i] *= 1e-6f;
+    for (int r = 0; r < 3; r++) { p[r] = test_randn(&rng, n, 1.0f); m[r] = test_zeros(n); v[r] = test_zeros(n); }
+    memcpy(p[1], p[0], n * sizeof(float)); memcpy(p[2], p[0], n * sizeof(float));
+    ms_set_simd(level);
+    for (int step = 1; step <= 3; step++) {
+        MsAdamwConst k = { (float)(1.0 - 1e-3 * 0.01), 0.9f, (float)(1.0 - 0.9), 0.999f, (float)(1.0 - 0.999),
+                           (float)sqrt(1.0 - pow(0.999, step)), 1e-8f, (float)(-(1e-3 / (1.0 - pow(0.9, step)))) };
+        ms_adamw_update_ref(p[0], g, m[0], v[0], n, &k);
+        ms_set_threads(1); ms_adamw_update(p[1], g, m[1], v[1], n, &k);
+        ms_set_threads(2); ms_adamw_update(p[2], g, m[2], v[2], n, &k);
+    }
+    char what[64];
+    snprintf(what, sizeof what, "adamw %s 1 thread vs _ref", ms_simd_name(level));
+    check_bitwise(what, p[1], p[0], n);
+    check_bitwise("  ... its moments m", m[1], m[0], n);
+    check_bitwise("  ... its moments v", v[1], v[0], n);
+    snprintf(what, sizeof what, "adamw %s 2 threads vs 1", ms_simd_name(level));
+    check_bitwise(what, p[2], p[1], n);
+    ms_set_threads(threads);
+    for (int r = 0; r < 3; r++) { ms_free_aligned(p[r]); ms_free_aligned(m[r]); ms_free_aligned(v[r]); }
+    ms_free_aligned(g);
+}
+
 int main(void) {
     ms_rng_seed(&rng, 1234);
     MsSimd hw = ms_simd_detected();
@@ -428,6 +459,7 @@ int main(void) {
         test_linear(33, 65, 17, l & 1);
         test_linear(1, 100, 129, 1);
         test_fast_paths(l);
+        test_adamw(l);
         ms_set_simd(MS_SIMD_AVX512);
     }
     test_linear(77, 768, 320, 1);
