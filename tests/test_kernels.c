@@ -314,6 +314,8 @@ static void test_fast_paths(MsSimd level) {
         { 2, 9, 20, 32, 32, 3, 1, 1, 1, 1, 1 },    /* one panel per row */
         { 1, 6, 16, 20, 40, 3, 1, 0, 2, 1, 0 },    /* Wo 40: straddling panels, asymmetric pad */
         { 1, 41, 30, 8, 8, 3, 1, 1, 1, 1, 1 },     /* 4 output rows per panel, C*9 = 369: 2 K slices */
+        { 3, 5, 6, 11, 13, 3, 1, 1, 0, 1, 2 },     /* 3 images of 11x13 outputs: weight-gradient K slices
+                                                      start mid-row and cross images */
         { 1, 7, 9, 33, 64, 1, 1, 0, 0, 0, 0 },     /* 1x1 */
         { 1, 4, 5, 17, 64, 3, 2, 1, 1, 1, 1 },     /* stride 2 */
     };
