@@ -400,6 +400,54 @@ static void test_cli(const ClipTokenizer *tok) {
     snprintf(p, sizeof p, "%s/s.json", dir);
     const double ts = json_mean(p, "mean_text_alignment");
     check(tm > ts + 0.05, "mean text alignment: matched %.4f > shuffled %.4f", tm, ts);
+    {   /* caption ranks: recomputed from the encoders on the written PNGs, each image against the 8
+         * distinct captions; the shuffled run's prompts are the same 8, so its ranks differ */
+        const int E = a.e.cfg.embed_dim;
+        float *im8 = (float *)ms_alloc_aligned((size_t)8 * 3 * S * S, sizeof(float)), *u = (float *)malloc(8 * E * sizeof(float));
+        float *z = (float *)malloc(8 * (size_t)a.e.cfg.id_dim * sizeof(float)), *v = (float *)malloc(8 * E * sizeof(float));
+        const char *cp[8];
+        int ok = 1, rk[8], top_m = 0, top_s = 0;
+        for (int b = 0; b < 8; b++) {
+            snprintf(p, sizeof p, "%s/s%d.png", dir, b);
+            ok &= eval_image_load(p, S, im8 + (size_t)b * 3 * S * S) == MS_OK;
+            cp[b] = caps[b];
+        }
+        ok = ok && evalnet_embed_images(&a.e, im8, 8, u, z) == MS_OK && evalnet_embed_texts(&a.e, tok, cp, 8, v) == MS_OK;
+        for (int b = 0; b < 8 && ok; b++) {
+            double own = 0.0;
+            for (int k = 0; k < E; k++) own += (double)u[b * E + k] * v[b * E + k];
+            rk[b] = 1;
+            for (int j = 0; j < 8; j++) {
+                double c = 0.0;
+                for (int k = 0; k < E; k++) c += (double)u[b * E + k] * v[j * E + k];
+                rk[b] += j != b && c > own;
+            }
+        }
+        JsonValue *jm = NULL, *js = NULL;
+        snprintf(p, sizeof p, "%s/m.json", dir);
+        ok = ok && json_parse_file(p, &jm) == MS_OK;
+        snprintf(p, sizeof p, "%s/s.json", dir);
+        ok = ok && json_parse_file(p, &js) == MS_OK;
+        int same = ok;
+        for (int b = 0; b < 8 && ok; b++) {
+            const double r = json_get_number(json_at(json_get(jm, "images"), (size_t)b), "caption_rank", NAN);
+            same &= r == rk[b];
+            top_m += rk[b] == 1;
+            top_s += json_get_number(json_at(json_get(js, "images"), (size_t)b), "caption_rank", NAN) == 1.0;
+        }
+        check(same, "caption ranks of the 8 scenes among their 8 captions == recomputed from the encoders");
+        int distinct = 0;
+        for (int b = 0; b < 8; b++) {
+            int first = 1;
+            for (int q = 0; q < b; q++) first &= strcmp(caps[q], caps[b]) != 0;
+            distinct += first;
+        }
+        check(ok && json_get_number(jm, "caption_top1", NAN) == top_m / 8.0 && json_get_number(jm, "distinct_prompts", NAN) == distinct,
+              "caption_top1 %d/8, %d distinct prompts", top_m, distinct);
+        check(top_m > top_s, "caption retrieval top-1: matched %d/8 > shuffled %d/8", top_m, top_s);
+        json_free(jm); json_free(js);
+        ms_free_aligned(im8); free(u); free(z); free(v);
+    }
     snprintf(refa, sizeof refa, "A=%s/refA", dir);
     snprintf(refb, sizeof refb, "B=%s/refB", dir);
     snprintf(gen, sizeof gen, "%s/gen", dir);
@@ -410,12 +458,16 @@ static void test_cli(const ClipTokenizer *tok) {
         JsonValue *j = NULL;
         snprintf(p, sizeof p, "%s/g.json", dir);
         double own = NAN, other = NAN;
+        int no_ranks = 0;
         if (json_parse_file(p, &j) == MS_OK) {
-            const JsonValue *im = json_get(j, "images");
+            const JsonValue *im = json_get(j, "images"), *t1 = json_get(j, "caption_top1");
             own = json_get_number(json_at(im, 0), "image_alignment", NAN);
             other = json_get_number(json_at(im, 1), "image_alignment", NAN);
+            no_ranks = t1 && t1->type == JSON_NULL && json_get_number(j, "distinct_prompts", NAN) == 1 &&
+                       !json_get(json_at(im, 0), "caption_rank");
         }
         json_free(j);
+        check(no_ranks, "one distinct prompt (\"a creature\" twice): no caption ranks, caption_top1 null");
         check(own > other, "image alignment of a render of A: A's reference %.4f > B's %.4f", own, other);
     }
     snprintf(p, sizeof p, "%s/g.csv", dir);

@@ -37,7 +37,13 @@ static void eval_usage(FILE *f) {
         "                   reference images; trained with a supervised contrastive loss so that renders\n"
         "                   of one creature (pose, scale, position, background vary) are close and other\n"
         "                   creatures far. An image with several creatures mixes them (no cropping).\n"
-        "Both are cosines in [-1, 1], comparable between methods scored by the same encoders, not with\n"
+        "  caption rank     with several distinct prompts in the file: the rank of the image's own prompt\n"
+        "                   among them by text alignment (1: no other prompt fits the image better); the\n"
+        "                   share of rank 1 is caption retrieval top-1 (chance: 1 / distinct prompts),\n"
+        "                   whether an image shows *its* caption rather than a plausible scene.\n"
+        );
+    fprintf(f,
+        "The alignments are cosines in [-1, 1], comparable between methods scored by the same encoders, not with\n"
         "the paper's CLIP numbers. Held-out accuracy of the default encoders: see README (the training\n"
         "prints it and stores it in the file's metadata \"heldout\").\n"
         "\n"
@@ -437,8 +443,36 @@ static MsStatus ev_sheet(const char *prefix, const char *images, const EvLine *L
     return s;
 }
 
+/* Caption retrieval: rank[i] = 1 + the number of distinct prompts other than line i's whose text
+ * embedding fits image i better (cosine) than its own; 0 for every line when the file has fewer
+ * than two distinct prompts. Returns the number of distinct prompts. u: image embeddings, v: the
+ * lines' prompt embeddings (n x E, unit length). */
+static int ev_caption_ranks(const EvLine *L, int n, const float *u, const float *v, int E, int *rank) {
+    int distinct = 0;
+    for (int j = 0; j < n; j++) {
+        int first = 1;
+        for (int q = 0; q < j && first; q++) first = strcmp(L[q].prompt, L[j].prompt) != 0;
+        distinct += first;
+    }
+    for (int i = 0; i < n; i++) {
+        rank[i] = distinct < 2 ? 0 : 1;
+        if (distinct < 2) continue;
+        double own = 0.0;
+        for (int k = 0; k < E; k++) own += (double)u[(size_t)i * E + k] * v[(size_t)i * E + k];
+        for (int j = 0; j < n; j++) {
+            int first = strcmp(L[j].prompt, L[i].prompt) != 0;
+            for (int q = 0; q < j && first; q++) first = strcmp(L[q].prompt, L[j].prompt) != 0;
+            if (!first) continue;            /* i's own prompt, or a repeat of an earlier line's */
+            double c = 0.0;
+            for (int k = 0; k < E; k++) c += (double)u[(size_t)i * E + k] * v[(size_t)j * E + k];
+            rank[i] += c > own;
+        }
+    }
+    return distinct;
+}
+
 static MsStatus ev_write(const char *prefix, const EvLine *L, int n, const double *ta, const double *ia, double mta,
-                         double mia, int nia) {
+                         double mia, int nia, const int *rank, int distinct) {
     char p[2400], tmp[2500];
     FILE *f;
     MsStatus s = MS_OK;
@@ -446,15 +480,22 @@ static MsStatus ev_write(const char *prefix, const EvLine *L, int n, const doubl
     snprintf(p, sizeof p, "%s.csv", prefix);
     snprintf(tmp, sizeof tmp, "%s.tmp", p);
     if (!(f = fopen(tmp, "w"))) return ms_errorf(MS_ERR_IO, "%s: cannot create", tmp);
-    fprintf(f, "image,prompt,concepts,text_alignment,image_alignment\n");
+    /* the last column: each image's caption rank; on the mean row, the share of rank 1 */
+    int top1 = 0;
+    for (int i = 0; i < n; i++) top1 += rank[i] == 1;
+    fprintf(f, "image,prompt,concepts,text_alignment,image_alignment,caption_rank\n");
     for (int i = 0; i < n; i++) {
         csv_field(f, L[i].file); fputc(',', f); csv_field(f, L[i].prompt); fputc(',', f);
         csv_field(f, L[i].concepts ? L[i].concepts : ""); fprintf(f, ",%.6f,", ta[i]);
         if (!isnan(ia[i])) fprintf(f, "%.6f", ia[i]);
+        fputc(',', f);
+        if (distinct >= 2) fprintf(f, "%d", rank[i]);
         fputc('\n', f);
     }
     fprintf(f, "\"mean\",\"\",\"\",%.6f,", mta);
     if (nia) fprintf(f, "%.6f", mia);
+    fputc(',', f);
+    if (distinct >= 2) fprintf(f, "%.6f", (double)top1 / n);
     fputc('\n', f);
     if (fclose(f) != 0 || rename(tmp, p) != 0) { remove(tmp); return ms_errorf(MS_ERR_IO, "%s: cannot write", p); }
     /* JSON */
@@ -471,12 +512,15 @@ static MsStatus ev_write(const char *prefix, const EvLine *L, int n, const doubl
             break;
         }
         if (L[i].concepts && (s = json_set(o, "concepts", json_new_string(L[i].concepts, strlen(L[i].concepts))))) { json_free(o); break; }
+        if (distinct >= 2 && (s = json_set(o, "caption_rank", json_new_number(rank[i])))) { json_free(o); break; }
         s = json_push(arr, o);
     }
     if (!s) s = json_set(root, "images", arr); else json_free(arr);
     if (!s) s = json_set(root, "mean_text_alignment", json_new_number(mta));
     if (!s) s = json_set(root, "mean_image_alignment", nia ? json_new_number(mia) : json_new(JSON_NULL));
     if (!s) s = json_set(root, "images_with_concepts", json_new_number(nia));
+    if (!s) s = json_set(root, "distinct_prompts", json_new_number(distinct));
+    if (!s) s = json_set(root, "caption_top1", distinct >= 2 ? json_new_number((double)top1 / n) : json_new(JSON_NULL));
     snprintf(p, sizeof p, "%s.json", prefix);
     if (!s) s = json_write_file(p, root, 2);
     json_free(root);
@@ -498,6 +542,7 @@ static MsStatus ev_score(EvArgs *a) {
     int n = 0, tok_ok = 0, net_ok = 0, shipped;
     float *img = NULL, *u = NULL, *z = NULL, *v = NULL;
     double *ta = NULL, *ia = NULL;
+    int *rank = NULL;
     const char **prompts = NULL;
     MsStatus s;
     if (a->encoders) snprintf(enc, sizeof enc, "%s", a->encoders);
@@ -522,7 +567,8 @@ static MsStatus ev_score(EvArgs *a) {
         ta = (double *)malloc((size_t)n * sizeof(double));
         ia = (double *)malloc((size_t)n * sizeof(double));
         prompts = (const char **)malloc((size_t)n * sizeof(char *));
-        if (!img || !u || !v || !z || !ta || !ia || !prompts) { s = ms_errorf(MS_ERR_NOMEM, "eval: out of memory"); goto done; }
+        rank = (int *)malloc((size_t)n * sizeof(int));
+        if (!img || !u || !v || !z || !ta || !ia || !prompts || !rank) { s = ms_errorf(MS_ERR_NOMEM, "eval: out of memory"); goto done; }
         for (int i = 0; i < n && !s; i++) {
             snprintf(path, sizeof path, "%s/%s", a->images, L[i].file);
             s = eval_image_load(path, S, img + (size_t)i * 3 * S * S);
@@ -575,9 +621,16 @@ static MsStatus ev_score(EvArgs *a) {
         printf("%-32s %8.4f ", "mean", mta);
         if (nia) printf("%8.4f", mia); else printf("%8s", "-");
         printf("  (%d images, %d with concepts)\n", n, nia);
+        const int distinct = ev_caption_ranks(L, n, u, v, E, rank);
+        if (distinct >= 2) {
+            int top1 = 0;
+            for (int i = 0; i < n; i++) top1 += rank[i] == 1;
+            printf("caption retrieval top-1: %d of %d images (%.3f; chance %.3f: %d distinct prompts)\n", top1, n,
+                   (double)top1 / n, 1.0 / distinct, distinct);
+        }
         if (a->out) snprintf(prefix, sizeof prefix, "%s", a->out);
         else snprintf(prefix, sizeof prefix, "%s/eval", a->images);
-        if ((s = ev_write(prefix, L, n, ta, ia, mta, mia, nia))) goto done;
+        if ((s = ev_write(prefix, L, n, ta, ia, mta, mia, nia, rank, distinct))) goto done;
         fprintf(stderr, "eval: wrote %s.json and %s.csv\n", prefix, prefix);
         if (a->sheet_cols > 0) {
             if ((s = ev_sheet(prefix, a->images, L, n, ta, ia, mta, mia, nia, a->sheet_cols))) goto done;
@@ -587,7 +640,7 @@ static MsStatus ev_score(EvArgs *a) {
 done:
     for (int r = 0; r < a->n_refs; r++) { free(a->refs[r].z); a->refs[r].z = NULL; }
     free(text); free(L);
-    ms_free_aligned(img); free(u); free(v); free(z); free(ta); free(ia); free(prompts);
+    ms_free_aligned(img); free(u); free(v); free(z); free(ta); free(ia); free(prompts); free(rank);
     if (tok_ok) clip_tokenizer_free(&tok);
     if (net_ok) evalnet_free(&e);
     return s;
