@@ -20,7 +20,12 @@
 # Knobs (environment): DEMO_OUT (demo), DEMO_BASE (models/world: the shipped world model; any SD 1.x
 # diffusers folder works), DEMO_ENCODERS (models/eval-encoders.safetensors), DEMO_STEPS (ED-LoRA /
 # LoRA steps per creature, 400), DEMO_SEEDS (2), DEMO_SAMPLE_STEPS (30), DEMO_THREADS (default: each command's),
-# MIXSHOW (./mixshow). `make test-full` runs it on the random tiny model with a few steps (the
+# MIXSHOW (./mixshow), DEMO_EMB_NORM (ED-LoRA's emb_norm_threshold; default: the options' official
+# 0.55). When a base's token rows are larger than SD's CLIP table, 0.55 freezes the concept rows at
+# step 1 (train's loss.csv: emb_frozen 1): a world model trained 14000 steps (token rows' mean L2
+# norm 1.005, the shipped v0's 0.472) started them at 0.651, every creature kept the same tokens,
+# identities were lost and gradient fusion met near-identical inputs with different targets (its
+# weights blew up 850x). The demo then warns; raise it (1.3 there) for such a base. `make test-full` runs it on the random tiny model with a few steps (the
 # pipeline, not the numbers).
 set -eu
 MS=${MIXSHOW:-./mixshow}
@@ -32,6 +37,7 @@ SEEDS=${DEMO_SEEDS:-2}
 SSTEPS=${DEMO_SAMPLE_STEPS:-30}
 THR=""; [ -n "${DEMO_THREADS:-}" ] && THR="--threads $DEMO_THREADS"
 SIZE=128
+EMBN=${DEMO_EMB_NORM:-}
 
 if [ ! -e "$BASE" ]; then
     echo "demo: no base model at $BASE (make pretrain writes it; or DEMO_BASE=DIR)" >&2
@@ -112,8 +118,13 @@ for c in $CHARS; do
         step "train $kind $c ($STEPS steps)"
         set -- --config "$W/options/$c.yml" --model "$BASE" --steps "$STEPS" --no-val --out "$d" --quiet
         [ $kind = lora ] && set -- "$@" --set models.enable_edlora=false
+        [ -n "$EMBN" ] && set -- "$@" --set train.emb_norm_threshold="$EMBN"
         # shellcheck disable=SC2086
         $MS train "$@" $THR >/dev/null
+        if [ $kind = edlora ] && awk -F, 'NR == 2 && $9 == 1 { f = 1 } END { exit !f }' "$d/loss.csv"; then
+            echo "demo: warning: $c's concept embeddings were frozen at step 1 (their mean norm is already above" \
+                 "emb_norm_threshold: the base's token rows are large); set DEMO_EMB_NORM higher" >&2
+        fi
     done
 done
 
@@ -216,28 +227,30 @@ for v in class edlora lora fused_gradient fused_weight multi_fused_gradient mult
 done
 mean() { awk -F, '$1 == "\"mean\"" { print ($'"$2"' == "" ? "-" : $'"$2"') }' "$OUT/samples/$1/eval.csv"; }
 {
-    echo "The base model on $NCAP held-out world captions (text alignment: cosine of the stand-in encoders):"
+    echo "The base model on $NCAP held-out world captions (text alignment: cosine of the stand-in encoders;"
+    echo "caption top-1: share of images whose own caption fits them best among the $NCAP, chance 1/$NCAP):"
     echo
-    echo "| images | text alignment |"
-    echo "|---|---|"
-    echo "| real renders of the captions (ceiling) | $(mean real 4) |"
-    echo "| base model $BASE | $(mean base 4) |"
-    echo "| the same architecture untrained | $(mean untrained 4) |"
-    echo "| base model's images, another image's caption | $(mean shuffled 4) |"
-    echo
-    echo "Mix-of-Show's ablation in the world:"
-    echo
-    echo "| method | text alignment | image alignment |"
+    echo "| images | text alignment | caption top-1 |"
     echo "|---|---|---|"
-    echo "| base model, the class word (\"a creature ...\": no concept) | $(mean class 4) | $(mean class 5) |"
-    echo "| ED-LoRA, single concept | $(mean edlora 4) | $(mean edlora 5) |"
-    echo "| ED-LoRA + gradient fusion | $(mean fused_gradient 4) | $(mean fused_gradient 5) |"
-    echo "| LoRA, single concept | $(mean lora 4) | $(mean lora 5) |"
-    echo "| LoRA + weight fusion | $(mean fused_weight 4) | $(mean fused_weight 5) |"
-    echo "| regional, gradient-fused | $(mean multi_fused_gradient 4) | $(mean multi_fused_gradient 5) |"
-    echo "| regional, weight-fused | $(mean multi_fused_weight 4) | $(mean multi_fused_weight 5) |"
+    echo "| real renders of the captions (ceiling) | $(mean real 4) | $(mean real 6) |"
+    echo "| base model $BASE | $(mean base 4) | $(mean base 6) |"
+    echo "| the same architecture untrained | $(mean untrained 4) | $(mean untrained 6) |"
+    echo "| base model's images, another image's caption | $(mean shuffled 4) | $(mean shuffled 6) |"
     echo
-    echo "base $BASE, $STEPS training steps per concept, $SEEDS seeds x 4 prompts per creature, $SSTEPS sampling steps;"
+    echo "Mix-of-Show's ablation in the world (prompt top-1: share of single-concept images whose"
+    echo "background prompt fits best among the 4, chance 0.25; regional rows: among the layouts' prompts):"
+    echo
+    echo "| method | text alignment | image alignment | prompt top-1 |"
+    echo "|---|---|---|---|"
+    echo "| base model, the class word (\"a creature ...\": no concept) | $(mean class 4) | $(mean class 5) | $(mean class 6) |"
+    echo "| ED-LoRA, single concept | $(mean edlora 4) | $(mean edlora 5) | $(mean edlora 6) |"
+    echo "| ED-LoRA + gradient fusion | $(mean fused_gradient 4) | $(mean fused_gradient 5) | $(mean fused_gradient 6) |"
+    echo "| LoRA, single concept | $(mean lora 4) | $(mean lora 5) | $(mean lora 6) |"
+    echo "| LoRA + weight fusion | $(mean fused_weight 4) | $(mean fused_weight 5) | $(mean fused_weight 6) |"
+    echo "| regional, gradient-fused | $(mean multi_fused_gradient 4) | $(mean multi_fused_gradient 5) | $(mean multi_fused_gradient 6) |"
+    echo "| regional, weight-fused | $(mean multi_fused_weight 4) | $(mean multi_fused_weight 5) | $(mean multi_fused_weight 6) |"
+    echo
+    echo "base $BASE, $STEPS training steps per concept (emb_norm_threshold ${EMBN:-of the options}), $SEEDS seeds x 4 prompts per creature, $SSTEPS sampling steps;"
     echo "$(( $(date +%s) - start )) s in all. Contact sheets: $OUT/samples/*/eval.png, pages: $OUT/samples/*/eval.html"
 } > "$OUT/table.md"
 cat "$OUT/table.md"
