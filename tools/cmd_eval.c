@@ -449,25 +449,27 @@ static MsStatus ev_sheet(const char *prefix, const char *images, const EvLine *L
  * lines' prompt embeddings (n x E, unit length). */
 static int ev_caption_ranks(const EvLine *L, int n, const float *u, const float *v, int E, int *rank) {
     int distinct = 0;
-    for (int j = 0; j < n; j++) {
-        int first = 1;
-        for (int q = 0; q < j && first; q++) first = strcmp(L[q].prompt, L[j].prompt) != 0;
-        distinct += first;
+    for (int j = 0; j < n; j++) {          /* rank[j] = 1 while j is its prompt's first line */
+        rank[j] = 1;
+        for (int q = 0; q < j && rank[j]; q++) rank[j] = strcmp(L[q].prompt, L[j].prompt) != 0;
+        distinct += rank[j];
     }
+    unsigned char *first = (unsigned char *)malloc(n > 0 ? (size_t)n : 1);
+    if (!first) distinct = 0;              /* out of memory: no ranks, as for one prompt */
+    for (int j = 0; j < n && first; j++) first[j] = (unsigned char)rank[j];
     for (int i = 0; i < n; i++) {
         rank[i] = distinct < 2 ? 0 : 1;
         if (distinct < 2) continue;
         double own = 0.0;
         for (int k = 0; k < E; k++) own += (double)u[(size_t)i * E + k] * v[(size_t)i * E + k];
         for (int j = 0; j < n; j++) {
-            int first = strcmp(L[j].prompt, L[i].prompt) != 0;
-            for (int q = 0; q < j && first; q++) first = strcmp(L[q].prompt, L[j].prompt) != 0;
-            if (!first) continue;            /* i's own prompt, or a repeat of an earlier line's */
+            if (!first[j] || !strcmp(L[j].prompt, L[i].prompt)) continue;   /* a repeat, or i's own */
             double c = 0.0;
             for (int k = 0; k < E; k++) c += (double)u[(size_t)i * E + k] * v[(size_t)j * E + k];
             rank[i] += c > own;
         }
     }
+    free(first);
     return distinct;
 }
 
