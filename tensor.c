@@ -1483,9 +1483,10 @@ void conv2d_backward(float *dx, float *dw, float *db, const float *dout, const f
         memset(&A, 0, sizeof A);
         A.kind = MS_OPD_WFLIP; A.p = w; A.C = C; A.Co = Co; A.k = k;
         if (k == 1) A = ms_dense(w, (size_t)C, 1);
-        float *wf = k > 1 && N > 1 ? ms_work_get(&ms_work_conv, (size_t)C * Co * k * k) : NULL;
+        float *wf = k > 1 ? ms_work_get(&ms_work_conv, (size_t)C * Co * k * k) : NULL;
         if (wf) {   /* the flipped kernel once as a dense (C, Co*k*k) matrix, not gathered again
-                       for every image: the same values in the same k order, the same bits */
+                       for every image and column block: the same values in the same k order, the
+                       same bits (WFLIP gathers it in place only if the workspace is not there) */
             const int kk = k * k, ck = Co * kk;
             MS_PARALLEL_FOR_W((double)C * ck)
             for (int c = 0; c < C; c++)
