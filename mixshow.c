@@ -1124,17 +1124,20 @@ MsStatus ms_pretrain_step(MsPretrainer *p, const float *latents, const char *con
     memset(p->gu.mem, 0, p->gu.mem_bytes);
     memset(p->gt.mem, 0, p->gt.mem_bytes);
     memset(p->dctx, 0, nctx * sizeof(float));
-    if ((s = unet_backward_full(&e->ua, &e->up, NULL, NULL, &p->dup, e->dpred, p->dctx, NULL))) return s;
-    if ((s = clip_text_backward_full(NULL, NULL, &p->dtp, p->dctx, &e->ta, &e->tp, NULL, e->ids, 0, &p->m->text_config)))
+    if ((s = unet_backward_full(&e->ua, &e->up, NULL, NULL, &p->dup, e->dpred, c->freeze_text ? NULL : p->dctx, NULL)))
+        return s;
+    if (!c->freeze_text &&
+        (s = clip_text_backward_full(NULL, NULL, &p->dtp, p->dctx, &e->ta, &e->tp, NULL, e->ids, 0, &p->m->text_config)))
         return s;
     if (!train_finite((const float *)p->gu.mem, p->nu) || !train_finite((const float *)p->gt.mem, p->nt))
         return ms_errorf(MS_ERR_FORMAT, "pretrain step %lld: a gradient is not finite (loss %g)", (long long)k, rep->loss);
-    /* 7. AdamW, one flat loop per table */
+    /* 7. AdamW, one flat loop per table (a frozen text encoder keeps its weights and zero moments) */
     rep->lr = pre_lr_sched(c, k);
     ms_adamw_step((float *)p->m->unet.mem, (const float *)p->gu.mem, p->mom_m, p->mom_v, p->nu, k, rep->lr,
                   c->weight_decay, c->beta1, c->beta2, c->adam_eps);
-    ms_adamw_step((float *)p->m->text.mem, (const float *)p->gt.mem, p->mom_m + p->nu, p->mom_v + p->nu, p->nt, k,
-                  rep->lr, c->weight_decay, c->beta1, c->beta2, c->adam_eps);
+    if (!c->freeze_text)
+        ms_adamw_step((float *)p->m->text.mem, (const float *)p->gt.mem, p->mom_m + p->nu, p->mom_v + p->nu, p->nt, k,
+                      rep->lr, c->weight_decay, c->beta1, c->beta2, c->adam_eps);
     p->step = k;
     pre_eps_report(e, rep);
     return MS_OK;

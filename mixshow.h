@@ -1750,8 +1750,8 @@ void ms_trainer_state_io(MsTrainer *t, float *buf, int store, int64_t *step, int
  *   drop_b = u_b < uncond_p (caption -> "", for classifier-free guidance), t_b uniform in [0, T),
  *   n ~ N(0, 1), z_t = sqrt(ac_t) z0 + sqrt(1 - ac_t) n (the model's scheduler config, DDPM),
  *   L = mean (UNet(z_t, t, TextEncoder(ids)) - n)^2,
- * then AdamW (torch.optim.AdamW, to the bit) on every UNet and text-encoder parameter, one flat
- * loop per table, lr warmed up linearly: lr_k = lr * min(1, k / warmup), and optionally decayed
+ * then AdamW (torch.optim.AdamW, to the bit) on every UNet and text-encoder parameter (the UNet's
+ * only with freeze_text, as SD trains on a frozen CLIP), one flat loop per table, lr warmed up linearly: lr_k = lr * min(1, k / warmup), and optionally decayed
  * linearly over the last steps (an annealed end in place of an average of the weights). */
 typedef struct {
     double lr;                      /* 1e-3 (peak) */
@@ -1761,6 +1761,7 @@ typedef struct {
     double uncond_p;                /* 0.1 */
     int64_t decay, steps;           /* decay > 0: the last `decay` of `steps` steps decay linearly,
                                      * lr_k = lr * (steps - k + 1) / decay for k > steps - decay (0: none) */
+    int freeze_text;                /* 1: the text encoder is fixed, as SD's CLIP (no gradient, no update) */
 } MsPretrainConfig;
 void ms_pretrain_config_defaults(MsPretrainConfig *c);
 /* Fresh weights for every f32 parameter of a table made by ms_param_table_unet / _text / _vae

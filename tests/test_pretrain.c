@@ -12,7 +12,10 @@
  *   - 20 steps, then --resume of its checkpoint to 40 == the straight 40-step run: every weight
  *     of the written folders bitwise, and the losses of steps 21..40; a checkpoint of other
  *     options is refused;
- *   - the written folder loads (ms_model_load) and `mixshow sample` draws a 64x64 PNG from it. */
+ *   - the written folder loads (ms_model_load) and `mixshow sample` draws a 64x64 PNG from it;
+ *   - freeze_text (SD's frozen text encoder): the text weights and moments untouched, step 1's
+ *     UNet update equal to the unfrozen one bitwise; `--text-encoder FILE` (an eval encoders file
+ *     of 77 positions) is the checkpoint's text encoder bitwise, one of 32 positions refused. */
 #include "pretrain_util.h"
 
 #include <time.h>
@@ -197,6 +200,112 @@ static void test_step_is_adamw(void) {
     free(m0); free(v0);
     ms_free_aligned(lat); ms_free_aligned(noise);
     tiny_free(&t);
+}
+
+/* ---- freeze_text: SD's frozen text encoder ----
+ * Two pretrainers on copies of the same tiny model, the same two steps (given draws), one with
+ * freeze_text: its text encoder is bitwise unchanged and its text moments stay 0; the other's
+ * text encoder moves. Step 1's UNet update is the same bits in both (the UNet's gradient does not
+ * depend on whether the context's gradient is formed); after step 2 the UNets differ (their
+ * contexts do). */
+static void test_frozen_text(void) {
+    Tiny a, b;
+    MsPretrainConfig pc;
+    MsPretrainer *pa = NULL, *pb = NULL;
+    const int B = 2, h = 8, w = 8;
+    const size_t N = (size_t)B * 4 * h * w;
+    if (!tiny_model(&a, 0) || !tiny_model(&b, 0)) { tiny_free(&a); tiny_free(&b); return; }
+    ms_pretrain_config_defaults(&pc);
+    pc.warmup = 0;
+    pc.lr = 2e-3;
+    MsPretrainConfig pf = pc;
+    pf.freeze_text = 1;
+    MsParamTable t0 = copy_table(&a.m.text, 0, &a.m);
+    if (check(ms_pretrainer_create(&pa, &a.m, &a.tok, &pf, B, h, w) == MS_OK &&
+              ms_pretrainer_create(&pb, &b.m, &b.tok, &pc, B, h, w) == MS_OK, "pretrainers: %s", ms_last_error())) {
+        MsRng r;
+        ms_rng_seed(&r, 8);
+        float *lat = test_randn(&r, N, 1.0f), *noise = test_randn(&r, N, 1.0f);
+        const char *caps[2] = { "a red circle above a blue square", "three green stars, on grass" };
+        unsigned char drop[2] = { 0, 0 };
+        int64_t ts[2] = { 500, 40 };
+        MsPretrainDraws dr = { drop, ts, noise };
+        MsPretrainReport ra, rb;
+        const char *bad = NULL;
+        int ok = ms_pretrain_step(pa, lat, caps, &dr, NULL, &ra) == MS_OK && ms_pretrain_step(pb, lat, caps, &dr, NULL, &rb) == MS_OK;
+        check(ok && ra.loss == rb.loss, "step 1: the same loss (%.9g, %.9g)", ra.loss, rb.loss);
+        check(ok && tables_equal(&a.m.unet, &b.m.unet, &bad), "step 1: the UNet updates bitwise equal, frozen text or not%s%s",
+              bad ? "; first mismatch " : "", bad ? bad : "");
+        ok = ok && ms_pretrain_step(pa, lat, caps, &dr, NULL, &ra) == MS_OK && ms_pretrain_step(pb, lat, caps, &dr, NULL, &rb) == MS_OK;
+        bad = NULL;
+        check(ok && tables_equal(&a.m.text, &t0, &bad), "two steps with freeze_text: the text encoder bitwise unchanged%s%s",
+              bad ? "; first change " : "", bad ? bad : "");
+        check(ok && !tables_equal(&b.m.text, &t0, NULL), "without it the text encoder moves");
+        check(ok && !tables_equal(&a.m.unet, &b.m.unet, NULL), "step 2: the UNets differ (their contexts do)");
+        float *mm, *vv;
+        size_t nm, nz = 0;
+        ms_pretrainer_moments(pa, &mm, &vv, &nm);
+        const size_t nu = a.m.unet.mem_bytes / sizeof(float);
+        for (size_t i = nu; i < nm; i++) nz += mm[i] != 0.0f || vv[i] != 0.0f;
+        check(nm > nu && nz == 0, "freeze_text: the text encoder's %zu moments stay 0 (%zu non-zero)", nm - nu, nz);
+        ms_free_aligned(lat); ms_free_aligned(noise);
+    }
+    ms_pretrainer_free(pa); ms_pretrainer_free(pb);
+    ms_param_table_free(&t0);
+    tiny_free(&a); tiny_free(&b);
+}
+
+/* `mixshow pretrain --text-encoder FILE`: a small eval encoders file (2 steps, text width 16, 1
+ * layer, 2 heads, 77 positions) as the frozen text encoder of 6 tiny steps: the checkpoint's text
+ * encoder is the file's text tower bitwise (the file's config replaces --text-*), the recipe names
+ * it, and a file of 32 positions is refused. */
+static void test_text_encoder_file(void) {
+    char te[700], te32[700], out[700], enc[760], ck[760], cmd[2200];
+    snprintf(te, sizeof te, "%s_te", g_tmp); snprintf(te32, sizeof te32, "%s_te32", g_tmp); snprintf(out, sizeof out, "%s_tf", g_tmp);
+    char *args[] = { "eval", "--train-encoders", te, "--steps", "2", "--checkpoint-every", "0", "--batch-text", "4", "--batch-id", "4",
+                     "--per-id", "2", "--identities", "8", "--size", "32", "--channels", "8,16,32", "--text-width", "16",
+                     "--text-layers", "1", "--text-heads", "2", "--text-tokens", "77", "--seed", "3", "-q", NULL };
+    if (!check(cmd_eval(30, args) == 0, "eval --train-encoders, 77 positions: %s", ms_last_error())) return;
+    snprintf(enc, sizeof enc, "%s/encoders.safetensors", te);
+    const char *opts[] = { "--steps", "6", "--checkpoint-every", "3", "--text-encoder", enc };
+    int rc = pretrain_run(TINY_FLAGS, N_TINY, out, opts, 6, "--text-width", "32", NULL, NULL);
+    if (check(rc == 0, "pretrain --text-encoder (6 steps; --text-width 32 overridden by the file): %s", rc ? ms_last_error() : "ok")) {
+        EvalNet e;
+        StFile f;
+        snprintf(ck, sizeof ck, "%s/checkpoint.safetensors", out);
+        if (check(evalnet_load(enc, &e, NULL, NULL) == MS_OK && st_open(&f, ck) == MS_OK, "load: %s", ms_last_error())) {
+            int same = 1, n = 0;
+            for (int i = 0; i < e.text.n; i++) {
+                const MsParam *q = &e.text.p[i];
+                char key[MS_KEY_MAX + 16];
+                float *x = NULL;
+                size_t nx = 0;
+                if (q->flags & MS_PARAM_BUFFER) continue;
+                snprintf(key, sizeof key, "text_encoder.%s", q->name);
+                same = same && st_load_f32(&f, key, &x, &nx) == MS_OK && nx == q->numel &&
+                       !memcmp(x, q->f32, nx * sizeof(float));
+                ms_free_aligned(x);
+                n++;
+            }
+            check(same && n > 10, "after 6 steps the checkpoint's text encoder is the file's text tower (%d tensors) bitwise", n);
+            const char *rec = st_meta(&f, "recipe");
+            check(rec && strstr(rec, " text=frozen:") != NULL, "the recipe records the frozen text encoder: %s", rec ? rec : "(none)");
+            st_close(&f);
+            evalnet_free(&e);
+        }
+    }
+    args[2] = te32; args[26] = "32";
+    if (check(cmd_eval(30, args) == 0, "eval --train-encoders, 32 positions: %s", ms_last_error())) {
+        snprintf(enc, sizeof enc, "%s/encoders.safetensors", te32);
+        rc = pretrain_run(TINY_FLAGS, N_TINY, out, opts, 4, "--text-encoder", enc, NULL, NULL);
+        check(rc != 0 && strstr(ms_last_error(), "77") != NULL, "a text tower of 32 positions refused: %s", ms_last_error());
+    }
+#if !defined(_WIN32)
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s' '%s'", te, te32, out);
+    if (system(cmd) != 0) printf("  (could not remove %s)\n", out);
+#else
+    (void)cmd;
+#endif
 }
 
 /* ---- the command: loss falls, resume, folder ---- */
@@ -448,6 +557,8 @@ static void test_command(void) {
 
 int main(void) {
     test_step_is_adamw();
+    test_frozen_text();
     test_command();
+    test_text_encoder_file();
     return test_summary("test_pretrain");
 }

@@ -74,7 +74,10 @@ static void eval_usage(FILE *f) {
         "  --lr X              AdamW peak lr (2e-3; warmup 50 steps, weight decay 0.01)\n"
         "  --size S            input side (64); --channels A,B,..  (16,32,64,128)\n"
         "  --layers N          stride-1 units per level (0; each level ends in a stride-2 unit)\n"
-        "  --text-width D      text tower width (64; 2 layers, 2 heads, 32 tokens)\n"
+        "  --text-width D      text tower width (64; intermediate 4 D)\n"
+        "  --text-layers N, --text-heads H, --text-tokens T   its layers (2), heads (2) and\n"
+        "                      positions (32; 77 to serve as a model's text encoder: mixshow\n"
+        "                      pretrain --text-encoder FILE)\n"
         "  --seed S            weights and data (0)\n"
         "  --checkpoint-every N  (100; 0: none)   --resume FILE   continue bit-identically\n"
         "  --threads N         worker threads (results do not depend on it)\n"
@@ -723,8 +726,11 @@ int cmd_eval(int argc, char **argv) {
             else if (!strcmp(o, "--layers")) { t.c.layers = (int)x; ok = ok && x <= 8; }
             else if (!strcmp(o, "--text-width")) {
                 t.c.text.hidden_size = (int)x; t.c.text.intermediate_size = 4 * (int)x; t.c.text.projection_dim = t.c.embed_dim;
-                ok = ok && x >= 2 && x <= 1024 && x % t.c.text.num_attention_heads == 0;
+                ok = ok && x >= 2 && x <= 1024;
             }
+            else if (!strcmp(o, "--text-layers")) { t.c.text.num_hidden_layers = (int)x; ok = ok && x >= 1 && x <= 48; }
+            else if (!strcmp(o, "--text-heads")) { t.c.text.num_attention_heads = (int)x; ok = ok && x >= 1 && x <= 1024; }
+            else if (!strcmp(o, "--text-tokens")) { t.c.text.max_position_embeddings = (int)x; ok = ok && x >= 8 && x <= 77; }
             else if (!strcmp(o, "--threads")) { t.threads = (int)x; ok = ok && x >= 1 && x <= 1024; }
             else if (!strcmp(o, "--sheet-cols")) { a.sheet_cols = (int)x; ok = ok && x >= 1 && x <= 256; }
             else { fprintf(stderr, "mixshow eval: unknown option %s (see --help)\n", o); return 2; }

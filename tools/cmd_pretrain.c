@@ -96,6 +96,10 @@ static void pretrain_usage(FILE *f) {
         "  --groups G            GroupNorm groups (default 8)\n"
         "  --text-width D        text hidden size = cross_attention_dim (default 64)\n"
         "  --text-layers N, --text-heads H   (default 2, 2; intermediate 4 D)\n"
+        "  --text-encoder FILE   a frozen text encoder: the text tower of a `mixshow eval --train-encoders\n"
+        "                        --text-tokens 77` file (trained contrastively on world captions, as\n"
+        "                        SD's CLIP), its config in place of --text-width/-layers/-heads; the\n"
+        "                        UNet alone is trained (default: the text encoder is trained with it)\n"
         "  --model-config DIR    take unet/config.json, text_encoder/config.json and\n"
         "                        scheduler/scheduler_config.json from a diffusers folder instead\n");
     fprintf(f,
@@ -129,6 +133,7 @@ static int stderr_tty(void) { return 0; }
 
 typedef struct {
     const char *out, *vae_dir, *tok_dir, *model_config, *resume, *stage;
+    const char *text_file;              /* --text-encoder: a mixshow eval encoders file's text tower, frozen */
     int64_t steps, ckpt_every;
     int batch, size, scenes, quiet, threads;
     int creatures;                      /* unet stage: creature renders after the scenes (items scenes..) */
@@ -214,6 +219,16 @@ static MsStatus pre_configs(const PreArgs *a, const VaeConfig *vc, int latent, M
         t->projection_dim = a->text_width;
         t->num_hidden_layers = a->text_layers;
         t->num_attention_heads = a->text_heads;
+    }
+    if (a->text_file) {                 /* the frozen text tower's own config */
+        EvalNet e;
+        if ((s = evalnet_load(a->text_file, &e, NULL, NULL))) return s;
+        m->text_config = e.cfg.text;
+        evalnet_free(&e);
+        if (m->text_config.max_position_embeddings < 77)
+            return ms_errorf(MS_ERR_ARG, "%s: the text tower has %d positions; a model's text encoder needs 77 (train it "
+                             "with --text-tokens 77)", a->text_file, m->text_config.max_position_embeddings);
+        m->unet_config.cross_attention_dim = m->text_config.hidden_size;
     }
     m->unet_config.sample_size = latent;
     m->unet_config.in_channels = m->unet_config.out_channels = vc->latent_channels;
@@ -369,6 +384,16 @@ static uint64_t pre_tables_hash(const PreState *st) {
     return h;
 }
 
+/* FNV-1a of a table's f32 values, tensor by tensor (a frozen model a resumed run must train
+ * on; the block's alignment gaps are not part of it) */
+static uint64_t pre_weights_hash(const MsParamTable *t, uint64_t h) {
+    for (int i = 0; i < t->n; i++) {
+        const unsigned char *b = (const unsigned char *)t->p[i].f32;
+        for (size_t k = 0; b && k < t->p[i].numel * sizeof(float); k++) h = (h ^ b[k]) * 1099511628211ull;
+    }
+    return h;
+}
+
 /* Everything a resumed unet stage must agree on, as one string (stored in the checkpoint). */
 static void pre_recipe(char *buf, size_t cap, const PreArgs *a, const MsModel *m, const PreState *st) {
     const UNetConfig *u = &m->unet_config;
@@ -380,6 +405,10 @@ static void pre_recipe(char *buf, size_t cap, const PreArgs *a, const MsModel *m
              (unsigned long long)pre_tables_hash(st), u->norm_num_groups, ms_unet_heads(u, 0),
              u->n_blocks > 1 ? ms_unet_heads(u, 1) : 0, u->n_blocks > 2 ? ms_unet_heads(u, 2) : 0,
              u->n_blocks > 3 ? ms_unet_heads(u, 3) : 0, tc->num_attention_heads, (double)m->vae_config.scaling_factor);
+    if (a->pc.freeze_text) {            /* the frozen text encoder's weights */
+        const size_t n = strlen(buf);
+        snprintf(buf + n, cap - n, " text=frozen:%016llx", (unsigned long long)pre_weights_hash(&m->text, 1469598103934665603ull));
+    }
     if (a->pc.decay > 0) {              /* only then: constant-lr checkpoints keep their recipe */
         const size_t n = strlen(buf);
         snprintf(buf + n, cap - n, " decay=%lld/%lld", (long long)a->pc.decay, (long long)a->pc.steps);
@@ -945,6 +974,23 @@ static MsStatus unet_used_tokens(const PreArgs *a, const ClipTokenizer *tok, uns
     return MS_OK;
 }
 
+/* --text-encoder: the text tower's weights into the model's text table (same config: pre_configs) */
+static MsStatus pre_text_from_file(const char *path, MsParamTable *text) {
+    EvalNet e;
+    MsStatus s = evalnet_load(path, &e, NULL, NULL);
+    if (s) return s;
+    for (int i = 0; i < text->n && !s; i++) {
+        MsParam *q = &text->p[i];
+        const int j = ms_param_find(&e.text, q->name);
+        if (q->flags & MS_PARAM_BUFFER) continue;
+        if (j < 0 || e.text.p[j].numel != q->numel || !e.text.p[j].f32)
+            s = ms_errorf(MS_ERR_SHAPE, "%s: the text tower has no %s of %zu values", path, q->name, q->numel);
+        else memcpy(q->f32, e.text.p[j].f32, q->numel * sizeof(float));
+    }
+    evalnet_free(&e);
+    return s;
+}
+
 /* The unet stage: UNet + text encoder on the frozen VAE's latents -> DIR/model/. Its VAE: --vae,
  * else DIR/vae (the vae stage's), else the embedded random tiny one. */
 static MsStatus stage_unet(const PreArgs *a, const char *resume) {
@@ -984,6 +1030,7 @@ static MsStatus stage_unet(const PreArgs *a, const char *resume) {
     /* weights first, then everything else draws from the same generator */
     ms_torch_seed(r.g, a->seed);
     if ((s = ms_pretrain_init_weights(&m.unet, r.g)) || (s = ms_pretrain_init_weights(&m.text, r.g))) goto done;
+    if (a->text_file && (s = pre_text_from_file(a->text_file, &m.text))) goto done;
     {
         const int latent = m.unet_config.sample_size;
         if ((s = ms_pretrainer_create(&r.p, &m, &tok, &a->pc, a->batch, latent, latent))) goto done;
@@ -1135,16 +1182,6 @@ static MsStatus ad_save(void *ctx, const char *path) {
     return pre_save(path, &r->st, ms_adapter_trainer_step_count(r->p[0]), r->g, r->recipe);
 }
 
-/* FNV-1a of a table's f32 values, tensor by tensor (the frozen model a resumed run must train
- * on; the block's alignment gaps are not part of it) */
-static uint64_t ad_weights_hash(const MsParamTable *t, uint64_t h) {
-    for (int i = 0; i < t->n; i++) {
-        const unsigned char *b = (const unsigned char *)t->p[i].f32;
-        for (size_t k = 0; b && k < t->p[i].numel * sizeof(float); k++) h = (h ^ b[k]) * 1099511628211ull;
-    }
-    return h;
-}
-
 /* The adapters stage: a pose and a sketch T2I-Adapter on the frozen DIR/model -> DIR/adapters/. */
 static MsStatus stage_adapters(const PreArgs *a, const char *resume) {
     static const char *const names[2] = { "pose", "sketch" };
@@ -1230,7 +1267,7 @@ static MsStatus stage_adapters(const PreArgs *a, const char *resume) {
              a->scenes, (unsigned long long)a->world_seed, (unsigned long long)a->seed, a->apc.lr, (long long)a->apc.warmup,
              a->apc.beta1, a->apc.beta2, a->apc.adam_eps, a->apc.weight_decay, a->apc.uncond_p,
              (unsigned long long)pre_tables_hash(&r.st),
-             (unsigned long long)ad_weights_hash(&m.vae, ad_weights_hash(&m.text, ad_weights_hash(&m.unet, 1469598103934665603ull))));
+             (unsigned long long)pre_weights_hash(&m.vae, pre_weights_hash(&m.text, pre_weights_hash(&m.unet, 1469598103934665603ull))));
     if ((s = pre_resume(resume, "adapters stage ", &r.st, r.g, r.recipe, &k0))) goto done;
     ms_adapter_trainer_set_step(r.p[0], k0);
     ms_adapter_trainer_set_step(r.p[1], k0);
@@ -1333,6 +1370,7 @@ int cmd_pretrain(int argc, char **argv) {
         else if (!strcmp(o, "--vae")) a.vae_dir = v;
         else if (!strcmp(o, "--tokenizer")) a.tok_dir = v;
         else if (!strcmp(o, "--model-config")) a.model_config = v;
+        else if (!strcmp(o, "--text-encoder")) { a.text_file = v; a.pc.freeze_text = 1; }
         else if (!strcmp(o, "--resume")) a.resume = v;
         else if (!strcmp(o, "--stage")) a.stage = v;
         else if (!strcmp(o, "--channels")) ok = parse_list(v, a.ch, &a.n_ch);
