@@ -2135,6 +2135,46 @@ void ms_sym_eig_free(MsSymEig *e) {
     memset(e, 0, sizeof *e);
 }
 
+/* The trust region of the gram solve. Its change along kept eigen-direction k is P_k / (l_k + lam)
+ * with P = R V (d_out, kk columns), so ||W - W0||_F^2 = sum_k |P_k|^2 / (l_k + lam)^2, which falls
+ * as lam grows. lam = 0 when that is <= cap^2 (cap <= 0: no region); else the lam >= 0 at which it
+ * equals cap^2, by bisection in double: the minimiser of f over the ball ||W - W0|| <= cap (the
+ * KKT point of f + lam ||W - W0||^2, a ridge). Why a region: when two concepts' inputs are nearly
+ * the same rows but their targets differ, the exact minimiser tells them apart through the tiny
+ * difference of their inputs: along that direction l_k ~ eps^2 while |P_k| ~ eps, and the change
+ * |P_k| / l_k ~ 1/eps is as large as the inputs are alike, for a real part of the decrease (so the
+ * determination cut above keeps it). Every other input with a component there is then sent far
+ * away: a world model whose concepts' token rows had frozen at nearly equal values fused into
+ * weights 852x their size and drew noise (issue 15's note). `mixshow fuse --max-change X` bounds
+ * the change by max(X sqrt(sum_i ||dW_i||^2), ||weight fusion's change||): weight fusion lies
+ * inside, so the result never fits the features worse than weight fusion does. Not the default:
+ * large changes are normal (the shipped world demo's exact solution moves its layers by a median
+ * 0.69 of ||W0||, some by 47x, up to 2000x sqrt(sum ||dW_i||^2), and keeps identities: 0.092 after
+ * fusion against 0.093 before), and X = 2 halved that identity score (0.045). */
+static double fuse_trust_ridge(const double *P, const double *l, int dout, int kk, double cap) {
+    if (!(cap > 0.0) || kk <= 0) return 0.0;
+    double *a = (double *)calloc((size_t)kk, sizeof(double)), sum = 0.0;
+    if (!a) return 0.0;
+    for (int o = 0; o < dout; o++)
+        for (int k = 0; k < kk; k++) a[k] += P[(size_t)o * kk + k] * P[(size_t)o * kk + k];
+    for (int k = 0; k < kk; k++) sum += a[k];
+    double lo = 0.0, hi = sqrt(sum) / cap, lam = 0.0;   /* at hi: sum a_k / (l_k + hi)^2 <= sum / hi^2 = cap^2 */
+    const double c2 = cap * cap;
+    double n0 = 0.0;
+    for (int k = 0; k < kk; k++) n0 += a[k] / (l[k] * l[k]);
+    if (n0 > c2) {
+        for (int it = 0; it < 200 && hi - lo > 1e-15 * hi; it++) {
+            const double mid = 0.5 * (lo + hi);
+            double n2 = 0.0;
+            for (int k = 0; k < kk; k++) n2 += a[k] / ((l[k] + mid) * (l[k] + mid));
+            if (n2 > c2) lo = mid; else hi = mid;
+        }
+        lam = hi;                       /* the side inside the region */
+    }
+    free(a);
+    return lam;
+}
+
 /* W = W0 + R G+ with R = C - W0 G (d_out, d_in); G = V diag(l) V^T, G+ = V_k diag(1/l_k) V_k^T
  * over the kept eigen-directions k (l ascends: the kept ones are the last columns of V).
  *
@@ -2158,7 +2198,7 @@ void ms_sym_eig_free(MsSymEig *e) {
  * Three threaded double GEMMs (tensor.c): T = W0 G, P = R V_k (d_out x kept), U = P' V_k^T
  * with P' = P diag(1/l_k); under-determined problems (kept << d_in) cost little. */
 MsStatus ms_fuse_solve_gram_eig(const MsSymEig *e, const MsFuseStats *s, const float *W0, float *W, double rcond,
-                                int *rank) {
+                                double cap, int *rank, double *ridge) {
     const int di = s->d_in, dout = s->d_out;
     const size_t md = (size_t)dout * di;
     const int automatic = rcond < 0.0;
@@ -2202,13 +2242,17 @@ MsStatus ms_fuse_solve_gram_eig(const MsSymEig *e, const MsFuseStats *s, const f
         free(gain);
     }
     const int kk = kept - drop, kd = k0 + drop;
+    for (int o = 0; o < dout; o++)      /* compact the kept columns: T (d_out, kk) = R V_kk */
+        for (int k = 0; k < kk; k++) T[(size_t)o * kk + k] = T[(size_t)o * kept + drop + k];
+    const double lam = fuse_trust_ridge(T, e->l + kd, dout, kk, cap);
     for (int o = 0; o < dout; o++)
-        for (int k = 0; k < kk; k++) T[(size_t)o * kk + k] = T[(size_t)o * kept + drop + k] / e->l[kd + k];
+        for (int k = 0; k < kk; k++) T[(size_t)o * kk + k] /= e->l[kd + k] + lam;
     /* U = P V_k^T (d_out, d_in) into R; W = W0 + U */
     memset(R, 0, md * sizeof(double));
     ms_gemm_f64_acc(R, T, e->Vt + (size_t)kd * di, dout, di, kk);
     for (size_t q = 0; q < md; q++) W[q] = (float)((W0 ? (double)W0[q] : 0.0) + R[q]);
     if (rank) *rank = kk;
+    if (ridge) *ridge = lam;
     free(R);
     return MS_OK;
 }
@@ -2216,7 +2260,7 @@ MsStatus ms_fuse_solve_gram_eig(const MsSymEig *e, const MsFuseStats *s, const f
 MsStatus ms_fuse_solve_gram(const MsFuseStats *s, const float *W0, float *W, double rcond, int *rank) {
     MsSymEig e;
     MsStatus st = ms_sym_eig_init(&e, s->G, s->d_in);
-    if (!st) st = ms_fuse_solve_gram_eig(&e, s, W0, W, rcond, rank);
+    if (!st) st = ms_fuse_solve_gram_eig(&e, s, W0, W, rcond, 0.0, rank, NULL);
     ms_sym_eig_free(&e);
     return st;
 }
@@ -2282,6 +2326,36 @@ MsStatus ms_fuse_weight(float *W, const float *W0, const MsFuseDelta *d, int n_c
     return MS_OK;
 }
 
+/* The trust region's radius for one layer (fuse_trust_ridge): max(k sqrt(sum_i ||alpha_i up_i down_i||^2),
+ * ||Ww - W0||) with k = max_change (<= 0: no region, 0 returned); *rho the concepts' joint norm (the
+ * products formed as merge_lora_into_weight forms them, the squares summed in double), *wchange
+ * ||Ww - W0|| (either NULL ok). */
+static MsStatus fuse_trust_cap(const MsFuseDelta *d, int n, const float *W0, const float *Ww, int dout, int di,
+                               double max_change, double *cap, double *rho, double *wchange) {
+    const size_t m = (size_t)dout * di;
+    double r2 = 0.0, w2 = 0.0;
+    float *t = (float *)malloc(m * sizeof(float));
+    if (!t) return ms_errorf(MS_ERR_NOMEM, "fuse: out of memory");
+    for (int c = 0; c < n; c++) {
+        if (!d[c].down || d[c].rank <= 0) continue;
+        ms_gemm_ref(0, 0, dout, di, d[c].rank, 1.0f, d[c].up, d[c].rank, d[c].down, di, 0.0f, t, di);
+        for (size_t k = 0; k < m; k++) r2 += ((double)d[c].alpha * t[k]) * ((double)d[c].alpha * t[k]);
+    }
+    for (size_t k = 0; k < m; k++) w2 += ((double)Ww[k] - W0[k]) * ((double)Ww[k] - W0[k]);
+    free(t);
+    if (rho) *rho = sqrt(r2);
+    if (wchange) *wchange = sqrt(w2);
+    *cap = max_change > 0.0 ? fmax(max_change * sqrt(r2), sqrt(w2)) : 0.0;
+    return MS_OK;
+}
+
+/* ||W - W0||_F in double */
+static double fuse_change_norm(const float *W, const float *W0, size_t m) {
+    double a = 0.0;
+    for (size_t k = 0; k < m; k++) a += ((double)W[k] - W0[k]) * ((double)W[k] - W0[k]);
+    return sqrt(a);
+}
+
 /* ==========================================================================================
  * The per-layer loop over a model: record, solve, write back (text encoder, cross-attention K/V)
  * ======================================================================================== */
@@ -2328,7 +2402,8 @@ static MsStatus fuse_tokens(const ClipTokenizer *tok, const char *text, int32_t 
 }
 
 static MsStatus report_add(MsFuseReport *rep, const char *layer, const char *stage, size_t rows, double f0,
-                           double fw, double ff, int rank, const double *trace, int n_trace, double sec) {
+                           double fw, double ff, int rank, const double *trace, int n_trace, double sec,
+                           double change, double rho, double wchange, double ridge) {
     if (!rep) return MS_OK;
     if (rep->n == rep->cap) {
         int cap = rep->cap ? 2 * rep->cap : 64;
@@ -2341,6 +2416,7 @@ static MsStatus report_add(MsFuseReport *rep, const char *layer, const char *sta
     snprintf(e->layer, sizeof e->layer, "%s", layer);
     snprintf(e->stage, sizeof e->stage, "%s", stage);
     e->rows = rows; e->f_w0 = f0; e->f_weight = fw; e->f_fused = ff; e->rank = rank; e->seconds = sec;
+    e->change = change; e->concepts_change = rho; e->weight_change = wchange; e->ridge = ridge;
     if (n_trace > 0 && trace) {
         e->trace = (double *)malloc((size_t)n_trace * sizeof(double));
         if (!e->trace) return ms_errorf(MS_ERR_NOMEM, "fuse: report");
@@ -2376,6 +2452,7 @@ static MsStatus fuse_layer(MsParam *param, const MsFuseRows *R, const MsFuseDelt
     float *Ww = (float *)malloc(m * sizeof(float)), *W = (float *)malloc(m * sizeof(float));
     double *trace = NULL;
     int n_trace = 0, rank = 0;
+    double cap = 0.0, rho = 0.0, ridge = 0.0, wch = 0.0;
     MsFuseStats S;
     MsStatus s = ms_fuse_stats_init(&S, di, dout);
     if (!s && (!W0 || !Wc || !Ww || !W)) s = ms_errorf(MS_ERR_NOMEM, "fuse: %s", param->name);
@@ -2389,6 +2466,7 @@ static MsStatus fuse_layer(MsParam *param, const MsFuseRows *R, const MsFuseDelt
         }
     }
     if (!s) s = ms_fuse_weight(Ww, W0, d, R->n_concepts, dout, di);
+    if (!s) s = fuse_trust_cap(d, R->n_concepts, W0, Ww, dout, di, o->max_change, &cap, &rho, &wch);
     if (!s) {
         if (o->method == MS_FUSE_GRAM) {
             if (ec->rows != R || ec->e.n != di) {
@@ -2397,7 +2475,7 @@ static MsStatus fuse_layer(MsParam *param, const MsFuseRows *R, const MsFuseDelt
                 s = ms_sym_eig_init(&ec->e, S.G, di);
                 if (!s) ec->rows = R;
             }
-            if (!s) s = ms_fuse_solve_gram_eig(&ec->e, &S, W0, W, o->rcond, &rank);
+            if (!s) s = ms_fuse_solve_gram_eig(&ec->e, &S, W0, W, o->rcond, cap, &rank, &ridge);
         }
         else if (o->method == MS_FUSE_WEIGHT) memcpy(W, Ww, m * sizeof(float));
         else {
@@ -2416,7 +2494,8 @@ static MsStatus fuse_layer(MsParam *param, const MsFuseRows *R, const MsFuseDelt
         char key[MS_KEY_MAX];
         snprintf(key, sizeof key, "%s", param->name);
         memcpy(param->f32, W, m * sizeof(float));
-        s = report_add(rep, key, stage, R->n, f0, fw, ff, rank, trace, n_trace, ms_time() - t0);
+        s = report_add(rep, key, stage, R->n, f0, fw, ff, rank, trace, n_trace, ms_time() - t0,
+                       fuse_change_norm(W, W0, m), rho, wch, ridge);
         if (o->verbose)
             fprintf(stderr, "  [%s] %-60s rows %6zu  f(W0) %.4e  weight %.4e  %s %.4e\n", stage, key, R->n, f0, fw,
                     ms_fuse_method_name(o->method), ff);
@@ -2845,7 +2924,7 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
         const size_t m = (size_t)L->d_out * L->d_in;
         const float *W0 = L->W->f32;
         float *W = (float *)malloc(m * sizeof(float)), *Ww = (float *)malloc(m * sizeof(float));
-        double *trace = NULL, lt0 = ms_time();
+        double *trace = NULL, lt0 = ms_time(), cap = 0.0, rho = 0.0, ridge = 0.0, wch = 0.0;
         int rank = 0, n_trace = 0;
         MsFuseDelta d[64];
         if (!W || !Ww) s = ms_errorf(MS_ERR_NOMEM, "fuse: %s", L->W->name);
@@ -2859,6 +2938,7 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
             d[c].up = ll ? ll->up : NULL;
         }
         if (!s) s = ms_fuse_weight(Ww, W0, d, n, L->d_out, L->d_in);
+        if (!s) s = fuse_trust_cap(d, n, W0, Ww, L->d_out, L->d_in, o->max_change, &cap, &rho, &wch);
         if (!s && o->method == MS_FUSE_WEIGHT) memcpy(W, Ww, m * sizeof(float));
         else if (!s && o->method == MS_FUSE_GRAM) {
             MsFuseStats S = { L->d_in, L->d_out, x->n, x->G, L->B, L->e };
@@ -2868,7 +2948,7 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
                 s = ms_sym_eig_init(&eig, x->G, L->d_in);
                 if (!s) eig_in = L->input;
             }
-            if (!s) s = ms_fuse_solve_gram_eig(&eig, &S, NULL, W, o->rcond, &rank);   /* W = B G+ = the change */
+            if (!s) s = ms_fuse_solve_gram_eig(&eig, &S, NULL, W, o->rcond, cap, &rank, &ridge);   /* W = B G+ = the change */
             for (size_t q = 0; q < m && !s; q++) W[q] = W0[q] + W[q];
         } else if (!s) {
             const int di = L->d_in;
@@ -2895,10 +2975,11 @@ MsStatus ms_fuse_spatial(MsModel *m, const UNetParams *up, const ClipTokenizer *
         }
         if (!s) {
             double f0 = fuse_sp_objective(L, x, W0, W0), fw = fuse_sp_objective(L, x, W0, Ww), ff = fuse_sp_objective(L, x, W0, W);
+            const double change = fuse_change_norm(W, W0, m);      /* W0 is the layer's weight: before it is written */
             char key[MS_KEY_MAX];
             snprintf(key, sizeof key, "%s", L->W->name);
             memcpy(L->W->f32, W, m * sizeof(float));
-            s = report_add(rep, key, "sp", x->n, f0, fw, ff, rank, trace, n_trace, ms_time() - lt0);
+            s = report_add(rep, key, "sp", x->n, f0, fw, ff, rank, trace, n_trace, ms_time() - lt0, change, rho, wch, ridge);
             if (o->verbose) fuse_eta("sp", l + 1, n_layers, t1, key);
         }
         free(W); free(Ww); free(trace);

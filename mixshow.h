@@ -1920,10 +1920,12 @@ void ms_sym_eig_free(MsSymEig *e);
  * (any negative value): also drops the directions the float32 features do not determine, within
  * 0.1% of the minimum (mixshow.c explains the choice). *rank (NULL ok): directions kept.
  * ms_fuse_solve_gram_eig: the same with e = the decomposition of s->G made once; W0 NULL
- * means W0 = 0 (then W is the change (C) G+ alone). */
+ * means W0 = 0 (then W is the change (C) G+ alone); cap > 0: a trust region, the minimiser of f
+ * over ||W - W0||_F <= cap (a ridge lam >= 0 on the kept directions, *ridge; 0 when the
+ * minimiser lies inside; mixshow.c, fuse_trust_ridge). */
 MsStatus ms_fuse_solve_gram(const MsFuseStats *s, const float *W0, float *W, double rcond, int *rank);
 MsStatus ms_fuse_solve_gram_eig(const MsSymEig *e, const MsFuseStats *s, const float *W0, float *W, double rcond,
-                                int *rank);
+                                double cap, int *rank, double *ridge);
 /* lbfgs: the official update_quasi_newton on the same objective (gradient 2 (W G - C)/(n d_out)),
  * torch.optim.LBFGS(lr 1, max_iter iters, history 25, strong Wolfe, tolerances 1e-16), returning
  * the best W seen. trace: closure values (trace_cap; res->n_evals written). */
@@ -1951,6 +1953,8 @@ typedef struct {
     MsFuseMethod method;
     int te_iters, unet_iters;        /* lbfgs: 500, 50 */
     double rcond;                    /* gram cut-off (0: MS_FUSE_RCOND; MS_FUSE_RCOND_AUTO) */
+    double max_change;               /* gram trust region (<= 0: none): ||W - W0|| <= max(max_change *
+                                      * sqrt(sum_i ||dW_i||^2), ||weight fusion's change||) */
     int verbose;                     /* one line per layer on stderr */
     /* spatial stage (ms_fuse_spatial) */
     uint64_t seed;                   /* torch.manual_seed(seed) before the official draws */
@@ -1973,6 +1977,10 @@ typedef struct {
     int rank;                        /* gram: eigenvalues kept */
     double *trace; int n_trace;      /* lbfgs: closure values */
     double seconds;
+    double change;                   /* ||W - W0||_F of the result */
+    double concepts_change;          /* sqrt(sum_i ||alpha_i up_i down_i||_F^2) */
+    double weight_change;            /* ||weight fusion's W - W0||_F */
+    double ridge;                    /* gram: the trust region's lam (0: the region was not needed) */
 } MsFuseLayerReport;
 typedef struct {
     MsFuseLayerReport *l; int n, cap;

@@ -249,7 +249,7 @@ static void test_gram_shared(void) {
         ms_fuse_stats_add(&S, X, (size_t)rows, Wc);
         if (L == 0) ok &= ms_sym_eig_init(&e, S.G, di) == MS_OK;
         int rank = 0;
-        ok &= ms_fuse_solve_gram_eig(&e, &S, W0, W, 0, &rank) == MS_OK;
+        ok &= ms_fuse_solve_gram_eig(&e, &S, W0, W, 0, 0.0, &rank, NULL) == MS_OK;
         /* gradient (W G - C) relative to |C|, and the change's part outside range(G) */
         double g = 0, c = 0, out = 0, dn = 0;
         for (int o = 0; o < dout[L]; o++) {

@@ -6,6 +6,10 @@
  *     tools/ref/gen_fuse_golden.py): our L-BFGS follows its loss trace (first 10 closure values to
  *     rel 1e-4) and ends no worse than 1.01x; gram reaches an objective <= the official one, and
  *     equals its W where the problem is underdetermined;
+ *   - gram's trust region: near-identical inputs with different targets (the blow-up) bounded on
+ *     its sphere, no worse than weight fusion, == the ridge solution solved independently; not
+ *     acting (same bits) on unrelated inputs; `fuse --max-change 2` on the tiny model holds every
+ *     layer inside, on the sphere where it acts, elsewhere the unbounded objective exactly;
  *   - kohya / webui LoRA input (tools/ref/gen_kohya_lora.py: concept_a in kohya names, per-module
  *     alphas and ranks): read == the ED-LoRA file's products, merged models equal, MLP / ff /
  *     proj modules == kohya merge_to in torch, bad files refused naming the key; fuse --method
@@ -130,6 +134,118 @@ static void test_case(const StFile *f, const char *name) {
     ms_fuse_stats_free(&S);
 }
 
+/* ---- gram's trust region (ms_fuse_solve_gram_eig with cap > 0) ----
+ * Two concepts on nearly the same rows (X + eps E_c, eps = 1e-3, X of rank 4 < 12 inputs) with
+ * different changes: the exact
+ * minimiser tells them apart through eps E and moves far (the case that blew a world model's
+ * fused weights up). With cap = max(2 rho, ||weight fusion's change||) the change lands on the
+ * sphere ||W - W0|| = cap, fits no worse than weight fusion, and equals the ridge solution
+ * W0 + R (G + lam I)^-1 solved here independently (Gaussian elimination in double). With
+ * unrelated rows (eps = 1) the region is not needed: lam 0 and the same bits as without it. */
+static double frob_diff(const float *a, const float *b, size_t m) {
+    double s = 0.0;
+    for (size_t i = 0; i < m; i++) s += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+    return sqrt(s);
+}
+
+static void trust_case(double eps, int expect_active) {
+    enum { DI = 12, DO = 6, N = 40, RK = 2 };
+    const size_t m = (size_t)DO * DI;
+    MsRng r;
+    ms_rng_seed(&r, 31);
+    /* the shared rows span 4 of the 12 input directions: the others are seen only through eps E_c */
+    float *Z = test_randn(&r, (size_t)N * 4, 1.0f), *Bz = test_randn(&r, (size_t)4 * DI, 1.0f);
+    float *X = test_zeros((size_t)N * DI), *W0 = test_randn(&r, m, 0.3f);
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < DI; j++)
+            for (int k = 0; k < 4; k++) X[i * DI + j] += Z[i * 4 + k] * Bz[k * DI + j];
+    ms_free_aligned(Z); ms_free_aligned(Bz);
+    float *Xc[2], *Wc[2], *dW[2], *up[2], *down[2];
+    float Ww[DO * DI], Wu[DO * DI], Wg[DO * DI];
+    double rho2 = 0.0;
+    MsFuseStats S;
+    ms_fuse_stats_init(&S, DI, DO);
+    memcpy(Ww, W0, sizeof Ww);
+    for (int c = 0; c < 2; c++) {
+        float *E = test_randn(&r, (size_t)N * DI, 1.0f);
+        Xc[c] = test_zeros((size_t)N * DI);
+        for (size_t i = 0; i < (size_t)N * DI; i++) Xc[c][i] = eps < 1.0 ? X[i] + (float)eps * E[i] : E[i];
+        up[c] = test_randn(&r, (size_t)DO * RK, 0.2f); down[c] = test_randn(&r, (size_t)RK * DI, 0.2f);
+        MsFuseDelta d = { 1.0f, RK, down[c], up[c] };
+        Wc[c] = test_zeros(m); dW[c] = test_zeros(m);
+        ms_fuse_merged_weight(Wc[c], W0, &d, DO, DI);
+        for (size_t i = 0; i < m; i++) {
+            dW[c][i] = Wc[c][i] - W0[i];
+            rho2 += (double)dW[c][i] * dW[c][i];
+            Ww[i] += dW[c][i];
+        }
+        ms_fuse_stats_add(&S, Xc[c], N, Wc[c]);
+        ms_free_aligned(E);
+    }
+    const double rho = sqrt(rho2), cap = fmax(2.0 * rho, frob_diff(Ww, W0, m));
+    MsSymEig e;
+    int rank = 0, rank2 = 0;
+    double lam = -1.0, lam0 = -1.0;
+    if (!check(ms_sym_eig_init(&e, S.G, DI) == MS_OK, "trust region: eigen-decomposition")) return;
+    check(ms_fuse_solve_gram_eig(&e, &S, W0, Wu, 0.0, 0.0, &rank, &lam0) == MS_OK && lam0 == 0.0, "trust region eps %g: "
+          "the unbounded solve (ridge %g)", eps, lam0);
+    check(ms_fuse_solve_gram_eig(&e, &S, W0, Wg, 0.0, cap, &rank2, &lam) == MS_OK, "trust region eps %g: the bounded solve", eps);
+    const double nu = frob_diff(Wu, W0, m), ng = frob_diff(Wg, W0, m);
+    const double fu = ms_fuse_objective_stats(&S, Wu), fg = ms_fuse_objective_stats(&S, Wg), fw = ms_fuse_objective_stats(&S, Ww);
+    printf("  eps %g: exact change %.3g x rho, bounded %.3g x rho (cap %.3g x rho), ridge %.3g; f exact %.3e, bounded %.3e, "
+           "weight %.3e\n", eps, nu / rho, ng / rho, cap / rho, lam, fu, fg, fw);
+    if (expect_active) {
+        check(nu > 10.0 * cap, "eps %g: the exact minimiser moves far (%.3g x the cap): the case is the blow-up", eps, nu / cap);
+        check(lam > 0.0 && fabs(ng - cap) <= 1e-6 * cap, "eps %g: the bounded change lies on the sphere (%.9g vs cap %.9g)", eps,
+              ng, cap);
+        check(fg <= fw, "eps %g: fits no worse than weight fusion (f %.6e <= %.6e)", eps, fg, fw);
+        /* the ridge solution, independently: A = G + lam I, W = W0 + (C - W0 G) A^-1 (rows solved) */
+        double A[DI][2 * DI];
+        for (int i = 0; i < DI; i++)
+            for (int j = 0; j < 2 * DI; j++) A[i][j] = j < DI ? S.G[i * DI + j] + (i == j ? lam : 0.0) : (j - DI == i);
+        for (int col = 0; col < DI; col++) {     /* Gauss-Jordan with partial pivoting: A^-1 */
+            int piv = col;
+            for (int i = col + 1; i < DI; i++) if (fabs(A[i][col]) > fabs(A[piv][col])) piv = i;
+            for (int j = 0; j < 2 * DI; j++) { double t = A[col][j]; A[col][j] = A[piv][j]; A[piv][j] = t; }
+            const double p = A[col][col];
+            for (int j = 0; j < 2 * DI; j++) A[col][j] /= p;
+            for (int i = 0; i < DI; i++)
+                if (i != col) { const double f = A[i][col]; for (int j = 0; j < 2 * DI; j++) A[i][j] -= f * A[col][j]; }
+        }
+        double worst = 0.0, scale = 0.0;
+        for (int o = 0; o < DO; o++) {
+            double R[DI];
+            for (int j = 0; j < DI; j++) {
+                double a = S.C[o * DI + j];
+                for (int i = 0; i < DI; i++) a -= (double)W0[o * DI + i] * S.G[i * DI + j];
+                R[j] = a;
+            }
+            for (int j = 0; j < DI; j++) {
+                double w = W0[o * DI + j];
+                for (int i = 0; i < DI; i++) w += R[i] * A[i][DI + j];
+                worst = fmax(worst, fabs(w - Wg[o * DI + j]));
+                scale = fmax(scale, fabs(w - W0[o * DI + j]));
+            }
+        }
+        check(worst <= 1e-5 * scale, "eps %g: == the ridge solution W0 + R (G + lam I)^-1 (max diff %.2e of a change %.2e)", eps,
+              worst, scale);
+    } else {
+        check(nu <= cap && lam == 0.0 && !memcmp(Wg, Wu, sizeof Wg), "eps %g: unrelated rows: the region not needed "
+              "(change %.3g x rho <= cap), ridge 0, the same bits", eps, nu / rho);
+    }
+    ms_sym_eig_free(&e);
+    ms_fuse_stats_free(&S);
+    for (int c = 0; c < 2; c++) {
+        ms_free_aligned(Xc[c]); ms_free_aligned(Wc[c]); ms_free_aligned(dW[c]); ms_free_aligned(up[c]); ms_free_aligned(down[c]);
+    }
+    ms_free_aligned(X); ms_free_aligned(W0);
+}
+
+static void test_trust_region(void) {
+    trust_case(1e-3, 1);
+    trust_case(1.0, 0);
+}
+
 /* ---- end to end on the tiny model: mixshow fuse with the three methods ---- */
 static void rm_folder(const char *d) {
     static const char *const f[] = { "model_index.json", "new_concept_cfg.json", "unet/config.json",
@@ -143,12 +259,59 @@ static void rm_folder(const char *d) {
     for (size_t i = 0; i < sizeof sub / sizeof sub[0]; i++) { snprintf(p, sizeof p, "%s/%s", d, sub[i]); remove(p); }
 }
 
-static int run_fuse(const char *method, const char *cfg, const char *out, const char *report) {
+static int run_fuse_x(const char *method, const char *cfg, const char *out, const char *report, const char *x0,
+                      const char *x1) {
     char *argv[] = { "fuse", "-q", "--model", "models/tiny-sd", "--concepts", (char *)cfg, "--out", (char *)out,
                      "--method", (char *)method, "--report", (char *)report, "--textenc-iters", "100",
-                     "--spatial-size", "16", "--spatial-steps", "4" };   /* spatial stage: a quick run */
+                     "--spatial-size", "16", "--spatial-steps", "4", (char *)x0, (char *)x1 };   /* spatial stage: a quick run */
     rm_folder(out);
-    return cmd_fuse((int)(sizeof argv / sizeof argv[0]), argv);
+    return cmd_fuse((int)(sizeof argv / sizeof argv[0]) - (x0 ? 0 : 2), argv);
+}
+static int run_fuse(const char *method, const char *cfg, const char *out, const char *report) {
+    return run_fuse_x(method, cfg, out, report, NULL, NULL);
+}
+
+/* gram --max-change 2 against the unbounded gram report g (the same problems): every layer's
+ * change within max(2 rho, weight fusion's change); where the ridge acted, on that sphere and no
+ * worse than weight fusion; before the first layer it held (later ones record features of the
+ * fused layers before them) the unbounded objective exactly. */
+static void test_max_change(const JsonValue *g) {
+    char out[256], rp[300];
+    JsonValue *t = NULL;
+    test_tmp(out, sizeof out, "fuse_maxchange");
+    snprintf(rp, sizeof rp, "%.255s.json", out);
+    if (!check(run_fuse_x("gram", "tests/data/fuse/multi.json", out, rp, "--max-change", "2") == 0 &&
+               json_parse_file(rp, &t) == MS_OK, "fuse gram --max-change 2: %s", ms_last_error()))
+        return;
+    const JsonValue *L = json_get(t, "layers"), *G = json_get(g, "layers");
+    const size_t n = json_len(L);
+    int held = 0, bad_in = 0, bad_sphere = 0, bad_free = 0, free_n = 0;
+    double most = 0.0;
+    for (size_t i = 0; i < n && i < json_len(G); i++) {
+        const JsonValue *l = json_at(L, i), *u = json_at(G, i);
+        const double ch = json_get_number(l, "change", NAN), rho = json_get_number(l, "concepts_change", NAN);
+        const double wc = json_get_number(l, "weight_change", NAN), lam = json_get_number(l, "ridge", NAN);
+        const double cap = fmax(2.0 * rho, wc), f = json_get_number(json_get(l, "objective"), "fused", NAN);
+        const double fw = json_get_number(json_get(l, "objective"), "weight", NAN);
+        const double fu = json_get_number(json_get(u, "objective"), "fused", NAN), chu = json_get_number(u, "change", NAN);
+        bad_in += !(ch <= cap * (1 + 1e-5) + 1e-12);
+        if (lam > 0) {
+            held++;
+            bad_sphere += !(fabs(ch - cap) <= 1e-5 * cap) || !(f <= fw * (1 + 1e-9)) || !(chu > cap);
+            most = fmax(most, chu / cap);
+        } else if (!held) {          /* later layers record features of the layers fused before them */
+            bad_free += !(f == fu) || !(lam == 0.0);
+            free_n++;
+        }
+    }
+    check(n > 0 && bad_in == 0, "--max-change 2: every one of %zu layers' change <= max(2 rho, weight fusion's) (%d bad)", n, bad_in);
+    check(held > 0 && bad_sphere == 0, "--max-change 2: where the ridge acted (%d layers; the exact change was up to %.3g x "
+          "the cap) the change is on the sphere and f <= weight fusion's (%d bad)", held, most, bad_sphere);
+    check(free_n > 0 && bad_free == 0, "--max-change 2: the %d layers before the first it held have the unbounded gram objective "
+          "exactly (%d bad)", free_n, bad_free);
+    json_free(t);
+    rm_folder(out);
+    remove(rp);
 }
 
 static void test_end_to_end(void) {
@@ -197,6 +360,7 @@ static void test_end_to_end(void) {
         check(n_sp == 96 && bad_sp == 0, "fuse: %d spatial layers reported (want 96), gram f <= f(W0) and <= weight on each (%d bad)",
               n_sp, bad_sp);
     }
+    if (rep[0]) test_max_change(rep[0]);
     /* the folder loads, with the stacked embeddings */
     MsModel m;
     EdloraFile fa;
@@ -709,6 +873,7 @@ static void test_validation(void) {
 }
 
 int main(void) {
+    test_trust_region();
     test_end_to_end();
     test_kohya_read();
     test_kohya_bad();

@@ -328,7 +328,9 @@ static MsStatus write_report(const char *path, const MsFuseReport *r, MsFuseMeth
         P("    {\"layer\": "); if (!s) s = json_write_string(&b, l->layer, strlen(l->layer));
         P(", \"stage\": \""); P(l->stage); P("\", \"rows\": "); N((double)l->rows);
         P(", \"objective\": {\"W0\": "); N(l->f_w0); P(", \"weight\": "); N(l->f_weight); P(", \"fused\": "); N(l->f_fused); P("}");
-        if (method == MS_FUSE_GRAM) { P(", \"rank\": "); N(l->rank); }
+        if (method == MS_FUSE_GRAM) { P(", \"rank\": "); N(l->rank); P(", \"ridge\": "); N(l->ridge); }
+        P(", \"change\": "); N(l->change); P(", \"concepts_change\": "); N(l->concepts_change);
+        P(", \"weight_change\": "); N(l->weight_change);
         if (method == MS_FUSE_LBFGS) {
             P(", \"loss_trace\": [");
             for (int k = 0; k < l->n_trace; k++) { if (k) P(", "); N(l->trace[k]); }
@@ -357,10 +359,11 @@ static MsStatus write_report(const char *path, const MsFuseReport *r, MsFuseMeth
     if (L > 5 && !strcmp(stem + L - 5, ".json")) stem[L - 5] = '\0';
     snprintf(tmp, sizeof tmp, "%s.csv", stem);
     if (!(f = fopen(tmp, "wb"))) return ms_errorf(MS_ERR_IO, "%s: cannot write", tmp);
-    fprintf(f, "layer,stage,rows,W0,weight,fused\n");
+    fprintf(f, "layer,stage,rows,W0,weight,fused,change,concepts_change,weight_change,ridge\n");
     for (int i = 0; i < r->n; i++)
-        fprintf(f, "%s,%s,%zu,%.17g,%.17g,%.17g\n", r->l[i].layer, r->l[i].stage, r->l[i].rows, r->l[i].f_w0,
-                r->l[i].f_weight, r->l[i].f_fused);
+        fprintf(f, "%s,%s,%zu,%.17g,%.17g,%.17g,%.17g,%.17g,%.17g,%.17g\n", r->l[i].layer, r->l[i].stage, r->l[i].rows,
+                r->l[i].f_w0, r->l[i].f_weight, r->l[i].f_fused, r->l[i].change, r->l[i].concepts_change,
+                r->l[i].weight_change, r->l[i].ridge);
     if (fclose(f)) return ms_errorf(MS_ERR_IO, "%s: cannot write", tmp);
     /* bars: objective / f(W0) per layer, weight (grey) and fused (blue), log scale 1e-8..1e1 */
     snprintf(tmp, sizeof tmp, "%s.svg", stem);
@@ -485,7 +488,7 @@ static void usage(void) {
             "                    [--textenc-iters 500] [--unet-iters 50] [--seed 0] [--report REPORT.json] [-q]\n"
             "                    [--spatial-size 512] [--spatial-steps 20] [--no-spatial] [--dump-grams FILE]\n"
             "                    [--ldm-out FILE.safetensors] [--check] [--extra-modules weight]\n"
-            "                    [--rcond auto|X] [--te-kv-from F.safetensors]\n\n"
+            "                    [--rcond auto|X] [--max-change X|off] [--te-kv-from F.safetensors]\n\n"
             "Gradient fusion (Mix-of-Show gradient_fusion.py) of the ED-LoRAs in CFG.json (the official\n"
             "multi-concept JSON: lora_path, unet_alpha, text_encoder_alpha, concept_name) into BASE (a\n"
             "diffusers folder). DIR gets the fused diffusers folder, tokenizer/added_tokens.json and\n"
@@ -506,6 +509,13 @@ static void usage(void) {
             "W0 + sum alpha dW after fusing (implied by --method weight; an error otherwise).\n"
             "--rcond auto|X: gram's eigen cut-off: auto (default) keeps the directions the float32 features\n"
             "determine, within 0.1%% of the minimum; X keeps eigenvalues > X * max (1e-12: the exact minimiser).\n"
+            "--max-change X|off: gram's trust region (default off): each layer's change ||W - W0|| at most\n"
+            "max(X * sqrt(sum_i ||dW_i||^2), ||weight fusion's change||), the minimiser of the objective\n"
+            "inside by a ridge (the report's ridge column says where it acted; weight fusion lies inside,\n"
+            "so the result never fits worse than it). For concepts whose inputs are nearly alike but whose\n"
+            "targets differ (e.g. concept tokens frozen at nearly equal rows), where the exact minimiser\n"
+            "blows the weights up; the summary prints the largest change / sqrt(sum ||dW_i||^2). X = 2 is\n"
+            "a tight region: on the world demo it halved gradient fusion's identity score (README).\n"
             "--check reads and checks every input (JSON, LoRA files, shapes against BASE) and stops.\n"
             "--te-kv-from F.safetensors takes the text-encoder and cross-attention K/V layers of another run\n"
             "(`<key>.best_W` tensors, as tools/ref/gen_fuse_official.py writes them) in place of ours, each\n"
@@ -554,6 +564,14 @@ int cmd_fuse(int argc, char **argv) {
             if (!strcmp(v, "auto")) o.rcond = MS_FUSE_RCOND_AUTO;
             else if (*end || !(x > 0.0 && x < 1.0)) { fprintf(stderr, "mixshow fuse: --rcond %s: expected auto or a number in (0, 1)\n", v); return 2; }
             else o.rcond = x;
+        } else if (!strcmp(a, "--max-change")) {
+            char *end;
+            double x = strtod(v, &end);
+            if (!strcmp(v, "off")) o.max_change = 0.0;
+            else if (*end || end == v || !(x >= 1.0 && x <= 1e6)) {
+                fprintf(stderr, "mixshow fuse: --max-change %s: expected off or a number in [1, 1e6]\n", v);
+                return 2;
+            } else o.max_change = x;
         } else if (!strcmp(a, "--seed")) {
             char *end;
             unsigned long long x = strtoull(v, &end, 10);
@@ -811,6 +829,19 @@ int cmd_fuse(int argc, char **argv) {
             if (sum[k][0] > 0)
                 fprintf(stderr, "  %-15s sum f: W0 %.4e  weight %.4e  %s %.4e\n", nm[k], sum[k][0], sum[k][1],
                         ms_fuse_method_name(o.method), sum[k][2]);
+        {   /* the largest change against the concepts' own, and where the trust region acted */
+            int held = 0, worst = -1;
+            double ratio = 0.0;
+            for (int i = 0; i < rep.n; i++) {
+                const double q = rep.l[i].concepts_change > 0 ? rep.l[i].change / rep.l[i].concepts_change : 0.0;
+                held += rep.l[i].ridge > 0.0;
+                if (q > ratio) { ratio = q; worst = i; }
+            }
+            if (worst >= 0)
+                fprintf(stderr, "  largest change ||W - W0|| / sqrt(sum ||dW_i||^2): %.3g (%s)\n", ratio, rep.l[worst].layer);
+            if (o.method == MS_FUSE_GRAM && o.max_change > 0)
+                fprintf(stderr, "  trust region (--max-change %g) held %d of %d layers\n", o.max_change, held, rep.n);
+        }
         rc = 0;
     } else fprintf(stderr, "mixshow fuse: %s\n", ms_last_error());
 cleanup:

@@ -20,7 +20,8 @@
 # Knobs (environment): DEMO_OUT (demo), DEMO_BASE (models/world: the shipped world model; any SD 1.x
 # diffusers folder works), DEMO_ENCODERS (models/eval-encoders.safetensors), DEMO_STEPS (ED-LoRA /
 # LoRA steps per creature, 400), DEMO_SEEDS (2), DEMO_SAMPLE_STEPS (30), DEMO_THREADS (default: each command's),
-# MIXSHOW (./mixshow), DEMO_EMB_NORM (ED-LoRA's emb_norm_threshold; default: the options' official
+# MIXSHOW (./mixshow), DEMO_FUSE_FLAGS (more `mixshow fuse` options for the gradient fusion, e.g.
+# "--method lbfgs" or "--max-change off"), DEMO_EMB_NORM (ED-LoRA's emb_norm_threshold; default: the options' official
 # 0.55). When a base's token rows are larger than SD's CLIP table, 0.55 freezes the concept rows at
 # step 1 (train's loss.csv: emb_frozen 1): a world model trained 14000 steps (token rows' mean L2
 # norm 1.005, the shipped v0's 0.472) started them at 0.651, every creature kept the same tokens,
@@ -38,6 +39,7 @@ SSTEPS=${DEMO_SAMPLE_STEPS:-30}
 THR=""; [ -n "${DEMO_THREADS:-}" ] && THR="--threads $DEMO_THREADS"
 SIZE=128
 EMBN=${DEMO_EMB_NORM:-}
+FUSEF=${DEMO_FUSE_FLAGS:-}
 
 if [ ! -e "$BASE" ]; then
     echo "demo: no base model at $BASE (make pretrain writes it; or DEMO_BASE=DIR)" >&2
@@ -144,8 +146,9 @@ concepts_json edlora > "$OUT/edlora.json"
 concepts_json lora > "$OUT/lora.json"
 if [ ! -f "$OUT/fused_gradient/new_concept_cfg.json" ]; then
     step "fuse: gradient fusion of 3 ED-LoRAs"
+    # shellcheck disable=SC2086
     $MS fuse -q --model "$BASE" --concepts "$OUT/edlora.json" --out "$OUT/fused_gradient" --method gram \
-        --spatial-size $SIZE --report "$OUT/fused_gradient.json"
+        --spatial-size $SIZE --report "$OUT/fused_gradient.json" $FUSEF
 fi
 if [ ! -f "$OUT/fused_weight/new_concept_cfg.json" ]; then
     step "fuse: weight fusion of 3 LoRAs"
