@@ -14,8 +14,9 @@
  *     options is refused;
  *   - the written folder loads (ms_model_load) and `mixshow sample` draws a 64x64 PNG from it;
  *   - freeze_text (SD's frozen text encoder): the text weights and moments untouched, step 1's
- *     UNet update equal to the unfrozen one bitwise; `--text-encoder FILE` (an eval encoders file
- *     of 77 positions) is the checkpoint's text encoder bitwise, one of 32 positions refused. */
+ *     UNet update equal to the unfrozen one bitwise; the text stage (--text contrastive) writes the
+ *     tower the unet stage trains on (the checkpoint's text encoder bitwise), one of 32 positions
+ *     is refused. */
 #include "pretrain_util.h"
 
 #include <time.h>
@@ -255,23 +256,23 @@ static void test_frozen_text(void) {
     tiny_free(&a); tiny_free(&b);
 }
 
-/* `mixshow pretrain --text-encoder FILE`: a small eval encoders file (2 steps, text width 16, 1
- * layer, 2 heads, 77 positions) as the frozen text encoder of 6 tiny steps: the checkpoint's text
- * encoder is the file's text tower bitwise (the file's config replaces --text-*), the recipe names
- * it, and a file of 32 positions is refused. */
-static void test_text_encoder_file(void) {
-    char te[700], te32[700], out[700], enc[760], ck[760], cmd[2200];
-    snprintf(te, sizeof te, "%s_te", g_tmp); snprintf(te32, sizeof te32, "%s_te32", g_tmp); snprintf(out, sizeof out, "%s_tf", g_tmp);
-    char *args[] = { "eval", "--train-encoders", te, "--steps", "2", "--checkpoint-every", "0", "--batch-text", "4", "--batch-id", "4",
-                     "--per-id", "2", "--identities", "8", "--size", "32", "--channels", "8,16,32", "--text-width", "16",
-                     "--text-layers", "1", "--text-heads", "2", "--text-tokens", "77", "--seed", "3", "-q", NULL };
-    if (!check(cmd_eval(30, args) == 0, "eval --train-encoders, 77 positions: %s", ms_last_error())) return;
-    snprintf(enc, sizeof enc, "%s/encoders.safetensors", te);
-    const char *opts[] = { "--steps", "6", "--checkpoint-every", "3", "--text-encoder", enc };
-    int rc = pretrain_run(TINY_FLAGS, N_TINY, out, opts, 6, "--text-width", "32", NULL, NULL);
-    if (check(rc == 0, "pretrain --text-encoder (6 steps; --text-width 32 overridden by the file): %s", rc ? ms_last_error() : "ok")) {
+/* The text stage and a frozen text encoder: `pretrain --stage text --text contrastive` (2 steps of
+ * `eval --train-encoders` with the tiny text config: width 16, 1 layer, 2 heads, 77 positions),
+ * then `--stage unet --text contrastive` (6 steps): the checkpoint's text encoder is DIR/text's
+ * text tower bitwise, the recipe names it; --text contrastive with --text-encoder is refused, and
+ * so is `--text-encoder FILE` of a tower with 32 positions. */
+static void test_text_stage(void) {
+    char out[700], te32[700], enc[760], ck[760], cmd[1600];
+    snprintf(out, sizeof out, "%s_ts", g_tmp); snprintf(te32, sizeof te32, "%s_te32", g_tmp);
+    const char *opts[] = { "--steps", "6", "--checkpoint-every", "3", "--text", "contrastive", "--text-steps", "2" };
+    int rc = pretrain_run(TINY_FLAGS, N_TINY, out, opts, 8, "--stage", "text", NULL, NULL);
+    if (!check(rc == 0, "pretrain --stage text --text contrastive (2 steps): %s", rc ? ms_last_error() : "ok")) return;
+    rc = pretrain_run(TINY_FLAGS, N_TINY, out, opts, 8, "--stage", "unet", NULL, NULL);
+    if (check(rc == 0, "pretrain --stage unet --text contrastive (6 steps on the text stage's encoder): %s",
+              rc ? ms_last_error() : "ok")) {
         EvalNet e;
         StFile f;
+        snprintf(enc, sizeof enc, "%s/text/encoders.safetensors", out);
         snprintf(ck, sizeof ck, "%s/checkpoint.safetensors", out);
         if (check(evalnet_load(enc, &e, NULL, NULL) == MS_OK && st_open(&f, ck) == MS_OK, "load: %s", ms_last_error())) {
             int same = 1, n = 0;
@@ -287,21 +288,28 @@ static void test_text_encoder_file(void) {
                 ms_free_aligned(x);
                 n++;
             }
-            check(same && n > 10, "after 6 steps the checkpoint's text encoder is the file's text tower (%d tensors) bitwise", n);
+            check(same && n > 10 && e.cfg.text.max_position_embeddings == 77 && e.cfg.text.hidden_size == 16,
+                  "after 6 steps the checkpoint's text encoder is the text stage's tower (%d tensors, width %d, %d positions) "
+                  "bitwise", n, e.cfg.text.hidden_size, e.cfg.text.max_position_embeddings);
             const char *rec = st_meta(&f, "recipe");
             check(rec && strstr(rec, " text=frozen:") != NULL, "the recipe records the frozen text encoder: %s", rec ? rec : "(none)");
             st_close(&f);
             evalnet_free(&e);
         }
+        rc = pretrain_run(TINY_FLAGS, N_TINY, out, opts, 8, "--text-encoder", enc, NULL, NULL);
+        check(rc == 2, "--text contrastive with --text-encoder refused (exit %d)", rc);
     }
-    args[2] = te32; args[26] = "32";
+    char *args[] = { "eval", "--train-encoders", te32, "--steps", "2", "--checkpoint-every", "0", "--batch-text", "4", "--batch-id", "4",
+                     "--per-id", "2", "--identities", "8", "--size", "32", "--channels", "8,16,32", "--text-width", "16",
+                     "--text-layers", "1", "--text-heads", "2", "--text-tokens", "32", "--seed", "3", "-q", NULL };
     if (check(cmd_eval(30, args) == 0, "eval --train-encoders, 32 positions: %s", ms_last_error())) {
         snprintf(enc, sizeof enc, "%s/encoders.safetensors", te32);
-        rc = pretrain_run(TINY_FLAGS, N_TINY, out, opts, 4, "--text-encoder", enc, NULL, NULL);
+        const char *o2[] = { "--steps", "6", "--checkpoint-every", "3" };
+        rc = pretrain_run(TINY_FLAGS, N_TINY, out, o2, 4, "--text-encoder", enc, NULL, NULL);
         check(rc != 0 && strstr(ms_last_error(), "77") != NULL, "a text tower of 32 positions refused: %s", ms_last_error());
     }
 #if !defined(_WIN32)
-    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s' '%s'", te, te32, out);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", out, te32);
     if (system(cmd) != 0) printf("  (could not remove %s)\n", out);
 #else
     (void)cmd;
@@ -559,6 +567,6 @@ int main(void) {
     test_step_is_adamw();
     test_frozen_text();
     test_command();
-    test_text_encoder_file();
+    test_text_stage();
     return test_summary("test_pretrain");
 }

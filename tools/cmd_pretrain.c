@@ -31,9 +31,9 @@ static int pre_mkdir(const char *p) { _mkdir(p); return 1; }
 
 static void pretrain_usage(FILE *f) {
     fprintf(f,
-        "usage: mixshow pretrain --out DIR [--stage vae|unet|adapters|all] [options]\n"
+        "usage: mixshow pretrain --out DIR [--stage vae|text|unet|adapters|all] [options]\n"
         "Trains a small SD 1.x-topology model from scratch on scenes of the procedural world\n"
-        "(mixshow world), in stages (--stage all, the default: vae, unet, then adapters):\n"
+        "(mixshow world), in stages (--stage all, the default: vae, text, unet, then adapters):\n"
         "  vae   an AutoencoderKL on the scenes' pixels: MSE reconstruction + kl_weight * KL of the\n"
         "        posterior sample (LDM's objective without LPIPS and GAN), AdamW. Writes\n"
         "        DIR/vae_loss.csv (loss, error per pixel value, KL per image), DIR/vae_loss.svg,\n"
@@ -41,6 +41,11 @@ static void pretrain_usage(FILE *f) {
         "        scaling_factor = 1 / std of the latents of 256 training scenes, as SD's), the PSNR\n"
         "        of 64 held-out scenes (indices --scenes..) and DIR/vae_reconstructions.png (8 held-out\n"
         "        scenes above their reconstructions).\n"
+        "  text  with --text contrastive only: a CLIP-architecture text encoder trained first, alone,\n"
+        "        as SD's CLIP was: contrastively with an image encoder on world scenes and captions\n"
+        "        (`mixshow eval --train-encoders DIR/text` with the --text-* config, 77 positions,\n"
+        "        --text-steps, --text-seed); the unet stage trains the UNet on it, frozen. Writes\n"
+        "        DIR/text/ (encoders.safetensors, checkpoint, loss.csv/.svg, heldout.json).\n"
         "  unet  every parameter of a UNet and a CLIP text encoder (real BPE tokenizer, vocab 49408),\n"
         "        captions as the text: epsilon objective, DDPM noise of the scheduler config, uniform\n"
         "        timesteps, 10%% of captions dropped to \"\" (for classifier-free guidance), AdamW with\n"
@@ -96,6 +101,10 @@ static void pretrain_usage(FILE *f) {
         "  --groups G            GroupNorm groups (default 8)\n"
         "  --text-width D        text hidden size = cross_attention_dim (default 64)\n"
         "  --text-layers N, --text-heads H   (default 2, 2; intermediate 4 D)\n"
+        "  --text joint|contrastive   the text encoder trained with the UNet (joint, the default) or\n"
+        "                        first and contrastively by the text stage, then frozen (contrastive)\n"
+        "  --text-steps N, --text-seed S   the text stage's steps (2000) and seed (1; mixshow eval's\n"
+        "                        own scoring encoders use 0)\n"
         "  --text-encoder FILE   a frozen text encoder: the text tower of a `mixshow eval --train-encoders\n"
         "                        --text-tokens 77` file (trained contrastively on world captions, as\n"
         "                        SD's CLIP), its config in place of --text-width/-layers/-heads; the\n"
@@ -134,6 +143,10 @@ static int stderr_tty(void) { return 0; }
 typedef struct {
     const char *out, *vae_dir, *tok_dir, *model_config, *resume, *stage;
     const char *text_file;              /* --text-encoder: a mixshow eval encoders file's text tower, frozen */
+    int text_contrastive;               /* --text contrastive: the text stage trains it (DIR/text/) */
+    int64_t text_steps;
+    uint64_t text_seed;
+    char text_path[2100];               /* DIR/text/encoders.safetensors */
     int64_t steps, ckpt_every;
     int batch, size, scenes, quiet, threads;
     int creatures;                      /* unet stage: creature renders after the scenes (items scenes..) */
@@ -1307,11 +1320,50 @@ done:
 
 /* ---- stages ---- */
 /* In the order --stage all runs them; a checkpoint's metadata format names the stage it resumes. */
+/* ---- the text stage (--text contrastive) ----
+ * A CLIP-architecture text encoder trained first and on its own, as SD's CLIP was: contrastively
+ * against an image encoder on world scenes and their captions (CLIP's symmetric InfoNCE), by
+ * `mixshow eval --train-encoders DIR/text` with the model's text config (--text-width, -layers,
+ * -heads) and 77 positions; the unet stage then trains the UNet on it, frozen. Why: trained jointly
+ * with the UNet from scratch, the text encoder learnt what the epsilon loss rewards most, the
+ * background (the 67 padding positions' states moved 0.7-0.8 relative when the background word
+ * changed, 0.1-0.2 when the object's colour or shape did), and samples ignored colour and shape
+ * words; the contrastive objective must tell every caption's scene from 47 others'. --text-seed
+ * (default 1) keeps it apart from `mixshow eval`'s own encoders (seed 0), which score the model. */
+static MsStatus stage_text(const PreArgs *a, const char *resume) {
+    char dir[2100], w[16], l[16], h[16], n[32], sd[32], ce[32], th[16];
+    char *argv[32];
+    int k = 0;
+    if (!a->text_contrastive) {
+        if (!strcmp(a->stage, "text")) return ms_errorf(MS_ERR_ARG, "pretrain: --stage text needs --text contrastive");
+        return MS_OK;                   /* --stage all of a jointly trained text encoder */
+    }
+    snprintf(dir, sizeof dir, "%s/text", a->out);
+    if (!resume && pre_exists(a->text_path))
+        return ms_errorf(MS_ERR_ARG, "pretrain: %s already exists (the text stage writes it; --stage unet uses it)", a->text_path);
+    snprintf(w, sizeof w, "%d", a->text_width); snprintf(l, sizeof l, "%d", a->text_layers); snprintf(h, sizeof h, "%d", a->text_heads);
+    snprintf(n, sizeof n, "%lld", (long long)a->text_steps); snprintf(sd, sizeof sd, "%llu", (unsigned long long)a->text_seed);
+    snprintf(ce, sizeof ce, "%lld", (long long)a->ckpt_every); snprintf(th, sizeof th, "%d", a->threads);
+    argv[k++] = "eval"; argv[k++] = "--train-encoders"; argv[k++] = dir;
+    argv[k++] = "--text-width"; argv[k++] = w; argv[k++] = "--text-layers"; argv[k++] = l; argv[k++] = "--text-heads"; argv[k++] = h;
+    argv[k++] = "--text-tokens"; argv[k++] = "77"; argv[k++] = "--steps"; argv[k++] = n; argv[k++] = "--seed"; argv[k++] = sd;
+    argv[k++] = "--checkpoint-every"; argv[k++] = ce;
+    if (a->threads > 0) { argv[k++] = "--threads"; argv[k++] = th; }
+    if (resume) { argv[k++] = "--resume"; argv[k++] = (char *)resume; }
+    if (a->quiet) argv[k++] = "-q";
+    argv[k] = NULL;
+    if (!a->quiet) fprintf(stderr, "pretrain: the text stage: a text encoder (width %s, %s layers, %s heads, 77 positions) "
+                           "trained contrastively, %s steps, seed %s -> %s\n", w, l, h, n, sd, dir);
+    if (cmd_eval(k, argv) != 0) return ms_errorf(MS_ERR_ARG, "pretrain: the text stage failed: %s", ms_last_error());
+    return MS_OK;
+}
+
 typedef struct {
     const char *name, *format;
     MsStatus (*run)(const PreArgs *a, const char *resume);
 } PreStage;
-static const PreStage STAGES[] = { { "vae", VAE_FORMAT, stage_vae }, { "unet", UNET_FORMAT, stage_unet },
+static const PreStage STAGES[] = { { "vae", VAE_FORMAT, stage_vae }, { "text", "mixshow eval encoders 1", stage_text },
+                                   { "unet", UNET_FORMAT, stage_unet },
                                    { "adapters", ADAPTER_FORMAT, stage_adapters } };
 #define N_STAGES ((int)(sizeof STAGES / sizeof STAGES[0]))
 
@@ -1321,7 +1373,7 @@ static MsStatus pretrain_run(const PreArgs *a) {
     MsStatus s;
     if (strcmp(a->stage, "all")) {
         for (first = 0; first < N_STAGES && strcmp(STAGES[first].name, a->stage); first++) {}
-        if (first == N_STAGES) return ms_errorf(MS_ERR_ARG, "pretrain: --stage %s: expected vae, unet, adapters or all", a->stage);
+        if (first == N_STAGES) return ms_errorf(MS_ERR_ARG, "pretrain: --stage %s: expected vae, text, unet, adapters or all", a->stage);
         last = first;
     }
     if (a->resume) {
@@ -1348,6 +1400,7 @@ int cmd_pretrain(int argc, char **argv) {
     a.n_ch = 3; a.ch[0] = 32; a.ch[1] = 64; a.ch[2] = 64;
     a.n_heads = 3; a.heads[0] = 2; a.heads[1] = 4; a.heads[2] = 4;
     a.layers = 1; a.groups = 8; a.text_width = 64; a.text_layers = 2; a.text_heads = 2;
+    a.text_steps = 2000; a.text_seed = 1;
     a.stage = "all";
     ms_vae_pretrain_config_defaults(&a.vpc);
     a.vae_steps = 1000; a.vae_batch = 8;
@@ -1371,6 +1424,7 @@ int cmd_pretrain(int argc, char **argv) {
         else if (!strcmp(o, "--tokenizer")) a.tok_dir = v;
         else if (!strcmp(o, "--model-config")) a.model_config = v;
         else if (!strcmp(o, "--text-encoder")) { a.text_file = v; a.pc.freeze_text = 1; }
+        else if (!strcmp(o, "--text")) { ok = !strcmp(v, "contrastive") || !strcmp(v, "joint"); a.text_contrastive = !strcmp(v, "contrastive"); }
         else if (!strcmp(o, "--resume")) a.resume = v;
         else if (!strcmp(o, "--stage")) a.stage = v;
         else if (!strcmp(o, "--channels")) ok = parse_list(v, a.ch, &a.n_ch);
@@ -1407,6 +1461,8 @@ int cmd_pretrain(int argc, char **argv) {
             else if (!strcmp(o, "--text-layers")) { a.text_layers = (int)n; ok = ok && n >= 1 && n <= 48; }
             else if (!strcmp(o, "--text-heads")) { a.text_heads = (int)n; ok = ok && n >= 1; }
             else if (!strcmp(o, "--threads")) { a.threads = (int)n; ok = ok && n >= 1 && n <= 1024; }
+            else if (!strcmp(o, "--text-steps")) a.text_steps = n;
+            else if (!strcmp(o, "--text-seed")) a.text_seed = (uint64_t)n;
             else if (!strcmp(o, "--vae-steps")) a.vae_steps = n;
             else if (!strcmp(o, "--vae-warmup")) a.vpc.warmup = n;
             else if (!strcmp(o, "--vae-crop")) { a.vae_crop = (int)n; ok = ok && n <= 128; }
@@ -1423,6 +1479,12 @@ int cmd_pretrain(int argc, char **argv) {
         if (!ok) { fprintf(stderr, "mixshow pretrain: %s %s: not a valid value (see --help)\n", o, v); return 2; }
     }
     if (!a.out) { fprintf(stderr, "mixshow pretrain: --out DIR is required (see --help)\n"); return 2; }
+    snprintf(a.text_path, sizeof a.text_path, "%s/text/encoders.safetensors", a.out);
+    if (a.text_contrastive) {
+        if (a.text_file) { fprintf(stderr, "mixshow pretrain: --text contrastive trains the text encoder: not with --text-encoder\n"); return 2; }
+        a.text_file = a.text_path;          /* the unet stage's frozen text encoder */
+        a.pc.freeze_text = 1;
+    }
     a.pc.steps = a.steps;                                  /* the decay's end */
     if (a.pc.decay > a.steps) {
         fprintf(stderr, "mixshow pretrain: --decay %lld is more than --steps %lld\n", (long long)a.pc.decay, (long long)a.steps);
