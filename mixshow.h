@@ -1516,8 +1516,12 @@ typedef struct {
     double weight_decay;            /* 0.01 */
     double beta1, beta2, adam_eps;  /* 0.9, 0.999, 1e-8 */
     float tau;                      /* supervised contrastive temperature (0.1) */
+    double token_max_norm;          /* > 0: after each update, token rows longer than this are scaled
+                                     * back to it (0: none) */
 } EvalTrainConfig;
 void evalnet_train_config_default(EvalTrainConfig *c);
+/* token_max_norm's constraint on a token table (V, D) (models/evalnet.c says why) */
+void evalnet_token_max_norm(float *tok, int V, int D, double x);
 typedef struct {
     double loss, clip, supcon, lr;  /* before the update */
     int clip_correct;               /* image -> text top-1 hits within the batch (of Bt) */

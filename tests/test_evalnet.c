@@ -322,6 +322,59 @@ static void test_training(const ClipTokenizer *tok) {
     run_free(&a);
 }
 
+/* token_max_norm: the constraint alone (rows above X scaled to X, to the float; rows at or below
+ * untouched, bitwise), and `eval --train-encoders --token-max-norm 0.05` (the tiny tower's rows
+ * start at 0.02 sqrt(16) = 0.08 on average): every row of the checkpoint's table within it, most at
+ * it, and the recipe says so. */
+static void test_token_max_norm(void) {
+    enum { V = 6, D = 5 };
+    float t[V * D], t0[V * D];
+    for (int i = 0; i < V * D; i++) t[i] = t0[i] = (float)((i * 7 % 11) - 5) * (i / D % 2 ? 0.5f : 0.01f);
+    evalnet_token_max_norm(t, V, D, 0.3);
+    int ok = 1;
+    for (int r = 0; r < V; r++) {
+        double n0 = 0.0, n1 = 0.0;
+        for (int d = 0; d < D; d++) { n0 += (double)t0[r * D + d] * t0[r * D + d]; n1 += (double)t[r * D + d] * t[r * D + d]; }
+        n0 = sqrt(n0); n1 = sqrt(n1);
+        if (n0 > 0.3) ok &= fabs(n1 - 0.3) <= 1e-6 && fabs(t[r * D] * n0 - t0[r * D] * 0.3) <= 1e-6;   /* same direction */
+        else ok &= !memcmp(t + r * D, t0 + r * D, D * sizeof(float));
+    }
+    check(ok, "token max norm 0.3: long rows scaled to 0.3 along their direction, the others untouched");
+    char dir[256], enc[320];
+    snprintf(dir, sizeof dir, "/tmp/ms_test_evalnet_tmn_%ld", test_pid());
+    char *args[] = { "eval", "--train-encoders", dir, "--steps", "2", "--checkpoint-every", "2", "--batch-text", "4", "--batch-id",
+                     "4", "--per-id", "2", "--identities", "8", "--size", "32", "--channels", "8,16,32", "--text-width", "16",
+                     "--token-max-norm", "0.05", "--seed", "2", "-q", NULL };
+    if (!check(cmd_eval(26, args) == 0, "eval --train-encoders --token-max-norm 0.05: %s", ms_last_error())) return;
+    snprintf(enc, sizeof enc, "%s/checkpoint.safetensors", dir);
+    StFile f;
+    if (check(st_open(&f, enc) == MS_OK, "open %s", enc)) {
+        const char *rec = st_meta(&f, "recipe");
+        float *x = NULL;
+        size_t n = 0;
+        check(rec && strstr(rec, "token_max_norm=0.05") != NULL, "the recipe records it: %s", rec ? rec : "(none)");
+        if (check(st_load_f32(&f, "text_encoder.text_model.embeddings.token_embedding.weight", &x, &n) == MS_OK && n % 16 == 0,
+                  "the checkpoint's token table")) {
+            double most = 0.0;
+            size_t at = 0, rows = n / 16;
+            for (size_t r = 0; r < rows; r++) {
+                double q = 0.0;
+                for (int d = 0; d < 16; d++) q += (double)x[r * 16 + d] * x[r * 16 + d];
+                q = sqrt(q);
+                most = fmax(most, q);
+                at += fabs(q - 0.05) <= 1e-6;
+            }
+            check(most <= 0.05 * (1 + 1e-6) && at > rows / 2, "every one of %zu token rows <= 0.05 (longest %.9f; %zu at the "
+                  "bound: they start at 0.08 on average)", rows, most, at);
+        }
+        ms_free_aligned(x);
+        st_close(&f);
+    }
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    if (system(cmd) != 0) printf("  (could not remove %s)\n", dir);
+}
+
 /* `mixshow eval` on encoders trained (in seconds) on 8 scenes and 4 creatures: the true prompts
  * must beat shuffled ones, a creature's own references another creature's. Generalisation to
  * unseen scenes and creatures is what `--train-encoders` measures and prints (README). */
@@ -702,6 +755,7 @@ int main(void) {
     test_training(&tok);
     test_cli(&tok);
     test_train_command(&tok);
+    test_token_max_norm();
     clip_tokenizer_free(&tok);
     test_free_tracked();
     return test_summary("test_evalnet");

@@ -265,8 +265,18 @@ static void test_text_stage(void) {
     char out[700], te32[700], enc[760], ck[760], cmd[1600];
     snprintf(out, sizeof out, "%s_ts", g_tmp); snprintf(te32, sizeof te32, "%s_te32", g_tmp);
     const char *opts[] = { "--steps", "6", "--checkpoint-every", "3", "--text", "contrastive", "--text-steps", "2" };
-    int rc = pretrain_run(TINY_FLAGS, N_TINY, out, opts, 8, "--stage", "text", NULL, NULL);
+    int rc = pretrain_run(TINY_FLAGS, N_TINY, out, opts, 8, "--stage", "text", "--text-token-max-norm", "0.07");
     if (!check(rc == 0, "pretrain --stage text --text contrastive (2 steps): %s", rc ? ms_last_error() : "ok")) return;
+    {
+        StFile f;
+        snprintf(ck, sizeof ck, "%s/text/checkpoint.safetensors", out);
+        if (check(st_open(&f, ck) == MS_OK, "open %s", ck)) {
+            const char *rec = st_meta(&f, "recipe");
+            check(rec && strstr(rec, "text=16,64,1,2,77") && strstr(rec, "token_max_norm=0.07"), "the text stage's recipe: the "
+                  "tiny text config, 77 positions, --text-token-max-norm passed on: %s", rec ? rec : "(none)");
+            st_close(&f);
+        }
+    }
     rc = pretrain_run(TINY_FLAGS, N_TINY, out, opts, 8, "--stage", "unet", NULL, NULL);
     if (check(rc == 0, "pretrain --stage unet --text contrastive (6 steps on the text stage's encoder): %s",
               rc ? ms_last_error() : "ok")) {

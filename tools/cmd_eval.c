@@ -78,6 +78,9 @@ static void eval_usage(FILE *f) {
         "  --text-layers N, --text-heads H, --text-tokens T   its layers (2), heads (2) and\n"
         "                      positions (32; 77 to serve as a model's text encoder: mixshow\n"
         "                      pretrain --text-encoder FILE)\n"
+        "  --token-max-norm X  after each update, token rows longer than X are scaled back to X (as\n"
+        "                      torch.nn.Embedding(max_norm)): a model's text encoder keeps its rows where\n"
+        "                      ED-LoRA's emb_norm_threshold (0.55) expects them (default: none)\n"
         "  --seed S            weights and data (0)\n"
         "  --checkpoint-every N  (100; 0: none)   --resume FILE   continue bit-identically\n"
         "  --threads N         worker threads (results do not depend on it)\n"
@@ -115,6 +118,8 @@ static void ev_recipe(char *buf, size_t cap, const EvTrainArgs *a) {
                      c->text.max_position_embeddings);
     for (int i = 0; i < c->n_levels && n > 0 && (size_t)n < cap; i++)
         n += snprintf(buf + n, cap - (size_t)n, "%s%d", i ? "," : "", c->channels[i]);
+    if (t->token_max_norm > 0 && n > 0 && (size_t)n < cap)   /* only then: older checkpoints keep their recipe */
+        snprintf(buf + n, cap - (size_t)n, " token_max_norm=%.17g", t->token_max_norm);
 }
 
 /* The written encoders' token table (not the checkpoint's): rows that never had a gradient are
@@ -711,6 +716,10 @@ int cmd_eval(int argc, char **argv) {
             double d = strtod(v, &end);
             ok = end != v && !*end && d >= 0 && d <= 1;
             t.tc.lr = d;
+        } else if (!strcmp(o, "--token-max-norm")) {
+            double d = strtod(v, &end);
+            ok = end != v && !*end && d > 0 && d <= 1000;
+            t.tc.token_max_norm = d;
         } else {
             x = strtoll(v, &end, 10);
             ok = end != v && !*end && x >= 0 && x <= 1000000000;

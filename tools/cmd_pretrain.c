@@ -105,6 +105,9 @@ static void pretrain_usage(FILE *f) {
         "                        first and contrastively by the text stage, then frozen (contrastive)\n"
         "  --text-steps N, --text-seed S   the text stage's steps (2000) and seed (1; mixshow eval's\n"
         "                        own scoring encoders use 0)\n"
+        "  --text-token-max-norm X   the text stage keeps every token row at most X long (eval\n"
+        "                        --token-max-norm; default none): ED-LoRA's emb_norm_threshold 0.55\n"
+        "                        presumes class words below it (models/world: 0.4)\n"
         "  --text-encoder FILE   a frozen text encoder: the text tower of a `mixshow eval --train-encoders\n"
         "                        --text-tokens 77` file (trained contrastively on world captions, as\n"
         "                        SD's CLIP), its config in place of --text-width/-layers/-heads; the\n"
@@ -146,6 +149,7 @@ typedef struct {
     int text_contrastive;               /* --text contrastive: the text stage trains it (DIR/text/) */
     int64_t text_steps;
     uint64_t text_seed;
+    const char *text_max_norm;          /* --text-token-max-norm X (the text stage's --token-max-norm) */
     char text_path[2100];               /* DIR/text/encoders.safetensors */
     int64_t steps, ckpt_every;
     int batch, size, scenes, quiet, threads;
@@ -1349,6 +1353,7 @@ static MsStatus stage_text(const PreArgs *a, const char *resume) {
     argv[k++] = "--text-tokens"; argv[k++] = "77"; argv[k++] = "--steps"; argv[k++] = n; argv[k++] = "--seed"; argv[k++] = sd;
     argv[k++] = "--checkpoint-every"; argv[k++] = ce;
     if (a->threads > 0) { argv[k++] = "--threads"; argv[k++] = th; }
+    if (a->text_max_norm) { argv[k++] = "--token-max-norm"; argv[k++] = (char *)a->text_max_norm; }
     if (resume) { argv[k++] = "--resume"; argv[k++] = (char *)resume; }
     if (a->quiet) argv[k++] = "-q";
     argv[k] = NULL;
@@ -1424,6 +1429,7 @@ int cmd_pretrain(int argc, char **argv) {
         else if (!strcmp(o, "--tokenizer")) a.tok_dir = v;
         else if (!strcmp(o, "--model-config")) a.model_config = v;
         else if (!strcmp(o, "--text-encoder")) { a.text_file = v; a.pc.freeze_text = 1; }
+        else if (!strcmp(o, "--text-token-max-norm")) { a.text_max_norm = v; x = strtod(v, &end); ok = end != v && !*end && x > 0; }
         else if (!strcmp(o, "--text")) { ok = !strcmp(v, "contrastive") || !strcmp(v, "joint"); a.text_contrastive = !strcmp(v, "contrastive"); }
         else if (!strcmp(o, "--resume")) a.resume = v;
         else if (!strcmp(o, "--stage")) a.stage = v;
