@@ -1,7 +1,8 @@
 /* tests/test_demo.c — `make demo` on a reduced budget (issue 15), only in `make test-full`: tiny
  * evaluation encoders trained for a few steps, then tools/demo.sh on the random tiny model with 3
  * training steps per concept, 1 seed and 2 sampling steps. Checks the pipeline (every stage ran,
- * the base model's table has its four rows and the ablation's its seven, the sheets and pages exist), not the scores: those mean
+ * the base model's table has its four rows and the ablation's its seven, the paired changes through fusion are
+ * printed, the sheets and pages exist), not the scores: those mean
  * something only with the trained world model. */
 #include "tests/test.h"
 
@@ -47,11 +48,17 @@ int main(int argc, char **argv) {
     }
     snprintf(p, sizeof p, "%s/out/table.md", dir);
     FILE *f = fopen(p, "r");
-    int rows = 0, rows1 = 0;
+    int rows = 0, rows1 = 0, paired = 0;
     if (f) {
         char line[512];
         while (fgets(line, sizeof line, f)) {
             double a, b, c;
+            const char *g = strstr(line, "ED-LoRA -> gradient fusion: ");
+            double m1, s1, m2, s2;
+            int n1, n2;
+            if (g && sscanf(g, "ED-LoRA -> gradient fusion: %lf +- %lf (%d pairs); LoRA -> weight fusion: %lf +- %lf (%d pairs)",
+                            &m1, &s1, &n1, &m2, &s2, &n2) == 6 && n1 >= 2 && n1 == n2 && s1 >= 0 && s2 >= 0)
+                paired++;
             int bars = 0;
             const char *q = strchr(line + 1, '|');
             if (line[0] != '|' || !q) continue;
@@ -64,6 +71,7 @@ int main(int argc, char **argv) {
         }
         fclose(f);
     }
+    check(paired == 1, "table.md: the paired changes through fusion (mean +- s.e., pairs) for ED-LoRA and LoRA");
     check(rows == 7 && rows1 == 4, "table.md: %d rows of two cosines in [-1, 1] (+ a share in [0, 1]; 7 expected), %d of a "
           "cosine and a share (4 expected)", rows, rows1);
     if (!test_failed) {

@@ -229,6 +229,16 @@ for v in class edlora lora fused_gradient fused_weight multi_fused_gradient mult
     $MS eval --images "$OUT/samples/$v" --encoders "$ENC" $refs --out "$OUT/samples/$v/eval" --sheet >/dev/null
 done
 mean() { awk -F, '$1 == "\"mean\"" { print ($'"$2"' == "" ? "-" : $'"$2"') }' "$OUT/samples/$1/eval.csv"; }
+# image alignment from leg $1 to leg $2, paired by file (the same creature, prompt and seed): the
+# mean change, its standard error and the pairs (image_alignment is the next-to-last column)
+paired() {
+    awk -F, 'FNR == 1 || $1 == "\"mean\"" { next }
+             NR == FNR { a[$1] = $(NF - 1); next }
+             ($1 in a) && a[$1] != "" && $(NF - 1) != "" { d = $(NF - 1) - a[$1]; n++; s += d; q += d * d }
+             END { if (n < 2) { print "- (fewer than 2 pairs)"; exit }
+                   m = s / n; v = (q - n * m * m) / (n - 1); if (v < 0) v = 0
+                   printf "%+.3f +- %.3f (%d pairs)", m, sqrt(v / n), n }' "$OUT/samples/$1/eval.csv" "$OUT/samples/$2/eval.csv"
+}
 {
     echo "The base model on $NCAP held-out world captions (text alignment: cosine of the stand-in encoders;"
     echo "caption top-1: share of images whose own caption fits them best among the $NCAP, chance 1/$NCAP):"
@@ -252,6 +262,9 @@ mean() { awk -F, '$1 == "\"mean\"" { print ($'"$2"' == "" ? "-" : $'"$2"') }' "$
     echo "| LoRA + weight fusion | $(mean fused_weight 4) | $(mean fused_weight 5) | $(mean fused_weight 6) |"
     echo "| regional, gradient-fused | $(mean multi_fused_gradient 4) | $(mean multi_fused_gradient 5) | $(mean multi_fused_gradient 6) |"
     echo "| regional, weight-fused | $(mean multi_fused_weight 4) | $(mean multi_fused_weight 5) | $(mean multi_fused_weight 6) |"
+    echo
+    echo "Image alignment through fusion, paired by creature, prompt and seed (mean change +- standard error):"
+    echo "ED-LoRA -> gradient fusion: $(paired edlora fused_gradient); LoRA -> weight fusion: $(paired lora fused_weight)."
     echo
     echo "base $BASE, $STEPS training steps per concept (emb_norm_threshold ${EMBN:-of the options}), $SEEDS seeds x 4 prompts per creature, $SSTEPS sampling steps;"
     echo "$(( $(date +%s) - start )) s in all. Contact sheets: $OUT/samples/*/eval.png, pages: $OUT/samples/*/eval.html"
