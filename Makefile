@@ -75,12 +75,15 @@ test-full: $(TEST_BIN) $(BUILD)/mixshow
 	@MS_TEST_FULL=1 sh tests/run.sh $(TEST_BIN)
 
 # The world model's recipe (issue 15), the one models/world was trained with (models/world/README.md):
-# VAE factor 8 (128x128 scenes -> 4x16x16 latents) on random 64x64 windows, UNet + text encoder on
-# 8192 scenes and 2048 renders of 512 anonymous creatures, the last 1500 of 5000 steps with a
-# decaying lr, then the two adapters; deterministic from the seeds (the thread count changes no bit).
+# VAE factor 8 (128x128 scenes -> 4x16x16 latents) on random 64x64 windows; a text encoder trained
+# first and alone, contrastively on world scenes and captions (token rows kept <= 0.4 long), then
+# frozen; the UNet on 8192 scenes and 2048 renders of 512 anonymous creatures, the last 1500 of
+# 5000 steps with a decaying lr; then the two adapters. Deterministic from the seeds (the thread
+# count changes no bit).
 WORLD_RECIPE = --size 128 --scenes 8192 --creatures 2048 --vae-channels 16,32,64,64 --vae-crop 64 \
                --vae-steps 3000 --vae-lr 2e-3 --channels 64,128,128 --heads 2,4,4 --text-width 128 \
-               --text-layers 4 --text-heads 4 --steps 5000 --decay 1500 --adapter-steps 300 --seed 0
+               --text-layers 4 --text-heads 4 --text contrastive --text-token-max-norm 0.4 \
+               --steps 5000 --decay 1500 --adapter-steps 300 --seed 0
 pretrain: $(BUILD)/mixshow
 	$(BUILD)/mixshow pretrain --out build/world $(WORLD_RECIPE)
 

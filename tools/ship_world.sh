@@ -5,7 +5,7 @@
 #
 # DIR is a pretrain output folder (--stage all): DIR/model (the diffusers folder of the unet stage,
 # with its VAE), DIR/adapters/pose and DIR/adapters/sketch (the adapters stage), the loss curves
-# DIR/vae_loss.svg, DIR/loss.svg, DIR/adapters_loss.svg and the checkpoints, whose metadata holds
+# DIR/vae_loss.svg, DIR/loss.svg, DIR/adapters_loss.svg (DIR/text/loss.svg) and the checkpoints, whose metadata holds
 # each stage's recipe. Writes DEST (models/world) with
 #   - the model in F16 (mixshow convert --half: every weight rounded to nearest; configs, scheduler
 #     and tokenizer files as they are), the folder `mixshow sample` uses when no --model is given;
@@ -57,9 +57,10 @@ new=$tmp/world
 "$MS" convert "$dir/model" "$new" --half >/dev/null
 "$MS" convert "$dir/adapters/pose" "$new/t2iadapter_openpose" --half >/dev/null
 "$MS" convert "$dir/adapters/sketch" "$new/t2iadapter_sketch" --half >/dev/null
-for f in vae_loss.svg loss.svg adapters_loss.svg; do
+for f in vae_loss.svg vae_reconstructions.png loss.svg adapters_loss.svg; do
     if [ -f "$dir/$f" ]; then cp "$dir/$f" "$new/$f"; fi
 done
+if [ -f "$dir/text/loss.svg" ]; then cp "$dir/text/loss.svg" "$new/text_loss.svg"; fi
 
 # the token rows of the shipped text encoder that are not all zero (pretrain zeroes the rows no
 # training caption produces; a model written by an older mixshow has none zeroed): read off the F16
@@ -131,10 +132,22 @@ size=$(du -sk "$new" | awk '{ print $1 }')
     echo "Each stage's recipe as its checkpoint records it (what \`--resume\` must match):"
     echo
     echo "- vae: $(last_step vae_loss.csv); \`$(stage_recipe vae_checkpoint.safetensors)\`"
-    echo "- unet + text encoder: $(last_step loss.csv); \`$(stage_recipe checkpoint.safetensors)\`"
+    if [ -f "$dir/text/checkpoint.safetensors" ]; then     # --text contrastive: trained first, then frozen
+        echo "- text (contrastive, then frozen): $(last_step text/loss.csv); \`$(stage_recipe text/checkpoint.safetensors)\`"
+        echo "- unet: $(last_step loss.csv); \`$(stage_recipe checkpoint.safetensors)\`"
+    else
+        echo "- unet + text encoder: $(last_step loss.csv); \`$(stage_recipe checkpoint.safetensors)\`"
+    fi
     echo "- adapters: $(last_step adapters_loss.csv); \`$(stage_recipe adapters_checkpoint.safetensors)\`"
     echo
-    echo "Loss curves: vae_loss.svg, loss.svg (UNet + text encoder), adapters_loss.svg."
+    if [ -f "$new/text_loss.svg" ]; then
+        echo "Loss curves: vae_loss.svg, text_loss.svg (the text stage), loss.svg (the UNet stage), adapters_loss.svg."
+    else
+        echo "Loss curves: vae_loss.svg, loss.svg (the UNet stage, text encoder jointly), adapters_loss.svg."
+    fi
+    if [ -f "$new/vae_reconstructions.png" ]; then
+        echo "vae_reconstructions.png: held-out scenes (top) and the VAE's reconstructions (bottom)."
+    fi
     echo "Folders: unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json (diffusers), t2iadapter_openpose/"
     echo "(pose: the world's keypose-like drawings, 3 channels) and t2iadapter_sketch/ (outlines, 1 channel)."
 } > "$new/README.md"
