@@ -3281,7 +3281,9 @@ static size_t ops_att_ws_floats(const OpsAttGeom *g, int Tk, int Dh, int backwar
         size_t all = kp + vp + ops_up(tkp * g->nq, 16) + qp + ot;
         return few > all ? few : all;
     }
-    return 2 * kp + vp + 2 * ops_up(((size_t)ops_att_chunk(g) + 16) * g->nq, 16) + 4 * qp + ot + 2 * kv;
+    size_t ks = ops_up((size_t)Tk, 16), few = ks * (4 * (size_t)Dh + 2 * (size_t)g->nq) + (size_t)Tk * 2 * Dh; /* bwd_few */
+    size_t all = 2 * kp + vp + 2 * ops_up(((size_t)ops_att_chunk(g) + 16) * g->nq, 16) + 4 * qp + ot + 2 * kv;
+    return few > all ? few : all;
 }
 
 /* ---- Few keys (cross-attention: Tk <= 80, non-causal), AVX-512 --------------------------- */
@@ -3330,11 +3332,12 @@ static inline void ops_fk_scores(float *S, const float *const *qr, const float *
         for (int v = 0; v < NK; v++) _mm512_storeu_ps(S + (size_t)(r * NK + v) * 16, _mm512_mul_ps(vs, c[r][v]));
 }
 
-/* o_r[0..16 NV) (the last vector masked by lm) = f[r] sum_{j<Tk} P[r][j] v_j[c0..]: rows of P
- * have stride ks, v rows stride ldv; NV a constant after inlining. */
+/* o_r[0..16 NV) (the last vector masked by lm) = f[r] sum_{j<Tk} P[r][j] v_j[c0..] (add: o_r +=
+ * that, the product rounded first): rows of P have stride ks, v rows stride ldv; NV a constant
+ * after inlining. */
 MS_TARGET_AVX512 __attribute__((always_inline))
 static inline void ops_fk_pv(float *const *orow, const float *P, int ks, const float *v, size_t ldv, int Tk,
-                             const float *f, __mmask16 lm, int NV) {
+                             const float *f, __mmask16 lm, int NV, int add) {
     __m512 c[OPS_FK_HALF][OPS_FK_MAXV], vv[OPS_FK_MAXV];
 #pragma GCC unroll 8
     for (int r = 0; r < OPS_FK_HALF; r++)
@@ -3355,16 +3358,22 @@ static inline void ops_fk_pv(float *const *orow, const float *P, int ks, const f
         if (!orow[r]) continue;
         __m512 fr = _mm512_set1_ps(f[r]);
 #pragma GCC unroll 8
-        for (int u = 0; u < NV; u++) _mm512_mask_storeu_ps(orow[r] + 16 * u, u < NV - 1 ? (__mmask16)0xFFFF : lm, _mm512_mul_ps(c[r][u], fr));
+        for (int u = 0; u < NV; u++) {
+            __mmask16 m = u < NV - 1 ? (__mmask16)0xFFFF : lm;
+            __m512 x = _mm512_mul_ps(c[r][u], fr);
+            if (add) x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, orow[r] + 16 * u), x);
+            _mm512_mask_storeu_ps(orow[r] + 16 * u, m, x);
+        }
     }
 }
 
 /* Row pairs, for Dh = 16 h + 8 (8, 24, 40): o_r ++ o_r+1 (2 Dh floats = NV = 2h+1 vectors, none
  * of them partly idle) = sum_j (P[r][j] in the lanes of o_r, P[r+1][j] in those of o_r+1) Vd[j],
- * Vd[j] = v_j ++ v_j; then f[r], f[r+1] likewise. The sums are those of ops_fk_pv, element by
- * element (j in order, one FMA each): only the lanes are arranged differently. */
+ * Vd[j] = v_j ++ v_j; then f[r], f[r+1] likewise (add: added to the rows). The sums are those of
+ * ops_fk_pv, element by element (j in order, one FMA each): only the lanes are arranged differently. */
 MS_TARGET_AVX512 __attribute__((always_inline))
-static inline void ops_fk_pv_pairs(float *const *orow, const float *P, int ks, const float *Vd, int Tk, const float *f, int NV) {
+static inline void ops_fk_pv_pairs(float *const *orow, const float *P, int ks, const float *Vd, int Tk, const float *f, int NV,
+                                   int add) {
     const int h = NV / 2;
     const __mmask16 hi = (__mmask16)0xFF00;
     __m512 c[OPS_FK_ROWS / 2][OPS_FK_MAXV], vv[OPS_FK_MAXV];
@@ -3389,12 +3398,16 @@ static inline void ops_fk_pv_pairs(float *const *orow, const float *P, int ks, c
         __m512 a = _mm512_set1_ps(f[2 * p]), b = _mm512_set1_ps(f[2 * p + 1]), m = _mm512_mask_blend_ps(hi, a, b);
 #pragma GCC unroll 8
         for (int u = 0; u < NV; u++) {
-            __m512 x = _mm512_mul_ps(c[p][u], u < h ? a : u == h ? m : b);
-            if (u < h) { if (o0) _mm512_storeu_ps(o0 + 16 * u, x); }
-            else if (u > h) { if (o1) _mm512_storeu_ps(o1 + 16 * u - 16 * h - 8, x); }
-            else {
-                if (o0) _mm512_mask_storeu_ps(o0 + 16 * h, (__mmask16)0x00FF, x);
-                if (o1) _mm512_mask_storeu_ps(o1, (__mmask16)0x00FF, _mm512_shuffle_f32x4(x, x, 0xEE));
+            __m512 x = _mm512_mul_ps(c[p][u], u < h ? a : u == h ? m : b), y;
+            if (u < h) { if (o0) _mm512_storeu_ps(o0 + 16 * u, add ? _mm512_add_ps(_mm512_loadu_ps(o0 + 16 * u), x) : x); }
+            else if (u > h) {
+                float *w = o1 ? o1 + 16 * u - 16 * h - 8 : NULL;
+                if (w) _mm512_storeu_ps(w, add ? _mm512_add_ps(_mm512_loadu_ps(w), x) : x);
+            } else {
+                const __mmask16 lo = (__mmask16)0x00FF;
+                y = _mm512_shuffle_f32x4(x, x, 0xEE);
+                if (o0) _mm512_mask_storeu_ps(o0 + 16 * h, lo, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(lo, o0 + 16 * h), x) : x);
+                if (o1) _mm512_mask_storeu_ps(o1, lo, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(lo, o1), y) : y);
             }
         }
     }
@@ -3412,21 +3425,22 @@ static void ops_fk_scores_n(float *S, const float *const *qr, const float *Kt, i
 }
 MS_TARGET_AVX512
 static void ops_fk_pv_n(float *const *orow, const float *P, int ks, const float *v, size_t ldv, int Tk,
-                        const float *f, __mmask16 lm, int NV) {
+                        const float *f, __mmask16 lm, int NV, int add) {
     switch (NV) {
-    case 1: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 1); break;
-    case 2: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 2); break;
-    case 3: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 3); break;
-    case 4: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 4); break;
-    default: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 5); break;
+    case 1: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 1, add); break;
+    case 2: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 2, add); break;
+    case 3: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 3, add); break;
+    case 4: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 4, add); break;
+    default: ops_fk_pv(orow, P, ks, v, ldv, Tk, f, lm, 5, add); break;
     }
 }
 MS_TARGET_AVX512
-static void ops_fk_pv_pairs_n(float *const *orow, const float *P, int ks, const float *Vd, int Tk, const float *f, int NV) {
+static void ops_fk_pv_pairs_n(float *const *orow, const float *P, int ks, const float *Vd, int Tk, const float *f, int NV,
+                              int add) {
     switch (NV) {
-    case 1: ops_fk_pv_pairs(orow, P, ks, Vd, Tk, f, 1); break;
-    case 3: ops_fk_pv_pairs(orow, P, ks, Vd, Tk, f, 3); break;
-    default: ops_fk_pv_pairs(orow, P, ks, Vd, Tk, f, 5); break;
+    case 1: ops_fk_pv_pairs(orow, P, ks, Vd, Tk, f, 1, add); break;
+    case 3: ops_fk_pv_pairs(orow, P, ks, Vd, Tk, f, 3, add); break;
+    default: ops_fk_pv_pairs(orow, P, ks, Vd, Tk, f, 5, add); break;
     }
 }
 
@@ -3507,15 +3521,179 @@ static void ops_att_fwd_few(float *out, float *lse, const float *q, const float 
         ops_att_prefetch_rows(out + (size_t)pf * HD, (size_t)HD, npf, Dh);
         for (int h = 0; h < OPS_FK_ROWS; h += OPS_FK_HALF) ops_fk_scores_n(S + (size_t)h * KS, qr + h, Kt, Dh, scale, NK);
         ops_fk_softmax(S, NK, Tk, inv, lse ? lse + i0 : NULL, nq);
-        if (pairs) { ops_fk_pv_pairs_n(orow, S, KS, Vd, Tk, inv, Dh / 8); continue; }
+        if (pairs) { ops_fk_pv_pairs_n(orow, S, KS, Vd, Tk, inv, Dh / 8, 0); continue; }
         for (int c0 = 0; c0 < Dh; c0 += 16 * OPS_FK_MAXV) {
             int nc = OPS_MIN(16 * OPS_FK_MAXV, Dh - c0), nv = (nc + 15) / 16;
             float *oc[OPS_FK_ROWS];
             for (int r = 0; r < OPS_FK_ROWS; r++) oc[r] = orow[r] ? orow[r] + c0 : NULL;
             for (int h = 0; h < OPS_FK_ROWS; h += OPS_FK_HALF)
-                ops_fk_pv_n(oc + h, S + (size_t)h * KS, KS, v + c0, (size_t)HD, Tk, inv + h, ms_mask16(nc - 16 * (nv - 1)), nv);
+                ops_fk_pv_n(oc + h, S + (size_t)h * KS, KS, v + c0, (size_t)HD, Tk, inv + h, ms_mask16(nc - 16 * (nv - 1)), nv, 0);
         }
     }
+}
+
+/* Backward for few keys (Tk <= 80, non-causal), AVX-512, all query rows of one (b, h): keys in
+ * the lanes as in ops_att_fwd_few, nothing transposed but K, V (in) and dK, dV (out, once per
+ * task), and the bits of ops_att_bwd_fast (below), whose blocks of NQ query rows it keeps:
+ *   per tile of OPS_FK_ROWS rows r of the block:
+ *     S[r][j]  = scale sum_d q_r[d] Kt[d][j],  dP[r][j] = sum_d do_r[d] Vt[d][j]   (the S^T, dP^T tiles)
+ *     D_r = (float) sum_d (double) do_r[d] o_r[d]      (ops_fb_rowdot: 8 lanes of channels, then
+ *                                        f64_dot8_combine's order; the path below sums d in order)
+ *     P = exp(S - lse_r),  dS = P (dP - D_r)                        (ops_att_dsoftmax; 0 past Tk)
+ *     dq_r += scale sum_j dS[r][j] k_j   j in order, one FMA each from 0, the product rounded,
+ *                                        then added (ops_att_pv + ops_att_put_rows)
+ *   then, over the block's rows r in order, one FMA each from 0, and one FMA into the total:
+ *     dVt[d][j] += sum_r do_r[d] P[r][j],   dKt[d][j] += scale sum_r q_r[d] dS[r][j]
+ *                                        (ops_att_rank_update, block by block)
+ * dVt and dKt (channels x key lanes) start as dv, dk transposed and go back at the end. */
+#define OPS_FB_D 4                                      /* channels per register tile of dK, dV */
+/* Up to Dh = 80: the task's Kt, Vt, dKt, dVt (4 Dh x 80 floats) stay in L2 beside the rows. Measured
+ * (B*H = 16, Tk = 77, 1 thread, Zen 5): Dh 40 57% of peak against 47% for the path below, Dh 80
+ * 63% / 62%, Dh 160 56% / 66%: there the path below. */
+#define OPS_FB_MAXDH 80
+
+/* acc[d][j] = sum_{r<nr} B[r][d0+d] A[r][j] over the tile's OPS_FB_D channels (nd of them
+ * real), then Ct[d][j] = alpha acc + Ct[d][j] (one FMA): A rows stride KS, B rows stride ldb. */
+MS_TARGET_AVX512 __attribute__((always_inline))
+static inline void ops_fb_rank(float *Ct, int KS, const float *A, const float *B, size_t ldb, int nr, int nd,
+                               float alpha, int NK) {
+    __m512 c[OPS_FB_D][OPS_FK_MAXV], a[OPS_FK_MAXV];
+#pragma GCC unroll 8
+    for (int d = 0; d < OPS_FB_D; d++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NK; v++) c[d][v] = _mm512_setzero_ps();
+    for (int r = 0; r < nr; r++, A += KS, B += ldb) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NK; v++) a[v] = _mm512_loadu_ps(A + 16 * v);
+#pragma GCC unroll 8
+        for (int d = 0; d < OPS_FB_D; d++) {
+            __m512 b = _mm512_set1_ps(B[d < nd ? d : 0]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NK; v++) c[d][v] = _mm512_fmadd_ps(b, a[v], c[d][v]);
+        }
+    }
+    __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+    for (int d = 0; d < OPS_FB_D; d++) {
+        if (d >= nd) break;
+#pragma GCC unroll 8
+        for (int v = 0; v < NK; v++) {
+            float *t = Ct + (size_t)d * KS + 16 * v;
+            _mm512_storeu_ps(t, _mm512_fmadd_ps(va, c[d][v], _mm512_loadu_ps(t)));
+        }
+    }
+}
+MS_TARGET_AVX512
+static void ops_fb_rank_n(float *Ct, int KS, const float *A, const float *B, size_t ldb, int nr, int nd, float alpha, int NK) {
+    switch (NK) {
+    case 1: ops_fb_rank(Ct, KS, A, B, ldb, nr, nd, alpha, 1); break;
+    case 2: ops_fb_rank(Ct, KS, A, B, ldb, nr, nd, alpha, 2); break;
+    case 3: ops_fb_rank(Ct, KS, A, B, ldb, nr, nd, alpha, 3); break;
+    case 4: ops_fb_rank(Ct, KS, A, B, ldb, nr, nd, alpha, 4); break;
+    default: ops_fb_rank(Ct, KS, A, B, ldb, nr, nd, alpha, 5); break;
+    }
+}
+
+/* (float) sum_d (double) a[d] b[d]: lane c of 8 sums d = c, c+8, c+16, ... in order, then the
+ * lanes as f64_dot8_combine does. */
+MS_TARGET_AVX512
+static inline float ops_fb_rowdot(const float *a, const float *b, int Dh) {
+    __m512d s = _mm512_setzero_pd();
+    for (int d0 = 0; d0 < Dh; d0 += 16) {
+        __mmask16 m = ms_mask16(Dh - d0);
+        __m512 x = _mm512_maskz_loadu_ps(m, a + d0), y = _mm512_maskz_loadu_ps(m, b + d0);
+        s = _mm512_add_pd(s, _mm512_mul_pd(OPS_LO8(x), OPS_LO8(y)));
+        if (Dh - d0 > 8) s = _mm512_add_pd(s, _mm512_mul_pd(OPS_HI8(x), OPS_HI8(y)));
+    }
+    __m256d t = _mm256_add_pd(_mm512_castpd512_pd256(s), _mm512_extractf64x4_pd(s, 1));   /* s_c + s_c+4 */
+    __m128d u = _mm_add_pd(_mm256_castpd256_pd128(t), _mm256_extractf128_pd(t, 1));        /* + the pair 2 apart */
+    return (float)(_mm_cvtsd_f64(u) + _mm_cvtsd_f64(_mm_unpackhi_pd(u, u)));
+}
+
+MS_TARGET_AVX512
+static void ops_att_bwd_few(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                            const float *v, const float *out, const float *lse, int Tq, int Tk, int HD, int Dh,
+                            int NQ, float scale, float *ws) {
+    const int NK = (Tk + 15) / 16, KS = 16 * NK;
+    const int pairs = Dh % 16 == 8 && Dh <= 40;
+    const __mmask16 last = ms_mask16(Tk - 16 * (NK - 1));
+    float *Kt = ws, *Vt = Kt + (size_t)Dh * KS, *dKt = Vt + (size_t)Dh * KS, *dVt = dKt + (size_t)Dh * KS;
+    float *S = dVt + (size_t)Dh * KS, *dP = S + (size_t)NQ * KS, *Kd = dP + (size_t)NQ * KS;
+    float sc[OPS_FK_ROWS];
+    for (int r = 0; r < OPS_FK_ROWS; r++) sc[r] = scale;
+    for (int d = 0; d < Dh; d++)
+        for (int j = 0; j < KS; j++) {
+            size_t t = (size_t)d * KS + j, o = (size_t)j * HD + d;
+            Kt[t] = j < Tk ? k[o] : 0.0f;
+            Vt[t] = j < Tk ? v[o] : 0.0f;
+            dKt[t] = j < Tk && dk ? dk[o] : 0.0f;
+            dVt[t] = j < Tk && dv ? dv[o] : 0.0f;
+        }
+    if (pairs && dq)
+        for (int j = 0; j < Tk; j++) {
+            memcpy(Kd + (size_t)j * 2 * Dh, k + (size_t)j * HD, (size_t)Dh * sizeof(float));
+            memcpy(Kd + (size_t)j * 2 * Dh + Dh, k + (size_t)j * HD, (size_t)Dh * sizeof(float));
+        }
+    for (int i0 = 0; i0 < Tq; i0 += NQ) {
+        int nq = OPS_MIN(NQ, Tq - i0), npf = OPS_MIN(NQ, Tq - i0 - NQ);
+        for (int t0 = 0; t0 < nq; t0 += OPS_FK_ROWS) {
+            int nt = OPS_MIN(OPS_FK_ROWS, nq - t0);
+            for (int r = t0; r < OPS_MIN(t0 + OPS_FK_ROWS, npf); r++) {   /* this tile's rows of the next block */
+                size_t o = (size_t)(i0 + NQ + r) * HD;
+                for (int t = 0; t < Dh + 15; t += 16) {
+                    int c = OPS_MIN(t, Dh - 1);
+                    _mm_prefetch((const char *)(q + o + c), _MM_HINT_T1);
+                    _mm_prefetch((const char *)(dout + o + c), _MM_HINT_T1);
+                    _mm_prefetch((const char *)(out + o + c), _MM_HINT_T1);
+                    if (dq) _mm_prefetch((const char *)(dq + o + c), _MM_HINT_T1);
+                }
+            }
+            const float *qr[OPS_FK_ROWS], *dr[OPS_FK_ROWS];
+            float *qo[OPS_FK_ROWS], *Sr = S + (size_t)t0 * KS, *dPr = dP + (size_t)t0 * KS;
+            for (int r = 0; r < OPS_FK_ROWS; r++) {         /* a short tile repeats its first row */
+                size_t o = (size_t)(i0 + t0 + (r < nt ? r : 0)) * HD;
+                qr[r] = q + o;
+                dr[r] = dout + o;
+                qo[r] = dq && r < nt ? dq + o : NULL;
+            }
+            for (int h = 0; h < OPS_FK_ROWS; h += OPS_FK_HALF) {
+                ops_fk_scores_n(Sr + (size_t)h * KS, qr + h, Kt, Dh, scale, NK);
+                ops_fk_scores_n(dPr + (size_t)h * KS, dr + h, Vt, Dh, 1.0f, NK);
+            }
+            for (int r = 0; r < nt; r++) {
+                __m512 e = _mm512_set1_ps(lse[i0 + t0 + r]);
+                __m512 dd = _mm512_set1_ps(ops_fb_rowdot(dr[r], out + (size_t)(i0 + t0 + r) * HD, Dh));
+                for (int u = 0; u < NK; u++) {
+                    float *s = Sr + (size_t)r * KS + 16 * u, *dp = dPr + (size_t)r * KS + 16 * u;
+                    __m512 p = _mm512_maskz_mov_ps(u < NK - 1 ? (__mmask16)0xFFFF : last,
+                                                   ops_exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(s), e)));
+                    _mm512_storeu_ps(s, p);
+                    _mm512_storeu_ps(dp, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp), dd)));
+                }
+            }
+            if (!dq) continue;
+            if (pairs) { ops_fk_pv_pairs_n(qo, dPr, KS, Kd, Tk, sc, Dh / 8, 1); continue; }
+            for (int c0 = 0; c0 < Dh; c0 += 16 * OPS_FK_MAXV) {
+                int nc = OPS_MIN(16 * OPS_FK_MAXV, Dh - c0), nv = (nc + 15) / 16;
+                float *oc[OPS_FK_ROWS];
+                for (int r = 0; r < OPS_FK_ROWS; r++) oc[r] = qo[r] ? qo[r] + c0 : NULL;
+                for (int h = 0; h < OPS_FK_ROWS; h += OPS_FK_HALF)
+                    ops_fk_pv_n(oc + h, dPr + (size_t)h * KS, KS, k + c0, (size_t)HD, Tk, sc, ms_mask16(nc - 16 * (nv - 1)), nv, 1);
+            }
+        }
+        for (int d0 = 0; d0 < Dh; d0 += OPS_FB_D) {
+            int nd = OPS_MIN(OPS_FB_D, Dh - d0);
+            const float *rq = q + (size_t)i0 * HD + d0, *rd = dout + (size_t)i0 * HD + d0;
+            if (dv) ops_fb_rank_n(dVt + (size_t)d0 * KS, KS, S, rd, (size_t)HD, nq, nd, 1.0f, NK);
+            if (dk) ops_fb_rank_n(dKt + (size_t)d0 * KS, KS, dP, rq, (size_t)HD, nq, nd, scale, NK);
+        }
+    }
+    for (int j = 0; j < Tk; j++)
+        for (int d = 0; d < Dh; d++) {
+            size_t t = (size_t)d * KS + j, o = (size_t)j * HD + d;
+            if (dk) dk[o] = dKt[t];
+            if (dv) dv[o] = dVt[t];
+        }
 }
 
 /* Query rows [r0, r1) (r0 a multiple of NQ) of one (b, h): q, out at row 0 of the head, k, v at
@@ -3557,6 +3735,10 @@ static void ops_att_bwd_fast(const OpsAttGeom *g, float *dq, float *dk, float *d
     float *Qp = dP + sp, *dOp = Qp + qp, *Op = dOp + qp, *row = Op + qp, *dQt = row + qp;
     float *dKa = dQt + ops_up(dhp * NQ, 16), *dVa = dKa + ops_up((size_t)Tk * Dh, 16);
     float lsel[32], D[32], sc[32];
+    if (ops_att_few(g, Tk, causal) && Tk <= CH && Dh <= OPS_FB_MAXDH) {
+        ops_att_bwd_few(dq, dk, dv, dout, q, k, v, out, lse, Tq, Tk, HD, Dh, NQ, scale, ws);
+        return;
+    }
     MsOperand K = ms_dense(k, (size_t)HD, 0), Vo = ms_dense(v, (size_t)HD, 0), KT = ms_dense(k, (size_t)HD, 1);
     MsOperand Q = ms_dense(q, (size_t)HD, 1), dO = ms_dense(dout, (size_t)HD, 1), O = ms_dense(out, (size_t)HD, 1);
     ms_pack_a(Kp, &K, 0, Tk, 0, Dh, MRS);

@@ -1,8 +1,9 @@
 /* tests/test_attn_fast.c — the attention fast paths (tensor.c "Attention fast path") at every
  * SIMD level this CPU has: forward and backward against the double definitions
  * (attention_ref / attention_backward_ref), 1 vs 2 threads bitwise (the forward also with a
- * single head, where the query rows of a head are split across tasks), Dh = 16/40/64/80/160,
- * causal and cross shapes, SIMD tails; and ms_expf_vec's error in ulp against exp in double. */
+ * single head, where the query rows of a head are split across tasks), Dh = 8/16/24/32/40/64/80/160,
+ * causal and cross shapes (few keys: Tk <= 80), SIMD tails, each gradient alone as in the full call;
+ * and ms_expf_vec's error in ulp against exp in double. */
 #include "tests/test.h"
 
 static MsRng rng;
@@ -84,6 +85,28 @@ static void test_att(int B, int Tq, int Tk, int H, int Dh, int causal) {
     }
 }
 
+/* Each gradient asked for alone (the others NULL) has the bits it has when all three are asked
+ * for: the paths skip work for a NULL output, never change how the others are summed. */
+static void test_att_subsets(int B, int Tq, int Tk, int H, int Dh) {
+    size_t nq = (size_t)B * Tq * H * Dh, nk = (size_t)B * Tk * H * Dh, nl = (size_t)B * H * Tq;
+    float scale = (float)(1.0 / sqrt((double)Dh));
+    float *q = randn(nq, 1.0f), *k = randn(nk, 1.0f), *v = randn(nk, 1.0f), *dy = randn(nq, 1.0f);
+    float *o = zeros(nq), *l = zeros(nl), *all[3] = { randn(nq, 1.0f), randn(nk, 1.0f), randn(nk, 1.0f) }, *one[3];
+    size_t n[3] = { nq, nk, nk };
+    for (int i = 0; i < 3; i++) { one[i] = zeros(n[i]); memcpy(one[i], all[i], n[i] * sizeof(float)); }
+    attention_forward(o, l, q, k, v, B, Tq, Tk, H, Dh, 0, scale);
+    attention_backward(all[0], all[1], all[2], dy, q, k, v, o, l, B, Tq, Tk, H, Dh, 0, scale);
+    const char *names[3] = { "dq", "dk", "dv" };
+    for (int i = 0; i < 3; i++) {
+        attention_backward(i == 0 ? one[0] : NULL, i == 1 ? one[1] : NULL, i == 2 ? one[2] : NULL, dy, q, k, v, o, l,
+                           B, Tq, Tk, H, Dh, 0, scale);
+        char lb[160];
+        snprintf(lb, sizeof lb, "attention backward %s B%d Tq%d Tk%d H%d Dh%d: %s alone == %s of all three",
+                 ms_simd_name(ms_simd()), B, Tq, Tk, H, Dh, names[i], names[i]);
+        check_bitwise(lb, one[i], all[i], n[i]);
+    }
+}
+
 int main(void) {
     MsSimd hw = ms_simd_detected();
     ms_rng_seed(&rng, 14);
@@ -104,6 +127,11 @@ int main(void) {
         test_att(1, 37, 20, 3, 24, 0);       /* few keys: Dh 24 in row pairs, a short last tile */
         test_att(1, 70, 600, 2, 40, 0);      /* backward: keys in 3 chunks (252, 252, 96) */
         test_att(1, 600, 600, 1, 16, 1);     /* causal: chunks end at the block's last query */
+        test_att(1, 45, 77, 2, 80, 0);       /* few keys, Dh 80: the backward's widest few-key case */
+        test_att(2, 70, 77, 2, 32, 0);       /* few keys, Dh 32: dQ in plain rows, a short last block */
+        test_att(1, 40, 16, 2, 8, 0);        /* one key vector, Dh 8 in row pairs */
+        test_att_subsets(1, 100, 77, 2, 40); /* few keys */
+        test_att_subsets(1, 70, 300, 1, 80); /* the general path */
     }
     ms_set_simd(hw);
     test_free_tracked();
