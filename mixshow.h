@@ -300,6 +300,10 @@ void ops_scratch_limit(size_t max_bytes_per_thread);
  * (Cody-Waite reduction + degree-6 polynomial, error < 1.5 ulp on [-87.3, 88]; 0 below
  * -87.33654, e^88 above 88). Scalar twin: the same definition without FMA. */
 void ms_expf_vec(float *y, const float *x, size_t n);
+/* y = erf(x), elementwise, with the erf of GELU / GEGLU at the current SIMD level (two polynomial
+ * pieces and this file's exp, error < 2 ulp; NaN stays NaN). Scalar twin: the same definition
+ * without FMA. */
+void ms_erff_vec(float *y, const float *x, size_t n);
 /* Double-precision accumulations (threads split output rows; results independent of the count):
  *   ms_gram_f64_acc: G (d,d) upper triangle (j >= i) += X^T X, X (rows,d) float, 4 x 16 AVX-512
  *     register tiles == its _ref twin bitwise (the sum order is defined in tensor.c);

@@ -2142,12 +2142,17 @@ void ms_adamw_update(float *p, const float *g, float *m, float *v, size_t n, con
     }
 }
 
-/* gelu(x) = x Phi(x), Phi(x) = 0.5 (1 + erf(x / sqrt 2)) (torch: x * 0.5 * (1 + erf(x * M_SQRT1_2))) */
-static float ops_gelu(float x) { return x * 0.5f * (1.0f + erff(x * (float)OPS_SQRT1_2)); }
-/* gelu'(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi) */
-static float ops_gelu_grad(float x) {
-    return 0.5f * (1.0f + erff(x * (float)OPS_SQRT1_2)) + x * (float)OPS_INV_SQRT_2PI * expf(-0.5f * x * x);
-}
+/* gelu(x) = x Phi(x), Phi(x) = 0.5 (1 + erf(x / sqrt 2)) (torch: x * 0.5 * (1 + erf(x * M_SQRT1_2)));
+ * gelu'(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi). erf and exp are this file's
+ * (ops_erf_poly, ops_expf_poly below; vectors of them at the SIMD levels): glibc's erff, called
+ * once per element, took 12% of an ED-LoRA step. The spans (below, after the exp kernels):
+ *   ops_gelu_span:  out[i] = gelu(x[i]), or h[i] gelu(x[i]) when h (GEGLU)
+ *   ops_gelu_bwd_span: dx[i] += dy[i] gelu'(x[i]); with h (GEGLU): dh[i] += dy[i] gelu(x[i]),
+ *                      dx[i] += (dy[i] h[i]) gelu'(x[i])
+ * each element's operations in the order written, at every SIMD level (FMA only inside erf
+ * and exp). */
+static void ops_gelu_span(float *out, const float *x, const float *h, size_t n);
+static void ops_gelu_bwd_span(float *dx, float *dh, const float *dy, const float *x, const float *h, size_t n);
 static double ops_gelu_d(double x) { return 0.5 * x * (1.0 + erf(x * OPS_SQRT1_2)); }
 static double ops_gelu_grad_d(double x) { return 0.5 * (1.0 + erf(x * OPS_SQRT1_2)) + x * OPS_INV_SQRT_2PI * exp(-0.5 * x * x); }
 
@@ -2156,7 +2161,7 @@ void gelu_forward(float *out, const float *x, size_t n) {
     MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
-        for (size_t i = a; i < e; i++) out[i] = ops_gelu(x[i]);
+        ops_gelu_span(out + a, x + a, NULL, e - a);
     }
 }
 void gelu_backward(float *dx, const float *dout, const float *x, size_t n) {
@@ -2164,7 +2169,7 @@ void gelu_backward(float *dx, const float *dout, const float *x, size_t n) {
     MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
-        for (size_t i = a; i < e; i++) dx[i] += dout[i] * ops_gelu_grad(x[i]);
+        ops_gelu_bwd_span(dx + a, NULL, dout + a, x + a, NULL, e - a);
     }
 }
 void gelu_forward_ref(float *out, const float *x, size_t n) {
@@ -2230,8 +2235,7 @@ void geglu_forward(float *out, const float *x, int N, int D) {
     MS_PARALLEL_FOR_W(8.0 * N * D)
     for (int n = 0; n < N; n++) {
         const float *h = x + (size_t)n * 2 * D, *g = h + D;
-        float *o = out + (size_t)n * D;
-        for (int j = 0; j < D; j++) o[j] = h[j] * ops_gelu(g[j]);
+        ops_gelu_span(out + (size_t)n * D, g, h, (size_t)D);
     }
 }
 void geglu_backward(float *dx, const float *dout, const float *x, int N, int D) {
@@ -2239,10 +2243,7 @@ void geglu_backward(float *dx, const float *dout, const float *x, int N, int D) 
     for (int n = 0; n < N; n++) {
         const float *h = x + (size_t)n * 2 * D, *g = h + D, *dy = dout + (size_t)n * D;
         float *dh = dx + (size_t)n * 2 * D, *dg = dh + D;
-        for (int j = 0; j < D; j++) {
-            dh[j] += dy[j] * ops_gelu(g[j]);
-            dg[j] += dy[j] * h[j] * ops_gelu_grad(g[j]);
-        }
+        ops_gelu_bwd_span(dg, dh, dy, g, h, (size_t)D);
     }
 }
 void geglu_forward_ref(float *out, const float *x, int N, int D) {
@@ -2932,6 +2933,262 @@ void ms_expf_vec(float *y, const float *x, size_t n) {
     if (l >= MS_SIMD_AVX2) { ops_expf_vec_avx2(y, x, n); return; }
 #endif
     for (size_t i = 0; i < n; i++) y[i] = ops_expf_poly(x[i]);
+}
+
+/* ---- erf and GELU ------------------------------------------------------------------------ */
+/* erf(x) for float x, evaluated in double and rounded once to float, a = |x|:
+ *   a < 1:   erf = a P(a^2)                          P of degree 7
+ *   a >= 1:  erf = 1 - exp(-c^2) Q(1/c), c = min(a, 4)  Q of degree 11 (erf(4) rounds to 1)
+ * then the sign of x; NaN stays NaN, erf(+-inf) = +-1. P and Q: weighted least squares (Lawson
+ * iterations towards the minimax) to erf(a)/a on [0, 1] and erfc(a) e^(a^2) on [1, 4], relative
+ * error 3.4e-11 and 1.8e-10; exp in double by Cody-Waite reduction and the Taylor polynomial of
+ * degree 10 (error ~1e-13). The double result is within ~2e-10 relative of erf, so its rounding
+ * to float is erf's correct rounding but for results that close to a midpoint between floats
+ * (measured: 26 of 286001 sampled, each 1 ulp off): error <= 0.5 ulp + 2e-10 relative
+ * (tests/test_attn_fast.c at every SIMD level). Why so exact: a fused model (tests/test_fuse_load.c
+ * case c) amplifies GELU's error near 1 + erf = 0, where one ulp of erf is a large share of the
+ * result: with an erf of 1.0 ulp in float its UNet eps moved from 4.5e-6 to 4.3e-5 rel-L2
+ * against diffusers. The AVX kernels use FMA in the Horner steps; ops_erf_poly, the scalar
+ * twin, separate multiplies and adds (the bits may differ in the last place of the double,
+ * rarely in the float). */
+static const double ops_erf_a[8] = { 1.1283791670570977, -0.37612638426102923, 0.11283781841360008,
+                                     -0.026865392257861109, 0.0052209235916380464, -0.00084825131892947436,
+                                     0.00011254680066978551, -9.6351028260749372e-06 };
+static const double ops_erf_b[12] = { -1.2395851895154775e-05, 0.56458902197349681, -0.0057293521159322292,
+                                      -0.23373447332881053, -0.26614825188604407, 1.414132470987878,
+                                      -2.4623708927291719, 2.6181045922568686, -1.8509482468373506,
+                                      0.85618756735434232, -0.23595797644704511, 0.029471512857190151 };
+#define OPS_EXPD_LOG2E 1.4426950408889634
+#define OPS_EXPD_LN2_HI 6.93147180369123816490e-01       /* fdlibm's split of ln 2 */
+#define OPS_EXPD_LN2_LO 1.90821492927058770002e-10
+static const double ops_expd_c[11] = { 1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+                                       1.0 / 40320, 1.0 / 362880, 1.0 / 3628800 };
+
+/* e^x for x in [-16, 0] (the only use: erf's exp(-c^2)) */
+static double ops_expd_poly(double x) {
+    double n = nearbyint(x * OPS_EXPD_LOG2E), r = x - n * OPS_EXPD_LN2_HI;
+    r = r - n * OPS_EXPD_LN2_LO;
+    double p = ops_expd_c[10];
+    for (int k = 9; k >= 0; k--) p = p * r + ops_expd_c[k];
+    return ldexp(p, (int)n);
+}
+static float ops_erf_poly(float x) {
+    if (x != x) return x;
+    double a = fabs((double)x), r;
+    if (a < 1.0) {
+        double t = a * a, p = ops_erf_a[7];
+        for (int k = 6; k >= 0; k--) p = p * t + ops_erf_a[k];
+        r = a * p;
+    } else {
+        double c = a < 4.0 ? a : 4.0, u = 1.0 / c, q = ops_erf_b[11];
+        for (int k = 10; k >= 0; k--) q = q * u + ops_erf_b[k];
+        r = 1.0 - ops_expd_poly(-(c * c)) * q;
+    }
+    return copysignf((float)r, x);
+}
+
+static float ops_gelu(float x) { return x * 0.5f * (1.0f + ops_erf_poly(x * (float)OPS_SQRT1_2)); }
+static float ops_gelu_grad(float x) {
+    return 0.5f * (1.0f + ops_erf_poly(x * (float)OPS_SQRT1_2)) + x * (float)OPS_INV_SQRT_2PI * ops_expf_poly(-0.5f * x * x);
+}
+static void ops_gelu_span_ref(float *out, const float *x, const float *h, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = h ? h[i] * ops_gelu(x[i]) : ops_gelu(x[i]);
+}
+static void ops_gelu_bwd_span_ref(float *dx, float *dh, const float *dy, const float *x, const float *h, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (h) {
+            dh[i] += dy[i] * ops_gelu(x[i]);
+            dx[i] += dy[i] * h[i] * ops_gelu_grad(x[i]);
+        } else {
+            dx[i] += dy[i] * ops_gelu_grad(x[i]);
+        }
+    }
+}
+
+#if defined(MS_X86_KERNELS)
+MS_TARGET_AVX512
+static inline __m512d ops_erf_pd_avx512(__m512d a) {     /* a = |x| >= 0, in double */
+    const __m512d one = _mm512_set1_pd(1.0);
+    __m512d t = _mm512_mul_pd(a, a), p = _mm512_set1_pd(ops_erf_a[7]);
+    for (int k = 6; k >= 0; k--) p = _mm512_fmadd_pd(p, t, _mm512_set1_pd(ops_erf_a[k]));
+    __m512d ra = _mm512_mul_pd(a, p);
+    __m512d c = _mm512_min_pd(a, _mm512_set1_pd(4.0)), u = _mm512_div_pd(one, c), q = _mm512_set1_pd(ops_erf_b[11]);
+    for (int k = 10; k >= 0; k--) q = _mm512_fmadd_pd(q, u, _mm512_set1_pd(ops_erf_b[k]));
+    __m512d x = _mm512_sub_pd(_mm512_setzero_pd(), _mm512_mul_pd(c, c));                   /* -c^2, exact */
+    __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(OPS_EXPD_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(OPS_EXPD_LN2_HI), x);
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(OPS_EXPD_LN2_LO), r);
+    __m512d e = _mm512_set1_pd(ops_expd_c[10]);
+    for (int k = 9; k >= 0; k--) e = _mm512_fmadd_pd(e, r, _mm512_set1_pd(ops_expd_c[k]));
+    __m512d rb = _mm512_fnmadd_pd(_mm512_scalef_pd(e, n), q, one);
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, one, _CMP_LT_OQ), rb, ra);
+}
+MS_TARGET_AVX512
+static inline __m512 ops_erf_avx512(__m512 x) {
+    __m512 a = _mm512_abs_ps(x);
+    __m256 lo = _mm512_cvtpd_ps(ops_erf_pd_avx512(_mm512_cvtps_pd(_mm512_castps512_ps256(a))));
+    __m256 hi = _mm512_cvtpd_ps(ops_erf_pd_avx512(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)))));
+    __m512 r = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+    r = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r),
+                                            _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN))));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, x);
+}
+MS_TARGET_AVX2
+static inline __m256d ops_erf_pd_avx2(__m256d a) {
+    const __m256d one = _mm256_set1_pd(1.0);
+    __m256d t = _mm256_mul_pd(a, a), p = _mm256_set1_pd(ops_erf_a[7]);
+    for (int k = 6; k >= 0; k--) p = _mm256_fmadd_pd(p, t, _mm256_set1_pd(ops_erf_a[k]));
+    __m256d ra = _mm256_mul_pd(a, p);
+    __m256d c = _mm256_min_pd(a, _mm256_set1_pd(4.0)), u = _mm256_div_pd(one, c), q = _mm256_set1_pd(ops_erf_b[11]);
+    for (int k = 10; k >= 0; k--) q = _mm256_fmadd_pd(q, u, _mm256_set1_pd(ops_erf_b[k]));
+    __m256d x = _mm256_sub_pd(_mm256_setzero_pd(), _mm256_mul_pd(c, c));
+    __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(OPS_EXPD_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(OPS_EXPD_LN2_HI), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(OPS_EXPD_LN2_LO), r);
+    __m256d e = _mm256_set1_pd(ops_expd_c[10]);
+    for (int k = 9; k >= 0; k--) e = _mm256_fmadd_pd(e, r, _mm256_set1_pd(ops_expd_c[k]));
+    __m256i ni = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n));                              /* 2^n, n in [-24, 0] */
+    __m256d s2 = _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(ni, _mm256_set1_epi64x(1023)), 52));
+    __m256d rb = _mm256_fnmadd_pd(_mm256_mul_pd(e, s2), q, one);
+    return _mm256_blendv_pd(rb, ra, _mm256_cmp_pd(a, one, _CMP_LT_OQ));
+}
+MS_TARGET_AVX2
+static inline __m256 ops_erf_avx2(__m256 x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 a = _mm256_andnot_ps(sign, x);
+    __m128 lo = _mm256_cvtpd_ps(ops_erf_pd_avx2(_mm256_cvtps_pd(_mm256_castps256_ps128(a))));
+    __m128 hi = _mm256_cvtpd_ps(ops_erf_pd_avx2(_mm256_cvtps_pd(_mm256_extractf128_ps(a, 1))));
+    __m256 r = _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+    r = _mm256_or_ps(r, _mm256_and_ps(x, sign));
+    return _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+/* The spans at AVX-512 / AVX2: the scalar twins' operations, lane by lane (erf and exp above). */
+MS_TARGET_AVX512
+static inline __m512 ops_gelu_avx512(__m512 x) {
+    __m512 e = ops_erf_avx512(_mm512_mul_ps(x, _mm512_set1_ps((float)OPS_SQRT1_2)));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+MS_TARGET_AVX512
+static inline __m512 ops_gelu_grad_avx512(__m512 x) {
+    __m512 e = ops_erf_avx512(_mm512_mul_ps(x, _mm512_set1_ps((float)OPS_SQRT1_2)));
+    __m512 g = ops_exp_avx512(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(-0.5f), x), x));
+    return _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                         _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps((float)OPS_INV_SQRT_2PI)), g));
+}
+MS_TARGET_AVX512
+static void ops_gelu_span_avx512(float *out, const float *x, const float *h, size_t n) {
+    for (size_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : ms_mask16((int)(n - i));
+        __m512 y = ops_gelu_avx512(_mm512_maskz_loadu_ps(m, x + i));
+        if (h) y = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, h + i), y);
+        _mm512_mask_storeu_ps(out + i, m, y);
+    }
+}
+MS_TARGET_AVX512
+static void ops_gelu_bwd_span_avx512(float *dx, float *dh, const float *dy, const float *x, const float *h, size_t n) {
+    for (size_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : ms_mask16((int)(n - i));
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + i), d = _mm512_maskz_loadu_ps(m, dy + i);
+        if (h) {
+            _mm512_mask_storeu_ps(dh + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dh + i), _mm512_mul_ps(d, ops_gelu_avx512(xv))));
+            d = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, h + i));
+        }
+        _mm512_mask_storeu_ps(dx + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dx + i), _mm512_mul_ps(d, ops_gelu_grad_avx512(xv))));
+    }
+}
+MS_TARGET_AVX2
+static inline __m256 ops_gelu_avx2(__m256 x) {
+    __m256 e = ops_erf_avx2(_mm256_mul_ps(x, _mm256_set1_ps((float)OPS_SQRT1_2)));
+    return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+MS_TARGET_AVX2
+static inline __m256 ops_gelu_grad_avx2(__m256 x) {
+    __m256 e = ops_erf_avx2(_mm256_mul_ps(x, _mm256_set1_ps((float)OPS_SQRT1_2)));
+    __m256 g = ops_exp_avx2(_mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(-0.5f), x), x));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
+                         _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps((float)OPS_INV_SQRT_2PI)), g));
+}
+MS_TARGET_AVX2
+static void ops_gelu_span_avx2(float *out, const float *x, const float *h, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 y = ops_gelu_avx2(_mm256_loadu_ps(x + i));
+        if (h) y = _mm256_mul_ps(_mm256_loadu_ps(h + i), y);
+        _mm256_storeu_ps(out + i, y);
+    }
+    if (i < n) {                                         /* the tail through a padded vector */
+        float t[8] = { 0 }, u[8] = { 0 };
+        memcpy(t, x + i, (n - i) * sizeof(float));
+        if (h) memcpy(u, h + i, (n - i) * sizeof(float));
+        __m256 y = ops_gelu_avx2(_mm256_loadu_ps(t));
+        if (h) y = _mm256_mul_ps(_mm256_loadu_ps(u), y);
+        _mm256_storeu_ps(t, y);
+        memcpy(out + i, t, (n - i) * sizeof(float));
+    }
+}
+MS_TARGET_AVX2
+static void ops_gelu_bwd_span_avx2(float *dx, float *dh, const float *dy, const float *x, const float *h, size_t n) {
+    for (size_t i = 0; i < n; i += 8) {
+        size_t k = n - i < 8 ? n - i : 8;
+        float tx[8] = { 0 }, td[8] = { 0 }, th[8] = { 0 }, tdh[8] = { 0 }, tdx[8] = { 0 };
+        memcpy(tx, x + i, k * sizeof(float));
+        memcpy(td, dy + i, k * sizeof(float));
+        memcpy(tdx, dx + i, k * sizeof(float));
+        if (h) { memcpy(th, h + i, k * sizeof(float)); memcpy(tdh, dh + i, k * sizeof(float)); }
+        __m256 xv = _mm256_loadu_ps(tx), d = _mm256_loadu_ps(td);
+        if (h) {
+            _mm256_storeu_ps(tdh, _mm256_add_ps(_mm256_loadu_ps(tdh), _mm256_mul_ps(d, ops_gelu_avx2(xv))));
+            memcpy(dh + i, tdh, k * sizeof(float));
+            d = _mm256_mul_ps(d, _mm256_loadu_ps(th));
+        }
+        _mm256_storeu_ps(tdx, _mm256_add_ps(_mm256_loadu_ps(tdx), _mm256_mul_ps(d, ops_gelu_grad_avx2(xv))));
+        memcpy(dx + i, tdx, k * sizeof(float));
+    }
+}
+MS_TARGET_AVX512
+static void ops_erff_vec_avx512(float *y, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : ms_mask16((int)(n - i));
+        _mm512_mask_storeu_ps(y + i, m, ops_erf_avx512(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+MS_TARGET_AVX2
+static void ops_erff_vec_avx2(float *y, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i += 8) {
+        size_t k = n - i < 8 ? n - i : 8;
+        float t[8] = { 0 };
+        memcpy(t, x + i, k * sizeof(float));
+        _mm256_storeu_ps(t, ops_erf_avx2(_mm256_loadu_ps(t)));
+        memcpy(y + i, t, k * sizeof(float));
+    }
+}
+#endif
+
+static void ops_gelu_span(float *out, const float *x, const float *h, size_t n) {
+#if defined(MS_X86_KERNELS)
+    MsSimd l = ms_simd();
+    if (l >= MS_SIMD_AVX512) { ops_gelu_span_avx512(out, x, h, n); return; }
+    if (l >= MS_SIMD_AVX2) { ops_gelu_span_avx2(out, x, h, n); return; }
+#endif
+    ops_gelu_span_ref(out, x, h, n);
+}
+static void ops_gelu_bwd_span(float *dx, float *dh, const float *dy, const float *x, const float *h, size_t n) {
+#if defined(MS_X86_KERNELS)
+    MsSimd l = ms_simd();
+    if (l >= MS_SIMD_AVX512) { ops_gelu_bwd_span_avx512(dx, dh, dy, x, h, n); return; }
+    if (l >= MS_SIMD_AVX2) { ops_gelu_bwd_span_avx2(dx, dh, dy, x, h, n); return; }
+#endif
+    ops_gelu_bwd_span_ref(dx, dh, dy, x, h, n);
+}
+
+void ms_erff_vec(float *y, const float *x, size_t n) {
+#if defined(MS_X86_KERNELS)
+    MsSimd l = ms_simd();
+    if (l >= MS_SIMD_AVX512) { ops_erff_vec_avx512(y, x, n); return; }
+    if (l >= MS_SIMD_AVX2) { ops_erff_vec_avx2(y, x, n); return; }
+#endif
+    for (size_t i = 0; i < n; i++) y[i] = ops_erf_poly(x[i]);
 }
 
 #if defined(MS_X86_KERNELS)

@@ -3,7 +3,7 @@
  * (attention_ref / attention_backward_ref), 1 vs 2 threads bitwise (the forward also with a
  * single head, where the query rows of a head are split across tasks), Dh = 8/16/24/32/40/64/80/160,
  * causal and cross shapes (few keys: Tk <= 80), SIMD tails, each gradient alone as in the full call;
- * and ms_expf_vec's error in ulp against exp in double. */
+ * and ms_expf_vec's and ms_erff_vec's errors in ulp against exp and erf in double. */
 #include "tests/test.h"
 
 static MsRng rng;
@@ -44,6 +44,36 @@ static void test_exp(void) {
     check(ys[0] == 0.0f && ys[1] == 0.0f && ys[2] == 0.0f && ys[3] == 1.0f && ys[4] == ys[5] && isfinite(ys[5]),
           "exp %s: 0 below -87.33654 and at -inf, e^0 = 1, clamped at 88 (%g %g %g %g %g %g)", ms_simd_name(ms_simd()),
           (double)ys[0], (double)ys[1], (double)ys[2], (double)ys[3], (double)ys[4], (double)ys[5]);
+}
+
+/* ms_erff_vec against erf in double: every float of [0, 1] step 2^-22 and of [1, 4.5] step 2^-20
+ * (both pieces and their seam), tiny and huge arguments, odd symmetry, and the special values. */
+static void test_erf(void) {
+    const size_t n1 = (size_t)1 << 22, n2 = (size_t)7 << 19, n = n1 + n2 + 64;
+    float *x = zeros(n), *y = zeros(n);
+    for (size_t i = 0; i < n1; i++) x[i] = (float)((double)i / (double)n1);
+    for (size_t i = 0; i < n2; i++) x[n1 + i] = (float)(1.0 + 3.5 * (double)i / (double)n2);
+    for (size_t i = 0; i < 64; i++) x[n1 + n2 + i] = ldexpf(1.0f, -(int)i * 2);   /* 1 down to 2^-126 */
+    ms_erff_vec(y, x, n);
+    double worst = 0.0, wx = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double u = ulps(y[i], erf((double)x[i]));
+        if (u > worst) { worst = u; wx = x[i]; }
+    }
+    for (size_t i = 0; i < n; i++) x[i] = -x[i];
+    float *z = zeros(n);
+    ms_erff_vec(z, x, n);
+    size_t odd = 0;
+    for (size_t i = 0; i < n; i++) odd += z[i] != -y[i];
+    check(worst < 2.0, "erf %s: max error %.3f ulp (at x = %.9g) < 2 ulp on [0, 4.5]", ms_simd_name(ms_simd()), worst, wx);
+    check(odd == 0, "erf %s: erf(-x) == -erf(x) bitwise (%zu differ)", ms_simd_name(ms_simd()), odd);
+    float sp[7] = { 0.0f, -0.0f, 4.0f, 1e30f, -INFINITY, INFINITY, NAN }, ys[7];
+    ms_erff_vec(ys, sp, 7);
+    check(ys[0] == 0.0f && !signbit(ys[0]) && ys[1] == 0.0f && signbit(ys[1]) && ys[2] == 1.0f && ys[3] == 1.0f &&
+          ys[4] == -1.0f && ys[5] == 1.0f && isnan(ys[6]),
+          "erf %s: +-0 keep their sign, 1 from 4 on, +-1 at +-inf, NaN stays NaN (%g %g %g %g %g %g %g)",
+          ms_simd_name(ms_simd()), (double)ys[0], (double)ys[1], (double)ys[2], (double)ys[3], (double)ys[4],
+          (double)ys[5], (double)ys[6]);
 }
 
 static void run_att(int ref, int B, int Tq, int Tk, int H, int Dh, int causal, float scale, const float *q, const float *k,
@@ -116,6 +146,7 @@ int main(void) {
         ms_set_simd((MsSimd)lv);
         if (ms_simd() != (MsSimd)lv) continue;
         test_exp();
+        test_erf();
         test_att(1, 130, 77, 2, 40, 0);      /* cross-attention: Tk = 77 (a tail of every key panel) */
         test_att(2, 70, 70, 3, 16, 1);       /* causal, Tq not a multiple of the query block */
         test_att(1, 77, 77, 2, 64, 1);       /* CLIP's heads */
