@@ -304,6 +304,10 @@ void ms_expf_vec(float *y, const float *x, size_t n);
  * pieces and this file's exp, error < 2 ulp; NaN stays NaN). Scalar twin: the same definition
  * without FMA. */
 void ms_erff_vec(float *y, const float *x, size_t n);
+/* y = e^x, elementwise, evaluated in double and rounded once (SiLU's and quick_gelu's exp):
+ * correctly rounded but for results within ~1e-13 of a midpoint; 0 below -104, +inf above 89,
+ * NaN stays NaN. The same at every SIMD level but for those rare last bits. */
+void ms_expf_exact_vec(float *y, const float *x, size_t n);
 /* Double-precision accumulations (threads split output rows; results independent of the count):
  *   ms_gram_f64_acc: G (d,d) upper triangle (j >= i) += X^T X, X (rows,d) float, 4 x 16 AVX-512
  *     register tiles == its _ref twin bitwise (the sum order is defined in tensor.c);

@@ -2062,13 +2062,24 @@ static int64_t ops_nchunks(size_t n) { return (int64_t)((n + OPS_CHUNK - 1) / OP
 #define OPS_SQRT1_2 0.70710678118654752440      /* 1/sqrt(2) */
 #define OPS_INV_SQRT_2PI 0.39894228040143267794 /* 1/sqrt(2 pi) */
 
+/* e^(k x[i]) for a span, through double and rounded once (ops_expf_exact_vec, with the erf
+ * kernels below): libm's expf called per element was the costliest part of SiLU. OPS_EXP_SPAN
+ * values at a time on the stack; the arithmetic around it stays the scalar expressions. */
+#define OPS_EXP_SPAN 256
+static void ops_expf_exact_vec(float *y, const float *x, float k, size_t n);
+
 /* silu(x) = x * s, s = sigmoid(x) = 1/(1 + e^-x) (torch: x / (1 + exp(-x))) */
 void silu_forward(float *out, const float *x, size_t n) {
     int64_t nch = ops_nchunks(n);
     MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
-        for (size_t i = a; i < e; i++) out[i] = x[i] / (1.0f + expf(-x[i]));
+        float t[OPS_EXP_SPAN];
+        for (size_t i0 = a; i0 < e; i0 += OPS_EXP_SPAN) {
+            size_t m = OPS_MIN(OPS_EXP_SPAN, e - i0);
+            ops_expf_exact_vec(t, x + i0, -1.0f, m);
+            for (size_t i = 0; i < m; i++) out[i0 + i] = x[i0 + i] / (1.0f + t[i]);
+        }
     }
 }
 /* silu'(x) = s + x s (1 - s) = s (1 + x (1 - s));  dx += dout * silu'(x) */
@@ -2077,9 +2088,14 @@ void silu_backward(float *dx, const float *dout, const float *x, size_t n) {
     MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
-        for (size_t i = a; i < e; i++) {
-            float s = 1.0f / (1.0f + expf(-x[i]));
-            dx[i] += dout[i] * (s * (1.0f + x[i] * (1.0f - s)));
+        float t[OPS_EXP_SPAN];
+        for (size_t i0 = a; i0 < e; i0 += OPS_EXP_SPAN) {
+            size_t m = OPS_MIN(OPS_EXP_SPAN, e - i0);
+            ops_expf_exact_vec(t, x + i0, -1.0f, m);
+            for (size_t i = 0; i < m; i++) {
+                float s = 1.0f / (1.0f + t[i]), xi = x[i0 + i];
+                dx[i0 + i] += dout[i0 + i] * (s * (1.0f + xi * (1.0f - s)));
+            }
         }
     }
 }
@@ -2186,7 +2202,12 @@ void quick_gelu_forward(float *out, const float *x, size_t n) {
     MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
-        for (size_t i = a; i < e; i++) out[i] = x[i] * (1.0f / (1.0f + expf(-1.702f * x[i])));
+        float t[OPS_EXP_SPAN];
+        for (size_t i0 = a; i0 < e; i0 += OPS_EXP_SPAN) {
+            size_t m = OPS_MIN(OPS_EXP_SPAN, e - i0);
+            ops_expf_exact_vec(t, x + i0, -1.702f, m);
+            for (size_t i = 0; i < m; i++) out[i0 + i] = x[i0 + i] * (1.0f / (1.0f + t[i]));
+        }
     }
 }
 void quick_gelu_backward(float *dx, const float *dout, const float *x, size_t n) {
@@ -2194,9 +2215,14 @@ void quick_gelu_backward(float *dx, const float *dout, const float *x, size_t n)
     MS_PARALLEL_FOR_W(8.0 * n)
     for (int64_t c = 0; c < nch; c++) {
         size_t a = (size_t)c * OPS_CHUNK, e = OPS_MIN(n, a + OPS_CHUNK);
-        for (size_t i = a; i < e; i++) {
-            float s = 1.0f / (1.0f + expf(-1.702f * x[i]));
-            dx[i] += dout[i] * (s + 1.702f * x[i] * s * (1.0f - s));
+        float t[OPS_EXP_SPAN];
+        for (size_t i0 = a; i0 < e; i0 += OPS_EXP_SPAN) {
+            size_t m = OPS_MIN(OPS_EXP_SPAN, e - i0);
+            ops_expf_exact_vec(t, x + i0, -1.702f, m);
+            for (size_t i = 0; i < m; i++) {
+                float s = 1.0f / (1.0f + t[i]), xi = x[i0 + i];
+                dx[i0 + i] += dout[i0 + i] * (s + 1.702f * xi * s * (1.0f - s));
+            }
         }
     }
 }
@@ -2964,7 +2990,7 @@ static const double ops_erf_b[12] = { -1.2395851895154775e-05, 0.564589021973496
 static const double ops_expd_c[11] = { 1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
                                        1.0 / 40320, 1.0 / 362880, 1.0 / 3628800 };
 
-/* e^x for x in [-16, 0] (the only use: erf's exp(-c^2)) */
+/* e^x in double for x in [-104, 89] (erf's exp(-c^2), and ops_expf_exact: SiLU, quick_gelu) */
 static double ops_expd_poly(double x) {
     double n = nearbyint(x * OPS_EXPD_LOG2E), r = x - n * OPS_EXPD_LN2_HI;
     r = r - n * OPS_EXPD_LN2_LO;
@@ -3006,6 +3032,56 @@ static void ops_gelu_bwd_span_ref(float *dx, float *dh, const float *dy, const f
 }
 
 #if defined(MS_X86_KERNELS)
+/* ops_expd_poly's steps on vectors of doubles, x in [-104, 89] (2^n by scalef / exponent bits) */
+MS_TARGET_AVX512
+static inline __m512d ops_expd_avx512(__m512d x) {
+    __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(OPS_EXPD_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(OPS_EXPD_LN2_HI), x);
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(OPS_EXPD_LN2_LO), r);
+    __m512d e = _mm512_set1_pd(ops_expd_c[10]);
+    for (int k = 9; k >= 0; k--) e = _mm512_fmadd_pd(e, r, _mm512_set1_pd(ops_expd_c[k]));
+    return _mm512_scalef_pd(e, n);
+}
+MS_TARGET_AVX2
+static inline __m256d ops_expd_avx2(__m256d x) {
+    __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(OPS_EXPD_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(OPS_EXPD_LN2_HI), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(OPS_EXPD_LN2_LO), r);
+    __m256d e = _mm256_set1_pd(ops_expd_c[10]);
+    for (int k = 9; k >= 0; k--) e = _mm256_fmadd_pd(e, r, _mm256_set1_pd(ops_expd_c[k]));
+    __m256i ni = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n));                              /* n in [-150, 129] */
+    return _mm256_mul_pd(e, _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(ni, _mm256_set1_epi64x(1023)), 52)));
+}
+/* e^(k x) for float x (k x rounded to float first, as the scalar expressions do), through double:
+ * NaN stays NaN, the argument clamped to [-104, 89] (0 and +inf after the rounding to float). */
+MS_TARGET_AVX512
+static void ops_expf_exact_vec_avx512(float *y, const float *x, float k, size_t n) {
+    const __m512 lo = _mm512_set1_ps(-104.0f), hi = _mm512_set1_ps(89.0f), kv = _mm512_set1_ps(k);
+    for (size_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : ms_mask16((int)(n - i));
+        __m512 v = _mm512_mul_ps(kv, _mm512_maskz_loadu_ps(m, x + i)), c = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        __m256 a = _mm512_cvtpd_ps(ops_expd_avx512(_mm512_cvtps_pd(_mm512_castps512_ps256(c))));
+        __m256 b = _mm512_cvtpd_ps(ops_expd_avx512(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)))));
+        __m512 r = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, v));
+    }
+}
+MS_TARGET_AVX2
+static void ops_expf_exact_vec_avx2(float *y, const float *x, float k, size_t n) {
+    const __m256 lo = _mm256_set1_ps(-104.0f), hi = _mm256_set1_ps(89.0f), kv = _mm256_set1_ps(k);
+    for (size_t i = 0; i < n; i += 8) {
+        size_t m = n - i < 8 ? n - i : 8;
+        float t[8] = { 0 };
+        memcpy(t, x + i, m * sizeof(float));
+        __m256 v = _mm256_mul_ps(kv, _mm256_loadu_ps(t)), c = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+        __m128 a = _mm256_cvtpd_ps(ops_expd_avx2(_mm256_cvtps_pd(_mm256_castps256_ps128(c))));
+        __m128 b = _mm256_cvtpd_ps(ops_expd_avx2(_mm256_cvtps_pd(_mm256_extractf128_ps(c, 1))));
+        __m256 r = _mm256_insertf128_ps(_mm256_castps128_ps256(a), b, 1);
+        _mm256_storeu_ps(t, _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+        memcpy(y + i, t, m * sizeof(float));
+    }
+}
+
 MS_TARGET_AVX512
 static inline __m512d ops_erf_pd_avx512(__m512d a) {     /* a = |x| >= 0, in double */
     const __m512d one = _mm512_set1_pd(1.0);
@@ -3014,13 +3090,7 @@ static inline __m512d ops_erf_pd_avx512(__m512d a) {     /* a = |x| >= 0, in dou
     __m512d ra = _mm512_mul_pd(a, p);
     __m512d c = _mm512_min_pd(a, _mm512_set1_pd(4.0)), u = _mm512_div_pd(one, c), q = _mm512_set1_pd(ops_erf_b[11]);
     for (int k = 10; k >= 0; k--) q = _mm512_fmadd_pd(q, u, _mm512_set1_pd(ops_erf_b[k]));
-    __m512d x = _mm512_sub_pd(_mm512_setzero_pd(), _mm512_mul_pd(c, c));                   /* -c^2, exact */
-    __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(OPS_EXPD_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(OPS_EXPD_LN2_HI), x);
-    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(OPS_EXPD_LN2_LO), r);
-    __m512d e = _mm512_set1_pd(ops_expd_c[10]);
-    for (int k = 9; k >= 0; k--) e = _mm512_fmadd_pd(e, r, _mm512_set1_pd(ops_expd_c[k]));
-    __m512d rb = _mm512_fnmadd_pd(_mm512_scalef_pd(e, n), q, one);
+    __m512d rb = _mm512_fnmadd_pd(ops_expd_avx512(_mm512_sub_pd(_mm512_setzero_pd(), _mm512_mul_pd(c, c))), q, one);
     return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, one, _CMP_LT_OQ), rb, ra);
 }
 MS_TARGET_AVX512
@@ -3041,15 +3111,7 @@ static inline __m256d ops_erf_pd_avx2(__m256d a) {
     __m256d ra = _mm256_mul_pd(a, p);
     __m256d c = _mm256_min_pd(a, _mm256_set1_pd(4.0)), u = _mm256_div_pd(one, c), q = _mm256_set1_pd(ops_erf_b[11]);
     for (int k = 10; k >= 0; k--) q = _mm256_fmadd_pd(q, u, _mm256_set1_pd(ops_erf_b[k]));
-    __m256d x = _mm256_sub_pd(_mm256_setzero_pd(), _mm256_mul_pd(c, c));
-    __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(OPS_EXPD_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(OPS_EXPD_LN2_HI), x);
-    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(OPS_EXPD_LN2_LO), r);
-    __m256d e = _mm256_set1_pd(ops_expd_c[10]);
-    for (int k = 9; k >= 0; k--) e = _mm256_fmadd_pd(e, r, _mm256_set1_pd(ops_expd_c[k]));
-    __m256i ni = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n));                              /* 2^n, n in [-24, 0] */
-    __m256d s2 = _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(ni, _mm256_set1_epi64x(1023)), 52));
-    __m256d rb = _mm256_fnmadd_pd(_mm256_mul_pd(e, s2), q, one);
+    __m256d rb = _mm256_fnmadd_pd(ops_expd_avx2(_mm256_sub_pd(_mm256_setzero_pd(), _mm256_mul_pd(c, c))), q, one);
     return _mm256_blendv_pd(rb, ra, _mm256_cmp_pd(a, one, _CMP_LT_OQ));
 }
 MS_TARGET_AVX2
@@ -3181,6 +3243,20 @@ static void ops_gelu_bwd_span(float *dx, float *dh, const float *dy, const float
 #endif
     ops_gelu_bwd_span_ref(dx, dh, dy, x, h, n);
 }
+
+static float ops_expf_exact(float v) {
+    if (v != v) return v;
+    return (float)ops_expd_poly(v < -104.0f ? -104.0 : v > 89.0f ? 89.0 : (double)v);
+}
+static void ops_expf_exact_vec(float *y, const float *x, float k, size_t n) {
+#if defined(MS_X86_KERNELS)
+    MsSimd l = ms_simd();
+    if (l >= MS_SIMD_AVX512) { ops_expf_exact_vec_avx512(y, x, k, n); return; }
+    if (l >= MS_SIMD_AVX2) { ops_expf_exact_vec_avx2(y, x, k, n); return; }
+#endif
+    for (size_t i = 0; i < n; i++) y[i] = ops_expf_exact(k * x[i]);
+}
+void ms_expf_exact_vec(float *y, const float *x, size_t n) { ops_expf_exact_vec(y, x, 1.0f, n); }
 
 void ms_erff_vec(float *y, const float *x, size_t n) {
 #if defined(MS_X86_KERNELS)

@@ -3,7 +3,7 @@
  * (attention_ref / attention_backward_ref), 1 vs 2 threads bitwise (the forward also with a
  * single head, where the query rows of a head are split across tasks), Dh = 8/16/24/32/40/64/80/160,
  * causal and cross shapes (few keys: Tk <= 80), SIMD tails, each gradient alone as in the full call;
- * and ms_expf_vec's and ms_erff_vec's errors in ulp against exp and erf in double. */
+ * and ms_expf_vec's, ms_erff_vec's and ms_expf_exact_vec's errors in ulp against exp and erf in double. */
 #include "tests/test.h"
 
 static MsRng rng;
@@ -74,6 +74,28 @@ static void test_erf(void) {
           "erf %s: +-0 keep their sign, 1 from 4 on, +-1 at +-inf, NaN stays NaN (%g %g %g %g %g %g %g)",
           ms_simd_name(ms_simd()), (double)ys[0], (double)ys[1], (double)ys[2], (double)ys[3], (double)ys[4],
           (double)ys[5], (double)ys[6]);
+}
+
+/* ms_expf_exact_vec against exp in double: every float step 2^-12 on [-103.9, 88.7] (normal and
+ * subnormal results, overflow's edge), and the special values. */
+static void test_expf_exact(void) {
+    const size_t n = (size_t)((88.7 + 103.9) * 4096.0);
+    float *x = zeros(n), *y = zeros(n);
+    for (size_t i = 0; i < n; i++) x[i] = (float)(-103.9 + (double)i / 4096.0);
+    ms_expf_exact_vec(y, x, n);
+    double worst = 0.0, wx = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double u = ulps(y[i], exp((double)x[i]));
+        if (u > worst) { worst = u; wx = x[i]; }
+    }
+    check(worst < 0.501, "exp (exact) %s: max error %.4f ulp (at x = %.9g) < 0.501 ulp on [-103.9, 88.7]",
+          ms_simd_name(ms_simd()), worst, wx);
+    float sp[7] = { -INFINITY, -200.0f, 0.0f, 88.8f, 200.0f, INFINITY, NAN }, ys[7];
+    ms_expf_exact_vec(ys, sp, 7);
+    check(ys[0] == 0.0f && ys[1] == 0.0f && ys[2] == 1.0f && isinf(ys[3]) && isinf(ys[4]) && isinf(ys[5]) && isnan(ys[6]),
+          "exp (exact) %s: 0 at -inf and far below, e^0 = 1, +inf from 88.73 on, NaN stays NaN (%g %g %g %g %g %g %g)",
+          ms_simd_name(ms_simd()), (double)ys[0], (double)ys[1], (double)ys[2], (double)ys[3], (double)ys[4], (double)ys[5],
+          (double)ys[6]);
 }
 
 static void run_att(int ref, int B, int Tq, int Tk, int H, int Dh, int causal, float scale, const float *q, const float *k,
@@ -147,6 +169,7 @@ int main(void) {
         if (ms_simd() != (MsSimd)lv) continue;
         test_exp();
         test_erf();
+        test_expf_exact();
         test_att(1, 130, 77, 2, 40, 0);      /* cross-attention: Tk = 77 (a tail of every key panel) */
         test_att(2, 70, 70, 3, 16, 1);       /* causal, Tq not a multiple of the query block */
         test_att(1, 77, 77, 2, 64, 1);       /* CLIP's heads */
