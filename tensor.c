@@ -3189,23 +3189,30 @@ static void ops_gelu_span_avx2(float *out, const float *x, const float *h, size_
         memcpy(out + i, t, (n - i) * sizeof(float));
     }
 }
+/* 8 values of the backward span in place (full vectors: loads and stores straight to memory) */
+MS_TARGET_AVX2
+static inline void ops_gelu_bwd8_avx2(float *dx, float *dh, const float *dy, const float *x, const float *h) {
+    __m256 xv = _mm256_loadu_ps(x), d = _mm256_loadu_ps(dy);
+    if (h) {
+        _mm256_storeu_ps(dh, _mm256_add_ps(_mm256_loadu_ps(dh), _mm256_mul_ps(d, ops_gelu_avx2(xv))));
+        d = _mm256_mul_ps(d, _mm256_loadu_ps(h));
+    }
+    _mm256_storeu_ps(dx, _mm256_add_ps(_mm256_loadu_ps(dx), _mm256_mul_ps(d, ops_gelu_grad_avx2(xv))));
+}
 MS_TARGET_AVX2
 static void ops_gelu_bwd_span_avx2(float *dx, float *dh, const float *dy, const float *x, const float *h, size_t n) {
-    for (size_t i = 0; i < n; i += 8) {
-        size_t k = n - i < 8 ? n - i : 8;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) ops_gelu_bwd8_avx2(dx + i, h ? dh + i : NULL, dy + i, x + i, h ? h + i : NULL);
+    if (i < n) {                                         /* the tail through padded copies */
+        size_t k = n - i;
         float tx[8] = { 0 }, td[8] = { 0 }, th[8] = { 0 }, tdh[8] = { 0 }, tdx[8] = { 0 };
         memcpy(tx, x + i, k * sizeof(float));
         memcpy(td, dy + i, k * sizeof(float));
         memcpy(tdx, dx + i, k * sizeof(float));
         if (h) { memcpy(th, h + i, k * sizeof(float)); memcpy(tdh, dh + i, k * sizeof(float)); }
-        __m256 xv = _mm256_loadu_ps(tx), d = _mm256_loadu_ps(td);
-        if (h) {
-            _mm256_storeu_ps(tdh, _mm256_add_ps(_mm256_loadu_ps(tdh), _mm256_mul_ps(d, ops_gelu_avx2(xv))));
-            memcpy(dh + i, tdh, k * sizeof(float));
-            d = _mm256_mul_ps(d, _mm256_loadu_ps(th));
-        }
-        _mm256_storeu_ps(tdx, _mm256_add_ps(_mm256_loadu_ps(tdx), _mm256_mul_ps(d, ops_gelu_grad_avx2(xv))));
+        ops_gelu_bwd8_avx2(tdx, h ? tdh : NULL, td, tx, h ? th : NULL);
         memcpy(dx + i, tdx, k * sizeof(float));
+        if (h) memcpy(dh + i, tdh, k * sizeof(float));
     }
 }
 MS_TARGET_AVX512

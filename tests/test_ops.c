@@ -139,9 +139,9 @@ static void test_act(int which, const char *name, int N, int D, float xstd) {
     a.out = zeros(n); a.dx = zeros(nin); a.dx0 = randn(nin, 1.0f);
     Out outs[] = { { a.out, n, "out" }, { a.dx, nin, "dx" } };
     char op[64];
-    snprintf(op, sizeof op, "%s %dx%d", name, N, D);
-    /* libm expf/erff are within 1-2 ulp; a handful of float operations after them. Gradients
-     * start from N(0,1) values and reach |dx| ~ 10, where 4 ulp = 4e-6. */
+    snprintf(op, sizeof op, "%s %s %dx%d", name, ms_simd_name(ms_simd()), N, D);
+    /* exp and erf through double (0.5 ulp; softmax: libm's expf), then a handful of float
+     * operations. Gradients start from N(0,1) values and reach |dx| ~ 10, where 4 ulp = 4e-6. */
     compare_paths(op, act_run, &a, outs, 2, 1e-6, 4e-6);
 }
 
@@ -534,10 +534,18 @@ int main(void) {
     test_layernorm(7, 33, 1);
     test_layernorm(5, 768, 1);
     test_layernorm(3, 130, 0);
-    test_act(A_SILU, "silu", 7, 4099, 3.0f);
-    test_act(A_GELU, "gelu", 7, 4099, 3.0f);
-    test_act(A_QGELU, "quick_gelu", 7, 4099, 3.0f);
-    test_act(A_GEGLU, "geglu", 13, 37, 2.0f);
+    {                                /* every SIMD level this CPU has: the spans' vector paths and tails */
+        MsSimd hw = ms_simd_detected();
+        for (int lv = MS_SIMD_SCALAR; lv <= (int)MS_SIMD_AVX512; lv++) {
+            ms_set_simd((MsSimd)lv);
+            if (ms_simd() != (MsSimd)lv) continue;
+            test_act(A_SILU, "silu", 7, 4099, 3.0f);
+            test_act(A_GELU, "gelu", 7, 4099, 3.0f);
+            test_act(A_QGELU, "quick_gelu", 7, 4099, 3.0f);
+            test_act(A_GEGLU, "geglu", 13, 37, 2.0f);
+        }
+        ms_set_simd(hw);
+    }
     test_act(A_SOFTMAX, "softmax", 13, 77, 5.0f);
     test_act(A_SOFTMAX, "softmax", 3, 1000, 20.0f);
     test_relu();
