@@ -92,6 +92,10 @@ size_t tensor_numel(const Tensor *t);
  * ---------------------------------------------------------------------------------------- */
 void ms_set_threads(int n);      /* <= 0: all cores. No-op without OpenMP. */
 int ms_get_threads(void);
+/* The team size the load-aware policy picks (tensor.c, "Load-aware team size"): want when other
+ * processes keep at most half a core busy on average, else the cores they leave free of ncpu
+ * (at least 1). */
+int ms_threads_for_load(int want, int ncpu, double others_cores);
 int ms_max_threads(void);        /* cores OpenMP would use; 1 without OpenMP */
 /* Re-executes the program with OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning at
  * OpenMP barriers) unless a wait policy is already set; call first thing in main(). Linux with

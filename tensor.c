@@ -158,13 +158,78 @@ static double ms_par_min_work = MS_PAR_MIN_WORK;   /* see MS_PARALLEL_FOR_W */
 
 void ms_set_parallel_min_work(double w) { ms_par_min_work = w >= 0.0 ? w : MS_PAR_MIN_WORK; }
 
+/* Load-aware team size (issue 14: "under load a 2-thread run is never slower than 1 thread").
+ * A thread that shares its core with another process's busy thread gets half of that core, and
+ * every parallel region then waits for it: a 2-thread UNet step ran 1.04-1.12x as long as a
+ * 1-thread one. So, at most every MS_ADAPT_PERIOD seconds (checked where a GEMM sizes its team),
+ * the CPU time the rest of the machine used since the last check is measured: the busy ticks of
+ * /proc/stat's "cpu" line minus this process's CPU time; when others kept more than half a core
+ * busy on average, the team is the cores they left free (at least 1), else the size asked for
+ * (ms_set_threads). Results never depend on the team size (the invariant above); only the time
+ * does. Linux only, and only while OpenMP threads wait passively (OMP_WAIT_POLICY=passive, as the
+ * mixshow command sets it: spinning threads of ours would count as load), and not when
+ * MS_ADAPT_THREADS=0 (tests/run.sh sets it: a test's thread count is the one it asks for).
+ * ms_threads_for_load is the policy, alone (tests/test_core.c). */
+#define MS_ADAPT_PERIOD 0.1
+int ms_threads_for_load(int want, int ncpu, double others_cores) {
+    if (want < 1) want = 1;
+    if (others_cores <= 0.5) return want;
+    int freec = ncpu - (int)(others_cores + 0.5);
+    return freec < 1 ? 1 : freec < want ? freec : want;
+}
+
+#ifdef _OPENMP
+static int ms_threads_user;                      /* what ms_set_threads asked for; 0: not yet */
+#endif
+
 void ms_set_threads(int n) {
 #ifdef _OPENMP
-    omp_set_num_threads(n > 0 ? n : omp_get_num_procs());
+    ms_threads_user = n > 0 ? n : omp_get_num_procs();
+    omp_set_num_threads(ms_threads_user);
 #else
     (void)n;
 #endif
 }
+
+#if defined(_OPENMP) && defined(__linux__)
+static int ms_adapt_on = -1;                     /* -1: not decided yet */
+static double ms_adapt_t, ms_adapt_cpu, ms_adapt_busy;   /* at the last check: wall, ours, machine busy (s) */
+
+/* the machine's busy CPU seconds so far (user nice system irq softirq steal of /proc/stat), < 0 if unreadable */
+static double ms_machine_busy(void) {
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f) return -1.0;
+    unsigned long long v[8] = { 0 };
+    int n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]);
+    fclose(f);
+    if (n < 4) return -1.0;
+    return (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / 100.0;   /* USER_HZ, 100 on Linux */
+}
+static double ms_process_cpu(void) {
+    struct timespec ts;
+    if (clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts)) return -1.0;
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+static void ms_threads_adapt(void) {
+    if (ms_adapt_on < 0) {
+        const char *w = getenv("OMP_WAIT_POLICY"), *a = getenv("MS_ADAPT_THREADS");
+        ms_adapt_on = w && (!strcmp(w, "passive") || !strcmp(w, "PASSIVE")) && !(a && !strcmp(a, "0"));
+        if (!ms_threads_user) ms_threads_user = omp_get_max_threads();
+    }
+    if (!ms_adapt_on || omp_in_parallel() || ms_threads_user < 2) return;
+    double t = ms_time();
+    if (t - ms_adapt_t < MS_ADAPT_PERIOD) return;
+    double cpu = ms_process_cpu(), busy = ms_machine_busy();
+    if (cpu < 0.0 || busy < 0.0) { ms_adapt_on = 0; return; }
+    if (ms_adapt_t > 0.0) {
+        double others = (busy - ms_adapt_busy - (cpu - ms_adapt_cpu)) / (t - ms_adapt_t);
+        omp_set_num_threads(ms_threads_for_load(ms_threads_user, omp_get_num_procs(), others));
+    }
+    ms_adapt_t = t; ms_adapt_cpu = cpu; ms_adapt_busy = busy;
+}
+#elif defined(_OPENMP)
+static void ms_threads_adapt(void) {}
+#endif
 
 int ms_get_threads(void) {
 #ifdef _OPENMP
@@ -299,7 +364,12 @@ void ms_rng_fill_uniform(MsRng *r, float *x, size_t n, float lo, float hi) {
 
 #ifdef _OPENMP
 #define MS_OMP_PARALLEL_FOR_NT _Pragma("omp parallel for schedule(static, 1) num_threads(nt) if(ms_par_)")
-static int ms_team_max(void) { return omp_in_parallel() ? 1 : omp_get_max_threads(); }
+static void ms_threads_adapt(void);
+static int ms_team_max(void) {
+    if (omp_in_parallel()) return 1;
+    ms_threads_adapt();
+    return omp_get_max_threads();
+}
 static int ms_par_level(void) { return omp_get_level(); }   /* enclosing regions, active or not */
 #else
 #define MS_OMP_PARALLEL_FOR_NT

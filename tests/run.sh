@@ -8,6 +8,9 @@
 # ms_wait_policy_passive): a spinning thread against other work on the cores made the 2-thread
 # tests many times slower (issue 14). An explicit OMP_WAIT_POLICY / GOMP_SPINCOUNT wins.
 if [ -z "${OMP_WAIT_POLICY}${GOMP_SPINCOUNT}${KMP_BLOCKTIME}" ]; then OMP_WAIT_POLICY=PASSIVE; export OMP_WAIT_POLICY; fi
+# A test runs with the thread count it asks for, whatever else the machine is doing (tensor.c's
+# load-aware team size would otherwise shrink a 2-thread comparison to 1 thread under load).
+MS_ADAPT_THREADS=0; export MS_ADAPT_THREADS
 # Every test's temporary files go into one folder of this run (test_tmp() in tests/test.h reads
 # TMPDIR), removed at the end: runs of several build folders never meet, nothing is left behind.
 run_tmp=$(mktemp -d) || exit 1

@@ -1,4 +1,5 @@
-/* tests/test_core.c — errors, checked size arithmetic, arenas, aligned allocation, test RNG. */
+/* tests/test_core.c — errors, checked size arithmetic, arenas, aligned allocation, test RNG, the
+ * load-aware team size's policy. */
 #include "tests/test.h"
 
 #include <stdint.h>
@@ -51,10 +52,22 @@ static void test_rng(void) {
     check(ms_rng_u64(&a) == ms_rng_u64(&b), "rng deterministic");
 }
 
+/* ms_threads_for_load: the size asked for while others use <= half a core, else the cores they
+ * leave (at least 1), never more than asked. */
+static void test_threads_for_load(void) {
+    int ok = ms_threads_for_load(2, 2, 0.0) == 2 && ms_threads_for_load(2, 2, 0.5) == 2 &&
+             ms_threads_for_load(2, 2, 0.51) == 1 && ms_threads_for_load(2, 2, 1.0) == 1 &&
+             ms_threads_for_load(2, 2, 3.0) == 1 && ms_threads_for_load(8, 8, 1.2) == 7 &&
+             ms_threads_for_load(8, 8, 2.6) == 5 && ms_threads_for_load(4, 8, 2.0) == 4 &&
+             ms_threads_for_load(0, 4, 0.0) == 1 && ms_threads_for_load(1, 2, 1.0) == 1;
+    check(ok, "load-aware team size: asked-for size up to half a core of other load, then the free cores (>= 1)");
+}
+
 int main(void) {
     test_errors();
     test_sizes();
     test_arena();
     test_rng();
+    test_threads_for_load();
     return test_summary("test_core");
 }
