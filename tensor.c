@@ -3122,33 +3122,42 @@ static inline __m256d ops_expd_avx2(__m256d x) {
     __m256i ni = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n));                              /* n in [-150, 129] */
     return _mm256_mul_pd(e, _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(ni, _mm256_set1_epi64x(1023)), 52)));
 }
-/* e^(k x) for float x (k x rounded to float first, as the scalar expressions do), through double:
- * NaN stays NaN, the argument clamped to [-104, 89] (0 and +inf after the rounding to float). */
+/* e^v for float v, through double: NaN stays NaN, v clamped to [-104, 89] (0 and +inf after
+ * the rounding to float). The spans compute v = k x in float first, as the scalar expressions do. */
+MS_TARGET_AVX512
+static inline __m512 ops_expf_exact_avx512(__m512 v) {
+    __m512 c = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+    __m256 a = _mm512_cvtpd_ps(ops_expd_avx512(_mm512_cvtps_pd(_mm512_castps512_ps256(c))));
+    __m256 b = _mm512_cvtpd_ps(ops_expd_avx512(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)))));
+    __m512 r = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, v);
+}
+MS_TARGET_AVX2
+static inline __m256 ops_expf_exact_avx2(__m256 v) {
+    __m256 c = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));
+    __m128 a = _mm256_cvtpd_ps(ops_expd_avx2(_mm256_cvtps_pd(_mm256_castps256_ps128(c))));
+    __m128 b = _mm256_cvtpd_ps(ops_expd_avx2(_mm256_cvtps_pd(_mm256_extractf128_ps(c, 1))));
+    __m256 r = _mm256_insertf128_ps(_mm256_castps128_ps256(a), b, 1);
+    return _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
 MS_TARGET_AVX512
 static void ops_expf_exact_vec_avx512(float *y, const float *x, float k, size_t n) {
-    const __m512 lo = _mm512_set1_ps(-104.0f), hi = _mm512_set1_ps(89.0f), kv = _mm512_set1_ps(k);
+    const __m512 kv = _mm512_set1_ps(k);
     for (size_t i = 0; i < n; i += 16) {
         __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : ms_mask16((int)(n - i));
-        __m512 v = _mm512_mul_ps(kv, _mm512_maskz_loadu_ps(m, x + i)), c = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-        __m256 a = _mm512_cvtpd_ps(ops_expd_avx512(_mm512_cvtps_pd(_mm512_castps512_ps256(c))));
-        __m256 b = _mm512_cvtpd_ps(ops_expd_avx512(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)))));
-        __m512 r = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
-        _mm512_mask_storeu_ps(y + i, m, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, v));
+        _mm512_mask_storeu_ps(y + i, m, ops_expf_exact_avx512(_mm512_mul_ps(kv, _mm512_maskz_loadu_ps(m, x + i))));
     }
 }
 MS_TARGET_AVX2
 static void ops_expf_exact_vec_avx2(float *y, const float *x, float k, size_t n) {
-    const __m256 lo = _mm256_set1_ps(-104.0f), hi = _mm256_set1_ps(89.0f), kv = _mm256_set1_ps(k);
-    for (size_t i = 0; i < n; i += 8) {
-        size_t m = n - i < 8 ? n - i : 8;
+    const __m256 kv = _mm256_set1_ps(k);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, ops_expf_exact_avx2(_mm256_mul_ps(kv, _mm256_loadu_ps(x + i))));
+    if (i < n) {                                         /* the tail through a padded vector */
         float t[8] = { 0 };
-        memcpy(t, x + i, m * sizeof(float));
-        __m256 v = _mm256_mul_ps(kv, _mm256_loadu_ps(t)), c = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-        __m128 a = _mm256_cvtpd_ps(ops_expd_avx2(_mm256_cvtps_pd(_mm256_castps256_ps128(c))));
-        __m128 b = _mm256_cvtpd_ps(ops_expd_avx2(_mm256_cvtps_pd(_mm256_extractf128_ps(c, 1))));
-        __m256 r = _mm256_insertf128_ps(_mm256_castps128_ps256(a), b, 1);
-        _mm256_storeu_ps(t, _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-        memcpy(y + i, t, m * sizeof(float));
+        memcpy(t, x + i, (n - i) * sizeof(float));
+        _mm256_storeu_ps(t, ops_expf_exact_avx2(_mm256_mul_ps(kv, _mm256_loadu_ps(t))));
+        memcpy(y + i, t, (n - i) * sizeof(float));
     }
 }
 
@@ -3294,12 +3303,13 @@ static void ops_erff_vec_avx512(float *y, const float *x, size_t n) {
 }
 MS_TARGET_AVX2
 static void ops_erff_vec_avx2(float *y, const float *x, size_t n) {
-    for (size_t i = 0; i < n; i += 8) {
-        size_t k = n - i < 8 ? n - i : 8;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, ops_erf_avx2(_mm256_loadu_ps(x + i)));
+    if (i < n) {                                         /* the tail through a padded vector */
         float t[8] = { 0 };
-        memcpy(t, x + i, k * sizeof(float));
+        memcpy(t, x + i, (n - i) * sizeof(float));
         _mm256_storeu_ps(t, ops_erf_avx2(_mm256_loadu_ps(t)));
-        memcpy(y + i, t, k * sizeof(float));
+        memcpy(y + i, t, (n - i) * sizeof(float));
     }
 }
 #endif
@@ -3903,6 +3913,15 @@ static void ops_att_prefetch_rows(const float *p, size_t ld, int n, int Dh) {
     }
 }
 
+/* dst[j] = src_j ++ src_j (2 Dh floats) for the Tk rows of src (row stride ld): the operand of
+ * ops_fk_pv_pairs. */
+static void ops_fk_rows_twice(float *dst, const float *src, int Tk, size_t ld, int Dh) {
+    for (int j = 0; j < Tk; j++) {
+        memcpy(dst + (size_t)j * 2 * Dh, src + (size_t)j * ld, (size_t)Dh * sizeof(float));
+        memcpy(dst + (size_t)j * 2 * Dh + Dh, src + (size_t)j * ld, (size_t)Dh * sizeof(float));
+    }
+}
+
 /* Query rows [r0, r1) of one (b, h), as ops_att_fwd_fast (below) but for few keys; the rows
  * of the tile OPS_FK_PF rows ahead are prefetched. */
 MS_TARGET_AVX512
@@ -3913,11 +3932,7 @@ static void ops_att_fwd_few(float *out, float *lse, const float *q, const float 
     float *Kt = ws, *S = Kt + (size_t)Dh * KS, *Vd = S + (size_t)OPS_FK_ROWS * KS, inv[OPS_FK_ROWS];
     for (int d = 0; d < Dh; d++)
         for (int j = 0; j < KS; j++) Kt[(size_t)d * KS + j] = j < Tk ? k[(size_t)j * HD + d] : 0.0f;
-    if (pairs)
-        for (int j = 0; j < Tk; j++) {
-            memcpy(Vd + (size_t)j * 2 * Dh, v + (size_t)j * HD, (size_t)Dh * sizeof(float));
-            memcpy(Vd + (size_t)j * 2 * Dh + Dh, v + (size_t)j * HD, (size_t)Dh * sizeof(float));
-        }
+    if (pairs) ops_fk_rows_twice(Vd, v, Tk, HD, Dh);
     for (int i0 = r0; i0 < r1; i0 += OPS_FK_ROWS) {
         int nq = OPS_MIN(OPS_FK_ROWS, r1 - i0);
         const float *qr[OPS_FK_ROWS];
@@ -4039,11 +4054,7 @@ static void ops_att_bwd_few(float *dq, float *dk, float *dv, const float *dout, 
             dKt[t] = j < Tk && dk ? dk[o] : 0.0f;
             dVt[t] = j < Tk && dv ? dv[o] : 0.0f;
         }
-    if (pairs && dq)
-        for (int j = 0; j < Tk; j++) {
-            memcpy(Kd + (size_t)j * 2 * Dh, k + (size_t)j * HD, (size_t)Dh * sizeof(float));
-            memcpy(Kd + (size_t)j * 2 * Dh + Dh, k + (size_t)j * HD, (size_t)Dh * sizeof(float));
-        }
+    if (pairs && dq) ops_fk_rows_twice(Kd, k, Tk, HD, Dh);
     for (int i0 = 0; i0 < Tq; i0 += NQ) {
         int nq = OPS_MIN(NQ, Tq - i0), npf = OPS_MIN(NQ, Tq - i0 - NQ);
         for (int t0 = 0; t0 < nq; t0 += OPS_FK_ROWS) {
