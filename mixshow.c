@@ -1653,9 +1653,10 @@ MsStatus ms_txt2img(const MsModel *m, const ClipTokenizer *tok, const MsTxt2ImgO
         arena_reset(&ar, 0);
     }
 
-    /* 7. denoising loop */
+    /* 7. denoising loop (the CFG batch in parts, one per thread, when they divide it: eps is the same) */
     if ((s = unet_acts_init(&ua, uc, NB, h, w, T, 0, &acts, &ar))) goto done;
     ua_ok = 1;
+    ua.split = 1;
     for (int i = 0; i < sch->num_steps; i++) {
         float t[128];
         for (int b = 0; b < NB; b++) t[b] = (float)sch->timesteps[i];
@@ -3248,9 +3249,10 @@ MsStatus ms_regional_sample(const MsModel *m, const ClipTokenizer *tok, const Ms
         for (int i = 0; i < nlev; i++) memcpy(feat[i] + nfeat[i], feat[i], nfeat[i] * sizeof(float));  /* cat([v] * 2) */
     }
 
-    /* 4. denoising loop */
+    /* 4. denoising loop (without regions the CFG batch runs in parts, one per thread) */
     if ((s = unet_acts_init(&ua, uc, NB, h, w, T, 0, &acts, &ar))) goto done;
     ua_ok = 1;
+    ua.split = 1;
     if (R) {
         reg.n = R;
         reg.box = (const double (*)[4])rbox;

@@ -97,6 +97,16 @@ int ms_get_threads(void);
  * (at least 1). */
 int ms_threads_for_load(int want, int ncpu, double others_cores);
 int ms_max_threads(void);        /* cores OpenMP would use; 1 without OpenMP */
+/* Independent computations side by side (a batch cut into parts, issue 14): ms_run_tasks runs
+ * fn(ctx, i) for i in [0, n), task i on thread i of a team of n (fewer if the runtime gives
+ * fewer: then a thread runs several, in turn), every op inside a task on its thread alone;
+ * sequentially without OpenMP or when called inside a parallel region. Ops are safe to call
+ * from concurrent tasks (their scratch is per thread); anything else fn touches must be the
+ * task's own. Bits never depend on it: an op computes each element the same way on any
+ * thread. ms_task_team: the threads a parallel region would get now (ms_set_threads, lowered
+ * while other processes load the machine). */
+void ms_run_tasks(int n, void (*fn)(void *ctx, int i), void *ctx);
+int ms_task_team(void);
 /* Re-executes the program with OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning at
  * OpenMP barriers) unless a wait policy is already set; call first thing in main(). Linux with
  * OpenMP only; returns when it did nothing. */
@@ -1288,7 +1298,7 @@ typedef struct {
     size_t scratch_bytes;   /* ... and for `scratch` */
 } UNetSizes;
 
-typedef struct {
+typedef struct UNetActs {
     UNetConfig cfg;
     int N, H, W, Tk, training;
     int lh[MS_MAX_BLOCKS], lw[MS_MAX_BLOCKS];   /* latent size at each level */
@@ -1342,6 +1352,19 @@ typedef struct {
      * during the call. */
     void (*record)(void *ctx, int block, int which, const float *x, size_t rows, int C);
     void *record_ctx;
+    /* Batch parts (issue 14), inference only; 0 (unet_acts_init's value): off. When set by the
+     * caller, and the team has T >= 2 threads (ms_task_team) with N % T == 0, unet_forward runs
+     * the batch as T parts of N/T samples side by side, one per thread (ms_run_tasks): each
+     * thread's data stays in its own core's caches and the whole step forks once. eps is bit
+     * for bit the batched forward's; the activation fields above are then not the batch's (the
+     * parts' activations share their memory). Not with regions, record or 16-bit weights. */
+    int split;
+    /* internal (unet.c): the parts' activations, laid out in this layout's arena ranges */
+    int nparts, is_part;
+    struct UNetActs *parts;
+    void *parts_mem;
+    unsigned char *range[2];         /* acts, scratch: where this layout starts, */
+    size_t range_len[2];             /* and the bytes it reserved there (the parts' need included) */
 } UNetActs;
 
 /* Peak-memory knobs of the forward (bit-identical results at any setting): 16-bit weights are

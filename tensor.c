@@ -381,13 +381,52 @@ static int ms_par_level(void) { return 0; }
  * Counted per call on the calling thread, before any parallel region: never inside one (the
  * GEMMs some ops run per task) nor inside an op that counted its own products (mute), so the
  * count is the same for every thread count, with and without OpenMP. */
-static int ms_flops_on, ms_flops_mute;
+static int ms_flops_on;
+static MS_THREAD_LOCAL int ms_flops_mute;
 static double ms_flops_n;
+static MS_THREAD_LOCAL int ms_task_level;     /* omp_get_level() inside an ms_run_tasks task, else 0 */
+static MS_THREAD_LOCAL int ms_task_slot;      /* that task's thread number: its attention scratch slot */
 void ms_flops_enable(int on) { ms_flops_on = on; }
 void ms_flops_reset(void) { ms_flops_n = 0.0; }
 double ms_flops_count(void) { return ms_flops_n; }
-static void ms_flops_add(double f) {
-    if (ms_flops_on && !ms_flops_mute && ms_par_level() == 0) ms_flops_n += f;
+static void ms_flops_add(double f) {          /* counts are whole numbers: any order sums exactly */
+    if (!ms_flops_on || ms_flops_mute || ms_par_level() != ms_task_level) return;
+#ifdef _OPENMP
+    if (ms_task_level) {
+        _Pragma("omp atomic")
+        ms_flops_n += f;
+        return;
+    }
+#endif
+    ms_flops_n += f;
+}
+
+/* ---- Tasks: whole independent computations side by side (mixshow.h: ms_run_tasks) ----
+ * Task i runs on thread i of one team with every op inside it on that thread alone (its
+ * nthreads ICV set to 1), so the data a task writes is the data it reads next, in the cache of
+ * its own core, and there is one fork and one join for the whole computation instead of one
+ * per op. Per-thread state stays apart: the GEMM workspaces are thread-local, attention takes
+ * scratch slot ms_task_slot, the FLOP count is added atomically at the task's level. */
+static int ops_ws_grow_slots(int n);
+int ms_task_team(void) { return ms_team_max(); }
+void ms_run_tasks(int n, void (*fn)(void *ctx, int i), void *ctx) {
+#ifdef _OPENMP
+    if (n > 1 && !omp_in_parallel()) {
+        (void)ops_ws_grow_slots(n);               /* failing: attention streams (same bits) */
+        _Pragma("omp parallel num_threads(n)")
+        {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            ms_task_slot = t;
+            ms_task_level = omp_get_level();
+            omp_set_num_threads(1);               /* this implicit task's ICV: ops stay on this thread */
+            for (int i = t; i < n; i += nt) fn(ctx, i);
+            ms_task_slot = 0;
+            ms_task_level = 0;
+        }
+        return;
+    }
+#endif
+    for (int i = 0; i < n; i++) fn(ctx, i);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1831,9 +1870,11 @@ void ms_bench_conv2d_explicit(float *out, float *cols, const float *x, const flo
 #define OPS_COLS 64              /* columns per parallel task in column reductions */
 #define OPS_MIN(a, b) ((a) < (b) ? (a) : (b))
 
-static int ops_thread_num(void) {
+/* The attention scratch slot of the calling thread: its number in the op's team, after the
+ * slots of the ms_run_tasks task it belongs to. */
+static int ops_slot(void) {
 #ifdef _OPENMP
-    return omp_get_thread_num();
+    return ms_task_slot + (omp_get_level() > ms_task_level ? omp_get_thread_num() : 0);
 #else
     return 0;
 #endif
@@ -2417,10 +2458,11 @@ void softmax_backward_ref(float *dx, const float *dout, const float *out, int N,
  * Scratch is (rows, Tk) per thread, never (Tq, Tk). */
 #define OPS_ATT_BLOCK 64
 
-/* Per-thread scratch: slot t belongs to OpenMP thread t. Allocated on first use and grown only
- * when a larger size is first needed (always in serial code, before the parallel region), so
- * steady-state calls never allocate. One caller at a time: do not call attention from several
- * threads at once. When the scratch cannot be had (allocation failure or ops_scratch_limit),
+/* Per-thread scratch: slot t belongs to OpenMP thread t (inside an ms_run_tasks task: slot
+ * task thread + t, ops_slot). Allocated on first use and grown only when a larger size is first
+ * needed (always in serial code, before the parallel region), so steady-state calls never
+ * allocate. One caller at a time, or one per ms_run_tasks task: attention is not to be called
+ * from threads of one's own. When the scratch cannot be had (allocation failure or ops_scratch_limit),
  * attention runs a streaming row-at-a-time path that needs no scratch at all. */
 typedef struct { float *p; size_t cap; } OpsSlot;      /* cap in floats */
 static OpsSlot *ops_ws;
@@ -2436,18 +2478,26 @@ void ops_scratch_free(void) {
     ops_ws_slots = 0;
 }
 
-/* 1 when slots 0..nthreads-1 each hold >= nfloats floats, else 0 (use the streaming path). */
+/* At least n slots in the table (1), else 0. Outside ms_run_tasks only: the table moves. */
+static int ops_ws_grow_slots(int n) {
+    if (n <= ops_ws_slots) return 1;
+    OpsSlot *s = (OpsSlot *)realloc(ops_ws, (size_t)n * sizeof *s);
+    if (!s) return 0;
+    for (int t = ops_ws_slots; t < n; t++) { s[t].p = NULL; s[t].cap = 0; }
+    ops_ws = s;
+    ops_ws_slots = n;
+    return 1;
+}
+
+/* 1 when the calling thread's slots (ops_slot of its team's threads 0..nthreads-1) each hold
+ * >= nfloats floats, else 0 (use the streaming path). Inside a task only the task's own slots
+ * are touched (ms_run_tasks grew the table first). */
 static int ops_ws_reserve(int nthreads, size_t nfloats) {
     if (nfloats > SIZE_MAX / sizeof(float)) return 0;
     if (ops_ws_limit && nfloats * sizeof(float) > ops_ws_limit) return 0;
-    if (nthreads > ops_ws_slots) {
-        OpsSlot *s = (OpsSlot *)realloc(ops_ws, (size_t)nthreads * sizeof *s);
-        if (!s) return 0;
-        for (int t = ops_ws_slots; t < nthreads; t++) { s[t].p = NULL; s[t].cap = 0; }
-        ops_ws = s;
-        ops_ws_slots = nthreads;
-    }
-    for (int t = 0; t < nthreads; t++)
+    int t0 = ms_task_slot;
+    if (t0 + nthreads > ops_ws_slots && (ms_task_level || !ops_ws_grow_slots(t0 + nthreads))) return 0;
+    for (int t = t0; t < t0 + nthreads; t++)
         if (ops_ws[t].cap < nfloats) {
             ms_free_aligned(ops_ws[t].p);
             ops_ws[t].p = (float *)ms_alloc_aligned(nfloats, sizeof(float));
@@ -4219,7 +4269,7 @@ static void ops_att_forward(float *out, float *lse, const float *q, const float 
             int r0 = (int)((int64_t)nb * s / split) * g.nq, r1 = OPS_MIN(Tq, (int)((int64_t)nb * (s + 1) / split) * g.nq);
             size_t qo = (size_t)b * Tq * HD + (size_t)h * Dh, ko = (size_t)b * Tk * HD + (size_t)h * Dh;
             ops_att_fwd_fast(&g, out + qo, lse ? lse + (size_t)bh * Tq : NULL, q + qo, k + ko, v + ko, r0, r1, Tk, HD, Dh,
-                             causal, scale, ops_ws[ops_thread_num()].p);
+                             causal, scale, ops_ws[ops_slot()].p);
         }
         return;
     }
@@ -4233,7 +4283,7 @@ static void ops_att_forward(float *out, float *lse, const float *q, const float 
         size_t qo = ((size_t)b * Tq + i0) * HD + (size_t)h * Dh, ko = (size_t)b * Tk * HD + (size_t)h * Dh;
         float *l = lse ? lse + ((size_t)b * H + h) * Tq + i0 : NULL;
         if (tiled) {
-            ops_att_fwd_block(out + qo, l, q + qo, k + ko, v + ko, ops_ws[ops_thread_num()].p, i0, rows,
+            ops_att_fwd_block(out + qo, l, q + qo, k + ko, v + ko, ops_ws[ops_slot()].p, i0, rows,
                               Tk, HD, Dh, causal, scale);
         } else {
             for (int r = 0; r < rows; r++)
@@ -4322,7 +4372,7 @@ static void ops_att_backward(float *dq, float *dk, float *dv, const float *dout,
             int b = bh / H, h = bh % H;
             size_t qo = (size_t)b * Tq * HD + (size_t)h * Dh, ko = (size_t)b * Tk * HD + (size_t)h * Dh;
             ops_att_bwd_fast(&g, dq ? dq + qo : NULL, dk ? dk + ko : NULL, dv ? dv + ko : NULL, dout + qo, q + qo, k + ko,
-                             v + ko, out + qo, lse + (size_t)bh * Tq, Tq, Tk, HD, Dh, causal, scale, ops_ws[ops_thread_num()].p);
+                             v + ko, out + qo, lse + (size_t)bh * Tq, Tq, Tk, HD, Dh, causal, scale, ops_ws[ops_slot()].p);
         }
         return;
     }
@@ -4338,7 +4388,7 @@ static void ops_att_backward(float *dq, float *dk, float *dv, const float *dout,
             int rows = OPS_MIN(OPS_ATT_BLOCK, Tq - i0);
             size_t ro = qo + (size_t)i0 * HD;
             if (tiled) {
-                float *P = ops_ws[ops_thread_num()].p, *dP = P + (size_t)OPS_ATT_BLOCK * Tk;
+                float *P = ops_ws[ops_slot()].p, *dP = P + (size_t)OPS_ATT_BLOCK * Tk;
                 ops_att_bwd_block(dq ? dq + ro : NULL, dkh, dvh, dout + ro, q + ro, k + ko, v + ko, out + ro,
                                   l + i0, P, dP, i0, rows, Tk, HD, Dh, causal, scale);
             } else {
@@ -4551,7 +4601,7 @@ static void ops_pc_backward(float *dq, float *dk, const float *dp, const float *
             int rows = OPS_MIN(OPS_ATT_BLOCK, Tq - i0);
             size_t ro = qo + (size_t)i0 * HD;
             if (tiled) {
-                float *P = ops_ws[ops_thread_num()].p, *g = P + (size_t)OPS_ATT_BLOCK * Tk;
+                float *P = ops_ws[ops_slot()].p, *g = P + (size_t)OPS_ATT_BLOCK * Tk;
                 ops_pc_bwd_block(dq ? dq + ro : NULL, dkh, dph + (size_t)i0 * ncol, q + ro, k + ko, l + i0, cb, P, g,
                                  rows, Tk, HD, Dh, ncol, scale);
             } else {

@@ -1031,6 +1031,39 @@ static int plan_scratch(const UNetActs *a, ScratchPlan *sp) {
     return sp->X < lim && sp->F < lim && sp->QKV < lim;
 }
 
+static MsStatus unet_acts_setup(UNetActs *a, const UNetConfig *c, int N, int h, int w, int Tk, int training);
+static MsStatus unet_layout(UNetActs *a, Arena *acts, Arena *scratch, size_t *acts_bytes, size_t *scratch_bytes);
+
+/* Batch parts (UNetActs.split): the activations of N/G samples, G of them side by side from
+ * the start of the batch's ranges. A part's feed-forward chunk is the batch's / G, so that G
+ * parts need about what the batch does (its other buffers scale with N). */
+static MsStatus part_setup(UNetActs *q, const UNetActs *a, int G) {
+    MsStatus s = unet_acts_setup(q, &a->cfg, a->N / G, a->H, a->W, a->Tk, 0);
+    if (s) return s;
+    q->is_part = 1;
+    q->ff_chunk = a->ff_chunk ? (a->ff_chunk / (size_t)G ? a->ff_chunk / (size_t)G : 1) : 0;
+    return MS_OK;
+}
+
+/* need[k]: bytes of range k (acts, scratch) that every split G | N, G >= 2, needs: G parts. */
+static MsStatus parts_need(const UNetActs *a, size_t need[2]) {
+    need[0] = need[1] = 0;
+    for (int G = 2; G <= a->N; G++) {
+        if (a->N % G) continue;
+        UNetActs q;
+        MsStatus s = part_setup(&q, a, G);
+        if (!s) s = unet_layout(&q, NULL, NULL, NULL, NULL);
+        for (int k = 0; k < 2 && !s; k++) {
+            size_t b;
+            if (!ms_mul_ok(q.range_len[k], (size_t)G, &b)) s = ms_errorf(MS_ERR_ARG, "unet: batch %d is too large", a->N);
+            else if (b > need[k]) need[k] = b;
+        }
+        unet_acts_free(&q);
+        if (s) return s;
+    }
+    return MS_OK;
+}
+
 static MsStatus unet_layout(UNetActs *a, Arena *acts, Arena *scratch, size_t *acts_bytes, size_t *scratch_bytes) {
     const UNetConfig *c = &a->cfg;
     const int n = c->n_blocks, L = c->layers_per_block, *ch = c->block_out_channels;
@@ -1101,6 +1134,17 @@ static MsStatus unet_layout(UNetActs *a, Arena *acts, Arena *scratch, size_t *ac
     a->out_rstd = lay_save(Lp, N * c->norm_num_groups, a->sstat[1]);
     if (a->training)     /* the gradient of each skip tensor */
         for (int k = 0; k < a->n_skip; k++) a->dskip[k] = carve(&ka, skip_numel(a, k));
+    if (!a->training && !a->is_part && a->N >= 2 && !ka.fail && !ks.fail) {
+        size_t need[2];                                    /* batch parts: room for the largest split */
+        MsStatus s2 = parts_need(a, need);
+        if (s2) return s2;
+        if (need[0] > ka.bytes) carve(&ka, (need[0] - ka.bytes) / sizeof(float));
+        if (need[1] > ks.bytes) carve(&ks, (need[1] - ks.bytes) / sizeof(float));
+    }
+    a->range[0] = (unsigned char *)a->temb;                /* the first carve of each arena */
+    a->range[1] = (unsigned char *)a->sx[0];
+    a->range_len[0] = ka.bytes;
+    a->range_len[1] = ks.bytes;
     if (acts_bytes) *acts_bytes = ka.bytes + 64;
     if (scratch_bytes) *scratch_bytes = ks.bytes + 64;
     if (ka.fail || ks.fail)
@@ -1170,7 +1214,9 @@ MsStatus unet_acts_init(UNetActs *a, const UNetConfig *c, int N, int h, int w, i
     return s;
 }
 
+static void parts_free(UNetActs *a);
 void unet_acts_free(UNetActs *a) {
+    parts_free(a);
     free(a->mem);
     memset(a, 0, sizeof *a);
 }
@@ -1225,6 +1271,98 @@ static MsStatus check_lora(const UNetLora *l, const UNetParams *p, const char *w
     return MS_OK;
 }
 
+/* ---- Batch parts (UNetActs.split) --------------------------------------------------------
+ * T threads, N % T == 0: part g is samples [g N/T, (g+1) N/T) of every input and of eps, run
+ * by unet_forward itself on the part's activations (a->parts[g]) in task g (ms_run_tasks).
+ * Every op computes each element in the same order for any batch size, so eps is the batched
+ * forward's bit for bit (tests/test_unet.c checks it). */
+typedef struct {
+    const float **lctx, **adapter;      /* the part's pointers into layer_ctx and adapter */
+    MsStatus s;
+    char err[256];                      /* ms_last_error() of the task's thread */
+} UNetPartIO;
+
+typedef struct {
+    UNetActs *a;
+    float *eps;
+    const float *x, *t, *ctx;
+    const float *const *layer_ctx, *const *adapter;
+    const UNetParams *p;
+    const UNetLora *lora;
+    int G;
+} UNetSplit;
+
+/* The number of parts for this call: T when the caller allows it and nothing shared is written. */
+static int split_parts(const UNetActs *a, const UNetParams *p) {
+    if (!a->split || a->is_part || a->training || a->regions || a->record || a->N < 2 || p->ws.mem) return 1;
+    int T = ms_task_team();
+    return T >= 2 && a->N % T == 0 ? T : 1;
+}
+
+/* Floats per sample of T2I-Adapter residual i (where unet_forward adds it). */
+static size_t adapter_per_sample(const UNetActs *a, int i) {
+    const UNetConfig *c = &a->cfg;
+    int n = c->n_blocks, lv = is_cross_down(c->down_block_types[i]) ? i : i + (i < n - 1);
+    return (size_t)c->block_out_channels[i] * a->lh[lv] * a->lw[lv];
+}
+
+static void parts_free(UNetActs *a) {
+    for (int g = 0; g < a->nparts; g++) unet_acts_free(&a->parts[g]);
+    free(a->parts);
+    free(a->parts_mem);
+    a->parts = NULL; a->parts_mem = NULL; a->nparts = 0;
+}
+
+/* a->parts: G part layouts, part g at offset g * (its bytes) of each of a's ranges. */
+static MsStatus parts_prepare(UNetActs *a, int G) {
+    if (a->nparts == G) return MS_OK;
+    parts_free(a);
+    const int nl = ms_unet_cross_attn_layers(&a->cfg), nb = a->cfg.n_blocks;
+    UNetActs *q = (UNetActs *)calloc((size_t)G, sizeof *q);
+    UNetPartIO *io = (UNetPartIO *)calloc((size_t)G, sizeof *io + (size_t)(nl + nb) * sizeof(float *));
+    if (!q || !io) { free(q); free(io); return ms_errorf(MS_ERR_NOMEM, "unet: no memory for %d batch parts", G); }
+    a->parts = q; a->parts_mem = io; a->nparts = G;
+    const float **ptr = (const float **)(io + G);
+    MsStatus s = MS_OK;
+    for (int g = 0; g < G && !s; g++) {
+        io[g].lctx = ptr + (size_t)g * (nl + nb);
+        io[g].adapter = io[g].lctx + nl;
+        if ((s = part_setup(&q[g], a, G)) || (s = unet_layout(&q[g], NULL, NULL, NULL, NULL))) break;
+        Arena v[2];
+        for (int k = 0; k < 2; k++) {
+            size_t len = q[g].range_len[k];
+            if (len > a->range_len[k] / (size_t)G) {
+                s = ms_errorf(MS_ERR_ARG, "unet: %d batch parts need %zu bytes, the layout has %zu", G,
+                              len * (size_t)G, a->range_len[k]);
+                break;
+            }
+            v[k].base = a->range[k] + (size_t)g * len;
+            v[k].used = 0; v[k].cap = len; v[k].mem = NULL;
+        }
+        if (!s) s = unet_layout(&q[g], &v[0], &v[1], NULL, NULL);
+    }
+    if (s) parts_free(a);
+    return s;
+}
+
+static void unet_part_task(void *v, int g) {
+    UNetSplit *u = (UNetSplit *)v;
+    UNetActs *a = u->a;
+    UNetPartIO *io = (UNetPartIO *)a->parts_mem + g;
+    const UNetConfig *c = &a->cfg;
+    const size_t off = (size_t)g * (size_t)(a->N / u->G), hw = (size_t)a->H * a->W;
+    const size_t nctx = (size_t)a->Tk * c->cross_attention_dim;
+    const int nl = ms_unet_cross_attn_layers(c);
+    if (u->layer_ctx)
+        for (int l = 0; l < nl; l++) io->lctx[l] = u->layer_ctx[l] ? u->layer_ctx[l] + off * nctx : NULL;
+    if (u->adapter)
+        for (int i = 0; i < c->n_blocks; i++) io->adapter[i] = u->adapter[i] ? u->adapter[i] + off * adapter_per_sample(a, i) : NULL;
+    io->s = unet_forward(u->eps + off * c->out_channels * hw, &a->parts[g], u->x + off * c->in_channels * hw, u->t + off,
+                         u->ctx ? u->ctx + off * nctx : NULL, u->layer_ctx ? (const float *const *)io->lctx : NULL,
+                         u->adapter ? (const float *const *)io->adapter : NULL, u->p, u->lora);
+    if (io->s) snprintf(io->err, sizeof io->err, "%s", ms_last_error());
+}
+
 MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, const float *ctx,
                       const float *const *layer_ctx, const float *const *adapter,
                       const UNetParams *p, const UNetLora *lora) {
@@ -1246,6 +1384,19 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
     a->layer_ctx = layer_ctx;
     a->xin = x;
     a->tin = t;
+    {
+        const int G = split_parts(a, p);
+        if (G > 1) {
+            UNetSplit u = { a, eps, x, t, ctx, layer_ctx, adapter, p, lora, G };
+            if ((s = parts_prepare(a, G))) return s;
+            ms_run_tasks(G, unet_part_task, &u);
+            for (int g = 0; g < G; g++) {
+                const UNetPartIO *io = (const UNetPartIO *)a->parts_mem + g;
+                if (io->s) return ms_errorf(io->s, "%s", io->err);
+            }
+            return MS_OK;
+        }
+    }
 
     /* time: [cos | sin] sinusoidal embedding (float32) -> linear_1 -> SiLU -> linear_2; every
      * resnet then applies its own SiLU before time_emb_proj, done once here */

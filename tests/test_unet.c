@@ -475,6 +475,64 @@ static void test_plan_sd15(void) {
     run_free(&r); run_free(&ri);
 }
 
+/* Batch parts (UNetActs.split, issue 14): with T threads and N % T == 0 the forward runs N/T
+ * samples per thread; eps must be the batched 1-thread forward's bit for bit, with a context,
+ * with layer-wise contexts + adapter residuals + LoRA, and the FLOP count the same. The parts
+ * must really run (nparts); with 3 threads (4 % 3 != 0) the batch runs whole. */
+static void test_parts(const UNetParams *p, const UNetConfig *c) {
+    const int N = 4, h = 8, w = 12, Tk = 77, n = c->n_blocks, nc = ms_unet_cross_attn_layers(c);
+    const size_t nx = (size_t)N * c->in_channels * h * w, nctx = (size_t)N * Tk * c->cross_attention_dim;
+    Run r;
+    if (!run_init(&r, c, N, h, w, Tk, 0)) return;
+    MsRng g;
+    ms_rng_seed(&g, 77);
+    float *x = test_randn(&g, nx, 1.0f), *ctx = test_randn(&g, nctx, 1.0f), *lall = test_randn(&g, (size_t)nc * nctx, 1.0f);
+    float *e1 = test_zeros(nx), *e2 = test_zeros(nx), t[4] = { 999.0f, 501.0f, 20.0f, 1.0f };
+    const float *lc[64], *ad[MS_MAX_BLOCKS] = { 0 };
+    float *adm[MS_MAX_BLOCKS] = { 0 };
+    for (int i = 0; i < nc; i++) lc[i] = lall + (size_t)i * nctx;
+    for (int i = 0; i < n; i++) {
+        int lv = (c->down_block_types[i] == MS_BLOCK_DOWN && i < n - 1) ? i + 1 : i;
+        if (i == 1) continue;                             /* one level without a residual */
+        ad[i] = adm[i] = test_randn(&g, (size_t)N * c->block_out_channels[i] * r.a.lh[lv] * r.a.lw[lv], 0.5f);
+    }
+    Arena tr;
+    UNetLora l;
+    size_t lf = unet_lora_floats(c, 2);
+    arena_init(&tr, lf * sizeof(float) + (size_t)4 * 32 * sizeof(UNetLoraLinear) + 4096);
+    if (!check(unet_lora_init(&l, p, 2, 1.0f, &tr) == MS_OK, "parts: lora init")) { run_free(&r); return; }
+    for (size_t k = 0; k < l.n_floats; k++) l.data[k] = 0.05f * (float)ms_rng_normal(&g);
+    for (int cs = 0; cs < 2; cs++) {
+        const char *what = cs ? "layer contexts + adapter + LoRA" : "one context";
+        const float *const *lcp = cs ? lc : NULL, *const *adp = cs ? ad : NULL;
+        const UNetLora *lp = cs ? &l : NULL;
+        ms_set_threads(1);
+        r.a.split = 0;
+        ms_flops_enable(1); ms_flops_reset();
+        check(unet_forward(e1, &r.a, x, t, cs ? NULL : ctx, lcp, adp, p, lp) == MS_OK, "parts, %s: batched, 1 thread", what);
+        double f1 = ms_flops_count();
+        r.a.split = 1;
+        const int team[3] = { 2, 4, 3 };
+        for (int k = 0; k < 3; k++) {
+            memset(e2, 0, nx * sizeof(float));
+            ms_set_threads(team[k]);
+            ms_flops_reset();
+            MsStatus st = unet_forward(e2, &r.a, x, t, cs ? NULL : ctx, lcp, adp, p, lp);
+            int T = ms_task_team(), want = T >= 2 && N % T == 0 ? T : 0;   /* 1 without OpenMP */
+            check(st == MS_OK, "parts, %s, %d threads: forward (%s)", what, team[k], st ? ms_last_error() : "ok");
+            if (want) check(r.a.nparts == want, "parts, %s, %d threads: %d parts ran (%d)", what, team[k], want, r.a.nparts);
+            check_bitwise(what, e2, e1, nx);
+            check(ms_flops_count() == f1, "parts, %s, %d threads: FLOPs %.0f == batched %.0f", what, team[k], ms_flops_count(), f1);
+        }
+        ms_flops_enable(0);
+    }
+    ms_set_threads(1);
+    arena_free(&tr);
+    run_free(&r);
+    ms_free_aligned(x); ms_free_aligned(ctx); ms_free_aligned(lall); ms_free_aligned(e1); ms_free_aligned(e2);
+    for (int i = 0; i < n; i++) ms_free_aligned(adm[i]);
+}
+
 int main(void) {
     char dir[1024];
     MsModel m;
@@ -502,6 +560,7 @@ int main(void) {
     test_gradcheck(&p, &m.unet_config);
     double t3 = ms_time();
     test_probe(&p, &m.unet_config);
+    test_parts(&p, &m.unet_config);
     GPC = &m.unet_config;
     test_plan_sd15();
     printf("  time: load %.2f s, goldens %.2f s, gradcheck %.2f s, probe %.2f s\n", t1 - t0, t2 - t1, t3 - t2, ms_time() - t3);

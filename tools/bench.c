@@ -23,7 +23,7 @@
 #define MS_BENCH_FORK 1
 #endif
 
-typedef struct { int runs; double peak[2]; int threads[2]; int attention_only, gemm_only; } Bench;
+typedef struct { int runs; double peak[2]; int threads[2]; int attention_only, gemm_only, split; } Bench;
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -493,6 +493,7 @@ static int bench_unet(const Bench *b, MsRng *r) {
     const size_t nx = (size_t)N * c.in_channels * h * w, ne = (size_t)N * c.out_channels * h * w;
     const size_t nc = (size_t)N * Tk * c.cross_attention_dim;
     u.p = &p;
+    u.a.split = b->split;                               /* the CFG batch in parts, one per thread, as sample */
     if (!(u.x = net_buf(r, nx, 1.0f)) || !(u.eps = net_buf(r, ne, 0.0f)) || !(u.ctx = net_buf(r, nc, 1.0f)) ||
         !(u.t = net_buf(r, (size_t)N, 0.0f)))
         goto done;
@@ -569,6 +570,7 @@ static int bench_under_load_one(const Bench *b, MsRng *r, int scale) {
     const size_t nx = (size_t)N * c->in_channels * h * w, ne = (size_t)N * c->out_channels * h * w;
     const size_t nc = (size_t)N * Tk * c->cross_attention_dim;
     u.p = &p;
+    u.a.split = b->split;                               /* the CFG batch in parts, one per thread, as sample */
     if (!(u.x = net_buf(r, nx, 1.0f)) || !(u.eps = net_buf(r, ne, 0.0f)) || !(u.ctx = net_buf(r, nc, 1.0f)) ||
         !(u.t = net_buf(r, (size_t)N, 0.0f)))
         goto done;
@@ -1655,6 +1657,8 @@ static void usage(FILE *f) {
                "                  at 1 and all threads, alone and then while a child process spins on a\n"
                "                  core (lines end 's/step (loaded)'), and the loaded ratio all threads /\n"
                "                  1 thread (target <= 1)\n"
+               "  --no-split      UNet steps with the CFG batch whole, every op split over the threads (the\n"
+               "                  default, as sample: one part of the batch per thread when they divide it)\n"
                "  --compare-blas  not available (it would need dlopen): tools/ref/bench_openblas.py\n"
                "                  --mixshow ./mixshow prints OpenBLAS's sgemm beside these lines\n"
                "  --help          this text\n\n"
@@ -1668,9 +1672,11 @@ int cmd_bench(int argc, char **argv) {
     b.peak[0] = b.peak[1] = 0.0;
     b.attention_only = 0;
     b.gemm_only = 0;
+    b.split = 1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(stdout); return 0; }
         else if (!strcmp(argv[i], "--quick")) b.runs = 3;
+        else if (!strcmp(argv[i], "--no-split")) b.split = 0;
         else if (!strcmp(argv[i], "--attention")) b.attention_only = 1;
         else if (!strcmp(argv[i], "--gemm")) b.gemm_only = 1;
         else if (!strcmp(argv[i], "--all")) { kernels = 1; nets = NET_ALL; under_load = 1; }
