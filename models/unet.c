@@ -1292,9 +1292,19 @@ typedef struct {
     int G;
 } UNetSplit;
 
-/* The number of parts for this call: T when the caller allows it and nothing shared is written. */
+/* Steps smaller than this (N x latent pixels x block_out_channels[0]^2; a step is about 2000
+ * FLOPs per unit: tiny-sd at 8x8 131k, at 32x32 2.1M, SD 1.5 at 64x64 839M) run whole: there
+ * the ops are mostly too small to split, which also keeps a step off a core another process
+ * holds; a step in parts would put half of it there before the load check (every 0.1 s)
+ * notices (bench --under-load, tiny 8x8: 1.5x the 1-thread time). */
+#define UNET_SPLIT_MIN_WORK 1e6
+
+/* The number of parts for this call: T when the caller allows it, the step is large enough,
+ * and nothing shared is written. */
 static int split_parts(const UNetActs *a, const UNetParams *p) {
     if (!a->split || a->is_part || a->training || a->regions || a->record || a->N < 2 || p->ws.mem) return 1;
+    const double c0 = a->cfg.block_out_channels[0];
+    if ((double)a->N * a->H * a->W * c0 * c0 < UNET_SPLIT_MIN_WORK) return 1;
     int T = ms_task_team();
     return T >= 2 && a->N % T == 0 ? T : 1;
 }

@@ -480,7 +480,7 @@ static void test_plan_sd15(void) {
  * with layer-wise contexts + adapter residuals + LoRA, and the FLOP count the same. The parts
  * must really run (nparts); with 3 threads (4 % 3 != 0) the batch runs whole. */
 static void test_parts(const UNetParams *p, const UNetConfig *c) {
-    const int N = 4, h = 8, w = 12, Tk = 77, n = c->n_blocks, nc = ms_unet_cross_attn_layers(c);
+    const int N = 4, h = 16, w = 20, Tk = 77, n = c->n_blocks, nc = ms_unet_cross_attn_layers(c);   /* above UNET_SPLIT_MIN_WORK */
     const size_t nx = (size_t)N * c->in_channels * h * w, nctx = (size_t)N * Tk * c->cross_attention_dim;
     Run r;
     if (!run_init(&r, c, N, h, w, Tk, 0)) return;
@@ -525,6 +525,15 @@ static void test_parts(const UNetParams *p, const UNetConfig *c) {
             check(ms_flops_count() == f1, "parts, %s, %d threads: FLOPs %.0f == batched %.0f", what, team[k], ms_flops_count(), f1);
         }
         ms_flops_enable(0);
+    }
+    /* a small step (below UNET_SPLIT_MIN_WORK) runs whole */
+    Run q;
+    if (run_init(&q, c, 2, 8, 8, Tk, 0)) {
+        q.a.split = 1;
+        ms_set_threads(2);
+        check(unet_forward(e2, &q.a, x, t, ctx, NULL, NULL, p, NULL) == MS_OK && q.a.nparts == 0,
+              "parts: a 2x8x8 step runs whole (%d parts)", q.a.nparts);
+        run_free(&q);
     }
     ms_set_threads(1);
     arena_free(&tr);
