@@ -1357,7 +1357,8 @@ typedef struct UNetActs {
      * the batch as T parts of N/T samples side by side, one per thread (ms_run_tasks): each
      * thread's data stays in its own core's caches and the whole step forks once. eps is bit
      * for bit the batched forward's; the activation fields above are then not the batch's (the
-     * parts' activations share their memory). Not with regions, record or 16-bit weights. */
+     * parts' activations share their memory). Regions too (UNetRegions.work is sized for the
+     * parts by unet_regions_work_floats). Not with record or 16-bit weights. */
     int split;
     /* internal (unet.c): the parts' activations, laid out in this layout's arena ranges */
     int nparts, is_part;

@@ -630,7 +630,8 @@ static void unet_attention_backward(float *dx, float *dc, UNetLoraLinear *dlora,
 
 /* ---- regional cross-attention (Mix-of-Show RegionT2I_AttnProcessor.region_rewrite; see
  * UNetRegions in mixshow.h). Work: cnt (T), done (T), k_r, v_r (N*Tk*C), gathered q, o (N*T*C). */
-size_t unet_regions_work_floats(const UNetConfig *c, int N, int h, int w, int Tk) {
+/* One part's work (batch parts, UNetActs.split: part g at g * part_floats, 16-float multiples). */
+static size_t regions_work_part(const UNetConfig *c, int N, int h, int w, int Tk) {
     size_t best = 0;
     int lh = h, lw = w, pad = c->downsample_padding, extra = pad == 0 ? 1 : 2 * pad;
     for (int i = 0; i < c->n_blocks && lh > 0 && lw > 0; i++) {
@@ -640,6 +641,15 @@ size_t unet_regions_work_floats(const UNetConfig *c, int N, int h, int w, int Tk
         lh = (lh + extra - 3) / 2 + 1;
         lw = (lw + extra - 3) / 2 + 1;
     }
+    return (best + 15) / 16 * 16;
+}
+
+/* The batch's need, or G parts' of N/G samples each for every G | N if more. */
+size_t unet_regions_work_floats(const UNetConfig *c, int N, int h, int w, int Tk) {
+    size_t best = regions_work_part(c, N, h, w, Tk);
+    for (int G = 2; G <= N; G++)
+        if (N % G == 0 && (size_t)G * regions_work_part(c, N / G, h, w, Tk) > best)
+            best = (size_t)G * regions_work_part(c, N / G, h, w, Tk);
     return best;
 }
 
@@ -1278,6 +1288,9 @@ static MsStatus check_lora(const UNetLora *l, const UNetParams *p, const char *w
  * forward's bit for bit (tests/test_unet.c checks it). */
 typedef struct {
     const float **lctx, **adapter;      /* the part's pointers into layer_ctx and adapter */
+    UNetRegions reg;                    /* regions: the part's contexts and work */
+    const float **rctx;                 /* reg.ctx (rcap pointers, grown in serial code) */
+    size_t rcap;
     MsStatus s;
     char err[256];                      /* ms_last_error() of the task's thread */
 } UNetPartIO;
@@ -1302,7 +1315,7 @@ typedef struct {
 /* The number of parts for this call: T when the caller allows it, the step is large enough,
  * and nothing shared is written. */
 static int split_parts(const UNetActs *a, const UNetParams *p) {
-    if (!a->split || a->is_part || a->training || a->regions || a->record || a->N < 2 || p->ws.mem) return 1;
+    if (!a->split || a->is_part || a->training || a->record || a->N < 2 || p->ws.mem) return 1;
     const double c0 = a->cfg.block_out_channels[0];
     if ((double)a->N * a->H * a->W * c0 * c0 < UNET_SPLIT_MIN_WORK) return 1;
     int T = ms_task_team();
@@ -1317,6 +1330,7 @@ static size_t adapter_per_sample(const UNetActs *a, int i) {
 }
 
 static void parts_free(UNetActs *a) {
+    for (int g = 0; g < a->nparts; g++) free(((UNetPartIO *)a->parts_mem)[g].rctx);
     for (int g = 0; g < a->nparts; g++) unet_acts_free(&a->parts[g]);
     free(a->parts);
     free(a->parts_mem);
@@ -1355,6 +1369,21 @@ static MsStatus parts_prepare(UNetActs *a, int G) {
     return s;
 }
 
+/* Room for the regions' context pointers in every part (before the tasks: they only fill it). */
+static MsStatus parts_regions(UNetActs *a) {
+    if (!a->regions) return MS_OK;
+    size_t nr = (size_t)a->regions->n * (a->regions->n_layer_ctx ? (size_t)a->regions->n_layer_ctx : 1);
+    for (int g = 0; g < a->nparts; g++) {
+        UNetPartIO *io = (UNetPartIO *)a->parts_mem + g;
+        if (io->rcap >= nr) continue;
+        const float **r = (const float **)realloc((void *)io->rctx, (nr ? nr : 1) * sizeof *r);
+        if (!r) return ms_errorf(MS_ERR_NOMEM, "unet: no memory for %zu region contexts", nr);
+        io->rctx = r;
+        io->rcap = nr;
+    }
+    return MS_OK;
+}
+
 static void unet_part_task(void *v, int g) {
     UNetSplit *u = (UNetSplit *)v;
     UNetActs *a = u->a;
@@ -1367,6 +1396,16 @@ static void unet_part_task(void *v, int g) {
         for (int l = 0; l < nl; l++) io->lctx[l] = u->layer_ctx[l] ? u->layer_ctx[l] + off * nctx : NULL;
     if (u->adapter)
         for (int i = 0; i < c->n_blocks; i++) io->adapter[i] = u->adapter[i] ? u->adapter[i] + off * adapter_per_sample(a, i) : NULL;
+    a->parts[g].regions = NULL;
+    if (a->regions) {                                   /* the same boxes; the part's contexts and work */
+        const UNetRegions *R = a->regions;
+        size_t nr = (size_t)R->n * (R->n_layer_ctx ? (size_t)R->n_layer_ctx : 1);
+        for (size_t k = 0; k < nr; k++) io->rctx[k] = R->ctx[k] ? R->ctx[k] + off * nctx : NULL;
+        io->reg = *R;
+        io->reg.ctx = io->rctx;
+        io->reg.work = R->work + (size_t)g * regions_work_part(c, a->N / u->G, a->H, a->W, a->Tk);
+        a->parts[g].regions = &io->reg;
+    }
     io->s = unet_forward(u->eps + off * c->out_channels * hw, &a->parts[g], u->x + off * c->in_channels * hw, u->t + off,
                          u->ctx ? u->ctx + off * nctx : NULL, u->layer_ctx ? (const float *const *)io->lctx : NULL,
                          u->adapter ? (const float *const *)io->adapter : NULL, u->p, u->lora);
@@ -1398,7 +1437,7 @@ MsStatus unet_forward(float *eps, UNetActs *a, const float *x, const float *t, c
         const int G = split_parts(a, p);
         if (G > 1) {
             UNetSplit u = { a, eps, x, t, ctx, layer_ctx, adapter, p, lora, G };
-            if ((s = parts_prepare(a, G))) return s;
+            if ((s = parts_prepare(a, G)) || (s = parts_regions(a))) return s;
             ms_run_tasks(G, unet_part_task, &u);
             for (int g = 0; g < G; g++) {
                 const UNetPartIO *io = (const UNetPartIO *)a->parts_mem + g;

@@ -487,7 +487,7 @@ static void test_parts(const UNetParams *p, const UNetConfig *c) {
     MsRng g;
     ms_rng_seed(&g, 77);
     float *x = test_randn(&g, nx, 1.0f), *ctx = test_randn(&g, nctx, 1.0f), *lall = test_randn(&g, (size_t)nc * nctx, 1.0f);
-    float *e1 = test_zeros(nx), *e2 = test_zeros(nx), t[4] = { 999.0f, 501.0f, 20.0f, 1.0f };
+    float *e0 = test_zeros(nx), *e1 = test_zeros(nx), *e2 = test_zeros(nx), t[4] = { 999.0f, 501.0f, 20.0f, 1.0f };
     const float *lc[64], *ad[MS_MAX_BLOCKS] = { 0 };
     float *adm[MS_MAX_BLOCKS] = { 0 };
     for (int i = 0; i < nc; i++) lc[i] = lall + (size_t)i * nctx;
@@ -502,22 +502,32 @@ static void test_parts(const UNetParams *p, const UNetConfig *c) {
     arena_init(&tr, lf * sizeof(float) + (size_t)4 * 32 * sizeof(UNetLoraLinear) + 4096);
     if (!check(unet_lora_init(&l, p, 2, 1.0f, &tr) == MS_OK, "parts: lora init")) { run_free(&r); return; }
     for (size_t k = 0; k < l.n_floats; k++) l.data[k] = 0.05f * (float)ms_rng_normal(&g);
-    for (int cs = 0; cs < 2; cs++) {
-        const char *what = cs ? "layer contexts + adapter + LoRA" : "one context";
-        const float *const *lcp = cs ? lc : NULL, *const *adp = cs ? ad : NULL;
-        const UNetLora *lp = cs ? &l : NULL;
+    /* two overlapping regions, each with its own context, and a box past the image edge */
+    const double box[3][4] = { { 0.0, 0.0, 0.6, 0.5 }, { 0.3, 0.4, 1.0, 1.0 }, { 0.9, 0.9, 1.2, 1.3 } };
+    float *rc = test_randn(&g, 3 * nctx, 1.0f), *work = test_zeros(unet_regions_work_floats(c, N, h, w, Tk));
+    const float *rcp[3] = { rc, rc + nctx, rc + 2 * nctx };
+    UNetRegions reg;
+    memset(&reg, 0, sizeof reg);
+    reg.n = 3; reg.box = box; reg.n_layer_ctx = 0; reg.ctx = rcp; reg.work = work;
+    for (int cs = 0; cs < 3; cs++) {
+        const char *what = cs == 1 ? "layer contexts + adapter + LoRA" : cs == 2 ? "3 regions" : "one context";
+        const float *const *lcp = cs == 1 ? lc : NULL, *const *adp = cs == 1 ? ad : NULL;
+        const UNetLora *lp = cs == 1 ? &l : NULL;
+        r.a.regions = cs == 2 ? &reg : NULL;
         ms_set_threads(1);
         r.a.split = 0;
         ms_flops_enable(1); ms_flops_reset();
-        check(unet_forward(e1, &r.a, x, t, cs ? NULL : ctx, lcp, adp, p, lp) == MS_OK, "parts, %s: batched, 1 thread", what);
+        check(unet_forward(e1, &r.a, x, t, cs == 1 ? NULL : ctx, lcp, adp, p, lp) == MS_OK, "parts, %s: batched, 1 thread", what);
         double f1 = ms_flops_count();
+        if (cs == 0) memcpy(e0, e1, nx * sizeof(float));
+        if (cs == 2) check(memcmp(e0, e1, nx * sizeof(float)) != 0, "parts: the regions change eps");
         r.a.split = 1;
         const int team[3] = { 2, 4, 3 };
         for (int k = 0; k < 3; k++) {
             memset(e2, 0, nx * sizeof(float));
             ms_set_threads(team[k]);
             ms_flops_reset();
-            MsStatus st = unet_forward(e2, &r.a, x, t, cs ? NULL : ctx, lcp, adp, p, lp);
+            MsStatus st = unet_forward(e2, &r.a, x, t, cs == 1 ? NULL : ctx, lcp, adp, p, lp);
             int T = ms_task_team(), want = T >= 2 && N % T == 0 ? T : 0;   /* 1 without OpenMP */
             check(st == MS_OK, "parts, %s, %d threads: forward (%s)", what, team[k], st ? ms_last_error() : "ok");
             if (want) check(r.a.nparts == want, "parts, %s, %d threads: %d parts ran (%d)", what, team[k], want, r.a.nparts);
@@ -526,6 +536,8 @@ static void test_parts(const UNetParams *p, const UNetConfig *c) {
         }
         ms_flops_enable(0);
     }
+    r.a.regions = NULL;
+    ms_free_aligned(rc); ms_free_aligned(work);
     /* a small step (below UNET_SPLIT_MIN_WORK) runs whole */
     Run q;
     if (run_init(&q, c, 2, 8, 8, Tk, 0)) {
@@ -538,7 +550,7 @@ static void test_parts(const UNetParams *p, const UNetConfig *c) {
     ms_set_threads(1);
     arena_free(&tr);
     run_free(&r);
-    ms_free_aligned(x); ms_free_aligned(ctx); ms_free_aligned(lall); ms_free_aligned(e1); ms_free_aligned(e2);
+    ms_free_aligned(x); ms_free_aligned(ctx); ms_free_aligned(lall); ms_free_aligned(e0); ms_free_aligned(e1); ms_free_aligned(e2);
     for (int i = 0; i < n; i++) ms_free_aligned(adm[i]);
 }
 

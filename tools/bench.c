@@ -1269,6 +1269,7 @@ static int bench_regional(const Bench *b, MsRng *r, int tiny) {
     tt[0] = tt[1] = 999.0f;                             /* the first step of a sampler */
     for (int i = 0; i < L; i++) lctx[i] = ctx + (size_t)i * one;
     u.p = &p; u.x = x; u.t = tt; u.lctx = lctx; u.Tk = Tk;
+    u.a.split = b->split;                               /* as regional sampling: the CFG batch in parts */
 
     /* plain: its peak first, while no region buffer exists */
     double rss_plain = reg_peak(&u), rss_reg;
