@@ -167,7 +167,8 @@ void ms_gemm(int transA, int transB, int M, int N, int K, float alpha, const flo
 void ms_gemm_ref(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc);   /* double accumulation */
 /* ms_gemm and the convolutions pack into a per-thread workspace that is allocated on first use
- * and grown only when a larger size is first needed; this frees the calling thread's copy. */
+ * and grown only when a larger size is first needed; this frees the calling thread's copy and
+ * those of ms_run_tasks' task threads. */
 void ms_gemm_scratch_free(void);
 /* Which fast paths ms_gemm and the convolutions may take (default MS_GEMM_FAST_ALL; 0 = the
  * plain packed driver). Every combination gives the same bits (tests/test_kernels.c); the

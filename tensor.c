@@ -408,11 +408,15 @@ static void ms_flops_add(double f) {          /* counts are whole numbers: any o
  * per op. Per-thread state stays apart: the GEMM workspaces are thread-local, attention takes
  * scratch slot ms_task_slot, the FLOP count is added atomically at the task's level. */
 static int ops_ws_grow_slots(int n);
+#ifdef _OPENMP
+static void ms_task_work_grow(int n);
+#endif
 int ms_task_team(void) { return ms_team_max(); }
 void ms_run_tasks(int n, void (*fn)(void *ctx, int i), void *ctx) {
 #ifdef _OPENMP
     if (n > 1 && !omp_in_parallel()) {
         (void)ops_ws_grow_slots(n);               /* failing: attention streams (same bits) */
+        ms_task_work_grow(n);
         _Pragma("omp parallel num_threads(n)")
         {
             int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -484,6 +488,27 @@ static MS_THREAD_LOCAL MsWork ms_work_tr;      /* C^T of the small-M path (ms_ge
 static int ms_gemm_fast = MS_GEMM_FAST_DEFAULT;
 void ms_gemm_set_fast(int flags) { ms_gemm_fast = flags & MS_GEMM_FAST_ALL; }
 
+/* Task threads other than the caller's (ms_run_tasks slot t >= 1) keep theirs in a table,
+ * 3 per slot (gemm, conv, tr), grown before the tasks start: an OpenMP runtime may end a pool
+ * thread later (libgomp does when a smaller team follows), and a thread-local pointer would
+ * be lost with it. */
+static MsWork *ms_task_work;
+static int ms_task_work_slots;
+static MsWork *ms_work_of(int kind) {
+    if (ms_task_slot > 0 && ms_task_slot < ms_task_work_slots) return &ms_task_work[3 * ms_task_slot + kind];
+    return kind == 0 ? &ms_work_gemm : kind == 1 ? &ms_work_conv : &ms_work_tr;
+}
+#ifdef _OPENMP
+static void ms_task_work_grow(int n) {           /* serial code only; failing: thread-local */
+    if (n <= ms_task_work_slots) return;
+    MsWork *w = (MsWork *)realloc(ms_task_work, (size_t)n * 3 * sizeof *w);
+    if (!w) return;
+    for (int i = 3 * ms_task_work_slots; i < 3 * n; i++) { w[i].p = NULL; w[i].cap = 0; }
+    ms_task_work = w;
+    ms_task_work_slots = n;
+}
+#endif
+
 /* Returns at least n floats (64-byte aligned), reallocating only when n exceeds what this
  * thread has already; NULL when the allocation fails. */
 static float *ms_work_get(MsWork *w, size_t n) {
@@ -495,10 +520,15 @@ static float *ms_work_get(MsWork *w, size_t n) {
     return w->p;
 }
 
+static void ms_work_free(MsWork *w) { ms_free_aligned(w->p); w->p = NULL; w->cap = 0; }
+
+/* The calling thread's workspaces and those of the ms_run_tasks task threads (the table). */
 void ms_gemm_scratch_free(void) {
-    ms_free_aligned(ms_work_gemm.p); ms_work_gemm.p = NULL; ms_work_gemm.cap = 0;
-    ms_free_aligned(ms_work_conv.p); ms_work_conv.p = NULL; ms_work_conv.cap = 0;
-    ms_free_aligned(ms_work_tr.p); ms_work_tr.p = NULL; ms_work_tr.cap = 0;
+    ms_work_free(&ms_work_gemm); ms_work_free(&ms_work_conv); ms_work_free(&ms_work_tr);
+    for (int i = 0; i < 3 * ms_task_work_slots; i++) ms_work_free(&ms_task_work[i]);
+    free(ms_task_work);
+    ms_task_work = NULL;
+    ms_task_work_slots = 0;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1236,7 +1266,7 @@ static int ms_gemm_op(int M, int N, int K, float alpha, const MsOperand *A, cons
     }
     bsize = (bsize + 15) / 16 * 16;
     asize = (asize + 15) / 16 * 16;
-    float *work = ms_work_get(&ms_work_gemm, (bsize + asize) * (size_t)nt);
+    float *work = ms_work_get(ms_work_of(0), (bsize + asize) * (size_t)nt);
     if (!work) return 0;
     ms_flops_add(2.0 * M * N * K);
     int ms_par_ = nt > 1;
@@ -1336,7 +1366,7 @@ static int ms_gemm_small_m80(int M, int N, int K, float alpha, const float *A, i
     int nt = ms_team_max();
     if (2.0 * M * N * K < 4e6) nt = 1;
     if (nt > np) nt = np;
-    float *bp = ms_work_get(&ms_work_gemm, (size_t)K * 80 * nb), *ctw = ms_work_get(&ms_work_tr, (size_t)nt * MS_W5_GROUP * M);
+    float *bp = ms_work_get(ms_work_of(0), (size_t)K * 80 * nb), *ctw = ms_work_get(ms_work_of(2), (size_t)nt * MS_W5_GROUP * M);
     if (!bp || !ctw) return 0;
     for (int cb = 0; cb < nb; cb++) {
         int m = M - cb * 80 < 80 ? M - cb * 80 : 80;
@@ -1393,7 +1423,7 @@ static int ms_gemm_small_m(int M, int N, int K, float alpha, const float *A, int
 #if defined(MS_X86_KERNELS)
     if (!(ms_gemm_fast & MS_GEMM_FAST_SMALL_M) || ms_simd() < MS_SIMD_AVX512 || M > MS_SMALL_M || N < M || K < 16) return 0;
     if ((M - 1) % 80 >= 64) return ms_gemm_small_m80(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    float *ct = ms_work_get(&ms_work_tr, (size_t)N * M);
+    float *ct = ms_work_get(ms_work_of(2), (size_t)N * M);
     if (!ct) return 0;
     if (beta != 0.0f) ms_transpose_avx512(ct, (size_t)M, C, (size_t)ldc, M, M, N);
     MsOperand a = ms_dense(B, (size_t)ldb, 0), b = ms_dense(A, (size_t)lda, 1);
@@ -1592,7 +1622,7 @@ void conv2d_backward(float *dx, float *dw, float *db, const float *dout, const f
         memset(&A, 0, sizeof A);
         A.kind = MS_OPD_WFLIP; A.p = w; A.C = C; A.Co = Co; A.k = k;
         if (k == 1) A = ms_dense(w, (size_t)C, 1);
-        float *wf = k > 1 ? ms_work_get(&ms_work_conv, (size_t)C * Co * k * k) : NULL;
+        float *wf = k > 1 ? ms_work_get(ms_work_of(1), (size_t)C * Co * k * k) : NULL;
         if (wf) {   /* the flipped kernel once as a dense (C, Co*k*k) matrix, not gathered again
                        for every image and column block: the same values in the same k order, the
                        same bits (WFLIP gathers it in place only if the workspace is not there) */
@@ -1618,7 +1648,7 @@ void conv2d_backward(float *dx, float *dw, float *db, const float *dout, const f
     int pc = P;
     if ((size_t)CKK * pc > ((size_t)1 << 22)) pc = (int)(((size_t)1 << 22) / (size_t)CKK);
     if (pc < 1) pc = 1;
-    float *cols = ms_work_get(&ms_work_conv, (size_t)CKK * pc);
+    float *cols = ms_work_get(ms_work_of(1), (size_t)CKK * pc);
     if (!cols) pc = 0;
     MsOperand A = ms_dense(w, (size_t)CKK, 1);
     for (int n = 0; n < N; n++) {
