@@ -3249,7 +3249,7 @@ MsStatus ms_regional_sample(const MsModel *m, const ClipTokenizer *tok, const Ms
         for (int i = 0; i < nlev; i++) memcpy(feat[i] + nfeat[i], feat[i], nfeat[i] * sizeof(float));  /* cat([v] * 2) */
     }
 
-    /* 4. denoising loop (without regions the CFG batch runs in parts, one per thread) */
+    /* 4. denoising loop (the CFG batch in parts, one per thread, when they divide it: eps is the same) */
     if ((s = unet_acts_init(&ua, uc, NB, h, w, T, 0, &acts, &ar))) goto done;
     ua_ok = 1;
     ua.split = 1;
