@@ -405,8 +405,9 @@ static void ms_flops_add(double f) {          /* counts are whole numbers: any o
  * Task i runs on thread i of one team with every op inside it on that thread alone (its
  * nthreads ICV set to 1), so the data a task writes is the data it reads next, in the cache of
  * its own core, and there is one fork and one join for the whole computation instead of one
- * per op. Per-thread state stays apart: the GEMM workspaces are thread-local, attention takes
- * scratch slot ms_task_slot, the FLOP count is added atomically at the task's level. */
+ * per op. Per-thread state stays apart: GEMM workspaces (ms_work_of: the caller's thread-local
+ * ones, a table for the other task threads) and attention scratch (ops_slot) are indexed by
+ * ms_task_slot, the FLOP count is added atomically at the task's level. */
 static int ops_ws_grow_slots(int n);
 #ifdef _OPENMP
 static void ms_task_work_grow(int n);
@@ -492,20 +493,27 @@ void ms_gemm_set_fast(int flags) { ms_gemm_fast = flags & MS_GEMM_FAST_ALL; }
  * 3 per slot (gemm, conv, tr), grown before the tasks start: an OpenMP runtime may end a pool
  * thread later (libgomp does when a smaller team follows), and a thread-local pointer would
  * be lost with it. */
-static MsWork *ms_task_work;
-static int ms_task_work_slots;
+static MsWork *ms_task_work;                   /* entries: 3 per task slot (ms_task_work_n) */
+static int ms_task_work_n;
 static MsWork *ms_work_of(int kind) {
-    if (ms_task_slot > 0 && ms_task_slot < ms_task_work_slots) return &ms_task_work[3 * ms_task_slot + kind];
+    if (ms_task_slot > 0 && 3 * ms_task_slot < ms_task_work_n) return &ms_task_work[3 * ms_task_slot + kind];
     return kind == 0 ? &ms_work_gemm : kind == 1 ? &ms_work_conv : &ms_work_tr;
 }
+
+/* A table of workspaces (*t, *n entries) grown to at least n entries, the new ones empty; 1, or
+ * 0 when realloc fails (the table is then unchanged). Serial code only: the table moves. */
+static int ms_work_table_grow(MsWork **t, int *have, int n) {
+    if (n <= *have) return 1;
+    MsWork *w = (MsWork *)realloc(*t, (size_t)n * sizeof *w);
+    if (!w) return 0;
+    for (int i = *have; i < n; i++) { w[i].p = NULL; w[i].cap = 0; }
+    *t = w;
+    *have = n;
+    return 1;
+}
 #ifdef _OPENMP
-static void ms_task_work_grow(int n) {           /* serial code only; failing: thread-local */
-    if (n <= ms_task_work_slots) return;
-    MsWork *w = (MsWork *)realloc(ms_task_work, (size_t)n * 3 * sizeof *w);
-    if (!w) return;
-    for (int i = 3 * ms_task_work_slots; i < 3 * n; i++) { w[i].p = NULL; w[i].cap = 0; }
-    ms_task_work = w;
-    ms_task_work_slots = n;
+static void ms_task_work_grow(int n) {           /* failing: the task threads use thread-local ones */
+    (void)ms_work_table_grow(&ms_task_work, &ms_task_work_n, 3 * n);
 }
 #endif
 
@@ -525,10 +533,10 @@ static void ms_work_free(MsWork *w) { ms_free_aligned(w->p); w->p = NULL; w->cap
 /* The calling thread's workspaces and those of the ms_run_tasks task threads (the table). */
 void ms_gemm_scratch_free(void) {
     ms_work_free(&ms_work_gemm); ms_work_free(&ms_work_conv); ms_work_free(&ms_work_tr);
-    for (int i = 0; i < 3 * ms_task_work_slots; i++) ms_work_free(&ms_task_work[i]);
+    for (int i = 0; i < ms_task_work_n; i++) ms_work_free(&ms_task_work[i]);
     free(ms_task_work);
     ms_task_work = NULL;
-    ms_task_work_slots = 0;
+    ms_task_work_n = 0;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -2494,30 +2502,21 @@ void softmax_backward_ref(float *dx, const float *dout, const float *out, int N,
  * allocate. One caller at a time, or one per ms_run_tasks task: attention is not to be called
  * from threads of one's own. When the scratch cannot be had (allocation failure or ops_scratch_limit),
  * attention runs a streaming row-at-a-time path that needs no scratch at all. */
-typedef struct { float *p; size_t cap; } OpsSlot;      /* cap in floats */
-static OpsSlot *ops_ws;
+static MsWork *ops_ws;
 static int ops_ws_slots;
 static size_t ops_ws_limit;                            /* bytes per thread; 0 = no limit */
 
 void ops_scratch_limit(size_t max_bytes_per_thread) { ops_ws_limit = max_bytes_per_thread; }
 
 void ops_scratch_free(void) {
-    for (int t = 0; t < ops_ws_slots; t++) ms_free_aligned(ops_ws[t].p);
+    for (int t = 0; t < ops_ws_slots; t++) ms_work_free(&ops_ws[t]);
     free(ops_ws);
     ops_ws = NULL;
     ops_ws_slots = 0;
 }
 
 /* At least n slots in the table (1), else 0. Outside ms_run_tasks only: the table moves. */
-static int ops_ws_grow_slots(int n) {
-    if (n <= ops_ws_slots) return 1;
-    OpsSlot *s = (OpsSlot *)realloc(ops_ws, (size_t)n * sizeof *s);
-    if (!s) return 0;
-    for (int t = ops_ws_slots; t < n; t++) { s[t].p = NULL; s[t].cap = 0; }
-    ops_ws = s;
-    ops_ws_slots = n;
-    return 1;
-}
+static int ops_ws_grow_slots(int n) { return ms_work_table_grow(&ops_ws, &ops_ws_slots, n); }
 
 /* 1 when the calling thread's slots (ops_slot of its team's threads 0..nthreads-1) each hold
  * >= nfloats floats, else 0 (use the streaming path). Inside a task only the task's own slots
@@ -2528,12 +2527,7 @@ static int ops_ws_reserve(int nthreads, size_t nfloats) {
     int t0 = ms_task_slot;
     if (t0 + nthreads > ops_ws_slots && (ms_task_level || !ops_ws_grow_slots(t0 + nthreads))) return 0;
     for (int t = t0; t < t0 + nthreads; t++)
-        if (ops_ws[t].cap < nfloats) {
-            ms_free_aligned(ops_ws[t].p);
-            ops_ws[t].p = (float *)ms_alloc_aligned(nfloats, sizeof(float));
-            ops_ws[t].cap = ops_ws[t].p ? nfloats : 0;
-            if (!ops_ws[t].p) return 0;
-        }
+        if (!ms_work_get(&ops_ws[t], nfloats)) return 0;
     return 1;
 }
 
